@@ -20,3 +20,196 @@ def smollm2_gguf():
 
     path = embedded_gguf_path()
     return str(path.parent), path.name
+
+
+# --- tiny random Llama + minimal plans for runtime tests ----------------------------------------
+
+TINY_LLAMA = dict(vocab_size=96, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                  num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
+                  rms_norm_eps=1e-5, rope_theta=10000.0, tie_word_embeddings=False)
+
+
+@pytest.fixture(scope="session")
+def tiny_llama_dir(tmp_path_factory):
+    """A random 2-layer Llama saved by transformers (config.json + model.safetensors)."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    out = tmp_path_factory.mktemp("tiny-llama")
+    torch.manual_seed(0)
+    cfg = LlamaConfig(**TINY_LLAMA, bos_token_id=1, eos_token_id=2, pad_token_id=0)
+    LlamaForCausalLM(cfg).save_pretrained(out, safe_serialization=True)
+    return out
+
+
+def synthetic_examples(n, *, seed=0, vocab=96, min_len=6, max_len=24):
+    """(ids, prompt_lens): a learnable toy task — the response repeats the prompt's first tokens."""
+    import numpy as np
+
+    rng = np.random.default_rng(seed)
+    ids, prompt_lens = [], []
+    for _ in range(n):
+        p = int(rng.integers(3, max_len // 2))
+        r = int(rng.integers(2, max(3, min(p, max_len - p))))
+        prompt = rng.integers(3, vocab, size=p)
+        x = np.concatenate([prompt, prompt[:r - 1], [2]]).astype(np.int32)   # ends with eos = 2
+        ids.append(x)
+        prompt_lens.append(p)
+    return ids, prompt_lens
+
+
+class TinyExamples:
+    def __init__(self, splits):
+        self._splits = splits
+
+    def split(self, name):
+        return self._splits.get(name, ([], []))
+
+
+def tiny_plan(model_dir, *, plan_hash="tiny-plan-0", n_train=48, n_val=8, seed=0, batch_size=4,
+              grad_accum=2, seq_len=64, epochs=2, max_steps=None, lr=3e-3, warmup_steps=2,
+              dropout=0.0, rank=4, pack=True, checkpoint_every=0, eval_every=0, log_every=1,
+              ce_chunk=32, targets=("q_proj", "k_proj", "v_proj", "o_proj")):
+    """A Plan-like object with only what runtime.run.train reads, and the token examples it trains on.
+
+    Returns (plan, examples); the `use_examples` fixture makes train() read `examples`."""
+    import json
+    from types import SimpleNamespace
+
+    hf = json.loads((model_dir / "config.json").read_text())
+    train = synthetic_examples(n_train, seed=seed)
+    val = synthetic_examples(n_val, seed=seed + 1000)
+    schedule = dict(lr=lr, batch_size=batch_size, grad_accum=grad_accum, epochs=epochs,
+                    max_steps=max_steps, total_steps=None, warmup_steps=warmup_steps,
+                    steps_per_epoch=None, lr_schedule="cosine", weight_decay=0.0, max_grad_norm=1.0,
+                    seed=seed, seq_len=seq_len)
+    config = {"runtime": dict(dtype="float32", param_dtype="float32", mesh=dict(data=-1, fsdp=1, tensor=1),
+                              remat="none", pack=pack, ce_chunk=ce_chunk, log_every=log_every,
+                              checkpoint_every=checkpoint_every),
+              "eval": dict(every=eval_every), "schedule": dict(max_steps=max_steps)}
+    plan = SimpleNamespace(
+        hash=plan_hash, config=config, schedule=schedule,
+        model=dict(dir=str(model_dir), hf_config=hf, family="llama", eos_token_id=2, pad_token_id=0),
+        data=dict(cache=None, key="tiny"),
+        adapter=dict(rank=rank, alpha=2.0 * rank, dropout=dropout, targets=tuple(targets)))
+    return plan, TinyExamples({"train": train, "val": val})
+
+
+@pytest.fixture
+def use_examples(monkeypatch):
+    """use_examples(examples): make runtime.run.train read these examples instead of the plan's."""
+    import runtime.run
+
+    def apply(examples):
+        monkeypatch.setattr(runtime.run, "load_examples", lambda plan: examples)
+
+    return apply
+
+
+# --- tiny random models of every supported family, saved by transformers -------------------------
+
+HF_TINY_BASE = dict(vocab_size=128, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+                    num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
+                    rms_norm_eps=1e-5, tie_word_embeddings=False, bos_token_id=1, eos_token_id=2,
+                    pad_token_id=0)
+# kind -> (transformers config class name, overrides of HF_TINY_BASE)
+HF_TINY_KINDS = {
+    "llama": ("LlamaConfig", {}),
+    "llama-bias": ("LlamaConfig", dict(attention_bias=True)),
+    "llama3-rope": ("LlamaConfig", dict(rope_scaling=dict(
+        rope_type="llama3", factor=8.0, low_freq_factor=1.0, high_freq_factor=4.0,
+        original_max_position_embeddings=16), rope_theta=500000.0)),
+    "linear-rope": ("LlamaConfig", dict(rope_scaling=dict(rope_type="linear", factor=4.0))),
+    "mqa": ("LlamaConfig", dict(num_key_value_heads=1)),
+    "mha": ("LlamaConfig", dict(num_key_value_heads=4)),
+    "smollm-tied": ("LlamaConfig", dict(tie_word_embeddings=True)),
+    "mistral": ("MistralConfig", dict(sliding_window=None)),
+    "mistral-window": ("MistralConfig", dict(sliding_window=5)),
+    "qwen2": ("Qwen2Config", {}),
+    "qwen3": ("Qwen3Config", dict(head_dim=24)),     # head_dim != hidden/heads, as in real Qwen3
+}
+
+
+@pytest.fixture(scope="session")
+def hf_tiny(tmp_path_factory):
+    """hf_tiny(kind) -> (transformers model in eval mode, float32; directory it was saved to).
+    Weights are re-drawn larger than transformers' 0.02 init (and norms/biases non-trivial) so that
+    logits differ clearly between tokens and a wrong detail shows. Cached per kind for the session."""
+    import torch
+    import transformers
+
+    made = {}
+
+    def make(kind: str = "llama"):
+        if kind in made:
+            return made[kind]
+        cls_name, overrides = HF_TINY_KINDS[kind]
+        config = getattr(transformers, cls_name)(**{**HF_TINY_BASE, **overrides})
+        torch.manual_seed(0)
+        model = transformers.AutoModelForCausalLM.from_config(config).float().eval()
+        with torch.no_grad():
+            for name, p in model.named_parameters():
+                if name.endswith("norm.weight"):
+                    p.copy_(1.0 + 0.2 * torch.randn_like(p))
+                elif name.endswith("bias"):
+                    p.copy_(0.2 * torch.randn_like(p))
+                else:
+                    p.copy_(torch.randn_like(p) / p.shape[-1] ** 0.5)
+        out = tmp_path_factory.mktemp(f"hf-{kind}")
+        model.save_pretrained(out, safe_serialization=True)
+        made[kind] = (model, out)
+        return made[kind]
+
+    return make
+
+
+@pytest.fixture(scope="session")
+def bos_tokenizer_dir(tmp_path_factory):
+    """A word-level tokenizer.json whose post-processor puts <s> first (as Llama's does) and which
+    ships with truncation on (max 2 tokens), vocab <s>=0 </s>=1 a=2 b=3 c=4."""
+    from tokenizers import Tokenizer, models, pre_tokenizers, processors
+
+    tok = Tokenizer(models.WordLevel({"<s>": 0, "</s>": 1, "a": 2, "b": 3, "c": 4}, unk_token="</s>"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    tok.add_special_tokens(["<s>", "</s>"])
+    tok.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 0)])
+    tok.enable_truncation(max_length=2)
+    out = tmp_path_factory.mktemp("bos-tokenizer")
+    tok.save(str(out / "tokenizer.json"))
+    return out
+
+
+# --- a tiny random Llama with a word-level tokenizer, for evaluation and generation tests -------
+
+TINY_SPECIAL = ["<pad>", "<s>", "</s>", "<|im_start|>", "<|im_end|>"]
+TINY_WORDS = ["Q", "A", ":", "user", "assistant", "system"]
+TINY_CHAT_TEMPLATE = ("{% for m in messages %}<|im_start|>{{ m['role'] }} {{ m['content'] }}<|im_end|>"
+                      "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant{% endif %}")
+
+
+@pytest.fixture(scope="session")
+def tiny_chat_dir(tiny_llama_dir, tmp_path_factory):
+    """tiny_llama_dir plus a word-level tokenizer over its 96 ids (specials, a few words, then
+    w11..w95) and a chat template; eos `</s>` = 2, chat end `<|im_end|>` = 4."""
+    import shutil
+
+    from tokenizers import AddedToken, Tokenizer
+    from tokenizers.models import WordLevel
+    from tokenizers.pre_tokenizers import Whitespace
+
+    out = tmp_path_factory.mktemp("tiny-chat")
+    for f in tiny_llama_dir.iterdir():
+        shutil.copy(f, out / f.name)
+    words = TINY_SPECIAL + TINY_WORDS
+    vocab = {w: i for i, w in enumerate(words)}
+    vocab.update({f"w{i}": i for i in range(len(words), TINY_LLAMA["vocab_size"])})
+    tok = Tokenizer(WordLevel(vocab, unk_token="<pad>"))
+    tok.pre_tokenizer = Whitespace()
+    tok.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in TINY_SPECIAL])
+    tok.save(str(out / "tokenizer.json"))
+    import json
+
+    (out / "tokenizer_config.json").write_text(json.dumps(
+        {"bos_token": "<s>", "eos_token": "</s>", "pad_token": "<pad>",
+         "chat_template": TINY_CHAT_TEMPLATE}))
+    return out

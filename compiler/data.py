@@ -1,0 +1,231 @@
+"""Read a data table, clean it, sample it and carve a validation split — all before any token exists.
+
+Tables are JSONL, JSON, CSV or Parquet, chosen by the file suffix (or `data.format`). A row is a dict
+of field → value. Problems a user can fix are PlanErrors that name the file and, for JSONL and CSV,
+the 1-based line.
+"""
+from __future__ import annotations
+
+import csv
+import hashlib
+import io
+import json
+import os
+import random
+from pathlib import Path
+
+from compiler.errors import PlanError
+
+FORMATS = {".jsonl": "jsonl", ".ndjson": "jsonl", ".json": "json", ".csv": "csv",
+           ".parquet": "parquet", ".pq": "parquet"}
+REASONS = ("missing_field", "empty_field", "duplicate")
+
+
+# ------------------------------------------------------------------------------ reading
+
+def table_format(path: str | Path, *, key: str, fmt: str = "auto") -> str:
+    """The table format of `path`: `fmt` unless it is "auto", else from the suffix."""
+    names = sorted(set(FORMATS.values()))
+    if fmt and fmt != "auto":
+        if fmt not in names:
+            raise PlanError("data.format", f"unknown format `{fmt}`.",
+                            hint=f"one of: auto, {', '.join(names)}.")
+        return fmt
+    suffix = Path(path).suffix.lower()
+    if suffix not in FORMATS:
+        raise PlanError(key, f"cannot tell the table format of `{Path(path).name}` from its suffix "
+                        f"`{suffix or '(none)'}`.",
+                        hint=f"supported: {', '.join(sorted(FORMATS))}; or set data.format to one of "
+                             f"{', '.join(names)}.", file=str(path))
+    return FORMATS[suffix]
+
+
+def read_table(path: str | Path, *, key: str, fmt: str = "auto") -> list[dict]:
+    """All rows of the table at `path`, as dicts. `key` is the config key that named the file."""
+    path = Path(path).expanduser()
+    shown = str(path)
+    if not path.exists():
+        raise PlanError(key, "file not found.", file=shown,
+                        hint=f"relative paths are read from the current directory, {os.getcwd()}.")
+    if not path.is_file():
+        raise PlanError(key, "is a directory, not a data file.", file=shown,
+                        hint="name one .jsonl, .json, .csv or .parquet file.")
+    kind = table_format(path, key=key, fmt=fmt)
+    if kind == "parquet":
+        rows = _read_parquet(path, key=key)
+    else:
+        raw = path.read_bytes()
+        try:
+            text = raw.decode("utf-8-sig")  # tolerate a byte-order mark (Excel writes one)
+        except UnicodeDecodeError as e:
+            line = raw[:e.start].count(b"\n") + 1
+            raise PlanError(key, f"not UTF-8 text (byte {e.start}: {e.reason}).", file=shown,
+                            line=line, hint="save the file as UTF-8.") from None
+        if not text.strip():
+            raise PlanError(key, "the file is empty.", file=shown)
+        if kind == "jsonl":
+            rows = _parse_jsonl(text, key=key, file=shown)
+        elif kind == "json":
+            rows = _parse_json(text, key=key, file=shown)
+        else:
+            rows = _parse_csv(text, key=key, file=shown)
+    if not rows:
+        raise PlanError(key, "the file has no rows.", file=shown)
+    return rows
+
+
+def _parse_jsonl(text: str, *, key: str, file: str) -> list[dict]:
+    # Lines are split on "\n" only: JSON strings may hold a raw U+2028, which str.splitlines() would
+    # split. A trailing "\r" is whitespace to json.
+    lines = text.split("\n")
+    body = [ln for ln in lines if ln.strip()]
+    # Fast path: the whole file as one JSON array, in C. Any surprise (a bad line, two values on a
+    # line, a non-object) falls through to the line-by-line pass, which says where.
+    try:
+        rows = json.loads("[" + ",".join(body) + "]")
+        if len(rows) == len(body) and all(type(r) is dict for r in rows):
+            return rows
+    except ValueError:
+        pass
+    rows = []
+    decode = json.loads
+    for n, ln in enumerate(lines, start=1):
+        if not ln.strip():
+            continue
+        try:
+            row = decode(ln)
+        except ValueError as e:
+            raise PlanError(key, f"line {n} is not valid JSON: {e}.", file=file, line=n,
+                            hint="JSONL holds one JSON object per line.") from None
+        if not isinstance(row, dict):
+            raise PlanError(key, f"line {n} is a JSON {_json_type(row)}, not an object.", file=file,
+                            line=n, hint='each line must be an object such as {"text": ..., "label": ...}.')
+        rows.append(row)
+    return rows
+
+
+def _parse_json(text: str, *, key: str, file: str) -> list[dict]:
+    try:
+        data = json.loads(text)
+    except json.JSONDecodeError as e:
+        if e.msg == "Extra data":  # one object per line under a .json name (pandas/datasets do this)
+            return _parse_jsonl(text, key=key, file=file)
+        raise PlanError(key, f"not valid JSON: {e}.", file=file, line=e.lineno) from None
+    if isinstance(data, dict) and isinstance(data.get("data"), list):
+        data = data["data"]
+    if isinstance(data, dict):  # a single object: one row (JSONL of one line reads the same)
+        data = [data]
+    if not isinstance(data, list):
+        raise PlanError(key, f"the file holds a JSON {_json_type(data)}; expected a list of objects.",
+                        file=file, hint='write [{"text": ..., "label": ...}, ...] or JSONL.')
+    for i, row in enumerate(data):
+        if not isinstance(row, dict):
+            raise PlanError(key, f"item {i} of the list is a JSON {_json_type(row)}, not an object.",
+                            file=file, hint="every item must be an object of field → value.")
+    return data
+
+
+def _parse_csv(text: str, *, key: str, file: str) -> list[dict]:
+    reader = csv.DictReader(io.StringIO(text, newline=""))  # newline="": quoted fields keep theirs
+    rows = []
+    try:
+        header = reader.fieldnames
+        if not header:
+            raise PlanError(key, "the CSV file has no header row.", file=file, line=1,
+                            hint="the first line names the fields, e.g. `text,label`.")
+        dupes = sorted({h for h in header if header.count(h) > 1})
+        if dupes:
+            raise PlanError(key, f"the header names {', '.join(map(repr, dupes))} more than once.",
+                            file=file, line=1)
+        for row in reader:
+            if None in row:
+                raise PlanError(key, f"line {reader.line_num} has {len(header) + len(row[None])} "
+                                f"values for {len(header)} header fields.", file=file,
+                                line=reader.line_num,
+                                hint="quote values that contain the delimiter, e.g. \"a, b\".")
+            if any(v not in (None, "") for v in row.values()):  # skip all-empty lines
+                rows.append(row)
+    except csv.Error as e:
+        raise PlanError(key, f"CSV error on line {reader.line_num}: {e}.", file=file,
+                        line=reader.line_num) from None
+    return rows
+
+
+def _read_parquet(path: Path, *, key: str) -> list[dict]:
+    import pyarrow.parquet as pq
+
+    try:
+        return pq.read_table(path).to_pylist()
+    except Exception as e:  # noqa: BLE001 — pyarrow raises several kinds for a bad file
+        raise PlanError(key, f"cannot read Parquet: {e}", file=str(path)) from None
+
+
+def _json_type(value) -> str:
+    return {list: "array", str: "string", int: "number", float: "number", bool: "boolean",
+            type(None): "null", dict: "object"}.get(type(value), type(value).__name__)
+
+
+def file_sha256(path: str | Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+# ------------------------------------------------------------------------------ cleaning
+
+def clean_rows(rows: list[dict], *, fields: list[str], dedupe: bool = True
+               ) -> tuple[list[dict], dict[str, int]]:
+    """Keep rows whose used fields are all present and non-blank; drop exact duplicates over the used
+    fields (first one kept). Returns (kept rows, {reason: count}) with every reason present."""
+    counts = dict.fromkeys(REASONS, 0)
+    fields = list(fields)
+    kept, seen = [], set()
+    for row in rows:
+        values = []
+        reason = None
+        for f in fields:
+            v = row.get(f)
+            if v is None:
+                reason = "missing_field"
+                break
+            s = v if isinstance(v, str) else str(v)
+            if not s.strip():
+                reason = reason or "empty_field"
+            values.append(s)
+        if reason is None and dedupe:
+            sig = tuple(values)
+            if sig in seen:
+                reason = "duplicate"
+            else:
+                seen.add(sig)
+        if reason:
+            counts[reason] += 1
+        else:
+            kept.append(row)
+    return kept, counts
+
+
+# ------------------------------------------------------------------------------ sampling, splits
+
+def sample_rows(rows: list[dict], max_rows: int | None, seed: int) -> list[dict]:
+    """At most max_rows rows, a fixed-seed sample kept in file order (None or ≥ len: all)."""
+    if max_rows is None or max_rows >= len(rows):
+        return list(rows)
+    keep = sorted(random.Random(f"tune-sample-{seed}").sample(range(len(rows)), max(int(max_rows), 0)))
+    return [rows[i] for i in keep]
+
+
+def split_validation(rows: list[dict], val_fraction: float, seed: int
+                     ) -> tuple[list[dict], list[dict]]:
+    """(train, val): round(n · val_fraction) fixed-seed rows held out (at least one when the fraction is
+    positive and two rows exist), both in file order."""
+    n = len(rows)
+    if not val_fraction or val_fraction <= 0 or n < 2:
+        return list(rows), []
+    n_val = min(max(1, round(n * float(val_fraction))), n - 1)
+    val_idx = set(random.Random(f"tune-val-{seed}").sample(range(n), n_val))
+    train = [r for i, r in enumerate(rows) if i not in val_idx]
+    val = [r for i, r in enumerate(rows) if i in val_idx]
+    return train, val

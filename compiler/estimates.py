@@ -1,0 +1,275 @@
+"""Steps, memory and time, estimated before anything runs. Arithmetic only: no JAX here.
+
+Memory and time are estimates with stated formulas, good to tell "fits" from "does not fit" and
+minutes from hours; steps are exact when the example lengths are given (the runtime's packing is
+reproduced) and estimated from the mean length otherwise.
+"""
+from __future__ import annotations
+
+import math
+import os
+import re
+import shutil
+import subprocess
+import time
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+
+UTILISATION = 0.4        # share of peak FLOP/s a well-fed LoRA step reaches on a GPU or TPU
+CPU_EFFICIENCY = 0.3     # share of numpy's best matmul rate a jitted CPU training step reaches (a rough guess)
+
+# Dense bf16 peak FLOP/s per device (no sparsity), matched against the device name.
+GPU_PEAK_BF16 = (
+    ("GH200", 989e12), ("H200", 989e12), ("H100", 989e12), ("H800", 989e12), ("B200", 2250e12),
+    ("B100", 1750e12), ("A100", 312e12), ("A800", 312e12), ("A10G", 70e12), ("A10", 125e12),
+    ("L40S", 362e12), ("L40", 181e12), ("L4", 121e12), ("A6000", 155e12), ("RTX 4090", 165e12),
+    ("RTX 3090", 71e12), ("V100", 125e12), ("T4", 65e12),
+)
+TPU_PEAK_BF16 = (("v6e", 918e12), ("v5p", 459e12), ("v5litepod", 197e12), ("v5e", 197e12),
+                 ("v4", 275e12), ("v3", 123e12), ("v2", 46e12))
+
+
+# ------------------------------------------------------------------------------ schedule
+
+def schedule_steps(n_train: int, *, batch_size: int, grad_accum: int, epochs: float,
+                   max_steps: int | None, warmup: float | int, pack: bool, mean_tokens: float,
+                   seq_len: int, n_data_shards: int = 1,
+                   lengths: Sequence[int] | None = None) -> dict:
+    """steps_per_epoch, total_steps, warmup_steps (and rows_per_epoch, exact).
+
+    A step consumes batch_size × grad_accum rows of seq_len tokens. Unpacked, a row is one example.
+    Packed, with `lengths` (tokens per train example) the row count is that of the runtime's
+    best-fit-decreasing packing, exactly; without, about floor(seq_len / mean_tokens) examples share
+    a row. total_steps = ceil(epochs × steps_per_epoch), or max_steps when set (> 0). warmup < 1 is a
+    fraction of total_steps, else a step count; never more than total_steps."""
+    rows_per_step = max(1, int(batch_size) * int(grad_accum))
+    exact = lengths is not None
+    if exact:
+        slots = np.asarray(lengths, dtype=np.int64) - 1     # an example of L tokens fills L-1 slots
+        slots = slots[slots > 0]
+        rows = packed_rows(slots, seq_len) if pack else len(slots)
+    elif pack:
+        per_row = max(1, math.floor(seq_len / max(float(mean_tokens), 1.0)))
+        rows = math.ceil(n_train / per_row)
+    else:
+        rows = int(n_train)
+    shards = max(1, int(n_data_shards))
+    rows = shards * math.ceil(rows / shards)   # every data shard gets whole rows
+    steps_per_epoch = max(1, math.ceil(rows / rows_per_step))
+    total = max(1, math.ceil(float(epochs or 1) * steps_per_epoch))
+    if max_steps is not None and int(max_steps) > 0:
+        total = int(max_steps)
+    warmup = warmup or 0
+    warmup_steps = round(float(warmup) * total) if float(warmup) < 1 else int(warmup)
+    return {"steps_per_epoch": steps_per_epoch, "total_steps": total,
+            "warmup_steps": max(0, min(warmup_steps, total)), "rows_per_epoch": rows,
+            "exact": exact}
+
+
+def packed_rows(slots: Sequence[int], seq_len: int) -> int:
+    """Rows of seq_len slots that best-fit-decreasing packing fills (runtime/batching.pack_rows):
+    longest first, each into the fullest row it still fits in. The count depends only on the lengths
+    (rows with equal free space are interchangeable), so no randomness is needed here."""
+    slots = np.sort(np.asarray(slots, dtype=np.int64))[::-1]
+    if len(slots) and slots[0] > seq_len:
+        raise ValueError(f"an example needs {int(slots[0])} slots, more than seq_len={seq_len}")
+    free = np.zeros(seq_len + 1, dtype=np.int64)   # free[r]: rows with r slots left
+    rows = 0
+    for need in slots.tolist():
+        fits = np.flatnonzero(free[need:])
+        if len(fits):
+            r = need + int(fits[0])
+            free[r] -= 1
+        else:
+            r = seq_len
+            rows += 1
+        free[r - need] += 1
+    return rows
+
+
+# ------------------------------------------------------------------------------ memory
+
+def memory_per_device(*, params: int, trainable: int, layers: int, hidden: int, intermediate: int,
+                      heads: int, kv_heads: int, head_dim: int, vocab: int, batch: int, seq_len: int,
+                      param_bytes: int, compute_bytes: int, remat: str, ce_chunk: int, devices: int,
+                      fsdp: int, tensor: int, flash_attention: bool = True) -> dict:
+    """Bytes per device: weights, adapter + optimizer, activations, logits, total.
+
+    `batch` is the global micro-batch (rows per accumulation step); it is split over the data-parallel
+    devices (devices / tensor). Weights are sharded over fsdp × tensor; LoRA state is replicated.
+    """
+    fsdp, tensor, devices = max(1, int(fsdp)), max(1, int(tensor)), max(1, int(devices))
+    # Frozen base weights: one copy, sharded over the fsdp and tensor axes.
+    weights = params * param_bytes / (fsdp * tensor)
+    # LoRA parameters in fp32, their gradients, and AdamW's two moments: 4 fp32 copies. Frozen weights
+    # have no gradient and no optimizer state — the point of LoRA.
+    adapter_optimizer = trainable * 4 * 4
+    # Activations saved for the backward pass, per token per layer, in compute dtype. Tensor
+    # parallelism splits the head and MLP dimensions.
+    local_batch = math.ceil(batch / max(1, devices // tensor))
+    tokens = local_batch * seq_len
+    q, kv = heads * head_dim, kv_heads * head_dim
+    # "dots": only matmul outputs are kept — q, k, v, o_proj's output, gate, up, down's output.
+    dots = q + 2 * kv + hidden + 2 * intermediate + hidden
+    # "none": everything — the matmul outputs plus both norms' inputs and outputs, the attention
+    # output before o_proj, RoPE'd q/k, the MLP activation and product, the residual stream.
+    everything = dots + 4 * hidden + q + (q + kv) + 2 * intermediate
+    per_layer = {"none": everything, "dots": dots, "full": hidden}.get(remat, everything)
+    saved = layers * tokens * per_layer * compute_bytes / tensor
+    # Remat recomputes one layer at a time in the backward pass: that layer's full activations (and
+    # their gradients) are live on top of what was saved.
+    working = 0 if remat == "none" else 2 * tokens * everything * compute_bytes / tensor
+    scores = 0
+    if not flash_attention:   # XLA's reference attention materialises [B, H, T, T] fp32 scores
+        scores = (layers if remat == "none" else 1) * local_batch * heads * seq_len ** 2 * 4 / tensor
+    activations = saved + working + scores
+    # Chunked cross-entropy: one chunk of [ce_chunk, vocab] logits in fp32, its softmax and its
+    # gradient, plus a compute-dtype copy — never the full [B, T, V].
+    logits = min(int(ce_chunk), tokens) * vocab * (3 * 4 + compute_bytes)
+    total = weights + adapter_optimizer + activations + logits
+    return {k: int(v) for k, v in (("weights", weights), ("adapter_optimizer", adapter_optimizer),
+                                   ("activations", activations), ("logits", logits), ("total", total))}
+
+
+# ------------------------------------------------------------------------------ time
+
+_CPU_FLOPS: float | None = None
+
+
+def cpu_matmul_flops() -> float:
+    """FLOP/s of a float32 numpy matmul on this machine, measured once (~50 ms) and cached. The best
+    of a few large products: small ones measure BLAS thread hand-offs, which a busy machine makes slow,
+    more than the arithmetic."""
+    global _CPU_FLOPS
+    if _CPU_FLOPS is None:
+        n = 768
+        a = np.full((n, n), 0.5, dtype=np.float32)   # values do not change a matmul's speed
+        b = a.T.copy()
+        best, reps, start = 0.0, 0, time.perf_counter()
+        while reps < 2 or time.perf_counter() - start < 0.05:
+            t = time.perf_counter()
+            a @ b
+            best = max(best, 2 * n ** 3 / max(time.perf_counter() - t, 1e-9))
+            reps += 1
+            if time.perf_counter() - start > 0.5:
+                break
+        _CPU_FLOPS = best
+    return _CPU_FLOPS
+
+
+def step_time(*, params: int, tokens_per_step: int, device: dict, trainable: int = 0,
+              remat: str = "none") -> float:
+    """Seconds per optimizer step.
+
+    FLOPs per token ≈ 2·params forward + 2·params for the activation gradients of the backward pass;
+    frozen weights get no weight gradient (the third 2·params of full fine-tuning). LoRA adds the full
+    6·trainable. Remat recomputes the forward (+2·params, for "full"; about half that for "dots").
+    Divided by the devices' peak × UTILISATION; on CPU by numpy's measured rate × CPU_EFFICIENCY."""
+    recompute = {"full": 2.0, "dots": 1.0}.get(remat, 0.0)
+    flops = ((4.0 + recompute) * params + 6.0 * trainable) * tokens_per_step
+    count = max(1, int(device.get("count") or 1))
+    if device.get("platform") == "cpu" or not device.get("peak_flops"):
+        rate = cpu_matmul_flops() * CPU_EFFICIENCY if device.get("platform") == "cpu" else \
+            100e12 * UTILISATION     # an unknown accelerator: assume a modest one
+    else:
+        rate = float(device["peak_flops"]) * UTILISATION * count
+    return flops / rate
+
+
+# ------------------------------------------------------------------------------ devices
+
+def detect_devices() -> dict:
+    """What jax would find, found without jax: {"platform", "kind", "count", "memory" (bytes per
+    device or None), "peak_flops" (per device or None)}. JAX_PLATFORMS is honoured."""
+    platforms = [p.strip().lower() for p in os.environ.get("JAX_PLATFORMS", "").split(",") if p.strip()]
+    if platforms and platforms[0] == "cpu":
+        return _cpu()
+    if not platforms or platforms[0] in ("cuda", "gpu", "rocm"):
+        gpus = _nvidia_gpus()
+        if gpus:
+            name, memory = gpus[0]
+            return {"platform": "gpu", "kind": name, "count": len(gpus), "memory": memory,
+                    "peak_flops": _match(name, GPU_PEAK_BF16)}
+    if not platforms or platforms[0] == "tpu":
+        tpu = _tpu()
+        if tpu:
+            return tpu
+    return _cpu()
+
+
+def _cpu() -> dict:
+    kind = "cpu"
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                kind = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return {"platform": "cpu", "kind": kind, "count": 1, "cores": os.cpu_count(),
+            "memory": _meminfo_total(), "peak_flops": None}
+
+
+def _meminfo_total() -> int | None:
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemTotal:"):
+                return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    return None
+
+
+def _nvidia_gpus() -> list[tuple[str, int | None]]:
+    visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+    if visible is not None and visible.strip() in ("", "-1"):
+        return []
+    if not shutil.which("nvidia-smi"):
+        return []
+    try:
+        out = subprocess.run(["nvidia-smi", "--query-gpu=index,uuid,name,memory.total",
+                              "--format=csv,noheader,nounits"], capture_output=True, text=True,
+                             timeout=10, check=True).stdout
+    except (OSError, subprocess.SubprocessError):
+        return []
+    gpus = []
+    for line in out.strip().splitlines():
+        parts = [p.strip() for p in line.split(",")]
+        if len(parts) < 4:
+            continue
+        index, uuid, name, mib = parts[0], parts[1], ",".join(parts[2:-1]), parts[-1]
+        try:
+            memory = int(float(mib)) * 2 ** 20
+        except ValueError:
+            memory = None
+        gpus.append((index, uuid, name, memory))
+    if visible is not None:
+        wanted = [v.strip() for v in visible.split(",") if v.strip()]
+        chosen = []
+        for w in wanted:
+            hit = next((g for g in gpus if w == g[0] or g[1].startswith(w)), None)
+            if hit is None:
+                break      # CUDA stops at the first invalid entry
+            chosen.append(hit)
+        gpus = chosen
+    return [(name, memory) for _, _, name, memory in gpus]
+
+
+def _tpu() -> dict | None:
+    accel = sorted(Path("/dev").glob("accel*"))
+    vfio = [p for p in Path("/dev/vfio").glob("*") if p.name.isdigit()] if Path("/dev/vfio").is_dir() else []
+    count = len(accel) or len(vfio)
+    if not count:
+        return None
+    kind = os.environ.get("TPU_ACCELERATOR_TYPE") or "tpu"
+    return {"platform": "tpu", "kind": kind, "count": count, "memory": None,
+            "peak_flops": _match(kind, TPU_PEAK_BF16)}
+
+
+def _match(name: str, table) -> float | None:
+    for pattern, flops in table:
+        if re.search(re.escape(pattern), name, re.IGNORECASE):
+            return flops
+    return None

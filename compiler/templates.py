@@ -1,0 +1,237 @@
+"""Turn a data row into the text the model reads (the prompt) and the text it learns to write.
+
+`template.prompt`, `template.response` and `template.system` are Python format strings over the row's
+fields — data, never code: a placeholder is a bare field name, with no attribute or index access, no
+conversion and no format spec, so `{x.__class__}` or `{x[0]}` cannot reach anything but the value.
+With `template.chat` the pair is wrapped in the model's own chat template, rendered by Jinja in an
+immutable sandbox, as transformers does.
+"""
+from __future__ import annotations
+
+import json
+import string
+from collections.abc import Iterable
+from functools import lru_cache
+
+from compiler.errors import PlanError, did_you_mean
+
+PARTS = ("prompt", "response", "system")
+OPEN, CLOSE = "⟦", "⟧"   # marks the supervised span in the plan's rendered examples
+
+
+# ------------------------------------------------------------------------------ format strings
+
+def placeholders(fmt: str, *, key: str) -> list[str]:
+    """The field names a format string uses, in order of first use. Refuses anything but `{name}`."""
+    return list(_placeholders(fmt, key))
+
+
+@lru_cache(maxsize=256)
+def _placeholders(fmt: str, key: str) -> tuple[str, ...]:
+    if not isinstance(fmt, str):
+        raise PlanError(key, f"must be a string, got {type(fmt).__name__}.")
+    try:
+        parsed = list(string.Formatter().parse(fmt))
+    except ValueError as e:
+        raise PlanError(key, f"is not a valid format string: {e}.",
+                        hint="placeholders are {field}; write {{ and }} for literal braces.") from None
+    names: list[str] = []
+    for _, name, spec, conversion in parsed:
+        if name is None:
+            continue
+        shown = "{" + name + (f"!{conversion}" if conversion else "") + (f":{spec}" if spec else "") + "}"
+        if name == "" or name.isdigit():
+            raise PlanError(key, f"positional placeholder `{shown}`: placeholders must name a field.",
+                            hint="write {text} rather than {} or {0}.")
+        if "." in name or "[" in name:
+            raise PlanError(key, f"placeholder `{shown}` uses attribute or index access, which "
+                            "templates do not allow (a recipe is data, not code).",
+                            hint="name a field of the data as it is, e.g. {text}; for a nested value, "
+                                 "flatten the data first.")
+        if conversion or spec:
+            raise PlanError(key, f"placeholder `{shown}` has a conversion or format spec, which templates "
+                            "do not allow.", hint="write the bare field, e.g. {" + name + "}.")
+        if name not in names:
+            names.append(name)
+    return tuple(names)
+
+
+def check_fields(template: dict, fields: Iterable[str], *, file: str) -> list[str]:
+    """Every placeholder of template.prompt/response/system must be a field of the data in `file`.
+    Returns the fields the template uses, in order of first use."""
+    fields = list(fields)
+    used: list[str] = []
+    for part in PARTS:
+        fmt = template.get(part)
+        if fmt is None:
+            if part != "system":
+                raise PlanError(f"template.{part}", "is not set.",
+                                hint=f"a format string over the data's fields: {_field_list(fields)}.")
+            continue
+        for name in placeholders(fmt, key=f"template.{part}"):
+            if name not in fields:
+                raise PlanError(f"template.{part}", f"placeholder {{{name}}} is not a field of {file}.",
+                                hint=f"its fields are {_field_list(fields)}.{did_you_mean(name, fields)}")
+            if name not in used:
+                used.append(name)
+    if not template["response"].strip():
+        raise PlanError("template.response", "is empty: there would be nothing to learn.",
+                        hint=f"a format string over the data's fields, e.g. {{{fields[-1]}}}."
+                        if fields else None)
+    return used
+
+
+def _field_list(fields: list[str]) -> str:
+    return ", ".join(f"`{f}`" for f in fields) or "(none)"
+
+
+class _Row(dict):
+    """A row whose values format as str(value)."""
+    def __getitem__(self, name):
+        v = dict.__getitem__(self, name)
+        return v if isinstance(v, str) else str(v)
+
+
+def render(row: dict, template: dict) -> tuple[str, str, str | None]:
+    """(prompt, response, system) texts of one row; system is None when the template has none."""
+    values = _Row(row)
+    out = []
+    for part in PARTS:
+        fmt = template.get(part)
+        if fmt is None:
+            out.append(None)
+            continue
+        placeholders(fmt, key=f"template.{part}")       # cached: refuses what check_fields refuses
+        try:
+            out.append(fmt.format_map(values))
+        except KeyError as e:
+            raise PlanError(f"template.{part}", f"the row has no field {{{e.args[0]}}}.",
+                            hint=f"its fields are {_field_list(list(row))}.") from None
+    return out[0], out[1], out[2]
+
+
+# ------------------------------------------------------------------------------ chat templates
+
+@lru_cache(maxsize=16)
+def _compile_chat(template_src: str):
+    import jinja2
+    import jinja2.ext
+    from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+    version = tuple(int(x) for x in jinja2.__version__.split(".")[:3] if x.isdigit())
+    if version < (3, 1, 6):   # older sandboxes have known escapes; a chat template is untrusted input
+        raise PlanError("template.chat", f"jinja2 {jinja2.__version__} is too old to render a chat "
+                        "template safely.", hint="pip install 'jinja2>=3.1.6'.")
+
+    class Generation(jinja2.ext.Extension):
+        # {% generation %}...{% endgeneration %} marks assistant text for transformers' masks;
+        # here it renders its body unchanged.
+        tags = {"generation"}
+
+        def parse(self, parser):
+            lineno = next(parser.stream).lineno
+            body = parser.parse_statements(("name:endgeneration",), drop_needle=True)
+            return jinja2.nodes.CallBlock(self.call_method("_body"), [], [], body).set_lineno(lineno)
+
+        def _body(self, caller):
+            return caller()
+
+    class Namespace(jinja2.utils.Namespace):
+        # no underscore attributes on namespaces (the door to Python internals)
+        def __init__(*args, **kwargs):
+            self, args = args[0], args[1:]
+            attrs = dict(*args, **kwargs)
+            for name in attrs:
+                Namespace._check(name)
+            jinja2.utils.Namespace.__init__(self, attrs)
+
+        def __setitem__(self, name, value):
+            Namespace._check(name)
+            jinja2.utils.Namespace.__setitem__(self, name, value)
+
+        @staticmethod
+        def _check(name):
+            if isinstance(name, str) and name.startswith("_"):
+                raise jinja2.exceptions.SecurityError(f"namespace attribute {name!r} is not allowed")
+
+    def raise_exception(message):
+        raise jinja2.exceptions.TemplateError(message)
+
+    def tojson(x, ensure_ascii=False, indent=None, separators=None, sort_keys=False):
+        # like transformers: no HTML escaping
+        return json.dumps(x, ensure_ascii=ensure_ascii, indent=indent, separators=separators,
+                          sort_keys=sort_keys)
+
+    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True,
+                                        extensions=[Generation, jinja2.ext.loopcontrols])
+    env.filters["tojson"] = tojson
+    env.globals["raise_exception"] = raise_exception
+    env.globals["namespace"] = Namespace
+    # No strftime_now: templates that print today's date (Llama 3.1) fall back to their fixed date,
+    # so the rendered training data, and its cache key, do not change with the calendar.
+    try:
+        return env.from_string(template_src)
+    except jinja2.TemplateSyntaxError as e:
+        raise PlanError("template.chat", f"the model's chat template does not parse: {e.message} "
+                        f"(template line {e.lineno}).") from None
+
+
+def render_chat(template_src: str, messages: list[dict], *, add_generation_prompt: bool,
+                bos_token: str = "", eos_token: str = "") -> str:
+    """The chat template rendered over `messages`, in a sandbox, as transformers renders it."""
+    import jinja2
+
+    compiled = _compile_chat(template_src)
+    try:
+        return compiled.render(messages=messages, add_generation_prompt=add_generation_prompt,
+                               bos_token=bos_token, eos_token=eos_token)
+    except jinja2.TemplateError as e:
+        raise PlanError("template.chat", f"the model's chat template failed: {e}.",
+                        hint="set template.chat=false to use the plain prompt and response.") from None
+
+
+def chat_messages(prompt: str, system: str | None) -> list[dict]:
+    msgs = [{"role": "system", "content": system}] if system is not None else []
+    return msgs + [{"role": "user", "content": prompt}]
+
+
+def to_prompt_completion(prompt: str, response: str, system: str | None, *, chat: bool,
+                         chat_template: str | None, eos_token: str, bos_token: str = ""
+                         ) -> tuple[str, str]:
+    """(unsupervised text, supervised text) of one example; the model reads the first and learns the
+    second, which ends with the model's end token.
+
+    chat: the template over [system, user] with the generation prompt, and the rest of the template
+    over [system, user, assistant] — the assistant turn and its end token, trailing whitespace after
+    it dropped (SmolLM2's "<|im_end|>\\n" → "<|im_end|>": generation stops at the end token).
+    plain: (system + "\\n\\n" +) prompt, then response + eos_token.
+    """
+    if not chat:
+        head = f"{system}\n\n{prompt}" if system else prompt
+        return head, response + eos_token
+    if not chat_template:
+        raise PlanError("template.chat", "this model has no chat template.",
+                        hint="set template.chat=false to train on the plain prompt and response.")
+    msgs = chat_messages(prompt, system)
+    head = render_chat(chat_template, msgs, add_generation_prompt=True, bos_token=bos_token,
+                       eos_token=eos_token)
+    full = render_chat(chat_template, msgs + [{"role": "assistant", "content": response}],
+                       add_generation_prompt=False, bos_token=bos_token, eos_token=eos_token)
+    if not full.startswith(head):
+        at = next((i for i, (a, b) in enumerate(zip(head, full)) if a != b), min(len(head), len(full)))
+        raise PlanError("template.chat", "the model's chat template is not prefix-stable: the "
+                        "conversation with the answer does not start with the prompt rendered for "
+                        f"generation (they differ at character {at}: {head[at:at + 30]!r} vs "
+                        f"{full[at:at + 30]!r}), so the answer cannot be separated from the prompt.",
+                        hint="set template.chat=false, or use a model whose template renders the "
+                             "generation prompt as the start of the assistant turn.")
+    tail = full[len(head):].rstrip()
+    if not tail:
+        raise PlanError("template.chat", "the chat template renders nothing for the assistant turn.",
+                        hint="set template.chat=false.")
+    return head, tail
+
+
+def mark_example(prompt_part: str, supervised_part: str) -> str:
+    """The example as the model sees it, its supervised span between ⟦ and ⟧."""
+    return f"{prompt_part}{OPEN}{supervised_part}{CLOSE}"

@@ -1,0 +1,181 @@
+"""compiler/estimates.py: steps (exact against the runtime's packing), memory, time, devices."""
+from __future__ import annotations
+
+import os
+import stat
+import time
+
+import numpy as np
+import pytest
+
+import compiler.estimates as est
+from compiler.estimates import detect_devices, memory_per_device, packed_rows, schedule_steps, step_time
+
+SCHED = dict(batch_size=8, grad_accum=2, epochs=1, max_steps=None, warmup=0.1, pack=False,
+             mean_tokens=60.0, seq_len=512)
+
+
+# ------------------------------------------------------------------------------ schedule
+
+def test_schedule_unpacked():
+    s = schedule_steps(1000, **SCHED)
+    assert s["steps_per_epoch"] == 63 and s["total_steps"] == 63 and s["warmup_steps"] == 6
+    s = schedule_steps(1000, **dict(SCHED, epochs=3, warmup=10))
+    assert s["total_steps"] == 189 and s["warmup_steps"] == 10
+    s = schedule_steps(1000, **dict(SCHED, epochs=0.5))
+    assert s["total_steps"] == 32
+
+
+def test_schedule_packed_estimate():
+    s = schedule_steps(1000, **dict(SCHED, pack=True))     # 8 examples of 60 tokens per 512-token row
+    assert s["rows_per_epoch"] == 125 and s["steps_per_epoch"] == 8 and not s["exact"]
+    s = schedule_steps(10, **dict(SCHED, pack=True, mean_tokens=2000))   # longer than a row: one each
+    assert s["rows_per_epoch"] == 10
+
+
+def test_schedule_max_steps_and_warmup_caps():
+    s = schedule_steps(1000, **dict(SCHED, max_steps=500, warmup=0.1))
+    assert s["total_steps"] == 500 and s["warmup_steps"] == 50
+    assert schedule_steps(1000, **dict(SCHED, max_steps=5))["total_steps"] == 5
+    assert schedule_steps(1000, **dict(SCHED, max_steps=0))["total_steps"] == 63
+    assert schedule_steps(1000, **dict(SCHED, warmup=10_000))["warmup_steps"] == 63
+    assert schedule_steps(1000, **dict(SCHED, warmup=0))["warmup_steps"] == 0
+    assert schedule_steps(3, **SCHED)["steps_per_epoch"] == 1
+
+
+def test_schedule_data_shards_get_whole_rows():
+    s = schedule_steps(9, **dict(SCHED, batch_size=1, grad_accum=1), n_data_shards=4)
+    assert s["rows_per_epoch"] == 12 and s["steps_per_epoch"] == 12
+
+
+@pytest.mark.parametrize("pack", [True, False])
+def test_schedule_with_lengths_matches_the_runtime_batcher(pack):
+    from runtime.batching import Batcher, BatchShape
+
+    rng = np.random.default_rng(0)
+    lengths = rng.integers(2, 200, size=700)
+    ids = [np.arange(n, dtype=np.int32) for n in lengths]
+    shape = BatchShape(grad_accum=2, batch_size=4, seq_len=256)
+    batcher = Batcher(ids, [1] * len(ids), shape, pack=pack, seed=3)
+    s = schedule_steps(len(ids), batch_size=4, grad_accum=2, epochs=1, max_steps=None, warmup=0,
+                       pack=pack, mean_tokens=float(lengths.mean()), seq_len=256, lengths=lengths)
+    assert s["exact"] and s["rows_per_epoch"] == batcher.rows_per_epoch
+    assert s["steps_per_epoch"] == batcher.steps_per_epoch
+
+
+def test_packed_rows_matches_runtime_pack_rows():
+    from runtime.batching import pack_rows
+
+    rng = np.random.default_rng(1)
+    for seq_len in (16, 64, 300):
+        slots = rng.integers(1, seq_len + 1, size=500)
+        assert packed_rows(slots, seq_len) == len(pack_rows(slots, seq_len, rng))
+    with pytest.raises(ValueError):
+        packed_rows([10], 8)
+
+
+# ------------------------------------------------------------------------------ memory
+
+SMOLLM2 = dict(params=134_515_008, trainable=921_600, layers=30, hidden=576, intermediate=1536, heads=9,
+               kv_heads=3, head_dim=64, vocab=49152, batch=8, seq_len=512, param_bytes=4,
+               compute_bytes=4, remat="none", ce_chunk=2048, devices=1, fsdp=1, tensor=1)
+
+
+def test_memory_parts_and_remat_order():
+    m = {r: memory_per_device(**dict(SMOLLM2, remat=r)) for r in ("none", "dots", "full")}
+    assert m["full"]["activations"] < m["dots"]["activations"] < m["none"]["activations"]
+    for parts in m.values():
+        assert parts["total"] == pytest.approx(sum(v for k, v in parts.items() if k != "total"), abs=4)
+    none = m["none"]
+    assert none["weights"] == SMOLLM2["params"] * 4
+    assert none["adapter_optimizer"] == SMOLLM2["trainable"] * 16
+    assert none["logits"] == 2048 * 49152 * 16
+    print("\nSmolLM2-135M, batch 8 × 512, fp32: " + ", ".join(
+        f"{r}: {v['total'] / 2**30:.2f} GiB" for r, v in m.items()))
+
+
+def test_memory_scales_with_batch_and_shards():
+    one = memory_per_device(**SMOLLM2)
+    two = memory_per_device(**dict(SMOLLM2, batch=16))
+    assert two["activations"] == pytest.approx(2 * one["activations"], rel=0.01)
+    assert two["weights"] == one["weights"]
+    dp = memory_per_device(**dict(SMOLLM2, batch=16, devices=2))      # data parallel: batch split
+    assert dp["activations"] == pytest.approx(one["activations"], rel=0.01)
+    fsdp = memory_per_device(**dict(SMOLLM2, devices=2, fsdp=2))
+    assert fsdp["weights"] == one["weights"] // 2
+    bf16 = memory_per_device(**dict(SMOLLM2, param_bytes=2, compute_bytes=2))
+    assert bf16["weights"] == one["weights"] // 2 and bf16["activations"] < one["activations"]
+    scores = memory_per_device(**SMOLLM2, flash_attention=False)
+    assert scores["activations"] > one["activations"]
+
+
+# ------------------------------------------------------------------------------ time
+
+def test_step_time_gpu():
+    h100 = {"platform": "gpu", "kind": "NVIDIA H100 80GB HBM3", "count": 1, "peak_flops": 989e12}
+    t = step_time(params=1_000_000_000, tokens_per_step=100_000, device=h100)
+    assert t == pytest.approx(4e14 / (989e12 * 0.4))
+    assert step_time(params=1_000_000_000, tokens_per_step=100_000, device=dict(h100, count=4)) == \
+        pytest.approx(t / 4)
+    assert step_time(params=10**9, tokens_per_step=10**5, device=h100, remat="full") > t
+
+
+def test_step_time_cpu_probe_is_measured_once():
+    est._CPU_FLOPS = None
+    cpu = {"platform": "cpu", "kind": "x", "count": 1, "peak_flops": None}
+    t0 = time.perf_counter()
+    a = step_time(params=134_000_000, tokens_per_step=4096, device=cpu)
+    first = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    b = step_time(params=134_000_000, tokens_per_step=8192, device=cpu)
+    second = time.perf_counter() - t0
+    assert b == pytest.approx(2 * a) and second < 0.01 and first < 1.0
+    print(f"\nCPU matmul {est._CPU_FLOPS / 1e9:.1f} GFLOP/s; SmolLM2 step of 4096 tokens ≈ {a:.1f}s")
+
+
+# ------------------------------------------------------------------------------ devices
+
+@pytest.fixture
+def fake_nvidia_smi(tmp_path, monkeypatch):
+    script = tmp_path / "nvidia-smi"
+    script.write_text("#!/bin/sh\n"
+                      "echo '0, GPU-aaaa1111, NVIDIA H100 80GB HBM3, 81559'\n"
+                      "echo '1, GPU-bbbb2222, NVIDIA H100 80GB HBM3, 81559'\n"
+                      "echo '2, GPU-cccc3333, NVIDIA H100 80GB HBM3, 81559'\n")
+    script.chmod(script.stat().st_mode | stat.S_IEXEC)
+    monkeypatch.setenv("PATH", f"{tmp_path}{os.pathsep}{os.environ['PATH']}")
+    monkeypatch.delenv("JAX_PLATFORMS", raising=False)
+    monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
+
+
+def test_detect_devices_gpus(fake_nvidia_smi, monkeypatch):
+    d = detect_devices()
+    assert d == {"platform": "gpu", "kind": "NVIDIA H100 80GB HBM3", "count": 3,
+                 "memory": 81559 * 2**20, "peak_flops": 989e12}
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "2,GPU-aaaa")
+    assert detect_devices()["count"] == 2
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "0,7,1")          # CUDA stops at the invalid entry
+    assert detect_devices()["count"] == 1
+
+
+def test_detect_devices_honours_jax_platforms_and_hidden_gpus(fake_nvidia_smi, monkeypatch):
+    monkeypatch.setenv("JAX_PLATFORMS", "cpu")
+    d = detect_devices()
+    assert d["platform"] == "cpu" and d["count"] == 1 and d["peak_flops"] is None
+    assert d["memory"] is None or d["memory"] > 2**28
+    monkeypatch.delenv("JAX_PLATFORMS")
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "")
+    assert detect_devices()["platform"] in ("cpu", "tpu")
+
+
+def test_detect_devices_here():
+    d = detect_devices()
+    assert d["platform"] in ("cpu", "gpu", "tpu") and d["count"] >= 1
+    print(f"\n{d}")
+
+
+def test_known_gpu_names():
+    assert est._match("NVIDIA A100-SXM4-80GB", est.GPU_PEAK_BF16) == 312e12
+    assert est._match("NVIDIA L4", est.GPU_PEAK_BF16) == 121e12
+    assert est._match("NVIDIA H200", est.GPU_PEAK_BF16) == 989e12
+    assert est._match("Some New GPU", est.GPU_PEAK_BF16) is None

@@ -1,0 +1,225 @@
+"""compiler/templates.py: format strings as data, chat templates in a sandbox, the supervised split."""
+from __future__ import annotations
+
+import pytest
+
+from compiler.errors import PlanError
+from compiler.templates import (check_fields, mark_example, placeholders, render, render_chat,
+                                to_prompt_completion)
+
+TEMPLATE = {"prompt": "Clause: {text}\nCategory:", "response": " {label}", "system": None, "chat": False}
+
+
+# ------------------------------------------------------------------------------ placeholders
+
+def test_placeholders_in_order_without_repeats_and_literal_braces():
+    assert placeholders("Q: {question} C: {context} {question} {{literal}} }}{{",
+                        key="template.prompt") == ["question", "context"]
+    assert placeholders("no fields", key="template.prompt") == []
+
+
+@pytest.mark.parametrize("fmt, words", [
+    ("{text.__class__}", "attribute or index"),
+    ("{text.__class__.__mro__}", "attribute or index"),
+    ("{text[0]}", "attribute or index"),
+    ("{text[__globals__]}", "attribute or index"),
+    ("{}", "positional"),
+    ("{0}", "positional"),
+    ("{text!r}", "conversion or format spec"),
+    ("{text!a}", "conversion or format spec"),
+    ("{text!s}", "conversion or format spec"),
+    ("{text:>10}", "conversion or format spec"),
+    ("{text:{label}}", "conversion or format spec"),
+])
+def test_placeholders_refuse_anything_but_a_bare_field(fmt, words):
+    with pytest.raises(PlanError) as e:
+        placeholders(fmt, key="template.prompt")
+    assert e.value.key == "template.prompt" and words in e.value.message
+
+
+@pytest.mark.parametrize("fmt, words", [("{text", "expected '}'"), ("text}", "Single '}'"),
+                                        ("{text}}", "Single '}'")])
+def test_placeholders_malformed(fmt, words):
+    with pytest.raises(PlanError) as e:
+        placeholders(fmt, key="template.response")
+    assert e.value.key == "template.response" and words in e.value.message
+    assert "{{" in e.value.hint
+
+
+def test_placeholders_must_be_a_string():
+    with pytest.raises(PlanError, match="must be a string"):
+        placeholders(3, key="template.prompt")
+
+
+# ------------------------------------------------------------------------------ check_fields
+
+def test_check_fields_returns_used_fields():
+    t = dict(TEMPLATE, system="You judge {kind}.")
+    assert check_fields(t, ["text", "label", "kind", "unused"], file="d.jsonl") == ["text", "label", "kind"]
+
+
+def test_check_fields_unknown_placeholder_lists_fields_and_suggests():
+    t = dict(TEMPLATE, prompt="Q: {questoin}")
+    with pytest.raises(PlanError) as e:
+        check_fields(t, ["question", "context", "label"], file="data/train.jsonl")
+    err = e.value
+    assert err.key == "template.prompt"
+    assert err.message == "placeholder {questoin} is not a field of data/train.jsonl."
+    assert "`question`, `context`, `label`" in err.hint and "Did you mean `question`?" in err.hint
+
+
+@pytest.mark.parametrize("part", ["response", "system"])
+def test_check_fields_names_the_part(part):
+    t = dict(TEMPLATE, **{part: "{nope}"})
+    with pytest.raises(PlanError) as e:
+        check_fields(t, ["text", "label"], file="f.csv")
+    assert e.value.key == f"template.{part}"
+
+
+def test_check_fields_requires_prompt_and_response():
+    with pytest.raises(PlanError) as e:
+        check_fields(dict(TEMPLATE, response=None), ["text", "label"], file="f")
+    assert e.value.key == "template.response" and "not set" in e.value.message
+    with pytest.raises(PlanError) as e:
+        check_fields(dict(TEMPLATE, response="  "), ["text", "label"], file="f")
+    assert "nothing to learn" in e.value.message
+
+
+# ------------------------------------------------------------------------------ render
+
+def test_render_formats_values_as_text_and_does_not_reinterpret_them():
+    row = {"text": "a {label} b {0.__class__}", "label": 3}
+    assert render(row, TEMPLATE) == ("Clause: a {label} b {0.__class__}\nCategory:", " 3", None)
+    assert render(row, dict(TEMPLATE, system="S {label}"))[2] == "S 3"
+
+
+def test_render_refuses_unsafe_template_even_unchecked():
+    with pytest.raises(PlanError):
+        render({"text": "x", "label": "y"}, dict(TEMPLATE, prompt="{text.__class__}"))
+    with pytest.raises(PlanError) as e:
+        render({"text": "x"}, TEMPLATE)
+    assert e.value.key == "template.response" and "{label}" in e.value.message
+
+
+# ------------------------------------------------------------------------------ chat templates
+
+@pytest.fixture(scope="module")
+def smollm2(smollm2_dir):
+    from transformers import PreTrainedTokenizerFast
+
+    from compiler.models import resolve_model
+
+    info = resolve_model({"name": "smollm2-135m", "path": None})
+    hf = PreTrainedTokenizerFast(tokenizer_file=str(info.dir + "/tokenizer.json"),
+                                 chat_template=info.chat_template)
+    return info, hf
+
+
+CONVERSATIONS = [
+    [{"role": "user", "content": "Is this bullish? $AAPL up 5%"}],
+    [{"role": "system", "content": "You classify tweets."}, {"role": "user", "content": "Hello\nthere"}],
+    [{"role": "user", "content": "q"}, {"role": "assistant", "content": "Neutral"}],
+]
+
+
+@pytest.mark.parametrize("messages", CONVERSATIONS)
+@pytest.mark.parametrize("gen", [True, False])
+def test_render_chat_matches_transformers_for_smollm2(smollm2, messages, gen):
+    info, hf = smollm2
+    want = hf.apply_chat_template(messages, tokenize=False, add_generation_prompt=gen)
+    assert render_chat(info.chat_template, messages, add_generation_prompt=gen) == want
+
+
+# the shape of Llama 3's template: bos, header tokens, trim/lstrip-sensitive whitespace, namespace
+LLAMA_LIKE = """{{- bos_token }}
+{%- set ns = namespace(sys='') %}
+{%- for message in messages %}
+    {%- if message['role'] == 'system' %}
+        {%- set ns.sys = message['content'] %}
+    {%- endif %}
+{%- endfor %}
+{%- if ns.sys %}<|start|>system<|sep|>{{ ns.sys | trim }}<|eot|>{% endif %}
+{% for message in messages if message['role'] != 'system' %}
+    {% if message['role'] not in ['user', 'assistant'] %}{{ raise_exception('bad role ' + message['role']) }}{% endif %}
+<|start|>{{ message['role'] }}<|sep|>{{ message['content'] | trim }}{% generation %}<|eot|>{% endgeneration %}
+{% endfor %}
+{% if add_generation_prompt %}<|start|>assistant<|sep|>{% endif %}"""
+
+
+@pytest.mark.parametrize("messages", CONVERSATIONS)
+@pytest.mark.parametrize("gen", [True, False])
+def test_render_chat_matches_transformers_for_a_llama_like_template(smollm2_dir, messages, gen):
+    from transformers import PreTrainedTokenizerFast
+
+    hf = PreTrainedTokenizerFast(tokenizer_file=str(smollm2_dir / "tokenizer.json"), chat_template=LLAMA_LIKE,
+                                 bos_token="<|im_start|>", eos_token="<|im_end|>")
+    want = hf.apply_chat_template(messages, tokenize=False, add_generation_prompt=gen)
+    got = render_chat(LLAMA_LIKE, messages, add_generation_prompt=gen, bos_token="<|im_start|>",
+                      eos_token="<|im_end|>")
+    assert got == want and got.startswith("<|im_start|>")
+
+
+def test_render_chat_raise_exception_is_a_plan_error():
+    with pytest.raises(PlanError) as e:
+        render_chat(LLAMA_LIKE, [{"role": "tool", "content": "x"}], add_generation_prompt=True)
+    assert e.value.key == "template.chat" and "bad role tool" in e.value.message
+
+
+@pytest.mark.parametrize("src", [
+    "{{ messages.__class__.__mro__ }}",
+    "{{ ''.__class__.__subclasses__() }}",
+    "{% set ns = namespace(_x=1) %}{{ ns }}",
+    "{{ messages.append(1) }}",                      # immutable sandbox: no mutation
+])
+def test_render_chat_is_sandboxed(src):
+    with pytest.raises(PlanError) as e:
+        render_chat(src, [{"role": "user", "content": "x"}], add_generation_prompt=False)
+    assert e.value.key == "template.chat"
+
+
+def test_render_chat_syntax_error():
+    with pytest.raises(PlanError) as e:
+        render_chat("{% for m in messages %}", [], add_generation_prompt=False)
+    assert e.value.key == "template.chat" and "does not parse" in e.value.message
+
+
+# ------------------------------------------------------------------------------ prompt / completion
+
+def test_to_prompt_completion_chat_smollm2(smollm2):
+    info, hf = smollm2
+    head, tail = to_prompt_completion("Stocks soar", "Bullish", None, chat=True,
+                                      chat_template=info.chat_template, eos_token="<|im_end|>")
+    assert head == hf.apply_chat_template([{"role": "user", "content": "Stocks soar"}], tokenize=False,
+                                          add_generation_prompt=True)
+    assert head.endswith("<|im_start|>assistant\n")
+    assert tail == "Bullish<|im_end|>"                 # the trailing "\n" after the end token is dropped
+    head, _ = to_prompt_completion("q", "a", "Be brief.", chat=True, chat_template=info.chat_template,
+                                   eos_token="<|im_end|>")
+    assert head.startswith("<|im_start|>system\nBe brief.<|im_end|>")
+
+
+def test_to_prompt_completion_plain():
+    assert to_prompt_completion("Q?", " A", None, chat=False, chat_template=None, eos_token="</s>") == \
+        ("Q?", " A</s>")
+    assert to_prompt_completion("Q?", " A", "Sys", chat=False, chat_template="ignored", eos_token="") == \
+        ("Sys\n\nQ?", " A")
+
+
+def test_to_prompt_completion_chat_without_template():
+    with pytest.raises(PlanError) as e:
+        to_prompt_completion("q", "a", None, chat=True, chat_template=None, eos_token="</s>")
+    assert e.value.key == "template.chat" and "no chat template" in e.value.message
+    assert "template.chat=false" in e.value.hint
+
+
+def test_to_prompt_completion_refuses_a_template_that_is_not_prefix_stable():
+    # the generation prompt differs from how the template opens a finished assistant turn
+    src = ("{% for m in messages %}[{{ m['role'] }}]{{ m['content'] }}{% endfor %}"
+           "{% if add_generation_prompt %}[assistant:]{% endif %}")
+    with pytest.raises(PlanError) as e:
+        to_prompt_completion("q", "a", None, chat=True, chat_template=src, eos_token="")
+    assert e.value.key == "template.chat" and "prefix-stable" in e.value.message
+
+
+def test_mark_example():
+    assert mark_example("Q: x\nA:", " yes</s>") == "Q: x\nA:⟦ yes</s>⟧"
