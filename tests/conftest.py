@@ -213,3 +213,52 @@ def tiny_chat_dir(tiny_llama_dir, tmp_path_factory):
         {"bos_token": "<s>", "eos_token": "</s>", "pad_token": "<pad>",
          "chat_template": TINY_CHAT_TEMPLATE}))
     return out
+
+
+# --- the `tune` command line, in-process, and small classification tables -----------------------
+
+LABELS = ("Alpha", "Beta", "Gamma")
+
+
+def clf_rows(n, *, seed=0, fields=("text", "label")):
+    """n distinct rows of a toy 3-class task: {"text": ..., "label": ...}."""
+    text_field, label_field = fields
+    return [{text_field: f"Row {seed}-{i}: the clause concerns matter number {i * 7 + seed} of "
+                         f"the agreement.", label_field: LABELS[i % 3]} for i in range(n)]
+
+
+def write_jsonl(path, rows):
+    import json
+    from pathlib import Path
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
+    return path
+
+
+@pytest.fixture
+def tune_cli(tmp_path, monkeypatch, capsys, smollm2_dir):
+    """tune_cli(*argv) -> (exit code, stdout, stderr): `tune` run in-process in tmp_path (the current
+    directory), with TUNE_RECIPE_PATH unset. smollm2_dir makes sure the embedded model is converted."""
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("TUNE_RECIPE_PATH", raising=False)
+    monkeypatch.delenv("TUNE_DEBUG", raising=False)
+    from compiler.cli import main
+
+    def run(*argv):
+        capsys.readouterr()
+        rc = main([str(a) for a in argv])
+        out, err = capsys.readouterr()
+        return rc, out, err
+
+    return run
+
+
+@pytest.fixture
+def clf_data(tmp_path):
+    """clf_data(n=300, name="train.jsonl") -> path of a toy classification table in tmp_path/data."""
+    def make(n=300, name="train.jsonl", seed=0):
+        return write_jsonl(tmp_path / "data" / name, clf_rows(n, seed=seed))
+
+    return make

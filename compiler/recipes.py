@@ -1,0 +1,380 @@
+"""Recipes: shareable YAML files served to Hydra as the config group `recipe` (`+recipe=legal`).
+
+Search order (first match wins): `./recipes/` of the current directory, each directory of
+TUNE_RECIPE_PATH (colon-separated), then the recipes installed with tune. A recipe is NAME.yaml; its
+first comment line after the `# @package _global_` header is its one-line description. A recipe may
+extend another through its defaults list (`- /recipe/legal` then `- _self_`) and pick options of
+tune's groups (`- override /template: completion`).
+
+Relative data paths a recipe sets (`data.path: data/legal_train.jsonl`) resolve against the current
+directory when the file is there, else against the directory of the recipe that set the value, so a
+recipe and its example data travel together.
+"""
+from __future__ import annotations
+
+import os
+import re
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+from typing import List, Optional
+
+from compiler.errors import PlanError, did_you_mean
+from compiler.safety import load_recipe_yaml
+
+INSTALLED_DIR = Path(__file__).resolve().parent.parent / "recipes"
+GROUP = "recipe"
+DATA_KEYS = ("data.path", "data.test_path")
+_NAME = re.compile(r"[A-Za-z0-9][\w.\-]*")
+
+
+# ------------------------------------------------------------------------------ discovery
+
+def search_dirs(cwd: Path | None = None) -> list[tuple[str, Path]]:
+    """(label, absolute dir) in search order, existing or not (errors name them all)."""
+    cwd = Path(cwd or Path.cwd())
+    dirs = [("./recipes", (cwd / "recipes").resolve())]
+    for entry in os.environ.get("TUNE_RECIPE_PATH", "").split(os.pathsep):
+        if entry.strip():
+            dirs.append(("$TUNE_RECIPE_PATH", (cwd / Path(entry.strip()).expanduser()).resolve()))
+    dirs.append(("installed", INSTALLED_DIR))
+    seen, unique = set(), []
+    for label, d in dirs:
+        if d not in seen:
+            seen.add(d)
+            unique.append((label, d))
+    return unique
+
+
+def _existing_dirs() -> list[Path]:
+    return [d for _, d in search_dirs() if d.is_dir()]
+
+
+def list_recipes() -> list[tuple[str, Path, str]]:
+    """(name, path, description) of every recipe found, first in search order wins, sorted by name."""
+    found: dict[str, Path] = {}
+    for d in _existing_dirs():
+        for f in sorted(d.glob("*.yaml")):
+            if f.is_file() and _NAME.fullmatch(f.stem):
+                found.setdefault(f.stem, f)
+    return [(name, path, description(path)) for name, path in sorted(found.items())]
+
+
+def looked_in() -> str:
+    return ", ".join(f"{d} ({label})" for label, d in search_dirs())
+
+
+def find_recipe(name: str) -> Path:
+    """The file of recipe NAME, or a PlanError with did-you-mean, the recipes found and where."""
+    name = str(name)
+    if name.endswith(".yaml"):
+        name = name[:-5]
+    if _NAME.fullmatch(name):
+        for d in _existing_dirs():
+            path = d / f"{name}.yaml"
+            if path.is_file():
+                return path
+    names = [n for n, _, _ in list_recipes()]
+    raise PlanError("recipe", f"unknown recipe `{name}`.{did_you_mean(name, names)} Recipes found: "
+                    f"{', '.join(names) or 'none'}. Looked in: {looked_in()}.",
+                    hint="a recipe is NAME.yaml in one of those directories; `tune recipes` lists them.")
+
+
+def description(path: Path) -> str:
+    """The recipe's first comment line after the `# @package` header (one line)."""
+    try:
+        lines = Path(path).read_text(encoding="utf-8").splitlines()
+    except (OSError, UnicodeDecodeError):
+        return ""
+    for line in lines:
+        s = line.strip()
+        if not s:
+            continue
+        if not s.startswith("#"):
+            break
+        text = s.lstrip("#").strip()
+        if not text or text.startswith("@"):
+            continue
+        return text
+    return ""
+
+
+# ------------------------------------------------------------------------------ the chain
+
+@dataclass(frozen=True)
+class RecipeFile:
+    name: str
+    path: Path
+    data: dict                   # the file's mapping (plain YAML, already checked by safety)
+    extends: tuple               # names of recipes in its defaults list, in order
+
+
+def _extends(data: dict, file: Path) -> tuple:
+    names = []
+    for entry in data.get("defaults") or []:
+        target = None
+        if isinstance(entry, str):
+            e = entry.strip()
+            if e.startswith("/" + GROUP + "/"):
+                target = e[len(GROUP) + 2:]
+            elif e != "_self_" and "/" not in e and not e.startswith("override"):
+                target = e  # relative to the recipe group
+        elif isinstance(entry, dict):
+            for key, value in entry.items():
+                k = str(key).strip()
+                if k in ("/" + GROUP, "override /" + GROUP) and isinstance(value, str):
+                    target = value
+        if target:
+            names.append(target.removesuffix(".yaml"))
+    return tuple(names)
+
+
+def load_recipe(name: str) -> RecipeFile:
+    path = find_recipe(name)
+    data = load_recipe_yaml(path)
+    check_keys(path, data)
+    return RecipeFile(name=path.stem, path=path, data=data, extends=_extends(data, path))
+
+
+def check_keys(path: Path, data: dict) -> None:
+    """Every key a recipe sets is one tune knows, with a value of the right type: a PlanError with
+    the recipe's file and line otherwise (before Hydra composes anything)."""
+    from compiler import schema
+
+    lines = _key_lines(path)
+
+    def walk(node: dict, prefix: str) -> None:
+        for key, value in node.items():
+            dotted = f"{prefix}.{key}" if prefix else str(key)
+            if not prefix and key in ("defaults", "hydra"):
+                continue
+            if isinstance(value, dict) and dotted not in schema.BY_PATH and (
+                    dotted in schema.SECTIONS or any(p.startswith(dotted + ".") for p in schema.BY_PATH)):
+                walk(value, dotted)
+                continue
+            try:
+                schema.check_override(dotted, value)
+            except PlanError as e:
+                raise PlanError(e.key, e.message, hint=e.hint, file=str(path),
+                                line=lines.get(dotted)) from None
+
+    walk(data, "")
+
+
+def _key_lines(path: Path) -> dict:
+    """dotted key → 1-based line of a YAML mapping file."""
+    import yaml
+
+    out: dict = {}
+    try:
+        root = yaml.compose(Path(path).read_text(encoding="utf-8"), Loader=yaml.SafeLoader)
+    except yaml.YAMLError:
+        return out
+
+    def walk(node, prefix):
+        if isinstance(node, yaml.MappingNode):
+            for k, v in node.value:
+                dotted = f"{prefix}.{k.value}" if prefix else str(k.value)
+                out.setdefault(dotted, k.start_mark.line + 1)
+                walk(v, dotted)
+
+    walk(root, "")
+    return out
+
+
+def recipe_chain(name: str) -> list[RecipeFile]:
+    """The recipe and those it extends, in merge order (extended first, the named recipe last)."""
+    order: list[RecipeFile] = []
+
+    def visit(n: str, stack: tuple) -> None:
+        if n in stack:
+            raise PlanError("recipe", f"recipe `{n}` extends itself through "
+                            f"{' → '.join(stack + (n,))}.", hint="remove the cycle from the "
+                            "defaults lists.")
+        rf = load_recipe(n)
+        for parent in rf.extends:
+            visit(parent, stack + (n,))
+        if all(r.path != rf.path for r in order):
+            order.append(rf)
+
+    visit(name, ())
+    return order
+
+
+def _get(data: dict, dotted: str):
+    node = data
+    for part in dotted.split("."):
+        if not isinstance(node, dict) or part not in node:
+            return None
+        node = node[part]
+    return node
+
+
+def recipe_info(name: str | None) -> dict | None:
+    """What the Plan records about the recipe: name, file, description, the chain it extends and,
+    for each data path key, the recipes that set it (merge order) so relative paths resolve."""
+    if not name:
+        return None
+    chain = recipe_chain(name)
+    top = chain[-1]
+    sets: dict[str, list] = {}
+    for rf in chain:
+        for key in DATA_KEYS:
+            value = _get(rf.data, key)
+            if isinstance(value, str):
+                sets.setdefault(key, []).append([value, str(rf.path.parent)])
+    return {"name": top.name, "path": str(top.path), "description": description(top.path),
+            "chain": [{"name": rf.name, "path": str(rf.path)} for rf in chain],
+            "data_sources": sets}
+
+
+def resolve_data_path(key: str, value: str, info: dict | None, cwd: Path | None = None) -> Path:
+    """An absolute data file path: `value` as given when absolute; else relative to the current
+    directory if the file is there, else relative to the recipe that set this value. PlanError
+    naming every place it looked otherwise."""
+    cwd = Path(cwd or Path.cwd())
+    p = Path(str(value)).expanduser()
+    candidates = [p] if p.is_absolute() else [cwd / p]
+    if not p.is_absolute() and info:
+        sources = (info.get("data_sources") or {}).get(key) or []
+        dirs = [d for v, d in reversed(sources) if v == str(value)]
+        if not dirs and info.get("path"):
+            dirs = [str(Path(info["path"]).parent)]
+        candidates += [Path(d) / p for d in dirs]
+    for c in candidates:
+        if c.is_file():
+            return c.resolve()
+    for c in candidates:
+        if c.exists():
+            raise PlanError(key, f"{c} is a directory, not a data file.",
+                            hint="give a .jsonl, .json, .csv or .parquet file.")
+    looked = ", ".join(str(c.absolute()) for c in dict.fromkeys(candidates))
+    raise PlanError(key, f"data file `{value}` not found (looked in: {looked}).",
+                    hint="relative paths are tried from the current directory, then from the "
+                         "directory of the recipe that names them.")
+
+
+# ------------------------------------------------------------------------------ tune recipes
+
+def show(name: str) -> tuple[Path, str]:
+    path = find_recipe(name)
+    return path, path.read_text(encoding="utf-8")
+
+
+def copy(name: str, dest: str | Path) -> list[Path]:
+    """Copy recipe NAME into DEST (a directory, or a .yaml file name), with the example data files
+    it names by relative path (into DEST/data/...), so the copy works where it lands. Returns the
+    files written. Never overwrites."""
+    rf = load_recipe(name)
+    dest = Path(dest)
+    target = dest if dest.suffix == ".yaml" else dest / rf.path.name
+    if target.exists():
+        raise PlanError("recipes cp", f"{target} exists; not overwriting it.",
+                        hint="choose another destination or remove the file.")
+    target.parent.mkdir(parents=True, exist_ok=True)
+    written = [target]
+    shutil.copyfile(rf.path, target)
+    for key in DATA_KEYS:
+        value = _get(rf.data, key)
+        if not isinstance(value, str) or Path(value).is_absolute():
+            continue
+        src = rf.path.parent / value
+        out = target.parent / value
+        if src.is_file() and not out.exists():
+            out.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(src, out)
+            written.append(out)
+    return written
+
+
+# ------------------------------------------------------------------------------ Hydra
+
+def register_with_hydra() -> None:
+    """Serve the `recipe` group from the recipe directories (a ConfigSource behind a search path
+    entry). Idempotent; call before hydra.main runs."""
+    from hydra.core.plugins import Plugins
+
+    source, search_path = _hydra_classes()
+    plugins = Plugins.instance()
+    from hydra.plugins.search_path_plugin import SearchPathPlugin
+    if search_path not in plugins.discover(SearchPathPlugin):
+        plugins.register(source)
+        plugins.register(search_path)
+
+
+_CLASSES = None
+
+
+def _hydra_classes():
+    global _CLASSES
+    if _CLASSES is not None:
+        return _CLASSES
+
+    from hydra.core.config_search_path import ConfigSearchPath
+    from hydra.core.object_type import ObjectType
+    from hydra.plugins.config_source import ConfigLoadError, ConfigResult, ConfigSource
+    from hydra.plugins.search_path_plugin import SearchPathPlugin
+    from omegaconf import OmegaConf
+
+    class RecipeConfigSource(ConfigSource):
+        """Group `recipe` = NAME.yaml of each recipe directory, in search order."""
+
+        def __init__(self, provider: str, path: str) -> None:
+            super().__init__(provider=provider, path=path)
+            self.dirs = _existing_dirs()
+
+        @staticmethod
+        def scheme() -> str:
+            return "tune-recipes"
+
+        def _file(self, config_path: str) -> Optional[Path]:
+            config_path = config_path.strip("/")
+            if not config_path.startswith(GROUP + "/"):
+                return None
+            name = config_path[len(GROUP) + 1:].removesuffix(".yaml")
+            if not _NAME.fullmatch(name):
+                return None
+            for d in self.dirs:
+                f = d / f"{name}.yaml"
+                if f.is_file():
+                    return f
+            return None
+
+        def load_config(self, config_path: str) -> ConfigResult:
+            f = self._file(config_path)
+            if f is None:
+                raise ConfigLoadError(f"Recipe not found: {config_path}")
+            load_recipe_yaml(f)  # refuses what is not data, with file:line
+            text = f.read_text(encoding="utf-8")
+            header = ConfigSource._get_header_dict(text[:512])
+            if header.get("package") is None:
+                header["package"] = "_global_"  # recipes set keys of the whole config
+            cfg = OmegaConf.create(OmegaConf.load(f))
+            return ConfigResult(config=cfg, path=f"{self.scheme()}://{f.parent}",
+                                provider=self.provider, header=header)
+
+        def available(self) -> bool:
+            return True
+
+        def is_group(self, config_path: str) -> bool:
+            return config_path.strip("/") in ("", GROUP)
+
+        def is_config(self, config_path: str) -> bool:
+            return self._file(config_path) is not None
+
+        def list(self, config_path: str, results_filter: Optional[ObjectType]) -> List[str]:
+            path = config_path.strip("/")
+            out: list[str] = []
+            if path == "" and results_filter in (None, ObjectType.GROUP):
+                out.append(GROUP)
+            if path == GROUP and results_filter in (None, ObjectType.CONFIG):
+                out += [n for n, _, _ in list_recipes()]
+            return sorted(set(out))
+
+    class RecipeSearchPath(SearchPathPlugin):
+        def manipulate_search_path(self, search_path: ConfigSearchPath) -> None:
+            search_path.append(provider="tune-recipes", path="tune-recipes://")
+
+    RecipeConfigSource.__module__ = RecipeSearchPath.__module__ = __name__
+    _CLASSES = (RecipeConfigSource, RecipeSearchPath)
+    return _CLASSES

@@ -1,0 +1,222 @@
+"""A recipe is data, never code.
+
+Hydra and OmegaConf can run code from a config: `_target_` (and its companions) instantiates any
+importable callable, a resolver interpolation such as `${oc.env:SECRET}` or a user-registered
+`${eval:...}` calls a function with strings from the file, and Hydra's own `hydra.callbacks`,
+`hydra.job_logging` (logging's `()` factories) or launcher/sweeper groups import classes. tune never
+instantiates anything from a config, and refuses all of these before they are composed:
+
+- `scan_recipe_file(path)` reads a recipe with a plain YAML parser (so a syntax error is reported
+  as file:line), and refuses instantiation keys anywhere, resolver calls anywhere (except Hydra's
+  `${now:...}` in the run/sweep directory), any `hydra:` setting beyond the run/sweep directory, and
+  defaults-list entries that select Hydra's own groups.
+- `check_config(cfg)` checks the composed config (interpolations not yet resolved), outside the
+  `hydra` section, for instantiation keys and resolver calls, wherever they came from.
+
+Plain interpolation (`${data.max_length}`) is a lookup, not a call, and is allowed.
+"""
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import yaml
+
+from compiler.errors import PlanError
+
+INSTANTIATION_KEYS = ("_target_", "_partial_", "_recursive_", "_convert_", "_args_")
+# The only Hydra settings a recipe may carry: where its runs go.
+RECIPE_HYDRA_KEYS = ("hydra.run.dir", "hydra.sweep.dir", "hydra.sweep.subdir")
+_RESOLVER_CALL = re.compile(r"\$\{\s*([A-Za-z_][\w.\-]*)\s*:")
+_WHY = "a recipe is data, never code: tune imports, instantiates and evaluates nothing a config says."
+
+
+def resolver_calls(text: str) -> list[str]:
+    """Names of the resolvers an OmegaConf string would call when resolved (`oc.env`, `eval`, ...)."""
+    if "${" not in text:
+        return []
+    names = _grammar_resolvers(text)
+    return names if names is not None else _RESOLVER_CALL.findall(text)
+
+
+def _grammar_resolvers(text: str) -> list[str] | None:
+    """Resolver names found by OmegaConf's own grammar (exactly what it would call); None when the
+    string does not parse (then the regular expression decides, erring towards refusal)."""
+    try:
+        from omegaconf.grammar.gen.OmegaConfGrammarParser import OmegaConfGrammarParser
+        from omegaconf.grammar_parser import parse
+        tree = parse(text)
+    except Exception:
+        return None
+    names: list[str] = []
+
+    def walk(node) -> None:
+        if isinstance(node, OmegaConfGrammarParser.InterpolationResolverContext):
+            names.append(node.resolverName().getText())
+        for i in range(node.getChildCount() if hasattr(node, "getChildCount") else 0):
+            walk(node.getChild(i))
+
+    walk(tree)
+    # The grammar may miss a call that the regular expression sees (nested quoting): take both.
+    return sorted(set(names) | set(_RESOLVER_CALL.findall(text)))
+
+
+def _refuse_key(path: str, key: str, *, file=None, line=None) -> PlanError:
+    return PlanError(path, f"`{key}` is not allowed: {_WHY}", file=file, line=line,
+                     hint="describe the setting with tune's own keys (see `tune --help`); "
+                          "models, data and templates are named, never constructed.")
+
+
+def _refuse_resolver(path: str, value: str, names: list[str], *, file=None, line=None) -> PlanError:
+    calls = ", ".join(f"`${{{n}:...}}`" for n in names)
+    return PlanError(path, f"the value {value!r} calls the resolver {calls}; resolver calls are "
+                     f"not allowed: {_WHY}", file=file, line=line,
+                     hint="write the value itself, or a plain interpolation of another key "
+                          "such as `${data.max_length}`.")
+
+
+# ------------------------------------------------------------------------------ composed config
+
+def check_config(cfg: dict) -> None:
+    """Refuse instantiation keys and resolver calls outside the `hydra` section of a composed,
+    unresolved config (a plain dict/list tree from OmegaConf.to_container(resolve=False))."""
+
+    def walk(node, path: str) -> None:
+        if isinstance(node, dict):
+            for key, value in node.items():
+                key = str(key)
+                sub = f"{path}.{key}" if path else key
+                if not path and key == "hydra":
+                    continue
+                if key in INSTANTIATION_KEYS:
+                    raise _refuse_key(sub, key)
+                walk(value, sub)
+        elif isinstance(node, (list, tuple)):
+            for i, value in enumerate(node):
+                walk(value, f"{path}[{i}]")
+        elif isinstance(node, str):
+            names = resolver_calls(node)
+            if names:
+                raise _refuse_resolver(path, node, names)
+
+    walk(cfg, "")
+
+
+def check_override_value(key: str, value) -> None:
+    """A command-line override's value: refuse resolver calls outside hydra.* keys."""
+    if key == "hydra" or key.startswith("hydra."):
+        return
+    for text in _strings(value):
+        names = resolver_calls(text)
+        if names:
+            raise _refuse_resolver(key, text, names)
+
+
+def _strings(value):
+    if isinstance(value, str):
+        yield value
+    elif isinstance(value, dict):
+        for k, v in value.items():
+            yield from _strings(k)
+            yield from _strings(v)
+    elif isinstance(value, (list, tuple)):
+        for v in value:
+            yield from _strings(v)
+
+
+# ------------------------------------------------------------------------------ recipe files
+
+def load_recipe_yaml(path: Path) -> dict:
+    """Parse a recipe file with a plain YAML parser and check it; returns the mapping (no Hydra,
+    no OmegaConf). Raises PlanError with file and line for invalid YAML or anything unsafe."""
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except OSError as e:
+        raise PlanError("recipe", f"cannot read {path} ({e.strerror}).", file=str(path)) from None
+    except UnicodeDecodeError:
+        raise PlanError("recipe", "the file is not UTF-8 text.", file=str(path)) from None
+    try:
+        node = yaml.compose(text, Loader=yaml.SafeLoader)
+        data = yaml.load(text, Loader=yaml.SafeLoader)  # noqa: S506 - SafeLoader
+    except yaml.MarkedYAMLError as e:
+        mark = e.problem_mark or e.context_mark
+        line = mark.line + 1 if mark is not None else None
+        problem = " ".join(filter(None, [e.context, e.problem])) or "invalid YAML"
+        raise PlanError("recipe", f"not valid YAML: {problem}.", file=str(path), line=line,
+                        hint="a recipe is a YAML mapping of config keys (see `tune recipes show legal`)."
+                        ) from None
+    except yaml.YAMLError as e:
+        raise PlanError("recipe", f"not valid YAML: {e}.", file=str(path)) from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise PlanError("recipe", f"a recipe is a YAML mapping of config keys, not a "
+                        f"{type(data).__name__}.", file=str(path), line=1)
+    _scan_node(node, "", str(path))
+    return data
+
+
+def _scan_node(node, path: str, file: str) -> None:
+    line = node.start_mark.line + 1
+    if isinstance(node, yaml.MappingNode):
+        for key_node, value_node in node.value:
+            key = str(key_node.value)
+            sub = f"{path}.{key}" if path else key
+            kline = key_node.start_mark.line + 1
+            if key in INSTANTIATION_KEYS:
+                raise _refuse_key(sub, key, file=file, line=kline)
+            if not path and key == "defaults":
+                _scan_defaults(value_node, file)
+                continue
+            if sub == "hydra" or sub.startswith("hydra."):
+                inner = any(k.startswith(sub + ".") for k in RECIPE_HYDRA_KEYS)
+                ok = ((inner and isinstance(value_node, yaml.MappingNode))
+                      or (sub in RECIPE_HYDRA_KEYS and isinstance(value_node, yaml.ScalarNode)))
+                if not ok:
+                    raise _refuse_hydra(sub, file, kline)
+            _scan_node(value_node, sub, file)
+    elif isinstance(node, yaml.SequenceNode):
+        for i, item in enumerate(node.value):
+            _scan_node(item, f"{path}[{i}]", file)
+    elif isinstance(node, yaml.ScalarNode) and isinstance(node.value, str):
+        names = resolver_calls(node.value)
+        if path in RECIPE_HYDRA_KEYS:
+            names = [n for n in names if n == "now"]
+        if names:
+            raise _refuse_resolver(path, node.value, names, file=file, line=line)
+
+
+def _refuse_hydra(key: str, file: str, line: int) -> PlanError:
+    return PlanError(key, f"a recipe may set only {', '.join(RECIPE_HYDRA_KEYS)} of Hydra's "
+                     "settings; the others (callbacks, logging, launcher, sweeper, ...) can import "
+                     f"and run code, and {_WHY}", file=file, line=line,
+                     hint="pass Hydra settings on your own command line instead.")
+
+
+def _scan_defaults(node, file: str) -> None:
+    if not isinstance(node, yaml.SequenceNode):
+        raise PlanError("defaults", "the defaults list must be a YAML list.", file=file,
+                        line=node.start_mark.line + 1)
+    for item in node.value:
+        line = item.start_mark.line + 1
+        if isinstance(item, yaml.ScalarNode):
+            entries = [str(item.value)]
+        elif isinstance(item, yaml.MappingNode):
+            entries = [str(k.value) for k, _ in item.value]
+            for _, v in item.value:
+                if isinstance(v, yaml.ScalarNode) and resolver_calls(str(v.value)):
+                    raise _refuse_resolver("defaults", str(v.value), resolver_calls(str(v.value)),
+                                           file=file, line=line)
+        else:
+            raise PlanError("defaults", "a defaults-list entry is a config name or a "
+                            "`group: option` pair.", file=file, line=line)
+        for entry in entries:
+            group = entry.removeprefix("override ").removeprefix("optional ").strip().lstrip("/")
+            if group.split("@")[0].split("/")[0] == "hydra":
+                raise PlanError("defaults", f"the entry `{entry}` selects one of Hydra's own config "
+                                f"groups; {_WHY}", file=file, line=line,
+                                hint="a recipe's defaults list may pick tune's groups (model, data, "
+                                     "template, adapter, schedule, runtime, eval) and other recipes.")
+            if resolver_calls(entry):
+                raise _refuse_resolver("defaults", entry, resolver_calls(entry), file=file, line=line)

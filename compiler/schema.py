@@ -1,0 +1,420 @@
+"""Every config key tune knows: its type, allowed values, default and meaning.
+
+`validate(cfg)` checks a composed config (a plain dict) against this table and returns the normalised
+config (types coerced, defaults filled, targets as a list or "all-linear") with the warnings it
+raised; the first error is a PlanError naming the key, what is wrong and what would be right.
+`check_override(key, value)` does the same for one command-line override before Hydra runs.
+The defaults here are the ones conf/ ships (a test keeps them equal).
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any
+
+from compiler.errors import PlanError, did_you_mean
+
+MODULES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+LR_USUAL = (1e-6, 1e-2)           # outside: a warning
+LR_HINT = "for AdamW-based LoRA the usual range is about 1e-5 to 5e-4"
+
+
+@dataclass(frozen=True)
+class Key:
+    path: str
+    kind: str                      # int | number | bool | str | choice | targets | axis
+    default: Any
+    doc: str
+    nullable: bool = False
+    choices: tuple = ()
+    low: float | None = None       # inclusive unless low_open
+    high: float | None = None      # inclusive unless high_open
+    low_open: bool = False
+    high_open: bool = False
+    hint: str | None = None
+
+
+def _k(path, kind, default, doc, **kw) -> Key:
+    return Key(path, kind, default, doc, **kw)
+
+
+KEYS: tuple[Key, ...] = (
+    _k("run", "str", None, "a run directory: the adapter `tune eval` scores and `tune generate` uses",
+       nullable=True),
+    _k("prompt", "str", None, "`tune generate`: the text to answer (null = read from stdin)",
+       nullable=True),
+    # model
+    _k("model.name", "str", None, "display name (null = derived from the model)", nullable=True),
+    _k("model.path", "str", None, "local HF checkpoint dir, Hub id `org/name`, or null = embedded "
+       "SmolLM2-135M-Instruct", nullable=True),
+    _k("model.revision", "str", None, "Hub revision when model.path is a Hub id", nullable=True),
+    # data
+    _k("data.path", "str", None, "training file (jsonl, json, csv, parquet)", nullable=True),
+    _k("data.test_path", "str", None, "held-out file scored by eval", nullable=True),
+    _k("data.format", "choice", "auto", "file format", choices=("auto", "jsonl", "json", "csv",
+                                                                  "parquet")),
+    _k("data.max_rows", "int", None, "cap on rows read from data.path (fixed-seed sample)",
+       nullable=True, low=1),
+    _k("data.val_fraction", "number", 0.05, "share of training rows held out for validation",
+       low=0.0, high=0.5, hint="0 disables validation; 0.05–0.1 is usual."),
+    _k("data.max_length", "int", 512, "tokens per example (prompt + response), the packed row length",
+       low=16, high=131072),
+    _k("data.overlength", "choice", "truncate", "policy for examples over max_length",
+       choices=("truncate", "drop")),
+    _k("data.dedupe", "bool", True, "drop exact duplicate rows"),
+    # template
+    _k("template.prompt", "str", "{text}", "format string over the data's fields: the prompt"),
+    _k("template.response", "str", "{label}", "format string over the data's fields: the supervised "
+       "answer"),
+    _k("template.system", "str", None, "system message (format string), null for none",
+       nullable=True),
+    _k("template.chat", "bool", True, "wrap prompt/response in the model's own chat template"),
+    # adapter
+    _k("adapter.rank", "int", 16, "LoRA rank r", low=1, high=1024,
+       hint="the adapter's inner dimension; 4 to 64 is usual."),
+    _k("adapter.alpha", "number", 32, "LoRA alpha (scale = alpha / rank)", low=0.0, low_open=True,
+       hint="alpha = 2 × rank is a common choice."),
+    _k("adapter.dropout", "number", 0.05, "dropout on the LoRA input", low=0.0, high=1.0,
+       high_open=True, hint="0 to 0.1 is usual."),
+    _k("adapter.targets", "targets", ["q_proj", "k_proj", "v_proj", "o_proj"],
+       "module names to adapt, or all-linear"),
+    # schedule
+    _k("schedule.lr", "number", 2e-4, "peak learning rate (AdamW)", low=0.0, low_open=True,
+       high=1.0, high_open=True, hint=LR_HINT + "."),
+    _k("schedule.epochs", "number", 1, "passes over the training rows", low=0.0, low_open=True,
+       high=1000),
+    _k("schedule.max_steps", "int", None, "cap on optimizer steps", nullable=True, low=1),
+    _k("schedule.batch_size", "int", 8, "rows per micro-batch over all devices", low=1, high=65536),
+    _k("schedule.grad_accum", "int", 1, "micro-batches per optimizer step", low=1, high=4096),
+    _k("schedule.warmup", "number", 0.05, "warmup: a fraction of the steps (< 1) or a step count",
+       low=0.0),
+    _k("schedule.seed", "int", 0, "seed for the split, shuffling, dropout and LoRA init", low=0),
+    _k("schedule.lr_schedule", "choice", "cosine", "decay after warmup",
+       choices=("cosine", "linear", "constant")),
+    _k("schedule.weight_decay", "number", 0.0, "AdamW weight decay", low=0.0, high=1.0),
+    _k("schedule.max_grad_norm", "number", 1.0, "gradient-norm clip (0 or null: none)",
+       nullable=True, low=0.0),
+    # runtime
+    _k("runtime.dtype", "choice", "auto", "compute dtype", choices=("auto", "float32", "bfloat16")),
+    _k("runtime.param_dtype", "choice", "auto", "frozen weights' dtype",
+       choices=("auto", "float32", "bfloat16")),
+    _k("runtime.mesh.data", "axis", -1, "data-parallel axis (-1 = all remaining devices)"),
+    _k("runtime.mesh.fsdp", "axis", 1, "fully-sharded axis (-1 = all remaining devices)"),
+    _k("runtime.mesh.tensor", "axis", 1, "tensor-parallel axis (-1 = all remaining devices)"),
+    _k("runtime.remat", "choice", "none", "activation recomputation",
+       choices=("none", "dots", "full")),
+    _k("runtime.pack", "bool", True, "pack several examples per row"),
+    _k("runtime.ce_chunk", "int", 2048, "tokens per cross-entropy chunk", low=1, high=1 << 20),
+    _k("runtime.log_every", "int", 1, "steps between metrics lines", low=1),
+    _k("runtime.checkpoint_every", "int", 50, "steps between checkpoints (0 = at the end only)",
+       low=0),
+    # eval
+    _k("eval.metric", "choice", "accuracy", "held-out metric",
+       choices=("accuracy", "macro_f1", "exact_match", "rouge_l")),
+    _k("eval.max_new_tokens", "int", 16, "tokens generated per answer", low=1, high=8192),
+    _k("eval.limit", "int", None, "rows scored (null = all)", nullable=True, low=1),
+    _k("eval.every", "int", 0, "steps between evaluations while training (0 = at the end)", low=0),
+    _k("eval.batch_size", "int", 16, "rows generated at once", low=1, high=4096),
+    _k("eval.mode", "choice", "generate", "generate an answer, or score known labels (choices)",
+       choices=("generate", "choices")),
+)
+
+BY_PATH = {k.path: k for k in KEYS}
+GROUPS = ("model", "data", "template", "adapter", "schedule", "runtime", "eval")
+SECTIONS = {p.rsplit(".", 1)[0] for p in BY_PATH if "." in p} | set(GROUPS)
+# Names people bring from other tools → ours.
+ALIASES = {
+    "learning_rate": "schedule.lr", "lr_scheduler": "schedule.lr_schedule",
+    "lr_scheduler_type": "schedule.lr_schedule", "num_epochs": "schedule.epochs",
+    "num_train_epochs": "schedule.epochs", "epoch": "schedule.epochs",
+    "train_batch_size": "schedule.batch_size", "per_device_train_batch_size": "schedule.batch_size",
+    "micro_batch_size": "schedule.batch_size", "bs": "schedule.batch_size",
+    "batch": "schedule.batch_size",
+    "gradient_accumulation_steps": "schedule.grad_accum", "grad_accumulation": "schedule.grad_accum",
+    "warmup_ratio": "schedule.warmup", "warmup_steps": "schedule.warmup",
+    "clip": "schedule.max_grad_norm", "grad_clip": "schedule.max_grad_norm",
+    "steps": "schedule.max_steps", "r": "adapter.rank", "lora_r": "adapter.rank",
+    "lora_rank": "adapter.rank", "lora_alpha": "adapter.alpha", "lora_dropout": "adapter.dropout",
+    "target_modules": "adapter.targets", "modules": "adapter.targets",
+    "max_seq_len": "data.max_length", "max_seq_length": "data.max_length",
+    "seq_len": "data.max_length", "max_len": "data.max_length", "train_path": "data.path",
+    "train_file": "data.path", "test_file": "data.test_path", "eval_path": "data.test_path",
+    "system_prompt": "template.system", "precision": "runtime.dtype",
+}
+
+
+def _err(path: str, message: str, hint: str | None = None) -> PlanError:
+    return PlanError(path, message, hint=hint)
+
+
+# ------------------------------------------------------------------------------ unknown keys
+
+def suggest(path: str) -> str:
+    """' Did you mean `x`?' for an unknown dotted key: a known alias, the same name in another
+    section, the closest full path, then the closest name alone."""
+    leaf = path.rsplit(".", 1)[-1]
+    if leaf in ALIASES:
+        return f" Did you mean `{ALIASES[leaf]}`?"
+    leaves: dict[str, str] = {}
+    for p in BY_PATH:
+        leaves.setdefault(p.rsplit(".", 1)[-1], p)
+    if leaf in leaves and leaves[leaf] != path:     # the right key in the wrong section
+        return f" Did you mean `{leaves[leaf]}`?"
+    hit = did_you_mean(path, BY_PATH)
+    if hit:
+        return hit
+    import difflib
+    close = difflib.get_close_matches(leaf, list(leaves), n=1, cutoff=0.75)
+    return f" Did you mean `{leaves[close[0]]}`?" if close else ""
+
+
+def unknown_key(path: str) -> PlanError:
+    section = path.rsplit(".", 1)[0] if "." in path else ""
+    known = sorted(p.rsplit(".", 1)[-1] for p in BY_PATH
+                   if section and p.rsplit(".", 1)[0] == section)
+    listing = f" Keys of `{section}`: {', '.join(known)}." if known else ""
+    return _err(path, f"unknown key.{suggest(path)}{listing}",
+                hint="`tune --help` lists every key with its current value.")
+
+
+# ------------------------------------------------------------------------------ values
+
+def _show(value) -> str:
+    return repr(value) if isinstance(value, str) else str(value)
+
+
+def _is_interp(value) -> bool:
+    return isinstance(value, str) and value.strip().startswith("${")
+
+
+def coerce(key: Key, value):
+    """The value in the key's type, or a PlanError naming what was expected and what was got."""
+    path = key.path
+    if value is None:
+        if key.nullable:
+            return None
+        if key.kind == "targets":
+            raise _err(path, "must be a list of module names or `all-linear`, got null.")
+        raise _err(path, f"must be {_expect(key)}, got null.", key.hint)
+    if key.kind == "int":
+        value = _to_int(path, value, "an integer")
+    elif key.kind == "axis":
+        value = _to_int(path, value, "an integer (a mesh axis size, or -1)")
+        if value == 0 or value < -1:
+            raise _err(path, f"must be a positive axis size or -1 (all remaining devices), "
+                       f"got {value}.")
+        return value
+    elif key.kind == "number":
+        value = _to_float(path, value)
+    elif key.kind == "bool":
+        if isinstance(value, str) and value.strip().lower() in ("true", "false"):
+            value = value.strip().lower() == "true"
+        if not isinstance(value, bool):
+            raise _err(path, f"must be true or false, got {_show(value)}.")
+        return value
+    elif key.kind == "str":
+        if isinstance(value, bool) or not isinstance(value, (str, int, float)):
+            raise _err(path, f"must be a string, got {_show(value)} ({type(value).__name__}).")
+        return str(value)
+    elif key.kind == "choice":
+        if not isinstance(value, str) or value not in key.choices:
+            raise _err(path, f"must be one of {', '.join(key.choices)}, got {_show(value)}."
+                       f"{did_you_mean(str(value), key.choices)}")
+        return value
+    elif key.kind == "targets":
+        return _targets(path, value)
+    _range(key, value)
+    return value
+
+
+def _expect(key: Key) -> str:
+    return {"int": "an integer", "number": "a number", "bool": "true or false", "str": "a string",
+            "choice": "one of " + ", ".join(key.choices), "axis": "an integer"}.get(key.kind, "a value")
+
+
+def _to_int(path: str, value, what: str) -> int:
+    if isinstance(value, bool):
+        raise _err(path, f"must be {what}, got {_show(value)}.")
+    if isinstance(value, int):
+        return value
+    if isinstance(value, float) and math.isfinite(value) and value.is_integer():
+        return int(value)
+    if isinstance(value, str):
+        try:
+            return int(value.strip())
+        except ValueError:
+            pass
+    raise _err(path, f"must be {what}, got {_show(value)}.")
+
+
+def _to_float(path: str, value) -> float:
+    if isinstance(value, bool):
+        raise _err(path, f"must be a number, got {_show(value)}.")
+    if isinstance(value, int):
+        return value  # an integer stays one (epochs: 2, alpha: 32)
+    if isinstance(value, float):
+        out = value
+    elif isinstance(value, str):
+        try:
+            out = float(value.strip())
+        except ValueError:
+            raise _err(path, f"must be a number, got {_show(value)}.") from None
+    else:
+        raise _err(path, f"must be a number, got {_show(value)}.")
+    if not math.isfinite(out):
+        raise _err(path, f"must be a finite number, got {_show(value)}.")
+    return out
+
+
+def _range(key: Key, value) -> None:
+    lo, hi = key.low, key.high
+    if lo is not None and (value <= lo if key.low_open else value < lo):
+        rel = "greater than" if key.low_open else "at least"
+        raise _err(key.path, f"must be {rel} {_num(lo)}, got {_num(value)}.", key.hint)
+    if hi is not None and (value >= hi if key.high_open else value > hi):
+        rel = "less than" if key.high_open else "at most"
+        raise _err(key.path, f"must be {rel} {_num(hi)}, got {_num(value)}.", key.hint)
+
+
+def _num(x) -> str:
+    if isinstance(x, float) and x.is_integer() and abs(x) < 1e6:
+        return str(int(x))
+    return f"{x:g}" if isinstance(x, float) else str(x)
+
+
+def _targets(path: str, value):
+    if isinstance(value, str):
+        v = value.strip()
+        if v in ("all-linear", "all_linear"):
+            return "all-linear"
+        if not v:
+            raise _err(path, "must name at least one module, or be `all-linear`.")
+        value = [p.strip() for p in v.split(",") if p.strip()]
+    if isinstance(value, (list, tuple)):
+        names = []
+        for item in value:
+            if not isinstance(item, str) or not item.strip():
+                raise _err(path, f"must be a list of module names, got {_show(item)} in the list.",
+                           hint=f"modules: {', '.join(MODULES)}, or all-linear.")
+            if item.strip() not in names:
+                names.append(item.strip())
+        if not names:
+            raise _err(path, "must name at least one module, or be `all-linear`.",
+                       hint=f"modules: {', '.join(MODULES)}.")
+        if "all-linear" in names:
+            return "all-linear"
+        return names
+    raise _err(path, f"must be a list of module names or `all-linear`, got {_show(value)}.")
+
+
+# ------------------------------------------------------------------------------ whole config
+
+def _flatten(node, prefix="") -> dict:
+    out = {}
+    for k, v in node.items():
+        path = f"{prefix}.{k}" if prefix else str(k)
+        if isinstance(v, dict) and (path in SECTIONS):
+            if not v and path not in GROUPS:
+                out[path] = v
+            out.update(_flatten(v, path))
+        else:
+            out[path] = v
+    return out
+
+
+def validate(cfg: dict) -> tuple[dict, list[str]]:
+    """Check a composed config; return (normalised config, warnings). Keys outside the schema are
+    errors; `hydra` is not part of the config and is dropped."""
+    cfg = {k: v for k, v in dict(cfg).items() if k != "hydra"}
+    for group in GROUPS:
+        if group in cfg and not isinstance(cfg[group], dict):
+            raise _err(group, f"must be a mapping of keys, got {_show(cfg[group])}.",
+                       hint=f"to pick an option of the `{group}` group write `{group}=OPTION`; to set "
+                            f"a key write `{group}.KEY=VALUE`.")
+    flat = _flatten(cfg)
+    for path, value in flat.items():
+        if path not in BY_PATH:
+            if path in SECTIONS and isinstance(value, dict):
+                continue
+            if isinstance(value, dict) and any(p.startswith(path + ".") for p in BY_PATH):
+                continue
+            raise unknown_key(path)
+    values = {}
+    for key in KEYS:
+        values[key.path] = coerce(key, flat[key.path]) if key.path in flat else key.default
+    warnings = _cross_checks(values)
+    return _nest(values), warnings
+
+
+def _nest(values: dict) -> dict:
+    out: dict = {}
+    for path, value in values.items():
+        node = out
+        parts = path.split(".")
+        for p in parts[:-1]:
+            node = node.setdefault(p, {})
+        node[parts[-1]] = list(value) if isinstance(value, (list, tuple)) else value
+    return out
+
+
+def _cross_checks(v: dict) -> list[str]:
+    warnings = []
+    lr = v["schedule.lr"]
+    if not LR_USUAL[0] <= lr <= LR_USUAL[1]:
+        warnings.append(f"schedule.lr={lr:g} is outside {LR_USUAL[0]:g}…{LR_USUAL[1]:g}: {LR_HINT}.")
+    warmup = v["schedule.warmup"]
+    if warmup >= 1 and not float(warmup).is_integer():
+        raise _err("schedule.warmup", f"must be a fraction below 1 or a whole number of steps, "
+                   f"got {warmup:g}.")
+    if warmup >= 1:
+        v["schedule.warmup"] = int(warmup)
+    axes = [a for a in ("data", "fsdp", "tensor") if v[f"runtime.mesh.{a}"] == -1]
+    if len(axes) > 1:
+        raise _err("runtime.mesh", f"at most one axis may be -1 (all remaining devices), got "
+                   f"{', '.join(axes)}.", hint="e.g. runtime.mesh={data:-1,fsdp:1,tensor:1}.")
+    if v["adapter.rank"] > 256:
+        warnings.append(f"adapter.rank={v['adapter.rank']} is unusually large for LoRA (4 to 64 is "
+                        "usual); the adapter approaches a full fine-tune in size.")
+    if v["adapter.dropout"] > 0.5:
+        warnings.append(f"adapter.dropout={v['adapter.dropout']:g} is high; 0 to 0.1 is usual.")
+    if v["schedule.weight_decay"] > 0.3:
+        warnings.append(f"schedule.weight_decay={v['schedule.weight_decay']:g} is high; 0 to 0.1 is "
+                        "usual for LoRA.")
+    return warnings
+
+
+# ------------------------------------------------------------------------------ overrides
+
+def check_override(path: str, value) -> None:
+    """One command-line override `path=value` (value as Hydra parsed it). Interpolations are left to
+    composition. Raises PlanError for unknown keys and wrong types or ranges."""
+    if _is_interp(value):
+        return
+    if path in BY_PATH:
+        if isinstance(value, str) and "${" in value:
+            return
+        key = BY_PATH[path]
+        value = coerce(key, value)
+        if key.path == "schedule.warmup" and value >= 1 and not float(value).is_integer():
+            raise _err(path, f"must be a fraction below 1 or a whole number of steps, got {value:g}.")
+        return
+    if path in SECTIONS or any(p.startswith(path + ".") for p in BY_PATH):
+        if isinstance(value, dict):
+            for k, v in value.items():
+                check_override(f"{path}.{k}", v)
+            return
+        if path in GROUPS:
+            return  # a group option (`model=NAME`): Hydra resolves it
+        raise _err(path, f"is a section; set one of its keys ({path}.KEY=VALUE) or give a mapping.")
+    raise unknown_key(path)
+
+
+def describe_keys() -> list[tuple[str, str, str]]:
+    """(key, type/allowed values, meaning) for help output."""
+    rows = []
+    for k in KEYS:
+        t = "|".join(k.choices) if k.kind == "choice" else k.kind
+        if k.nullable:
+            t += "|null"
+        rows.append((k.path, t, k.doc))
+    return rows

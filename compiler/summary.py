@@ -1,0 +1,267 @@
+"""`tune plan`: the plan as a person reads it — panels for model, data, template, adapter, schedule,
+resources and warnings (the JSON is in plan.json)."""
+from __future__ import annotations
+
+from pathlib import Path
+
+from rich import box
+from rich.console import Console, Group
+from rich.panel import Panel
+from rich.table import Table
+from rich.text import Text
+
+OPEN, CLOSE = "⟦", "⟧"   # compiler.templates marks the supervised span with these
+
+
+def print_plan(plan, *, run_dir=None, elapsed: float | None = None, console: Console | None = None
+               ) -> None:
+    console = console or Console(soft_wrap=False, highlight=False)
+    for part in render(plan, run_dir=run_dir, elapsed=elapsed):
+        console.print(part)
+
+
+def render(plan, *, run_dir=None, elapsed: float | None = None) -> list:
+    parts = [_header(plan, run_dir, elapsed), _model(plan), _data(plan), _template(plan),
+             _adapter(plan), _schedule(plan), _resources(plan)]
+    if plan.warnings:
+        parts.append(_warnings(plan))
+    return [p for p in parts if p is not None]
+
+
+# ------------------------------------------------------------------------------ formatting
+
+def _n(x) -> str:
+    if x is None:
+        return "–"
+    if isinstance(x, float) and not x.is_integer():
+        return f"{x:,.3g}" if abs(x) < 1000 else f"{x:,.0f}"
+    return f"{int(x):,}"
+
+
+def _params(n) -> str:
+    if not n:
+        return "0"
+    n = float(n)
+    for unit, div in (("B", 1e9), ("M", 1e6), ("K", 1e3)):
+        if n >= div:
+            return f"{n / div:.3g}{unit}"
+    return str(int(n))
+
+
+def _bytes(n) -> str:
+    if n is None:
+        return "–"
+    n = float(n)
+    for unit, div in (("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
+        if n >= div:
+            return f"{n / div:.2f} {unit}" if unit == "GiB" else f"{n / div:.0f} {unit}"
+    return f"{int(n)} B"
+
+
+def _duration(s) -> str:
+    if s is None:
+        return "–"
+    s = float(s)
+    if s < 1:
+        return f"{s * 1000:.0f} ms"
+    if s < 120:
+        return f"{s:.1f} s"
+    if s < 7200:
+        return f"{s / 60:.1f} min"
+    return f"{s / 3600:.1f} h"
+
+
+def _kv(rows) -> Table:
+    t = Table(box=None, show_header=False, pad_edge=False, padding=(0, 2, 0, 0))
+    t.add_column(style="bold", no_wrap=True)
+    t.add_column(overflow="fold")
+    for k, v in rows:
+        if v is not None:
+            t.add_row(k, v if isinstance(v, Text) else str(v))
+    return t
+
+
+def _panel(title: str, body, style: str = "cyan") -> Panel:
+    return Panel(body, title=f"[bold]{title}[/bold]", title_align="left", border_style=style,
+                 box=box.ROUNDED, expand=True)
+
+
+# ------------------------------------------------------------------------------ panels
+
+def _header(plan, run_dir, elapsed) -> Text:
+    t = Text()
+    t.append("plan ", style="bold")
+    t.append(plan.hash[:12], style="bold magenta")
+    r = plan.recipe
+    if r:
+        t.append("  recipe ", style="dim")
+        t.append(r.get("name", "?"), style="bold cyan")
+        chain = [c["name"] for c in r.get("chain") or []][:-1]
+        if chain:
+            t.append(f" (extends {', '.join(chain)})", style="dim")
+        t.append(f"  {r.get('path')}", style="dim")
+    if run_dir is not None:
+        t.append("\nrun dir ", style="dim")
+        t.append(str(Path(run_dir)))
+    if elapsed is not None:
+        t.append(f"   compiled in {_duration(elapsed)}", style="dim")
+    return t
+
+
+def _model(plan) -> Panel:
+    m = plan.model
+    dims = m.get("dims") or {}
+    shape = (f"{dims.get('layers')} layers · hidden {dims.get('hidden')} · mlp "
+             f"{dims.get('intermediate')} · heads {dims.get('heads')}/{dims.get('kv_heads')} kv · "
+             f"head dim {dims.get('head_dim')} · vocab {_n(dims.get('vocab'))}")
+    return _panel("model", _kv([
+        ("name", f"{m.get('name')}  ({m.get('architecture')}, {m.get('source')})"),
+        ("params", _params(m.get("params"))),
+        ("shape", shape),
+        ("dir", m.get("dir")),
+        ("chat template", "yes" if m.get("chat_template") else "none"),
+    ]))
+
+
+def _data(plan) -> Panel:
+    d = plan.data
+    rows = d.get("rows") or {}
+    sizes = d.get("sizes") or {}
+    cfg_data = plan.config.get("data") or {}
+    tr, te = rows.get("train"), rows.get("test")
+    if not tr and not te:
+        return _panel("data", Text("no data (generation only)", style="dim"))
+    t = Table(box=box.SIMPLE_HEAD, pad_edge=False, show_edge=False)
+    t.add_column("split", style="bold")
+    for col in ("rows read", "kept", "missing field", "empty field", "duplicate", "examples"):
+        t.add_column(col, justify="right")
+    if tr:
+        dr = tr.get("dropped") or {}
+        t.add_row("train", _n(tr.get("read")), _n(tr.get("kept")), _n(dr.get("missing_field", 0)),
+                  _n(dr.get("empty_field", 0)), _n(dr.get("duplicate", 0)), _n(sizes.get("train")))
+        t.add_row("val", "", _n(tr.get("val")), "", "", "", _n(sizes.get("val")))
+    if te:
+        dr = te.get("dropped") or {}
+        t.add_row("test", _n(te.get("read")), _n(te.get("kept")), _n(dr.get("missing_field", 0)),
+                  _n(dr.get("empty_field", 0)), "–", _n(sizes.get("test")))
+    tok = d.get("tokens") or {}
+    sup = d.get("supervised") or {}
+    extra = [
+        ("train file", str(cfg_data.get("path")) if tr else None),
+        ("test file", str(cfg_data.get("test_path")) if te else None),
+        ("validation", f"{_n(tr.get('val'))} rows held out from the train file "
+                       f"(data.val_fraction={cfg_data.get('val_fraction')})" if tr else None),
+        ("sampled", f"{_n(tr.get('sampled'))} of {_n(tr.get('kept'))} usable rows "
+                    f"(data.max_rows={cfg_data.get('max_rows')})"
+         if tr and cfg_data.get("max_rows") else None),
+        ("tokens", f"p50 {_n(tok.get('p50'))} · p95 {_n(tok.get('p95'))} · max {_n(tok.get('max'))} "
+                   f"per train example (data.max_length={cfg_data.get('max_length')})"
+         if tok else None),
+        ("over length", f"{_n(d.get('truncated'))} truncated · {_n(d.get('dropped_too_long'))} dropped "
+                        f"(data.overlength={cfg_data.get('overlength')})" if tok else None),
+        ("supervised", f"min {_n(sup.get('min'))} · mean {_n(sup.get('mean'))} tokens per example · "
+                       f"{_n(d.get('no_supervised'))} examples without any" if sup else None),
+        ("answers", f"{d.get('n_labels')} distinct" if d.get("n_labels") else None),
+        ("token cache", d.get("cache")),
+    ]
+    return _panel("data", Group(t, _kv(extra)))
+
+
+def marked_text(example: str) -> Text:
+    """An example with its supervised span (between ⟦ and ⟧) highlighted."""
+    out = Text()
+    rest = example
+    while rest:
+        i = rest.find(OPEN)
+        if i < 0:
+            out.append(rest, style="dim")
+            break
+        out.append(rest[:i], style="dim")
+        j = rest.find(CLOSE, i + 1)
+        j = len(rest) if j < 0 else j
+        out.append(rest[i + 1:j], style="bold black on green")
+        rest = rest[j + 1:]
+    return out
+
+
+def _template(plan) -> Panel:
+    t = plan.template
+    parts = [_kv([
+        ("system", repr(t.get("system")) if t.get("system") is not None else "none"),
+        ("prompt", repr(t.get("prompt"))),
+        ("response", repr(t.get("response"))),
+        ("chat", "the model's chat template" if t.get("chat") else "no (plain text + end token)"),
+        ("fields", ", ".join(t.get("fields") or [])),
+    ])]
+    for i, ex in enumerate(t.get("examples") or [], 1):
+        parts.append(Text(f"\nexample {i} (supervised part highlighted):", style="bold"))
+        parts.append(marked_text(ex))
+    return _panel("template", Group(*parts))
+
+
+def _adapter(plan) -> Panel:
+    a = plan.adapter
+    return _panel("adapter", _kv([
+        ("LoRA", f"rank {a.get('rank')} · alpha {a.get('alpha'):g} (scale {a.get('scale', 0):.3g}) · "
+                 f"dropout {a.get('dropout'):g}"),
+        ("targets", ", ".join(a.get("targets") or [])),
+        ("trainable", f"{_n(a.get('trainable_params'))} parameters "
+                      f"({100 * float(a.get('share') or 0):.2f}% of the model)"),
+    ]))
+
+
+def _schedule(plan) -> Panel:
+    s = plan.schedule
+    if not s.get("total_steps"):
+        return _panel("schedule", Text("no training steps (nothing to train on)", style="dim"))
+    warm = s.get("warmup")
+    return _panel("schedule", _kv([
+        ("optimizer", f"AdamW · lr {s.get('lr'):g} · {s.get('lr_schedule')} · weight decay "
+                      f"{s.get('weight_decay'):g} · clip {s.get('max_grad_norm')}"),
+        ("batch", f"{s.get('batch_size')} rows × {s.get('grad_accum')} accumulation = "
+                  f"{s.get('global_batch')} per step · rows of {s.get('seq_len')} tokens"
+                  + (" (packed)" if s.get("pack") else "")),
+        ("steps", f"{_n(s.get('steps_per_epoch'))} per epoch × {s.get('epochs'):g} epochs → "
+                  f"{_n(s.get('total_steps'))} steps"
+                  + (f" (capped by schedule.max_steps={s.get('max_steps')})" if s.get("max_steps")
+                     else "")),
+        ("warmup", f"{_n(s.get('warmup_steps'))} steps (schedule.warmup={warm})"),
+        ("seed", s.get("seed")),
+    ]))
+
+
+def _resources(plan) -> Panel:
+    r = plan.resources
+    dev = r.get("devices") or {}
+    mesh = r.get("mesh") or {}
+    mem = r.get("memory") or {}
+    t = Table(box=box.SIMPLE_HEAD, pad_edge=False, show_edge=False)
+    t.add_column("memory per device")
+    t.add_column("", justify="right")
+    for k in ("weights", "adapter_optimizer", "activations", "logits"):
+        if k in mem:
+            t.add_row(k.replace("_", " + "), _bytes(mem[k]))
+    if "total" in mem:
+        share = r.get("memory_share")
+        avail = dev.get("memory")
+        t.add_row(Text("total", style="bold"),
+                  Text(_bytes(mem["total"]) + (f" of {_bytes(avail)} ({100 * share:.0f}%)"
+                                              if share is not None and avail else ""),
+                       style="bold"))
+    steps = plan.schedule.get("total_steps") or 0
+    rows = _kv([
+        ("devices", f"{dev.get('count')} × {dev.get('kind') or dev.get('platform')} "
+                    f"({dev.get('platform')})"),
+        ("mesh", " × ".join(f"{k} {v}" for k, v in mesh.items())),
+        ("dtype", f"compute {r.get('dtype') or plan.config['runtime']['dtype']} · weights "
+                  f"{r.get('param_dtype') or plan.config['runtime']['param_dtype']} · remat "
+                  f"{plan.config['runtime']['remat']}"),
+        ("time", f"~{_duration(r.get('step_time_s'))} per step × {_n(steps)} steps ≈ "
+                 f"{_duration(r.get('total_time_s'))} (rough estimate)" if steps else None),
+    ])
+    return _panel("resources", Group(rows, t))
+
+
+def _warnings(plan) -> Panel:
+    body = Group(*[Text(f"• {w}", style="yellow") for w in plan.warnings])
+    return _panel(f"warnings ({len(plan.warnings)})", body, style="yellow")

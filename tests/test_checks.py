@@ -1,0 +1,286 @@
+"""What compile refuses, and what it only warns about — each fed through the real command line.
+
+Every refusal: exit code 2, one paragraph naming the key (or file:line), no traceback, no run dir.
+"""
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from tests.conftest import clf_rows, write_jsonl
+
+
+def flat(text: str) -> str:
+    """Terminal output as one line of words: panel borders and line breaks removed."""
+    return " ".join(text.replace("│", " ").split())
+
+
+def refused(result, *needles, tmp_path=None):
+    rc, out, err = result
+    assert rc == 2, (rc, out, err)
+    text = " ".join(err.split())
+    for needle in needles:
+        assert needle in text, (needle, err)
+    assert "Traceback" not in out + err
+    if tmp_path is not None:
+        assert not (tmp_path / "run").exists(), "a failed compile left its run directory"
+        assert not any((tmp_path / "outputs").rglob("*"))
+    return text
+
+
+def plan(tune_cli, *overrides, data="data/train.jsonl"):
+    args = ["plan", "hydra.run.dir=run"]
+    if data:
+        args.append(f"data.path={data}")
+    return tune_cli(*args, *overrides)
+
+
+# ------------------------------------------------------------------------------ keys and types
+
+def test_unknown_key_did_you_mean(tune_cli, clf_data, tmp_path):
+    clf_data()
+    refused(plan(tune_cli, "schedule.learning_rate=1e-4"), "schedule.learning_rate",
+            "Did you mean `schedule.lr`?", tmp_path=tmp_path)
+
+
+def test_unknown_key_in_other_section(tune_cli, clf_data, tmp_path):
+    clf_data()
+    refused(plan(tune_cli, "adapter.rnk=8"), "adapter.rnk", "Did you mean `adapter.rank`?",
+            tmp_path=tmp_path)
+
+
+def test_wrong_type(tune_cli, clf_data, tmp_path):
+    clf_data()
+    refused(plan(tune_cli, "adapter.rank=abc"), "adapter.rank", "must be an integer, got 'abc'",
+            tmp_path=tmp_path)
+
+
+@pytest.mark.parametrize("rank", ["0", "-1"])
+def test_rank_range(tune_cli, clf_data, tmp_path, rank):
+    clf_data()
+    refused(plan(tune_cli, f"adapter.rank={rank}"), "adapter.rank", "must be at least 1",
+            tmp_path=tmp_path)
+
+
+@pytest.mark.parametrize("override, needle", [
+    ("adapter.alpha=0", "adapter.alpha: must be greater than 0"),
+    ("adapter.dropout=1.0", "adapter.dropout: must be less than 1"),
+    ("schedule.lr=-1e-4", "schedule.lr: must be greater than 0"),
+    ("schedule.batch_size=0", "schedule.batch_size: must be at least 1"),
+    ("data.overlength=cut", "data.overlength: must be one of truncate, drop"),
+    ("template.chat=maybe", "template.chat: must be true or false"),
+    ("schedule.warmup=2.5", "schedule.warmup: must be a fraction below 1 or a whole number"),
+])
+def test_ranges_and_choices(tune_cli, clf_data, tmp_path, override, needle):
+    clf_data()
+    refused(plan(tune_cli, override), needle, tmp_path=tmp_path)
+
+
+def test_unknown_group_option(tune_cli, clf_data, tmp_path):
+    clf_data()
+    refused(plan(tune_cli, "adapter=all-linaer"), "unknown option `all-linaer`",
+            "Did you mean `all-linear`?", tmp_path=tmp_path)
+
+
+def test_adapter_targets_list_valid_modules(tune_cli, clf_data, tmp_path):
+    clf_data()
+    text = refused(plan(tune_cli, "adapter.targets=[q_prj]"), "adapter.targets", "`q_prj`",
+                   "Did you mean `q_proj`?", tmp_path=tmp_path)
+    for name in ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"):
+        assert name in text
+
+
+def test_mesh_must_match_devices(tune_cli, clf_data, tmp_path, monkeypatch):
+    monkeypatch.setenv("JAX_PLATFORMS", "cpu")   # one CPU device, whatever the machine has
+    clf_data()
+    refused(plan(tune_cli, "runtime.mesh.data=2"), "runtime.mesh", "spans 2 devices",
+            tmp_path=tmp_path)
+    refused(plan(tune_cli, "runtime.mesh.fsdp=-1"), "runtime.mesh", "at most one axis may be -1",
+            tmp_path=tmp_path)
+
+
+def test_memory_that_clearly_does_not_fit(tune_cli, tmp_path, monkeypatch):
+    monkeypatch.setenv("JAX_PLATFORMS", "cpu")
+    long = [{"text": "word " * 3000 + str(i), "label": "Alpha"} for i in range(80)]
+    write_jsonl(tmp_path / "data" / "train.jsonl", long)
+    refused(plan(tune_cli, "data.max_length=4096", "schedule.batch_size=64",
+                 "runtime.ce_chunk=262144"),
+            "runtime", "clearly exceeds", "schedule.batch_size", tmp_path=tmp_path)
+
+
+# ------------------------------------------------------------------------------ data
+
+def test_missing_data_file(tune_cli, tmp_path):
+    text = refused(plan(tune_cli, data="data/nope.jsonl"), "data.path", "`data/nope.jsonl` not found",
+                   tmp_path=tmp_path)
+    assert str(tmp_path / "data" / "nope.jsonl") in text     # says where it looked
+
+
+def test_no_data_at_all(tune_cli, tmp_path):
+    refused(plan(tune_cli, data=None), "data.path", "no training data", "+recipe=NAME",
+            tmp_path=tmp_path)
+
+
+def test_broken_jsonl_line_57(tune_cli, tmp_path):
+    path = tmp_path / "data" / "train.jsonl"
+    write_jsonl(path, clf_rows(300))
+    lines = path.read_text().splitlines()
+    lines[56] = '{"text": "broken, "label": "Alpha"}'
+    path.write_text("\n".join(lines) + "\n")
+    refused(plan(tune_cli), f"{path}:57", "data.path", "line 57", tmp_path=tmp_path)
+
+
+def test_template_placeholder_not_a_field(tune_cli, clf_data, tmp_path):
+    clf_data()
+    text = refused(plan(tune_cli, "template.prompt='Q: {question}'"), "template.prompt",
+                   "{question}", tmp_path=tmp_path)
+    assert "`text`" in text and "`label`" in text    # the fields that do exist
+
+
+def test_empty_data_file(tune_cli, tmp_path):
+    (tmp_path / "data").mkdir()
+    (tmp_path / "data" / "train.jsonl").write_text("")
+    refused(plan(tune_cli), "data.path", "empty", tmp_path=tmp_path)
+
+
+def test_all_rows_unusable(tune_cli, tmp_path):
+    write_jsonl(tmp_path / "data" / "train.jsonl", [{"text": "x", "label": " "}] * 20)
+    refused(plan(tune_cli), "data.path", "no usable rows", tmp_path=tmp_path)
+
+
+def test_fewer_rows_than_the_batch(tune_cli, clf_data, tmp_path):
+    clf_data(20)
+    refused(plan(tune_cli, "schedule.batch_size=16", "schedule.grad_accum=2"), "data.path",
+            "fewer than one optimizer step's batch", "16 × 2 = 32", tmp_path=tmp_path)
+
+
+def test_150_rows_warn_but_compile(tune_cli, clf_data, tmp_path):
+    clf_data(158)   # 5% held out for validation: 150 training rows
+    rc, out, err = plan(tune_cli)
+    assert rc == 0, err
+    assert "150 usable training rows" in flat(out)
+    doc = json.loads((tmp_path / "run" / "plan.json").read_text())
+    assert any("fewer than 200" in w for w in doc["warnings"])
+    assert doc["data"]["sizes"]["train"] == 150
+
+
+def test_dropped_rows_counted(tune_cli, tmp_path):
+    rows = clf_rows(300)
+    rows += [rows[0], rows[1], {"text": "no label here"}, {"text": "   ", "label": "Beta"}]
+    write_jsonl(tmp_path / "data" / "train.jsonl", rows)
+    rc, out, err = plan(tune_cli)
+    assert rc == 0, err
+    doc = json.loads((tmp_path / "run" / "plan.json").read_text())
+    assert doc["data"]["rows"]["train"]["dropped"] == {"missing_field": 1, "empty_field": 1,
+                                                       "duplicate": 2}
+    assert doc["data"]["rows"]["train"]["kept"] == 300
+
+
+def test_overlength_truncated_and_counted(tune_cli, tmp_path):
+    rows = clf_rows(250) + [{"text": "long " * 400 + str(i), "label": "Beta"} for i in range(10)]
+    write_jsonl(tmp_path / "data" / "train.jsonl", rows)
+    rc, out, err = plan(tune_cli, "data.max_length=128")
+    assert rc == 0, err
+    doc = json.loads((tmp_path / "run" / "plan.json").read_text())
+    assert doc["data"]["truncated"] >= 9        # one may sit in the validation split... all count
+    assert any("truncated" in w for w in doc["warnings"])
+    rc, out, err = plan(tune_cli, "data.max_length=128", "data.overlength=drop")
+    assert rc == 0, err
+    doc = json.loads((tmp_path / "run" / "plan.json").read_text())
+    assert doc["data"]["dropped_too_long"] == 10 and doc["data"]["truncated"] == 0
+
+
+def test_lr_outside_usual_range_warns(tune_cli, clf_data, tmp_path):
+    clf_data()
+    rc, out, err = plan(tune_cli, "schedule.lr=0.2")
+    assert rc == 0, err
+    assert "for AdamW-based LoRA the usual range is about 1e-5 to 5e-4" in flat(out)
+    doc = json.loads((tmp_path / "run" / "plan.json").read_text())
+    assert any("usual range is about 1e-5 to 5e-4" in w for w in doc["warnings"])
+    assert doc["config"]["schedule"]["lr"] == 0.2
+
+
+def test_eval_needs_a_test_file(tune_cli, clf_data, tmp_path):
+    clf_data()
+    refused(tune_cli("eval", "data.path=data/train.jsonl", "hydra.run.dir=run"), "data.test_path",
+            "tune eval", tmp_path=tmp_path)
+
+
+# ------------------------------------------------------------------------------ recipes
+
+def write_recipe(tmp_path, name, text):
+    path = tmp_path / "recipes" / f"{name}.yaml"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(text)
+    return path
+
+
+def test_unknown_recipe(tune_cli, tmp_path):
+    text = refused(tune_cli("plan", "+recipe=legl", "hydra.run.dir=run"), "unknown recipe `legl`",
+                   "Did you mean `legal`?", "Recipes found:", "Looked in:", tmp_path=tmp_path)
+    for name in ("legal", "medical", "finance", "customer_support"):
+        assert name in text
+    assert str(tmp_path / "recipes") in text and "installed" in text
+
+
+def test_invalid_yaml_recipe(tune_cli, tmp_path):
+    path = write_recipe(tmp_path, "broken", "# @package _global_\n# broken\ndata:\n  path: [a, b\n"
+                                            "schedule:\n  lr: 1\n")
+    text = refused(tune_cli("plan", "+recipe=broken", "hydra.run.dir=run"), "not valid YAML",
+                   tmp_path=tmp_path)
+    assert f"{path}:5" in text or f"{path}:4" in text
+
+
+def test_recipe_target_refused(tune_cli, tmp_path):
+    path = write_recipe(tmp_path, "evil", "# @package _global_\n# evil\nmodel:\n"
+                                          "  _target_: os.system\n  path: null\n")
+    refused(tune_cli("plan", "+recipe=evil", "hydra.run.dir=run"), f"{path}:4", "model._target_",
+            "a recipe is data, never code", tmp_path=tmp_path)
+
+
+def test_recipe_resolver_refused(tune_cli, tmp_path):
+    path = write_recipe(tmp_path, "env", "# @package _global_\n# env\ndata:\n"
+                                         "  path: ${oc.env:HOME}/x.jsonl\n")
+    refused(tune_cli("plan", "+recipe=env", "hydra.run.dir=run"), f"{path}:4", "data.path",
+            "oc.env", "resolver calls are not allowed", tmp_path=tmp_path)
+
+
+def test_recipe_hydra_callbacks_refused(tune_cli, tmp_path):
+    write_recipe(tmp_path, "cb", "# @package _global_\n# cb\nhydra:\n  callbacks:\n    x:\n"
+                                 "      foo: 1\n")
+    refused(tune_cli("plan", "+recipe=cb", "hydra.run.dir=run"), "hydra.callbacks",
+            "a recipe may set only", tmp_path=tmp_path)
+
+
+def test_recipe_selecting_hydra_group_refused(tune_cli, tmp_path):
+    write_recipe(tmp_path, "launch", "# @package _global_\n# l\ndefaults:\n"
+                                     "  - override /hydra/launcher: basic\n  - _self_\n")
+    refused(tune_cli("plan", "+recipe=launch", "hydra.run.dir=run"), "Hydra's own config groups",
+            tmp_path=tmp_path)
+
+
+def test_recipe_unknown_key_has_file_and_line(tune_cli, tmp_path):
+    path = write_recipe(tmp_path, "typo", "# @package _global_\n# typo\nschedule:\n"
+                                          "  lr: 2.0e-4\n  learning_rate: 1.0e-4\n")
+    refused(tune_cli("plan", "+recipe=typo", "hydra.run.dir=run"), f"{path}:5",
+            "Did you mean `schedule.lr`?", tmp_path=tmp_path)
+
+
+def test_command_line_resolver_refused(tune_cli, clf_data, tmp_path):
+    clf_data()
+    refused(plan(tune_cli, "template.system=${oc.env:HOME}"), "template.system", "oc.env",
+            tmp_path=tmp_path)
+
+
+def test_plain_interpolation_allowed(tune_cli, clf_data, tmp_path):
+    clf_data()
+    rc, out, err = plan(tune_cli, "eval.max_new_tokens=${adapter.rank}")
+    assert rc == 0, err
+    doc = json.loads((tmp_path / "run" / "plan.json").read_text())
+    assert doc["config"]["eval"]["max_new_tokens"] == 16
+
+
+def test_experimental_rerun_refused(tune_cli, tmp_path):
+    refused(tune_cli("plan", "--experimental-rerun", "x.pickle"), "loads no pickles",
+            tmp_path=tmp_path)

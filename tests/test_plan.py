@@ -1,0 +1,257 @@
+"""The Plan: JSON round trip, content hash (stable, data-sensitive, blind to run dirs), atomic writes,
+the token cache on a second compile, the schema against conf/, and the printed summary."""
+from __future__ import annotations
+
+import io
+import json
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+
+from compiler import compile as compile_mod
+from compiler import safety, schema
+from compiler.compile import compile_plan
+from compiler.errors import PlanError
+from compiler.plan import Plan, write_atomic
+from tests.conftest import clf_rows, write_jsonl
+
+CONF = Path(__file__).resolve().parents[1] / "conf"
+
+
+def base_config(data_path, **sections) -> dict:
+    """The composed default config (conf/ defaults) with data.path set, as compile_plan takes it."""
+    cfg = {"run": None, "prompt": None}
+    for group, option in (("model", "smollm2-135m"), ("data", "default"), ("template", "default"),
+                          ("adapter", "lora"), ("schedule", "default"), ("runtime", "default"),
+                          ("eval", "default")):
+        cfg[group] = yaml.safe_load((CONF / group / f"{option}.yaml").read_text())
+    cfg["data"]["path"] = str(data_path)
+    for section, values in sections.items():
+        cfg[section].update(values)
+    return cfg
+
+
+@pytest.fixture
+def data_file(tmp_path):
+    return write_jsonl(tmp_path / "train.jsonl", clf_rows(300, seed=3))
+
+
+def test_round_trip_and_stable_json(data_file, smollm2_dir):
+    plan = compile_plan(base_config(data_file), recipe_info=None)
+    text = plan.to_json()
+    again = Plan.from_json(text)
+    assert again == plan
+    assert again.to_json() == text
+    doc = json.loads(text)
+    assert list(doc) == sorted(doc)
+    assert plan.is_consistent()
+    assert isinstance(plan.warnings, tuple)
+    # what the runtime reads is there
+    for key in ("dir", "hf_config", "family", "eos_token_id", "pad_token_id"):
+        assert key in plan.model
+    for key in ("lr", "batch_size", "grad_accum", "epochs", "total_steps", "warmup_steps",
+                "steps_per_epoch", "lr_schedule", "weight_decay", "max_grad_norm", "seed", "seq_len"):
+        assert key in plan.schedule, key
+    assert Path(plan.data["cache"]).is_file() and plan.data["key"]
+    assert plan.adapter["targets"] == ["q_proj", "k_proj", "v_proj", "o_proj"]
+    assert set(plan.config["runtime"]) >= {"dtype", "param_dtype", "mesh", "remat", "pack",
+                                            "ce_chunk", "log_every", "checkpoint_every"}
+
+
+def test_hash_stable_and_sensitive(tmp_path, data_file, smollm2_dir):
+    a = compile_plan(base_config(data_file), recipe_info=None)
+    b = compile_plan(base_config(data_file), recipe_info=None)
+    assert a.hash == b.hash
+    # the run dir and the prompt are not part of it
+    c = compile_plan({**base_config(data_file), "run": "/somewhere", "prompt": "hi"}, recipe_info=None)
+    assert c.hash == a.hash
+    # the same bytes under another name: same plan
+    copy = write_jsonl(tmp_path / "elsewhere" / "copy.jsonl", clf_rows(300, seed=3))
+    assert compile_plan(base_config(copy), recipe_info=None).hash == a.hash
+    # a data change, or a config change, changes it
+    write_jsonl(data_file, clf_rows(301, seed=3))
+    assert compile_plan(base_config(data_file), recipe_info=None).hash != a.hash
+    write_jsonl(data_file, clf_rows(300, seed=3))
+    assert compile_plan(base_config(data_file), recipe_info=None).hash == a.hash
+    d = compile_plan(base_config(data_file, adapter={"rank": 8}), recipe_info=None)
+    assert d.hash != a.hash
+
+
+def test_edited_plan_is_inconsistent(data_file, smollm2_dir):
+    plan = compile_plan(base_config(data_file), recipe_info=None)
+    doc = plan.to_dict()
+    doc["config"]["schedule"]["lr"] = 0.1
+    assert not Plan.from_dict(doc).is_consistent()
+
+
+def test_newer_plan_version_refused(data_file, smollm2_dir):
+    doc = compile_plan(base_config(data_file), recipe_info=None).to_dict()
+    doc["version"] = 99
+    with pytest.raises(ValueError, match="newer"):
+        Plan.from_dict(doc)
+
+
+def test_write_atomic(tmp_path, monkeypatch):
+    target = tmp_path / "run" / "plan.json"
+    write_atomic(target, "first\n")
+    assert target.read_text() == "first\n"
+
+    import os
+    real_replace = os.replace
+
+    def failing_replace(src, dst):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(os, "replace", failing_replace)
+    with pytest.raises(OSError):
+        write_atomic(target, "second\n")
+    monkeypatch.setattr(os, "replace", real_replace)
+    assert target.read_text() == "first\n"              # never half-written
+    assert [p.name for p in target.parent.iterdir()] == ["plan.json"]   # no temporary left
+
+
+def test_second_compile_uses_the_token_cache(tmp_path, smollm2_dir, monkeypatch):
+    rows = [{"text": f"{time.time_ns()} unique row {i} " + "with a few more words " * 8,
+             "label": ("Alpha", "Beta", "Gamma")[i % 3]} for i in range(3000)]
+    path = write_jsonl(tmp_path / "big.jsonl", rows)
+    cfg = base_config(path)
+    t0 = time.perf_counter()
+    first = compile_plan(cfg, recipe_info=None)
+    cold = time.perf_counter() - t0
+
+    import compiler.examples as ex
+    calls = []
+    real = ex._encode_unique
+    monkeypatch.setattr(ex, "_encode_unique", lambda *a, **k: calls.append(1) or real(*a, **k))
+    t0 = time.perf_counter()
+    second = compile_plan(base_config(path), recipe_info=None)
+    warm = time.perf_counter() - t0
+    assert calls == []                       # nothing tokenised the second time
+    assert second.hash == first.hash and second.data["cache"] == first.data["cache"]
+    print(f"compile: cold {cold:.3f}s, warm {warm:.3f}s")  # speed is reported, not asserted
+
+
+def test_eval_and_generate_compile_without_training_data(tmp_path, smollm2_dir):
+    test = write_jsonl(tmp_path / "test.jsonl", clf_rows(40, seed=5))
+    cfg = base_config(None)
+    cfg["data"]["path"] = None
+    cfg["data"]["test_path"] = str(test)
+    plan = compile_plan(cfg, recipe_info=None, command="eval")
+    assert plan.data["sizes"] == {"train": 0, "val": 0, "test": 40}
+    assert plan.schedule["total_steps"] == 0
+    cfg["data"]["test_path"] = None
+    plan = compile_plan(cfg, recipe_info=None, command="generate")
+    assert plan.data["cache"] is None
+    with pytest.raises(PlanError, match="no training data"):
+        compile_plan(cfg, recipe_info=None, command="plan")
+
+
+def test_test_rows_seen_in_training_warn(tmp_path, smollm2_dir):
+    rows = clf_rows(300, seed=4)
+    train = write_jsonl(tmp_path / "train.jsonl", rows)
+    test = write_jsonl(tmp_path / "test.jsonl", rows[:10] + clf_rows(30, seed=8))
+    cfg = base_config(train)
+    cfg["data"]["test_path"] = str(test)
+    plan = compile_plan(cfg, recipe_info=None)
+    assert any("10 of 40 test rows also appear" in w for w in plan.warnings)
+
+
+# ------------------------------------------------------------------------------ schema
+
+def test_schema_defaults_match_conf():
+    for group in schema.GROUPS:
+        option = {"model": "smollm2-135m", "adapter": "lora"}.get(group, "default")
+        values = yaml.safe_load((CONF / group / f"{option}.yaml").read_text())
+        flat = {}
+
+        def walk(node, prefix):
+            for k, v in node.items():
+                path = f"{prefix}.{k}"
+                if isinstance(v, dict):
+                    walk(v, path)
+                else:
+                    flat[path] = v
+
+        walk(values, group)
+        keys = {p for p in schema.BY_PATH if p.startswith(group + ".")}
+        assert set(flat) == keys, group
+        for path, value in flat.items():
+            assert schema.coerce(schema.BY_PATH[path], value) == schema.BY_PATH[path].default, path
+    for group in schema.GROUPS:
+        for f in (CONF / group).glob("*.yaml"):       # every option validates
+            cfg = {group: yaml.safe_load(f.read_text())}
+            schema.validate(cfg)
+
+
+def test_schema_normalises():
+    cfg, warnings = schema.validate({"adapter": {"targets": "q_proj,v_proj", "rank": "8"},
+                                     "schedule": {"lr": "3e-4", "warmup": 10.0}})
+    assert cfg["adapter"]["targets"] == ["q_proj", "v_proj"] and cfg["adapter"]["rank"] == 8
+    assert cfg["schedule"]["lr"] == 3e-4 and cfg["schedule"]["warmup"] == 10
+    assert cfg["data"]["max_length"] == 512 and warnings == []
+    assert schema.validate({"adapter": {"targets": ["all-linear"]}})[0]["adapter"]["targets"] == "all-linear"
+
+
+@pytest.mark.parametrize("key, suggestion", [
+    ("schedule.learning_rate", "schedule.lr"), ("adapter.lora_alpha", "adapter.alpha"),
+    ("data.max_seq_len", "data.max_length"), ("schedule.gradient_accumulation_steps",
+                                              "schedule.grad_accum"),
+    ("eval.metrc", "eval.metric"), ("data.lr", "schedule.lr"),
+])
+def test_suggestions(key, suggestion):
+    assert f"`{suggestion}`" in schema.suggest(key)
+
+
+# ------------------------------------------------------------------------------ safety
+
+@pytest.mark.parametrize("text, names", [
+    ("${oc.env:HOME}", ["oc.env"]), ("x ${eval:1+1}", ["eval"]), ("${a.b}", []),
+    ("plain {text}", []), ("${foo.${oc.decode:x}}", ["oc.decode"]), ("${ now : %Y}", ["now"]),
+])
+def test_resolver_calls(text, names):
+    assert safety.resolver_calls(text) == names
+
+
+def test_check_config_ignores_hydra_section():
+    safety.check_config({"hydra": {"run": {"dir": "outputs/${now:%Y}"},
+                                   "launcher": {"_target_": "x"}}, "data": {"path": "${run}"}})
+    with pytest.raises(PlanError, match="_partial_"):
+        safety.check_config({"adapter": {"_partial_": True}})
+    with pytest.raises(PlanError, match="oc.env"):
+        safety.check_config({"template": {"system": ["${oc.env:X}"]}})
+
+
+# ------------------------------------------------------------------------------ summary
+
+def test_summary_panels_and_marked_examples(tmp_path, smollm2_dir):
+    from rich.console import Console
+
+    from compiler.summary import marked_text, print_plan
+
+    path = write_jsonl(tmp_path / "few.jsonl", clf_rows(150, seed=6))
+    plan = compile_plan(base_config(path, schedule={"lr": 0.05}), recipe_info=None)
+    buf = io.StringIO()
+    print_plan(plan, run_dir=tmp_path, console=Console(file=buf, width=120, color_system=None))
+    out = buf.getvalue()
+    for title in ("model", "data", "template", "adapter", "schedule", "resources", "warnings (2)"):
+        assert f"─ {title} " in out, title
+    assert "usual range" in out and "fewer than 200" in out
+    assert "p50" in out and "p95" in out and "memory per device" in out
+    assert out.count("example ") >= 2 and "⟦" not in out
+    text = marked_text("prompt ⟦answer<|im_end|>⟧")
+    assert text.plain == "prompt answer<|im_end|>"
+    assert any("green" in str(span.style) and text.plain[span.start:span.end] == "answer<|im_end|>"
+               for span in text.spans)
+    assert plan.to_json() not in out            # a summary, not a JSON dump
+
+
+def test_compile_module_never_imports_jax():
+    import subprocess
+    import sys
+
+    code = ("import sys, compiler.cli, compiler.compile, compiler.summary, compiler.recipes; "
+            "assert not any(m == 'jax' or m.startswith(('jax.', 'flax', 'optax')) for m in sys.modules), "
+            "sorted(m for m in sys.modules if m.startswith(('jax', 'flax', 'optax')))")
+    subprocess.run([sys.executable, "-c", code], check=True, cwd=Path(compile_mod.__file__).parents[1])
