@@ -83,7 +83,7 @@ KEYS: tuple[Key, ...] = (
        high=1.0, high_open=True, hint=LR_HINT + "."),
     _k("schedule.epochs", "number", 1, "passes over the training rows", low=0.0, low_open=True,
        high=1000),
-    _k("schedule.max_steps", "int", None, "cap on optimizer steps", nullable=True, low=1),
+    _k("schedule.max_steps", "int", None, "optimizer steps, overriding epochs", nullable=True, low=1),
     _k("schedule.batch_size", "int", 8, "rows per micro-batch over all devices", low=1, high=65536),
     _k("schedule.grad_accum", "int", 1, "micro-batches per optimizer step", low=1, high=4096),
     _k("schedule.warmup", "number", 0.05, "warmup: a fraction of the steps (< 1) or a step count",

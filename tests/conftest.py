@@ -42,7 +42,7 @@ def tiny_llama_dir(tmp_path_factory):
     return out
 
 
-def synthetic_examples(n, *, seed=0, vocab=96, min_len=6, max_len=24):
+def synthetic_examples(n, *, seed=0, vocab=96, max_len=24):
     """(ids, prompt_lens): a learnable toy task — the response repeats the prompt's first tokens."""
     import numpy as np
 
@@ -72,7 +72,7 @@ def tiny_plan(model_dir, *, plan_hash="tiny-plan-0", n_train=48, n_val=8, seed=0
               ce_chunk=32, targets=("q_proj", "k_proj", "v_proj", "o_proj")):
     """A Plan-like object with only what runtime.run.train reads, and the token examples it trains on.
 
-    Returns (plan, examples); the `use_examples` fixture makes train() read `examples`."""
+    Returns (plan, examples); the `train_on` fixture makes train() read `examples`."""
     import json
     from types import SimpleNamespace
 
@@ -96,8 +96,8 @@ def tiny_plan(model_dir, *, plan_hash="tiny-plan-0", n_train=48, n_val=8, seed=0
 
 
 @pytest.fixture
-def use_examples(monkeypatch):
-    """use_examples(examples): make runtime.run.train read these examples instead of the plan's."""
+def train_on(monkeypatch):
+    """train_on(examples): make runtime.run.train read these examples instead of the plan's."""
     import runtime.run
 
     def apply(examples):

@@ -1,0 +1,207 @@
+"""Token examples → fixed-shape training batches, prepared ahead of the step.
+
+An example is its token ids (prompt + response, ending with the end token) and its prompt length.
+Inside a row an example of L tokens takes L-1 slots: input ids[:-1], target ids[1:] (its last token is
+never an input that predicts anything of the same example). A target is supervised — loss_mask 1 —
+when it lies in the example's response span, end token included. Targets never cross example
+boundaries: attention is limited to the segment, and positions restart at 0 in each segment.
+
+Packing puts several examples in one row of seq_len slots, best-fit-decreasing: the row count then
+depends only on the multiset of lengths, so every epoch has the same number of steps. The epoch's
+randomness (seed + epoch) permutes examples of equal length before the stable sort, and permutes the
+rows. Unpacked mode puts one example per row, in shuffled order.
+
+A step consumes grad_accum × batch_size rows; the last step of an epoch is completed with empty rows
+(all mask 0), which add nothing to the loss (normalised by the supervised-token count). Every
+supervised target of every example is therefore seen exactly once per epoch.
+"""
+from __future__ import annotations
+
+import queue
+import threading
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+
+FIELDS = ("tokens", "targets", "loss_mask", "segment_ids", "positions")
+
+
+@dataclass(frozen=True)
+class BatchShape:
+    grad_accum: int
+    batch_size: int
+    seq_len: int
+
+    @property
+    def rows(self) -> int:
+        return self.grad_accum * self.batch_size
+
+
+def example_slots(ids: np.ndarray) -> int:
+    """Row slots an example occupies: one per (input, target) pair."""
+    return max(len(ids) - 1, 0)
+
+
+def pack_rows(lengths: Sequence[int], seq_len: int, rng: np.random.Generator) -> list[list[int]]:
+    """Best-fit-decreasing packing of example slot counts into rows of seq_len slots.
+
+    Returns rows as lists of example indices, in a random (rng) row order. Examples are visited longest
+    first; equal lengths in random order. Each goes to the fullest row it still fits in (a row's free
+    space is bucketed, so a look-up is a scan over at most seq_len buckets)."""
+    lengths = np.asarray(lengths, dtype=np.int64)
+    if len(lengths) and lengths.max() > seq_len:
+        raise ValueError(f"an example needs {int(lengths.max())} slots, more than seq_len={seq_len}")
+    perm = rng.permutation(len(lengths))
+    order = perm[np.argsort(-lengths[perm], kind="stable")]
+    rows: list[list[int]] = []
+    free = np.zeros(seq_len + 1, dtype=np.int64)      # free[r] = number of rows with r slots left
+    by_free: dict[int, list[int]] = {}                 # r → row ids with r slots left (a stack)
+    for i in order:
+        need = int(lengths[i])
+        if need == 0:
+            continue
+        fits = np.flatnonzero(free[need:])
+        if len(fits):
+            r = need + int(fits[0])
+            row = by_free[r].pop()
+            free[r] -= 1
+        else:
+            r, row = seq_len, len(rows)
+            rows.append([])
+        rows[row].append(int(i))
+        left = r - need
+        free[left] += 1
+        by_free.setdefault(left, []).append(row)
+    return [rows[j] for j in rng.permutation(len(rows))]
+
+
+def single_rows(lengths: Sequence[int], rng: np.random.Generator) -> list[list[int]]:
+    """Unpacked: one example per row, in random order (examples with no slot are left out)."""
+    return [[int(i)] for i in rng.permutation(len(lengths)) if lengths[i] > 0]
+
+
+def fill_row(out: dict[str, np.ndarray], r: int, examples: Sequence[tuple[np.ndarray, int]]) -> None:
+    """Write examples (ids, prompt_len) into row r of the [rows, seq_len] arrays in `out`."""
+    t = 0
+    for seg, (ids, prompt_len) in enumerate(examples, start=1):
+        n = len(ids) - 1
+        out["tokens"][r, t:t + n] = ids[:-1]
+        out["targets"][r, t:t + n] = ids[1:]
+        # target j is ids[j+1]: supervised when j+1 >= prompt_len (the response, end token included)
+        out["loss_mask"][r, t:t + n] = np.arange(1, n + 1) >= prompt_len
+        out["segment_ids"][r, t:t + n] = seg
+        out["positions"][r, t:t + n] = np.arange(n)
+        t += n
+
+
+class Batcher:
+    """Epoch plans and batches for one split. Everything is a function of (seed, epoch, index)."""
+
+    def __init__(self, ids: Sequence[np.ndarray], prompt_lens: Sequence[int], shape: BatchShape, *,
+                 pack: bool, seed: int):
+        self.ids = [np.asarray(x, dtype=np.int32) for x in ids]
+        self.prompt_lens = [int(p) for p in prompt_lens]
+        self.shape, self.pack, self.seed = shape, pack, int(seed)
+        self.lengths = np.array([example_slots(x) for x in self.ids], dtype=np.int64)
+        too_long = np.flatnonzero(self.lengths > shape.seq_len)
+        if len(too_long):
+            i = int(too_long[0])
+            raise ValueError(f"example {i} has {len(self.ids[i])} tokens; rows hold seq_len+1="
+                             f"{shape.seq_len + 1} (the compiler truncates to data.max_length)")
+        self._rows_cache: dict[int, list[list[int]]] = {}
+        self.rows_per_epoch = len(self.epoch_rows(0))
+
+    @property
+    def steps_per_epoch(self) -> int:
+        return -(-self.rows_per_epoch // self.shape.rows)
+
+    @property
+    def supervised_tokens(self) -> int:
+        """Supervised targets per epoch."""
+        return int(sum(max(0, len(x) - max(p, 1)) for x, p in zip(self.ids, self.prompt_lens)))
+
+    def epoch_rows(self, epoch: int) -> list[list[int]]:
+        if epoch not in self._rows_cache:
+            rng = np.random.default_rng([self.seed, epoch])
+            rows = (pack_rows(self.lengths, self.shape.seq_len, rng) if self.pack
+                    else single_rows(self.lengths, rng))
+            self._rows_cache = {epoch: rows}           # keep one epoch: plans are cheap to redo
+        return self._rows_cache[epoch]
+
+    def batch(self, epoch: int, index: int) -> dict[str, np.ndarray]:
+        """Step `index` of `epoch`: int32 arrays [grad_accum, batch_size, seq_len]."""
+        a, b, t = self.shape.grad_accum, self.shape.batch_size, self.shape.seq_len
+        rows = self.epoch_rows(epoch)[index * a * b:(index + 1) * a * b]
+        out = {k: np.zeros((a * b, t), dtype=np.int32) for k in FIELDS}
+        for r, row in enumerate(rows):
+            fill_row(out, r, [(self.ids[i], self.prompt_lens[i]) for i in row])
+        return {k: v.reshape(a, b, t) for k, v in out.items()}
+
+    def positions_from(self, epoch: int, index: int) -> Iterator[tuple[int, int]]:
+        """(epoch, index) of every step from the given one on, epochs without end."""
+        while True:
+            for i in range(index, self.steps_per_epoch):
+                yield epoch, i
+            epoch, index = epoch + 1, 0
+
+    def epoch_batches(self, epoch: int = 0) -> Iterator[dict[str, np.ndarray]]:
+        for i in range(self.steps_per_epoch):
+            yield self.batch(epoch, i)
+
+
+class Prefetcher:
+    """Builds batches on a background thread, `depth` steps ahead, and puts them on device.
+
+    `place` turns a host batch into device arrays (with the data sharding); it runs on the thread, so the
+    host→device copy overlaps the step too. Iterating yields (epoch, index, batch); an exception in the
+    thread is raised in the consumer."""
+
+    _DONE = object()
+
+    def __init__(self, batcher: Batcher, start: tuple[int, int], n_steps: int, place, depth: int = 2):
+        self._q: queue.Queue = queue.Queue(maxsize=depth)
+        self._stop = threading.Event()
+        self._args = (batcher, start, n_steps, place)
+        self._thread = threading.Thread(target=self._work, name="tune-batches", daemon=True)
+        self._thread.start()
+
+    def _put(self, item) -> bool:
+        while not self._stop.is_set():
+            try:
+                self._q.put(item, timeout=0.1)
+                return True
+            except queue.Full:
+                continue
+        return False
+
+    def _work(self):
+        batcher, (epoch, index), n_steps, place = self._args
+        try:
+            positions = batcher.positions_from(epoch, index)
+            for _ in range(n_steps):
+                e, i = next(positions)
+                if not self._put((e, i, place(batcher.batch(e, i)))):
+                    return
+            self._put(self._DONE)
+        except BaseException as err:                  # noqa: BLE001 — handed to the consumer
+            self._put(err)
+
+    def __iter__(self):
+        while True:
+            item = self._q.get()
+            if item is self._DONE:
+                return
+            if isinstance(item, BaseException):
+                raise item
+            yield item
+
+    def close(self):
+        self._stop.set()
+        self._thread.join(timeout=5)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()

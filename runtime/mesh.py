@@ -1,0 +1,121 @@
+"""The device mesh (data, fsdp, tensor) and where each array lives on it.
+
+One device is the mesh (1, 1, 1): the same code path, every sharding trivially replicated.
+- batch arrays [accum, B, T]: B split over ("data", "fsdp");
+- frozen weights: replicated, or split along "fsdp" on their largest divisible axis when fsdp > 1
+  (the stacked-layer axis is never split: the layer scan would gather it whole every step);
+- LoRA parameters and optimizer state: replicated (they are small).
+The "tensor" axis is accepted in the mesh but no array is split over it yet: its devices repeat the
+same work. Multi-host: jax.distributed.initialize() when the environment names a coordinator.
+"""
+from __future__ import annotations
+
+import math
+import os
+
+import jax
+import numpy as np
+from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
+
+AXES = ("data", "fsdp", "tensor")
+BATCH_AXES = ("data", "fsdp")
+
+_MULTI_PROCESS_ENV = ("JAX_COORDINATOR_ADDRESS", "JAX_COORDINATOR_IP", "JAX_NUM_PROCESSES")
+
+
+class MeshError(ValueError):
+    """The requested mesh does not fit the devices."""
+
+
+def maybe_initialize_distributed() -> bool:
+    """Join a multi-process job when the environment says there is one. Returns True if it did."""
+    if not any(os.environ.get(k) for k in _MULTI_PROCESS_ENV):
+        return False
+    if jax.distributed.is_initialized():
+        return True
+    jax.distributed.initialize()
+    return True
+
+
+def mesh_shape(spec: dict | None, n_devices: int) -> tuple[int, int, int]:
+    """Resolve {data, fsdp, tensor} (missing → 1, one -1 → the rest) against the device count."""
+    spec = dict(spec or {})
+    unknown = set(spec) - set(AXES)
+    if unknown:
+        raise MeshError(f"runtime.mesh: unknown axes {sorted(unknown)}; the axes are {list(AXES)}")
+    sizes = [int(spec.get(a, 1) if spec.get(a) is not None else 1) for a in AXES]
+    fill = [i for i, s in enumerate(sizes) if s == -1]
+    if len(fill) > 1 or any(s == 0 or s < -1 for s in sizes):
+        raise MeshError(f"runtime.mesh {dict(zip(AXES, sizes))}: sizes must be positive, "
+                        "with at most one -1 (which takes the remaining devices)")
+    if fill:
+        rest = math.prod(s for s in sizes if s != -1)
+        if n_devices % rest:
+            raise MeshError(f"runtime.mesh {dict(zip(AXES, sizes))}: {n_devices} devices do not divide "
+                            f"by {rest}")
+        sizes[fill[0]] = n_devices // rest
+    if math.prod(sizes) != n_devices:
+        raise MeshError(f"runtime.mesh {dict(zip(AXES, sizes))} needs {math.prod(sizes)} devices, "
+                        f"but jax sees {n_devices} ({jax.default_backend()}). Set runtime.mesh so the "
+                        "product is the device count, e.g. runtime.mesh.data=-1.")
+    return tuple(sizes)  # type: ignore[return-value]
+
+
+def make_mesh(spec: dict | None, devices=None) -> Mesh:
+    devices = list(devices if devices is not None else jax.devices())
+    shape = mesh_shape(spec, len(devices))
+    try:
+        return jax.make_mesh(shape, AXES, axis_types=(AxisType.Auto,) * 3, devices=devices)
+    except Exception:  # noqa: BLE001 — topology-aware placement is an optimisation only
+        return Mesh(np.array(devices).reshape(shape), AXES, axis_types=(AxisType.Auto,) * 3)
+
+
+def batch_parallelism(mesh: Mesh) -> int:
+    return mesh.shape["data"] * mesh.shape["fsdp"]
+
+
+def batch_sharding(mesh: Mesh) -> NamedSharding:
+    """[accum, B, T]: B over data × fsdp."""
+    return NamedSharding(mesh, P(None, BATCH_AXES, None))
+
+
+def replicated(mesh: Mesh) -> NamedSharding:
+    return NamedSharding(mesh, P())
+
+
+def frozen_spec(shape: tuple[int, ...], fsdp: int, *, stacked: bool) -> P:
+    """Split the largest axis divisible by fsdp (not the stacked-layer axis); else replicate."""
+    if fsdp <= 1:
+        return P()
+    first = 1 if stacked and len(shape) > 1 else 0
+    best = None
+    for ax in range(first, len(shape)):
+        if shape[ax] % fsdp == 0 and (best is None or shape[ax] > shape[best]):
+            best = ax
+    if best is None:
+        return P()
+    spec = [None] * len(shape)
+    spec[best] = "fsdp"
+    return P(*spec)
+
+
+def frozen_shardings(mesh: Mesh, frozen, *, stacked_prefixes=("layers",)):
+    """A NamedSharding per leaf of the frozen state (a pytree of arrays / nnx Variables)."""
+    fsdp = mesh.shape["fsdp"]
+
+    def one(path, leaf):
+        names = [str(getattr(k, "key", getattr(k, "name", k))) for k in path]
+        stacked = any(n in stacked_prefixes for n in names[:-1])
+        shape = tuple(getattr(leaf, "shape", ()))
+        return NamedSharding(mesh, frozen_spec(shape, fsdp, stacked=stacked))
+
+    return jax.tree_util.tree_map_with_path(one, frozen)
+
+
+def put_batch(batch: dict, mesh: Mesh) -> dict:
+    """Host batch (the same global numpy batch on every process) → global device arrays."""
+    sharding = batch_sharding(mesh)
+    if jax.process_count() == 1:
+        return jax.device_put(batch, sharding)
+    return {k: jax.make_array_from_callback(v.shape, sharding, lambda idx, v=v: v[idx])
+            for k, v in batch.items()}

@@ -1,0 +1,143 @@
+"""The train step: one jitted function of (LoRA state, optimizer state, frozen weights, batch, rng, step).
+
+The model is split once into its graph definition, its LoRA parameters (the only thing differentiated,
+and the only thing the optimizer sees) and everything else (frozen, passed in but never donated). Inside
+the step the micro-batches of the [accum, B, T] batch are scanned, summing the token losses, the
+supervised-token counts and the gradients of the summed loss; the sum is divided once by the number of
+supervised tokens in the whole global batch, so the loss is Σ token CE / Σ tokens whatever the
+accumulation — not a mean of micro-batch means.
+"""
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import jax
+import jax.numpy as jnp
+import optax
+from flax import nnx
+
+from runtime.loss import chunked_cross_entropy
+from runtime.model import LoRAParam
+
+DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
+
+
+def resolve_dtype(name: str | None, backend: str | None = None):
+    """"auto" is bfloat16 on accelerators, float32 on CPU."""
+    if name in (None, "auto"):
+        backend = backend or jax.default_backend()
+        return jnp.float32 if backend == "cpu" else jnp.bfloat16
+    if name not in DTYPES:
+        raise ValueError(f"unknown dtype {name!r}; expected auto, {', '.join(DTYPES)}")
+    return DTYPES[name]
+
+
+def split_model(model):
+    """(graphdef, lora, frozen): LoRA parameters and all the rest, as pure array trees."""
+    graphdef, lora, frozen = nnx.split(model, LoRAParam, ...)
+    return graphdef, nnx.as_pure(lora), nnx.as_pure(frozen)
+
+
+def lr_schedule(lr: float, warmup_steps: int, total_steps: int, kind: str = "cosine") -> Callable:
+    """Learning rate of step s (0-based): linear warmup lr·(s+1)/warmup, then decay towards 0 at
+    total_steps (cosine or linear), or constant. The first step already learns (lr/warmup), and the last
+    one still does."""
+    if kind not in ("cosine", "linear", "constant"):
+        raise ValueError(f"unknown lr schedule {kind!r}; expected cosine, linear or constant")
+    warmup, total = int(warmup_steps), max(int(total_steps), 1)
+
+    def at(step):
+        step = jnp.asarray(step, jnp.float32)
+        warm = jnp.minimum(1.0, (step + 1.0) / warmup) if warmup > 0 else 1.0
+        p = jnp.clip((step - warmup) / max(total - warmup, 1), 0.0, 1.0)
+        if kind == "cosine":
+            decay = 0.5 * (1.0 + jnp.cos(jnp.pi * p))
+        elif kind == "linear":
+            decay = 1.0 - p
+        else:
+            decay = 1.0
+        return lr * jnp.where(step < warmup, warm, decay)
+
+    return at
+
+
+def make_optimizer(schedule: dict, total_steps: int) -> tuple[optax.GradientTransformation, Callable]:
+    """clip_by_global_norm + AdamW with the plan's schedule. Returns (optimizer, lr_fn)."""
+    lr_fn = lr_schedule(float(schedule["lr"]), int(schedule.get("warmup_steps") or 0), total_steps,
+                        schedule.get("lr_schedule") or "cosine")
+    parts = []
+    max_norm = schedule.get("max_grad_norm")
+    if max_norm:
+        parts.append(optax.clip_by_global_norm(float(max_norm)))
+    parts.append(optax.adamw(lr_fn, b1=float(schedule.get("beta1", 0.9)),
+                             b2=float(schedule.get("beta2", 0.999)), eps=float(schedule.get("eps", 1e-8)),
+                             weight_decay=float(schedule.get("weight_decay") or 0.0)))
+    return optax.chain(*parts), lr_fn
+
+
+def _micro_loss(graphdef, lora, frozen, mb, key, *, ce_chunk: int, dropout: bool):
+    model = nnx.merge(graphdef, frozen, lora)
+    hidden = model(mb["tokens"], positions=mb["positions"], segment_ids=mb["segment_ids"],
+                   deterministic=not dropout, rngs=nnx.Rngs(dropout=key) if dropout else None)
+    return chunked_cross_entropy(hidden, model.lm_head(), mb["targets"], mb["loss_mask"], ce_chunk)
+
+
+def accumulate(graphdef, lora, frozen, batch, key, *, ce_chunk: int, dropout: bool):
+    """Scan the micro-batches of an [accum, B, T] batch: (Σ token CE, Σ supervised tokens, gradients of
+    Σ CE w.r.t. the LoRA parameters, accumulated in float32). Micro-batch i draws dropout from
+    fold_in(key, i)."""
+    accum = batch["tokens"].shape[0]
+
+    def micro(carry, xs):
+        grads, loss_sum, n = carry
+        mb, i = xs
+        sub = jax.random.fold_in(key, i) if dropout else None
+        (l, c), g = jax.value_and_grad(
+            lambda p: _micro_loss(graphdef, p, frozen, mb, sub, ce_chunk=ce_chunk, dropout=dropout),
+            has_aux=True)(lora)
+        grads = jax.tree.map(lambda a, b: a + b.astype(jnp.float32), grads, g)
+        return (grads, loss_sum + l.astype(jnp.float32), n + c.astype(jnp.float32)), None
+
+    zeros = jax.tree.map(lambda p: jnp.zeros(p.shape, jnp.float32), lora)
+    (grads, loss_sum, n), _ = jax.lax.scan(
+        micro, (zeros, jnp.float32(0), jnp.float32(0)), (batch, jnp.arange(accum)))
+    return loss_sum, n, grads
+
+
+def make_train_step(graphdef, optimizer: optax.GradientTransformation, lr_fn: Callable, *,
+                    ce_chunk: int, dropout: bool, donate: bool = True, state_sharding=None):
+    """step(lora, opt_state, frozen, batch, rng, step) -> (lora, opt_state, metrics), jitted, with the
+    LoRA and optimizer states donated. batch: dict of int32 [accum, B, T]; rng: a PRNG key; step: the
+    0-based global step, folded into rng for dropout (so a resumed run draws the same masks).
+    state_sharding: where the outputs (LoRA, optimizer state, metrics) live, so that they are valid
+    inputs of the next call as they are (replicated on the mesh)."""
+
+    def step_fn(lora, opt_state, frozen, batch, rng, step):
+        key = jax.random.fold_in(rng, step)
+        loss_sum, n, grads = accumulate(graphdef, lora, frozen, batch, key, ce_chunk=ce_chunk,
+                                        dropout=dropout)
+        denom = jnp.maximum(n, 1.0)
+        grads = jax.tree.map(lambda g, p: (g / denom).astype(p.dtype), grads, lora)
+        grad_norm = optax.tree.norm(grads)
+        updates, opt_state = optimizer.update(grads, opt_state, lora)
+        lora = optax.apply_updates(lora, updates)
+        metrics = {"loss": loss_sum / denom, "n_tokens": n, "grad_norm": grad_norm,
+                   "lr": lr_fn(step), "n_inputs": jnp.sum(batch["segment_ids"] > 0)}
+        return lora, opt_state, metrics
+
+    kw = {} if state_sharding is None else {"out_shardings": (state_sharding,) * 3}
+    return jax.jit(step_fn, donate_argnums=(0, 1) if donate else (), **kw)
+
+
+def make_eval_loss(graphdef, *, ce_chunk: int, state_sharding=None):
+    """eval_loss(lora, frozen, batch) -> (loss_sum, n_tokens) over all micro-batches, jitted."""
+
+    def eval_fn(lora, frozen, batch):
+        def micro(carry, mb):
+            l, c = _micro_loss(graphdef, lora, frozen, mb, None, ce_chunk=ce_chunk, dropout=False)
+            return (carry[0] + l.astype(jnp.float32), carry[1] + c.astype(jnp.float32)), None
+
+        (loss_sum, n), _ = jax.lax.scan(micro, (jnp.float32(0), jnp.float32(0)), batch)
+        return loss_sum, n
+
+    return jax.jit(eval_fn, **({} if state_sharding is None else {"out_shardings": state_sharding}))

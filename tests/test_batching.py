@@ -1,0 +1,120 @@
+"""Batching: packing keeps every supervised target exactly once and never lets one example see another."""
+from __future__ import annotations
+
+from collections import Counter
+
+import numpy as np
+import pytest
+
+from runtime.batching import Batcher, BatchShape, Prefetcher, pack_rows
+
+
+def _examples(n=57, seed=0, vocab=1000, max_len=40):
+    rng = np.random.default_rng(seed)
+    ids, prompt_lens = [], []
+    for i in range(n):
+        length = int(rng.integers(3, max_len + 1))
+        # first token encodes the example index so targets can be traced back to their example
+        x = rng.integers(10, vocab, size=length).astype(np.int32)
+        x[0] = vocab + i
+        ids.append(x)
+        prompt_lens.append(int(rng.integers(1, length)))
+    return ids, prompt_lens
+
+
+def _supervised(ids, prompt_lens):
+    """Multiset of (example, target position, token) that must be supervised."""
+    out = Counter()
+    for e, (x, p) in enumerate(zip(ids, prompt_lens)):
+        for j in range(max(p, 1), len(x)):
+            out[(e, j, int(x[j]))] += 1
+    return out
+
+
+def _collect(batcher, epoch, vocab=1000):
+    """Walk every row of the epoch: check the row invariants, return the supervised targets seen."""
+    seen = Counter()
+    for b in batcher.epoch_batches(epoch):
+        assert all(v.dtype == np.int32 and v.shape == (batcher.shape.grad_accum, batcher.shape.batch_size,
+                                                        batcher.shape.seq_len) for v in b.values())
+        flat = {k: v.reshape(-1, v.shape[-1]) for k, v in b.items()}
+        for r in range(flat["tokens"].shape[0]):
+            seg, pos = flat["segment_ids"][r], flat["positions"][r]
+            tok, tgt, mask = flat["tokens"][r], flat["targets"][r], flat["loss_mask"][r]
+            assert not mask[seg == 0].any(), "padding is never supervised"
+            nz = np.flatnonzero(seg)
+            if len(nz) == 0:
+                continue
+            assert (nz == np.arange(len(nz))).all(), "segments are contiguous from the row start"
+            for s in np.unique(seg[seg > 0]):
+                where = np.flatnonzero(seg == s)
+                assert (pos[where] == np.arange(len(where))).all(), "positions restart per segment"
+                e = int(tok[where[0]]) - vocab  # the first token names the example
+                assert 0 <= e
+                for j, t in enumerate(where):
+                    if mask[t]:
+                        seen[(e, pos[t] + 1, int(tgt[t]))] += 1
+                # the target of a segment's last slot is its own last token, never the next example's
+                assert tgt[where[-1]] == batcher.ids[e][-1]
+                assert len(where) == len(batcher.ids[e]) - 1
+    return seen
+
+
+@pytest.mark.parametrize("pack", [True, False])
+def test_every_supervised_target_once(pack):
+    ids, pl = _examples()
+    b = Batcher(ids, pl, BatchShape(2, 3, 64), pack=pack, seed=7)
+    want = _supervised(ids, pl)
+    for epoch in (0, 1):
+        assert _collect(b, epoch) == want
+
+
+def test_packed_and_unpacked_hold_the_same_targets():
+    ids, pl = _examples(seed=3)
+    packed = Batcher(ids, pl, BatchShape(1, 4, 128), pack=True, seed=1)
+    single = Batcher(ids, pl, BatchShape(1, 4, 128), pack=False, seed=1)
+    assert _collect(packed, 0) == _collect(single, 0)
+    assert packed.steps_per_epoch < single.steps_per_epoch == -(-len(ids) // 4)
+    assert packed.supervised_tokens == sum(_supervised(ids, pl).values())
+
+
+def test_order_is_a_function_of_seed_and_epoch():
+    ids, pl = _examples()
+    a = Batcher(ids, pl, BatchShape(1, 2, 64), pack=True, seed=5)
+    b = Batcher(ids, pl, BatchShape(1, 2, 64), pack=True, seed=5)
+    c = Batcher(ids, pl, BatchShape(1, 2, 64), pack=True, seed=6)
+    for k in ("tokens", "loss_mask", "segment_ids"):
+        assert np.array_equal(a.batch(0, 3)[k], b.batch(0, 3)[k])
+    assert not np.array_equal(a.batch(0, 0)["tokens"], c.batch(0, 0)["tokens"])
+    assert not np.array_equal(a.batch(0, 0)["tokens"], a.batch(1, 0)["tokens"])
+    # the same number of steps every epoch, whatever the shuffle
+    assert len(a.epoch_rows(0)) == len(a.epoch_rows(1)) == len(c.epoch_rows(0))
+
+
+def test_packing_is_tight():
+    rng = np.random.default_rng(0)
+    lengths = rng.integers(1, 100, size=2000)
+    rows = pack_rows(lengths, 256, rng)
+    assert sorted(i for r in rows for i in r) == list(range(2000))
+    assert all(sum(lengths[i] for i in r) <= 256 for r in rows)
+    assert len(rows) <= int(np.ceil(lengths.sum() / 256 * 1.02)) + 1
+
+
+def test_example_longer_than_a_row_is_refused():
+    with pytest.raises(ValueError, match="seq_len"):
+        Batcher([np.arange(20, dtype=np.int32)], [5], BatchShape(1, 1, 8), pack=True, seed=0)
+
+
+def test_prefetcher_yields_in_order_across_epochs_and_reraises():
+    ids, pl = _examples(n=10)
+    b = Batcher(ids, pl, BatchShape(1, 2, 64), pack=False, seed=0)
+    assert b.steps_per_epoch == 5
+    with Prefetcher(b, (0, 3), 6, place=lambda x: x) as pf:
+        got = [(e, i) for e, i, _ in pf]
+    assert got == [(0, 3), (0, 4), (1, 0), (1, 1), (1, 2), (1, 3)]
+
+    def boom(_):
+        raise RuntimeError("bad batch")
+
+    with Prefetcher(b, (0, 0), 3, place=boom) as pf, pytest.raises(RuntimeError, match="bad batch"):
+        list(pf)

@@ -1,0 +1,109 @@
+"""Resume: an interrupted (Ctrl-C, or killed) run resumed in its run dir ends with the same adapter as a run
+never interrupted; a different plan refuses the checkpoints."""
+from __future__ import annotations
+
+import json
+import os
+import signal
+
+import numpy as np
+import pytest
+from safetensors.numpy import load_file
+
+from compiler.errors import PlanError
+from conftest import tiny_plan
+from runtime import checkpoint
+from runtime.run import train
+
+# dropout on, so the resumed run must also redraw the same dropout masks
+SETUP = dict(seq_len=32, batch_size=2, grad_accum=2, epochs=2, checkpoint_every=2, dropout=0.1,
+             eval_every=3, n_train=40, n_val=6)
+
+
+def _adapter(run_dir):
+    return load_file(str(run_dir / "adapter" / "adapter_model.safetensors"))
+
+
+def _rows(run_dir):
+    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_interrupted_and_resumed_equals_uninterrupted(tiny_llama_dir, tmp_path, train_on, capsys):
+    plan, examples = tiny_plan(tiny_llama_dir, **SETUP)
+    train_on(examples)
+
+    whole = train(plan, tmp_path / "whole")
+    total = whole["steps"]
+    assert total == whole["total_steps"] >= 7
+    assert np.isfinite(whole["final_loss"]) and np.isfinite(whole["final_val_loss"])
+    rows = _rows(tmp_path / "whole")
+    steps = [r for r in rows if "loss" in r]
+    assert [r["step"] for r in steps] == list(range(1, total + 1))
+    for key in ("epoch", "lr", "grad_norm", "tokens", "tokens_seen", "tokens_per_s", "step_time_s",
+                "elapsed_s"):
+        assert key in steps[0], key
+    assert any("compile_s" in r for r in rows)
+    assert [r["step"] for r in rows if "val_loss" in r] == [s for s in range(3, total, 3)] + [total]
+    summary = json.loads((tmp_path / "whole" / "train_summary.json").read_text())
+    assert summary["steps"] == total and summary["compile_s"] > 0
+
+    # Ctrl-C after step 3: the step completes, a checkpoint is written, exit code 130
+    run_dir = tmp_path / "resumed"
+
+    def ctrl_c(step):
+        if step == 3:
+            os.kill(os.getpid(), signal.SIGINT)
+
+    with pytest.raises(SystemExit) as exit_info:
+        train(plan, run_dir, on_step=ctrl_c)
+    assert exit_info.value.code == 130
+    message = "interrupted at step 3; checkpoint written; run the same command to resume"
+    assert message in capsys.readouterr().err
+    assert checkpoint.list_checkpoints(run_dir)[-1].name == "step_00000003.npz"
+
+    # resumed, then killed hard after step 6: only the steps after the last checkpoint (4) are lost
+    def crash(step):
+        if step == 6:
+            raise RuntimeError("killed")
+
+    with pytest.raises(RuntimeError, match="killed"):
+        train(plan, run_dir, on_step=crash)
+    assert "resuming from step 3" in capsys.readouterr().err
+    kept = [p.name for p in checkpoint.list_checkpoints(run_dir)]
+    assert kept == ["step_00000003.npz", "step_00000004.npz"]
+
+    resumed = train(plan, run_dir)
+    assert "resuming from step 4" in capsys.readouterr().err
+    assert resumed["steps"] == total and resumed["resumed_from"] == 4
+    a, b = _adapter(tmp_path / "whole"), _adapter(run_dir)
+    assert a.keys() == b.keys() and len(a) > 0
+    for k in a:
+        np.testing.assert_allclose(b[k], a[k], rtol=0, atol=1e-6, err_msg=k)
+    assert np.abs(np.concatenate([v.ravel() for k, v in a.items() if "lora_B" in k])).max() > 0
+
+    # metrics.jsonl: each step once, losses as in the uninterrupted run
+    again = [r for r in _rows(run_dir) if "loss" in r]
+    assert [r["step"] for r in again] == list(range(1, total + 1))
+    np.testing.assert_allclose([r["loss"] for r in again], [r["loss"] for r in steps], rtol=1e-6)
+    assert again[-1]["tokens_seen"] == steps[-1]["tokens_seen"]
+
+    # running the finished plan again is a no-op that rewrites the same adapter
+    done = train(plan, run_dir)
+    assert done["steps"] == total
+    assert all(np.array_equal(_adapter(run_dir)[k], b[k]) for k in b)
+
+
+def test_other_plan_refuses_the_checkpoints(tiny_llama_dir, tmp_path, train_on):
+    plan, examples = tiny_plan(tiny_llama_dir, **dict(SETUP, epochs=1, checkpoint_every=1))
+    train_on(examples)
+
+    def stop(step):
+        if step == 2:
+            raise RuntimeError("stop")
+
+    with pytest.raises(RuntimeError):
+        train(plan, tmp_path, on_step=stop)
+    other, _ = tiny_plan(tiny_llama_dir, plan_hash="another-plan", **dict(SETUP, epochs=1))
+    with pytest.raises(PlanError, match="another plan") as err:
+        train(other, tmp_path)
+    assert "fresh run directory" in str(err.value) and "checkpoints/" in str(err.value)
