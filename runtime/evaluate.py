@@ -1,0 +1,296 @@
+"""Score a model on the plan's test split: the base model, or base + a trained LoRA adapter.
+
+The test prompts are the token ids the compiler made (compiler.examples, split "test": the prompt is
+ids[:prompt_len], tokenised exactly as in training); the references are the test answers' text.
+`eval.limit` keeps the first N test rows in file order (after the compiler dropped unusable rows),
+so base and tuned are always scored on the same rows.
+
+Two modes (eval.mode):
+- generate: greedy decoding until an end token or eval.max_new_tokens; the decoded text is scored.
+- choices: no generation; every known label (the distinct training answers, tokenised exactly as
+  training saw them, end token included) is scored by its total log-likelihood after the prompt,
+  and the most likely one is the prediction. Only for classification data.
+
+eval.json (written by `write_eval`): the headline result at the top level ({"metric", "value", "n",
+"per_class", "worst", ...} of the tuned model when there is one, else of the base model), plus
+"base" and "tuned" entries with the full results of each model evaluated on the same rows.
+"""
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+from collections import Counter, defaultdict
+from pathlib import Path
+
+import numpy as np
+
+from runtime import metrics as M
+from runtime.decode import choice_logprobs, end_token_ids, greedy_generate
+
+EVAL_FILE = "eval.json"
+DEFAULT_METRIC = "accuracy"
+
+
+def _eval_cfg(plan) -> dict:
+    return dict((plan.config or {}).get("eval") or {})
+
+
+def load_model(plan, adapter_dir=None, *, adapter_weights: bool = True):
+    """The plan's base model; with adapter_dir, built with the adapter's LoRA shape and (unless
+    adapter_weights=False) its weights. Without them the LoRA B factors are zero, as freshly
+    initialised, so the model computes exactly the base model."""
+    from flax import nnx
+
+    from runtime.export import load_peft_adapter, read_lora_config
+    from runtime.train import resolve_dtype
+    from runtime.weights import load_pretrained
+
+    rt = (plan.config or {}).get("runtime") or {}
+    lora = None if adapter_dir is None else read_lora_config(adapter_dir)
+    model = load_pretrained(plan.model["dir"], lora=lora, dtype=resolve_dtype(rt.get("dtype", "auto")),
+                            param_dtype=resolve_dtype(rt.get("param_dtype") or "float32"),
+                            remat="none", rngs=nnx.Rngs(0))
+    if adapter_dir is not None and adapter_weights:
+        load_peft_adapter(model, adapter_dir)
+    return model
+
+
+class TestSet:
+    """The rows one evaluation scores: prompt ids, prompt texts, references, known labels and the
+    label tokens (for choices mode)."""
+
+    def __init__(self, plan, tokenizer, limit=None):
+        from compiler.examples import load_examples
+
+        ex = load_examples(plan.data)
+        ids, prompt_lens = ex.split("test")
+        n = len(ids)
+        if limit is not None and int(limit) > 0:
+            n = min(n, int(limit))
+        self.prompts = [np.asarray(ids[i][:int(prompt_lens[i])]).tolist() for i in range(n)]
+        self.references = list(ex.references[:n])
+        self.labels = list(ex.labels)
+        self.tokenizer = tokenizer
+        self._examples = ex
+        self.data_key = plan.data.get("key")
+
+    def __len__(self):
+        return len(self.prompts)
+
+    def prompt_texts(self) -> list[str]:
+        return self.tokenizer.decode_batch(self.prompts, skip_special_tokens=True)
+
+    def choices(self) -> tuple[list[str], list[list[int]]]:
+        """(label texts, label token ids) for choices mode: each distinct training answer (by its
+        normalised text) with its most frequent tokenisation, taken from the supervised tokens of
+        the training split — so the end token and any leading space are as the model learned them."""
+        ids, prompt_lens = self._examples.split("train")
+        counts = Counter(tuple(int(t) for t in x[int(p):]) for x, p in zip(ids, prompt_lens))
+        counts.pop((), None)
+        by_label: dict[str, Counter] = defaultdict(Counter)
+        texts = {}
+        for tail, c in counts.items():
+            text = self.tokenizer.decode(list(tail), skip_special_tokens=True).strip()
+            key = M.normalise(text, classification=True)
+            by_label[key][tail] += c
+            texts[tail] = text
+        if not by_label:
+            raise ValueError("eval.mode=choices needs training answers to choose from; the train "
+                             "split is empty")
+        if len(by_label) > 1000 or not self.labels:
+            raise ValueError(f"eval.mode=choices needs a label set, but the training data has "
+                             f"{len(by_label)} distinct answers; use eval.mode=generate")
+        labels, choice_ids = [], []
+        for key in sorted(by_label):
+            tail = by_label[key].most_common(1)[0][0]
+            labels.append(texts[tail])
+            choice_ids.append(list(tail))
+        return labels, choice_ids
+
+
+def evaluate(plan, run_dir=None, adapter_dir=None, *, limit=None, model=None, tokenizer=None,
+             which: str | None = None, write: bool | None = None, verbose: bool = True) -> dict:
+    """Score the base model (adapter_dir None) or base + the LoRA adapter in adapter_dir on the
+    plan's test split; returns the result dict (see runtime.metrics.score, plus "model", "mode",
+    "seconds", "predictions", ...).
+
+    With run_dir, the result is also written to run_dir/eval.json (merged with the other model's
+    entry already there, when it scored the same rows) and printed: what `tune eval` does.
+    `model` (an already loaded model) skips loading; `limit` overrides eval.limit."""
+    from compiler.models import load_tokenizer
+    from runtime.progress import Progress, log
+
+    ev = _eval_cfg(plan)
+    metric = ev.get("metric") or DEFAULT_METRIC
+    mode = ev.get("mode") or "generate"
+    max_new = int(ev.get("max_new_tokens") or 32)
+    batch_size = int(ev.get("batch_size") or 8)
+    limit = ev.get("limit") if limit is None else limit
+    which = which or ("base" if adapter_dir is None else "tuned")
+    tokenizer = tokenizer or load_tokenizer(plan.model["dir"])
+    test = TestSet(plan, tokenizer, limit)
+    if not len(test):
+        raise ValueError("there are no test examples to score: set data.test_path (a held-out file "
+                         "with the same fields as data.path)")
+    if model is None:
+        model = load_model(plan, adapter_dir)
+
+    pad = int(plan.model.get("pad_token_id") or 0)
+    t0 = time.perf_counter()
+    generated_tokens = 0
+    log(f"eval ({which}): {len(test)} test rows, {metric}, mode {mode}")
+    with Progress(len(test), description=f"eval {which}") as bar:
+        if mode == "choices":
+            labels, choice_ids = test.choices()
+            scores = choice_logprobs(model, test.prompts, choice_ids, batch_size=batch_size, pad_id=pad,
+                                     progress=bar.update)
+            predictions = [labels[k] for k in np.argmax(scores, axis=1)]
+            known = [M.normalise(x, classification=True) for x in labels]
+        elif mode == "generate":
+            eos = end_token_ids(plan.model, tokenizer)
+            out = greedy_generate(model, test.prompts, max_new_tokens=max_new, eos_ids=eos, pad_id=pad,
+                                  batch_size=batch_size, progress=bar.update)
+            generated_tokens = sum(len(o) for o in out)
+            predictions = [t.strip() for t in tokenizer.decode_batch(out, skip_special_tokens=True)]
+            known = test.labels
+        else:
+            raise ValueError(f"unknown eval.mode {mode!r}; expected generate or choices")
+    seconds = time.perf_counter() - t0
+
+    result = M.score(metric, predictions, test.references, known, prompts=test.prompt_texts())
+    result.update({
+        "model": which,
+        "adapter": None if adapter_dir is None else str(adapter_dir),
+        "mode": mode,
+        "max_new_tokens": max_new if mode == "generate" else None,
+        "limit": limit,
+        "data_key": test.data_key,
+        "seconds": seconds,
+        "generated_tokens": generated_tokens,
+        "predictions": predictions,
+        "references": test.references,
+    })
+    if write is None:
+        write = run_dir is not None
+    if write:
+        path = write_eval(run_dir, result)
+        if verbose:
+            print_results(json.loads(path.read_text()))
+    return result
+
+
+def evaluate_before_after(plan, run_dir, *, limit=None, verbose: bool = True) -> dict | None:
+    """Score base and tuned (run_dir/adapter) on the same test rows; write run_dir/eval.json with both.
+    Returns the eval.json content, or None when the plan has no test examples.
+
+    One model is loaded, built with the adapter's LoRA shape: its LoRA B factors start at zero, so
+    it first IS the base model; then the adapter is loaded into it in place. Base and tuned thus
+    share one compiled decoding program."""
+    from compiler.examples import load_examples
+    from compiler.models import load_tokenizer
+    from runtime.export import load_peft_adapter
+    from runtime.progress import log
+
+    ids, _ = load_examples(plan.data).split("test")
+    if not len(ids):
+        log("no test examples (data.test_path not set): skipping the before/after evaluation")
+        return None
+    adapter_dir = Path(run_dir) / "adapter"
+    model = load_model(plan, adapter_dir, adapter_weights=False)
+    tokenizer = load_tokenizer(plan.model["dir"])
+    base = evaluate(plan, limit=limit, model=model, tokenizer=tokenizer, which="base", write=False)
+    load_peft_adapter(model, adapter_dir)
+    tuned = evaluate(plan, adapter_dir=adapter_dir, limit=limit, model=model, tokenizer=tokenizer,
+                     which="tuned", write=False)
+    path = write_eval(run_dir, {"base": base, "tuned": tuned})
+    out = json.loads(path.read_text())
+    if verbose:
+        print_results(out)
+    return out
+
+
+# --- eval.json --------------------------------------------------------------------------------
+
+_PER_EXAMPLE = ("predictions", "references")
+
+
+def _summary(result: dict) -> dict:
+    return {k: v for k, v in result.items() if k not in _PER_EXAMPLE}
+
+
+def write_eval(run_dir, results: dict) -> Path:
+    """Write run_dir/eval.json and run_dir/eval_predictions.jsonl.
+
+    `results` is one result of `evaluate` (its "model" says base or tuned) or {"base": ..., "tuned":
+    ...}. A single result is merged with the other model's entry of an existing eval.json when that
+    one scored the same rows with the same metric (same data key, n and metric); otherwise it
+    replaces the file. The top level repeats the tuned result (else the base one) in full."""
+    run_dir = Path(run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    path = run_dir / EVAL_FILE
+    if "base" in results or "tuned" in results:
+        entries = {k: results[k] for k in ("base", "tuned") if results.get(k)}
+    else:
+        entries = {results.get("model") or "tuned": results}
+        try:
+            old = json.loads(path.read_text())
+        except (OSError, ValueError):
+            old = {}
+        for name in ("base", "tuned"):
+            prev = old.get(name)
+            if name in entries or not isinstance(prev, dict):
+                continue
+            new = next(iter(entries.values()))
+            if all(prev.get(k) == new.get(k) for k in ("metric", "n", "data_key", "mode")):
+                entries[name] = prev
+    headline = entries.get("tuned") or entries.get("base")
+    doc = {**_summary(headline)}
+    for name in ("base", "tuned"):
+        if name in entries:
+            doc[name] = _summary(entries[name])
+    if "base" in entries and "tuned" in entries:
+        doc["delta"] = entries["tuned"]["value"] - entries["base"]["value"]
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp.write_text(json.dumps(doc, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+    os.replace(tmp, path)
+
+    # per-example predictions, one line per (model, row), for anyone who wants to look closer
+    rows = []
+    for name, r in entries.items():
+        if "predictions" not in r:
+            continue
+        for i, (p, ref) in enumerate(zip(r["predictions"], r.get("references") or [])):
+            rows.append({"model": name, "index": i, "reference": ref, "prediction": p})
+    if rows:
+        pred_path = run_dir / "eval_predictions.jsonl"
+        tmp = pred_path.with_name(f".{pred_path.name}.{os.getpid()}.tmp")
+        tmp.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), encoding="utf-8")
+        os.replace(tmp, pred_path)
+    return path
+
+
+def format_results(doc: dict) -> str:
+    """eval.json as a few lines of text."""
+    entries = [(n, doc[n]) for n in ("base", "tuned") if isinstance(doc.get(n), dict)] or \
+        [(doc.get("model", "model"), doc)]
+    metric = entries[-1][1].get("metric")
+    lines = [f"{metric} on {entries[-1][1].get('n')} test rows: " + ", ".join(
+        f"{n} {r.get('value', float('nan')):.4f}" for n, r in entries)
+        + (f" (change {doc['delta']:+.4f})" if "delta" in doc else "")]
+    pcs = [(n, r["per_class"]) for n, r in entries if r.get("per_class")]
+    if pcs and len(pcs[-1][1]) <= 30:
+        classes = sorted({c for _, pc in pcs for c in pc},
+                         key=lambda c: -max(pc.get(c, {}).get("support", 0) for _, pc in pcs))
+        width = min(32, max(len(c) for c in classes))
+        lines.append(f"  {'class':<{width}}  support  " + "  ".join(f"F1 {n:>5}" for n, _ in pcs))
+        for c in classes:
+            support = max(pc.get(c, {}).get("support", 0) for _, pc in pcs)
+            f1s = "  ".join(f"{pc[c]['f1']:8.3f}" if c in pc else f"{'—':>8}" for _, pc in pcs)
+            lines.append(f"  {c[:width]:<{width}}  {support:7d}  {f1s}")
+    return "\n".join(lines)
+
+
+def print_results(doc: dict) -> None:
+    print(format_results(doc), file=sys.stdout, flush=True)

@@ -1,0 +1,190 @@
+"""`tune generate`: answer a prompt with a run's tuned model, the way it was trained to answer.
+
+The text given is put where the data's input went in training: when the recipe's `template.prompt`
+has one placeholder (e.g. "Clause: {text}\\nCategory:"), the text fills it; when it has several, a
+JSON object with those fields fills them (`prompt='{"question": "...", "context": "..."}'`); any
+other text, or raw=True, is sent as it is. Then, as in training, the model's own chat template wraps
+it (template.chat, with template.system as the system message) or the plain prompt gets the
+tokenizer's usual prefix. The answer is streamed token by token (greedy) until an end token.
+
+With no prompt, an interactive loop reads prompts from stdin until EOF or "exit"; with a chat
+template the conversation history is kept (each turn sees the earlier ones).
+"""
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+from runtime.decode import end_token_ids, stream_greedy
+
+EXIT_WORDS = ("exit", "quit", ":q")
+
+
+class Chat:
+    """A model, its tokenizer and the recipe's template: turns text into prompt ids, answers back."""
+
+    def __init__(self, plan, adapter_dir=None, *, model=None, tokenizer=None):
+        from compiler.examples import load_tokenizer, tokenizer_bos_token
+
+        from runtime.evaluate import load_model
+
+        self.plan = plan
+        model_dir = plan.model["dir"]
+        self.tokenizer = tokenizer or load_tokenizer(model_dir)
+        self.model = model if model is not None else load_model(plan, adapter_dir)
+        tmpl = dict(plan.template or {})
+        tmpl.update({k: v for k, v in ((plan.config or {}).get("template") or {}).items() if v is not None})
+        self.template = tmpl
+        self.chat = bool(tmpl.get("chat"))
+        self.chat_template = plan.model.get("chat_template")
+        if self.chat and not self.chat_template:
+            from compiler.models import chat_template
+
+            self.chat_template = chat_template(model_dir)
+        self.bos_token = tokenizer_bos_token(model_dir)
+        eos_id = plan.model.get("eos_token_id")
+        self.eos_token = self.tokenizer.id_to_token(int(eos_id)) if eos_id is not None else ""
+        self.eos_ids = end_token_ids(plan.model, self.tokenizer)
+        self.pad_id = int(plan.model.get("pad_token_id") or 0)
+
+    # -- text → the prompt the model was trained on
+
+    def fill(self, text: str, *, raw: bool = False) -> tuple[str, str | None]:
+        """(user message, system message) for one input text, through the recipe's template."""
+        from compiler.templates import placeholders, render
+
+        prompt_fmt = self.template.get("prompt")
+        system_fmt = self.template.get("system")
+        if raw or not prompt_fmt:
+            return text, self._system({}, system_fmt)
+        fields = placeholders(prompt_fmt, key="template.prompt")
+        values = None
+        if len(fields) == 1:
+            values = {fields[0]: text}
+        elif fields:
+            try:
+                obj = json.loads(text)
+            except ValueError:
+                obj = None
+            if isinstance(obj, dict) and all(f in obj for f in fields):
+                values = obj
+        if values is None:
+            return text, self._system({}, system_fmt)
+        prompt, _, _ = render(values, {"prompt": prompt_fmt, "response": "", "system": None})
+        return prompt, self._system(values, system_fmt)
+
+    @staticmethod
+    def _system(values: dict, system_fmt):
+        if not system_fmt:
+            return None
+        from compiler.templates import placeholders, render
+
+        needed = placeholders(system_fmt, key="template.system")
+        if any(f not in values for f in needed):
+            return None if needed else system_fmt
+        return render(values, {"prompt": "", "response": "", "system": system_fmt})[2]
+
+    def prompt_ids(self, messages: list[dict]) -> list[int]:
+        """Token ids of a conversation (system?, user, assistant, ..., user), ready for the answer."""
+        from compiler.examples import encode_prompt
+        from compiler.templates import render_chat
+
+        if self.chat and self.chat_template:
+            text = render_chat(self.chat_template, messages, add_generation_prompt=True,
+                               bos_token=self.bos_token, eos_token=self.eos_token)
+            return encode_prompt(self.tokenizer, text, chat=True).tolist()
+        system = next((m["content"] for m in messages if m["role"] == "system"), None)
+        user = [m["content"] for m in messages if m["role"] == "user"][-1]
+        text = f"{system}\n\n{user}" if system else user
+        return encode_prompt(self.tokenizer, text, chat=False).tolist()
+
+    # -- answering
+
+    def stream(self, ids: list[int], *, max_new_tokens: int):
+        """Yield the answer as text pieces, as the tokens come."""
+        out: list[int] = []
+        shown = ""
+        for t in stream_greedy(self.model, ids, max_new_tokens=max_new_tokens, eos_ids=self.eos_ids,
+                               pad_id=self.pad_id):
+            out.append(t)
+            text = self.tokenizer.decode(out, skip_special_tokens=True)
+            # A multi-byte character split over tokens decodes to U+FFFD until it is complete.
+            if text.endswith("\ufffd"):
+                continue
+            if text.startswith(shown):
+                yield text[len(shown):]
+            shown = text
+        text = self.tokenizer.decode(out, skip_special_tokens=True)
+        if text != shown and text.startswith(shown):
+            yield text[len(shown):]
+
+    def answer(self, messages: list[dict], *, max_new_tokens: int, out=None) -> str:
+        pieces = []
+        for piece in self.stream(self.prompt_ids(messages), max_new_tokens=max_new_tokens):
+            pieces.append(piece)
+            if out is not None:
+                out.write(piece)
+                out.flush()
+        if out is not None:
+            out.write("\n")
+            out.flush()
+        return "".join(pieces).strip()
+
+
+def _load_plan(run):
+    from compiler.plan import Plan
+
+    if hasattr(run, "model") and hasattr(run, "config"):        # a Plan: the base model, no run dir
+        return run, None
+    run_dir = Path(run)
+    plan = Plan.load(run_dir / "plan.json")
+    adapter = run_dir / "adapter"
+    return plan, adapter if (adapter / "adapter_model.safetensors").is_file() else None
+
+
+def generate(run_dir, prompt: str | None = None, *, max_new_tokens: int = 256, raw: bool = False,
+             out=None, input_fn=input) -> str | None:
+    """Answer `prompt` with the run's model (base + run_dir/adapter) and print it as it is generated;
+    return the answer. prompt None: an interactive loop until EOF or "exit"; returns None.
+    `run_dir` may also be a Plan (then the base model answers)."""
+    from runtime.progress import log
+
+    out = sys.stdout if out is None else out
+    plan, adapter = _load_plan(run_dir)
+    if adapter is None and not hasattr(run_dir, "model"):
+        log(f"{run_dir} has no trained adapter yet: answering with the base model")
+    chat = Chat(plan, adapter)
+
+    if prompt is not None:
+        user, system = chat.fill(str(prompt), raw=raw)
+        messages = ([{"role": "system", "content": system}] if system else []) + \
+            [{"role": "user", "content": user}]
+        return chat.answer(messages, max_new_tokens=max_new_tokens, out=out)
+
+    keep_history = chat.chat and bool(chat.chat_template)
+    log("interactive: type a prompt, Enter to send; EOF (Ctrl-D) or `exit` to leave"
+        + ("" if keep_history else " (no chat template: each prompt is answered on its own)"))
+    history: list[dict] = []          # user/assistant turns so far
+    system = None
+    limit = int((plan.model.get("hf_config") or {}).get("max_position_embeddings") or 1 << 30)
+    while True:
+        try:
+            text = input_fn("> ")
+        except (EOFError, KeyboardInterrupt):
+            out.write("\n")
+            return None
+        if text.strip() in EXIT_WORDS:
+            return None
+        if not text.strip():
+            continue
+        user, turn_system = chat.fill(text, raw=raw)
+        system = system or turn_system
+        turns = (history if keep_history else []) + [{"role": "user", "content": user}]
+        head = [{"role": "system", "content": system}] if system else []
+        # Forget the oldest turns once the conversation would outgrow the model's context.
+        while len(turns) > 1 and len(chat.prompt_ids(head + turns)) + max_new_tokens > limit:
+            turns = turns[2:]
+        reply = chat.answer(head + turns, max_new_tokens=max_new_tokens, out=out)
+        if keep_history:
+            history = turns + [{"role": "assistant", "content": reply}]

@@ -1,0 +1,432 @@
+"""The run report: one self-contained HTML page that shows what was trained and whether it worked.
+
+`write_report(run_dir)` reads what a run leaves behind — plan.json, metrics.jsonl, train_summary.json,
+eval.json — and writes run_dir/report.html with its plots embedded as base64 PNGs (the same PNGs
+are kept in run_dir/plots/ for slides and chats). Every section degrades to a short "not ..."
+line when its input is missing, so a report can be written for a run that is still going.
+"""
+from __future__ import annotations
+
+import base64
+import datetime as _dt
+import html
+import io
+import json
+import math
+from pathlib import Path
+
+# No pyplot: a Figure with the Agg canvas needs no global backend and no display.
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.figure import Figure
+
+_BLUE, _ORANGE, _GREEN, _GREY = "#1f77b4", "#ff7f0e", "#2ca02c", "#9a9a9a"
+
+
+# --- reading a run directory ------------------------------------------------------------------
+
+def _read_json(path: Path):
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+
+
+def read_metrics(path) -> list[dict]:
+    """metrics.jsonl as a list of dicts; unreadable lines (a run killed mid-write) are skipped."""
+    rows = []
+    try:
+        lines = Path(path).read_text().splitlines()
+    except OSError:
+        return rows
+    for line in lines:
+        line = line.strip()
+        if not line:
+            continue
+        try:
+            row = json.loads(line)
+        except ValueError:
+            continue
+        if isinstance(row, dict):
+            rows.append(row)
+    return rows
+
+
+def _series(rows, key):
+    """(steps, values) for rows that have both a step and a finite numeric `key`."""
+    xs, ys = [], []
+    for r in rows:
+        v, s = r.get(key), r.get("step")
+        if isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) \
+                and isinstance(s, (int, float)):
+            xs.append(s)
+            ys.append(float(v))
+    return xs, ys
+
+
+# --- plots ------------------------------------------------------------------------------------
+
+def _figure(width=7.0, height=3.6):
+    fig = Figure(figsize=(width, height), dpi=110, layout="constrained")
+    FigureCanvasAgg(fig)
+    ax = fig.add_subplot()
+    ax.grid(True, alpha=0.3)
+    for side in ("top", "right"):
+        ax.spines[side].set_visible(False)
+    return fig, ax
+
+
+def _smooth(values):
+    """Centred moving average (window ~1/25 of the run): unlike an EMA it does not lag the curve."""
+    half = max(1, len(values) // 50)
+    out = []
+    for i in range(len(values)):
+        window = values[max(0, i - half): i + half + 1]
+        out.append(sum(window) / len(window))
+    return out
+
+
+def _png(fig) -> bytes:
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png")
+    return buf.getvalue()
+
+
+def plot_loss(rows) -> bytes | None:
+    steps, loss = _series(rows, "loss")
+    vsteps, vloss = _series(rows, "val_loss")
+    if not steps and not vsteps:
+        return None
+    fig, ax = _figure()
+    if steps:
+        if len(loss) >= 20:
+            ax.plot(steps, loss, color=_BLUE, alpha=0.25, linewidth=1)
+            ax.plot(steps, _smooth(loss), color=_BLUE, linewidth=2, label="train loss (smoothed)")
+        else:
+            ax.plot(steps, loss, color=_BLUE, linewidth=2, marker="." if len(loss) < 50 else None,
+                    label="train loss")
+    if vsteps:
+        ax.plot(vsteps, vloss, color=_ORANGE, linewidth=2, marker="o", label="validation loss")
+    ax.set_xlabel("step")
+    ax.set_ylabel("cross-entropy (nats / token)")
+    ax.set_title("Loss")
+    ax.legend(frameon=False)
+    return _png(fig)
+
+
+def plot_lr(rows) -> bytes | None:
+    steps, lr = _series(rows, "lr")
+    if not steps:
+        return None
+    fig, ax = _figure(7.0, 2.8)
+    ax.plot(steps, lr, color=_GREEN, linewidth=2)
+    ax.set_xlabel("step")
+    ax.set_ylabel("learning rate")
+    ax.set_title("Learning-rate schedule")
+    ax.ticklabel_format(axis="y", style="sci", scilimits=(-3, 3))
+    ax.set_ylim(bottom=0)
+    return _png(fig)
+
+
+def plot_throughput(rows, mean) -> bytes | None:
+    steps, tps = _series(rows, "tokens_per_s")
+    if not steps:
+        return None
+    fig, ax = _figure(7.0, 2.8)
+    ax.plot(steps, tps, color=_BLUE, linewidth=1.5, marker="." if len(tps) < 50 else None)
+    if mean:
+        ax.axhline(mean, color=_GREY, linestyle="--", linewidth=1, label=f"mean {mean:,.0f} tokens/s")
+        ax.legend(frameon=False, loc="lower right")
+    ax.set_xlabel("step")
+    ax.set_ylabel("tokens / s")
+    ax.set_title("Training throughput")
+    ax.set_ylim(bottom=0)
+    return _png(fig)
+
+
+def plot_per_class(ev) -> bytes | None:
+    """Horizontal bars of per-class F1, base next to tuned where both were evaluated."""
+    runs = [(name, ev[name]) for name in ("base", "tuned") if isinstance(ev.get(name), dict)]
+    if not runs:
+        runs = [("model", ev)]
+    runs = [(name, r["per_class"]) for name, r in runs if r.get("per_class")]
+    if not runs:
+        return None
+    classes = sorted({c for _, pc in runs for c in pc},
+                     key=lambda c: -max(pc.get(c, {}).get("support", 0) for _, pc in runs))[:40]
+    height = 1.0 + 0.28 * len(classes) * max(1, len(runs))
+    fig, ax = _figure(7.0, min(max(height, 2.5), 16))
+    bar = 0.8 / len(runs)
+    colors = {"base": _GREY, "tuned": _BLUE, "model": _BLUE}
+    for k, (name, pc) in enumerate(runs):
+        ys = [i + (k - (len(runs) - 1) / 2) * bar for i in range(len(classes))]
+        ax.barh(ys, [pc.get(c, {}).get("f1", 0.0) for c in classes], height=bar,
+                color=colors[name], label=name)
+    ax.set_yticks(range(len(classes)), [_short(c, 32) for c in classes])
+    ax.invert_yaxis()
+    ax.set_xlim(0, 1)
+    ax.set_xlabel("F1")
+    ax.set_title("Per-class F1 (classes by support)")
+    if len(runs) > 1:
+        ax.legend(frameon=False, loc="upper left", bbox_to_anchor=(1.0, 1.0))
+    return _png(fig)
+
+
+# --- html -------------------------------------------------------------------------------------
+
+def _short(text, n):
+    text = str(text)
+    return text if len(text) <= n else text[: n - 1] + "…"
+
+
+def _esc(x) -> str:
+    return html.escape(str(x))
+
+
+def _fmt(v) -> str:
+    if isinstance(v, bool) or v is None:
+        return str(v)
+    if isinstance(v, int):
+        return f"{v:,}"
+    if isinstance(v, float):
+        if v == 0 or not math.isfinite(v):
+            return str(v)
+        if abs(v) >= 1e5 or abs(v) < 1e-3:
+            return f"{v:.3g}"
+        return f"{v:,.4g}"
+    if isinstance(v, (list, tuple)):
+        if len(v) > 12:
+            return ", ".join(_fmt(x) for x in v[:12]) + f", … ({len(v)} items)"
+        return ", ".join(_fmt(x) for x in v)
+    return str(v)
+
+
+def _flatten(d, prefix="", skip=()):
+    out = []
+    for k, v in d.items():
+        if k in skip:
+            continue
+        key = f"{prefix}{k}"
+        if isinstance(v, dict) and v:
+            out.extend(_flatten(v, key + ".", skip))
+        else:
+            out.append((key, v))
+    return out
+
+
+def _value(key: str, v) -> str:
+    # Byte counts (memory estimates) read better in GiB.
+    if "memory" in key and isinstance(v, int) and not isinstance(v, bool) and v >= 1 << 20:
+        return f"{v / (1 << 30):.2f} GiB"
+    return _fmt(v)
+
+
+def _kv_table(d, skip=()) -> str:
+    rows = _flatten(d, skip=skip) if isinstance(d, dict) else []
+    if not rows:
+        return '<p class="muted">not recorded</p>'
+    body = "".join(f"<tr><th>{_esc(k)}</th><td>{_esc(_short(_value(k, v), 160))}</td></tr>"
+                   for k, v in rows)
+    return f'<table class="kv">{body}</table>'
+
+
+def _img(png: bytes | None, alt: str, missing: str) -> str:
+    if png is None:
+        return f'<p class="muted">{_esc(missing)}</p>'
+    data = base64.b64encode(png).decode("ascii")
+    return f'<img alt="{_esc(alt)}" src="data:image/png;base64,{data}">'
+
+
+def _metric_value(r) -> str:
+    v = r.get("value")
+    return f"{v:.4f}" if isinstance(v, (int, float)) else "—"
+
+
+def _eval_section(ev) -> str:
+    if not isinstance(ev, dict) or ("value" not in ev and "base" not in ev and "tuned" not in ev):
+        return '<p class="muted">not evaluated (set data.test_path, or run <code>tune eval run=DIR</code>)</p>'
+    metric = ev.get("metric") or (ev.get("tuned") or ev.get("base") or {}).get("metric", "metric")
+    runs = [(name, ev[name]) for name in ("base", "tuned") if isinstance(ev.get(name), dict)]
+    if not runs:
+        runs = [(ev.get("model", "model"), ev)]
+    head = "<tr><th></th>" + "".join(f"<th>{_esc(n)}</th>" for n, _ in runs)
+    vals = "<tr><th>" + _esc(metric) + "</th>" + "".join(
+        f"<td><b>{_metric_value(r)}</b></td>" for _, r in runs)
+    ns = "<tr><th>examples scored</th>" + "".join(f"<td>{_fmt(r.get('n'))}</td>" for _, r in runs)
+    if len(runs) == 2 and all(isinstance(r.get("value"), (int, float)) for _, r in runs):
+        delta = runs[1][1]["value"] - runs[0][1]["value"]
+        head += "<th>change</th>"
+        cls = "good" if delta > 0 else "bad" if delta < 0 else ""
+        vals += f'<td class="{cls}"><b>{delta:+.4f}</b></td>'
+        ns += "<td></td>"
+    parts = [f'<table class="grid">{head}</tr>{vals}</tr>{ns}</tr></table>']
+    how = []
+    for name, r in runs:
+        bits = [f"mode {r['mode']}"] if r.get("mode") else []
+        if r.get("max_new_tokens"):
+            bits.append(f"up to {r['max_new_tokens']} new tokens, greedy")
+        if isinstance(r.get("seconds"), (int, float)):
+            bits.append(f"{r['seconds']:.1f} s")
+        if bits:
+            how.append(f"{name}: " + ", ".join(bits))
+    if how:
+        parts.append(f'<p class="muted">{_esc(" · ".join(how))}</p>')
+
+    # per-class table (F1 for each model, support)
+    pcs = [(n, r.get("per_class")) for n, r in runs if r.get("per_class")]
+    if pcs:
+        classes = sorted({c for _, pc in pcs for c in pc},
+                         key=lambda c: (-max(pc.get(c, {}).get("support", 0) for _, pc in pcs), c))
+        head = "<tr><th>class</th><th>support</th>" + "".join(
+            f"<th>F1 {_esc(n)}</th><th>P {_esc(n)}</th><th>R {_esc(n)}</th>" for n, _ in pcs) + "</tr>"
+        body = []
+        for c in classes:
+            support = max(pc.get(c, {}).get("support", 0) for _, pc in pcs)
+            cells = "".join(
+                "".join(f"<td>{pc[c][k]:.3f}</td>" if c in pc else "<td>—</td>"
+                        for k in ("f1", "precision", "recall")) for _, pc in pcs)
+            body.append(f"<tr><th>{_esc(_short(c, 48))}</th><td>{support}</td>{cells}</tr>")
+        parts.append(f'<h3>Per class</h3><table class="grid">{head}{"".join(body)}</table>')
+
+    # where the tuned model (or the only one) goes wrong
+    _, last = runs[-1]
+    worst = last.get("worst") or []
+    if worst:
+        rows = "".join(
+            f"<tr><td class=\"pre\">{_esc(w.get('prompt_tail', ''))}</td>"
+            f"<td class=\"pre\">{_esc(_short(w.get('reference', ''), 400))}</td>"
+            f"<td class=\"pre\">{_esc(_short(w.get('prediction', ''), 400))}</td></tr>"
+            for w in worst)
+        parts.append(f"<h3>Examples it gets wrong ({_esc(runs[-1][0])})</h3>"
+                     "<table class=\"grid wide\"><tr><th>prompt (tail)</th><th>reference</th>"
+                     f"<th>prediction</th></tr>{rows}</table>")
+    return "\n".join(parts)
+
+
+_CSS = """
+body{font-family:-apple-system,BlinkMacSystemFont,"Segoe UI",Roboto,Helvetica,Arial,sans-serif;
+     max-width:980px;margin:2em auto;padding:0 1em;color:#222;line-height:1.45}
+h1{margin-bottom:.1em} h2{border-bottom:1px solid #ddd;padding-bottom:.2em;margin-top:1.6em}
+.muted{color:#888} code{background:#f4f4f4;padding:0 .25em;border-radius:3px}
+table{border-collapse:collapse;margin:.5em 0 1em} th,td{padding:.25em .7em;text-align:left;
+      vertical-align:top;font-size:.92em} table.kv th{color:#555;font-weight:500}
+table.grid td,table.grid th{border:1px solid #e2e2e2} table.grid tr:first-child th{background:#f7f7f7}
+.cols{display:flex;flex-wrap:wrap;gap:1.5em} .cols>div{flex:1 1 420px}
+.good{color:#1a7f37} .bad{color:#c62828} .pre{white-space:pre-wrap;font-family:monospace;font-size:.85em}
+table.wide{width:100%} img{max-width:100%} .stats span{margin-right:2em}
+.box{background:#f7f7f7;border:1px solid #e2e2e2;padding:.5em .8em;border-radius:4px}
+.warn{background:#fff8e1;border-left:4px solid #f0b400;padding:.4em .8em;margin:.3em 0}
+"""
+
+
+def write_report(run_dir) -> Path:
+    """Write run_dir/report.html (and run_dir/plots/*.png); return the report's path."""
+    run_dir = Path(run_dir)
+    plan = _read_json(run_dir / "plan.json") or {}
+    rows = read_metrics(run_dir / "metrics.jsonl")
+    summary = _read_json(run_dir / "train_summary.json") or {}
+    ev = _read_json(run_dir / "eval.json")
+
+    # Throughput: the first logged interval includes compilation, so it is left out of the mean.
+    _, tps = _series(rows, "tokens_per_s")
+    steady = tps[1:] if len(tps) > 1 else tps
+    mean_tps = summary.get("tokens_per_s_mean")
+    if not isinstance(mean_tps, (int, float)):
+        mean_tps = sum(steady) / len(steady) if steady else None
+    compile_s = next((summary[k] for k in ("compile_s", "compile_seconds", "compile_time_s",
+                                           "first_step_s") if isinstance(summary.get(k), (int, float))),
+                     None)
+    if compile_s is None:
+        compile_s = next((r[k] for r in rows for k in ("compile_s", "compile_time_s")
+                          if isinstance(r.get(k), (int, float))), None)
+
+    plots = {
+        "loss": plot_loss(rows),
+        "lr": plot_lr(rows),
+        "throughput": plot_throughput(rows, mean_tps),
+        "per_class_f1": plot_per_class(ev) if isinstance(ev, dict) else None,
+    }
+    plot_dir = run_dir / "plots"
+    for name, png in plots.items():
+        if png is not None:
+            plot_dir.mkdir(parents=True, exist_ok=True)
+            (plot_dir / f"{name}.png").write_bytes(png)
+
+    _, losses = _series(rows, "loss")
+    _, vlosses = _series(rows, "val_loss")
+    steps_done = max((r["step"] for r in rows if isinstance(r.get("step"), (int, float))), default=None)
+    model = plan.get("model") or {}
+    recipe = plan.get("recipe")
+    title = (recipe.get("name") if isinstance(recipe, dict) else None) \
+        or (plan.get("config") or {}).get("name")
+    title = title or run_dir.resolve().name
+
+    facts = []
+    if losses:
+        facts.append(f"<span>train loss <b>{losses[0]:.4f}</b> → <b>{losses[-1]:.4f}</b></span>")
+    if vlosses:
+        facts.append(f"<span>validation loss <b>{vlosses[0]:.4f}</b> → <b>{vlosses[-1]:.4f}</b> "
+                     f"(best {min(vlosses):.4f})</span>")
+    if steps_done is not None:
+        total = (plan.get("schedule") or {}).get("total_steps")
+        facts.append(f"<span>steps <b>{_fmt(steps_done)}</b>"
+                     + (f" / {_fmt(total)}" if total else "") + "</span>")
+    tput = []
+    if mean_tps is not None:
+        tput.append(f"<span>mean <b>{mean_tps:,.0f}</b> tokens/s (first logged interval excluded)</span>")
+    if compile_s is not None:
+        tput.append(f"<span>compile <b>{compile_s:.1f}</b> s</span>")
+    for k in ("wall_s", "train_s", "seconds", "total_s"):
+        if isinstance(summary.get(k), (int, float)):
+            tput.append(f"<span>wall time <b>{summary[k]:.1f}</b> s</span>")
+            break
+
+    warnings = plan.get("warnings") or []
+    model_summary = {k: model.get(k) for k in ("name", "source", "architecture", "family", "params",
+                                               "dims", "dir") if model.get(k) is not None}
+    data = plan.get("data") or {}
+    data_summary = {k: v for k, v in data.items()
+                    if k not in ("cache", "key", "sha256", "examples", "fields", "per_split")}
+    template = {k: v for k, v in (plan.get("template") or {}).items()
+                if k in ("prompt", "response", "system", "chat")}
+    rendered = (plan.get("template") or {}).get("examples") or data.get("examples") or []
+    adapter = plan.get("adapter") or {}
+    schedule = plan.get("schedule") or {}
+    resources = plan.get("resources") or {}
+
+    doc = f"""<!doctype html>
+<html lang="en"><head><meta charset="utf-8"><title>tune report — {_esc(title)}</title>
+<style>{_CSS}</style></head><body>
+<h1>tune report — {_esc(title)}</h1>
+<p class="muted">run directory <code>{_esc(run_dir.resolve())}</code> · plan {_esc(str(plan.get('hash', '—'))[:16])}
+ · written {_esc(_dt.datetime.now().strftime('%Y-%m-%d %H:%M'))}</p>
+
+<h2>Evaluation</h2>
+{_eval_section(ev)}
+{_img(plots['per_class_f1'], 'per-class F1', '') if plots['per_class_f1'] else ''}
+
+<h2>Training</h2>
+<p class="stats">{''.join(facts) or '<span class="muted">no training steps logged</span>'}</p>
+{_img(plots['loss'], 'loss curve', 'no loss logged')}
+{'' if vlosses else '<p class="muted">validation loss: not evaluated</p>'}
+{_img(plots['lr'], 'learning rate', 'no learning rate logged')}
+
+<h2>Throughput</h2>
+<p class="stats">{''.join(tput) or '<span class="muted">not recorded</span>'}</p>
+{_img(plots['throughput'], 'throughput', 'no throughput logged')}
+
+<h2>Plan</h2>
+{''.join(f'<div class="warn">{_esc(w)}</div>' for w in warnings)}
+<div class="cols">
+<div><h3>Model</h3>{_kv_table(model_summary)}</div>
+<div><h3>Adapter</h3>{_kv_table(adapter)}</div>
+<div><h3>Schedule</h3>{_kv_table(schedule)}</div>
+<div><h3>Resources</h3>{_kv_table(resources)}</div>
+</div>
+<h3>Data</h3>{_kv_table(data_summary)}
+<h3>Template</h3>{_kv_table(template)}
+{''.join(f'<p class="muted">rendered example (supervised part between ⟦ ⟧)</p><div class="pre box">{_esc(x)}</div>' for x in rendered[:1])}
+</body></html>
+"""
+    out = run_dir / "report.html"
+    out.write_text(doc, encoding="utf-8")
+    return out

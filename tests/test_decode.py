@@ -1,0 +1,116 @@
+"""Greedy decoding with the KV cache, and label scoring, on a tiny random Llama."""
+import numpy as np
+import pytest
+
+from runtime.decode import (bucket, choice_logprobs, end_token_ids, greedy_generate, stream_greedy)
+
+
+@pytest.fixture(scope="module")
+def tiny(tiny_llama_dir):
+    from runtime.weights import load_pretrained
+
+    return load_pretrained(tiny_llama_dir)
+
+
+PROMPTS = [[1, 5, 9, 33, 60, 7], [1, 80], [1, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15, 16, 17, 18, 40],
+           [1, 42, 42, 42], [1, 70, 71]]
+
+
+WIDTH = 32
+
+
+@pytest.fixture(scope="module")
+def full_logits(tiny):
+    """Log-probabilities [WIDTH, V] of a full causal forward pass without any cache. The sequence is
+    right-padded to a fixed width (one compile): causal attention makes the padding invisible to
+    the positions before it."""
+    import jax
+    import jax.numpy as jnp
+    from flax import nnx
+
+    graphdef, state = nnx.split(tiny)
+
+    @jax.jit
+    def fwd(state, tokens):
+        model = nnx.merge(graphdef, state)
+        return jax.nn.log_softmax(model.logits(model(tokens)), axis=-1)[0]
+
+    def run(ids):
+        assert len(ids) <= WIDTH
+        return np.asarray(fwd(state, jnp.asarray([list(ids) + [0] * (WIDTH - len(ids))], jnp.int32)))
+
+    return run
+
+
+def _greedy_without_cache(full_logits, prompt, n):
+    ids = list(prompt)
+    for _ in range(n):
+        ids.append(int(np.argmax(full_logits(ids)[len(ids) - 1])))
+    return ids[len(prompt):]
+
+
+def test_bucket():
+    assert [bucket(n) for n in (1, 16, 17, 25, 33, 49, 65, 200)] == [16, 16, 24, 32, 48, 64, 96, 256]
+
+
+def test_cached_greedy_equals_full_recomputation(tiny, full_logits):
+    # batch of 3 with 5 prompts: two batches, the second padded with idle rows
+    out = greedy_generate(tiny, PROMPTS, max_new_tokens=7, batch_size=3)
+    for prompt, got in zip(PROMPTS, out):
+        assert got == _greedy_without_cache(full_logits, prompt, 7)
+
+
+def test_end_tokens_stop_rows(tiny):
+    free = greedy_generate(tiny, PROMPTS, max_new_tokens=6, batch_size=8)
+    # make each row's 3rd generated token an end token: that row stops before it
+    eos = sorted({row[2] for row in free})
+    out = greedy_generate(tiny, PROMPTS, max_new_tokens=6, eos_ids=eos, batch_size=8)
+    for row, got in zip(free, out):
+        cut = next(i for i, t in enumerate(row) if t in eos)
+        assert got == row[:cut]
+    assert greedy_generate(tiny, PROMPTS[:2], max_new_tokens=0) == [[], []]
+
+
+def test_stream_equals_batch(tiny):
+    out = greedy_generate(tiny, PROMPTS[:2], max_new_tokens=5, batch_size=4)
+    for prompt, want in zip(PROMPTS[:2], out):
+        assert list(stream_greedy(tiny, prompt, max_new_tokens=5)) == want
+    first = out[0][0]
+    assert list(stream_greedy(tiny, PROMPTS[0], max_new_tokens=5, eos_ids=[first])) == []
+
+
+def test_matches_transformers_generate(tiny, tiny_llama_dir):
+    import torch
+    from transformers import LlamaForCausalLM
+
+    ref = LlamaForCausalLM.from_pretrained(tiny_llama_dir, torch_dtype=torch.float32).eval()
+    ours = greedy_generate(tiny, PROMPTS, max_new_tokens=8, eos_ids=[2], batch_size=4)
+    for prompt, got in zip(PROMPTS, ours):
+        with torch.no_grad():
+            gen = ref.generate(torch.tensor([prompt]), max_new_tokens=8, do_sample=False,
+                               eos_token_id=2, pad_token_id=0)
+        want = gen[0, len(prompt):].tolist()
+        want = want[:want.index(2)] if 2 in want else want
+        assert got == want
+
+
+def test_choice_logprobs_equal_full_forward(tiny, full_logits):
+    choices = [[5, 2], [7, 8, 9, 2], [60]]
+    scores = choice_logprobs(tiny, PROMPTS, choices, batch_size=2)
+    assert scores.shape == (len(PROMPTS), len(choices))
+    for i, prompt in enumerate(PROMPTS):
+        for k, choice in enumerate(choices):
+            lp = full_logits(prompt + choice)
+            want = sum(float(lp[len(prompt) - 1 + j, t]) for j, t in enumerate(choice))
+            assert scores[i, k] == pytest.approx(want, abs=1e-4)
+    with pytest.raises(ValueError):
+        choice_logprobs(tiny, PROMPTS, [[]])
+
+
+def test_end_token_ids():
+    class Tok:
+        def token_to_id(self, t):
+            return {"<|im_end|>": 7, "<|endoftext|>": 0}.get(t)
+
+    assert end_token_ids({"eos_token_id": 2, "eos_token_ids": [2, 5]}, Tok()) == (2, 5, 7, 0)
+    assert end_token_ids({"eos_token_id": 2}) == (2,)
