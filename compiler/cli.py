@@ -376,6 +376,7 @@ def run_command(command: str, cfg, *, out_dir: Path, recipe: str | None) -> None
         print_plan(plan, run_dir=rd)
         evaluate = _runtime("runtime.evaluate", "evaluate")
         evaluate(plan, str(rd), str(rd / "adapter"))
+        _runtime("runtime.report", "write_report")(str(rd))
         return
 
     plan = compile_plan(resolved, recipe_info=recipes.recipe_info(recipe), command=command)

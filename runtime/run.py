@@ -343,4 +343,12 @@ def train(plan, run_dir, *, on_step=None) -> dict:
     losses_text = f"loss {first:.4f} → {final:.4f}" if first is not None and final is not None else "no loss"
     val_text = f", val_loss {last_val:.4f}" if last_val is not None else ""
     log(f"done: {step} steps, {losses_text}{val_text}; adapter in {run_dir / 'adapter'}")
+    if jax.process_index() == 0:
+        # The proof that tuning worked: the task metric before and after on data.test_path (a no-op
+        # without test rows), then the report a person reads.
+        from runtime.evaluate import evaluate_before_after
+        from runtime.report import write_report
+
+        evaluate_before_after(plan, run_dir)
+        log(f"report: {write_report(run_dir)}")
     return summary

@@ -1,0 +1,123 @@
+"""Adapters and merged checkpoints in the formats the rest of the ecosystem reads.
+
+`save_peft_adapter` writes what `peft.PeftModel.from_pretrained(base, dir)` loads with no missing or
+unexpected keys; `load_peft_adapter` reads such a directory back (ours or PEFT's); `save_merged` writes
+a plain transformers checkpoint with the LoRA deltas folded into the weights.
+"""
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+from safetensors import safe_open
+from safetensors.numpy import save_file
+
+from runtime.model import MODULE_NAMES, Llama, LoraConfig, LoRAParam
+from runtime.weights import hf_names, lora_state_dict, to_hf_state_dict
+
+ADAPTER_WEIGHTS = "adapter_model.safetensors"
+ADAPTER_CONFIG = "adapter_config.json"
+PEFT_PREFIX = "base_model.model."
+# Files a transformers checkpoint directory needs besides its weights.
+_SIDE_FILES = ("config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json",
+               "special_tokens_map.json", "tokenizer.model", "vocab.json", "merges.txt",
+               "added_tokens.json", "chat_template.jinja", "chat_template.json")
+
+
+def peft_config(lora: LoraConfig, base_model_name_or_path: str | None) -> dict:
+    """The adapter_config.json PEFT's LoraConfig accepts. Only long-standing fields, so that older PEFT
+    versions read it too."""
+    return {
+        "peft_type": "LORA", "task_type": "CAUSAL_LM",
+        "r": int(lora.rank), "lora_alpha": float(lora.alpha), "lora_dropout": float(lora.dropout),
+        "target_modules": sorted(lora.targets), "bias": "none",
+        "base_model_name_or_path": base_model_name_or_path,
+        "fan_in_fan_out": False, "inference_mode": True, "init_lora_weights": True,
+        "modules_to_save": None, "layers_to_transform": None, "layers_pattern": None,
+        "rank_pattern": {}, "alpha_pattern": {}, "use_rslora": False, "use_dora": False,
+        "revision": None,
+    }
+
+
+def save_peft_adapter(model: Llama, out_dir, *, base_model_name_or_path: str | None = None,
+                      lora: LoraConfig | None = None) -> Path:
+    """adapter_model.safetensors (float32, `base_model.model.model.layers.{i}.<module>.lora_A.weight`
+    [r, in] / `lora_B.weight` [out, r]) + adapter_config.json. Returns the directory."""
+    lora = lora or model.lora
+    if lora is None or model.lora is None:
+        raise ValueError("the model has no LoRA parameters to save")
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    tensors = {PEFT_PREFIX + name: value for name, value in lora_state_dict(model).items()}
+    save_file(tensors, str(out / ADAPTER_WEIGHTS), metadata={"format": "pt"})
+    (out / ADAPTER_CONFIG).write_text(json.dumps(peft_config(lora, base_model_name_or_path), indent=2) + "\n")
+    return out
+
+
+def read_lora_config(adapter_dir) -> LoraConfig:
+    """The LoraConfig of a PEFT adapter directory (to build the model that load_peft_adapter fills)."""
+    cfg = json.loads((Path(adapter_dir) / ADAPTER_CONFIG).read_text())
+    if cfg.get("peft_type", "LORA") != "LORA":
+        raise ValueError(f"{adapter_dir}: peft_type {cfg.get('peft_type')!r}, only LORA adapters are supported")
+    if cfg.get("use_dora") or cfg.get("use_rslora") or cfg.get("rank_pattern") or cfg.get("alpha_pattern"):
+        raise ValueError(f"{adapter_dir}: DoRA, rsLoRA and per-module rank/alpha patterns are not supported")
+    targets = cfg["target_modules"]
+    if targets == "all-linear":
+        targets = list(MODULE_NAMES)
+    if isinstance(targets, str):
+        raise ValueError(f"{adapter_dir}: target_modules as a regex ({targets!r}) is not supported")
+    return LoraConfig(rank=int(cfg["r"]), alpha=float(cfg["lora_alpha"]),
+                      dropout=float(cfg.get("lora_dropout", 0.0)), targets=tuple(sorted(targets)))
+
+
+def load_peft_adapter(model: Llama, adapter_dir) -> Llama:
+    """Overwrite the model's LoRA factors with those of a PEFT adapter directory (in place; the model is
+    also returned). The model must have been built with the adapter's rank and targets — see
+    read_lora_config. Missing or unexpected adapter tensors raise ValueError."""
+    adapter_dir = Path(adapter_dir)
+    want = read_lora_config(adapter_dir)
+    have = model.lora
+    if have is None or have.rank != want.rank or set(have.targets) != set(want.targets):
+        raise ValueError(f"{adapter_dir}: adapter has rank {want.rank} on {sorted(want.targets)}, the model "
+                         f"was built with {None if have is None else (have.rank, sorted(have.targets))}")
+    if have.alpha != want.alpha:
+        raise ValueError(f"{adapter_dir}: adapter lora_alpha {want.alpha} != the model's {have.alpha}")
+    with safe_open(str(adapter_dir / ADAPTER_WEIGHTS), framework="np") as f:
+        tensors = {k.removeprefix(PEFT_PREFIX): f.get_tensor(k) for k in f.keys()}
+    # PEFT checkpoints saved with an explicit adapter name carry it: `lora_A.default.weight`.
+    tensors = {k.replace(".default.weight", ".weight"): v for k, v in tensors.items()}
+
+    used, new = set(), []
+    for path, var in nnx.to_flat_state(nnx.state(model, LoRAParam)):
+        names = [n + ".weight" for n in hf_names(path, model.cfg.num_layers)]
+        missing = [n for n in names if n not in tensors]
+        if missing:
+            raise ValueError(f"{adapter_dir}: adapter lacks {missing[:3]}")
+        value = np.stack([tensors[n] for n in names])
+        if value.shape != var.shape:
+            raise ValueError(f"{adapter_dir}: {names[0]} has shape {value.shape[1:]}, expected {var.shape[1:]}")
+        new.append((path, var.copy(jnp.asarray(value, var.dtype))))
+        used.update(names)
+    unexpected = set(tensors) - used
+    if unexpected:
+        raise ValueError(f"{adapter_dir}: adapter has tensors this model has no place for: {sorted(unexpected)[:3]}")
+    nnx.update(model, nnx.from_flat_state(new))
+    return model
+
+
+def save_merged(model: Llama, out_dir, model_dir) -> Path:
+    """A transformers checkpoint of base + (alpha/r)·B@A: model.safetensors in the base's parameter dtype
+    plus config.json, generation_config.json and the tokenizer files copied from model_dir."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    state = to_hf_state_dict(model, merged=True)
+    save_file(state, str(out / "model.safetensors"), metadata={"format": "pt"})
+    for name in _SIDE_FILES:
+        src = Path(model_dir) / name
+        if src.exists():
+            shutil.copyfile(src, out / name)
+    return out

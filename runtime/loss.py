@@ -1,0 +1,47 @@
+"""Cross-entropy without the [B, T, V] float32 logits.
+
+For SmolLM2 (V = 49152) at B·T = 16k tokens the full float32 logits are 3.2 GB, and autodiff would keep
+them for the backward pass. Instead the flattened tokens are scanned in chunks: each chunk's logits are
+made, reduced to (logsumexp − target logit), and dropped; `jax.checkpoint` on the chunk function makes
+the backward pass recompute a chunk's logits rather than store them. Peak extra memory: chunk × V.
+"""
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+
+def chunked_cross_entropy(hidden, lm_head_w, targets, mask, chunk: int):
+    """hidden [B,T,D] (compute dtype), lm_head_w [V,D], targets [B,T] int, mask [B,T] bool/float,
+    chunk: tokens per chunk. Returns (Σ mask·CE as a float32 scalar, Σ mask as float32).
+    Logits are accumulated in float32 from the compute-dtype matmul; logsumexp in float32. Targets
+    under mask 0 may be anything (e.g. -100)."""
+    B, T, D = hidden.shape
+    n = B * T
+    chunk = max(1, min(int(chunk), n))
+    n_chunks = -(-n // chunk)
+    pad = n_chunks * chunk - n
+    h = hidden.reshape(n, D)
+    m = mask.reshape(n).astype(jnp.float32)
+    t = jnp.where(m > 0, targets.reshape(n), 0).astype(jnp.int32)   # never gather out of range
+    if pad:
+        h = jnp.pad(h, ((0, pad), (0, 0)))
+        t = jnp.pad(t, (0, pad))
+        m = jnp.pad(m, (0, pad))
+    h = h.reshape(n_chunks, chunk, D)
+    t = t.reshape(n_chunks, chunk)
+    m = m.reshape(n_chunks, chunk)
+    w = lm_head_w.astype(hidden.dtype)
+
+    @jax.checkpoint
+    def chunk_loss(w, h, t, m):
+        logits = jnp.einsum("cd,vd->cv", h, w, preferred_element_type=jnp.float32)
+        lse = jax.nn.logsumexp(logits, axis=-1)
+        target_logit = jnp.take_along_axis(logits, t[:, None], axis=-1)[:, 0]
+        return jnp.sum(jnp.where(m > 0, (lse - target_logit) * m, 0.0))
+
+    def body(total, xs):
+        return total + chunk_loss(w, *xs), None
+
+    total, _ = jax.lax.scan(body, jnp.zeros((), jnp.float32), (h, t, m))
+    return total, jnp.sum(m)

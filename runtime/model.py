@@ -1,0 +1,488 @@
+"""One NNX decoder for the Llama family: Llama 2/3, Mistral, Qwen2/2.5, Qwen3, SmolLM.
+
+The differences between these models are a handful of switches read from the Hugging Face config:
+grouped-query attention, RoPE scaling, tied embeddings, q/k/v biases (Qwen2), per-head RMSNorm of q and
+k before RoPE (Qwen3), sliding-window attention (some Mistral / Qwen configs). Everything else is one
+code path, written to match `transformers` to ~1e-5 in float32.
+
+Layout. Parameters keep the Hugging Face orientation, so loading and exporting are copies, not
+transposes: a linear layer's `weight` is [out, in], LoRA's `lora_A` is [r, in] and `lora_B` [out, r]
+(PEFT's shapes), the embedding and the untied output head are [V, D]. The decoder layers are ONE
+`Block` whose every variable carries a leading layer axis [L, ...]; the forward pass scans over that
+axis with `jax.lax.scan`, so XLA compiles one layer instead of L (compile time independent of depth),
+and the remat policy wraps the scanned body.
+
+State paths mirror the Hugging Face names: `layers/self_attn/q_proj/weight` holds
+`model.layers.{i}.self_attn.q_proj.weight` for every i (see runtime/weights.py).
+
+LoRA parameters are `LoRAParam`, every other weight a plain `nnx.Param`; the trainer differentiates
+and optimises only the first: `graphdef, lora, frozen = nnx.split(model, LoRAParam, ...)`.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+MODULE_NAMES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+ROPE_TYPES = ("default", "linear", "llama3")
+FAMILIES = ("llama", "mistral", "qwen2", "qwen3")
+REMAT_POLICIES = ("none", "dots", "full")
+
+# The one trainable variable type. Flax ships it as a subclass of nnx.Param; it is re-exported here so
+# that the model, the trainer and the exporter all name the same class.
+LoRAParam = nnx.LoRAParam
+
+
+# ----------------------------------------------------------------------------------------- configs
+
+def _family(hf: dict) -> str:
+    model_type = hf.get("model_type")
+    if model_type in FAMILIES:
+        return model_type
+    for arch in hf.get("architectures") or ():
+        for family in FAMILIES:
+            if arch.lower().startswith(family):
+                return family
+    raise ValueError(f"unsupported model_type {model_type!r} (architectures {hf.get('architectures')}); "
+                     f"supported: {', '.join(FAMILIES)}")
+
+
+def _rope(hf: dict) -> tuple[float, tuple | None]:
+    """(rope_theta, rope_scaling) from either config style: transformers<5 writes `rope_theta` and
+    `rope_scaling` ({"type"|"rope_type": ...}); transformers 5 writes `rope_parameters`."""
+    params = dict(hf.get("rope_parameters") or {})
+    theta = float(params.get("rope_theta", hf.get("rope_theta", 10000.0)))
+    scaling = dict(hf.get("rope_scaling") or params)
+    rope_type = scaling.pop("rope_type", None) or scaling.pop("type", None) or "default"
+    scaling.pop("type", None)
+    scaling.pop("rope_theta", None)
+    if rope_type not in ROPE_TYPES:
+        raise ValueError(f"unsupported rope scaling type {rope_type!r}; supported: {', '.join(ROPE_TYPES)}")
+    if float(scaling.get("partial_rotary_factor", 1.0)) != 1.0:
+        raise ValueError("partial_rotary_factor != 1 is not supported")
+    if rope_type == "default":
+        return theta, None
+    keep = {"factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings"}
+    return theta, (("rope_type", rope_type),) + tuple(sorted((k, v) for k, v in scaling.items() if k in keep))
+
+
+def _sliding_windows(hf: dict, family: str, num_layers: int) -> tuple[int, ...]:
+    """Per-layer attention window in tokens, 0 = full causal attention (the usual case)."""
+    window = hf.get("sliding_window")
+    if family == "mistral" and window:
+        return (int(window),) * num_layers
+    if family in ("qwen2", "qwen3") and hf.get("use_sliding_window") and window:
+        types = hf.get("layer_types") or [
+            "sliding_attention" if i >= hf.get("max_window_layers", num_layers) else "full_attention"
+            for i in range(num_layers)]
+        windows = tuple(int(window) if t == "sliding_attention" else 0 for t in types)
+        return windows if any(windows) else ()
+    return ()
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    vocab_size: int
+    hidden_size: int
+    intermediate_size: int
+    num_layers: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    rms_norm_eps: float
+    rope_theta: float
+    rope_scaling: tuple | None          # sorted (key, value) pairs incl. ("rope_type", ...); None = default
+    max_position_embeddings: int
+    tie_word_embeddings: bool
+    attention_bias: bool                # biases on q/k/v (Qwen2 always; Llama/Qwen3 when attention_bias)
+    qk_norm: bool                       # Qwen3: RMSNorm over each head of q and k, before RoPE
+    o_bias: bool = False                # bias on o_proj (Llama/Qwen3 attention_bias; not Qwen2)
+    sliding_windows: tuple[int, ...] = ()   # per layer, 0 = full; () = no layer slides
+    family: str = "llama"
+
+    @classmethod
+    def from_hf(cls, hf: dict) -> "ModelConfig":
+        family = _family(hf)
+        if hf.get("hidden_act", "silu") != "silu":
+            raise ValueError(f"unsupported hidden_act {hf.get('hidden_act')!r}; the Llama family uses silu")
+        if hf.get("mlp_bias"):
+            raise ValueError("mlp_bias=true is not supported")
+        theta, scaling = _rope(hf)
+        heads = int(hf["num_attention_heads"])
+        layers = int(hf["num_hidden_layers"])
+        bias = bool(hf.get("attention_bias", False))
+        return cls(
+            vocab_size=int(hf["vocab_size"]), hidden_size=int(hf["hidden_size"]),
+            intermediate_size=int(hf["intermediate_size"]), num_layers=layers, num_heads=heads,
+            num_kv_heads=int(hf.get("num_key_value_heads") or heads),
+            head_dim=int(hf.get("head_dim") or hf["hidden_size"] // heads),
+            rms_norm_eps=float(hf.get("rms_norm_eps", 1e-6)), rope_theta=theta, rope_scaling=scaling,
+            max_position_embeddings=int(hf.get("max_position_embeddings", 2048)),
+            tie_word_embeddings=bool(hf.get("tie_word_embeddings", False)),
+            attention_bias=True if family == "qwen2" else (bias and family != "mistral"),
+            o_bias=bias and family in ("llama", "qwen3"),
+            qk_norm=family == "qwen3",
+            sliding_windows=_sliding_windows(hf, family, layers), family=family)
+
+
+@dataclass(frozen=True)
+class LoraConfig:
+    rank: int
+    alpha: float
+    dropout: float
+    targets: tuple[str, ...]            # subset of MODULE_NAMES
+
+    def __post_init__(self):
+        unknown = [t for t in self.targets if t not in MODULE_NAMES]
+        if unknown:
+            raise ValueError(f"unknown LoRA targets {unknown}; expected a subset of {list(MODULE_NAMES)}")
+
+    @property
+    def scale(self) -> float:
+        return self.alpha / self.rank
+
+
+# ------------------------------------------------------------------------------------ small pieces
+
+def _dropout(x, rate: float, key):
+    if key is None or rate <= 0.0:
+        return x
+    keep = jax.random.bernoulli(key, 1.0 - rate, x.shape)
+    return jnp.where(keep, x / (1.0 - rate), 0).astype(x.dtype)
+
+
+class Linear(nnx.Module):
+    """y = x Wᵀ (+ b) + (alpha/r)·B(A(dropout(x))). W is [out, in] (torch layout). The LoRA factors are
+    stored in float32 whatever the base dtype (they are what the optimiser updates) and cast to the
+    compute dtype for the matmul."""
+
+    def __init__(self, d_in: int, d_out: int, *, bias: bool, lora: LoraConfig | None, dtype,
+                 param_dtype, rngs: nnx.Rngs):
+        self.dtype = dtype
+        self.weight = nnx.Param(0.02 * jax.random.normal(rngs.params(), (d_out, d_in), param_dtype))
+        self.bias = nnx.Param(jnp.zeros((d_out,), param_dtype)) if bias else None
+        if lora is None:
+            self.lora_A = self.lora_B = None
+            return
+        # PEFT: A ~ kaiming_uniform(a=√5) = U(±1/√in), B = 0, so the adapted model starts as the base.
+        bound = 1.0 / math.sqrt(d_in)
+        self.lora_A = LoRAParam(jax.random.uniform(rngs.params(), (lora.rank, d_in), jnp.float32,
+                                                   -bound, bound))
+        self.lora_B = LoRAParam(jnp.zeros((d_out, lora.rank), jnp.float32))
+        self.scale = lora.scale
+        self.rate = lora.dropout
+
+    def __call__(self, x, dropout_key=None):
+        x = x.astype(self.dtype)
+        y = jnp.einsum("...i,oi->...o", x, self.weight[...].astype(self.dtype))
+        if self.bias is not None:
+            y = y + self.bias[...].astype(self.dtype)
+        if self.lora_A is not None:
+            h = jnp.einsum("...i,ri->...r", _dropout(x, self.rate, dropout_key),
+                           self.lora_A[...].astype(self.dtype))
+            y = y + self.scale * jnp.einsum("...r,or->...o", h, self.lora_B[...].astype(self.dtype))
+        return y
+
+
+class RMSNorm(nnx.Module):
+    """Normalised in float32 (as transformers does), whatever the compute dtype."""
+
+    def __init__(self, dim: int, eps: float, *, dtype, param_dtype):
+        self.eps, self.dtype = eps, dtype
+        self.weight = nnx.Param(jnp.ones((dim,), param_dtype))
+
+    def __call__(self, x):
+        x = x.astype(jnp.float32)
+        x = x * jax.lax.rsqrt(jnp.mean(x * x, axis=-1, keepdims=True) + self.eps)
+        return (self.weight[...].astype(jnp.float32) * x).astype(self.dtype)
+
+
+class Embedding(nnx.Module):
+    def __init__(self, vocab: int, dim: int, *, dtype, param_dtype, rngs: nnx.Rngs):
+        self.dtype = dtype
+        self.weight = nnx.Param(0.02 * jax.random.normal(rngs.params(), (vocab, dim), param_dtype))
+
+    def __call__(self, tokens):
+        return jnp.take(self.weight[...], tokens, axis=0).astype(self.dtype)
+
+
+def rope_inv_freq(cfg: ModelConfig) -> np.ndarray:
+    """Inverse frequencies [head_dim/2], computed in float32 like transformers, incl. its scalings."""
+    dim = cfg.head_dim
+    inv = (1.0 / (cfg.rope_theta ** (np.arange(0, dim, 2, dtype=np.float32) / np.float32(dim)))
+           ).astype(np.float32)
+    scaling = dict(cfg.rope_scaling or ())
+    kind = scaling.get("rope_type", "default")
+    if kind == "linear":
+        inv = inv / np.float32(scaling["factor"])
+    elif kind == "llama3":
+        factor, lo, hi = scaling["factor"], scaling["low_freq_factor"], scaling["high_freq_factor"]
+        old_len = scaling["original_max_position_embeddings"]
+        wavelen = 2 * math.pi / inv
+        scaled = np.where(wavelen > old_len / lo, inv / factor, inv)
+        smooth = (old_len / wavelen - lo) / (hi - lo)
+        smoothed = (1 - smooth) * scaled / factor + smooth * scaled
+        medium = (wavelen >= old_len / hi) & (wavelen <= old_len / lo)
+        inv = np.where(medium, smoothed, scaled).astype(np.float32)
+    return inv
+
+
+def rope_tables(positions, inv_freq):
+    """cos, sin [B, T, head_dim] in float32 for integer positions [B, T]."""
+    angles = positions.astype(jnp.float32)[..., None] * jnp.asarray(inv_freq)
+    angles = jnp.concatenate([angles, angles], axis=-1)     # transformers' half-split layout
+    return jnp.cos(angles), jnp.sin(angles)
+
+
+def apply_rope(x, cos, sin):
+    """x [B, T, N, H]; the "rotate_half" convention of transformers (first half / second half of each
+    head pair up), not the interleaved one of the original Llama code."""
+    x1, x2 = jnp.split(x.astype(jnp.float32), 2, axis=-1)
+    rotated = jnp.concatenate([-x2, x1], axis=-1)
+    return (x * cos[:, :, None, :] + rotated * sin[:, :, None, :]).astype(x.dtype)
+
+
+def _lora_for(lora: LoraConfig | None, name: str) -> LoraConfig | None:
+    return lora if lora is not None and name in lora.targets else None
+
+
+# ---------------------------------------------------------------------------------- decoder block
+
+class Attention(nnx.Module):
+    def __init__(self, cfg: ModelConfig, *, lora, dtype, param_dtype, rngs: nnx.Rngs):
+        self.cfg, self.dtype = cfg, dtype
+        D, N, K, H = cfg.hidden_size, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
+        common = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+        self.q_proj = Linear(D, N * H, bias=cfg.attention_bias, lora=_lora_for(lora, "q_proj"), **common)
+        self.k_proj = Linear(D, K * H, bias=cfg.attention_bias, lora=_lora_for(lora, "k_proj"), **common)
+        self.v_proj = Linear(D, K * H, bias=cfg.attention_bias, lora=_lora_for(lora, "v_proj"), **common)
+        self.o_proj = Linear(N * H, D, bias=cfg.o_bias, lora=_lora_for(lora, "o_proj"), **common)
+        if cfg.qk_norm:
+            self.q_norm = RMSNorm(H, cfg.rms_norm_eps, dtype=dtype, param_dtype=param_dtype)
+            self.k_norm = RMSNorm(H, cfg.rms_norm_eps, dtype=dtype, param_dtype=param_dtype)
+        else:
+            self.q_norm = self.k_norm = None
+
+    def __call__(self, x, cos, sin, mask, keys, cache=None):
+        """x [B,T,D]; mask [B,1,T,S] bool; keys: 4 dropout keys or None.
+        cache: None (attend over these T tokens, S = T) or (k [B,S,K,H], v, index): the new keys and
+        values are written at slots [index, index+T) and attention runs over all S slots.
+        Returns (y [B,T,D], (k, v) of these T tokens, rotated) — the caller stores them."""
+        B, T, _ = x.shape
+        cfg = self.cfg
+        k_drop = keys if keys is not None else (None,) * 4
+        q = self.q_proj(x, k_drop[0]).reshape(B, T, cfg.num_heads, cfg.head_dim)
+        k = self.k_proj(x, k_drop[1]).reshape(B, T, cfg.num_kv_heads, cfg.head_dim)
+        v = self.v_proj(x, k_drop[2]).reshape(B, T, cfg.num_kv_heads, cfg.head_dim)
+        if self.q_norm is not None:
+            q, k = self.q_norm(q), self.k_norm(k)
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        k_all, v_all = k, v
+        if cache is not None:
+            k_cache, v_cache, index = cache
+            k_all = jax.lax.dynamic_update_slice(k_cache, k.astype(k_cache.dtype), (0, index, 0, 0))
+            v_all = jax.lax.dynamic_update_slice(v_cache, v.astype(v_cache.dtype), (0, index, 0, 0))
+        # K/V keep their kv-head count: dot_product_attention does grouped-query attention natively.
+        # implementation=None is XLA today; softmax in float32 either way.
+        out = jax.nn.dot_product_attention(q, k_all.astype(q.dtype), v_all.astype(q.dtype), mask=mask,
+                                           scale=cfg.head_dim ** -0.5, implementation=None)
+        return self.o_proj(out.reshape(B, T, -1), k_drop[3]), (k, v)
+
+
+class MLP(nnx.Module):
+    def __init__(self, cfg: ModelConfig, *, lora, dtype, param_dtype, rngs: nnx.Rngs):
+        D, F = cfg.hidden_size, cfg.intermediate_size
+        common = dict(bias=False, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+        self.gate_proj = Linear(D, F, lora=_lora_for(lora, "gate_proj"), **common)
+        self.up_proj = Linear(D, F, lora=_lora_for(lora, "up_proj"), **common)
+        self.down_proj = Linear(F, D, lora=_lora_for(lora, "down_proj"), **common)
+
+    def __call__(self, x, keys):
+        k = keys if keys is not None else (None,) * 3
+        return self.down_proj(jax.nn.silu(self.gate_proj(x, k[0])) * self.up_proj(x, k[1]), k[2])
+
+
+class Block(nnx.Module):
+    """Pre-norm decoder layer: x + attn(norm(x)), then + mlp(norm(x))."""
+
+    def __init__(self, cfg: ModelConfig, *, lora, dtype, param_dtype, rngs: nnx.Rngs):
+        norm = dict(dtype=dtype, param_dtype=param_dtype)
+        self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, **norm)
+        self.self_attn = Attention(cfg, lora=lora, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, **norm)
+        self.mlp = MLP(cfg, lora=lora, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+
+    def __call__(self, x, cos, sin, mask, dropout_key=None, cache=None):
+        # One independent dropout mask per adapted module, as PEFT has one nn.Dropout per module.
+        keys = None if dropout_key is None else tuple(jax.random.split(dropout_key, 7))
+        h, kv = self.self_attn(self.input_layernorm(x), cos, sin, mask,
+                               None if keys is None else keys[:4], cache)
+        x = x + h
+        x = x + self.mlp(self.post_attention_layernorm(x), None if keys is None else keys[4:])
+        return x, kv
+
+
+# ------------------------------------------------------------------------------------ the model
+
+class Cache(NamedTuple):
+    """KV cache for decoding; a plain pytree, so it goes through jit/scan as is.
+    k, v: [L, B, S, K, H] in the compute dtype (keys already rotated); positions, valid: [B, S] — the
+    RoPE position of the token in each slot and whether the slot holds a real token; index: int32
+    scalar, the next slot to write (shared by the batch)."""
+    k: jax.Array
+    v: jax.Array
+    positions: jax.Array
+    valid: jax.Array
+    index: jax.Array
+
+
+def _remat(fn, policy: str):
+    if policy == "none":
+        return fn
+    if policy == "dots":    # keep matmul outputs without batch dims (the projections), recompute the rest
+        return jax.checkpoint(fn, policy=jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+                              prevent_cse=False)
+    if policy == "full":    # keep only the layer inputs
+        return jax.checkpoint(fn, prevent_cse=False)
+    raise ValueError(f"unknown remat policy {policy!r}; expected one of {', '.join(REMAT_POLICIES)}")
+
+
+def _window_mask(mask, q_pos, k_pos, window):
+    """Restrict mask [B,1,T,S] to keys fewer than `window` positions back (window 0 = no limit)."""
+    near = (q_pos[:, None, :, None] - k_pos[:, None, None, :]) < window
+    return mask & ((window == 0) | near)
+
+
+class Llama(nnx.Module):
+    def __init__(self, cfg: ModelConfig, *, lora: LoraConfig | None = None, dtype=jnp.float32,
+                 param_dtype=jnp.float32, remat: str = "none", rngs: nnx.Rngs):
+        if remat not in REMAT_POLICIES:
+            raise ValueError(f"unknown remat policy {remat!r}; expected one of {', '.join(REMAT_POLICIES)}")
+        self.cfg, self.lora, self.dtype, self.remat = cfg, lora, dtype, remat
+        self.embed_tokens = Embedding(cfg.vocab_size, cfg.hidden_size, dtype=dtype,
+                                      param_dtype=param_dtype, rngs=rngs)
+
+        # One Block whose variables are stacked [L, ...]: vmap the constructor over L keys.
+        @nnx.vmap(in_axes=0, out_axes=0)
+        def make_blocks(key):
+            return Block(cfg, lora=lora, dtype=dtype, param_dtype=param_dtype, rngs=nnx.Rngs(key))
+
+        self.layers = make_blocks(jax.random.split(rngs.params(), cfg.num_layers))
+        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype=dtype, param_dtype=param_dtype)
+        self.unembed = None if cfg.tie_word_embeddings else nnx.Param(
+            0.02 * jax.random.normal(rngs.params(), (cfg.vocab_size, cfg.hidden_size), param_dtype))
+
+    # -- training / scoring
+
+    def __call__(self, tokens, *, positions=None, segment_ids=None, deterministic=True, rngs=None):
+        """tokens [B,T] int → hidden states [B,T,D] after the final norm, in the compute dtype.
+        positions [B,T] (default 0..T-1) restart at 0 in each packed segment; segment_ids [B,T]
+        (default all 1): a token attends to earlier tokens of its own segment only. Segment 0 is padding:
+        padding attends to padding (so no row is fully masked and nothing is NaN) and no real token
+        attends to it. LoRA dropout runs when deterministic=False and rngs (an nnx.Rngs with a `dropout`
+        stream, or a PRNG key) is given."""
+        B, T = tokens.shape
+        if positions is None:
+            positions = jnp.broadcast_to(jnp.arange(T, dtype=jnp.int32), (B, T))
+        if segment_ids is None:
+            segment_ids = jnp.ones((B, T), jnp.int32)
+        causal = jnp.arange(T)[:, None] >= jnp.arange(T)[None, :]
+        mask = (segment_ids[:, :, None] == segment_ids[:, None, :]) & causal
+        mask = mask[:, None]                                            # [B, 1, T, T]
+        cos, sin = rope_tables(positions, rope_inv_freq(self.cfg))
+
+        keys = None
+        use_dropout = (not deterministic and self.lora is not None and self.lora.dropout > 0)
+        if use_dropout:
+            if rngs is None:
+                raise ValueError("LoRA dropout (deterministic=False) needs rngs")
+            key = rngs.dropout() if isinstance(rngs, nnx.Rngs) else rngs
+            keys = jax.random.split(key, self.cfg.num_layers)
+        windows = self._windows()
+
+        graphdef, state = nnx.split(self.layers)
+
+        def layer(x, xs):
+            layer_state, key, window = xs
+            m = mask if window is None else _window_mask(mask, positions, positions, window)
+            x, _ = nnx.merge(graphdef, layer_state)(x, cos, sin, m, key)
+            return x, None
+
+        x = self.embed_tokens(tokens)
+        x, _ = jax.lax.scan(_remat(layer, self.remat), x, (state, keys, windows))
+        return self.norm(x)
+
+    def lm_head(self) -> jax.Array:
+        """Output projection [V, D] in the compute dtype (the embedding when tied)."""
+        w = self.embed_tokens.weight if self.unembed is None else self.unembed
+        return w[...].astype(self.dtype)
+
+    def logits(self, hidden) -> jax.Array:
+        """Full float32 logits [..., V] — for scoring and tests; training uses runtime.loss instead."""
+        return jnp.einsum("...d,vd->...v", hidden, self.lm_head(), preferred_element_type=jnp.float32)
+
+    def _windows(self):
+        if not self.cfg.sliding_windows:
+            return None
+        return jnp.asarray(self.cfg.sliding_windows, jnp.int32)
+
+    # -- decoding with a KV cache
+
+    def init_cache(self, batch: int, max_len: int) -> Cache:
+        cfg = self.cfg
+        shape = (cfg.num_layers, batch, max_len, cfg.num_kv_heads, cfg.head_dim)
+        return Cache(k=jnp.zeros(shape, self.dtype), v=jnp.zeros(shape, self.dtype),
+                     positions=jnp.zeros((batch, max_len), jnp.int32),
+                     valid=jnp.zeros((batch, max_len), bool), index=jnp.zeros((), jnp.int32))
+
+    def decode(self, tokens, positions, cache: Cache, *, valid=None, last=None):
+        """Append T tokens per row to the cache and return their logits.
+
+        tokens, positions: [B, T]; valid: [B, T] bool (default all True) marks real tokens — padding is
+        written to the cache but never attended to, so prompts may be LEFT- or RIGHT-padded, as long as
+        positions count real tokens only (e.g. cumsum(valid) - 1). Prefill with the padded prompts
+        (T = prompt length), then call with T = 1 per generated token (positions = previous + 1).
+        The caller keeps cache.index + T <= max_len (static shapes: no bounds check under jit).
+        last: optional [B] int index into T; then only those rows' logits are returned, [B, V],
+        instead of [B, T, V] (avoids the full prefill logits). Logits are float32.
+        Returns (logits, new cache)."""
+        B, T = tokens.shape
+        S = cache.k.shape[2]
+        valid = jnp.ones((B, T), bool) if valid is None else valid.astype(bool)
+        index = cache.index
+        k_valid = jax.lax.dynamic_update_slice(cache.valid, valid, (0, index))
+        k_pos = jax.lax.dynamic_update_slice(cache.positions, positions.astype(jnp.int32), (0, index))
+        q_slot = index + jnp.arange(T)
+        k_slot = jnp.arange(S)
+        # Causal in slot order; a query always sees its own slot, so a padding row is never empty.
+        mask = (k_slot[None, :] <= q_slot[:, None])[None] & (
+            k_valid[:, None, :] | (k_slot[None, :] == q_slot[:, None])[None])
+        mask = mask[:, None]                                            # [B, 1, T, S]
+        cos, sin = rope_tables(positions, rope_inv_freq(self.cfg))
+        windows = self._windows()
+        graphdef, state = nnx.split(self.layers)
+
+        # The cache goes through the scan as per-layer inputs and the T new keys/values come out as
+        # per-layer outputs, written with ONE update after the scan. (Carrying the whole [L, ...]
+        # cache through the scan makes XLA copy all of it at every layer: ~4x slower steps.)
+        def layer(x, xs):
+            layer_state, k_layer, v_layer, window = xs
+            m = mask if window is None else _window_mask(mask, positions, k_pos, window)
+            x, (k, v) = nnx.merge(graphdef, layer_state)(x, cos, sin, m, None, (k_layer, v_layer, index))
+            return x, (k.astype(k_layer.dtype), v.astype(v_layer.dtype))
+
+        x = self.embed_tokens(tokens)
+        x, (k_new, v_new) = jax.lax.scan(layer, x, (state, cache.k, cache.v, windows))
+        k_cache = jax.lax.dynamic_update_slice(cache.k, k_new, (0, 0, index, 0, 0))
+        v_cache = jax.lax.dynamic_update_slice(cache.v, v_new, (0, 0, index, 0, 0))
+        hidden = self.norm(x)
+        if last is not None:
+            hidden = jnp.take_along_axis(hidden, last[:, None, None].astype(jnp.int32), axis=1)[:, 0]
+        new_cache = Cache(k=k_cache, v=v_cache, positions=k_pos, valid=k_valid, index=index + T)
+        return self.logits(hidden), new_cache
