@@ -349,6 +349,7 @@ def train(plan, run_dir, *, on_step=None) -> dict:
         from runtime.evaluate import evaluate_before_after
         from runtime.report import write_report
 
-        evaluate_before_after(plan, run_dir)
+        if (plan.data.get("sizes") or {}).get("test"):
+            evaluate_before_after(plan, run_dir)
         log(f"report: {write_report(run_dir)}")
     return summary

@@ -225,7 +225,8 @@ def test_eval_of_a_run_uses_its_config(tune_cli, tmp_path, monkeypatch):
     monkeypatch.setattr(cli, "_runtime", lambda module, name: lambda *a: calls.append((module, a)))
     rc, out, err = tune_cli("eval", "run=trained", "eval.limit=5")
     assert rc == 0, err
-    (module, (plan, run_dir, adapter)), = calls
+    (module, (plan, run_dir, adapter)), (report_module, (report_dir,)) = calls
+    assert (module, report_module) == ("runtime.evaluate", "runtime.report") and report_dir == run_dir
     assert plan.adapter["rank"] == 8 and plan.recipe["name"] == "finance"
     assert plan.config["eval"]["limit"] == 5
     assert Path(adapter) == (tmp_path / "trained" / "adapter").resolve()
