@@ -69,7 +69,7 @@ def _rope(hf: dict) -> tuple[float, tuple | None]:
     if rope_type == "default":
         return theta, None
     keep = {"factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings"}
-    return theta, (("rope_type", rope_type),) + tuple(sorted((k, v) for k, v in scaling.items() if k in keep))
+    return theta, tuple(sorted([("rope_type", rope_type)] + [(k, v) for k, v in scaling.items() if k in keep]))
 
 
 def _sliding_windows(hf: dict, family: str, num_layers: int) -> tuple[int, ...]:
@@ -157,6 +157,13 @@ def _dropout(x, rate: float, key):
     return jnp.where(keep, x / (1.0 - rate), 0).astype(x.dtype)
 
 
+def lora_a_init(key, shape):
+    """PEFT's init of A [.., r, in]: kaiming_uniform(a=√5) = U(±1/√in). B starts at 0, so the adapted
+    model starts exactly as the base model."""
+    bound = 1.0 / math.sqrt(shape[-1])
+    return jax.random.uniform(key, shape, jnp.float32, -bound, bound)
+
+
 class Linear(nnx.Module):
     """y = x Wᵀ (+ b) + (alpha/r)·B(A(dropout(x))). W is [out, in] (torch layout). The LoRA factors are
     stored in float32 whatever the base dtype (they are what the optimiser updates) and cast to the
@@ -170,10 +177,7 @@ class Linear(nnx.Module):
         if lora is None:
             self.lora_A = self.lora_B = None
             return
-        # PEFT: A ~ kaiming_uniform(a=√5) = U(±1/√in), B = 0, so the adapted model starts as the base.
-        bound = 1.0 / math.sqrt(d_in)
-        self.lora_A = LoRAParam(jax.random.uniform(rngs.params(), (lora.rank, d_in), jnp.float32,
-                                                   -bound, bound))
+        self.lora_A = LoRAParam(lora_a_init(rngs.params(), (lora.rank, d_in)))
         self.lora_B = LoRAParam(jnp.zeros((d_out, lora.rank), jnp.float32))
         self.scale = lora.scale
         self.rate = lora.dropout

@@ -3,7 +3,7 @@
 Reading never goes through torch or pickle: safetensors' numpy API memory-maps each file and copies
 out one tensor at a time. The model is first built abstractly (`nnx.eval_shape`: shapes only, no random
 weights), then every frozen variable is filled from the checkpoint — layer i of `layers/...` from
-`model.layers.{i}....` — and only the LoRA factors are initialised for real.
+`model.layers.{i}....` — and only the LoRA factors are drawn (A) or zeroed (B).
 """
 from __future__ import annotations
 
@@ -16,7 +16,7 @@ import numpy as np
 from flax import nnx
 from safetensors import safe_open
 
-from runtime.model import Llama, LoraConfig, LoRAParam, ModelConfig
+from runtime.model import Llama, LoraConfig, LoRAParam, ModelConfig, lora_a_init
 
 # Buffers some checkpoints carry that are recomputed, not loaded.
 _IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)
@@ -76,10 +76,8 @@ def load_pretrained(model_dir, *, lora: LoraConfig | None = None, dtype=jnp.floa
     cfg = read_config(model_dir)
     rngs = rngs if rngs is not None else nnx.Rngs(0)
 
-    def build(rngs):
-        return Llama(cfg, lora=lora, dtype=dtype, param_dtype=param_dtype, remat=remat, rngs=rngs)
-
-    abstract = nnx.eval_shape(lambda: build(nnx.Rngs(0)))
+    abstract = nnx.eval_shape(lambda: Llama(cfg, lora=lora, dtype=dtype, param_dtype=param_dtype,
+                                            remat=remat, rngs=nnx.Rngs(0)))
     graphdef, lora_abstract, frozen_abstract = nnx.split(abstract, LoRAParam, ...)
 
     ckpt = _Checkpoint(model_dir)
@@ -105,13 +103,15 @@ def load_pretrained(model_dir, *, lora: LoraConfig | None = None, dtype=jnp.floa
         raise ValueError(f"{model_dir}: checkpoint has {len(unexpected)} tensor(s) this model does not use, "
                          f"e.g. {sorted(unexpected)[:3]} — is it really a {cfg.family} model?")
 
-    if lora is not None:
-        # Build the whole model under jit but return only the LoRA state: XLA drops the unused random
-        # base weights, and the LoRA values are exactly those an eager Llama(..., rngs=rngs) would draw.
-        lora_state = nnx.jit(lambda rngs: nnx.state(build(rngs), LoRAParam))(rngs)
-    else:
-        lora_state = lora_abstract
-    return nnx.merge(graphdef, nnx.from_flat_state(frozen), lora_state)
+    # LoRA factors: A drawn as PEFT does (one key per stacked variable), B zero.
+    lora_vars = []
+    for k, (path, var) in enumerate(nnx.to_flat_state(lora_abstract)):
+        if path[-1] == "lora_A":
+            value = lora_a_init(jax.random.fold_in(rngs.params(), k), var.shape)
+        else:
+            value = jnp.zeros(var.shape, jnp.float32)
+        lora_vars.append((path, var.copy(value)))
+    return nnx.merge(graphdef, nnx.from_flat_state(frozen), nnx.from_flat_state(lora_vars))
 
 
 def to_hf_state_dict(model: Llama, merged: bool = False) -> dict[str, np.ndarray]:

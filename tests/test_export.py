@@ -1,0 +1,139 @@
+"""Exports read by the ecosystem: the PEFT adapter directory (PeftModel.from_pretrained loads it with no
+missing or unexpected keys and reproduces tune's logits) and the merged checkpoint (equal to PEFT's
+merge_and_unload, loadable by transformers)."""
+import json
+import warnings
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import torch
+from flax import nnx
+from safetensors.numpy import load_file, save_file
+
+from runtime.export import load_peft_adapter, read_lora_config, save_merged, save_peft_adapter
+from runtime.model import LoraConfig, LoRAParam
+from runtime.weights import load_pretrained
+
+LORA = LoraConfig(rank=4, alpha=8.0, dropout=0.05, targets=("q_proj", "v_proj", "o_proj", "gate_proj",
+                                                             "down_proj"))
+
+
+@pytest.fixture(autouse=True)
+def exact_matmuls():
+    with jax.default_matmul_precision("highest"):
+        yield
+
+
+def trained_like(path, lora=LORA, seed=0):
+    """A tune model whose LoRA factors are random and non-zero, as after training."""
+    model = load_pretrained(path, lora=lora)
+    state = nnx.state(model, LoRAParam)
+    leaves, treedef = jax.tree.flatten(state)
+    keys = jax.random.split(jax.random.key(seed), len(leaves))
+    nnx.update(model, jax.tree.unflatten(treedef, [0.3 * jax.random.normal(k, x.shape)
+                                                   for k, x in zip(keys, leaves)]))
+    return model
+
+
+def ids(B=2, T=13, seed=0):
+    return np.random.default_rng(seed).integers(0, 128, (B, T)).astype(np.int32)
+
+
+def tune_logits(model, x):
+    return np.asarray(model.logits(model(jnp.asarray(x))))
+
+
+def torch_logits(model, x):
+    with torch.no_grad():
+        return model(torch.as_tensor(x, dtype=torch.long)).logits.float().numpy()
+
+
+@pytest.mark.parametrize("kind", ["llama", "smollm-tied"])
+def test_peft_loads_adapter_and_reproduces_logits(hf_tiny, tmp_path, kind):
+    from peft import PeftModel, set_peft_model_state_dict
+    from transformers import AutoModelForCausalLM
+
+    _, path = hf_tiny(kind)
+    model = trained_like(path)
+    out = save_peft_adapter(model, tmp_path / "adapter", base_model_name_or_path=str(path))
+    config = json.loads((out / "adapter_config.json").read_text())
+    assert (config["peft_type"], config["task_type"], config["r"], config["lora_alpha"], config["bias"]) == \
+        ("LORA", "CAUSAL_LM", 4, 8.0, "none")
+    assert config["target_modules"] == sorted(LORA.targets)
+    tensors = load_file(str(out / "adapter_model.safetensors"))
+    assert tensors["base_model.model.model.layers.1.self_attn.q_proj.lora_A.weight"].shape == (4, 64)
+    assert tensors["base_model.model.model.layers.0.mlp.down_proj.lora_B.weight"].shape == (64, 4)
+    assert len(tensors) == 2 * len(LORA.targets) * 2
+
+    base = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        peft = PeftModel.from_pretrained(base, out).eval()
+    assert not [w for w in caught if "missing" in str(w.message).lower() or "unexpected" in str(w.message).lower()]
+    # loading the same state dict again reports what matched: no unexpected keys, no LoRA key missing
+    result = set_peft_model_state_dict(peft, {k: torch.from_numpy(v) for k, v in tensors.items()})
+    assert not result.unexpected_keys
+    assert not [k for k in result.missing_keys if "lora_" in k]
+    loaded = {n.replace(".default", ""): p.detach().numpy() for n, p in peft.named_parameters() if "lora_" in n}
+    assert set(loaded) == set(tensors)
+    for name, value in tensors.items():
+        np.testing.assert_array_equal(loaded[name], value)
+    assert peft.peft_config["default"].lora_dropout == pytest.approx(0.05)
+
+    x = ids()
+    np.testing.assert_allclose(torch_logits(peft, x), tune_logits(model, x), atol=1e-4, rtol=0)
+
+
+@pytest.mark.parametrize("kind", ["llama", "smollm-tied"])
+def test_merged_equals_peft_merge_and_unload(hf_tiny, tmp_path, kind):
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    _, path = hf_tiny(kind)
+    model = trained_like(path, seed=1)
+    adapter = save_peft_adapter(model, tmp_path / "adapter", base_model_name_or_path=str(path))
+    merged_dir = save_merged(model, tmp_path / "merged", path)
+    assert (merged_dir / "config.json").read_text() == (path / "config.json").read_text()
+    assert (merged_dir / "generation_config.json").exists()
+
+    base = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+    reference = PeftModel.from_pretrained(base, adapter).merge_and_unload()
+    ref_state = {k: v.numpy() for k, v in reference.state_dict().items()}
+    ours = load_file(str(merged_dir / "model.safetensors"))
+    expected_keys = set(ref_state) - ({"lm_head.weight"} if model.cfg.tie_word_embeddings else set())
+    assert set(ours) == expected_keys
+    for k, v in ours.items():
+        np.testing.assert_allclose(v, ref_state[k], atol=1e-5, rtol=0)
+
+    loaded, info = AutoModelForCausalLM.from_pretrained(merged_dir, dtype=torch.float32,
+                                                        output_loading_info=True)
+    assert not info["missing_keys"] and not info["unexpected_keys"]
+    x = ids(seed=2)
+    np.testing.assert_allclose(torch_logits(loaded.eval(), x), tune_logits(model, x), atol=1e-4, rtol=0)
+    # and tune reads its own merged checkpoint back as a plain model
+    np.testing.assert_allclose(tune_logits(load_pretrained(merged_dir), x), tune_logits(model, x),
+                               atol=1e-4, rtol=0)
+
+
+def test_adapter_round_trip_and_errors(hf_tiny, tmp_path):
+    _, path = hf_tiny("llama")
+    model = trained_like(path, seed=3)
+    out = save_peft_adapter(model, tmp_path / "adapter", base_model_name_or_path="tiny")
+    lora = read_lora_config(out)
+    assert lora.rank == 4 and lora.alpha == 8.0 and set(lora.targets) == set(LORA.targets)
+    fresh = load_peft_adapter(load_pretrained(path, lora=lora), out)
+    for (p, a), (q, b) in zip(nnx.to_flat_state(nnx.state(model, LoRAParam)),
+                              nnx.to_flat_state(nnx.state(fresh, LoRAParam))):
+        assert p == q
+        np.testing.assert_array_equal(np.asarray(a[...]), np.asarray(b[...]))
+
+    with pytest.raises(ValueError, match="rank"):
+        load_peft_adapter(load_pretrained(path, lora=LoraConfig(8, 16.0, 0.0, LORA.targets)), out)
+
+    tensors = load_file(str(out / "adapter_model.safetensors"))
+    del tensors["base_model.model.model.layers.1.self_attn.v_proj.lora_B.weight"]
+    save_file(tensors, str(out / "adapter_model.safetensors"))
+    with pytest.raises(ValueError, match=r"layers\.1\.self_attn\.v_proj\.lora_B"):
+        load_peft_adapter(load_pretrained(path, lora=lora), out)
