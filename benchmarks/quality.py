@@ -1,0 +1,362 @@
+"""Quality: what a tune recipe gets on real held-out data, against the base model and against the same
+training done by a plain Hugging Face transformers + PEFT loop.
+
+For each dataset (under ../shared/data, each with its recipe):
+  1. tune trains the recipe on a fixed-seed sample of the training file (data.max_rows), then scores
+     the base model and the tuned adapter on the first eval.limit rows of the test file
+     (`tune +recipe=R data.path=... data.test_path=... data.max_rows=M eval.limit=L`; the end-of-training
+     eval.json, or `tune eval` where that is missing);
+  2. benchmarks/peft_reference.py trains a PEFT LoRA from the same plan — same token data, LoRA,
+     optimiser, schedule, batch, epochs — and scores it the same way (greedy decoding, the recipe's
+     metric, the same test prompts and references).
+The PEFT loop puts one example per row, tune packs them: for the same epochs tune makes fewer,
+fuller optimizer steps (both step counts are in the table); `--no-pack` makes tune do the same as PEFT.
+
+    python benchmarks/quality.py                                    # all five datasets (long on a CPU)
+    python benchmarks/quality.py --datasets twitter_financial_news_sentiment,legalbench_overruling \
+        --max-rows 300 --limit 100
+
+Writes the table into benchmarks/RESULTS.md (between the quality markers, with the command that
+reproduces it) and the raw figures into benchmarks/results/quality-<platform>.json.
+"""
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import json
+import os
+import platform
+import shlex
+import shutil
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+ROOT = HERE.parent
+sys.path.insert(0, str(HERE))
+sys.path.insert(0, str(ROOT))
+
+from throughput import read_jsonl, run_logged, tune_command  # noqa: E402
+
+DATA = ROOT.parent / "shared" / "data"
+DATASETS = {                                         # folder under DATA → recipe
+    "customer_support/banking77": "customer_support",
+    "legal/legalbench_overruling": "legal",
+    "legal/legalbench_cuad_license_grant": "legal",
+    "financial/twitter_financial_news_sentiment": "finance",
+    "medical/pubmedqa_pqal": "medical",
+}
+RESULTS_MD = HERE / "RESULTS.md"
+BEGIN, END = "<!-- quality:begin -->", "<!-- quality:end -->"
+
+
+def pick_datasets(spec: str | None) -> list[str]:
+    if not spec:
+        return list(DATASETS)
+    out = []
+    for name in spec.split(","):
+        name = name.strip().strip("/")
+        hits = [d for d in DATASETS if d == name or d.split("/")[-1] == name]
+        if not hits:
+            raise SystemExit(f"unknown dataset {name!r}; known: "
+                             + ", ".join(d.split("/")[-1] for d in DATASETS))
+        out += hits
+    return out
+
+
+# ------------------------------------------------------------------------------------------ tune
+
+def common_overrides(args, ds: str) -> list[str]:
+    folder = args.data_root / ds
+    o = [f"+recipe={DATASETS[ds]}", f"data.path={folder / 'train.jsonl'}",
+         f"data.test_path={folder / 'test.jsonl'}", f"data.max_rows={args.max_rows}",
+         f"eval.limit={args.limit}"]
+    if args.steps:
+        o.append(f"schedule.max_steps={args.steps}")
+    if args.epochs:
+        o.append(f"schedule.epochs={args.epochs}")
+    if args.no_pack:
+        o.append("runtime.pack=false")
+    return o + list(args.tune_override or [])
+
+
+def read_eval(path: Path) -> dict:
+    """{"base": value, "tuned": value, "metric", "n"} from whatever eval.json shape is there:
+    {"base": {...}, "tuned": {...}} or a single {"metric", "value", "n"} (returned under "value")."""
+    if not path.is_file():
+        return {}
+    d = json.loads(path.read_text())
+    out = {}
+    for key in ("base", "tuned"):
+        part = d.get(key)
+        if isinstance(part, dict) and "value" in part:
+            out[key] = part["value"]
+            out.setdefault("metric", part.get("metric"))
+            out.setdefault("n", part.get("n"))
+        elif isinstance(part, (int, float)):
+            out[key] = float(part)
+    if "value" in d:
+        out["value"] = d["value"]
+        out.setdefault("metric", d.get("metric"))
+        out.setdefault("n", d.get("n"))
+    return out
+
+
+def tune_eval(args, ds: str, work: Path, run: Path | None, name: str) -> tuple[dict, float]:
+    """`tune eval` of the base model (run None) or of the adapter in `run`."""
+    out_dir = work / name
+    cmd = tune_command() + ["eval"] + common_overrides(args, ds) + [f"hydra.run.dir={out_dir}"]
+    if run is not None:
+        cmd.append(f"run={run}")
+    rc, wall = run_logged(cmd, work / f"{name}.log")
+    if rc != 0:
+        return {"error": f"tune eval exited {rc} (log {work / f'{name}.log'})"}, wall
+    found = read_eval(out_dir / "eval.json")
+    if not found and run is not None:
+        found = read_eval(run / "eval.json")
+    return found, wall
+
+
+def run_tune(args, ds: str, work: Path) -> dict:
+    run_dir = work / "tune"
+    cmd = tune_command() + common_overrides(args, ds) + [f"hydra.run.dir={run_dir}",
+                                                        "runtime.checkpoint_every=0"]
+    print(f"  [tune] {shlex.join(cmd)}", file=sys.stderr, flush=True)
+    rc, wall = run_logged(cmd, work / "tune.log")
+    res = {"command": cmd, "wall_s": wall}
+    if rc != 0:
+        res["error"] = f"tune exited {rc} (log {work / 'tune.log'})"
+        return res
+    summary = run_dir / "train_summary.json"
+    if summary.is_file():
+        s = json.loads(summary.read_text())
+        res.update(steps=s.get("steps"), train_wall_s=s.get("wall_s"), final_loss=s.get("final_loss"),
+                   compile_s=s.get("compile_s"))
+    elif (run_dir / "metrics.jsonl").is_file():
+        rows = [r for r in read_jsonl(run_dir / "metrics.jsonl") if "loss" in r]
+        res.update(steps=len(rows), final_loss=rows[-1]["loss"] if rows else None)
+    ev = read_eval(run_dir / "eval.json")
+    res["base"], res["tuned"] = ev.get("base"), ev.get("tuned")
+    res["metric"], res["n"] = ev.get("metric"), ev.get("n")
+    res["eval_source"] = "end of training" if ev else None
+    if res["tuned"] is None and res["base"] is None and "value" in ev:
+        res["tuned"] = ev["value"]
+    if res["base"] is None:
+        b, w = tune_eval(args, ds, work, None, "tune-eval-base")
+        res["base"], res["base_eval_s"] = b.get("value", b.get("base")), w
+        res["metric"] = res.get("metric") or b.get("metric")
+        res["n"] = res.get("n") or b.get("n")
+        if "error" in b:
+            res["base_error"] = b["error"]
+    if res["tuned"] is None:
+        t, w = tune_eval(args, ds, work, run_dir, "tune-eval-tuned")
+        res["tuned"], res["tuned_eval_s"] = t.get("value", t.get("tuned")), w
+        res["n"] = res.get("n") or t.get("n")
+        res["metric"] = res.get("metric") or t.get("metric")
+        if "error" in t:
+            res["tuned_error"] = t["error"]
+    res["total_s"] = wall + (res.get("base_eval_s") or 0.0) + (res.get("tuned_eval_s") or 0.0)
+    res["run_dir"] = str(run_dir)
+    return res
+
+
+# ------------------------------------------------------------------------------------------ PEFT
+
+def run_peft(args, work: Path, plan_path: Path, *, adapter: Path | None = None, name: str = "peft",
+             base: bool = False) -> dict:
+    out = work / name
+    cmd = [sys.executable, str(HERE / "peft_reference.py"), str(plan_path), "--out", str(out),
+           "--limit", str(args.limit), "--device", args.device, "--quiet"]
+    cmd += ["--adapter", str(adapter)] if adapter else ["--eval"]
+    if base:
+        cmd.append("--eval-base")
+    print(f"  [{name}] {shlex.join(cmd)}", file=sys.stderr, flush=True)
+    rc, wall = run_logged(cmd, work / f"{name}.log")
+    if rc != 0:
+        return {"error": f"exited {rc} (log {work / f'{name}.log'})", "wall_s": wall}
+    r = json.loads((out / "result.json").read_text())
+    res = {"command": cmd, "wall_s": wall, "tuned": (r.get("tuned") or {}).get("value"),
+           "n": (r.get("tuned") or {}).get("n"), "metric": (r.get("tuned") or {}).get("metric"),
+           "train_s": r.get("train_s"), "load_s": r.get("load_s"), "steps": len(r.get("records") or []) or None,
+           "base": (r.get("base") or {}).get("value")}
+    res["predictions"], res["base_predictions"] = r.get("predictions"), r.get("base_predictions")
+    res["eval_s"] = (r.get("tuned") or {}).get("eval_s")
+    recs = r.get("records") or []
+    if recs:
+        res["final_loss"] = recs[-1]["loss"]
+    return res
+
+
+def tune_predictions(run_dir: Path, model: str) -> list[str] | None:
+    """tune's decoded answers for `model` ("base" or "tuned") from run_dir/eval_predictions.jsonl."""
+    path = run_dir / "eval_predictions.jsonl"
+    if not path.is_file():
+        return None
+    rows = [r for r in read_jsonl(path) if r.get("model") == model]
+    return [r["prediction"] for r in sorted(rows, key=lambda r: r["index"])] or None
+
+
+def prediction_agreement(a: list[str] | None, b: list[str] | None) -> float | None:
+    """Share of test rows where two decodes give the same answer (classification-normalised)."""
+    if not a or not b:
+        return None
+    from runtime.metrics import normalise
+
+    n = min(len(a), len(b))
+    return sum(normalise(x, classification=True) == normalise(y, classification=True)
+               for x, y in zip(a[:n], b[:n])) / n
+
+
+# --------------------------------------------------------------------------------------- report
+
+def fmt(x, digits=3):
+    return "—" if x is None else (f"{x:.{digits}f}" if isinstance(x, float) else str(x))
+
+
+def train_s(peft: dict):
+    if peft.get("train_s") is None:
+        return None
+    return peft["train_s"] + (peft.get("load_s") or 0.0)
+
+
+def markdown(results: list[dict], args, command: str, started: str, wall: float) -> str:
+    cross = any(r.get("tune_adapter_hf") is not None for r in results)
+    hfbase = any(r.get("peft", {}).get("base") is not None for r in results)
+    head = ["dataset", "recipe", "metric", "n", "base", "tune", "PEFT"]
+    if hfbase:
+        head.append("base (HF)")
+    if cross:
+        head.append("tune adapter, HF decode")
+    head += ["steps tune / PEFT", "train s tune / PEFT", "total s tune / PEFT", "final loss tune / PEFT"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for r in results:
+        t, p = r.get("tune", {}), r.get("peft", {})
+        row = [r["dataset"].split("/")[-1], r["recipe"], t.get("metric") or p.get("metric") or "—",
+               fmt(t.get("n") or p.get("n")), fmt(t.get("base")), fmt(t.get("tuned")), fmt(p.get("tuned"))]
+        if hfbase:
+            agree = r.get("base_hf_agreement")
+            row.append(fmt(p.get("base"))
+                       + ("" if agree is None else f" (same answer as tune on {agree:.0%} of rows)"))
+        if cross:
+            agree = r.get("tune_adapter_hf_agreement")
+            row.append(fmt(r.get("tune_adapter_hf"))
+                       + ("" if agree is None else f" (same answer as tune on {agree:.0%} of rows)"))
+        row += [f"{fmt(t.get('steps'))} / {fmt(p.get('steps'))}",
+                f"{fmt(t.get('train_wall_s'), 0)} / {fmt(train_s(p), 0)}",
+                f"{fmt(t.get('total_s'), 0)} / {fmt(p.get('wall_s'), 0)}",
+                f"{fmt(t.get('final_loss'))} / {fmt(p.get('final_loss'))}"]
+        lines.append("| " + " | ".join(row) + " |")
+    errors = [f"- {r['dataset']}: {k}: {v}" for r in results for part in ("tune", "peft")
+              for k, v in (r.get(part) or {}).items() if k.endswith("error")]
+    notes = [
+        f"Measured {started} on {platform.machine()} with {os.cpu_count()} CPUs "
+        f"({'GPU' if args.device == 'cuda' else 'CPU'} for PEFT: {args.device}); whole run {wall / 60:.1f} min.",
+        f"Settings: data.max_rows={args.max_rows} (fixed-seed sample of train.jsonl), "
+        f"eval.limit={args.limit} (first rows of test.jsonl), "
+        f"schedule.max_steps={args.steps or 'recipe (epochs)'}, "
+        f"tune {'unpacked (runtime.pack=false)' if args.no_pack else 'packed (default)'}; "
+        "everything else is the recipe's.",
+        "base and tune: tune's own evaluation (greedy decoding, the recipe's metric); PEFT: the same "
+        "plan trained and decoded by transformers + PEFT (benchmarks/peft_reference.py)."
+        + (" base (HF): the base model decoded by transformers." if hfbase else "")
+        + (" tune adapter, HF decode: tune's exported adapter loaded with PeftModel and decoded by "
+           "transformers — should equal the tune column." if cross else ""),
+        "steps: optimizer steps; tune packs several examples per row, so one epoch is fewer steps. "
+        "train s: model loading + training (tune: + compilation); total s: whole processes, "
+        "evaluations included (tune: training process + any `tune eval`; PEFT: train + decode).",
+    ]
+    out = [BEGIN, "## Quality", "", *[n + "\n" for n in notes], "```", command, "```", "", *lines]
+    if errors:
+        out += ["", "Failures:", *errors]
+    out.append(END)
+    return "\n".join(out)
+
+
+def write_results_md(section: str) -> None:
+    text = RESULTS_MD.read_text() if RESULTS_MD.exists() else "# Benchmark results\n"
+    if BEGIN in text and END in text:
+        a, b = text.index(BEGIN), text.index(END) + len(END)
+        text = text[:a] + section + text[b:]
+    else:
+        text = text.rstrip("\n") + "\n\n" + section + "\n"
+    RESULTS_MD.write_text(text if text.endswith("\n") else text + "\n")
+
+
+# ----------------------------------------------------------------------------------------- main
+
+def parse_args(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], epilog=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--datasets", default=None,
+                    help="comma-separated (folder or last part): " + ", ".join(DATASETS))
+    ap.add_argument("--max-rows", type=int, default=1000, help="data.max_rows (default %(default)s)")
+    ap.add_argument("--limit", type=int, default=300, help="eval.limit: test rows scored (default %(default)s)")
+    ap.add_argument("--steps", type=int, default=None, help="schedule.max_steps for both (default: the recipe's epochs)")
+    ap.add_argument("--epochs", type=float, default=None, help="schedule.epochs (default: the recipe's)")
+    ap.add_argument("--no-pack", action="store_true", help="tune with runtime.pack=false")
+    ap.add_argument("--device", default="auto", help="PEFT device: cpu, cuda or auto")
+    ap.add_argument("--data-root", type=Path, default=DATA, help="default: %(default)s")
+    ap.add_argument("--cross-check", action="store_true",
+                    help="also decode tune's exported adapter with transformers + PEFT")
+    ap.add_argument("--hf-base", action="store_true", help="also decode the base model with transformers")
+    ap.add_argument("--skip-peft", action="store_true")
+    ap.add_argument("--work", type=Path, default=None, help="keep runs here (default: a temp dir, removed)")
+    ap.add_argument("--no-write", action="store_true", help="do not update benchmarks/RESULTS.md")
+    ap.add_argument("--tune-override", action="append", metavar="KEY=VALUE", help="extra tune override")
+    return ap.parse_args(argv)
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    argv = sys.argv[1:] if argv is None else list(argv)
+    command = "python benchmarks/quality.py" + ("" if not argv else " " + shlex.join(argv))
+    datasets = pick_datasets(args.datasets)
+    work = args.work or Path(tempfile.mkdtemp(prefix="tune-quality-"))
+    started = dt.datetime.now().strftime("%Y-%m-%d %H:%M")
+    t0 = time.perf_counter()
+    results = []
+    for ds in datasets:
+        print(f"[{ds}] recipe {DATASETS[ds]}", file=sys.stderr, flush=True)
+        w = work / ds.replace("/", "__")
+        if w.exists():
+            shutil.rmtree(w)
+        w.mkdir(parents=True)
+        r = {"dataset": ds, "recipe": DATASETS[ds]}
+        r["tune"] = run_tune(args, ds, w)
+        plan = w / "tune" / "plan.json"
+        if not args.skip_peft and plan.is_file():
+            r["peft"] = run_peft(args, w, plan, base=args.hf_base)
+            if args.cross_check and (w / "tune" / "adapter").is_dir():
+                x = run_peft(args, w, plan, adapter=w / "tune" / "adapter", name="tune-adapter-hf")
+                r["tune_adapter_hf"] = x.get("tuned")
+                r["tune_adapter_hf_agreement"] = prediction_agreement(
+                    tune_predictions(w / "tune", "tuned"), x.get("predictions"))
+            if args.hf_base:
+                r["base_hf_agreement"] = prediction_agreement(
+                    tune_predictions(w / "tune", "base"), r["peft"].get("base_predictions"))
+        results.append(r)
+        t, p = r["tune"], r.get("peft", {})
+        print(f"[{ds}] base {fmt(t.get('base'))}  tune {fmt(t.get('tuned'))}  PEFT {fmt(p.get('tuned'))}"
+              + (f"  (tune adapter via HF {fmt(r.get('tune_adapter_hf'))})" if args.cross_check else ""),
+              file=sys.stderr, flush=True)
+    wall = time.perf_counter() - t0
+    section = markdown(results, args, command, started, wall)
+    print(section)
+    plat = "gpu" if args.device == "cuda" else "cpu"
+    raw = HERE / "results" / f"quality-{plat}.json"
+    raw.parent.mkdir(parents=True, exist_ok=True)
+    raw.write_text(json.dumps({"command": command, "started": started, "wall_s": wall,
+                               "settings": {k: str(v) for k, v in vars(args).items()},
+                               "results": results}, indent=1) + "\n")
+    if not args.no_write:
+        write_results_md(section)
+        print(f"wrote {RESULTS_MD} and {raw}", file=sys.stderr)
+    if args.work is None:
+        shutil.rmtree(work, ignore_errors=True)
+    return 0 if all("error" not in r["tune"] for r in results) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
