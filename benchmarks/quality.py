@@ -308,10 +308,26 @@ def parse_args(argv=None):
     return ap.parse_args(argv)
 
 
+def reproducing(argv: list[str]) -> list[str]:
+    """argv without the options that do not change the figures (where runs are kept, writing)."""
+    out, skip = [], False
+    for a in argv:
+        if skip:
+            skip = False
+            continue
+        if a in ("--work",):
+            skip = True
+            continue
+        if a.startswith("--work=") or a == "--no-write":
+            continue
+        out.append(a)
+    return out
+
+
 def main(argv=None) -> int:
     args = parse_args(argv)
     argv = sys.argv[1:] if argv is None else list(argv)
-    command = "python benchmarks/quality.py" + ("" if not argv else " " + shlex.join(argv))
+    command = "python benchmarks/quality.py" + ("" if not argv else " " + shlex.join(reproducing(argv)))
     datasets = pick_datasets(args.datasets)
     work = args.work or Path(tempfile.mkdtemp(prefix="tune-quality-"))
     started = dt.datetime.now().strftime("%Y-%m-%d %H:%M")

@@ -246,6 +246,8 @@ def parse_args(argv=None):
     ap.add_argument("--work", default=None, help="keep the runs in this directory (default: a temp dir)")
     ap.add_argument("--out", default=None, help="results JSON (default: benchmarks/results/throughput-<platform>.json)")
     ap.add_argument("--skip-peft", action="store_true")
+    ap.add_argument("--record", action="store_true",
+                    help="also write the table into benchmarks/RESULTS.md (its throughput section)")
     ap.add_argument("--skip", type=int, default=1, help="first steps left out of the figures (default 1)")
     ap.add_argument("--repeat", type=int, default=1,
                     help="alternate tune and PEFT runs this many times; report each side's best")
@@ -275,6 +277,49 @@ def wait_quiet(limit_s: float, threshold: float = 0.7) -> float | None:
 def best(runs: list[dict]) -> dict:
     """The run of one side with the highest steady tokens/s (the least disturbed one)."""
     return max(runs, key=lambda r: r["steady"].get("tokens_per_s") or 0)
+
+
+def record(args, argv, header: str, text: str, loads) -> None:
+    """Replace this configuration's section of benchmarks/RESULTS.md with the table."""
+    import datetime as dt
+    import shlex
+
+    argv = sys.argv[1:] if argv is None else list(argv)
+    keep, skip = [], False
+    for a in argv:                      # options that do not change the figures
+        if skip:
+            skip = False
+        elif a in ("--work", "--out"):
+            skip = True
+        elif a != "--record" and not a.startswith(("--work=", "--out=")):
+            keep.append(a)
+    name = "throughput-nopack" if args.no_pack else "throughput"
+    begin, end = f"<!-- {name}:begin -->", f"<!-- {name}:end -->"
+    loads = [x for x in loads if x is not None]
+    section = "\n".join([
+        begin,
+        f"## Throughput{' — tune unpacked (runtime.pack=false)' if args.no_pack else ''}",
+        "",
+        f"Measured {dt.datetime.now():%Y-%m-%d %H:%M}"
+        + (f"; 1-minute load average before the runs {min(loads)}–{max(loads)}" if loads else "") + ".",
+        "",
+        "```",
+        "python benchmarks/throughput.py" + (" " + shlex.join(keep) if keep else ""),
+        "```",
+        "",
+        "```",
+        header,
+        text,
+        "```",
+        end])
+    path = Path(__file__).resolve().parent / "RESULTS.md"
+    doc = path.read_text() if path.exists() else "# Benchmark results\n"
+    if begin in doc and end in doc:
+        doc = doc[:doc.index(begin)] + section + doc[doc.index(end) + len(end):]
+    else:
+        doc = doc.rstrip("\n") + "\n\n" + section + "\n"
+    path.write_text(doc)
+    print(f"recorded in {path}")
 
 
 def main(argv=None) -> int:
@@ -321,11 +366,14 @@ def main(argv=None) -> int:
               + (f"; best of {args.repeat} alternating runs" if args.repeat > 1 else ""))
     print("\n" + header)
     if peft_fig:
-        print(table(tune_fig, peft_fig, tune["wall_s"], peft["process_wall_s"]))
+        text = table(tune_fig, peft_fig, tune["wall_s"], peft["process_wall_s"])
         l1, l2 = tune["records"][0]["loss"], peft["records"][0]["loss"]
-        print(f"step-1 loss: tune {l1:.5f}, PEFT {l2:.5f}"
-              + (" (same batch, LoRA B = 0: must agree)" if args.no_pack else
-                 " (different batches: tune packs)"))
+        text += (f"\nstep-1 loss: tune {l1:.5f}, PEFT {l2:.5f}"
+                 + (" (same batch, LoRA B = 0: must agree)" if args.no_pack else
+                    " (different batches: tune packs)"))
+        print(text)
+        if args.record:
+            record(args, argv, header, text, [r["load_before"] for r in tune_runs + peft_runs])
         loads = [r["load_before"] for r in tune_runs + peft_runs if r.get("load_before") is not None]
         if loads and max(loads) >= 1.0:
             print(f"note: other processes were running (1-min load average up to {max(loads)} before a "
