@@ -179,7 +179,7 @@ def run_peft(args, work: Path, plan_path: Path, *, adapter: Path | None = None, 
     r = json.loads((out / "result.json").read_text())
     res = {"command": cmd, "wall_s": wall, "tuned": (r.get("tuned") or {}).get("value"),
            "n": (r.get("tuned") or {}).get("n"), "metric": (r.get("tuned") or {}).get("metric"),
-           "train_s": r.get("train_s"), "load_s": r.get("load_s"), "steps": len(r.get("records") or []) or None,
+           "train_s": r.get("train_s"), "load_s": r.get("load_s"), "device": r.get("device"), "steps": len(r.get("records") or []) or None,
            "base": (r.get("base") or {}).get("value")}
     res["predictions"], res["base_predictions"] = r.get("predictions"), r.get("base_predictions")
     res["eval_s"] = (r.get("tuned") or {}).get("eval_s")
@@ -223,6 +223,7 @@ def train_s(peft: dict):
 
 def markdown(results: list[dict], args, command: str, started: str, wall: float) -> str:
     cross = any(r.get("tune_adapter_hf") is not None for r in results)
+    devices = {(r.get("peft") or {}).get("device") for r in results} - {None}
     hfbase = any(r.get("peft", {}).get("base") is not None for r in results)
     head = ["dataset", "recipe", "metric", "n", "base", "tune", "PEFT"]
     if hfbase:
@@ -251,8 +252,8 @@ def markdown(results: list[dict], args, command: str, started: str, wall: float)
     errors = [f"- {r['dataset']}: {k}: {v}" for r in results for part in ("tune", "peft")
               for k, v in (r.get(part) or {}).items() if k.endswith("error")]
     notes = [
-        f"Measured {started} on {platform.machine()} with {os.cpu_count()} CPUs "
-        f"({'GPU' if args.device == 'cuda' else 'CPU'} for PEFT: {args.device}); whole run {wall / 60:.1f} min.",
+        f"Measured {started} on {platform.machine()} with {os.cpu_count()} CPUs (PEFT on "
+        f"{', '.join(sorted(devices)) or args.device}); whole run {wall / 60:.1f} min.",
         f"Settings: data.max_rows={args.max_rows} (fixed-seed sample of train.jsonl), "
         f"eval.limit={args.limit} (first rows of test.jsonl), "
         f"schedule.max_steps={args.steps or 'recipe (epochs)'}, "
@@ -360,7 +361,8 @@ def main(argv=None) -> int:
     wall = time.perf_counter() - t0
     section = markdown(results, args, command, started, wall)
     print(section)
-    plat = "gpu" if args.device == "cuda" else "cpu"
+    devices = {(r.get("peft") or {}).get("device") for r in results} - {None}
+    plat = "gpu" if any(str(d).startswith("cuda") for d in devices) or args.device == "cuda" else "cpu"
     raw = HERE / "results" / f"quality-{plat}.json"
     raw.parent.mkdir(parents=True, exist_ok=True)
     raw.write_text(json.dumps({"command": command, "started": started, "wall_s": wall,
