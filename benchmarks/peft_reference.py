@@ -63,11 +63,12 @@ def _section(plan: dict, name: str) -> dict:
 
 
 def eval_config(plan: dict) -> dict:
-    return (_section(plan, "config").get("eval") or {})
+    """The plan's resolved evaluation settings (metric, mode, max_new_tokens, limit, batch_size)."""
+    return _section(plan, "eval")
 
 
 def runtime_config(plan: dict) -> dict:
-    return (_section(plan, "config").get("runtime") or {})
+    return _section(plan, "runtime")
 
 
 # ------------------------------------------------------------------------------------- token data
@@ -96,7 +97,8 @@ def _from_npz(path) -> dict:
 
 def load_token_data(plan: dict) -> TokenData:
     """The examples the compiler tokenised for this plan. Reads the plan's cache file (.npz + .json)
-    directly when it is there; otherwise asks compiler.examples.load_examples to rebuild it."""
+    directly when it is there; otherwise asks compiler.examples.load_examples (which says how to
+    rebuild it)."""
     data = _section(plan, "data")
     cache = data.get("cache")
     splits = None
@@ -105,7 +107,7 @@ def load_token_data(plan: dict) -> TokenData:
     else:
         from compiler.examples import load_examples  # rebuilds the cache from the plan
 
-        ex = load_examples(data)
+        ex = load_examples(data.get("cache"))
         splits = {}
         for s in SPLITS:
             try:

@@ -57,7 +57,7 @@ def tune_command() -> list[str]:
     found = shutil.which("tune")
     if found:
         return [found]
-    return [sys.executable, "-c", "import sys; from compiler.cli import main; sys.exit(main())"]
+    return [sys.executable, "-m", "tune"]
 
 
 def run_logged(cmd: list[str], log_path: Path, *, env=None, echo=False) -> tuple[int, float]:
@@ -111,7 +111,7 @@ def tune_step_counts(plan: dict, steps: int) -> list[dict] | None:
     from peft_reference import load_token_data
 
     data = load_token_data(plan)
-    s, rt = plan["schedule"], (plan.get("config") or {}).get("runtime") or {}
+    s, rt = plan["schedule"], plan.get("runtime") or {}
     shape = BatchShape(int(s.get("grad_accum") or 1), int(s["batch_size"]), int(s["seq_len"]))
     ids, plens = data.split("train")
     batcher = Batcher(ids, plens, shape, pack=bool(rt.get("pack", True)), seed=int(s.get("seed") or 0))

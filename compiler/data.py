@@ -7,7 +7,6 @@ the 1-based line.
 from __future__ import annotations
 
 import csv
-import hashlib
 import io
 import json
 import os
@@ -163,14 +162,6 @@ def _read_parquet(path: Path, *, key: str) -> list[dict]:
 def _json_type(value) -> str:
     return {list: "array", str: "string", int: "number", float: "number", bool: "boolean",
             type(None): "null", dict: "object"}.get(type(value), type(value).__name__)
-
-
-def file_sha256(path: str | Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 # ------------------------------------------------------------------------------ cleaning

@@ -5,8 +5,9 @@ import difflib
 from collections.abc import Iterable
 
 
-class PlanError(Exception):
-    """A config, recipe or data problem found before anything heavy runs.
+class PlanError(ValueError):
+    """A config, recipe or data problem found before anything heavy runs (a ValueError: a bad value
+    the user gave).
 
     key:  the config key path (``schedule.lr``) or a short subject (``recipe``) it is about.
     file/line: where in a file the problem sits, when it sits in one.

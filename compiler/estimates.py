@@ -1,8 +1,7 @@
 """Steps, memory and time, estimated before anything runs. Arithmetic only: no JAX here.
 
-Memory and time are estimates with stated formulas, good to tell "fits" from "does not fit" and
-minutes from hours; steps are exact when the example lengths are given (the runtime's packing is
-reproduced) and estimated from the mean length otherwise.
+Steps are exact (the runtime packs rows with the same rule, compiler/packing.py). Memory and time are
+estimates with stated formulas, good to tell "fits" from "does not fit" and minutes from hours.
 """
 from __future__ import annotations
 
@@ -16,6 +15,8 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
+
+from compiler import packing
 
 UTILISATION = 0.4        # share of peak FLOP/s a well-fed LoRA step reaches on a GPU or TPU
 CPU_EFFICIENCY = 0.5     # share of numpy's best matmul rate a jitted CPU training step reaches (SmolLM2-135M, 8×256: ~0.5-0.7)
@@ -33,60 +34,23 @@ TPU_PEAK_BF16 = (("v6e", 918e12), ("v5p", 459e12), ("v5litepod", 197e12), ("v5e"
 
 # ------------------------------------------------------------------------------ schedule
 
-def schedule_steps(n_train: int, *, batch_size: int, grad_accum: int, epochs: float,
-                   max_steps: int | None, warmup: float | int, pack: bool, mean_tokens: float,
-                   seq_len: int, n_data_shards: int = 1,
-                   lengths: Sequence[int] | None = None) -> dict:
-    """steps_per_epoch, total_steps, warmup_steps (and rows_per_epoch, exact).
+def schedule_steps(lengths: Sequence[int], *, batch_size: int, grad_accum: int, epochs: float,
+                   max_steps: int | None, warmup: float | int, pack: bool, seq_len: int) -> dict:
+    """rows_per_epoch, steps_per_epoch, total_steps, warmup_steps for training examples of these
+    token counts — exactly the runtime's, since both count with compiler/packing.py.
 
-    A step consumes batch_size × grad_accum rows of seq_len tokens. Unpacked, a row is one example.
-    Packed, with `lengths` (tokens per train example) the row count is that of the runtime's
-    best-fit-decreasing packing, exactly; without, about floor(seq_len / mean_tokens) examples share
-    a row. total_steps = ceil(epochs × steps_per_epoch), or max_steps when set (> 0). warmup < 1 is a
-    fraction of total_steps, else a step count; never more than total_steps."""
-    rows_per_step = max(1, int(batch_size) * int(grad_accum))
-    exact = lengths is not None
-    if exact:
-        slots = np.asarray(lengths, dtype=np.int64) - 1     # an example of L tokens fills L-1 slots
-        slots = slots[slots > 0]
-        rows = packed_rows(slots, seq_len) if pack else len(slots)
-    elif pack:
-        per_row = max(1, math.floor(seq_len / max(float(mean_tokens), 1.0)))
-        rows = math.ceil(n_train / per_row)
-    else:
-        rows = int(n_train)
-    shards = max(1, int(n_data_shards))
-    rows = shards * math.ceil(rows / shards)   # every data shard gets whole rows
-    steps_per_epoch = max(1, math.ceil(rows / rows_per_step))
-    total = max(1, math.ceil(float(epochs or 1) * steps_per_epoch))
+    A step consumes batch_size × grad_accum rows of seq_len slots. total_steps = ceil(epochs ×
+    steps_per_epoch), or max_steps when set (> 0). warmup < 1 is a fraction of total_steps, else a
+    step count; never more than total_steps."""
+    rows = packing.count_rows(lengths, seq_len, pack=pack)
+    per_epoch = packing.steps_per_epoch(rows, int(batch_size) * int(grad_accum))
+    total = max(1, math.ceil(float(epochs or 1) * per_epoch))
     if max_steps is not None and int(max_steps) > 0:
         total = int(max_steps)
     warmup = warmup or 0
     warmup_steps = round(float(warmup) * total) if float(warmup) < 1 else int(warmup)
-    return {"steps_per_epoch": steps_per_epoch, "total_steps": total,
-            "warmup_steps": max(0, min(warmup_steps, total)), "rows_per_epoch": rows,
-            "exact": exact}
-
-
-def packed_rows(slots: Sequence[int], seq_len: int) -> int:
-    """Rows of seq_len slots that best-fit-decreasing packing fills (runtime/batching.pack_rows):
-    longest first, each into the fullest row it still fits in. The count depends only on the lengths
-    (rows with equal free space are interchangeable), so no randomness is needed here."""
-    slots = np.sort(np.asarray(slots, dtype=np.int64))[::-1]
-    if len(slots) and slots[0] > seq_len:
-        raise ValueError(f"an example needs {int(slots[0])} slots, more than seq_len={seq_len}")
-    free = np.zeros(seq_len + 1, dtype=np.int64)   # free[r]: rows with r slots left
-    rows = 0
-    for need in slots.tolist():
-        fits = np.flatnonzero(free[need:])
-        if len(fits):
-            r = need + int(fits[0])
-            free[r] -= 1
-        else:
-            r = seq_len
-            rows += 1
-        free[r - need] += 1
-    return rows
+    return {"rows_per_epoch": rows, "steps_per_epoch": per_epoch, "total_steps": total,
+            "warmup_steps": max(0, min(warmup_steps, total))}
 
 
 # ------------------------------------------------------------------------------ memory

@@ -12,15 +12,16 @@ Over-length examples (prompt + answer > data.max_length tokens):
   max_length - 1 tokens (it then lacks its end token; counted as truncated all the same).
 Examples with no supervised token are dropped and counted (no_supervised).
 
-Cache: `<cache_dir>/<key>.npz` (arrays, see SPEC "Token data") + `<key>.json` (stats, test references,
-labels). The key hashes everything the tokens depend on, including the rows themselves, so a second
-compile of the same inputs loads the cache without tokenising.
+Cache: `<cache_dir>/<key>.npz` — per split (train, val, test) `{split}_ids` (int32, all examples'
+ids end to end), `{split}_offsets` (int64, where each example starts; one more than examples) and
+`{split}_prompt_lens` (int32) — plus `<key>.json` (stats, test references, labels). The key hashes
+everything the tokens depend on, including the rows themselves, so a second compile of the same
+inputs loads the cache without tokenising. A process reads a cache at most once (load_examples).
 """
 from __future__ import annotations
 
 import hashlib
 import json
-import os
 from dataclasses import dataclass, field
 from itertools import chain
 from pathlib import Path
@@ -28,64 +29,15 @@ from pathlib import Path
 import numpy as np
 
 from compiler.errors import PlanError
+from compiler.files import sha256_file, write_atomic
 from compiler.templates import mark_example, placeholders, render, to_prompt_completion
+from compiler.tokenizer import TOKENIZER_FILE, load_tokenizer, special_prefix_ids, special_token
 
 CACHE_VERSION = 1
 SPLITS = ("train", "val", "test")
+COUNTS = ("truncated", "dropped_too_long", "no_supervised")
 MAX_LABELS = 1000      # more distinct answers than this is generation, not classification: no label set
 POLICIES = ("truncate", "drop")
-
-
-# ------------------------------------------------------------------------------ tokenizer
-
-def load_tokenizer(tokenizer_dir: str | Path):
-    """The tokenizers.Tokenizer of tokenizer_dir/tokenizer.json, with truncation and padding off
-    (some tokenizer.json files ship with them on; lengths are this module's business)."""
-    from tokenizers import Tokenizer
-
-    path = Path(tokenizer_dir) / "tokenizer.json"
-    if not path.is_file():
-        raise PlanError("model.path", f"{tokenizer_dir} has no tokenizer.json.",
-                        hint="save one with `AutoTokenizer.from_pretrained(DIR).save_pretrained(DIR)`.")
-    tok = Tokenizer.from_file(str(path))
-    tok.no_truncation()
-    tok.no_padding()
-    return tok
-
-
-def special_prefix_ids(tokenizer) -> list[int]:
-    """The ids the tokenizer's post-processor puts before a text (Llama's BOS; nothing for SmolLM2,
-    Qwen). Plain (non-chat) prompts start with them, as `tokenizer(text)` would; chat prompts get
-    whatever the chat template writes itself."""
-    plain = tokenizer.encode("x", add_special_tokens=False).ids
-    full = tokenizer.encode("x", add_special_tokens=True).ids
-    for i in range(len(full) - len(plain) + 1):
-        if full[i:i + len(plain)] == plain:
-            return list(full[:i])
-    return []
-
-
-def encode_prompt(tokenizer, prompt_part: str, *, chat: bool) -> np.ndarray:
-    """Token ids of a prompt exactly as training tokenised it (for generation)."""
-    ids = tokenizer.encode(prompt_part, add_special_tokens=False).ids
-    prefix = [] if chat else special_prefix_ids(tokenizer)
-    return np.asarray(prefix + list(ids), dtype=np.int32)
-
-
-def tokenizer_bos_token(tokenizer_dir: str | Path) -> str:
-    """tokenizer_config.json's bos_token as text ('' when none), for chat templates that print it."""
-    path = Path(tokenizer_dir) / "tokenizer_config.json"
-    try:
-        bos = json.loads(path.read_text(encoding="utf-8")).get("bos_token")
-    except (OSError, ValueError):
-        return ""
-    if isinstance(bos, dict):
-        bos = bos.get("content")
-    return bos if isinstance(bos, str) else ""
-
-
-def _sha256_file(path: Path) -> str:
-    return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
 # ------------------------------------------------------------------------------ build
@@ -94,7 +46,9 @@ def build_examples(splits: dict[str, list[dict]], *, template: dict, tokenizer_d
                    chat_template: str | None, eos_token: str, max_length: int, overlength: str,
                    cache_dir: Path, key_material: dict, bos_token: str | None = None) -> dict:
     """Tokenise the rows of each split (train, val, test; missing = empty) and write the cache, or
-    load it when the same inputs were built before. Returns the data stats for the plan."""
+    load it when the same inputs were built before. Returns the data stats for the plan, with the
+    cache's path (`cache`) and content key (`key`); `load_examples(stats["cache"])` then costs no
+    second read in this process."""
     if overlength not in POLICIES:
         raise PlanError("data.overlength", f"unknown policy `{overlength}`.",
                         hint="truncate (cut the prompt's start, keep the answer) or drop.")
@@ -104,118 +58,130 @@ def build_examples(splits: dict[str, list[dict]], *, template: dict, tokenizer_d
                         hint="a prompt token and an answer token; 512 is typical.")
     chat = bool(template.get("chat"))
     if bos_token is None:
-        bos_token = tokenizer_bos_token(tokenizer_dir)
-    tokenizer_path = Path(tokenizer_dir) / "tokenizer.json"
+        bos_token = special_token(tokenizer_dir, "bos_token")
+    tokenizer_path = Path(tokenizer_dir) / TOKENIZER_FILE
     if not tokenizer_path.is_file():
         raise PlanError("model.path", f"{tokenizer_dir} has no tokenizer.json.")
     splits = {name: list(splits.get(name) or []) for name in SPLITS}
     tmpl = {k: template.get(k) for k in ("prompt", "response", "system", "chat")}
 
     key = _cache_key(splits, tmpl=tmpl, chat_template=chat_template if chat else None,
-                     tokenizer_hash=_sha256_file(tokenizer_path), eos_token=eos_token,
+                     tokenizer_hash=sha256_file(tokenizer_path), eos_token=eos_token,
                      bos_token=bos_token, max_length=max_length, overlength=overlength,
                      key_material=key_material)
     cache_dir = Path(cache_dir).expanduser().resolve()
     npz_path, meta_path = cache_dir / f"{key}.npz", cache_dir / f"{key}.json"
-    if npz_path.is_file() and meta_path.is_file():
-        try:
-            meta = json.loads(meta_path.read_text(encoding="utf-8"))
-            if meta.get("key") == key and meta.get("version") == CACHE_VERSION:
-                return {"cache": str(npz_path), "key": key, **meta["stats"]}
-        except (OSError, ValueError, KeyError):
-            pass  # unreadable sidecar: rebuild over it
+    cached = _cached_stats(npz_path, meta_path, key)
+    if cached is not None:
+        return {"cache": str(npz_path), "key": key, **cached}
 
     tokenizer = load_tokenizer(tokenizer_dir)
-    prefix = [] if chat else special_prefix_ids(tokenizer)
-
-    # render: (prompt part, supervised part, response text) per row, split by split
-    rendered: dict[str, list[tuple[str, str, str]]] = {}
-    for name, rows in splits.items():
-        out = []
-        for row in rows:
-            prompt, response, system = render(row, tmpl)
-            head, tail = to_prompt_completion(prompt, response, system, chat=chat,
-                                              chat_template=chat_template, eos_token=eos_token,
-                                              bos_token=bos_token)
-            out.append((head, tail, response))
-        rendered[name] = out
-
-    # tokenise each distinct text once (classification answers repeat), in two multithreaded batches
+    rendered = _render(splits, tmpl, chat_template=chat_template, eos_token=eos_token,
+                       bos_token=bos_token)
     heads = _encode_unique(tokenizer, [h for r in rendered.values() for h, _, _ in r])
     tails = _encode_unique(tokenizer, [t for r in rendered.values() for _, t, _ in r])
+    prefix = [] if chat else special_prefix_ids(tokenizer)
 
     arrays: dict[str, np.ndarray] = {}
-    stats = {"truncated": 0, "dropped_too_long": 0, "no_supervised": 0}
-    per_split, sizes = {}, {}
-    train_lengths = np.zeros(0, dtype=np.int64)
-    train_supervised: list[int] = []
-    shown: list[str] = []
-    references: list[str] = []
-    labels: set[str] = set()
-    i = 0
+    out, i = {}, 0
     for name in SPLITS:
-        counts = {"truncated": 0, "dropped_too_long": 0, "no_supervised": 0}
-        seqs, plens, lengths = [], [], []
-        for head, tail, response in rendered[name]:
-            p_ids, s_ids = prefix + heads[i], tails[i]
-            i += 1
-            n_p, n_s = len(p_ids), len(s_ids)
-            lengths.append(n_p + n_s)
-            if n_s == 0:
-                counts["no_supervised"] += 1
-                continue
-            cut = False
-            if n_p + n_s > max_length:
-                if overlength == "drop":
-                    counts["dropped_too_long"] += 1
-                    continue
-                p_ids, s_ids = truncate(p_ids, s_ids, max_length)
-                counts["truncated"] += 1
-                cut = True
-            seqs.append(p_ids + s_ids)
-            plens.append(len(p_ids))
-            if name == "train":
-                train_supervised.append(len(s_ids))
-                labels.add(response.strip().casefold())
-                if len(shown) < 2:
-                    if cut:
-                        head = tokenizer.decode(p_ids, skip_special_tokens=False)
-                        tail = tokenizer.decode(s_ids, skip_special_tokens=False)
-                    shown.append(mark_example(head, tail))
-            elif name == "test":
-                references.append(response)
-        offsets = np.zeros(len(seqs) + 1, dtype=np.int64)
-        np.cumsum([len(s) for s in seqs], out=offsets[1:])
-        arrays[f"{name}_ids"] = np.fromiter(chain.from_iterable(seqs), dtype=np.int32, count=int(offsets[-1]))
-        arrays[f"{name}_offsets"] = offsets
-        arrays[f"{name}_prompt_lens"] = np.asarray(plens, dtype=np.int32)
-        sizes[name] = len(seqs)
-        per_split[name] = counts
-        for k in stats:
-            stats[k] += counts[k]
-        if name == "train":
-            train_lengths = np.asarray(lengths, dtype=np.int64)
+        n = len(rendered[name])
+        out[name] = _tokenise_split(rendered[name], [prefix + h for h in heads[i:i + n]],
+                                    tails[i:i + n], max_length=max_length, overlength=overlength)
+        i += n
+        arrays.update(_pack_arrays(name, out[name]["seqs"], out[name]["plens"]))
+    stats = _stats(out, tokenizer, max_length=max_length, overlength=overlength)
+    labels = stats.pop("_labels")
+    meta = {"version": CACHE_VERSION, "key": key, "stats": stats,
+            "test": {"references": out["test"]["responses"]}, "labels": labels}
+    write_atomic(npz_path, lambda f: np.savez(f, **arrays))
+    write_atomic(meta_path, json.dumps(meta, ensure_ascii=False))
+    _remember(npz_path, _examples(npz_path, arrays, meta))
+    return {"cache": str(npz_path), "key": key, **stats}
 
-    distinct = sorted(labels)
-    stats = {
-        "tokens": _percentiles(train_lengths),
-        **stats,
-        "supervised": {"min": int(min(train_supervised)) if train_supervised else 0,
-                       "mean": round(float(np.mean(train_supervised)), 2) if train_supervised else 0.0},
-        "sizes": sizes,
-        "per_split": per_split,
+
+def _stats(out: dict, tokenizer, *, max_length: int, overlength: str) -> dict:
+    """The plan's data stats from the tokenised splits (and, under `_labels`, the label set)."""
+    train = out["train"]
+    shown = [mark_example(tokenizer.decode(p, skip_special_tokens=False) if cut else head,
+                          tokenizer.decode(s, skip_special_tokens=False) if cut else tail)
+             for head, tail, p, s, cut in train["shown"]]
+    distinct = sorted({response.strip().casefold() for response in train["responses"]})
+    supervised = train["supervised"]
+    return {
+        "tokens": _percentiles(np.asarray(train["lengths"], dtype=np.int64)),
+        **{k: sum(o["counts"][k] for o in out.values()) for k in COUNTS},
+        "supervised": {"min": int(min(supervised)) if supervised else 0,
+                       "mean": round(float(np.mean(supervised)), 2) if supervised else 0.0},
+        "sizes": {name: len(o["seqs"]) for name, o in out.items()},
+        "per_split": {name: o["counts"] for name, o in out.items()},
         "max_length": max_length,
         "overlength": overlength,
         "n_labels": len(distinct),
         "examples": shown,
+        "_labels": distinct if len(distinct) <= MAX_LABELS else [],
     }
-    meta = {"version": CACHE_VERSION, "key": key, "stats": stats,
-            "test": {"references": references},
-            "labels": distinct if len(distinct) <= MAX_LABELS else []}
-    cache_dir.mkdir(parents=True, exist_ok=True)
-    _write_atomic(npz_path, lambda f: np.savez(f, **arrays))
-    _write_atomic(meta_path, lambda f: f.write(json.dumps(meta, ensure_ascii=False).encode("utf-8")))
-    return {"cache": str(npz_path), "key": key, **stats}
+
+
+def _cached_stats(npz_path: Path, meta_path: Path, key: str) -> dict | None:
+    if not (npz_path.is_file() and meta_path.is_file()):
+        return None
+    try:
+        meta = json.loads(meta_path.read_text(encoding="utf-8"))
+        if meta.get("key") == key and meta.get("version") == CACHE_VERSION:
+            return meta["stats"]
+    except (OSError, ValueError, KeyError):
+        pass  # unreadable sidecar: rebuild over it
+    return None
+
+
+def _render(splits: dict, tmpl: dict, **chat) -> dict[str, list[tuple[str, str, str]]]:
+    """(prompt part, supervised part, response text) per row, split by split."""
+    out = {}
+    for name, rows in splits.items():
+        out[name] = []
+        for row in rows:
+            prompt, response, system = render(row, tmpl)
+            head, tail = to_prompt_completion(prompt, response, system, chat=bool(tmpl.get("chat")),
+                                              **chat)
+            out[name].append((head, tail, response))
+    return out
+
+
+def _tokenise_split(rendered, heads, tails, *, max_length: int, overlength: str) -> dict:
+    """One split's token sequences after the over-length policy, with what the stats need."""
+    counts = dict.fromkeys(COUNTS, 0)
+    seqs, plens, lengths, supervised, responses, shown = [], [], [], [], [], []
+    for (head, tail, response), p_ids, s_ids in zip(rendered, heads, tails):
+        lengths.append(len(p_ids) + len(s_ids))
+        if not s_ids:
+            counts["no_supervised"] += 1
+            continue
+        cut = len(p_ids) + len(s_ids) > max_length
+        if cut:
+            if overlength == "drop":
+                counts["dropped_too_long"] += 1
+                continue
+            p_ids, s_ids = truncate(p_ids, s_ids, max_length)
+            counts["truncated"] += 1
+        seqs.append(p_ids + s_ids)
+        plens.append(len(p_ids))
+        supervised.append(len(s_ids))
+        responses.append(response)
+        if len(shown) < 2:
+            shown.append((head, tail, p_ids, s_ids, cut))
+    return {"seqs": seqs, "plens": plens, "lengths": lengths, "supervised": supervised,
+            "responses": responses, "shown": shown, "counts": counts}
+
+
+def _pack_arrays(name: str, seqs: list[list[int]], plens: list[int]) -> dict[str, np.ndarray]:
+    """A split as flat ids + offsets + prompt lengths (the cache's layout)."""
+    offsets = np.zeros(len(seqs) + 1, dtype=np.int64)
+    np.cumsum([len(s) for s in seqs], out=offsets[1:])
+    return {f"{name}_ids": np.fromiter(chain.from_iterable(seqs), dtype=np.int32,
+                                       count=int(offsets[-1])),
+            f"{name}_offsets": offsets,
+            f"{name}_prompt_lens": np.asarray(plens, dtype=np.int32)}
 
 
 def truncate(p_ids: list[int], s_ids: list[int], max_length: int) -> tuple[list[int], list[int]]:
@@ -264,17 +230,6 @@ def _cache_key(splits: dict, *, tmpl: dict, chat_template, tokenizer_hash: str, 
     return h.hexdigest()[:32]
 
 
-def _write_atomic(path: Path, write) -> None:
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        with open(tmp, "wb") as f:
-            write(f)
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
-
-
 # ------------------------------------------------------------------------------ load
 
 @dataclass(frozen=True)
@@ -299,18 +254,47 @@ class Examples:
         return np.diff(offsets) if offsets is not None else np.zeros(0, dtype=np.int64)
 
 
-def load_examples(data_section: dict) -> Examples:
-    """The token data a plan's data section points at (its `cache`)."""
-    if not data_section.get("cache"):
-        raise FileNotFoundError("the plan's data section names no token cache; compile the plan again")
-    path = Path(data_section["cache"])
+def load_examples(cache: str | Path) -> Examples:
+    """The token data at `cache` (a plan's data.cache). Read once per process: later calls for the
+    same, unchanged files return the same object (the compiler, the trainer and the evaluation of
+    one `tune` run share one read)."""
+    if not cache:
+        raise FileNotFoundError("the plan names no token cache (it has no examples); compile the plan "
+                                "again with data")
+    path = Path(cache)
     meta_path = path.with_suffix(".json")
-    for p in (path, meta_path):
-        if not p.is_file():
-            raise FileNotFoundError(f"the plan's token cache {p} is missing (deleted, or the plan was "
-                                    "compiled on another machine); compile the plan again to rebuild it")
+    try:
+        stamp = tuple((p.stat().st_mtime_ns, p.stat().st_size) for p in (path, meta_path))
+    except FileNotFoundError:
+        missing = path if not path.is_file() else meta_path
+        raise FileNotFoundError(f"the plan's token cache {missing} is missing (deleted, or the plan "
+                                "was compiled on another machine); compile the plan again to rebuild "
+                                "it") from None
+    hit = _LOADED.get(str(path))
+    if hit is not None and hit[0] == stamp:
+        return hit[1]
     with np.load(path) as npz:
         arrays = {k: npz[k] for k in npz.files}
     meta = json.loads(meta_path.read_text(encoding="utf-8"))
+    examples = _examples(path, arrays, meta)
+    _remember(path, examples, stamp)
+    return examples
+
+
+# path → (file stamps, Examples): the last few token caches this process read or wrote
+_LOADED: dict[str, tuple] = {}
+_KEEP = 2
+
+
+def _examples(path: Path, arrays: dict, meta: dict) -> Examples:
     return Examples(path=str(path), arrays=arrays, references=list(meta["test"]["references"]),
                     labels=list(meta.get("labels") or []), stats=meta.get("stats") or {})
+
+
+def _remember(path: Path, examples: Examples, stamp: tuple | None = None) -> None:
+    if stamp is None:
+        stamp = tuple((p.stat().st_mtime_ns, p.stat().st_size) for p in (path, path.with_suffix(".json")))
+    _LOADED.pop(str(path), None)
+    _LOADED[str(path)] = (stamp, examples)
+    while len(_LOADED) > _KEEP:
+        _LOADED.pop(next(iter(_LOADED)))

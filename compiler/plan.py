@@ -1,137 +1,408 @@
-"""The Plan: everything the runtime needs, compiled, checked and content-hashed.
+"""The Plan: every value the runtime needs, resolved once by the compiler, typed, and content-hashed.
 
-A Plan is a frozen dataclass that round-trips through JSON (sorted keys, so the same plan is the same
-bytes). Its hash covers what determines the training result: the resolved config (data paths stand in
-as their files' sha256, the run directory and prompt are left out), the data file hashes, the model's
-config and tokenizer hashes and the token examples' cache key. Timestamps, run directories and
-estimates are not in it, so recompiling an unchanged recipe gives the same hash.
+A Plan is a tree of frozen dataclasses, one section per concern (model, data, template, adapter,
+schedule, runtime, eval) plus the compiler's estimates. The runtime reads these fields and nothing
+else: it keeps no defaults of its own and never looks at `config`, the validated config the plan was
+compiled from (kept for provenance, for `tune eval run=DIR` and for rebuilding a token cache).
+
+plan.json is the Plan as JSON with sorted keys, so the same plan is the same bytes; reading it back
+gives an equal Plan. A plan.json of another format version is refused with a message, never misread.
+
+The hash covers what determines the training result: every section except the compiler's estimates,
+its warnings and what depends only on where things are (file and directory paths, the token cache's
+location, $TUNE_HOME, the recipe's path, the run directory, the prompt). Data files enter through
+their sha256 and the model through the hashes of its config and tokenizer; recompiling an unchanged
+recipe gives the same hash, and editing any resolved value changes it.
 """
 from __future__ import annotations
 
 import copy
+import dataclasses
 import hashlib
 import json
-import os
-import tempfile
-from dataclasses import asdict, dataclass, field, fields
+import types
+import typing
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
-PLAN_VERSION = 1
-VOLATILE_CONFIG_KEYS = ("run", "prompt")
+from compiler.architecture import MODULE_NAMES, ModelConfig
+from compiler.errors import PlanError
+from compiler.files import write_atomic
+
+PLAN_VERSION = 2
+
+
+# ------------------------------------------------------------------------------ sections
+
+@dataclass(frozen=True)
+class ModelSection:
+    name: str
+    source: str                     # embedded | local | hub
+    dir: str                        # absolute path of the Hugging Face-layout directory
+    architecture: str               # e.g. LlamaForCausalLM
+    config: ModelConfig             # config.json, read once (compiler/architecture.py)
+    params: int
+    chat_template: str | None
+    bos_token_id: int | None
+    eos_token_id: int               # the end-of-response token the tokenizer declares
+    eos_token_ids: tuple[int, ...]  # every id that ends generation (tokenizer, config, generation config)
+    pad_token_id: int
+    bos_token: str                  # tokenizer_config.json's bos/eos tokens as text ('' when none), for
+    eos_token: str                  # chat templates that print them and plain prompts that end with eos
+    config_hash: str                # sha256 of the canonical config.json
+    tokenizer_hash: str             # sha256 of tokenizer.json + chat template
+
+    @property
+    def family(self) -> str:
+        return self.config.family
+
+    @property
+    def module_names(self) -> tuple[str, ...]:
+        return MODULE_NAMES
+
+    @property
+    def linear_shapes(self) -> dict[str, tuple[int, int]]:
+        return self.config.linear_shapes()
+
+
+@dataclass(frozen=True)
+class TableStats:
+    """One data file as read: where, its hash, its fields and what happened to its rows."""
+    file: str
+    sha256: str
+    fields: tuple[str, ...]
+    read: int
+    kept: int
+    dropped: dict[str, int]         # reason → rows
+    sampled: int | None = None      # training file: rows after data.max_rows
+    train: int | None = None        # ... of which trained on
+    val: int | None = None          # ... and held out for validation
+
+
+@dataclass(frozen=True)
+class DataSection:
+    format: str
+    max_rows: int | None
+    val_fraction: float
+    max_length: int                 # tokens per example; the packed row length
+    overlength: str
+    dedupe: bool
+    train: TableStats | None
+    test: TableStats | None
+    cache: str | None               # the token data (.npz; compiler/examples.py); None = no examples
+    key: str | None                 # its content key
+    sizes: dict[str, int]           # examples per split (train, val, test) after tokenising
+    tokens: dict[str, int]          # p50, p95, max tokens per training example
+    truncated: int
+    dropped_too_long: int
+    no_supervised: int
+    supervised: dict[str, float]    # min, mean supervised tokens per training example
+    per_split: dict[str, dict[str, int]]
+    n_labels: int                   # distinct training answers
+
+
+@dataclass(frozen=True)
+class TemplateSection:
+    prompt: str
+    response: str
+    system: str | None
+    chat: bool
+    fields: tuple[str, ...]         # the data fields the template reads
+    chat_template: str | None       # the model's chat template when `chat`, else None
+    examples: tuple[str, ...]       # two rendered training examples, supervised part between ⟦ ⟧
+
+
+@dataclass(frozen=True)
+class AdapterSection:
+    rank: int
+    alpha: float
+    dropout: float
+    targets: tuple[str, ...]
+    scale: float                    # alpha / rank
+    trainable_params: int
+    per_target: dict[str, int]
+    share: float                    # trainable / all parameters
+
+
+@dataclass(frozen=True)
+class ScheduleSection:
+    lr: float
+    epochs: float
+    max_steps: int | None
+    batch_size: int                 # rows per micro-batch over all devices
+    grad_accum: int
+    warmup: float                   # as configured: a fraction (< 1) or a step count
+    seed: int
+    lr_schedule: str
+    weight_decay: float
+    max_grad_norm: float | None     # None or 0: no clipping
+    beta1: float
+    beta2: float
+    eps: float
+    seq_len: int                    # tokens per row
+    global_batch: int               # rows per optimizer step
+    rows_per_epoch: int             # rows after packing
+    steps_per_epoch: int
+    total_steps: int
+    warmup_steps: int
+    tokens_per_step: int
+
+
+@dataclass(frozen=True)
+class Devices:
+    platform: str                   # cpu | gpu | tpu
+    kind: str
+    count: int
+    memory: int | None              # bytes per device
+    peak_flops: float | None        # dense bf16 FLOP/s per device
+    cores: int | None = None
+
+
+@dataclass(frozen=True)
+class MeshAxes:
+    data: int
+    fsdp: int
+    tensor: int
+
+    @property
+    def shape(self) -> tuple[int, int, int]:
+        return self.data, self.fsdp, self.tensor
+
+
+@dataclass(frozen=True)
+class RuntimeSection:
+    dtype: str                      # compute dtype, resolved: float32 | bfloat16
+    param_dtype: str                # frozen weights' dtype, resolved
+    mesh: MeshAxes                  # resolved against the devices: no -1 left
+    devices: Devices
+    remat: str
+    pack: bool
+    ce_chunk: int
+    log_every: int
+    checkpoint_every: int
+
+
+@dataclass(frozen=True)
+class EvalSection:
+    metric: str
+    mode: str
+    max_new_tokens: int
+    limit: int | None
+    every: int
+    batch_size: int
+
+
+@dataclass(frozen=True)
+class Estimates:
+    memory: dict[str, int]          # bytes per device: weights, adapter_optimizer, activations, logits, total
+    memory_share: float | None      # of one device's memory
+    step_time_s: float | None
+    total_time_s: float | None
+
+
+@dataclass(frozen=True)
+class RecipeRef:
+    name: str
+    path: str
+
+
+@dataclass(frozen=True)
+class Recipe:
+    name: str
+    path: str
+    description: str
+    chain: tuple[RecipeRef, ...]                # each recipe composed, base first
+    data_sources: dict[str, tuple[tuple[str, str], ...]]   # data key → (value, recipe dir) in merge order
 
 
 @dataclass(frozen=True)
 class Plan:
     version: int
     hash: str
-    config: dict            # the resolved, validated config (schema.validate output)
-    recipe: dict | None     # name, path, description, chain, data_sources
-    model: dict             # ModelInfo fields
-    data: dict              # files, hashes, row counts, splits, token stats, cache + key
-    template: dict          # prompt/response/system/chat, fields used, two rendered examples
-    adapter: dict           # rank, alpha, dropout, targets, trainable params
-    schedule: dict          # optimisation settings and step counts
-    resources: dict         # devices, mesh, memory and time estimates
-    warnings: tuple = field(default_factory=tuple)
+    model: ModelSection
+    data: DataSection
+    template: TemplateSection
+    adapter: AdapterSection
+    schedule: ScheduleSection
+    runtime: RuntimeSection
+    eval: EvalSection
+    estimates: Estimates
+    recipe: Recipe | None
+    config: dict                    # the validated config it was compiled from; the runtime never reads it
+    warnings: tuple[str, ...] = field(default_factory=tuple)
 
     # -- JSON -----------------------------------------------------------------------------------
     def to_dict(self) -> dict:
-        d = asdict(self)
-        d["warnings"] = list(self.warnings)
-        return _jsonable(d)
+        return to_jsonable(self)
 
     def to_json(self) -> str:
         return json.dumps(self.to_dict(), sort_keys=True, indent=2, ensure_ascii=False) + "\n"
 
     @classmethod
-    def from_dict(cls, d: dict) -> "Plan":
-        names = {f.name for f in fields(cls)}
-        missing = names - set(d)
-        if missing:
-            raise ValueError(f"plan lacks {', '.join(sorted(missing))}")
-        version = int(d["version"])
-        if version > PLAN_VERSION:
-            raise ValueError(f"plan version {version} is newer than this tune understands "
-                             f"({PLAN_VERSION}); upgrade tune")
-        kw = {k: copy.deepcopy(d[k]) for k in names}
-        kw["warnings"] = tuple(kw["warnings"] or ())
-        return cls(**kw)
+    def from_dict(cls, d: dict, *, file: str | None = None) -> "Plan":
+        """The Plan of a plan.json document; PlanError for another format version or a malformed
+        document (naming the field)."""
+        if not isinstance(d, dict):
+            raise PlanError("plan", f"must be a JSON object, got {type(d).__name__}.", file=file)
+        version = d.get("version")
+        if version != PLAN_VERSION:
+            if isinstance(version, int) and version > PLAN_VERSION:
+                why = (f"it was written by a newer tune (plan format {version}; this tune reads "
+                       f"format {PLAN_VERSION})")
+                hint = "upgrade tune, or recompile the plan with this one (`tune plan ...`)."
+            else:
+                why = (f"it was written by an older tune (plan format {version!r}; this tune reads "
+                       f"format {PLAN_VERSION})")
+                hint = "recompile it from its recipe with `tune plan ...` (the run's overrides are in " \
+                       "its `config` section)."
+            raise PlanError("plan", f"cannot use this plan: {why}.", file=file, hint=hint)
+        try:
+            return from_jsonable(cls, d, "plan")
+        except (TypeError, ValueError) as e:
+            raise PlanError("plan", f"is malformed: {e}.", file=file,
+                            hint="recompile it with `tune plan ...`.") from None
 
     @classmethod
-    def from_json(cls, text: str) -> "Plan":
-        return cls.from_dict(json.loads(text))
+    def from_json(cls, text: str, *, file: str | None = None) -> "Plan":
+        try:
+            doc = json.loads(text)
+        except ValueError as e:
+            raise PlanError("plan", f"is not valid JSON ({e}).", file=file,
+                            hint="recompile it with `tune plan ...`.") from None
+        return cls.from_dict(doc, file=file)
 
     @classmethod
     def load(cls, path) -> "Plan":
-        return cls.from_json(Path(path).read_text(encoding="utf-8"))
+        path = Path(path)
+        try:
+            text = path.read_text(encoding="utf-8")
+        except (OSError, UnicodeDecodeError) as e:
+            raise PlanError("plan", f"cannot be read ({e}).", file=str(path)) from None
+        return cls.from_json(text, file=str(path))
 
     def write(self, path) -> Path:
-        """Write plan.json atomically (a temporary file in the same directory, then os.replace)."""
+        """Write plan.json atomically."""
         return write_atomic(Path(path), self.to_json())
 
     # -- hash -----------------------------------------------------------------------------------
     def expected_hash(self) -> str:
-        return content_hash(self.config, self.data, self.model)
+        return content_hash(self)
 
     def is_consistent(self) -> bool:
         return self.expected_hash() == self.hash
 
 
-def hashed_config(config: dict, data: dict) -> dict:
-    """The config as it enters the hash: data paths replaced by their files' sha256, volatile keys
-    dropped."""
-    cfg = copy.deepcopy(config)
-    for key in VOLATILE_CONFIG_KEYS:
-        cfg.pop(key, None)
-    d = cfg.get("data") or {}
-    sha = data.get("sha256") or {}
-    for key, name in (("path", "train"), ("test_path", "test")):
-        if d.get(key) is not None:
-            d[key] = "sha256:" + str(sha.get(name))
-    return cfg
+# ------------------------------------------------------------------------------ hash
+
+# Paths into the plan's JSON that depend only on where things are, or are the compiler's opinions.
+_UNHASHED = (("hash",), ("estimates",), ("warnings",), ("recipe",), ("config", "run"),
+             ("config", "prompt"), ("config", "max_new_tokens"), ("config", "data", "path"), ("config", "data", "test_path"),
+             ("config", "model", "path"), ("config", "model", "name"), ("model", "dir"),
+             ("model", "name"), ("model", "source"), ("data", "cache"), ("data", "train", "file"),
+             ("data", "test", "file"), ("runtime", "devices", "kind"),
+             ("runtime", "devices", "memory"), ("runtime", "devices", "peak_flops"),
+             ("runtime", "devices", "cores"))
 
 
-def content_hash(config: dict, data: dict, model: dict) -> str:
-    material = {
-        "config": hashed_config(config, data),
-        "data": {"sha256": data.get("sha256"), "key": data.get("key")},
-        "model": {"config_hash": model.get("config_hash"),
-                  "tokenizer_hash": model.get("tokenizer_hash")},
-        "version": PLAN_VERSION,
-    }
-    blob = json.dumps(_jsonable(material), sort_keys=True, separators=(",", ":"), ensure_ascii=False)
-    return hashlib.sha256(blob.encode("utf-8")).hexdigest()
+def content_hash(plan: Plan) -> str:
+    doc = plan.to_dict()
+    doc["version"] = PLAN_VERSION
+    for path in _UNHASHED:
+        node = doc
+        for key in path[:-1]:
+            node = node.get(key) if isinstance(node, dict) else None
+        if isinstance(node, dict):
+            node.pop(path[-1], None)
+    blob = json.dumps(doc, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+    return hashlib.sha256(blob.encode("utf-8", "surrogatepass")).hexdigest()
 
 
-def write_atomic(path: Path, text: str) -> Path:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except OSError:
-            pass
-        raise
-    return path
+def with_hash(plan: Plan) -> Plan:
+    return dataclasses.replace(plan, hash=content_hash(plan))
 
 
-def _jsonable(x):
-    """Plain JSON types: tuples → lists, Paths → str, numpy scalars → Python, dict keys → str."""
+# ------------------------------------------------------------------------------ JSON codec
+
+def to_jsonable(x):
+    """Plain JSON types: dataclasses → objects, tuples → lists, Paths → str, numpy scalars → Python,
+    dict keys → str, NaN → null."""
+    if dataclasses.is_dataclass(x) and not isinstance(x, type):
+        return {f.name: to_jsonable(getattr(x, f.name)) for f in dataclasses.fields(x)}
     if isinstance(x, dict):
-        return {str(k): _jsonable(v) for k, v in x.items()}
+        return {str(k): to_jsonable(v) for k, v in x.items()}
     if isinstance(x, (list, tuple)):
-        return [_jsonable(v) for v in x]
+        return [to_jsonable(v) for v in x]
     if isinstance(x, Path):
         return str(x)
     if hasattr(x, "item") and callable(x.item) and type(x).__module__ == "numpy":
         return x.item()
-    if isinstance(x, float) and x != x:  # NaN is not JSON
+    if isinstance(x, float) and x != x:
         return None
     return x
+
+
+def from_jsonable(tp, value, where: str):
+    """`value` (parsed JSON) as type `tp` (a dataclass, tuple[...], dict[...], X | None, a scalar
+    type or Any). Lists become tuples where the type says tuple, so a round trip gives equal
+    objects. TypeError/ValueError naming `where` for a value of the wrong shape."""
+    if tp is Any:
+        return copy.deepcopy(value)
+    origin, args = typing.get_origin(tp), typing.get_args(tp)
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        rest = [a for a in args if a is not type(None)]
+        return from_jsonable(rest[0] if len(rest) == 1 else Any, value, where)
+    if dataclasses.is_dataclass(tp):
+        return _dataclass_from(tp, value, where)
+    if origin is tuple or tp is tuple:
+        if not isinstance(value, (list, tuple)):
+            raise TypeError(f"{where}: expected a list, got {_kind(value)}")
+        if not args:
+            return tuple(_freeze(v) for v in value)
+        if len(args) == 2 and args[1] is Ellipsis:
+            return tuple(from_jsonable(args[0], v, f"{where}[{i}]") for i, v in enumerate(value))
+        if len(args) != len(value):
+            raise ValueError(f"{where}: expected {len(args)} items, got {len(value)}")
+        return tuple(from_jsonable(a, v, f"{where}[{i}]") for i, (a, v) in enumerate(zip(args, value)))
+    if origin is dict or tp is dict:
+        if not isinstance(value, dict):
+            raise TypeError(f"{where}: expected an object, got {_kind(value)}")
+        vt = args[1] if len(args) == 2 else Any
+        return {k: from_jsonable(vt, v, f"{where}.{k}") for k, v in value.items()}
+    if tp is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise TypeError(f"{where}: expected a number, got {_kind(value)}")
+        return value
+    if tp in (int, str, bool):
+        if not isinstance(value, tp) or (tp is int and isinstance(value, bool)):
+            raise TypeError(f"{where}: expected {tp.__name__}, got {_kind(value)}")
+        return value
+    raise TypeError(f"{where}: cannot read a value of type {tp}")
+
+
+def _dataclass_from(cls, value, where: str):
+    if not isinstance(value, dict):
+        raise TypeError(f"{where}: expected an object, got {_kind(value)}")
+    hints = typing.get_type_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls)]
+    unknown = sorted(set(value) - set(names))
+    if unknown:
+        raise ValueError(f"{where}: unknown field(s) {', '.join(unknown)}")
+    required = [f.name for f in dataclasses.fields(cls)
+                if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING]
+    missing = [n for n in required if n not in value]
+    if missing:
+        raise ValueError(f"{where}: missing field(s) {', '.join(missing)}")
+    return cls(**{n: from_jsonable(hints[n], value[n], f"{where}.{n}") for n in names if n in value})
+
+
+def _freeze(v):
+    """Untyped tuple items (ModelConfig.rope_scaling's pairs): nested lists → tuples."""
+    return tuple(_freeze(x) for x in v) if isinstance(v, list) else v
+
+
+def _kind(value) -> str:
+    return {dict: "an object", list: "a list", str: "a string", bool: "a boolean",
+            type(None): "null", int: "a number", float: "a number"}.get(type(value), type(value).__name__)

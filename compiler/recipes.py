@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import List, Optional
 
 from compiler.errors import PlanError, did_you_mean
+from compiler.plan import Recipe, RecipeRef
 from compiler.safety import load_recipe_yaml
 
 INSTALLED_DIR = Path(__file__).resolve().parent.parent / "recipes"
@@ -210,7 +211,7 @@ def _get(data: dict, dotted: str):
     return node
 
 
-def recipe_info(name: str | None) -> dict | None:
+def recipe_info(name: str | None) -> Recipe | None:
     """What the Plan records about the recipe: name, file, description, the chain it extends and,
     for each data path key, the recipes that set it (merge order) so relative paths resolve."""
     if not name:
@@ -222,13 +223,13 @@ def recipe_info(name: str | None) -> dict | None:
         for key in DATA_KEYS:
             value = _get(rf.data, key)
             if isinstance(value, str):
-                sets.setdefault(key, []).append([value, str(rf.path.parent)])
-    return {"name": top.name, "path": str(top.path), "description": description(top.path),
-            "chain": [{"name": rf.name, "path": str(rf.path)} for rf in chain],
-            "data_sources": sets}
+                sets.setdefault(key, []).append((value, str(rf.path.parent)))
+    return Recipe(name=top.name, path=str(top.path), description=description(top.path),
+                  chain=tuple(RecipeRef(rf.name, str(rf.path)) for rf in chain),
+                  data_sources={k: tuple(v) for k, v in sets.items()})
 
 
-def resolve_data_path(key: str, value: str, info: dict | None, cwd: Path | None = None) -> Path:
+def resolve_data_path(key: str, value: str, info: Recipe | None, cwd: Path | None = None) -> Path:
     """An absolute data file path: `value` as given when absolute; else relative to the current
     directory if the file is there, else relative to the recipe that set this value. PlanError
     naming every place it looked otherwise."""
@@ -236,10 +237,10 @@ def resolve_data_path(key: str, value: str, info: dict | None, cwd: Path | None 
     p = Path(str(value)).expanduser()
     candidates = [p] if p.is_absolute() else [cwd / p]
     if not p.is_absolute() and info:
-        sources = (info.get("data_sources") or {}).get(key) or []
+        sources = info.data_sources.get(key) or ()
         dirs = [d for v, d in reversed(sources) if v == str(value)]
-        if not dirs and info.get("path"):
-            dirs = [str(Path(info["path"]).parent)]
+        if not dirs:
+            dirs = [str(Path(info.path).parent)]
         candidates += [Path(d) / p for d in dirs]
     for c in candidates:
         if c.is_file():

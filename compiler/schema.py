@@ -12,9 +12,9 @@ import math
 from dataclasses import dataclass
 from typing import Any
 
+from compiler.architecture import MODULE_NAMES
 from compiler.errors import PlanError, did_you_mean
 
-MODULES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 LR_USUAL = (1e-6, 1e-2)           # outside: a warning
 LR_HINT = "for AdamW-based LoRA the usual range is about 1e-5 to 5e-4"
 
@@ -43,6 +43,7 @@ KEYS: tuple[Key, ...] = (
        nullable=True),
     _k("prompt", "str", None, "`tune generate`: the text to answer (null = read from stdin)",
        nullable=True),
+    _k("max_new_tokens", "int", 256, "`tune generate`: tokens per answer at most", low=1, high=1 << 20),
     # model
     _k("model.name", "str", None, "display name (null = derived from the model)", nullable=True),
     _k("model.path", "str", None, "local HF checkpoint dir, Hub id `org/name`, or null = embedded "
@@ -94,6 +95,11 @@ KEYS: tuple[Key, ...] = (
     _k("schedule.weight_decay", "number", 0.0, "AdamW weight decay", low=0.0, high=1.0),
     _k("schedule.max_grad_norm", "number", 1.0, "gradient-norm clip (0 or null: none)",
        nullable=True, low=0.0),
+    _k("schedule.beta1", "number", 0.9, "AdamW's first-moment decay", low=0.0, high=1.0,
+       high_open=True),
+    _k("schedule.beta2", "number", 0.999, "AdamW's second-moment decay", low=0.0, high=1.0,
+       high_open=True),
+    _k("schedule.eps", "number", 1e-8, "AdamW's epsilon", low=0.0, low_open=True, high=1.0),
     # runtime
     _k("runtime.dtype", "choice", "auto", "compute dtype", choices=("auto", "float32", "bfloat16")),
     _k("runtime.param_dtype", "choice", "auto", "frozen weights' dtype",
@@ -295,12 +301,12 @@ def _targets(path: str, value):
         for item in value:
             if not isinstance(item, str) or not item.strip():
                 raise _err(path, f"must be a list of module names, got {_show(item)} in the list.",
-                           hint=f"modules: {', '.join(MODULES)}, or all-linear.")
+                           hint=f"modules: {', '.join(MODULE_NAMES)}, or all-linear.")
             if item.strip() not in names:
                 names.append(item.strip())
         if not names:
             raise _err(path, "must name at least one module, or be `all-linear`.",
-                       hint=f"modules: {', '.join(MODULES)}.")
+                       hint=f"modules: {', '.join(MODULE_NAMES)}.")
         if "all-linear" in names:
             return "all-linear"
         return names

@@ -95,11 +95,11 @@ def _header(plan, run_dir, elapsed) -> Text:
     r = plan.recipe
     if r:
         t.append("  recipe ", style="dim")
-        t.append(r.get("name", "?"), style="bold cyan")
-        chain = [c["name"] for c in r.get("chain") or []][:-1]
+        t.append(r.name, style="bold cyan")
+        chain = [c.name for c in r.chain][:-1]
         if chain:
             t.append(f" (extends {', '.join(chain)})", style="dim")
-        t.append(f"  {r.get('path')}", style="dim")
+        t.append(f"  {r.path}", style="dim")
     if run_dir is not None:
         t.append("\nrun dir ", style="dim")
         t.append(str(Path(run_dir)))
@@ -109,26 +109,21 @@ def _header(plan, run_dir, elapsed) -> Text:
 
 
 def _model(plan) -> Panel:
-    m = plan.model
-    dims = m.get("dims") or {}
-    shape = (f"{dims.get('layers')} layers · hidden {dims.get('hidden')} · mlp "
-             f"{dims.get('intermediate')} · heads {dims.get('heads')}/{dims.get('kv_heads')} kv · "
-             f"head dim {dims.get('head_dim')} · vocab {_n(dims.get('vocab'))}")
+    m, c = plan.model, plan.model.config
+    shape = (f"{c.num_layers} layers · hidden {c.hidden_size} · mlp {c.intermediate_size} · heads "
+             f"{c.num_heads}/{c.num_kv_heads} kv · head dim {c.head_dim} · vocab {_n(c.vocab_size)}")
     return _panel("model", _kv([
-        ("name", f"{m.get('name')}  ({m.get('architecture')}, {m.get('source')})"),
-        ("params", _params(m.get("params"))),
+        ("name", f"{m.name}  ({m.architecture}, {m.source})"),
+        ("params", _params(m.params)),
         ("shape", shape),
-        ("dir", m.get("dir")),
-        ("chat template", "yes" if m.get("chat_template") else "none"),
+        ("dir", m.dir),
+        ("chat template", "yes" if m.chat_template else "none"),
     ]))
 
 
 def _data(plan) -> Panel:
     d = plan.data
-    rows = d.get("rows") or {}
-    sizes = d.get("sizes") or {}
-    cfg_data = plan.config.get("data") or {}
-    tr, te = rows.get("train"), rows.get("test")
+    tr, te = d.train, d.test
     if not tr and not te:
         return _panel("data", Text("no data (generation only)", style="dim"))
     t = Table(box=box.SIMPLE_HEAD, pad_edge=False, show_edge=False)
@@ -136,33 +131,30 @@ def _data(plan) -> Panel:
     for col in ("rows read", "kept", "missing field", "empty field", "duplicate", "examples"):
         t.add_column(col, justify="right")
     if tr:
-        dr = tr.get("dropped") or {}
-        t.add_row("train", _n(tr.get("read")), _n(tr.get("kept")), _n(dr.get("missing_field", 0)),
-                  _n(dr.get("empty_field", 0)), _n(dr.get("duplicate", 0)), _n(sizes.get("train")))
-        t.add_row("val", "", _n(tr.get("val")), "", "", "", _n(sizes.get("val")))
+        dr = tr.dropped
+        t.add_row("train", _n(tr.read), _n(tr.kept), _n(dr.get("missing_field", 0)),
+                  _n(dr.get("empty_field", 0)), _n(dr.get("duplicate", 0)), _n(d.sizes.get("train")))
+        t.add_row("val", "", _n(tr.val), "", "", "", _n(d.sizes.get("val")))
     if te:
-        dr = te.get("dropped") or {}
-        t.add_row("test", _n(te.get("read")), _n(te.get("kept")), _n(dr.get("missing_field", 0)),
-                  _n(dr.get("empty_field", 0)), "–", _n(sizes.get("test")))
-    tok = d.get("tokens") or {}
-    sup = d.get("supervised") or {}
+        dr = te.dropped
+        t.add_row("test", _n(te.read), _n(te.kept), _n(dr.get("missing_field", 0)),
+                  _n(dr.get("empty_field", 0)), "–", _n(d.sizes.get("test")))
+    tok, sup = d.tokens, d.supervised
     extra = [
-        ("train file", str(cfg_data.get("path")) if tr else None),
-        ("test file", str(cfg_data.get("test_path")) if te else None),
-        ("validation", f"{_n(tr.get('val'))} rows held out from the train file "
-                       f"(data.val_fraction={cfg_data.get('val_fraction')})" if tr else None),
-        ("sampled", f"{_n(tr.get('sampled'))} of {_n(tr.get('kept'))} usable rows "
-                    f"(data.max_rows={cfg_data.get('max_rows')})"
-         if tr and cfg_data.get("max_rows") else None),
+        ("train file", tr.file if tr else None),
+        ("test file", te.file if te else None),
+        ("validation", f"{_n(tr.val)} rows held out from the train file "
+                       f"(data.val_fraction={d.val_fraction})" if tr else None),
+        ("sampled", f"{_n(tr.sampled)} of {_n(tr.kept)} usable rows (data.max_rows={d.max_rows})"
+         if tr and d.max_rows else None),
         ("tokens", f"p50 {_n(tok.get('p50'))} · p95 {_n(tok.get('p95'))} · max {_n(tok.get('max'))} "
-                   f"per train example (data.max_length={cfg_data.get('max_length')})"
-         if tok else None),
-        ("over length", f"{_n(d.get('truncated'))} truncated · {_n(d.get('dropped_too_long'))} dropped "
-                        f"(data.overlength={cfg_data.get('overlength')})" if tok else None),
+                   f"per train example (data.max_length={d.max_length})" if tok else None),
+        ("over length", f"{_n(d.truncated)} truncated · {_n(d.dropped_too_long)} dropped "
+                        f"(data.overlength={d.overlength})" if tok else None),
         ("supervised", f"min {_n(sup.get('min'))} · mean {_n(sup.get('mean'))} tokens per example · "
-                       f"{_n(d.get('no_supervised'))} examples without any" if sup else None),
-        ("answers", f"{d.get('n_labels')} distinct" if d.get("n_labels") else None),
-        ("token cache", d.get("cache")),
+                       f"{_n(d.no_supervised)} examples without any" if sup else None),
+        ("answers", f"{d.n_labels} distinct" if d.n_labels else None),
+        ("token cache", d.cache),
     ]
     return _panel("data", Group(t, _kv(extra)))
 
@@ -187,13 +179,13 @@ def marked_text(example: str) -> Text:
 def _template(plan) -> Panel:
     t = plan.template
     parts = [_kv([
-        ("system", repr(t.get("system")) if t.get("system") is not None else "none"),
-        ("prompt", repr(t.get("prompt"))),
-        ("response", repr(t.get("response"))),
-        ("chat", "the model's chat template" if t.get("chat") else "no (plain text + end token)"),
-        ("fields", ", ".join(t.get("fields") or [])),
+        ("system", repr(t.system) if t.system is not None else "none"),
+        ("prompt", repr(t.prompt)),
+        ("response", repr(t.response)),
+        ("chat", "the model's chat template" if t.chat else "no (plain text + end token)"),
+        ("fields", ", ".join(t.fields)),
     ])]
-    for i, ex in enumerate(t.get("examples") or [], 1):
+    for i, ex in enumerate(t.examples, 1):
         parts.append(Text(f"\nexample {i} (supervised part highlighted):", style="bold"))
         parts.append(marked_text(ex))
     return _panel("template", Group(*parts))
@@ -202,39 +194,32 @@ def _template(plan) -> Panel:
 def _adapter(plan) -> Panel:
     a = plan.adapter
     return _panel("adapter", _kv([
-        ("LoRA", f"rank {a.get('rank')} · alpha {a.get('alpha'):g} (scale {a.get('scale', 0):.3g}) · "
-                 f"dropout {a.get('dropout'):g}"),
-        ("targets", ", ".join(a.get("targets") or [])),
-        ("trainable", f"{_n(a.get('trainable_params'))} parameters "
-                      f"({100 * float(a.get('share') or 0):.2f}% of the model)"),
+        ("LoRA", f"rank {a.rank} · alpha {a.alpha:g} (scale {a.scale:.3g}) · dropout {a.dropout:g}"),
+        ("targets", ", ".join(a.targets)),
+        ("trainable", f"{_n(a.trainable_params)} parameters ({100 * a.share:.2f}% of the model)"),
     ]))
 
 
 def _schedule(plan) -> Panel:
     s = plan.schedule
-    if not s.get("total_steps"):
+    if not s.total_steps:
         return _panel("schedule", Text("no training steps (nothing to train on)", style="dim"))
-    warm = s.get("warmup")
     return _panel("schedule", _kv([
-        ("optimizer", f"AdamW · lr {s.get('lr'):g} · {s.get('lr_schedule')} · weight decay "
-                      f"{s.get('weight_decay'):g} · clip {s.get('max_grad_norm')}"),
-        ("batch", f"{s.get('batch_size')} rows × {s.get('grad_accum')} accumulation = "
-                  f"{s.get('global_batch')} per step · rows of {s.get('seq_len')} tokens"
-                  + (" (packed)" if s.get("pack") else "")),
-        ("steps", f"{_n(s.get('steps_per_epoch'))} per epoch × {s.get('epochs'):g} epochs → "
-                  f"{_n(s.get('total_steps'))} steps"
-                  + (f" (capped by schedule.max_steps={s.get('max_steps')})" if s.get("max_steps")
-                     else "")),
-        ("warmup", f"{_n(s.get('warmup_steps'))} steps (schedule.warmup={warm})"),
-        ("seed", s.get("seed")),
+        ("optimizer", f"AdamW · lr {s.lr:g} · {s.lr_schedule} · weight decay {s.weight_decay:g} · "
+                      f"betas {s.beta1:g}/{s.beta2:g} · clip {s.max_grad_norm}"),
+        ("batch", f"{s.batch_size} rows × {s.grad_accum} accumulation = {s.global_batch} per step · "
+                  f"rows of {s.seq_len} tokens" + (" (packed)" if plan.runtime.pack else "")),
+        ("steps", f"{_n(s.steps_per_epoch)} per epoch × {s.epochs:g} epochs → "
+                  f"{_n(s.total_steps)} steps"
+                  + (f" (capped by schedule.max_steps={s.max_steps})" if s.max_steps else "")),
+        ("warmup", f"{_n(s.warmup_steps)} steps (schedule.warmup={s.warmup})"),
+        ("seed", s.seed),
     ]))
 
 
 def _resources(plan) -> Panel:
-    r = plan.resources
-    dev = r.get("devices") or {}
-    mesh = r.get("mesh") or {}
-    mem = r.get("memory") or {}
+    rt, est = plan.runtime, plan.estimates
+    dev, mem = rt.devices, est.memory
     t = Table(box=box.SIMPLE_HEAD, pad_edge=False, show_edge=False)
     t.add_column("memory per device")
     t.add_column("", justify="right")
@@ -242,22 +227,18 @@ def _resources(plan) -> Panel:
         if k in mem:
             t.add_row(k.replace("_", " + "), _bytes(mem[k]))
     if "total" in mem:
-        share = r.get("memory_share")
-        avail = dev.get("memory")
+        share = est.memory_share
         t.add_row(Text("total", style="bold"),
-                  Text(_bytes(mem["total"]) + (f" of {_bytes(avail)} ({100 * share:.0f}%)"
-                                              if share is not None and avail else ""),
+                  Text(_bytes(mem["total"]) + (f" of {_bytes(dev.memory)} ({100 * share:.0f}%)"
+                                              if share is not None and dev.memory else ""),
                        style="bold"))
-    steps = plan.schedule.get("total_steps") or 0
+    steps = plan.schedule.total_steps
     rows = _kv([
-        ("devices", f"{dev.get('count')} × {dev.get('kind') or dev.get('platform')} "
-                    f"({dev.get('platform')})"),
-        ("mesh", " × ".join(f"{k} {v}" for k, v in mesh.items())),
-        ("dtype", f"compute {r.get('dtype') or plan.config['runtime']['dtype']} · weights "
-                  f"{r.get('param_dtype') or plan.config['runtime']['param_dtype']} · remat "
-                  f"{plan.config['runtime']['remat']}"),
-        ("time", f"~{_duration(r.get('step_time_s'))} per step × {_n(steps)} steps ≈ "
-                 f"{_duration(r.get('total_time_s'))} (rough estimate)" if steps else None),
+        ("devices", f"{dev.count} × {dev.kind} ({dev.platform})"),
+        ("mesh", f"data {rt.mesh.data} × fsdp {rt.mesh.fsdp} × tensor {rt.mesh.tensor}"),
+        ("dtype", f"compute {rt.dtype} · weights {rt.param_dtype} · remat {rt.remat}"),
+        ("time", f"~{_duration(est.step_time_s)} per step × {_n(steps)} steps ≈ "
+                 f"{_duration(est.total_time_s)} (rough estimate)" if steps else None),
     ])
     return _panel("resources", Group(rows, t))
 

@@ -6,10 +6,10 @@ never an input that predicts anything of the same example). A target is supervis
 when it lies in the example's response span, end token included. Targets never cross example
 boundaries: attention is limited to the segment, and positions restart at 0 in each segment.
 
-Packing puts several examples in one row of seq_len slots, best-fit-decreasing: the row count then
-depends only on the multiset of lengths, so every epoch has the same number of steps. The epoch's
-randomness (seed + epoch) permutes examples of equal length before the stable sort, and permutes the
-rows. Unpacked mode puts one example per row, in shuffled order.
+Which examples share a row is compiler/packing.py's rule (best-fit-decreasing; the compiler counts
+the plan's steps with it): the row count depends only on the multiset of lengths, so every epoch has
+the same number of steps. The epoch's randomness (seed + epoch) permutes examples of equal length
+before the stable sort, and permutes the rows. Unpacked mode puts one example per row, shuffled.
 
 A step consumes grad_accum × batch_size rows; the last step of an epoch is completed with empty rows
 (all mask 0), which add nothing to the loss (normalised by the supervised-token count). Every
@@ -24,6 +24,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from compiler.packing import epoch_rows, example_slots, steps_per_epoch
+
 FIELDS = ("tokens", "targets", "loss_mask", "segment_ids", "positions")
 
 
@@ -36,49 +38,6 @@ class BatchShape:
     @property
     def rows(self) -> int:
         return self.grad_accum * self.batch_size
-
-
-def example_slots(ids: np.ndarray) -> int:
-    """Row slots an example occupies: one per (input, target) pair."""
-    return max(len(ids) - 1, 0)
-
-
-def pack_rows(lengths: Sequence[int], seq_len: int, rng: np.random.Generator) -> list[list[int]]:
-    """Best-fit-decreasing packing of example slot counts into rows of seq_len slots.
-
-    Returns rows as lists of example indices, in a random (rng) row order. Examples are visited longest
-    first; equal lengths in random order. Each goes to the fullest row it still fits in (a row's free
-    space is bucketed, so a look-up is a scan over at most seq_len buckets)."""
-    lengths = np.asarray(lengths, dtype=np.int64)
-    if len(lengths) and lengths.max() > seq_len:
-        raise ValueError(f"an example needs {int(lengths.max())} slots, more than seq_len={seq_len}")
-    perm = rng.permutation(len(lengths))
-    order = perm[np.argsort(-lengths[perm], kind="stable")]
-    rows: list[list[int]] = []
-    free = np.zeros(seq_len + 1, dtype=np.int64)      # free[r] = number of rows with r slots left
-    by_free: dict[int, list[int]] = {}                 # r → row ids with r slots left (a stack)
-    for i in order:
-        need = int(lengths[i])
-        if need == 0:
-            continue
-        fits = np.flatnonzero(free[need:])
-        if len(fits):
-            r = need + int(fits[0])
-            row = by_free[r].pop()
-            free[r] -= 1
-        else:
-            r, row = seq_len, len(rows)
-            rows.append([])
-        rows[row].append(int(i))
-        left = r - need
-        free[left] += 1
-        by_free.setdefault(left, []).append(row)
-    return [rows[j] for j in rng.permutation(len(rows))]
-
-
-def single_rows(lengths: Sequence[int], rng: np.random.Generator) -> list[list[int]]:
-    """Unpacked: one example per row, in random order (examples with no slot are left out)."""
-    return [[int(i)] for i in rng.permutation(len(lengths)) if lengths[i] > 0]
 
 
 def fill_row(out: dict[str, np.ndarray], r: int, examples: Sequence[tuple[np.ndarray, int]]) -> None:
@@ -103,7 +62,7 @@ class Batcher:
         self.ids = [np.asarray(x, dtype=np.int32) for x in ids]
         self.prompt_lens = [int(p) for p in prompt_lens]
         self.shape, self.pack, self.seed = shape, pack, int(seed)
-        self.lengths = np.array([example_slots(x) for x in self.ids], dtype=np.int64)
+        self.lengths = np.array([example_slots(len(x)) for x in self.ids], dtype=np.int64)
         too_long = np.flatnonzero(self.lengths > shape.seq_len)
         if len(too_long):
             i = int(too_long[0])
@@ -114,7 +73,7 @@ class Batcher:
 
     @property
     def steps_per_epoch(self) -> int:
-        return -(-self.rows_per_epoch // self.shape.rows)
+        return steps_per_epoch(self.rows_per_epoch, self.shape.rows)
 
     @property
     def supervised_tokens(self) -> int:
@@ -122,11 +81,9 @@ class Batcher:
         return int(sum(max(0, len(x) - max(p, 1)) for x, p in zip(self.ids, self.prompt_lens)))
 
     def epoch_rows(self, epoch: int) -> list[list[int]]:
-        if epoch not in self._rows_cache:
-            rng = np.random.default_rng([self.seed, epoch])
-            rows = (pack_rows(self.lengths, self.shape.seq_len, rng) if self.pack
-                    else single_rows(self.lengths, rng))
-            self._rows_cache = {epoch: rows}           # keep one epoch: plans are cheap to redo
+        if epoch not in self._rows_cache:              # keep one epoch: plans are cheap to redo
+            self._rows_cache = {epoch: epoch_rows(self.lengths, self.shape.seq_len, pack=self.pack,
+                                                  seed=self.seed, epoch=epoch)}
         return self._rows_cache[epoch]
 
     def batch(self, epoch: int, index: int) -> dict[str, np.ndarray]:

@@ -20,6 +20,7 @@ import jax
 import numpy as np
 
 from compiler.errors import PlanError
+from compiler.files import write_atomic
 
 KEEP = 2
 _NAME = re.compile(r"^step_(\d+)\.npz$")
@@ -88,17 +89,11 @@ def save(run_dir, *, step: int, epoch: int, index: int, rng, plan_hash: str, lor
             "rng": [int(v) for v in np.asarray(jax.device_get(rng)).reshape(-1)],
             "plan_hash": plan_hash, "dtypes": dtypes, "extra": dict(extra or {}), "format": 1}
     arrays["meta"] = np.array(json.dumps(meta))
-    final = out / f"step_{step:08d}.npz"
-    tmp = out / f".step_{step:08d}.npz.tmp{os.getpid()}"
-    with open(tmp, "wb") as f:
-        np.savez(f, **arrays)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, final)
+    final = write_atomic(out / f"step_{step:08d}.npz", lambda f: np.savez(f, **arrays))
     _fsync_dir(out)
     for old in list_checkpoints(run_dir)[:-KEEP]:
         old.unlink(missing_ok=True)
-    for stale in out.glob(".step_*.npz.tmp*"):       # left by a process killed mid-write
+    for stale in out.glob(".step_*.npz.*.tmp"):       # left by a process killed mid-write
         stale.unlink(missing_ok=True)
     return final
 

@@ -37,14 +37,10 @@ def bucket(n: int, minimum: int = 16) -> int:
     return size
 
 
-def end_token_ids(model_info: dict, tokenizer=None) -> tuple[int, ...]:
-    """Every id that ends an answer: the plan's eos id(s) plus the chat end token of the tokenizer."""
-    ids = []
-    for key in ("eos_token_ids", "eos_token_id"):
-        v = model_info.get(key)
-        if v is None:
-            continue
-        ids.extend(int(x) for x in (v if isinstance(v, (list, tuple)) else [v]))
+def end_token_ids(eos_token_ids, tokenizer=None) -> tuple[int, ...]:
+    """Every id that ends an answer: the model's eos ids (plan.model.eos_token_ids) plus the chat end
+    tokens the tokenizer has."""
+    ids = [int(x) for x in eos_token_ids]
     if tokenizer is not None:
         for tok in CHAT_END_TOKENS:
             i = tokenizer.token_to_id(tok)

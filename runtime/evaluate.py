@@ -18,7 +18,6 @@ eval.json (written by `write_eval`): the headline result at the top level ({"met
 from __future__ import annotations
 
 import json
-import os
 import sys
 import time
 from collections import Counter, defaultdict
@@ -26,31 +25,30 @@ from pathlib import Path
 
 import numpy as np
 
+from compiler.examples import load_examples
+from compiler.files import write_atomic, write_json
+from compiler.plan import Plan
+from compiler.tokenizer import load_tokenizer
 from runtime import metrics as M
 from runtime.decode import choice_logprobs, end_token_ids, greedy_generate
 
 EVAL_FILE = "eval.json"
-DEFAULT_METRIC = "accuracy"
 
 
-def _eval_cfg(plan) -> dict:
-    return dict((plan.config or {}).get("eval") or {})
-
-
-def load_model(plan, adapter_dir=None, *, adapter_weights: bool = True):
-    """The plan's base model; with adapter_dir, built with the adapter's LoRA shape and (unless
-    adapter_weights=False) its weights. Without them the LoRA B factors are zero, as freshly
-    initialised, so the model computes exactly the base model."""
+def load_model(plan: Plan, adapter_dir=None, *, adapter_weights: bool = True):
+    """The plan's base model, in the plan's dtypes; with adapter_dir, built with the adapter's LoRA
+    shape and (unless adapter_weights=False) its weights. Without them the LoRA B factors are zero,
+    as freshly initialised, so the model computes exactly the base model."""
     from flax import nnx
 
     from runtime.export import load_peft_adapter, read_lora_config
-    from runtime.train import resolve_dtype
+    from runtime.train import DTYPES
     from runtime.weights import load_pretrained
 
-    rt = (plan.config or {}).get("runtime") or {}
+    rt = plan.runtime
     lora = None if adapter_dir is None else read_lora_config(adapter_dir)
-    model = load_pretrained(plan.model["dir"], lora=lora, dtype=resolve_dtype(rt.get("dtype", "auto")),
-                            param_dtype=resolve_dtype(rt.get("param_dtype") or "float32"),
+    model = load_pretrained(plan.model.dir, config=plan.model.config, lora=lora,
+                            dtype=DTYPES[rt.dtype], param_dtype=DTYPES[rt.param_dtype],
                             remat="none", rngs=nnx.Rngs(0))
     if adapter_dir is not None and adapter_weights:
         load_peft_adapter(model, adapter_dir)
@@ -61,10 +59,8 @@ class TestSet:
     """The rows one evaluation scores: prompt ids, prompt texts, references, known labels and the
     label tokens (for choices mode)."""
 
-    def __init__(self, plan, tokenizer, limit=None):
-        from compiler.examples import load_examples
-
-        ex = load_examples(plan.data)
+    def __init__(self, plan: Plan, tokenizer, limit=None):
+        ex = load_examples(plan.data.cache)
         ids, prompt_lens = ex.split("test")
         n = len(ids)
         if limit is not None and int(limit) > 0:
@@ -74,7 +70,7 @@ class TestSet:
         self.labels = list(ex.labels)
         self.tokenizer = tokenizer
         self._examples = ex
-        self.data_key = plan.data.get("key")
+        self.data_key = plan.data.key
 
     def __len__(self):
         return len(self.prompts)
@@ -110,7 +106,7 @@ class TestSet:
         return labels, choice_ids
 
 
-def evaluate(plan, run_dir=None, adapter_dir=None, *, limit=None, model=None, tokenizer=None,
+def evaluate(plan: Plan, run_dir=None, adapter_dir=None, *, limit=None, model=None, tokenizer=None,
              which: str | None = None, write: bool | None = None, verbose: bool = True) -> dict:
     """Score the base model (adapter_dir None) or base + the LoRA adapter in adapter_dir on the
     plan's test split; returns the result dict (see runtime.metrics.score, plus "model", "mode",
@@ -119,17 +115,12 @@ def evaluate(plan, run_dir=None, adapter_dir=None, *, limit=None, model=None, to
     With run_dir, the result is also written to run_dir/eval.json (merged with the other model's
     entry already there, when it scored the same rows) and printed: what `tune eval` does.
     `model` (an already loaded model) skips loading; `limit` overrides eval.limit."""
-    from compiler.models import load_tokenizer
     from runtime.progress import Progress, log
 
-    ev = _eval_cfg(plan)
-    metric = ev.get("metric") or DEFAULT_METRIC
-    mode = ev.get("mode") or "generate"
-    max_new = int(ev.get("max_new_tokens") or 32)
-    batch_size = int(ev.get("batch_size") or 8)
-    limit = ev.get("limit") if limit is None else limit
+    metric, mode, max_new = plan.eval.metric, plan.eval.mode, plan.eval.max_new_tokens
+    limit = plan.eval.limit if limit is None else limit
     which = which or ("base" if adapter_dir is None else "tuned")
-    tokenizer = tokenizer or load_tokenizer(plan.model["dir"])
+    tokenizer = tokenizer or load_tokenizer(plan.model.dir)
     test = TestSet(plan, tokenizer, limit)
     if not len(test):
         raise ValueError("there are no test examples to score: set data.test_path (a held-out file "
@@ -137,26 +128,10 @@ def evaluate(plan, run_dir=None, adapter_dir=None, *, limit=None, model=None, to
     if model is None:
         model = load_model(plan, adapter_dir)
 
-    pad = int(plan.model.get("pad_token_id") or 0)
     t0 = time.perf_counter()
-    generated_tokens = 0
     log(f"eval ({which}): {len(test)} test rows, {metric}, mode {mode}")
     with Progress(len(test), description=f"eval {which}") as bar:
-        if mode == "choices":
-            labels, choice_ids = test.choices()
-            scores = choice_logprobs(model, test.prompts, choice_ids, batch_size=batch_size, pad_id=pad,
-                                     progress=bar.update)
-            predictions = [labels[k] for k in np.argmax(scores, axis=1)]
-            known = [M.normalise(x, classification=True) for x in labels]
-        elif mode == "generate":
-            eos = end_token_ids(plan.model, tokenizer)
-            out = greedy_generate(model, test.prompts, max_new_tokens=max_new, eos_ids=eos, pad_id=pad,
-                                  batch_size=batch_size, progress=bar.update)
-            generated_tokens = sum(len(o) for o in out)
-            predictions = [t.strip() for t in tokenizer.decode_batch(out, skip_special_tokens=True)]
-            known = test.labels
-        else:
-            raise ValueError(f"unknown eval.mode {mode!r}; expected generate or choices")
+        predictions, known, generated_tokens = _predict(plan, model, tokenizer, test, bar.update)
     seconds = time.perf_counter() - t0
 
     result = M.score(metric, predictions, test.references, known, prompts=test.prompt_texts())
@@ -181,25 +156,40 @@ def evaluate(plan, run_dir=None, adapter_dir=None, *, limit=None, model=None, to
     return result
 
 
-def evaluate_before_after(plan, run_dir, *, limit=None, verbose: bool = True) -> dict | None:
+def _predict(plan: Plan, model, tokenizer, test: TestSet, progress) -> tuple[list, list, int]:
+    """(predictions, known labels, generated tokens) of the model on the test rows, by eval.mode."""
+    ev, pad = plan.eval, plan.model.pad_token_id
+    if ev.mode == "choices":
+        labels, choice_ids = test.choices()
+        scores = choice_logprobs(model, test.prompts, choice_ids, batch_size=ev.batch_size,
+                                 pad_id=pad, progress=progress)
+        return ([labels[k] for k in np.argmax(scores, axis=1)],
+                [M.normalise(x, classification=True) for x in labels], 0)
+    if ev.mode == "generate":
+        eos = end_token_ids(plan.model.eos_token_ids, tokenizer)
+        out = greedy_generate(model, test.prompts, max_new_tokens=ev.max_new_tokens, eos_ids=eos,
+                              pad_id=pad, batch_size=ev.batch_size, progress=progress)
+        predictions = [t.strip() for t in tokenizer.decode_batch(out, skip_special_tokens=True)]
+        return predictions, test.labels, sum(len(o) for o in out)
+    raise ValueError(f"unknown eval.mode {ev.mode!r}; expected generate or choices")
+
+
+def evaluate_before_after(plan: Plan, run_dir, *, limit=None, verbose: bool = True) -> dict | None:
     """Score base and tuned (run_dir/adapter) on the same test rows; write run_dir/eval.json with both.
     Returns the eval.json content, or None when the plan has no test examples.
 
     One model is loaded, built with the adapter's LoRA shape: its LoRA B factors start at zero, so
     it first IS the base model; then the adapter is loaded into it in place. Base and tuned thus
     share one compiled decoding program."""
-    from compiler.examples import load_examples
-    from compiler.models import load_tokenizer
     from runtime.export import load_peft_adapter
     from runtime.progress import log
 
-    ids, _ = load_examples(plan.data).split("test")
-    if not len(ids):
+    if not plan.data.sizes.get("test"):
         log("no test examples (data.test_path not set): skipping the before/after evaluation")
         return None
     adapter_dir = Path(run_dir) / "adapter"
     model = load_model(plan, adapter_dir, adapter_weights=False)
-    tokenizer = load_tokenizer(plan.model["dir"])
+    tokenizer = load_tokenizer(plan.model.dir)
     base = evaluate(plan, limit=limit, model=model, tokenizer=tokenizer, which="base", write=False)
     load_peft_adapter(model, adapter_dir)
     tuned = evaluate(plan, adapter_dir=adapter_dir, limit=limit, model=model, tokenizer=tokenizer,
@@ -252,9 +242,7 @@ def write_eval(run_dir, results: dict) -> Path:
             doc[name] = _summary(entries[name])
     if "base" in entries and "tuned" in entries:
         doc["delta"] = entries["tuned"]["value"] - entries["base"]["value"]
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(json.dumps(doc, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
-    os.replace(tmp, path)
+    write_json(path, doc)
 
     # per-example predictions, one line per (model, row), for anyone who wants to look closer
     rows = []
@@ -264,10 +252,8 @@ def write_eval(run_dir, results: dict) -> Path:
         for i, (p, ref) in enumerate(zip(r["predictions"], r.get("references") or [])):
             rows.append({"model": name, "index": i, "reference": ref, "prediction": p})
     if rows:
-        pred_path = run_dir / "eval_predictions.jsonl"
-        tmp = pred_path.with_name(f".{pred_path.name}.{os.getpid()}.tmp")
-        tmp.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), encoding="utf-8")
-        os.replace(tmp, pred_path)
+        write_atomic(run_dir / "eval_predictions.jsonl",
+                     "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
     return path
 
 

@@ -16,7 +16,8 @@ from flax import nnx
 from safetensors import safe_open
 from safetensors.numpy import save_file
 
-from runtime.model import MODULE_NAMES, Llama, LoraConfig, LoRAParam
+from compiler.architecture import MODULE_NAMES
+from runtime.model import Llama, LoraConfig, LoRAParam
 from runtime.weights import hf_names, lora_state_dict, to_hf_state_dict
 
 ADAPTER_WEIGHTS = "adapter_model.safetensors"

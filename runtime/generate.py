@@ -16,6 +16,8 @@ import json
 import sys
 from pathlib import Path
 
+from compiler.plan import Plan
+from compiler.tokenizer import load_tokenizer
 from runtime.decode import end_token_ids, stream_greedy
 
 EXIT_WORDS = ("exit", "quit", ":q")
@@ -24,29 +26,18 @@ EXIT_WORDS = ("exit", "quit", ":q")
 class Chat:
     """A model, its tokenizer and the recipe's template: turns text into prompt ids, answers back."""
 
-    def __init__(self, plan, adapter_dir=None, *, model=None, tokenizer=None):
-        from compiler.examples import load_tokenizer, tokenizer_bos_token
-
+    def __init__(self, plan: Plan, adapter_dir=None, *, model=None, tokenizer=None):
         from runtime.evaluate import load_model
 
         self.plan = plan
-        model_dir = plan.model["dir"]
-        self.tokenizer = tokenizer or load_tokenizer(model_dir)
+        self.tokenizer = tokenizer or load_tokenizer(plan.model.dir)
         self.model = model if model is not None else load_model(plan, adapter_dir)
-        tmpl = dict(plan.template or {})
-        tmpl.update({k: v for k, v in ((plan.config or {}).get("template") or {}).items() if v is not None})
-        self.template = tmpl
-        self.chat = bool(tmpl.get("chat"))
-        self.chat_template = plan.model.get("chat_template")
-        if self.chat and not self.chat_template:
-            from compiler.models import chat_template
-
-            self.chat_template = chat_template(model_dir)
-        self.bos_token = tokenizer_bos_token(model_dir)
-        eos_id = plan.model.get("eos_token_id")
-        self.eos_token = self.tokenizer.id_to_token(int(eos_id)) if eos_id is not None else ""
-        self.eos_ids = end_token_ids(plan.model, self.tokenizer)
-        self.pad_id = int(plan.model.get("pad_token_id") or 0)
+        self.template = plan.template
+        self.chat = plan.template.chat
+        self.chat_template = plan.template.chat_template
+        self.bos_token, self.eos_token = plan.model.bos_token, plan.model.eos_token
+        self.eos_ids = end_token_ids(plan.model.eos_token_ids, self.tokenizer)
+        self.pad_id = plan.model.pad_token_id
 
     # -- text → the prompt the model was trained on
 
@@ -54,8 +45,7 @@ class Chat:
         """(user message, system message) for one input text, through the recipe's template."""
         from compiler.templates import placeholders, render
 
-        prompt_fmt = self.template.get("prompt")
-        system_fmt = self.template.get("system")
+        prompt_fmt, system_fmt = self.template.prompt, self.template.system
         if raw or not prompt_fmt:
             return text, self._system({}, system_fmt)
         fields = placeholders(prompt_fmt, key="template.prompt")
@@ -87,8 +77,8 @@ class Chat:
 
     def prompt_ids(self, messages: list[dict]) -> list[int]:
         """Token ids of a conversation (system?, user, assistant, ..., user), ready for the answer."""
-        from compiler.examples import encode_prompt
         from compiler.templates import render_chat
+        from compiler.tokenizer import encode_prompt
 
         if self.chat and self.chat_template:
             text = render_chat(self.chat_template, messages, add_generation_prompt=True,
@@ -133,9 +123,7 @@ class Chat:
 
 
 def _load_plan(run):
-    from compiler.plan import Plan
-
-    if hasattr(run, "model") and hasattr(run, "config"):        # a Plan: the base model, no run dir
+    if isinstance(run, Plan):                                    # the base model, no run dir
         return run, None
     run_dir = Path(run)
     plan = Plan.load(run_dir / "plan.json")
@@ -143,7 +131,7 @@ def _load_plan(run):
     return plan, adapter if (adapter / "adapter_model.safetensors").is_file() else None
 
 
-def generate(run_dir, prompt: str | None = None, *, max_new_tokens: int = 256, raw: bool = False,
+def generate(run_dir, prompt: str | None = None, *, max_new_tokens: int, raw: bool = False,
              out=None, input_fn=input) -> str | None:
     """Answer `prompt` with the run's model (base + run_dir/adapter) and print it as it is generated;
     return the answer. prompt None: an interactive loop until EOF or "exit"; returns None.
@@ -152,7 +140,7 @@ def generate(run_dir, prompt: str | None = None, *, max_new_tokens: int = 256, r
 
     out = sys.stdout if out is None else out
     plan, adapter = _load_plan(run_dir)
-    if adapter is None and not hasattr(run_dir, "model"):
+    if adapter is None and not isinstance(run_dir, Plan):
         log(f"{run_dir} has no trained adapter yet: answering with the base model")
     chat = Chat(plan, adapter)
 
@@ -167,7 +155,7 @@ def generate(run_dir, prompt: str | None = None, *, max_new_tokens: int = 256, r
         + ("" if keep_history else " (no chat template: each prompt is answered on its own)"))
     history: list[dict] = []          # user/assistant turns so far
     system = None
-    limit = int((plan.model.get("hf_config") or {}).get("max_position_embeddings") or 1 << 30)
+    limit = plan.model.config.max_position_embeddings
     while True:
         try:
             text = input_fn("> ")

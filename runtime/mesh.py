@@ -1,6 +1,7 @@
 """The device mesh (data, fsdp, tensor) and where each array lives on it.
 
-One device is the mesh (1, 1, 1): the same code path, every sharding trivially replicated.
+The axes come resolved in the plan (plan.runtime.mesh); one device is the mesh (1, 1, 1): the same
+code path, every sharding trivially replicated.
 - batch arrays [accum, B, T]: B split over ("data", "fsdp");
 - frozen weights: replicated, or split along "fsdp" on their largest divisible axis when fsdp > 1
   (the stacked-layer axis is never split: the layer scan would gather it whole every step);
@@ -17,14 +18,13 @@ import jax
 import numpy as np
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
 
+from compiler.errors import PlanError
+from compiler.plan import MeshAxes
+
 AXES = ("data", "fsdp", "tensor")
 BATCH_AXES = ("data", "fsdp")
 
 _MULTI_PROCESS_ENV = ("JAX_COORDINATOR_ADDRESS", "JAX_COORDINATOR_IP", "JAX_NUM_PROCESSES")
-
-
-class MeshError(ValueError):
-    """The requested mesh does not fit the devices."""
 
 
 def maybe_initialize_distributed() -> bool:
@@ -37,33 +37,21 @@ def maybe_initialize_distributed() -> bool:
     return True
 
 
-def mesh_shape(spec: dict | None, n_devices: int) -> tuple[int, int, int]:
-    """Resolve {data, fsdp, tensor} (missing → 1, one -1 → the rest) against the device count."""
-    spec = dict(spec or {})
-    unknown = set(spec) - set(AXES)
-    if unknown:
-        raise MeshError(f"runtime.mesh: unknown axes {sorted(unknown)}; the axes are {list(AXES)}")
-    sizes = [int(spec.get(a, 1) if spec.get(a) is not None else 1) for a in AXES]
-    fill = [i for i, s in enumerate(sizes) if s == -1]
-    if len(fill) > 1 or any(s == 0 or s < -1 for s in sizes):
-        raise MeshError(f"runtime.mesh {dict(zip(AXES, sizes))}: sizes must be positive, "
-                        "with at most one -1 (which takes the remaining devices)")
-    if fill:
-        rest = math.prod(s for s in sizes if s != -1)
-        if n_devices % rest:
-            raise MeshError(f"runtime.mesh {dict(zip(AXES, sizes))}: {n_devices} devices do not divide "
-                            f"by {rest}")
-        sizes[fill[0]] = n_devices // rest
-    if math.prod(sizes) != n_devices:
-        raise MeshError(f"runtime.mesh {dict(zip(AXES, sizes))} needs {math.prod(sizes)} devices, "
-                        f"but jax sees {n_devices} ({jax.default_backend()}). Set runtime.mesh so the "
-                        "product is the device count, e.g. runtime.mesh.data=-1.")
-    return tuple(sizes)  # type: ignore[return-value]
+def is_main_process() -> bool:
+    """Process 0 writes the run directory's files; the others compute."""
+    return jax.process_index() == 0
 
 
-def make_mesh(spec: dict | None, devices=None) -> Mesh:
+def make_mesh(axes: MeshAxes, devices=None) -> Mesh:
+    """The plan's mesh (its axes are resolved by the compiler) over these devices (default: all)."""
     devices = list(devices if devices is not None else jax.devices())
-    shape = mesh_shape(spec, len(devices))
+    shape = axes.shape
+    if math.prod(shape) != len(devices):
+        raise PlanError("runtime.mesh", f"the plan's mesh (data {axes.data} × fsdp {axes.fsdp} × "
+                        f"tensor {axes.tensor}) needs {math.prod(shape)} devices, but jax sees "
+                        f"{len(devices)} ({jax.default_backend()}).",
+                        hint="the plan was compiled for other devices: recompile it here with "
+                             "`tune plan ...`.")
     try:
         return jax.make_mesh(shape, AXES, axis_types=(AxisType.Auto,) * 3, devices=devices)
     except Exception:  # noqa: BLE001 — topology-aware placement is an optimisation only

@@ -1,9 +1,10 @@
 """One NNX decoder for the Llama family: Llama 2/3, Mistral, Qwen2/2.5, Qwen3, SmolLM.
 
-The differences between these models are a handful of switches read from the Hugging Face config:
-grouped-query attention, RoPE scaling, tied embeddings, q/k/v biases (Qwen2), per-head RMSNorm of q and
-k before RoPE (Qwen3), sliding-window attention (some Mistral / Qwen configs). Everything else is one
-code path, written to match `transformers` to ~1e-5 in float32.
+The differences between these models are a handful of switches of the `ModelConfig` the compiler read
+from the Hugging Face config.json (compiler/architecture.py): grouped-query attention, RoPE scaling,
+tied embeddings, q/k/v biases (Qwen2), per-head RMSNorm of q and k before RoPE (Qwen3), sliding-window
+attention (some Mistral / Qwen configs). Everything else is one code path, written to match
+`transformers` to ~1e-5 in float32.
 
 Layout. Parameters keep the Hugging Face orientation, so loading and exporting are copies, not
 transposes: a linear layer's `weight` is [out, in], LoRA's `lora_A` is [r, in] and `lora_B` [out, r]
@@ -29,9 +30,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-MODULE_NAMES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
-ROPE_TYPES = ("default", "linear", "llama3")
-FAMILIES = ("llama", "mistral", "qwen2", "qwen3")
+from compiler.architecture import MODULE_NAMES, ModelConfig
+
 REMAT_POLICIES = ("none", "dots", "full")
 
 # The one trainable variable type. Flax ships it as a subclass of nnx.Param; it is re-exported here so
@@ -40,96 +40,6 @@ LoRAParam = nnx.LoRAParam
 
 
 # ----------------------------------------------------------------------------------------- configs
-
-def _family(hf: dict) -> str:
-    model_type = hf.get("model_type")
-    if model_type in FAMILIES:
-        return model_type
-    for arch in hf.get("architectures") or ():
-        for family in FAMILIES:
-            if arch.lower().startswith(family):
-                return family
-    raise ValueError(f"unsupported model_type {model_type!r} (architectures {hf.get('architectures')}); "
-                     f"supported: {', '.join(FAMILIES)}")
-
-
-def _rope(hf: dict) -> tuple[float, tuple | None]:
-    """(rope_theta, rope_scaling) from either config style: transformers<5 writes `rope_theta` and
-    `rope_scaling` ({"type"|"rope_type": ...}); transformers 5 writes `rope_parameters`."""
-    params = dict(hf.get("rope_parameters") or {})
-    theta = float(params.get("rope_theta", hf.get("rope_theta", 10000.0)))
-    scaling = dict(hf.get("rope_scaling") or params)
-    rope_type = scaling.pop("rope_type", None) or scaling.pop("type", None) or "default"
-    scaling.pop("type", None)
-    scaling.pop("rope_theta", None)
-    if rope_type not in ROPE_TYPES:
-        raise ValueError(f"unsupported rope scaling type {rope_type!r}; supported: {', '.join(ROPE_TYPES)}")
-    if float(scaling.get("partial_rotary_factor", 1.0)) != 1.0:
-        raise ValueError("partial_rotary_factor != 1 is not supported")
-    if rope_type == "default":
-        return theta, None
-    keep = {"factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings"}
-    return theta, tuple(sorted([("rope_type", rope_type)] + [(k, v) for k, v in scaling.items() if k in keep]))
-
-
-def _sliding_windows(hf: dict, family: str, num_layers: int) -> tuple[int, ...]:
-    """Per-layer attention window in tokens, 0 = full causal attention (the usual case)."""
-    window = hf.get("sliding_window")
-    if family == "mistral" and window:
-        return (int(window),) * num_layers
-    if family in ("qwen2", "qwen3") and hf.get("use_sliding_window") and window:
-        types = hf.get("layer_types") or [
-            "sliding_attention" if i >= hf.get("max_window_layers", num_layers) else "full_attention"
-            for i in range(num_layers)]
-        windows = tuple(int(window) if t == "sliding_attention" else 0 for t in types)
-        return windows if any(windows) else ()
-    return ()
-
-
-@dataclass(frozen=True)
-class ModelConfig:
-    vocab_size: int
-    hidden_size: int
-    intermediate_size: int
-    num_layers: int
-    num_heads: int
-    num_kv_heads: int
-    head_dim: int
-    rms_norm_eps: float
-    rope_theta: float
-    rope_scaling: tuple | None          # sorted (key, value) pairs incl. ("rope_type", ...); None = default
-    max_position_embeddings: int
-    tie_word_embeddings: bool
-    attention_bias: bool                # biases on q/k/v (Qwen2 always; Llama/Qwen3 when attention_bias)
-    qk_norm: bool                       # Qwen3: RMSNorm over each head of q and k, before RoPE
-    o_bias: bool = False                # bias on o_proj (Llama/Qwen3 attention_bias; not Qwen2)
-    sliding_windows: tuple[int, ...] = ()   # per layer, 0 = full; () = no layer slides
-    family: str = "llama"
-
-    @classmethod
-    def from_hf(cls, hf: dict) -> "ModelConfig":
-        family = _family(hf)
-        if hf.get("hidden_act", "silu") != "silu":
-            raise ValueError(f"unsupported hidden_act {hf.get('hidden_act')!r}; the Llama family uses silu")
-        if hf.get("mlp_bias"):
-            raise ValueError("mlp_bias=true is not supported")
-        theta, scaling = _rope(hf)
-        heads = int(hf["num_attention_heads"])
-        layers = int(hf["num_hidden_layers"])
-        bias = bool(hf.get("attention_bias", False))
-        return cls(
-            vocab_size=int(hf["vocab_size"]), hidden_size=int(hf["hidden_size"]),
-            intermediate_size=int(hf["intermediate_size"]), num_layers=layers, num_heads=heads,
-            num_kv_heads=int(hf.get("num_key_value_heads") or heads),
-            head_dim=int(hf.get("head_dim") or hf["hidden_size"] // heads),
-            rms_norm_eps=float(hf.get("rms_norm_eps", 1e-6)), rope_theta=theta, rope_scaling=scaling,
-            max_position_embeddings=int(hf.get("max_position_embeddings", 2048)),
-            tie_word_embeddings=bool(hf.get("tie_word_embeddings", False)),
-            attention_bias=True if family == "qwen2" else (bias and family != "mistral"),
-            o_bias=bias and family in ("llama", "qwen3"),
-            qk_norm=family == "qwen3",
-            sliding_windows=_sliding_windows(hf, family, layers), family=family)
-
 
 @dataclass(frozen=True)
 class LoraConfig:

@@ -332,67 +332,20 @@ def write_report(run_dir) -> Path:
     mean_tps = summary.get("tokens_per_s_mean")
     if not isinstance(mean_tps, (int, float)):
         mean_tps = sum(steady) / len(steady) if steady else None
-    compile_s = next((summary[k] for k in ("compile_s", "compile_seconds", "compile_time_s",
-                                           "first_step_s") if isinstance(summary.get(k), (int, float))),
-                     None)
-    if compile_s is None:
-        compile_s = next((r[k] for r in rows for k in ("compile_s", "compile_time_s")
-                          if isinstance(r.get(k), (int, float))), None)
-
     plots = {
         "loss": plot_loss(rows),
         "lr": plot_lr(rows),
         "throughput": plot_throughput(rows, mean_tps),
         "per_class_f1": plot_per_class(ev) if isinstance(ev, dict) else None,
     }
-    plot_dir = run_dir / "plots"
     for name, png in plots.items():
         if png is not None:
-            plot_dir.mkdir(parents=True, exist_ok=True)
-            (plot_dir / f"{name}.png").write_bytes(png)
+            (run_dir / "plots").mkdir(parents=True, exist_ok=True)
+            (run_dir / "plots" / f"{name}.png").write_bytes(png)
 
-    _, losses = _series(rows, "loss")
-    _, vlosses = _series(rows, "val_loss")
-    steps_done = max((r["step"] for r in rows if isinstance(r.get("step"), (int, float))), default=None)
-    model = plan.get("model") or {}
     recipe = plan.get("recipe")
-    title = (recipe.get("name") if isinstance(recipe, dict) else None) \
-        or (plan.get("config") or {}).get("name")
-    title = title or run_dir.resolve().name
-
-    facts = []
-    if losses:
-        facts.append(f"<span>train loss <b>{losses[0]:.4f}</b> → <b>{losses[-1]:.4f}</b></span>")
-    if vlosses:
-        facts.append(f"<span>validation loss <b>{vlosses[0]:.4f}</b> → <b>{vlosses[-1]:.4f}</b> "
-                     f"(best {min(vlosses):.4f})</span>")
-    if steps_done is not None:
-        total = (plan.get("schedule") or {}).get("total_steps")
-        facts.append(f"<span>steps <b>{_fmt(steps_done)}</b>"
-                     + (f" / {_fmt(total)}" if total else "") + "</span>")
-    tput = []
-    if mean_tps is not None:
-        tput.append(f"<span>mean <b>{mean_tps:,.0f}</b> tokens/s (first logged interval excluded)</span>")
-    if compile_s is not None:
-        tput.append(f"<span>compile <b>{compile_s:.1f}</b> s</span>")
-    for k in ("wall_s", "train_s", "seconds", "total_s"):
-        if isinstance(summary.get(k), (int, float)):
-            tput.append(f"<span>wall time <b>{summary[k]:.1f}</b> s</span>")
-            break
-
-    warnings = plan.get("warnings") or []
-    model_summary = {k: model.get(k) for k in ("name", "source", "architecture", "family", "params",
-                                               "dims", "dir") if model.get(k) is not None}
-    data = plan.get("data") or {}
-    data_summary = {k: v for k, v in data.items()
-                    if k not in ("cache", "key", "sha256", "examples", "fields", "per_split")}
-    template = {k: v for k, v in (plan.get("template") or {}).items()
-                if k in ("prompt", "response", "system", "chat")}
-    rendered = (plan.get("template") or {}).get("examples") or data.get("examples") or []
-    adapter = plan.get("adapter") or {}
-    schedule = plan.get("schedule") or {}
-    resources = plan.get("resources") or {}
-
+    title = (recipe.get("name") if isinstance(recipe, dict) else None) or run_dir.resolve().name
+    _, vlosses = _series(rows, "val_loss")
     doc = f"""<!doctype html>
 <html lang="en"><head><meta charset="utf-8"><title>tune report — {_esc(title)}</title>
 <style>{_CSS}</style></head><body>
@@ -405,28 +358,85 @@ def write_report(run_dir) -> Path:
 {_img(plots['per_class_f1'], 'per-class F1', '') if plots['per_class_f1'] else ''}
 
 <h2>Training</h2>
-<p class="stats">{''.join(facts) or '<span class="muted">no training steps logged</span>'}</p>
+<p class="stats">{_training_facts(plan, rows) or '<span class="muted">no training steps logged</span>'}</p>
 {_img(plots['loss'], 'loss curve', 'no loss logged')}
 {'' if vlosses else '<p class="muted">validation loss: not evaluated</p>'}
 {_img(plots['lr'], 'learning rate', 'no learning rate logged')}
 
 <h2>Throughput</h2>
-<p class="stats">{''.join(tput) or '<span class="muted">not recorded</span>'}</p>
+<p class="stats">{_throughput_facts(summary, rows, mean_tps) or '<span class="muted">not recorded</span>'}</p>
 {_img(plots['throughput'], 'throughput', 'no throughput logged')}
 
 <h2>Plan</h2>
-{''.join(f'<div class="warn">{_esc(w)}</div>' for w in warnings)}
-<div class="cols">
-<div><h3>Model</h3>{_kv_table(model_summary)}</div>
-<div><h3>Adapter</h3>{_kv_table(adapter)}</div>
-<div><h3>Schedule</h3>{_kv_table(schedule)}</div>
-<div><h3>Resources</h3>{_kv_table(resources)}</div>
-</div>
-<h3>Data</h3>{_kv_table(data_summary)}
-<h3>Template</h3>{_kv_table(template)}
-{''.join(f'<p class="muted">rendered example (supervised part between ⟦ ⟧)</p><div class="pre box">{_esc(x)}</div>' for x in rendered[:1])}
+{_plan_section(plan)}
 </body></html>
 """
     out = run_dir / "report.html"
     out.write_text(doc, encoding="utf-8")
     return out
+
+
+def _training_facts(plan: dict, rows: list[dict]) -> str:
+    _, losses = _series(rows, "loss")
+    _, vlosses = _series(rows, "val_loss")
+    steps_done = max((r["step"] for r in rows if isinstance(r.get("step"), (int, float))), default=None)
+    facts = []
+    if losses:
+        facts.append(f"<span>train loss <b>{losses[0]:.4f}</b> → <b>{losses[-1]:.4f}</b></span>")
+    if vlosses:
+        facts.append(f"<span>validation loss <b>{vlosses[0]:.4f}</b> → <b>{vlosses[-1]:.4f}</b> "
+                     f"(best {min(vlosses):.4f})</span>")
+    if steps_done is not None:
+        total = (plan.get("schedule") or {}).get("total_steps")
+        facts.append(f"<span>steps <b>{_fmt(steps_done)}</b>"
+                     + (f" / {_fmt(total)}" if total else "") + "</span>")
+    return "".join(facts)
+
+
+def _throughput_facts(summary: dict, rows: list[dict], mean_tps) -> str:
+    compile_s = summary.get("compile_s")
+    if not isinstance(compile_s, (int, float)):
+        compile_s = next((r["compile_s"] for r in rows if isinstance(r.get("compile_s"), (int, float))),
+                         None)
+    facts = []
+    if mean_tps is not None:
+        facts.append(f"<span>mean <b>{mean_tps:,.0f}</b> tokens/s (first logged interval excluded)</span>")
+    if compile_s is not None:
+        facts.append(f"<span>compile <b>{compile_s:.1f}</b> s</span>")
+    if isinstance(summary.get("wall_s"), (int, float)):
+        facts.append(f"<span>wall time <b>{summary['wall_s']:.1f}</b> s</span>")
+    return "".join(facts)
+
+
+def _plan_section(plan: dict) -> str:
+    """The plan's sections as tables: what was trained, on what, how."""
+    model = plan.get("model") or {}
+    model_summary = {k: model.get(k) for k in ("name", "source", "architecture", "params", "dir")
+                     if model.get(k) is not None}
+    config = model.get("config") or {}
+    model_summary.update({k: config.get(k) for k in ("family", "num_layers", "hidden_size",
+                                                     "num_heads", "num_kv_heads", "vocab_size")
+                          if k in config})
+    data = {k: v for k, v in (plan.get("data") or {}).items()
+            if k not in ("cache", "key", "per_split")}
+    for split in ("train", "test"):
+        if isinstance(data.get(split), dict):
+            data[split] = {k: v for k, v in data[split].items() if k not in ("sha256", "fields")}
+    template = plan.get("template") or {}
+    shown = {k: template.get(k) for k in ("prompt", "response", "system", "chat")}
+    runtime = {k: v for k, v in (plan.get("runtime") or {}).items() if k != "devices"}
+    devices = (plan.get("runtime") or {}).get("devices") or {}
+    runtime["devices"] = f"{devices.get('count')} × {devices.get('kind')}" if devices else None
+    warnings = plan.get("warnings") or []
+    return f"""{''.join(f'<div class="warn">{_esc(w)}</div>' for w in warnings)}
+<div class="cols">
+<div><h3>Model</h3>{_kv_table(model_summary)}</div>
+<div><h3>Adapter</h3>{_kv_table(plan.get("adapter") or {})}</div>
+<div><h3>Schedule</h3>{_kv_table(plan.get("schedule") or {})}</div>
+<div><h3>Runtime</h3>{_kv_table(runtime)}</div>
+<div><h3>Estimates</h3>{_kv_table(plan.get("estimates") or {})}</div>
+<div><h3>Evaluation</h3>{_kv_table(plan.get("eval") or {})}</div>
+</div>
+<h3>Data</h3>{_kv_table(data, skip=("examples",))}
+<h3>Template</h3>{_kv_table(shown)}
+{''.join(f'<p class="muted">rendered example (supervised part between ⟦ ⟧)</p><div class="pre box">{_esc(x)}</div>' for x in (template.get("examples") or [])[:1])}"""

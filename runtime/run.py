@@ -1,17 +1,21 @@
-"""Plan in, trained adapter out: `train(plan, run_dir)`.
+"""Plan in, trained adapter out: `train(plan, run_dir)` = setup → loop → finish.
 
-Reads top to bottom: devices and mesh → model with LoRA → token examples → batches → resume? → the step
-loop (metrics.jsonl, validation, checkpoints, Ctrl-C) → adapter/ and train_summary.json.
+- setup: the plan's mesh, the model split into LoRA (trained) and frozen weights, the token batches,
+  the optimizer and the jitted step, then the newest checkpoint of this plan if there is one;
+- loop: the steps, with metrics.jsonl, validation, checkpoints and Ctrl-C;
+- finish: a last checkpoint and validation, adapter/ and train_summary.json.
+Every number comes from the plan (plan.schedule, plan.runtime, plan.eval); nothing here has a default
+of its own. Evaluating the adapter and writing the report are the command's next steps
+(tune/commands.py), not part of training.
 """
 from __future__ import annotations
 
 import json
-import math
-import os
 import signal
 import sys
 import threading
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import jax
@@ -19,61 +23,294 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from compiler.examples import load_examples
+from compiler.files import write_atomic, write_json
+from compiler.plan import Plan
 from runtime import checkpoint
 from runtime.batching import Batcher, BatchShape, Prefetcher
-from runtime.mesh import (batch_parallelism, frozen_shardings, make_mesh, maybe_initialize_distributed,
+from runtime.mesh import (frozen_shardings, is_main_process, make_mesh, maybe_initialize_distributed,
                           put_batch, replicated)
+from runtime.model import LoraConfig
 from runtime.progress import Progress, log
-from runtime.train import make_eval_loss, make_optimizer, make_train_step, resolve_dtype, split_model
+from runtime.train import DTYPES, make_eval_loss, make_optimizer, make_train_step, split_model
 
 INTERRUPTED_EXIT = 130
 
 
-def lora_config(plan):
-    from runtime.model import LoraConfig
+@dataclass
+class Session:
+    """What setup builds and the loop advances: the training state and where it is in the data."""
+    plan: Plan
+    run_dir: Path
+    mesh: object
+    graphdef: object
+    lora: object                    # LoRA parameters (replicated); updated every step
+    opt_state: object
+    frozen: object                  # the frozen weights (never donated)
+    rng: jax.Array
+    batcher: Batcher
+    val_batcher: Batcher | None
+    step_fn: object
+    eval_fn: object
+    started: float                  # perf_counter at setup
+    step: int = 0                   # steps done
+    position: tuple = (0, 0)        # (epoch, index) of the next batch
+    tokens_seen: int = 0
+    resumed_from: int | None = None
+    compile_s: float | None = None
+    step_times: list = field(default_factory=list)
 
+    def place(self, batch):
+        return put_batch(batch, self.mesh)
+
+
+def train(plan: Plan, run_dir, *, on_step=None) -> dict:
+    """Train the plan's LoRA adapter into run_dir; resume from run_dir/checkpoints/ when present.
+
+    Writes metrics.jsonl, checkpoints/, adapter/ and train_summary.json; returns the summary. Ctrl-C
+    finishes the current step, writes a checkpoint and exits with code 130. `on_step(step)` is called
+    after every completed step (a hook for tests and tools)."""
+    session = setup(plan, Path(run_dir))
+    loop(session, on_step=on_step)
+    return finish(session)
+
+
+# ------------------------------------------------------------------------------ setup
+
+def setup(plan: Plan, run_dir: Path) -> Session:
+    started = time.perf_counter()
+    run_dir.mkdir(parents=True, exist_ok=True)
+    maybe_initialize_distributed()
+    mesh = make_mesh(plan.runtime.mesh)
+    graphdef, lora, frozen = _setup_model(plan, mesh)
+    batcher, val_batcher = _setup_data(plan)
+    optimizer, lr_fn = make_optimizer(plan.schedule)
+    rt, dropout = plan.runtime, plan.adapter.dropout > 0
+    session = Session(
+        plan=plan, run_dir=run_dir, mesh=mesh, graphdef=graphdef, lora=lora,
+        opt_state=jax.device_put(optimizer.init(lora), replicated(mesh)), frozen=frozen,
+        rng=jax.random.PRNGKey(plan.schedule.seed), batcher=batcher, val_batcher=val_batcher,
+        step_fn=make_train_step(graphdef, optimizer, lr_fn, ce_chunk=rt.ce_chunk, dropout=dropout,
+                                state_sharding=replicated(mesh)),
+        eval_fn=make_eval_loss(graphdef, ce_chunk=rt.ce_chunk, state_sharding=replicated(mesh)),
+        started=started)
+    _resume(session)
+    return session
+
+
+def lora_config(plan: Plan) -> LoraConfig:
     a = plan.adapter
-    return LoraConfig(rank=int(a["rank"]), alpha=float(a["alpha"]), dropout=float(a.get("dropout") or 0.0),
-                      targets=tuple(a["targets"]))
+    return LoraConfig(rank=a.rank, alpha=float(a.alpha), dropout=float(a.dropout), targets=a.targets)
 
 
-def load_examples(plan):
-    """The plan's token examples (compiler.examples: pure numpy + tokenizers, cached on disk)."""
-    from compiler.examples import load_examples as load
+def _setup_model(plan: Plan, mesh):
+    """(graphdef, LoRA state, frozen state) placed on the mesh: LoRA replicated, frozen sharded."""
+    from runtime.weights import load_pretrained
 
-    return load(plan.data)
-
-
-def schedule_steps(plan, steps_per_epoch: int) -> tuple[int, int]:
-    """(total_steps, warmup_steps). The plan's, when its steps per epoch is the batcher's; otherwise
-    recomputed with the compiler's rule: ceil(epochs × steps_per_epoch), or max_steps when set; warmup
-    below 1 is a fraction of the total, else a step count."""
-    s = plan.schedule
-    if s.get("total_steps") and s.get("steps_per_epoch") == steps_per_epoch:
-        total = int(s["total_steps"])
-        return total, min(int(s.get("warmup_steps") or 0), total)
-    total = max(1, math.ceil(float(s.get("epochs") or 1) * steps_per_epoch))
-    max_steps = s.get("max_steps")
-    if max_steps is not None and int(max_steps) > 0:
-        total = int(max_steps)
-    warmup = s.get("warmup")
-    if warmup is None:
-        warmup_steps = int(s.get("warmup_steps") or 0)
-    else:
-        warmup_steps = round(float(warmup) * total) if float(warmup) < 1 else int(warmup)
-    return total, max(0, min(warmup_steps, total))
+    rt = plan.runtime
+    model = load_pretrained(plan.model.dir, config=plan.model.config, lora=lora_config(plan),
+                            dtype=DTYPES[rt.dtype], param_dtype=DTYPES[rt.param_dtype],
+                            remat=rt.remat, rngs=nnx.Rngs(plan.schedule.seed))
+    graphdef, lora, frozen = split_model(model)
+    return (graphdef, jax.device_put(lora, replicated(mesh)),
+            jax.device_put(frozen, frozen_shardings(mesh, frozen)))
 
 
-class _Metrics:
-    """metrics.jsonl, appended one flushed line at a time (a kill leaves whole lines)."""
+def _setup_data(plan: Plan) -> tuple[Batcher, Batcher | None]:
+    s, pack = plan.schedule, plan.runtime.pack
+    examples = load_examples(plan.data.cache)
+    shape = BatchShape(s.grad_accum, s.batch_size, s.seq_len)
+    batcher = Batcher(*examples.split("train"), shape, pack=pack, seed=s.seed)
+    if batcher.steps_per_epoch != s.steps_per_epoch or batcher.rows_per_epoch != s.rows_per_epoch:
+        raise RuntimeError(f"the plan counts {s.steps_per_epoch} steps ({s.rows_per_epoch} rows) per "
+                           f"epoch, its token data gives {batcher.steps_per_epoch} "
+                           f"({batcher.rows_per_epoch} rows): recompile the plan with `tune plan`")
+    val_ids, val_prompt_lens = examples.split("val")
+    val = Batcher(val_ids, val_prompt_lens, shape, pack=pack, seed=s.seed) if len(val_ids) else None
+    return batcher, val
+
+
+def _resume(s: Session) -> None:
+    ckpt = checkpoint.load_latest(s.run_dir, plan_hash=s.plan.hash, lora_template=s.lora,
+                                  opt_template=s.opt_state)
+    if ckpt is None:
+        return
+    s.step, s.position, s.resumed_from = ckpt.step, (ckpt.epoch, ckpt.index), ckpt.step
+    s.lora = jax.device_put(ckpt.lora, replicated(s.mesh))
+    s.opt_state = jax.device_put(ckpt.opt_state, replicated(s.mesh))
+    s.rng = jnp.asarray(ckpt.rng, dtype=jnp.uint32)
+    s.tokens_seen = int(ckpt.extra.get("tokens_seen", 0))
+    log(f"resuming from step {s.step} ({ckpt.path.name})")
+
+
+# ------------------------------------------------------------------------------ loop
+
+def loop(s: Session, *, on_step=None) -> None:
+    """Run the steps from s.step to the plan's total. Ctrl-C: finish the step, checkpoint, exit 130."""
+    sched, rt = s.plan.schedule, s.plan.runtime
+    total, start = sched.total_steps, s.step
+    metrics = Metrics(s.run_dir / "metrics.jsonl",
+                      keep_through_step=s.step if s.resumed_from is not None else None)
+    shape = s.batcher.shape
+    log(f"training {total} steps ({sched.steps_per_epoch} per epoch), batch {shape.grad_accum}×"
+        f"{shape.batch_size}×{shape.seq_len}, mesh {dict(s.mesh.shape)}, {jax.device_count()} "
+        f"{jax.default_backend()} device(s)")
+    compiled, interrupted = None, False
+    try:
+        with _Interrupt() as stop, Progress(total, start=s.step) as bar, \
+                Prefetcher(s.batcher, s.position, total - s.step, s.place) as batches:
+            t_prev = time.perf_counter()
+            for e, i, batch in batches:
+                if compiled is None:
+                    compiled = _compile(s, batch, metrics)
+                    t_prev = time.perf_counter()
+                m = _step(s, compiled, batch, (e, i))
+                now = time.perf_counter()
+                dt, t_prev = now - t_prev, now
+                s.step_times.append(dt)
+                tps = m["n_inputs"] / dt if dt > 0 else None
+                if s.step % rt.log_every == 0 or s.step == total or s.step == start + 1:
+                    metrics.write({"step": s.step, "epoch": e, "loss": m["loss"], "lr": m["lr"],
+                                   "grad_norm": m["grad_norm"], "tokens": m["n_tokens"],
+                                   "tokens_seen": s.tokens_seen, "input_tokens": m["n_inputs"],
+                                   "tokens_per_s": tps, "step_time_s": dt,
+                                   "elapsed_s": time.perf_counter() - s.started})
+                bar.update(s.step, loss=m["loss"], tokens_per_s=tps)
+                if s.plan.eval.every and s.step % s.plan.eval.every == 0 and s.step < total:
+                    val = validate(s, metrics)
+                    if val is not None:
+                        bar.print(f"step {s.step}: val_loss {val:.4f}")
+                if on_step is not None:
+                    on_step(s.step)
+                if stop.requested:
+                    save(s)
+                    interrupted = True
+                    break
+                if rt.checkpoint_every and s.step % rt.checkpoint_every == 0 and s.step < total:
+                    save(s)
+                t_prev = time.perf_counter()       # validation, hooks and checkpoints are not step time
+    finally:
+        metrics.close()
+    if interrupted:
+        print(f"tune: interrupted at step {s.step}; checkpoint written; run the same command to "
+              "resume", file=sys.stderr, flush=True)
+        raise SystemExit(INTERRUPTED_EXIT)
+
+
+def _compile(s: Session, batch, metrics) -> object:
+    """The step compiled ahead of time for this batch shape (so its time is known and logged)."""
+    t0 = time.perf_counter()
+    try:
+        compiled = s.step_fn.lower(s.lora, s.opt_state, s.frozen, batch, s.rng,
+                                   jnp.asarray(s.step, dtype=jnp.int32)).compile()
+    except Exception:             # noqa: BLE001 — AOT is only for timing; jit works
+        compiled = s.step_fn
+    s.compile_s = time.perf_counter() - t0
+    metrics.write({"step": s.step + 1, "compile_s": s.compile_s})
+    return compiled
+
+
+def _step(s: Session, compiled, batch, at: tuple[int, int]) -> dict:
+    """One optimizer step; advances the session. Returns its metrics as Python numbers."""
+    s.lora, s.opt_state, m = compiled(s.lora, s.opt_state, s.frozen, batch, s.rng,
+                                      jnp.asarray(s.step, dtype=jnp.int32))
+    m = jax.device_get(m)                  # waits for the step: its time is honest
+    s.step += 1
+    e, i = at
+    s.position = (e, i + 1) if i + 1 < s.batcher.steps_per_epoch else (e + 1, 0)
+    out = {"loss": float(m["loss"]), "lr": float(m["lr"]), "grad_norm": float(m["grad_norm"]),
+           "n_tokens": int(m["n_tokens"]), "n_inputs": int(m["n_inputs"])}
+    s.tokens_seen += out["n_tokens"]
+    return out
+
+
+def validate(s: Session, metrics) -> float | None:
+    """Validation loss (Σ token CE / Σ supervised tokens over the val split); logged at s.step."""
+    if s.val_batcher is None:
+        return None
+    loss_sum, n = 0.0, 0.0
+    for batch in s.val_batcher.epoch_batches(0):
+        l, c = s.eval_fn(s.lora, s.frozen, s.place(batch))
+        loss_sum += float(np.asarray(jax.device_get(l)))
+        n += float(np.asarray(jax.device_get(c)))
+    val = loss_sum / n if n else None
+    metrics.write({"step": s.step, "val_loss": val, "val_tokens": int(n)})
+    return val
+
+
+def save(s: Session) -> None:
+    e, i = s.position
+    checkpoint.save(s.run_dir, step=s.step, epoch=e, index=i, rng=s.rng, plan_hash=s.plan.hash,
+                    lora=s.lora, opt_state=s.opt_state, extra={"tokens_seen": s.tokens_seen})
+
+
+# ------------------------------------------------------------------------------ finish
+
+def finish(s: Session) -> dict:
+    """A last checkpoint (re-running is then a no-op), the final validation, adapter/ and
+    train_summary.json. Returns the summary."""
+    from runtime.export import save_peft_adapter
+
+    if s.resumed_from is None or s.step > s.resumed_from:
+        save(s)
+    metrics = Metrics(s.run_dir / "metrics.jsonl", keep_through_step=s.step)
+    try:
+        logged = [r for r in metrics.rows if "val_loss" in r and r.get("step") == s.step]
+        final_val = logged[-1]["val_loss"] if logged else validate(s, metrics)
+        rows = metrics.rows
+    finally:
+        metrics.close()
+    if is_main_process():
+        save_peft_adapter(nnx.merge(s.graphdef, s.frozen, s.lora), s.run_dir / "adapter",
+                          base_model_name_or_path=s.plan.model.dir, lora=lora_config(s.plan))
+    summary = _summary(s, rows, final_val)
+    if is_main_process():
+        write_json(s.run_dir / "train_summary.json", summary)
+    first, final = summary["first_loss"], summary["final_loss"]
+    losses = f"loss {first:.4f} → {final:.4f}" if first is not None and final is not None else "no loss"
+    val_text = f", val_loss {final_val:.4f}" if final_val is not None else ""
+    log(f"done: {s.step} steps, {losses}{val_text}; adapter in {s.run_dir / 'adapter'}")
+    return summary
+
+
+def _summary(s: Session, rows: list[dict], final_val) -> dict:
+    losses = [r["loss"] for r in rows if "loss" in r]
+    tps = [r["tokens_per_s"] for r in rows if r.get("tokens_per_s")]
+    compiles = [r["compile_s"] for r in rows if "compile_s" in r]
+    steady = s.step_times[1:] if len(s.step_times) > 1 else s.step_times
+    return {
+        "steps": s.step,
+        "total_steps": s.plan.schedule.total_steps,
+        "steps_per_epoch": s.plan.schedule.steps_per_epoch,
+        "first_loss": losses[0] if losses else None,
+        "final_loss": losses[-1] if losses else None,
+        "final_val_loss": final_val,
+        "tokens_seen": s.tokens_seen,
+        "tokens_per_s_mean": float(np.mean(tps[1:] if len(tps) > 1 else tps)) if tps else None,
+        "step_time_s_mean": float(np.mean(steady)) if steady else None,
+        "compile_s": compiles[0] if compiles else s.compile_s,
+        "wall_s": time.perf_counter() - s.started,
+        "resumed_from": s.resumed_from,
+        "devices": jax.device_count(),
+        "backend": jax.default_backend(),
+        "dtype": s.plan.runtime.dtype,
+        "plan_hash": s.plan.hash,
+    }
+
+
+# ------------------------------------------------------------------------------ pieces
+
+class Metrics:
+    """metrics.jsonl, appended one flushed line at a time (a kill leaves whole lines). Opened with
+    keep_through_step, the file is first cut back to the rows of steps up to it (a resumed run
+    rewrites what came after its checkpoint)."""
 
     def __init__(self, path: Path, keep_through_step: int | None):
         self.path = path
-        self.enabled = jax.process_index() == 0
+        self.enabled = is_main_process()
         self.rows: list[dict] = []
         if not self.enabled:
             return
-        rows = []
         if keep_through_step is not None and path.exists():
             for line in path.read_text().splitlines():
                 try:
@@ -81,11 +318,8 @@ class _Metrics:
                 except ValueError:
                     continue                      # the half line of a killed run
                 if isinstance(row, dict) and row.get("step", 0) <= keep_through_step:
-                    rows.append(row)
-        tmp = path.with_name(path.name + ".tmp")
-        tmp.write_text("".join(json.dumps(r) + "\n" for r in rows))
-        os.replace(tmp, path)
-        self.rows = rows
+                    self.rows.append(row)
+        write_atomic(path, "".join(json.dumps(r) + "\n" for r in self.rows))
         self._f = open(path, "a")
 
     def write(self, row: dict) -> None:
@@ -121,235 +355,3 @@ class _Interrupt:
     def __exit__(self, *exc):
         if self._old is not None:
             signal.signal(signal.SIGINT, self._old)
-
-
-def _f(x) -> float:
-    return float(np.asarray(jax.device_get(x)))
-
-
-def _validation(eval_fn, lora, frozen, val_batches) -> tuple[float, int]:
-    loss_sum, n = 0.0, 0.0
-    for batch in val_batches:
-        l, c = eval_fn(lora, frozen, batch)
-        loss_sum += _f(l)
-        n += _f(c)
-    return (loss_sum / n if n else None), int(n)
-
-
-def train(plan, run_dir, *, on_step=None) -> dict:
-    """Train the plan's LoRA adapter into run_dir; resume from run_dir/checkpoints/ when present.
-
-    Writes metrics.jsonl, checkpoints/, adapter/ and train_summary.json; returns the summary. Ctrl-C
-    finishes the current step, writes a checkpoint and exits with code 130. `on_step(step)` is called
-    after every completed step (a hook for tests and tools)."""
-    t_start = time.perf_counter()
-    run_dir = Path(run_dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    maybe_initialize_distributed()
-    rt = plan.config.get("runtime") or {}
-    s = plan.schedule
-    seed = int(s.get("seed") or 0)
-
-    # devices
-    mesh = make_mesh(rt.get("mesh"))
-    shape = BatchShape(int(s.get("grad_accum") or 1), int(s["batch_size"]), int(s["seq_len"]))
-    if shape.batch_size % batch_parallelism(mesh):
-        raise ValueError(f"schedule.batch_size={shape.batch_size} does not divide over the mesh's "
-                         f"data×fsdp={batch_parallelism(mesh)} devices")
-
-    # model: LoRA trainable, the rest frozen
-    from runtime.weights import load_pretrained
-
-    lora_cfg = lora_config(plan)
-    dtype = resolve_dtype(rt.get("dtype", "auto"))
-    param_dtype = dtype if rt.get("param_dtype") in (None, "auto") else resolve_dtype(rt["param_dtype"])
-    model = load_pretrained(plan.model["dir"], lora=lora_cfg, dtype=dtype, param_dtype=param_dtype,
-                            remat=rt.get("remat") or "none", rngs=nnx.Rngs(seed))
-    graphdef, lora, frozen = split_model(model)
-    del model
-    frozen = jax.device_put(frozen, frozen_shardings(mesh, frozen))
-    lora = jax.device_put(lora, replicated(mesh))
-
-    # data
-    examples = load_examples(plan)
-    batcher = Batcher(*examples.split("train"), shape, pack=bool(rt.get("pack", True)), seed=seed)
-    if batcher.rows_per_epoch == 0:
-        raise ValueError("the plan's train split has no example with a supervised token; nothing to train")
-    val_ids, val_prompt_lens = examples.split("val")
-    spe = batcher.steps_per_epoch
-    total, warmup_steps = schedule_steps(plan, spe)
-    if s.get("steps_per_epoch") is not None and int(s["steps_per_epoch"]) != spe:
-        log(f"packing gives {spe} steps per epoch ({batcher.rows_per_epoch} rows of {shape.seq_len}); "
-            f"the plan estimated {s['steps_per_epoch']}: training {total} steps")
-
-    # optimiser, step functions
-    optimizer, lr_fn = make_optimizer(dict(s, warmup_steps=warmup_steps), total)
-    opt_state = jax.device_put(optimizer.init(lora), replicated(mesh))
-    rng = jax.random.PRNGKey(seed)
-    ce_chunk = int(rt.get("ce_chunk") or 1024)
-    step_fn = make_train_step(graphdef, optimizer, lr_fn, ce_chunk=ce_chunk, dropout=lora_cfg.dropout > 0,
-                              state_sharding=replicated(mesh))
-    eval_fn = make_eval_loss(graphdef, ce_chunk=ce_chunk, state_sharding=replicated(mesh))
-
-    # resume
-    step, epoch, index = 0, 0, 0
-    ckpt = checkpoint.load_latest(run_dir, plan_hash=plan.hash, lora_template=lora, opt_template=opt_state)
-    if ckpt is not None:
-        step, epoch, index = ckpt.step, ckpt.epoch, ckpt.index
-        lora = jax.device_put(ckpt.lora, replicated(mesh))
-        opt_state = jax.device_put(ckpt.opt_state, replicated(mesh))
-        rng = jnp.asarray(ckpt.rng, dtype=jnp.uint32)
-        log(f"resuming from step {step} ({ckpt.path.name})")
-    start_step = step
-    metrics = _Metrics(run_dir / "metrics.jsonl", keep_through_step=step if ckpt else None)
-
-    val_batcher = None
-    if len(val_ids):
-        val_batcher = Batcher(val_ids, val_prompt_lens, shape, pack=bool(rt.get("pack", True)), seed=seed)
-    eval_every = int((plan.config.get("eval") or {}).get("every") or 0)
-    ckpt_every = int(rt.get("checkpoint_every") or 0)
-    log_every = max(1, int(rt.get("log_every") or 1))
-
-    def place(batch):
-        return put_batch(batch, mesh)
-
-    def validate(at_step):
-        if val_batcher is None:
-            return None
-        vl, vn = _validation(eval_fn, lora, frozen, (place(b) for b in val_batcher.epoch_batches(0)))
-        metrics.write({"step": at_step, "val_loss": vl, "val_tokens": vn})
-        return vl
-
-    def save(at_step, pos):
-        checkpoint.save(run_dir, step=at_step, epoch=pos[0], index=pos[1], rng=rng, plan_hash=plan.hash,
-                        lora=lora, opt_state=opt_state, extra={"tokens_seen": tokens_seen})
-
-    def after(e, i):                             # data position of the batch after (e, i)
-        return (e, i + 1) if i + 1 < spe else (e + 1, 0)
-
-    compile_s = None
-    first_loss = last_loss = None
-    last_val = None
-    tokens_seen = int(ckpt.extra.get("tokens_seen", 0)) if ckpt else 0
-    step_times: list[float] = []
-    interrupted = False
-    pos = (epoch, index)
-    log(f"training {total} steps ({spe} per epoch), batch {shape.grad_accum}×{shape.batch_size}×"
-        f"{shape.seq_len}, mesh {dict(mesh.shape)}, {jax.device_count()} {jax.default_backend()} device(s)")
-    try:
-        with _Interrupt() as stop, Progress(total, start=step) as bar, \
-                Prefetcher(batcher, (epoch, index), total - step, place) as batches:
-            t_prev = time.perf_counter()
-            compiled = None
-            for e, i, batch in batches:
-                step_arg = jnp.asarray(step, dtype=jnp.int32)
-                if compiled is None:
-                    t0 = time.perf_counter()
-                    try:
-                        compiled = step_fn.lower(lora, opt_state, frozen, batch, rng, step_arg).compile()
-                    except Exception:             # noqa: BLE001 — AOT is only for timing; jit works
-                        compiled = step_fn
-                    compile_s = time.perf_counter() - t0
-                    metrics.write({"step": step + 1, "compile_s": compile_s})
-                    t_prev = time.perf_counter()
-                lora, opt_state, m = compiled(lora, opt_state, frozen, batch, rng, step_arg)
-                m = jax.device_get(m)             # waits for the step: its time is honest
-                now = time.perf_counter()
-                dt, t_prev = now - t_prev, now
-                step += 1
-                pos = after(e, i)
-                loss, n_tok, n_in = float(m["loss"]), int(m["n_tokens"]), int(m["n_inputs"])
-                tokens_seen += n_tok
-                step_times.append(dt)
-                first_loss = loss if first_loss is None else first_loss
-                last_loss = loss
-                if step % log_every == 0 or step == total or step == start_step + 1:
-                    metrics.write({"step": step, "epoch": e, "loss": loss, "lr": float(m["lr"]),
-                                   "grad_norm": float(m["grad_norm"]), "tokens": n_tok,
-                                   "tokens_seen": tokens_seen, "input_tokens": n_in,
-                                   "tokens_per_s": n_in / dt if dt > 0 else None, "step_time_s": dt,
-                                   "elapsed_s": time.perf_counter() - t_start})
-                bar.update(step, loss=loss, tokens_per_s=n_in / dt if dt > 0 else None)
-                if eval_every and step % eval_every == 0 and step < total:
-                    last_val = validate(step)
-                    if last_val is not None:
-                        bar.print(f"step {step}: val_loss {last_val:.4f}")
-                    t_prev = time.perf_counter()   # validation time is not step time
-                if on_step is not None:
-                    on_step(step)
-                    t_prev = time.perf_counter()
-                if stop.requested:
-                    save(step, pos)
-                    interrupted = True
-                    break
-                if ckpt_every and step % ckpt_every == 0 and step < total:
-                    save(step, pos)
-                    t_prev = time.perf_counter()
-    finally:
-        metrics.close()
-    if interrupted:
-        msg = f"interrupted at step {step}; checkpoint written; run the same command to resume"
-        print(f"tune: {msg}", file=sys.stderr, flush=True)
-        raise SystemExit(INTERRUPTED_EXIT)
-
-    # the end: a last checkpoint (re-running is then a no-op), validation, adapter, summary
-    if step > start_step:
-        save(step, pos)
-    metrics = _Metrics(run_dir / "metrics.jsonl", keep_through_step=step)
-    try:
-        if not any("val_loss" in r and r.get("step") == step for r in metrics.rows):
-            last_val = validate(step)
-        else:
-            last_val = next(r["val_loss"] for r in metrics.rows if "val_loss" in r and r["step"] == step)
-        rows = metrics.rows
-    finally:
-        metrics.close()
-
-    from runtime.export import save_peft_adapter
-
-    if jax.process_index() == 0:
-        model = nnx.merge(graphdef, frozen, lora)
-        save_peft_adapter(model, run_dir / "adapter", base_model_name_or_path=plan.model["dir"],
-                          lora=lora_cfg)
-
-    losses = [r["loss"] for r in rows if "loss" in r]
-    tps = [r["tokens_per_s"] for r in rows if r.get("tokens_per_s")]
-    compiles = [r["compile_s"] for r in rows if "compile_s" in r]
-    summary = {
-        "steps": step,
-        "total_steps": total,
-        "steps_per_epoch": spe,
-        "plan_steps_per_epoch": s.get("steps_per_epoch"),
-        "first_loss": losses[0] if losses else first_loss,
-        "final_loss": losses[-1] if losses else last_loss,
-        "final_val_loss": last_val,
-        "tokens_seen": tokens_seen,
-        "tokens_per_s_mean": float(np.mean(tps[1:] if len(tps) > 1 else tps)) if tps else None,
-        "step_time_s_mean": float(np.mean(step_times[1:] if len(step_times) > 1 else step_times))
-        if step_times else None,
-        "compile_s": compiles[0] if compiles else compile_s,
-        "wall_s": time.perf_counter() - t_start,
-        "resumed_from": start_step if ckpt is not None else None,
-        "devices": jax.device_count(),
-        "backend": jax.default_backend(),
-        "dtype": str(jnp.dtype(dtype)),
-        "plan_hash": plan.hash,
-    }
-    if jax.process_index() == 0:
-        tmp = run_dir / "train_summary.json.tmp"
-        tmp.write_text(json.dumps(summary, indent=2) + "\n")
-        os.replace(tmp, run_dir / "train_summary.json")
-    first, final = summary["first_loss"], summary["final_loss"]
-    losses_text = f"loss {first:.4f} → {final:.4f}" if first is not None and final is not None else "no loss"
-    val_text = f", val_loss {last_val:.4f}" if last_val is not None else ""
-    log(f"done: {step} steps, {losses_text}{val_text}; adapter in {run_dir / 'adapter'}")
-    if jax.process_index() == 0:
-        # The proof that tuning worked: the task metric before and after on data.test_path (a no-op
-        # without test rows), then the report a person reads.
-        from runtime.evaluate import evaluate_before_after
-        from runtime.report import write_report
-
-        if (plan.data.get("sizes") or {}).get("test"):
-            evaluate_before_after(plan, run_dir)
-        log(f"report: {write_report(run_dir)}")
-    return summary

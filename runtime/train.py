@@ -16,20 +16,11 @@ import jax.numpy as jnp
 import optax
 from flax import nnx
 
+from compiler.plan import ScheduleSection
 from runtime.loss import chunked_cross_entropy
 from runtime.model import LoRAParam
 
-DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
-
-
-def resolve_dtype(name: str | None, backend: str | None = None):
-    """"auto" is bfloat16 on accelerators, float32 on CPU."""
-    if name in (None, "auto"):
-        backend = backend or jax.default_backend()
-        return jnp.float32 if backend == "cpu" else jnp.bfloat16
-    if name not in DTYPES:
-        raise ValueError(f"unknown dtype {name!r}; expected auto, {', '.join(DTYPES)}")
-    return DTYPES[name]
+DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 
 
 def split_model(model):
@@ -61,17 +52,12 @@ def lr_schedule(lr: float, warmup_steps: int, total_steps: int, kind: str = "cos
     return at
 
 
-def make_optimizer(schedule: dict, total_steps: int) -> tuple[optax.GradientTransformation, Callable]:
-    """clip_by_global_norm + AdamW with the plan's schedule. Returns (optimizer, lr_fn)."""
-    lr_fn = lr_schedule(float(schedule["lr"]), int(schedule.get("warmup_steps") or 0), total_steps,
-                        schedule.get("lr_schedule") or "cosine")
-    parts = []
-    max_norm = schedule.get("max_grad_norm")
-    if max_norm:
-        parts.append(optax.clip_by_global_norm(float(max_norm)))
-    parts.append(optax.adamw(lr_fn, b1=float(schedule.get("beta1", 0.9)),
-                             b2=float(schedule.get("beta2", 0.999)), eps=float(schedule.get("eps", 1e-8)),
-                             weight_decay=float(schedule.get("weight_decay") or 0.0)))
+def make_optimizer(s: ScheduleSection) -> tuple[optax.GradientTransformation, Callable]:
+    """clip_by_global_norm (unless max_grad_norm is 0 or None) + AdamW with the plan's schedule.
+    Returns (optimizer, lr_fn)."""
+    lr_fn = lr_schedule(s.lr, s.warmup_steps, s.total_steps, s.lr_schedule)
+    parts = [optax.clip_by_global_norm(s.max_grad_norm)] if s.max_grad_norm else []
+    parts.append(optax.adamw(lr_fn, b1=s.beta1, b2=s.beta2, eps=s.eps, weight_decay=s.weight_decay))
     return optax.chain(*parts), lr_fn
 
 

@@ -16,7 +16,8 @@ import numpy as np
 from flax import nnx
 from safetensors import safe_open
 
-from runtime.model import Llama, LoraConfig, LoRAParam, ModelConfig, lora_a_init
+from compiler.architecture import ModelConfig, read_config
+from runtime.model import Llama, LoraConfig, LoRAParam, lora_a_init
 
 # Buffers some checkpoints carry that are recomputed, not loaded.
 _IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)
@@ -63,17 +64,15 @@ class _Checkpoint:
         return self.handles[self.where[name]].get_tensor(name)
 
 
-def read_config(model_dir) -> ModelConfig:
-    return ModelConfig.from_hf(json.loads((Path(model_dir) / "config.json").read_text()))
-
-
-def load_pretrained(model_dir, *, lora: LoraConfig | None = None, dtype=jnp.float32,
-                    param_dtype=jnp.float32, remat: str = "none", rngs: nnx.Rngs | None = None) -> Llama:
-    """The model of an HF checkpoint directory (config.json + *.safetensors), base weights cast to
-    param_dtype, LoRA factors (if lora) freshly initialised from rngs (A random, B zero, float32).
-    Missing or unexpected tensors raise ValueError naming them."""
+def load_pretrained(model_dir, *, config: ModelConfig | None = None, lora: LoraConfig | None = None,
+                    dtype=jnp.float32, param_dtype=jnp.float32, remat: str = "none",
+                    rngs: nnx.Rngs | None = None) -> Llama:
+    """The model of an HF checkpoint directory (*.safetensors; config.json unless `config`, the
+    plan's, is given), base weights cast to param_dtype, LoRA factors (if lora) freshly initialised
+    from rngs (A random, B zero, float32). Missing or unexpected tensors raise ValueError naming
+    them."""
     model_dir = Path(model_dir)
-    cfg = read_config(model_dir)
+    cfg = config if config is not None else read_config(model_dir)
     rngs = rngs if rngs is not None else nnx.Rngs(0)
 
     abstract = nnx.eval_shape(lambda: Llama(cfg, lora=lora, dtype=dtype, param_dtype=param_dtype,

@@ -66,32 +66,93 @@ class TinyExamples:
         return self._splits.get(name, ([], []))
 
 
+def make_plan(model_dir, *, train_lengths=(), sizes=None, plan_hash="tiny-plan-0", eos=2, pad=0,
+              template=None, schedule=None, runtime=None, adapter=None, evaluation=None,
+              chat_template=None):
+    """A typed Plan for a tiny model directory, with the given settings, built the way the compiler
+    builds one (its steps counted by the compiler's own rule from `train_lengths`). Its `config` is
+    empty: the runtime must not need it."""
+    from compiler.architecture import architecture, read_config
+    from compiler.estimates import schedule_steps
+    from compiler.plan import (AdapterSection, DataSection, Devices, EvalSection, Estimates,
+                               MeshAxes, ModelSection, Plan, RuntimeSection, ScheduleSection,
+                               TemplateSection)
+    import json
+
+    cfg = read_config(model_dir)
+    hf = json.loads((model_dir / "config.json").read_text())
+    model = ModelSection(name="tiny", source="local", dir=str(model_dir), architecture=architecture(hf),
+                         config=cfg, params=cfg.param_count(), chat_template=chat_template,
+                         bos_token_id=1, eos_token_id=eos, eos_token_ids=(eos,), pad_token_id=pad,
+                         bos_token="", eos_token="", config_hash="tiny", tokenizer_hash="tiny")
+    s = dict(lr=3e-3, epochs=2, max_steps=None, batch_size=4, grad_accum=2, warmup=2, seed=0,
+             lr_schedule="cosine", weight_decay=0.0, max_grad_norm=1.0, beta1=0.9, beta2=0.999,
+             eps=1e-8, seq_len=64)
+    s.update(schedule or {})
+    rt = dict(dtype="float32", param_dtype="float32", mesh=MeshAxes(1, 1, 1),
+              devices=Devices("cpu", "cpu", 1, None, None), remat="none", pack=True, ce_chunk=32,
+              log_every=1, checkpoint_every=0)
+    rt.update(runtime or {})
+    steps = {"rows_per_epoch": 0, "steps_per_epoch": 0, "total_steps": 0, "warmup_steps": 0}
+    if len(train_lengths):
+        steps = schedule_steps(list(train_lengths), batch_size=s["batch_size"],
+                               grad_accum=s["grad_accum"], epochs=s["epochs"], max_steps=s["max_steps"],
+                               warmup=s["warmup"], pack=rt["pack"], seq_len=s["seq_len"])
+    gb = s["batch_size"] * s["grad_accum"]
+    a = dict(rank=4, alpha=8.0, dropout=0.0, targets=("q_proj", "k_proj", "v_proj", "o_proj"))
+    a.update(adapter or {})
+    a["targets"] = tuple(a["targets"])
+    t = dict(prompt="{text}", response="{label}", system=None, chat=False, fields=("text", "label"),
+             chat_template=None, examples=())
+    t.update(template or {})
+    ev = dict(metric="accuracy", mode="generate", max_new_tokens=8, limit=None, every=0, batch_size=8)
+    ev.update(evaluation or {})
+    sizes = dict(sizes or {"train": len(train_lengths), "val": 0, "test": 0})
+    return Plan(
+        version=2, hash=plan_hash, model=model,
+        data=DataSection(format="auto", max_rows=None, val_fraction=0.0, max_length=s["seq_len"],
+                         overlength="truncate", dedupe=True, train=None, test=None, cache="tiny",
+                         key="tiny", sizes=sizes, tokens={}, truncated=0, dropped_too_long=0,
+                         no_supervised=0, supervised={}, per_split={}, n_labels=0),
+        template=TemplateSection(**t),
+        adapter=AdapterSection(**a, scale=a["alpha"] / a["rank"], trainable_params=0, per_target={},
+                               share=0.0),
+        schedule=ScheduleSection(**s, global_batch=gb, **steps, tokens_per_step=gb * s["seq_len"]),
+        runtime=RuntimeSection(**rt), eval=EvalSection(**ev),
+        estimates=Estimates(memory={}, memory_share=None, step_time_s=None, total_time_s=None),
+        recipe=None, config={}, warnings=())
+
+
+def schedule(total_steps, **kw):
+    """A ScheduleSection for optimizer tests: `total_steps` steps, AdamW's usual settings."""
+    from compiler.plan import ScheduleSection
+
+    s = dict(lr=1e-3, epochs=1, max_steps=None, batch_size=4, grad_accum=1, warmup=0, seed=0,
+             lr_schedule="cosine", weight_decay=0.0, max_grad_norm=1.0, beta1=0.9, beta2=0.999,
+             eps=1e-8, seq_len=32, global_batch=4, rows_per_epoch=4 * total_steps,
+             steps_per_epoch=total_steps, total_steps=total_steps, warmup_steps=0, tokens_per_step=128)
+    s.update(kw)
+    return ScheduleSection(**s)
+
+
 def tiny_plan(model_dir, *, plan_hash="tiny-plan-0", n_train=48, n_val=8, seed=0, batch_size=4,
               grad_accum=2, seq_len=64, epochs=2, max_steps=None, lr=3e-3, warmup_steps=2,
               dropout=0.0, rank=4, pack=True, checkpoint_every=0, eval_every=0, log_every=1,
               ce_chunk=32, targets=("q_proj", "k_proj", "v_proj", "o_proj")):
-    """A Plan-like object with only what runtime.run.train reads, and the token examples it trains on.
+    """A Plan for the tiny model and the token examples it trains on (synthetic, learnable).
 
     Returns (plan, examples); the `train_on` fixture makes train() read `examples`."""
-    import json
-    from types import SimpleNamespace
-
-    hf = json.loads((model_dir / "config.json").read_text())
     train = synthetic_examples(n_train, seed=seed)
     val = synthetic_examples(n_val, seed=seed + 1000)
-    schedule = dict(lr=lr, batch_size=batch_size, grad_accum=grad_accum, epochs=epochs,
-                    max_steps=max_steps, total_steps=None, warmup_steps=warmup_steps,
-                    steps_per_epoch=None, lr_schedule="cosine", weight_decay=0.0, max_grad_norm=1.0,
-                    seed=seed, seq_len=seq_len)
-    config = {"runtime": dict(dtype="float32", param_dtype="float32", mesh=dict(data=-1, fsdp=1, tensor=1),
-                              remat="none", pack=pack, ce_chunk=ce_chunk, log_every=log_every,
-                              checkpoint_every=checkpoint_every),
-              "eval": dict(every=eval_every), "schedule": dict(max_steps=max_steps)}
-    plan = SimpleNamespace(
-        hash=plan_hash, config=config, schedule=schedule,
-        model=dict(dir=str(model_dir), hf_config=hf, family="llama", eos_token_id=2, pad_token_id=0),
-        data=dict(cache=None, key="tiny"),
-        adapter=dict(rank=rank, alpha=2.0 * rank, dropout=dropout, targets=tuple(targets)))
+    plan = make_plan(
+        model_dir, train_lengths=[len(x) for x in train[0]], plan_hash=plan_hash,
+        sizes={"train": n_train, "val": n_val, "test": 0},
+        schedule=dict(lr=lr, batch_size=batch_size, grad_accum=grad_accum, epochs=epochs,
+                      max_steps=max_steps, warmup=warmup_steps, seed=seed, seq_len=seq_len),
+        runtime=dict(pack=pack, ce_chunk=ce_chunk, log_every=log_every,
+                     checkpoint_every=checkpoint_every),
+        adapter=dict(rank=rank, alpha=2.0 * rank, dropout=dropout, targets=targets),
+        evaluation=dict(every=eval_every))
     return plan, TinyExamples({"train": train, "val": val})
 
 
@@ -101,7 +162,7 @@ def train_on(monkeypatch):
     import runtime.run
 
     def apply(examples):
-        monkeypatch.setattr(runtime.run, "load_examples", lambda plan: examples)
+        monkeypatch.setattr(runtime.run, "load_examples", lambda cache: examples)
 
     return apply
 
@@ -244,7 +305,7 @@ def tune_cli(tmp_path, monkeypatch, capsys, smollm2_dir):
     monkeypatch.chdir(tmp_path)
     monkeypatch.delenv("TUNE_RECIPE_PATH", raising=False)
     monkeypatch.delenv("TUNE_DEBUG", raising=False)
-    from compiler.cli import main
+    from tune.cli import main
 
     def run(*argv):
         capsys.readouterr()

@@ -6,7 +6,8 @@ from collections import Counter
 import numpy as np
 import pytest
 
-from runtime.batching import Batcher, BatchShape, Prefetcher, pack_rows
+from compiler.packing import pack_rows
+from runtime.batching import Batcher, BatchShape, Prefetcher
 
 
 def _examples(n=57, seed=0, vocab=1000, max_len=40):

@@ -172,9 +172,9 @@ def test_dropped_rows_counted(tune_cli, tmp_path):
     rc, out, err = plan(tune_cli)
     assert rc == 0, err
     doc = json.loads((tmp_path / "run" / "plan.json").read_text())
-    assert doc["data"]["rows"]["train"]["dropped"] == {"missing_field": 1, "empty_field": 1,
+    assert doc["data"]["train"]["dropped"] == {"missing_field": 1, "empty_field": 1,
                                                        "duplicate": 2}
-    assert doc["data"]["rows"]["train"]["kept"] == 300
+    assert doc["data"]["train"]["kept"] == 300
 
 
 def test_overlength_truncated_and_counted(tune_cli, tmp_path):

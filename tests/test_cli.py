@@ -10,8 +10,8 @@ from pathlib import Path
 
 import pytest
 
-from compiler import cli
 from compiler.plan import Plan
+from tune import compose
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -26,12 +26,12 @@ def no_run_dirs(root: Path) -> bool:
 
 
 def run_tune(args, cwd, env=None, timeout=300):
-    """`python -m compiler.cli ARGS` in a subprocess: (exit code, stdout, stderr)."""
+    """`python -m tune ARGS` in a subprocess: (exit code, stdout, stderr)."""
     e = dict(os.environ)
     e.pop("TUNE_RECIPE_PATH", None)
     e.pop("TUNE_DEBUG", None)
     e.update(env or {})
-    p = subprocess.run([sys.executable, "-m", "compiler.cli", *args], cwd=cwd, env=e,
+    p = subprocess.run([sys.executable, "-m", "tune", *args], cwd=cwd, env=e,
                        capture_output=True, text=True, timeout=timeout)
     return p.returncode, p.stdout, p.stderr
 
@@ -43,7 +43,7 @@ def test_plan_recipe_writes_plan_json(tune_cli, tmp_path):
     assert rc == 0, err
     plan = Plan.load(tmp_path / "run" / "plan.json")
     assert plan.is_consistent()
-    assert plan.recipe["name"] == "legal"
+    assert plan.recipe.name == "legal"
     text = flat(out)
     for title in ("model", "data", "template", "adapter", "schedule", "resources"):
         assert f"─ {title} " in out, title
@@ -101,7 +101,7 @@ def test_failed_compile_keeps_a_run_dir_with_files(tune_cli, tmp_path):
 def test_remove_if_empty_stops_at_outputs(tmp_path):
     deep = tmp_path / "outputs" / "2024-01-01" / "12-00-00"
     deep.mkdir(parents=True)
-    cli.remove_if_empty(deep, cwd=tmp_path)
+    compose.remove_if_empty(deep, cwd=tmp_path)
     assert not (tmp_path / "outputs" / "2024-01-01").exists()
     assert (tmp_path / "outputs").is_dir()
 
@@ -178,12 +178,12 @@ def test_missing_group_from_hydra_is_exit_2(tune_cli, tmp_path):
 # ------------------------------------------------------------------------------ exit codes
 
 def test_unexpected_error_is_exit_1_without_traceback(tune_cli, monkeypatch):
-    import compiler.compile
+    import tune.commands
 
     def boom(*a, **k):
         raise RuntimeError("disk on fire")
 
-    monkeypatch.setattr(compiler.compile, "compile_plan", boom)
+    monkeypatch.setattr(tune.commands, "compile_plan", boom)
     rc, out, err = tune_cli("plan", "+recipe=legal", "hydra.run.dir=run")
     assert rc == 1 and "disk on fire" in err and "Traceback" not in err
     monkeypatch.setenv("TUNE_DEBUG", "1")
@@ -191,44 +191,57 @@ def test_unexpected_error_is_exit_1_without_traceback(tune_cli, monkeypatch):
     assert rc == 1 and "Traceback" in err
 
 
-def test_runtime_not_built_yet(monkeypatch):
-    with pytest.raises(cli.ToolError, match="not built yet"):
-        cli._runtime("runtime.not_a_module", "train")
+@pytest.fixture
+def runtime_calls(monkeypatch):
+    """Replace the runtime's entry points with recorders: [(name, args)] of the calls made."""
+    import runtime.evaluate
+    import runtime.generate
+    import runtime.report
+    import runtime.run
 
-
-def test_train_hands_the_plan_to_the_runtime(tune_cli, tmp_path, monkeypatch):
     calls = []
-    monkeypatch.setattr(cli, "_runtime", lambda module, name: lambda *a: calls.append((module, a)))
+    for mod, name in ((runtime.run, "train"), (runtime.evaluate, "evaluate"),
+                      (runtime.evaluate, "evaluate_before_after"), (runtime.report, "write_report"),
+                      (runtime.generate, "generate")):
+        monkeypatch.setattr(mod, name, lambda *a, _name=name, **k: calls.append((_name, a, k)))
+    return calls
+
+
+def test_train_hands_the_plan_to_the_runtime(tune_cli, tmp_path, runtime_calls):
     rc, out, err = tune_cli("+recipe=legal", "hydra.run.dir=run")
     assert rc == 0, err
-    (module, (plan, run_dir)), = calls
-    assert module == "runtime.run" and isinstance(plan, Plan)
-    assert Path(run_dir) == tmp_path / "run"
+    # training, then (there are test rows) base vs tuned, then the report: three steps, in order
+    (train, (plan, run_dir), _), (ev, (ev_plan, ev_dir), _), (report, (report_dir,), _) = runtime_calls
+    assert (train, ev, report) == ("train", "evaluate_before_after", "write_report")
+    assert isinstance(plan, Plan) and ev_plan is plan
+    assert Path(run_dir) == Path(ev_dir) == Path(report_dir) == tmp_path / "run"
     assert Plan.load(tmp_path / "run" / "plan.json") == plan
 
 
-def test_eval_hands_base_model_to_the_runtime(tune_cli, tmp_path, monkeypatch):
-    calls = []
-    monkeypatch.setattr(cli, "_runtime", lambda module, name: lambda *a: calls.append((module, a)))
+def test_train_without_test_rows_skips_the_evaluation(tune_cli, tmp_path, runtime_calls):
+    rc, out, err = tune_cli("+recipe=legal", "data.test_path=null", "hydra.run.dir=run")
+    assert rc == 0, err
+    assert [name for name, _, _ in runtime_calls] == ["train", "write_report"]
+
+
+def test_eval_hands_base_model_to_the_runtime(tune_cli, tmp_path, runtime_calls):
     rc, out, err = tune_cli("eval", "+recipe=legal", "hydra.run.dir=run")
     assert rc == 0, err
-    (module, (plan, run_dir, adapter)), = calls
-    assert module == "runtime.evaluate" and adapter is None and Path(run_dir) == tmp_path / "run"
+    (name, (plan, run_dir, adapter), _), = runtime_calls
+    assert name == "evaluate" and adapter is None and Path(run_dir) == tmp_path / "run"
 
 
-def test_eval_of_a_run_uses_its_config(tune_cli, tmp_path, monkeypatch):
+def test_eval_of_a_run_uses_its_config(tune_cli, tmp_path, runtime_calls):
     rc, out, err = tune_cli("plan", "+recipe=finance", "adapter.rank=8", "hydra.run.dir=trained")
     assert rc == 0, err
     (tmp_path / "trained" / "adapter").mkdir()
     (tmp_path / "trained" / "adapter" / "adapter_model.safetensors").write_bytes(b"")
-    calls = []
-    monkeypatch.setattr(cli, "_runtime", lambda module, name: lambda *a: calls.append((module, a)))
     rc, out, err = tune_cli("eval", "run=trained", "eval.limit=5")
     assert rc == 0, err
-    (module, (plan, run_dir, adapter)), (report_module, (report_dir,)) = calls
-    assert (module, report_module) == ("runtime.evaluate", "runtime.report") and report_dir == run_dir
-    assert plan.adapter["rank"] == 8 and plan.recipe["name"] == "finance"
-    assert plan.config["eval"]["limit"] == 5
+    (name, (plan, run_dir, adapter), _), (report, (report_dir,), _) = runtime_calls
+    assert (name, report) == ("evaluate", "write_report") and report_dir == run_dir
+    assert plan.adapter.rank == 8 and plan.recipe.name == "finance"
+    assert plan.eval.limit == 5
     assert Path(adapter) == (tmp_path / "trained" / "adapter").resolve()
     assert no_run_dirs(tmp_path)     # Hydra's unused run dir is removed
 
@@ -240,27 +253,25 @@ def test_eval_of_a_run_without_adapter(tune_cli, tmp_path):
     assert rc == 2 and "no trained adapter" in flat(err)
 
 
-def test_generate_with_run_dir(tune_cli, tmp_path, monkeypatch):
+def test_generate_with_run_dir(tune_cli, tmp_path, runtime_calls):
     rc, out, err = tune_cli("plan", "+recipe=finance", "hydra.run.dir=trained")
-    calls = []
-    monkeypatch.setattr(cli, "_runtime", lambda module, name: lambda *a: calls.append((module, a)))
-    rc, out, err = tune_cli("generate", "run=trained", "prompt=Shares fall 12%")
+    rc, out, err = tune_cli("generate", "run=trained", "prompt=Shares fall 12%", "max_new_tokens=9")
     assert rc == 0, err
-    assert calls == [("runtime.generate", (str((tmp_path / "trained").resolve()), "Shares fall 12%"))]
+    assert runtime_calls == [("generate", ((tmp_path / "trained").resolve(), "Shares fall 12%"),
+                              {"max_new_tokens": 9})]
     assert no_run_dirs(tmp_path)
 
 
 # ------------------------------------------------------------------------------ tune run
 
-def test_run_checks_the_plan(tune_cli, tmp_path, monkeypatch, clf_data):
+def test_run_checks_the_plan(tune_cli, tmp_path, runtime_calls, clf_data):
     clf_data()
     rc, out, err = tune_cli("plan", "data.path=data/train.jsonl", "hydra.run.dir=run")
     assert rc == 0, err
-    calls = []
-    monkeypatch.setattr(cli, "_runtime", lambda module, name: lambda *a: calls.append(a))
     rc, out, err = tune_cli("run", "run/plan.json")
     assert rc == 0, err
-    (plan, run_dir), = calls
+    (name, (plan, run_dir), _), (report, _, _) = runtime_calls
+    assert (name, report) == ("train", "write_report")
     assert plan == Plan.load(tmp_path / "run" / "plan.json") and Path(run_dir) == Path("run")
 
     # an edited plan
@@ -280,15 +291,21 @@ def test_run_checks_the_plan(tune_cli, tmp_path, monkeypatch, clf_data):
     assert rc == 2 and "not found" in err
 
 
-def test_run_rebuilds_a_missing_token_cache(tune_cli, tmp_path, monkeypatch, clf_data):
+def test_run_rebuilds_a_missing_token_cache(tune_cli, tmp_path, runtime_calls, clf_data):
     clf_data(250, seed=77)
     rc, out, err = tune_cli("plan", "data.path=data/train.jsonl", "hydra.run.dir=run")
     plan = Plan.load(tmp_path / "run" / "plan.json")
-    Path(plan.data["cache"]).unlink()
-    monkeypatch.setattr(cli, "_runtime", lambda module, name: lambda *a: None)
+    Path(plan.data.cache).unlink()
     rc, out, err = tune_cli("run", "run")
     assert rc == 0, err
-    assert Path(plan.data["cache"]).is_file()
+    assert Path(plan.data.cache).is_file()
+
+
+def test_run_refuses_a_plan_of_an_older_tune(tune_cli, tmp_path):
+    (tmp_path / "old").mkdir()
+    (tmp_path / "old" / "plan.json").write_text(json.dumps({"version": 1, "hash": "x", "config": {}}))
+    rc, out, err = tune_cli("run", "old")
+    assert rc == 2 and "older tune" in flat(err) and "recompile" in flat(err)
 
 
 # ------------------------------------------------------------------------------ the real console

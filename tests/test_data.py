@@ -8,8 +8,9 @@ import time
 
 import pytest
 
-from compiler.data import clean_rows, file_sha256, read_table, sample_rows, split_validation
+from compiler.data import clean_rows, read_table, sample_rows, split_validation
 from compiler.errors import PlanError
+from compiler.files import sha256_file
 
 
 def write_jsonl(path, rows):
@@ -193,10 +194,10 @@ def test_parquet_roundtrip(tmp_path):
     assert e.value.file == str(bad) and "Parquet" in e.value.message
 
 
-def test_file_sha256(tmp_path):
+def test_sha256_file(tmp_path):
     p = tmp_path / "x.bin"
     p.write_bytes(b"abc" * 1000)
-    assert file_sha256(p) == hashlib.sha256(b"abc" * 1000).hexdigest()
+    assert sha256_file(p) == hashlib.sha256(b"abc" * 1000).hexdigest()
 
 
 # ------------------------------------------------------------------------------ cleaning

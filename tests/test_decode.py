@@ -112,5 +112,5 @@ def test_end_token_ids():
         def token_to_id(self, t):
             return {"<|im_end|>": 7, "<|endoftext|>": 0}.get(t)
 
-    assert end_token_ids({"eos_token_id": 2, "eos_token_ids": [2, 5]}, Tok()) == (2, 5, 7, 0)
-    assert end_token_ids({"eos_token_id": 2}) == (2,)
+    assert end_token_ids((2, 5), Tok()) == (2, 5, 7, 0)
+    assert end_token_ids((2,)) == (2,)

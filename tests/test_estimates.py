@@ -9,47 +9,42 @@ import numpy as np
 import pytest
 
 import compiler.estimates as est
-from compiler.estimates import detect_devices, memory_per_device, packed_rows, schedule_steps, step_time
+from compiler.estimates import detect_devices, memory_per_device, schedule_steps, step_time
 
-SCHED = dict(batch_size=8, grad_accum=2, epochs=1, max_steps=None, warmup=0.1, pack=False,
-             mean_tokens=60.0, seq_len=512)
+SCHED = dict(batch_size=8, grad_accum=2, epochs=1, max_steps=None, warmup=0.1, pack=False, seq_len=512)
+LENGTHS = [61] * 1000             # 1,000 examples of 61 tokens: 60 row slots each
 
 
 # ------------------------------------------------------------------------------ schedule
 
 def test_schedule_unpacked():
-    s = schedule_steps(1000, **SCHED)
+    s = schedule_steps(LENGTHS, **SCHED)
     assert s["steps_per_epoch"] == 63 and s["total_steps"] == 63 and s["warmup_steps"] == 6
-    s = schedule_steps(1000, **dict(SCHED, epochs=3, warmup=10))
+    s = schedule_steps(LENGTHS, **dict(SCHED, epochs=3, warmup=10))
     assert s["total_steps"] == 189 and s["warmup_steps"] == 10
-    s = schedule_steps(1000, **dict(SCHED, epochs=0.5))
+    s = schedule_steps(LENGTHS, **dict(SCHED, epochs=0.5))
     assert s["total_steps"] == 32
 
 
-def test_schedule_packed_estimate():
-    s = schedule_steps(1000, **dict(SCHED, pack=True))     # 8 examples of 60 tokens per 512-token row
-    assert s["rows_per_epoch"] == 125 and s["steps_per_epoch"] == 8 and not s["exact"]
-    s = schedule_steps(10, **dict(SCHED, pack=True, mean_tokens=2000))   # longer than a row: one each
+def test_schedule_packed():
+    s = schedule_steps(LENGTHS, **dict(SCHED, pack=True))     # 8 examples of 60 slots per 512-slot row
+    assert s["rows_per_epoch"] == 125 and s["steps_per_epoch"] == 8
+    s = schedule_steps([400] * 10, **dict(SCHED, pack=True))  # more than half a row: one each
     assert s["rows_per_epoch"] == 10
 
 
 def test_schedule_max_steps_and_warmup_caps():
-    s = schedule_steps(1000, **dict(SCHED, max_steps=500, warmup=0.1))
+    s = schedule_steps(LENGTHS, **dict(SCHED, max_steps=500, warmup=0.1))
     assert s["total_steps"] == 500 and s["warmup_steps"] == 50
-    assert schedule_steps(1000, **dict(SCHED, max_steps=5))["total_steps"] == 5
-    assert schedule_steps(1000, **dict(SCHED, max_steps=0))["total_steps"] == 63
-    assert schedule_steps(1000, **dict(SCHED, warmup=10_000))["warmup_steps"] == 63
-    assert schedule_steps(1000, **dict(SCHED, warmup=0))["warmup_steps"] == 0
-    assert schedule_steps(3, **SCHED)["steps_per_epoch"] == 1
-
-
-def test_schedule_data_shards_get_whole_rows():
-    s = schedule_steps(9, **dict(SCHED, batch_size=1, grad_accum=1), n_data_shards=4)
-    assert s["rows_per_epoch"] == 12 and s["steps_per_epoch"] == 12
+    assert schedule_steps(LENGTHS, **dict(SCHED, max_steps=5))["total_steps"] == 5
+    assert schedule_steps(LENGTHS, **dict(SCHED, max_steps=0))["total_steps"] == 63
+    assert schedule_steps(LENGTHS, **dict(SCHED, warmup=10_000))["warmup_steps"] == 63
+    assert schedule_steps(LENGTHS, **dict(SCHED, warmup=0))["warmup_steps"] == 0
+    assert schedule_steps([61] * 3, **SCHED)["steps_per_epoch"] == 1
 
 
 @pytest.mark.parametrize("pack", [True, False])
-def test_schedule_with_lengths_matches_the_runtime_batcher(pack):
+def test_schedule_matches_the_runtime_batcher(pack):
     from runtime.batching import Batcher, BatchShape
 
     rng = np.random.default_rng(0)
@@ -57,21 +52,24 @@ def test_schedule_with_lengths_matches_the_runtime_batcher(pack):
     ids = [np.arange(n, dtype=np.int32) for n in lengths]
     shape = BatchShape(grad_accum=2, batch_size=4, seq_len=256)
     batcher = Batcher(ids, [1] * len(ids), shape, pack=pack, seed=3)
-    s = schedule_steps(len(ids), batch_size=4, grad_accum=2, epochs=1, max_steps=None, warmup=0,
-                       pack=pack, mean_tokens=float(lengths.mean()), seq_len=256, lengths=lengths)
-    assert s["exact"] and s["rows_per_epoch"] == batcher.rows_per_epoch
+    s = schedule_steps(lengths.tolist(), batch_size=4, grad_accum=2, epochs=1, max_steps=None,
+                       warmup=0, pack=pack, seq_len=256)
+    assert s["rows_per_epoch"] == batcher.rows_per_epoch
     assert s["steps_per_epoch"] == batcher.steps_per_epoch
 
 
-def test_packed_rows_matches_runtime_pack_rows():
-    from runtime.batching import pack_rows
+def test_row_count_does_not_depend_on_the_epochs_randomness():
+    from compiler.packing import count_rows, epoch_rows, example_slots
 
     rng = np.random.default_rng(1)
     for seq_len in (16, 64, 300):
-        slots = rng.integers(1, seq_len + 1, size=500)
-        assert packed_rows(slots, seq_len) == len(pack_rows(slots, seq_len, rng))
+        lengths = rng.integers(2, seq_len + 2, size=500)
+        slots = [example_slots(n) for n in lengths]
+        rows = {len(epoch_rows(slots, seq_len, pack=True, seed=seed, epoch=e))
+                for seed in (0, 5) for e in range(3)}
+        assert rows == {count_rows(lengths, seq_len, pack=True)}
     with pytest.raises(ValueError):
-        packed_rows([10], 8)
+        count_rows([11], 8, pack=True)
 
 
 # ------------------------------------------------------------------------------ memory

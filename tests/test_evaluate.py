@@ -30,26 +30,26 @@ class Examples:
 
 @pytest.fixture
 def use_examples(monkeypatch):
-    """use_examples(examples): the test rows evaluate() reads (compiler.examples.load_examples)."""
-    import compiler.examples
+    """use_examples(examples): the test rows evaluate() reads (instead of the plan's token cache)."""
+    import runtime.evaluate
 
     def apply(examples):
-        monkeypatch.setattr(compiler.examples, "load_examples", lambda data: examples)
+        monkeypatch.setattr(runtime.evaluate, "load_examples", lambda cache: examples)
 
     return apply
 
 
-def _plan(model_dir, **eval_cfg):
-    hf = json.loads((model_dir / "config.json").read_text())
+def _plan(model_dir, *, n_test=N_TEST, chat=False, system=None, **eval_cfg):
+    """A typed plan for the tiny chat model: its template, evaluation settings and test row count."""
+    from conftest import TINY_CHAT_TEMPLATE, make_plan
+
     ev = dict(metric="exact_match", max_new_tokens=6, limit=None, batch_size=8, mode="generate")
     ev.update(eval_cfg)
-    return SimpleNamespace(
-        hash="h", config={"eval": ev, "runtime": {"dtype": "float32", "param_dtype": "float32"},
-                          "template": {"prompt": "Q : {text} A :", "response": "{label}", "chat": False}},
-        model=dict(dir=str(model_dir), hf_config=hf, family="llama", eos_token_id=EOS, eos_token_ids=[EOS],
-                   pad_token_id=0),
-        data=dict(cache=None, key="tiny-test"), adapter=dict(rank=4, alpha=8.0, targets=list(LORA.targets)),
-        template={"prompt": "Q : {text} A :", "response": "{label}", "chat": False})
+    return make_plan(model_dir, sizes={"train": 9, "val": 0, "test": n_test}, evaluation=ev,
+                     adapter=dict(rank=4, alpha=8.0, targets=LORA.targets), eos=EOS,
+                     chat_template=TINY_CHAT_TEMPLATE,
+                     template=dict(prompt="Q : {text} A :", response="{label}", chat=chat,
+                                   system=system, chat_template=TINY_CHAT_TEMPLATE if chat else None))
 
 
 def _prompts(n, seed=0):
@@ -65,7 +65,7 @@ def _decode(tokenizer, outs):
 @pytest.fixture(scope="module")
 def setup(tiny_chat_dir, tmp_path_factory):
     """A run directory with a (random, non-zero) adapter, and what base and tuned answer."""
-    from compiler.models import load_tokenizer
+    from compiler.tokenizer import load_tokenizer
     from runtime.export import save_peft_adapter
     from runtime.weights import load_pretrained
 
@@ -145,7 +145,7 @@ def test_before_after_writes_eval_json(setup, use_examples, tmp_path):
 
 def test_no_test_rows(setup, use_examples, tmp_path):
     use_examples(Examples({}, [], []))
-    assert evaluate_before_after(_plan(setup.dir), tmp_path, verbose=False) is None
+    assert evaluate_before_after(_plan(setup.dir, n_test=0), tmp_path, verbose=False) is None
     with pytest.raises(ValueError, match="data.test_path"):
         evaluate(_plan(setup.dir))
 
@@ -187,14 +187,7 @@ def test_write_eval_single_and_pair(tmp_path):
 # --- generate -----------------------------------------------------------------------------------
 
 def _write_plan(run_dir, model_dir, *, chat, system=None):
-    from compiler.plan import Plan
-
-    p = _plan(model_dir)
-    template = {"prompt": "Q : {text} A :", "response": "{label}", "chat": chat, "system": system}
-    plan = Plan(version=1, hash="h", config={**p.config, "template": template}, recipe=None,
-                model=p.model, data=p.data, template=template, adapter=p.adapter, schedule={},
-                resources={}, warnings=())
-    plan.write(run_dir / "plan.json")
+    _plan(model_dir, chat=chat, system=system).write(run_dir / "plan.json")
 
 
 @pytest.fixture

@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 
 import compiler.examples as ex
+import compiler.tokenizer as tk
 from compiler.errors import PlanError
 from compiler.examples import build_examples, load_examples, truncate
 
@@ -25,7 +26,7 @@ def rows(n, *, start=0, words=4):
 
 @pytest.fixture(scope="module")
 def smol(smollm2_dir):
-    from compiler.models import chat_template
+    from compiler.tokenizer import chat_template
 
     return {"tokenizer_dir": str(smollm2_dir), "chat_template": chat_template(smollm2_dir),
             "eos_token": "<|im_end|>"}
@@ -39,7 +40,7 @@ def build(smol, tmp_path, splits, **kw):
 
 
 def tok(smol):
-    return ex.load_tokenizer(smol["tokenizer_dir"])
+    return tk.load_tokenizer(smol["tokenizer_dir"])
 
 
 # ------------------------------------------------------------------------------ layout
@@ -47,7 +48,7 @@ def tok(smol):
 def test_examples_are_prompt_then_supervised_tokens_tokenised_separately(smol, tmp_path):
     splits = {"train": rows(10), "val": rows(3, start=10), "test": rows(4, start=20)}
     stats = build(smol, tmp_path, splits)
-    data = load_examples(stats)
+    data = load_examples(stats["cache"])
     t = tok(smol)
     ids, plens = data.split("train")
     assert len(ids) == 10 and plens.dtype == np.int32 and all(x.dtype == np.int32 for x in ids)
@@ -83,7 +84,7 @@ def test_cache_file_layout_matches_the_spec(smol, tmp_path):
         assert len(z["test_ids"]) == 0 and len(z["train_prompt_lens"]) == 5
     meta = json.loads(path.with_suffix(".json").read_text())
     assert meta["test"] == {"references": []} and meta["labels"] == ["bearish", "bullish", "neutral"]
-    assert load_examples(stats).split("test") == ([], pytest.approx(np.zeros(0)))
+    assert load_examples(stats["cache"]).split("test") == ([], pytest.approx(np.zeros(0)))
     assert not list(path.parent.glob(".*tmp"))        # atomic writes leave no temporaries
 
 
@@ -92,17 +93,17 @@ def test_plain_template_appends_eos_and_adds_the_tokenizers_bos(tmp_path, bos_to
         "prompt": "{text}", "response": " {label}", "system": None, "chat": False},
         tokenizer_dir=str(bos_tokenizer_dir), chat_template=None, eos_token="</s>", max_length=64,
         overlength="truncate", cache_dir=tmp_path, key_material={})
-    ids, plens = load_examples(stats).split("train")
+    ids, plens = load_examples(stats["cache"]).split("train")
     # vocab: <s>=0 </s>=1 a=2 b=3 c=4; the post-processor's "<s> $A" gives the BOS; truncation in
     # tokenizer.json (max 2) is switched off
     assert ids[0].tolist() == [0, 2, 3, 4, 1] and plens.tolist() == [3]
-    assert ex.encode_prompt(ex.load_tokenizer(bos_tokenizer_dir), "a b", chat=False).tolist() == [0, 2, 3]
-    assert ex.encode_prompt(ex.load_tokenizer(bos_tokenizer_dir), "a b", chat=True).tolist() == [2, 3]
+    assert tk.encode_prompt(tk.load_tokenizer(bos_tokenizer_dir), "a b", chat=False).tolist() == [0, 2, 3]
+    assert tk.encode_prompt(tk.load_tokenizer(bos_tokenizer_dir), "a b", chat=True).tolist() == [2, 3]
 
 
 def test_plain_template_smollm2_has_no_bos(smol, tmp_path):
     stats = build(smol, tmp_path, {"train": rows(2)}, template=PLAIN)
-    ids, plens = load_examples(stats).split("train")
+    ids, plens = load_examples(stats["cache"]).split("train")
     t = tok(smol)
     assert ids[0].tolist() == t.encode("word0_0 word0_1 word0_2 word0_3\nSentiment:", add_special_tokens=False).ids \
         + t.encode(" Bullish<|im_end|>", add_special_tokens=False).ids
@@ -132,23 +133,23 @@ def test_truncate_and_drop_policies(smol, tmp_path):
     splits = {"train": rows(5) + [long], "test": [long]}
     t = tok(smol)
     stats = build(smol, tmp_path, splits, max_length=64)
-    ids, plens = load_examples(stats).split("train")
+    ids, plens = load_examples(stats["cache"]).split("train")
     assert stats["truncated"] == 2 and stats["per_split"]["train"]["truncated"] == 1
     assert len(ids[-1]) == 64
     assert t.decode(ids[-1][plens[-1]:].tolist(), skip_special_tokens=False) == "Bullish<|im_end|>"
     assert t.decode(ids[-1][:plens[-1]].tolist()).endswith("lorem lorem\nassistant\n")
     assert stats["tokens"]["max"] > 300                          # lengths before truncation
-    assert load_examples(stats).references == ["Bullish"]
+    assert load_examples(stats["cache"]).references == ["Bullish"]
 
     stats = build(smol, tmp_path, splits, max_length=64, overlength="drop")
     assert stats["dropped_too_long"] == 2 and stats["truncated"] == 0
     assert stats["sizes"] == {"train": 5, "val": 0, "test": 0}
-    assert load_examples(stats).references == []
+    assert load_examples(stats["cache"]).references == []
 
     # the answer alone is longer than max_length: one prompt token, the answer's start
     long_answer = {"text": "q", "label": " ".join(["yes"] * 50)}
     stats = build(smol, tmp_path, {"train": [long_answer]}, max_length=16)
-    ids, plens = load_examples(stats).split("train")
+    ids, plens = load_examples(stats["cache"]).split("train")
     assert plens.tolist() == [1] and len(ids[0]) == 16
     assert "⟦yes yes" in stats["examples"][0]
 
@@ -180,7 +181,7 @@ def test_second_build_loads_the_cache_without_tokenising(smol, tmp_path, monkeyp
     monkeypatch.setattr(ex, "load_tokenizer", no_tokenizer)
     second = build(smol, tmp_path, splits)
     assert second == first
-    assert load_examples(second).references == load_examples(first).references
+    assert load_examples(second["cache"]).references == load_examples(first["cache"]).references
 
 
 def test_cache_key_changes_with_every_input(smol, tmp_path, monkeypatch):
@@ -205,16 +206,16 @@ def test_cache_key_changes_with_every_input(smol, tmp_path, monkeypatch):
 
 def test_load_examples_missing_cache(tmp_path):
     with pytest.raises(FileNotFoundError, match="compile the plan again"):
-        load_examples({"cache": str(tmp_path / "gone.npz")})
+        load_examples(tmp_path / "gone.npz")
 
 
 def test_vanished_sidecar_rebuilds(smol, tmp_path):
     stats = build(smol, tmp_path, {"train": rows(4)})
     Path(stats["cache"]).with_suffix(".json").unlink()
     with pytest.raises(FileNotFoundError):
-        load_examples(stats)
+        load_examples(stats["cache"])
     assert build(smol, tmp_path, {"train": rows(4)}) == stats
-    assert len(load_examples(stats).split("train")[0]) == 4
+    assert len(load_examples(stats["cache"]).split("train")[0]) == 4
 
 
 # ------------------------------------------------------------------------------ the real thing

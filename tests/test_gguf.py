@@ -14,7 +14,7 @@ import pytest
 from safetensors.numpy import load_file
 
 from compiler import gguf as conv
-from compiler.models import load_tokenizer
+from compiler.tokenizer import load_tokenizer
 
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
@@ -150,7 +150,7 @@ EXPECTED_CHAT = ("<|im_start|>system\nYou are a helpful AI assistant named SmolL
 def test_chat_template_renders(smollm2_dir):
     import jinja2.sandbox
 
-    from compiler.models import chat_template
+    from compiler.tokenizer import chat_template
 
     template = chat_template(smollm2_dir)
     env = jinja2.sandbox.ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)

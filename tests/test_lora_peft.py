@@ -10,7 +10,8 @@ from flax import nnx
 
 from runtime.export import load_peft_adapter, read_lora_config
 from runtime.loss import chunked_cross_entropy
-from runtime.model import MODULE_NAMES, LoraConfig, LoRAParam
+from compiler.architecture import MODULE_NAMES
+from runtime.model import LoraConfig, LoRAParam
 from runtime.weights import load_pretrained
 
 

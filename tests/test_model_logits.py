@@ -9,7 +9,8 @@ import pytest
 import torch
 from flax import nnx
 
-from runtime.model import Llama, ModelConfig
+from compiler.architecture import ModelConfig
+from runtime.model import Llama
 from runtime.weights import load_pretrained, to_hf_state_dict
 
 KINDS = ["llama", "llama-bias", "llama3-rope", "linear-rope", "mqa", "mha", "smollm-tied", "mistral",

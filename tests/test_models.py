@@ -12,8 +12,10 @@ from pathlib import Path
 import pytest
 
 from compiler.errors import PlanError
-from compiler.models import (MODULE_NAMES, SUPPORTED_ARCHITECTURES, ModelInfo, chat_template,
-                             config_hash, load_tokenizer, resolve_model)
+from compiler.architecture import ARCHITECTURES, MODULE_NAMES, ModelConfig
+from compiler.models import config_hash, resolve_model
+from compiler.plan import ModelSection
+from compiler.tokenizer import chat_template, load_tokenizer
 
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
@@ -47,11 +49,13 @@ def test_embedded_model(smollm2_dir):
     from transformers import AutoConfig, AutoModelForCausalLM
 
     info = resolve_model({"name": "smollm2-135m", "path": None})
-    assert isinstance(info, ModelInfo)
+    assert isinstance(info, ModelSection)
     assert (info.source, info.architecture, info.family) == ("embedded", "LlamaForCausalLM", "llama")
     assert Path(info.dir) == smollm2_dir.resolve()
-    assert info.dims == {"layers": 30, "hidden": 576, "intermediate": 1536, "heads": 9,
-                         "kv_heads": 3, "head_dim": 64, "vocab": 49152}
+    c = info.config
+    assert (c.num_layers, c.hidden_size, c.intermediate_size, c.num_heads, c.num_kv_heads,
+            c.head_dim, c.vocab_size) == (30, 576, 1536, 9, 3, 64, 49152)
+    assert c.tie_word_embeddings and (info.bos_token, info.eos_token) == ("<|im_start|>", "<|im_end|>")
     assert info.module_names == MODULE_NAMES
     assert info.linear_shapes["q_proj"] == (576, 576)
     assert info.linear_shapes["k_proj"] == (576, 192)
@@ -87,7 +91,7 @@ def test_resolving_imports_neither_jax_nor_torch():
 CASES = [
     ("LlamaConfig", "LlamaForCausalLM", "llama", dict(tie_word_embeddings=True)),
     ("LlamaConfig", "LlamaForCausalLM", "llama", dict(tie_word_embeddings=False)),
-    ("LlamaConfig", "LlamaForCausalLM", "llama", dict(attention_bias=True, mlp_bias=True, head_dim=16)),
+    ("LlamaConfig", "LlamaForCausalLM", "llama", dict(attention_bias=True, head_dim=16)),
     ("MistralConfig", "MistralForCausalLM", "mistral", dict(tie_word_embeddings=False)),
     ("MistralConfig", "MistralForCausalLM", "mistral", dict(tie_word_embeddings=True)),
     ("Qwen2Config", "Qwen2ForCausalLM", "qwen2", dict(tie_word_embeddings=True)),
@@ -112,8 +116,8 @@ def test_local_checkpoint_params_and_shapes(tmp_path, smollm2_dir, config_name, 
     for name in MODULE_NAMES:
         lin = getattr(layer.self_attn, name, None) or getattr(layer.mlp, name)
         assert info.linear_shapes[name] == (lin.in_features, lin.out_features), name
-    assert info.dims["layers"] == 2 and info.dims["vocab"] == 96
-    assert info.dims["head_dim"] == layer.self_attn.head_dim
+    assert info.config.num_layers == 2 and info.config.vocab_size == 96
+    assert info.config.head_dim == layer.self_attn.head_dim
 
 
 def test_local_checkpoint_tokenizer_and_ids(tmp_path, smollm2_dir, monkeypatch):
@@ -165,8 +169,32 @@ def test_unsupported_architecture(tmp_path, smollm2_dir):
         resolve_model({"path": str(tmp_path / "gpt2")})
     assert e.value.key == "model.path"
     assert "GPT2LMHeadModel" in str(e.value)
-    for arch in SUPPORTED_ARCHITECTURES:
+    for arch in ARCHITECTURES:
         assert arch in str(e.value)
+
+
+def test_what_the_decoder_lacks_is_refused_at_compile_time(tmp_path, smollm2_dir):
+    _tiny_checkpoint(tmp_path / "mlp-bias", smollm2_dir, transformers.LlamaConfig, mlp_bias=True)
+    with pytest.raises(PlanError, match="mlp_bias") as e:
+        resolve_model({"path": str(tmp_path / "mlp-bias")})
+    assert e.value.key == "model.path"
+    _tiny_checkpoint(tmp_path / "gelu", smollm2_dir, transformers.LlamaConfig, hidden_act="gelu")
+    with pytest.raises(PlanError, match="hidden_act 'gelu'"):
+        resolve_model({"path": str(tmp_path / "gelu")})
+
+
+def test_head_dim_defaults_as_transformers_does():
+    """One reader of config.json for compiler and runtime: a Qwen3 config without head_dim means
+    128 (Qwen3Config's default), the others hidden / heads."""
+    base = dict(vocab_size=96, hidden_size=64, intermediate_size=96, num_hidden_layers=1,
+                num_attention_heads=4)
+    assert ModelConfig.from_hf({**base, "model_type": "qwen3"}).head_dim == \
+        transformers.Qwen3Config(**base).head_dim == 128
+    assert ModelConfig.from_hf({**base, "model_type": "llama"}).head_dim == 16
+    with pytest.raises(PlanError, match="must hold a JSON object"):
+        ModelConfig.from_hf(["not", "a", "config"])
+    with pytest.raises(PlanError, match="wrong type"):
+        ModelConfig.from_hf({**base, "model_type": "llama", "num_hidden_layers": "abc"})
 
 
 def test_missing_directory(tmp_path):

@@ -14,7 +14,8 @@ from compiler import compile as compile_mod
 from compiler import safety, schema
 from compiler.compile import compile_plan
 from compiler.errors import PlanError
-from compiler.plan import Plan, write_atomic
+from compiler.files import write_atomic
+from compiler.plan import Plan
 from tests.conftest import clf_rows, write_jsonl
 
 CONF = Path(__file__).resolve().parents[1] / "conf"
@@ -48,16 +49,41 @@ def test_round_trip_and_stable_json(data_file, smollm2_dir):
     assert list(doc) == sorted(doc)
     assert plan.is_consistent()
     assert isinstance(plan.warnings, tuple)
-    # what the runtime reads is there
-    for key in ("dir", "hf_config", "family", "eos_token_id", "pad_token_id"):
-        assert key in plan.model
-    for key in ("lr", "batch_size", "grad_accum", "epochs", "total_steps", "warmup_steps",
-                "steps_per_epoch", "lr_schedule", "weight_decay", "max_grad_norm", "seed", "seq_len"):
-        assert key in plan.schedule, key
-    assert Path(plan.data["cache"]).is_file() and plan.data["key"]
-    assert plan.adapter["targets"] == ["q_proj", "k_proj", "v_proj", "o_proj"]
-    assert set(plan.config["runtime"]) >= {"dtype", "param_dtype", "mesh", "remat", "pack",
-                                            "ce_chunk", "log_every", "checkpoint_every"}
+    # what the runtime reads is resolved: no "auto", no -1, exact step counts
+    assert (plan.runtime.dtype, plan.runtime.param_dtype) == ("float32", "float32")   # CPU
+    assert plan.runtime.mesh.shape == (1, 1, 1) and plan.runtime.devices.platform == "cpu"
+    assert plan.model.config.num_layers == 30 and plan.model.config.head_dim == 64
+    assert plan.model.eos_token == "<|im_end|>" and plan.model.eos_token_ids == (2,)
+    s = plan.schedule
+    assert s.steps_per_epoch > 0 and s.total_steps == s.steps_per_epoch and s.seq_len == 512
+    assert (s.beta1, s.beta2, s.eps) == (0.9, 0.999, 1e-8) and s.warmup_steps == round(0.05 * s.total_steps)
+    assert Path(plan.data.cache).is_file() and plan.data.key
+    assert plan.adapter.targets == ("q_proj", "k_proj", "v_proj", "o_proj")
+    assert (plan.eval.metric, plan.eval.batch_size, plan.runtime.ce_chunk) == ("accuracy", 16, 2048)
+    assert plan.template.chat and plan.template.chat_template == plan.model.chat_template
+
+
+def test_old_and_malformed_plans_are_refused_not_misread(data_file, smollm2_dir, tmp_path):
+    doc = compile_plan(base_config(data_file), recipe_info=None).to_dict()
+    old = {"version": 1, "hash": "x", "config": doc["config"], "recipe": None, "model": {},
+           "data": {}, "template": {}, "adapter": {}, "schedule": {}, "resources": {}, "warnings": []}
+    (tmp_path / "plan.json").write_text(json.dumps(old))
+    with pytest.raises(PlanError, match="older tune .*plan format 1.*recompile") as e:
+        Plan.load(tmp_path / "plan.json")
+    assert e.value.file == str(tmp_path / "plan.json")
+    bad = json.loads(json.dumps(doc))
+    bad["schedule"]["total_steps"] = "many"
+    with pytest.raises(PlanError, match=r"plan\.schedule\.total_steps: expected int"):
+        Plan.from_dict(bad)
+    bad = json.loads(json.dumps(doc))
+    bad["runtime"]["mesh"]["pipeline"] = 2
+    with pytest.raises(PlanError, match="unknown field.*pipeline"):
+        Plan.from_dict(bad)
+    del bad["runtime"]["mesh"]
+    with pytest.raises(PlanError, match="missing field.*mesh"):
+        Plan.from_dict(bad)
+    with pytest.raises(PlanError, match="not valid JSON"):
+        Plan.from_json("{")
 
 
 def test_hash_stable_and_sensitive(tmp_path, data_file, smollm2_dir):
@@ -81,15 +107,23 @@ def test_hash_stable_and_sensitive(tmp_path, data_file, smollm2_dir):
 
 def test_edited_plan_is_inconsistent(data_file, smollm2_dir):
     plan = compile_plan(base_config(data_file), recipe_info=None)
+    for section, key, value in (("config", None, None), ("schedule", "total_steps", 999),
+                                ("runtime", "dtype", "bfloat16"), ("adapter", "alpha", 1.0)):
+        doc = plan.to_dict()
+        if section == "config":
+            doc["config"]["schedule"]["lr"] = 0.1
+        else:
+            doc[section][key] = value
+        assert not Plan.from_dict(doc).is_consistent(), section
     doc = plan.to_dict()
-    doc["config"]["schedule"]["lr"] = 0.1
-    assert not Plan.from_dict(doc).is_consistent()
+    doc["estimates"]["step_time_s"] = 1.0        # an opinion, not part of what is trained
+    assert Plan.from_dict(doc).is_consistent()
 
 
 def test_newer_plan_version_refused(data_file, smollm2_dir):
     doc = compile_plan(base_config(data_file), recipe_info=None).to_dict()
     doc["version"] = 99
-    with pytest.raises(ValueError, match="newer"):
+    with pytest.raises(PlanError, match="newer"):
         Plan.from_dict(doc)
 
 
@@ -129,7 +163,7 @@ def test_second_compile_uses_the_token_cache(tmp_path, smollm2_dir, monkeypatch)
     second = compile_plan(base_config(path), recipe_info=None)
     warm = time.perf_counter() - t0
     assert calls == []                       # nothing tokenised the second time
-    assert second.hash == first.hash and second.data["cache"] == first.data["cache"]
+    assert second.hash == first.hash and second.data.cache == first.data.cache
     print(f"compile: cold {cold:.3f}s, warm {warm:.3f}s")  # speed is reported, not asserted
 
 
@@ -139,11 +173,11 @@ def test_eval_and_generate_compile_without_training_data(tmp_path, smollm2_dir):
     cfg["data"]["path"] = None
     cfg["data"]["test_path"] = str(test)
     plan = compile_plan(cfg, recipe_info=None, command="eval")
-    assert plan.data["sizes"] == {"train": 0, "val": 0, "test": 40}
-    assert plan.schedule["total_steps"] == 0
+    assert plan.data.sizes == {"train": 0, "val": 0, "test": 40}
+    assert plan.schedule.total_steps == 0
     cfg["data"]["test_path"] = None
     plan = compile_plan(cfg, recipe_info=None, command="generate")
-    assert plan.data["cache"] is None
+    assert plan.data.cache is None
     with pytest.raises(PlanError, match="no training data"):
         compile_plan(cfg, recipe_info=None, command="plan")
 
@@ -183,6 +217,12 @@ def test_schema_defaults_match_conf():
         for f in (CONF / group).glob("*.yaml"):       # every option validates
             cfg = {group: yaml.safe_load(f.read_text())}
             schema.validate(cfg)
+    # the primary config's own keys (run, prompt, ...) too
+    top = {k: v for k, v in yaml.safe_load((CONF / "config.yaml").read_text()).items()
+           if k not in ("defaults", "hydra")}
+    assert set(top) == {p for p in schema.BY_PATH if "." not in p}
+    for path, value in top.items():
+        assert schema.coerce(schema.BY_PATH[path], value) == schema.BY_PATH[path].default, path
 
 
 def test_schema_normalises():
@@ -251,7 +291,18 @@ def test_compile_module_never_imports_jax():
     import subprocess
     import sys
 
-    code = ("import sys, compiler.cli, compiler.compile, compiler.summary, compiler.recipes; "
+    code = ("import sys, tune.cli, tune.commands, compiler.compile, compiler.summary, compiler.recipes; "
             "assert not any(m == 'jax' or m.startswith(('jax.', 'flax', 'optax')) for m in sys.modules), "
             "sorted(m for m in sys.modules if m.startswith(('jax', 'flax', 'optax')))")
+    subprocess.run([sys.executable, "-c", code], check=True, cwd=Path(compile_mod.__file__).parents[1])
+
+
+def test_runtime_never_imports_hydra():
+    import subprocess
+    import sys
+
+    code = ("import sys, runtime.run, runtime.evaluate, runtime.generate, runtime.report, "
+            "runtime.export, runtime.checkpoint; "
+            "bad = sorted(m for m in sys.modules if m.split('.')[0] in ('hydra', 'omegaconf')); "
+            "assert not bad, bad")
     subprocess.run([sys.executable, "-c", code], check=True, cwd=Path(compile_mod.__file__).parents[1])

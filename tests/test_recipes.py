@@ -207,5 +207,5 @@ def test_shipped_recipe_on_the_full_dataset(tune_cli, tmp_path, name):
                             f"data.test_path={folder / 'test.jsonl'}", "hydra.run.dir=run")
     assert rc == 0, err
     doc = plan_json(tmp_path)
-    assert doc["data"]["rows"]["train"]["read"] > 400
+    assert doc["data"]["train"]["read"] > 400
     assert doc["data"]["sizes"]["test"] > 100

@@ -10,18 +10,24 @@ PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
 
 def _plan():
+    """A plan.json as the compiler writes it (the sections the report shows)."""
     return {
-        "version": 1, "hash": "abc123def4567890",
+        "version": 2, "hash": "abc123def4567890",
         "config": {"eval": {"metric": "macro_f1", "max_new_tokens": 8}},
-        "recipe": {"name": "legal"},
-        "model": {"name": "smollm2-135m", "dir": "/m", "family": "llama", "params": 134515008,
-                  "hf_config": {"hidden_size": 576}},
-        "data": {"cache": "/x.npz", "key": "k", "train_rows": 900, "val_rows": 100, "test_rows": 40,
-                 "tokens": {"train": 81234, "mean_len": 90.3}},
-        "template": {"prompt": "Clause: {text}\nCategory:"},
+        "recipe": {"name": "legal", "path": "/r/legal.yaml", "description": "Legal", "chain": [],
+                   "data_sources": {}},
+        "model": {"name": "smollm2-135m", "dir": "/m", "architecture": "LlamaForCausalLM",
+                  "params": 134515008, "config": {"family": "llama", "hidden_size": 576}},
+        "data": {"cache": "/x.npz", "key": "k", "sizes": {"train": 900, "val": 100, "test": 40},
+                 "train": {"file": "/d/train.jsonl", "sha256": "s", "fields": ["text", "label"],
+                           "read": 1000, "kept": 1000}, "tokens": {"p50": 81, "p95": 120, "max": 200}},
+        "template": {"prompt": "Clause: {text}\nCategory:", "examples": ["Clause: x ⟦Indemnification⟧"]},
         "adapter": {"rank": 16, "alpha": 32, "dropout": 0.05, "targets": ["q_proj", "v_proj"]},
         "schedule": {"lr": 2e-4, "total_steps": 60, "warmup_steps": 6, "batch_size": 8},
-        "resources": {"memory_gb": 1.7, "step_s_estimate": 0.4},
+        "runtime": {"dtype": "float32", "mesh": {"data": 1, "fsdp": 1, "tensor": 1},
+                    "devices": {"count": 1, "kind": "cpu"}},
+        "estimates": {"memory": {"total": 1825361100}, "step_time_s": 0.4},
+        "eval": {"metric": "macro_f1", "mode": "generate"},
         "warnings": ["only 900 usable rows"],
     }
 
@@ -70,7 +76,8 @@ def test_report_full(tmp_path):
     assert out == tmp_path / "report.html"
     doc = out.read_text()
     for text in ("0.8765", "0.1234", "+0.7531", "macro_f1", "indemnification", "governing law",
-                 "0.874", "12.5", "legal", "rank", "only 900 usable rows", "q_proj, v_proj"):
+                 "0.874", "12.5", "legal", "rank", "only 900 usable rows", "q_proj, v_proj",
+                 "1 × cpu", "1.70 GiB", "LlamaForCausalLM", "⟦Indemnification⟧"):
         assert text in doc, text
     assert "&lt;b&gt;x&lt;/b&gt;" in doc               # examples are escaped, not injected
     assert "not evaluated" not in doc

@@ -8,7 +8,7 @@ import optax
 import pytest
 from flax import nnx
 
-from conftest import synthetic_examples
+from conftest import schedule, synthetic_examples
 from runtime.batching import Batcher, BatchShape
 from runtime.model import LoraConfig
 from runtime.train import accumulate, lr_schedule, make_optimizer, make_train_step, split_model
@@ -116,8 +116,7 @@ def test_steps_lower_the_loss_and_train_only_lora(tiny_llama_dir):
     graphdef, lora, frozen = _fresh(tiny_llama_dir)
     frozen_before = jax.tree.map(np.array, frozen)
     lora_leaves = jax.tree_util.tree_flatten_with_path(lora)[0]
-    schedule = dict(lr=1e-2, warmup_steps=0, lr_schedule="constant", weight_decay=0.0, max_grad_norm=1.0)
-    opt, lr_fn = make_optimizer(schedule, total_steps=12)
+    opt, lr_fn = make_optimizer(schedule(12, lr=1e-2, lr_schedule="constant"))
     opt_state = opt.init(lora)
     # the optimizer holds state for the LoRA leaves only: moments shaped exactly like them
     adam = [s for s in jax.tree.leaves(opt_state, is_leaf=lambda x: isinstance(x, optax.ScaleByAdamState))
@@ -148,7 +147,7 @@ def test_dropout_is_a_function_of_the_step(tiny_llama_dir):
                             remat="none", rngs=nnx.Rngs(0))
     graphdef, lora, frozen = split_model(model)
     lora = jax.tree.map(lambda p: p + 0.1, lora)
-    opt, lr_fn = make_optimizer(dict(lr=1e-3, warmup_steps=0), total_steps=4)
+    opt, lr_fn = make_optimizer(schedule(4))
     step = make_train_step(graphdef, opt, lr_fn, ce_chunk=CHUNK, dropout=True, donate=False)
     batch = _batch(*synthetic_examples(4, seed=7), BatchShape(1, 4, 32))
     rng = jax.random.PRNGKey(3)
@@ -170,18 +169,14 @@ def test_lr_schedule():
     assert float(lr_schedule(2.0, 2, 10, "constant")(9)) == pytest.approx(2.0)
 
 
-def test_mesh_shape():
-    from runtime.mesh import MeshError, frozen_spec, mesh_shape
+def test_mesh_from_the_plan():
+    from compiler.errors import PlanError
+    from compiler.plan import MeshAxes
+    from runtime.mesh import frozen_spec, make_mesh
 
-    assert mesh_shape({"data": -1, "fsdp": 1, "tensor": 1}, 1) == (1, 1, 1)
-    assert mesh_shape({"data": -1, "fsdp": 2}, 8) == (4, 2, 1)
-    assert mesh_shape(None, 1) == (1, 1, 1)
-    with pytest.raises(MeshError, match="needs 4 devices, but jax sees 2"):
-        mesh_shape({"data": 2, "fsdp": 2, "tensor": 1}, 2)
-    with pytest.raises(MeshError, match="at most one -1"):
-        mesh_shape({"data": -1, "fsdp": -1}, 2)
-    with pytest.raises(MeshError, match="unknown axes"):
-        mesh_shape({"dp": 1}, 1)
+    assert dict(make_mesh(MeshAxes(1, 1, 1)).shape) == {"data": 1, "fsdp": 1, "tensor": 1}
+    with pytest.raises(PlanError, match="needs 4 devices, but jax sees 1"):
+        make_mesh(MeshAxes(2, 2, 1))
     assert frozen_spec((30, 576, 1536), 4, stacked=True) == jax.sharding.PartitionSpec(None, None, "fsdp")
     assert frozen_spec((49152, 576), 4, stacked=False) == jax.sharding.PartitionSpec("fsdp", None)
     assert frozen_spec((30, 7), 4, stacked=True) == jax.sharding.PartitionSpec()
@@ -193,7 +188,8 @@ import os, sys
 os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=4"
 import jax, jax.numpy as jnp, numpy as np
 from flax import nnx
-from conftest import synthetic_examples
+from conftest import schedule, synthetic_examples
+from compiler.plan import MeshAxes
 from runtime.batching import Batcher, BatchShape
 from runtime.mesh import frozen_shardings, make_mesh, put_batch, replicated
 from runtime.model import LoraConfig
@@ -203,15 +199,15 @@ from runtime.weights import load_pretrained
 assert jax.device_count() == 4
 host = Batcher(*synthetic_examples(16, seed=1), BatchShape(2, 4, 32), pack=True, seed=0).batch(0, 0)
 out = []
-for spec, devices in (({}, jax.devices()[:1]), ({"data": 2, "fsdp": 2}, None)):
+for spec, devices in ((MeshAxes(1, 1, 1), jax.devices()[:1]), (MeshAxes(2, 2, 1), None)):
     mesh = make_mesh(spec, devices)
     g, lora, frozen = split_model(load_pretrained(sys.argv[1], rngs=nnx.Rngs(0),
                                   lora=LoraConfig(4, 8.0, 0.0, ("q_proj", "v_proj"))))
     frozen = jax.device_put(frozen, frozen_shardings(mesh, frozen))
-    if spec:
+    if spec.fsdp > 1:
         assert any("fsdp" in str(x.sharding.spec) for x in jax.tree.leaves(frozen))
     lora = jax.device_put(lora, replicated(mesh))
-    opt, lr_fn = make_optimizer(dict(lr=1e-2, warmup_steps=0), 10)
+    opt, lr_fn = make_optimizer(schedule(10, lr=1e-2))
     state = jax.device_put(opt.init(lora), replicated(mesh))
     step = make_train_step(g, opt, lr_fn, ce_chunk=16, dropout=False, state_sharding=replicated(mesh))
     for i in range(2):

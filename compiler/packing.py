@@ -1,0 +1,76 @@
+"""Which examples share a row: the one packing rule, used by the compiler to count steps exactly and
+by the runtime (runtime/batching.py) to build the rows. Pure numpy.
+
+An example of L tokens takes L-1 row slots (input ids[:-1], target ids[1:]). Packing puts several
+examples in one row of seq_len slots, best-fit-decreasing: longest first, each into the fullest row
+it still fits in. The row count then depends only on the multiset of lengths, so every epoch has the
+same number of steps and the compiler can count them without drawing the epoch's randomness.
+Unpacked, each example is one row.
+"""
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import numpy as np
+
+
+def example_slots(n_tokens: int) -> int:
+    """Row slots an example of n_tokens occupies: one per (input, target) pair."""
+    return max(int(n_tokens) - 1, 0)
+
+
+def pack_rows(slots: Sequence[int], seq_len: int, rng: np.random.Generator) -> list[list[int]]:
+    """Best-fit-decreasing packing of example slot counts into rows of seq_len slots.
+
+    Returns rows as lists of example indices, in a random (rng) row order; examples with no slot are
+    left out. Equal lengths are visited in random order. A row's free space is bucketed, so finding
+    the fullest row that fits is a scan over at most seq_len buckets."""
+    slots = np.asarray(slots, dtype=np.int64)
+    if len(slots) and slots.max() > seq_len:
+        raise ValueError(f"an example needs {int(slots.max())} slots, more than seq_len={seq_len}")
+    perm = rng.permutation(len(slots))
+    order = perm[np.argsort(-slots[perm], kind="stable")]
+    rows: list[list[int]] = []
+    free = np.zeros(seq_len + 1, dtype=np.int64)      # free[r] = number of rows with r slots left
+    by_free: dict[int, list[int]] = {}                 # r → row ids with r slots left (a stack)
+    for i in order:
+        need = int(slots[i])
+        if need == 0:
+            continue
+        fits = np.flatnonzero(free[need:])
+        if len(fits):
+            r = need + int(fits[0])
+            row = by_free[r].pop()
+            free[r] -= 1
+        else:
+            r, row = seq_len, len(rows)
+            rows.append([])
+        rows[row].append(int(i))
+        left = r - need
+        free[left] += 1
+        by_free.setdefault(left, []).append(row)
+    return [rows[j] for j in rng.permutation(len(rows))]
+
+
+def single_rows(slots: Sequence[int], rng: np.random.Generator) -> list[list[int]]:
+    """Unpacked: one example per row, in random order (examples with no slot are left out)."""
+    return [[int(i)] for i in rng.permutation(len(slots)) if slots[i] > 0]
+
+
+def epoch_rows(slots: Sequence[int], seq_len: int, *, pack: bool, seed: int, epoch: int
+               ) -> list[list[int]]:
+    """The rows of one epoch: a function of (seed, epoch) only."""
+    rng = np.random.default_rng([int(seed), int(epoch)])
+    return pack_rows(slots, seq_len, rng) if pack else single_rows(slots, rng)
+
+
+def count_rows(lengths: Sequence[int], seq_len: int, *, pack: bool) -> int:
+    """Rows per epoch for examples of these token counts (the same in every epoch)."""
+    slots = [example_slots(n) for n in lengths]
+    return len(epoch_rows(slots, seq_len, pack=pack, seed=0, epoch=0))
+
+
+def steps_per_epoch(rows: int, rows_per_step: int) -> int:
+    """Optimizer steps to see every row once; the last step is completed with empty rows."""
+    return max(1, math.ceil(rows / max(1, rows_per_step)))

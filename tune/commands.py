@@ -1,0 +1,218 @@
+"""What each `tune` command does with its composed config: compile it into a Plan, then hand the
+Plan to the runtime — train, evaluate, generate — through ordinary imports. The runtime (and JAX) is
+imported only by the commands that run something: `tune plan` never loads it.
+"""
+from __future__ import annotations
+
+import dataclasses
+import sys
+import time
+from pathlib import Path
+
+from compiler import recipes as recipes_mod
+from compiler.compile import compile_plan
+from compiler.errors import PlanError, did_you_mean
+from compiler.files import sha256_file
+from compiler.plan import Plan
+from compiler.summary import print_plan
+
+
+def _console():
+    from tune.cli import console
+
+    return console()
+
+
+# ------------------------------------------------------------------------------ composed commands
+
+def run_job(job) -> None:
+    """One composed job (tune/compose.Job) of `tune [train|plan|eval|generate]`."""
+    if job.command == "generate":
+        return generate(job)
+    if job.command == "eval" and job.config.get("run"):
+        return evaluate_run(job)
+    plan = compile_plan(job.config, recipe_info=recipes_mod.recipe_info(job.recipe),
+                        command=job.command)
+    path = plan.write(job.out_dir / "plan.json")
+    print_plan(plan, run_dir=job.out_dir, elapsed=time.perf_counter() - job.started)
+    _console().print(f"[dim]plan written to[/dim] {path}")
+    if job.command == "eval":
+        from runtime.evaluate import evaluate
+
+        evaluate(plan, job.out_dir, None)
+    elif job.command != "plan":
+        train(plan, job.out_dir)
+
+
+def train(plan: Plan, run_dir: Path) -> None:
+    """`tune` and `tune run`: train, then (on the main process) score base and tuned on the test
+    rows, then write the report."""
+    from runtime.evaluate import evaluate_before_after
+    from runtime.mesh import is_main_process
+    from runtime.progress import log
+    from runtime.report import write_report
+    from runtime.run import train as train_adapter
+
+    train_adapter(plan, run_dir)
+    if is_main_process():
+        if plan.data.sizes.get("test"):
+            evaluate_before_after(plan, run_dir)
+        log(f"report: {write_report(run_dir)}")
+
+
+def evaluate_run(job) -> None:
+    """`tune eval run=DIR`: score the run's adapter, with the run's own config unless a recipe is
+    named, this command line's overrides applied; update the run's report."""
+    from runtime.evaluate import evaluate
+    from runtime.report import write_report
+
+    rd = _existing_run(job.config["run"], need_adapter=True)
+    trained = Plan.load(rd / "plan.json")
+    config = job.config if job.recipe else job.apply_overrides(trained.config)
+    recipe = recipes_mod.recipe_info(job.recipe) if job.recipe else trained.recipe
+    plan = compile_plan(config, recipe_info=recipe, command="eval")
+    _check_same_model(plan, trained, rd)
+    print_plan(plan, run_dir=rd)
+    evaluate(plan, rd, rd / "adapter")
+    write_report(rd)
+
+
+def generate(job) -> None:
+    """`tune generate [run=DIR] [prompt=TEXT]`: answer with a run's tuned model, or the base."""
+    from runtime.generate import generate as answer
+
+    prompt, max_new = job.config.get("prompt"), job.config["max_new_tokens"]
+    if job.config.get("run"):
+        answer(_existing_run(job.config["run"], need_adapter=False), prompt, max_new_tokens=max_new)
+        return
+    plan = compile_plan(job.config, recipe_info=recipes_mod.recipe_info(job.recipe),
+                        command="generate")
+    answer(plan, prompt, max_new_tokens=max_new)
+
+
+def _existing_run(run_dir, *, need_adapter: bool) -> Path:
+    rd = Path(str(run_dir)).expanduser().resolve()
+    if not (rd / "plan.json").is_file():
+        raise PlanError("run", f"{rd} is not a run directory (it has no plan.json).",
+                        hint="give the hydra.run.dir of a `tune` or `tune plan` run.")
+    if need_adapter and not (rd / "adapter" / "adapter_model.safetensors").is_file():
+        raise PlanError("run", f"{rd} has no trained adapter (adapter/adapter_model.safetensors).",
+                        hint="train it first (`tune ... hydra.run.dir=DIR`), or leave out run= to "
+                             "score the base model.")
+    return rd
+
+
+def _check_same_model(plan: Plan, trained: Plan, rd: Path) -> None:
+    if trained.model.config_hash != plan.model.config_hash:
+        raise PlanError("model", f"the adapter in {rd} was trained on {trained.model.name} "
+                        f"({trained.model.dir}), not on {plan.model.name} ({plan.model.dir}).",
+                        hint="evaluate with the model the run was trained on.")
+    a, b = trained.adapter, plan.adapter
+    if (a.targets, a.rank) != (b.targets, b.rank):
+        raise PlanError("adapter", f"the adapter in {rd} has rank {a.rank} on {', '.join(a.targets)}; "
+                        f"this config says rank {b.rank} on {', '.join(b.targets)}.",
+                        hint="leave the adapter settings as the run had them.")
+
+
+# ------------------------------------------------------------------------------ tune run
+
+RUN_USAGE = ("usage: tune run PATH/plan.json [RUN_DIR]\n\nTrain a compiled plan exactly as compiled "
+             "(no Hydra, no recompilation). RUN_DIR defaults to the plan's directory; checkpoints "
+             "there with the same plan hash are resumed.")
+
+
+def run_plan_file(args: list[str]) -> int:
+    """tune run PATH/plan.json [RUN_DIR]: train a compiled plan exactly as it was compiled."""
+    if not args or args[0] in ("-h", "--help") or len(args) > 2:
+        _console().print(RUN_USAGE)
+        return 0 if args and args[0] in ("-h", "--help") else 2
+    path = Path(args[0]).expanduser()
+    if path.is_dir():
+        path = path / "plan.json"
+    if not path.is_file():
+        raise PlanError("plan", f"{path} not found.", hint="give the plan.json that `tune plan` wrote.")
+    plan = _checked_plan(Plan.load(path), path)
+    run_dir = Path(args[1]) if len(args) == 2 else path.parent
+    if run_dir.resolve() != path.parent.resolve():
+        plan.write(run_dir / "plan.json")
+    print_plan(plan, run_dir=run_dir)
+    train(plan, run_dir)
+    return 0
+
+
+def _checked_plan(plan: Plan, path: Path) -> Plan:
+    """The plan, if what it was compiled from is still there and unchanged; its token cache rebuilt
+    when only that is missing (derived data: deleted, or another machine)."""
+    if not plan.is_consistent():
+        raise PlanError("plan", "the plan's hash does not match its content (was it edited?).",
+                        file=str(path), hint="change the config and recompile with `tune plan`.")
+    for key, stats in (("data.path", plan.data.train), ("data.test_path", plan.data.test)):
+        if stats is None:
+            continue
+        if not Path(stats.file).is_file():
+            raise PlanError(key, f"{stats.file} is gone since the plan was compiled.",
+                            hint="restore it, or recompile with `tune plan`.")
+        if sha256_file(stats.file) != stats.sha256:
+            raise PlanError(key, f"{stats.file} changed since the plan was compiled.",
+                            hint="recompile with `tune plan` to train on the new data.")
+    if not Path(plan.model.dir).is_dir():
+        raise PlanError("model.path", f"the model directory {plan.model.dir} is gone.",
+                        hint="recompile with `tune plan`.")
+    cache = plan.data.cache
+    if cache and not Path(cache).is_file():
+        rebuilt = compile_plan(plan.config, recipe_info=plan.recipe, command="plan")
+        if rebuilt.data.key != plan.data.key:
+            raise PlanError("plan", "the token cache is missing and rebuilding it gave different "
+                            "tokens (another tokenizer or tune version?).", file=str(path),
+                            hint="recompile with `tune plan`.")
+        if rebuilt.data.cache != cache:          # another $TUNE_HOME: same tokens, other place
+            plan = dataclasses.replace(plan, data=dataclasses.replace(plan.data,
+                                                                      cache=rebuilt.data.cache))
+    return plan
+
+
+# ------------------------------------------------------------------------------ tune recipes
+
+def recipes(args: list[str]) -> int:
+    """tune recipes [list | show NAME | cp NAME DEST]."""
+    from rich.markup import escape
+    from rich.syntax import Syntax
+
+    console = _console()
+    sub = args[0] if args else "list"
+    if sub in ("-h", "--help", "help"):
+        console.print("usage: tune recipes [list | show NAME | cp NAME DEST]\n\n"
+                      "Recipes are found in ./recipes, then each directory of $TUNE_RECIPE_PATH, then "
+                      f"the installed ones ({recipes_mod.INSTALLED_DIR}).")
+        return 0
+    if sub == "list":
+        if len(args) > 1:
+            raise PlanError("recipes", "`tune recipes list` takes no arguments.")
+        rows = recipes_mod.list_recipes()
+        width = max((len(n) for n, _, _ in rows), default=0)
+        console.print("[bold]recipes[/bold] [dim](use with +recipe=NAME)[/dim]")
+        for name, path, desc in rows:
+            console.print(f"  [bold cyan]{escape(name.ljust(width))}[/bold cyan]  {escape(desc)}  "
+                          f"[dim]{escape(str(path))}[/dim]")
+        console.print(f"[dim]looked in: {recipes_mod.looked_in()}[/dim]")
+        return 0
+    if sub == "show":
+        if len(args) != 2:
+            raise PlanError("recipes", "usage: tune recipes show NAME.")
+        path, text = recipes_mod.show(args[1])
+        console.print(f"[dim]# {path}[/dim]")
+        if sys.stdout.isatty():
+            console.print(Syntax(text, "yaml", theme="ansi_dark", background_color="default"))
+        else:
+            sys.stdout.write(text if text.endswith("\n") else text + "\n")
+        return 0
+    if sub == "cp":
+        if len(args) != 3:
+            raise PlanError("recipes", "usage: tune recipes cp NAME DEST (a directory or a .yaml file).")
+        written = recipes_mod.copy(args[1], args[2])
+        for p in written:
+            console.print(f"wrote {p}")
+        return 0
+    raise PlanError("recipes", f"unknown subcommand `{sub}`.{did_you_mean(sub, ('list', 'show', 'cp'))}",
+                    hint="tune recipes [list | show NAME | cp NAME DEST].")
+

@@ -1,0 +1,297 @@
+"""Hydra composition for `tune`: the overrides checked before Hydra runs, the recipe group
+registered, the composed config resolved into a plain dict, one Hydra job per run (several with -m).
+
+Hydra and OmegaConf stay in this module and in compiler/recipes.py (the recipe group); the compiler
+proper takes plain dicts and the runtime takes a Plan.
+"""
+from __future__ import annotations
+
+import os
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from compiler.errors import PlanError, did_you_mean
+
+CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
+PROG = "tune"
+COMMANDS = ("train", "plan", "eval", "generate")
+
+
+def config_error(e: BaseException) -> PlanError | None:
+    """Hydra's and OmegaConf's composition errors are config errors: a PlanError for them."""
+    from hydra.errors import (ConfigCompositionException, HydraException, MissingConfigException,
+                              OverrideParseException)
+    from omegaconf.errors import OmegaConfBaseException
+
+    seen = set()
+    cur: BaseException | None = e
+    while cur is not None and id(cur) not in seen:   # a PlanError raised inside Hydra's composition
+        seen.add(id(cur))
+        if isinstance(cur, PlanError):
+            return cur
+        cur = cur.__cause__ or cur.__context__
+    if isinstance(e, (MissingConfigException, ConfigCompositionException, OverrideParseException,
+                      HydraException, OmegaConfBaseException)):
+        text = " ".join(str(e).split())
+        cause = e.__cause__
+        if cause is not None and str(cause).strip() and str(cause).strip() not in text:
+            text += " " + " ".join(str(cause).split())
+        key = "config"
+        if isinstance(e, OverrideParseException):
+            key = "override"
+        return PlanError(key, text or type(e).__name__,
+                         hint="`tune --help` lists the config groups and keys; "
+                              "`tune recipes` lists the recipes.")
+    return None
+
+
+# ------------------------------------------------------------------------------ Hydra
+
+def _register() -> None:
+    from omegaconf import OmegaConf
+
+    from compiler import recipes
+
+    recipes.register_with_hydra()
+    if not OmegaConf.has_resolver("tune_recipes"):
+        # Used only by hydra.help.template: the recipes found, one line each (never by a user key:
+        # compiler.safety refuses resolver calls outside the hydra section).
+        OmegaConf.register_new_resolver("tune_recipes", _recipes_help, use_cache=False)
+
+
+def _recipes_help() -> str:
+    from compiler import recipes
+
+    rows = recipes.list_recipes()
+    if not rows:
+        return "  (none found)"
+    width = max(len(n) for n, _, _ in rows)
+    text = "\n".join(f"  {n.ljust(width)}  {d}" for n, _, d in rows)
+    return text.replace("$", "$$")  # the help template is a string.Template
+
+
+def run_hydra(command: str, argv: list[str], run_job) -> int:
+    """Compose the config of `argv` with Hydra (conf/ + recipe + overrides) and call run_job(Job)
+    for each job (one, or one per sweep point with -m). Returns the exit code; a single job's
+    failure is raised for main() to report."""
+    import hydra
+    from hydra._internal.utils import get_args_parser
+    from hydra.core.global_hydra import GlobalHydra
+
+    args, _ = get_args_parser().parse_known_args(argv)
+    if args.experimental_rerun:
+        raise PlanError("--experimental-rerun", "re-running from Hydra's config pickle is not "
+                        "supported: tune loads no pickles.",
+                        hint="re-run a compiled plan with `tune run DIR/plan.json`.")
+    completing = bool(args.shell_completion)
+    if completing and "COMP_LINE" in os.environ:
+        os.environ["COMP_LINE"] = _strip_command(os.environ["COMP_LINE"])
+    own_conf = bool(args.config_dir or args.config_path or args.config_name)
+    overrides = [] if completing else precheck(args.overrides, check_groups=not own_conf)
+
+    _register()
+    started, failures = time.perf_counter(), []
+
+    @hydra.main(config_path=str(CONF_DIR), config_name="config", version_base="1.3")
+    def task(cfg) -> None:
+        _task(lambda out_dir, recipe: Job(
+            command=command, config=resolve_config(cfg), out_dir=out_dir, recipe=recipe,
+            started=started, overrides=overrides), run_job, failures)
+
+    saved_argv, saved_env = sys.argv, os.environ.get("HYDRA_FULL_ERROR")
+    sys.argv = [PROG, *argv]
+    os.environ["HYDRA_FULL_ERROR"] = "1"  # exceptions reach main(), which prints them tune's way
+    try:
+        GlobalHydra.instance().clear()
+        task()
+    finally:
+        sys.argv = saved_argv
+        if saved_env is None:
+            os.environ.pop("HYDRA_FULL_ERROR", None)
+        else:
+            os.environ["HYDRA_FULL_ERROR"] = saved_env
+        GlobalHydra.instance().clear()
+    if not failures:
+        return 0
+    if len(failures) == 1 and not args.multirun:
+        raise failures[0]
+    # a sweep: each failure was printed as it happened; the worst one decides the exit code
+    return 1 if any(config_error(e) is None for e in failures) else 2
+
+
+def _strip_command(line: str) -> str:
+    words = line.split(" ")
+    if len(words) > 1 and words[1] in COMMANDS:
+        del words[1]
+    return " ".join(words)
+
+
+def precheck(overrides: list[str], *, check_groups: bool = True) -> list:
+    """Check command-line overrides before Hydra composes anything; returns the parsed overrides.
+    check_groups=False leaves group options to Hydra (a --config-dir may add options)."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+    from hydra.core.override_parser.types import OverrideType
+    from hydra.errors import OverrideParseException
+
+    from compiler import recipes, safety, schema
+
+    try:
+        parsed = OverridesParser.create().parse_overrides(overrides)
+    except OverrideParseException as e:
+        raise PlanError("override", " ".join(str(e).split()),
+                        hint="overrides look like key=value, +recipe=NAME, ~key, or "
+                             "key=a,b for a sweep with -m.") from None
+    for o in parsed:
+        key = o.key_or_group
+        if key == "hydra" or key.startswith(("hydra.", "hydra/")):
+            continue
+        values = _values(o)
+        if key == recipes.GROUP:
+            for v in values:
+                if not isinstance(v, str):
+                    raise PlanError("recipe", f"a recipe is named by a string, got {v!r}.")
+                recipes.recipe_chain(v)   # finds it (did-you-mean) and checks every file it uses
+            continue
+        if o.type == OverrideType.DEL:
+            if key not in schema.BY_PATH and key not in schema.SECTIONS and key not in ("run", "prompt"):
+                raise schema.unknown_key(key)
+            continue
+        if key in schema.GROUPS and o.package is None and all(isinstance(v, str) for v in values):
+            if check_groups:
+                for v in values:
+                    _check_group_option(key, v)
+            continue
+        for v in values:
+            safety.check_override_value(key, v)
+            schema.check_override(key, v)
+    return parsed
+
+
+def _values(o) -> list:
+    if not o.is_sweep_override():
+        return [o.value()]
+    try:
+        return list(o.sweep_iterator())
+    except Exception:  # noqa: BLE001 - glob sweeps need the group's options; Hydra expands them
+        return []
+
+
+def group_options(group: str) -> list[str]:
+    d = CONF_DIR / group
+    return sorted(p.stem for p in d.glob("*.yaml")) if d.is_dir() else []
+
+
+def _check_group_option(group: str, option: str) -> None:
+    options = group_options(group)
+    if option not in options and not option.startswith("${"):
+        raise PlanError(group, f"unknown option `{option}` of the `{group}` group."
+                        f"{did_you_mean(option, options)} Options: {', '.join(options)}.",
+                        hint=f"to set one key write `{group}.KEY=VALUE`"
+                             + (" (e.g. model.path=/ckpts/llama for another model)."
+                                if group == "model" else "."))
+
+
+# ------------------------------------------------------------------------------ one job
+
+@dataclass
+class Job:
+    """One Hydra job, handed to the command: the composed config as a plain dict, and where."""
+    command: str
+    config: dict                # composed, checked for code, resolved; no `hydra` section
+    out_dir: Path               # Hydra's run directory for this job
+    recipe: str | None          # the +recipe= choice, if any
+    started: float
+    overrides: list             # this command line's parsed overrides
+
+    def apply_overrides(self, config: dict) -> dict:
+        """`config` (e.g. a trained run's) with this command line's key=value overrides applied
+        (recipe and group choices are left out: they compose a config, they do not edit one)."""
+        from hydra.core.override_parser.types import OverrideType
+        from omegaconf import OmegaConf
+
+        from compiler import schema
+
+        base = OmegaConf.create(config)
+        for o in self.overrides:
+            key = o.key_or_group
+            if key.startswith(("hydra", "recipe")) or key in schema.GROUPS or o.is_sweep_override():
+                continue
+            if o.type == OverrideType.DEL:
+                OmegaConf.update(base, key, schema.BY_PATH[key].default if key in schema.BY_PATH
+                                 else None, force_add=True)
+            else:
+                OmegaConf.update(base, key, o.value(), force_add=True, merge=False)
+        out = OmegaConf.to_container(base, resolve=True)
+        out["run"] = self.config.get("run")
+        return out
+
+
+def _task(make_job, run_job, failures: list) -> None:
+    """One Hydra job. Failures are recorded, not raised, so Hydra adds nothing to the message and
+    a sweep goes on with its other jobs; main() reports them. A run directory the job left empty
+    is removed."""
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.types import RunMode
+
+    hc = HydraConfig.get()
+    out_dir = Path(hc.runtime.output_dir)
+    try:
+        run_job(make_job(out_dir, hc.runtime.choices.get("recipe")))
+    except Exception as e:  # noqa: BLE001 - reported by main() with the right exit code
+        failures.append(e)
+        if hc.mode == RunMode.MULTIRUN:
+            from tune.cli import print_error, print_failure
+
+            job = f"job {hc.job.num} ({' '.join(hc.overrides.task)})"
+            err = config_error(e)
+            if err is not None:
+                print_error(err)
+                print_failure(f"  ↳ in {job}")
+            else:
+                print_failure(f"error: {job}: {type(e).__name__}: {e}")
+    finally:
+        remove_if_empty(out_dir)
+
+
+def resolve_config(cfg) -> dict:
+    """The composed DictConfig as a plain dict: checked for code first, then resolved."""
+    from omegaconf import OmegaConf
+    from omegaconf.errors import OmegaConfBaseException
+
+    from compiler import safety
+
+    raw = OmegaConf.to_container(cfg, resolve=False)
+    safety.check_config(raw)
+    try:
+        resolved = OmegaConf.to_container(cfg, resolve=True)
+    except OmegaConfBaseException as e:
+        key = getattr(e, "full_key", None) or "config"
+        msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise PlanError(str(key), f"cannot resolve an interpolation: {msg}.",
+                        hint="a plain interpolation names another key, e.g. ${data.max_length}.") \
+            from None
+    resolved.pop("hydra", None)
+    return resolved
+
+
+def remove_if_empty(out_dir: Path, cwd: Path | None = None) -> None:
+    """Remove a run directory that holds nothing, and its empty parents up to (not including) the
+    current directory or its outputs/ or multirun/ folder. Never touches a directory with files."""
+    cwd = Path(cwd or Path.cwd()).resolve()
+    stops = {cwd, cwd / "outputs", cwd / "multirun", Path(cwd.anchor)}
+    d = Path(out_dir).resolve()
+    try:
+        d.rmdir()  # only succeeds when empty
+    except OSError:
+        return
+    d = d.parent
+    while d not in stops and cwd in d.parents:
+        try:
+            d.rmdir()
+        except OSError:
+            return
+        d = d.parent
+
+
