@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 
 from compiler import data as data_mod
-from compiler import estimates, safety, schema
+from compiler import estimates, packing, safety, schema
 from compiler.errors import PlanError, did_you_mean
 from compiler.files import sha256_file, tune_home
 from compiler.plan import (PLAN_VERSION, AdapterSection, DataSection, Devices, EvalSection, Estimates,
@@ -48,12 +48,14 @@ def compile_plan(cfg: dict, *, recipe_info: Recipe | None, command: str = "plan"
         raise PlanError("template.chat", f"{model.name} has no chat template.",
                         hint="set template.chat=false to train on the plain prompt and response.")
     tables = _read_tables(config, recipe_info, Path(cwd or Path.cwd()), command, warnings)
-    data, lengths = _tokenise(config, tables, model, warnings)
+    data, examples = _tokenise(config, tables, model, warnings)
     template = _template_section(config["template"], model, data)
     adapter = _adapter_section(config["adapter"], model)
     if need_train:
         _check_row_count(data, config["schedule"], warnings)
-    runtime = _runtime_section(config["runtime"], _devices(), model, config["schedule"]["batch_size"])
+    runtime = _runtime_section(config["runtime"], _devices(), model, config["schedule"],
+                               config["data"]["max_length"], examples)
+    lengths = examples.lengths("train") if examples else np.zeros(0, dtype=np.int64)
     schedule = _schedule_section(config["schedule"], config["data"], runtime, lengths)
     plan = Plan(version=PLAN_VERSION, hash="", model=model, data=data, template=template,
                 adapter=adapter, schedule=schedule, runtime=runtime, eval=EvalSection(**config["eval"]),
@@ -173,10 +175,9 @@ def _with_files(config: dict, tables: _Tables) -> dict:
 
 # ------------------------------------------------------------------------------ examples
 
-def _tokenise(config: dict, tables: _Tables, model: ModelSection, warnings: list
-              ) -> tuple[DataSection, np.ndarray]:
-    """The data section (token cache built or reused) and the token count of each training
-    example (what the schedule's exact step count packs)."""
+def _tokenise(config: dict, tables: _Tables, model: ModelSection, warnings: list):
+    """The data section (token cache built or reused) and the token data (None without any), which
+    the exact step count and the loss buffer are sized from."""
     from compiler.examples import build_examples, load_examples
 
     d, t = config["data"], config["template"]
@@ -184,7 +185,7 @@ def _tokenise(config: dict, tables: _Tables, model: ModelSection, warnings: list
     stats: dict = {"cache": None, "key": None, "sizes": {"train": 0, "val": 0, "test": 0},
                    "tokens": {}, "truncated": 0, "dropped_too_long": 0, "no_supervised": 0,
                    "supervised": {}, "per_split": {}, "n_labels": 0, "examples": []}
-    lengths = np.zeros(0, dtype=np.int64)
+    examples = None
     if any(tables.splits.values()):
         stats = build_examples(
             tables.splits, template=t, tokenizer_dir=model.dir,
@@ -194,7 +195,7 @@ def _tokenise(config: dict, tables: _Tables, model: ModelSection, warnings: list
             key_material={"sha256": sha, "max_rows": d["max_rows"],
                           "val_fraction": d["val_fraction"], "seed": config["schedule"]["seed"],
                           "dedupe": d["dedupe"], "tokenizer_hash": model.tokenizer_hash})
-        lengths = load_examples(stats["cache"]).lengths("train")
+        examples = load_examples(stats["cache"])
         warnings += _example_warnings(stats, d)
     section = DataSection(
         format=d["format"], max_rows=d["max_rows"], val_fraction=d["val_fraction"],
@@ -204,7 +205,7 @@ def _tokenise(config: dict, tables: _Tables, model: ModelSection, warnings: list
         dropped_too_long=stats["dropped_too_long"], no_supervised=stats["no_supervised"],
         supervised=dict(stats["supervised"]), per_split=dict(stats["per_split"]),
         n_labels=stats["n_labels"])
-    return section, lengths
+    return section, examples
 
 
 def _example_warnings(stats: dict, d: dict) -> list[str]:
@@ -286,14 +287,27 @@ def _devices() -> Devices:
                    peak_flops=found.get("peak_flops"), cores=found.get("cores"))
 
 
-def _runtime_section(rt: dict, devices: Devices, model: ModelSection, batch_size: int
-                     ) -> RuntimeSection:
+def _runtime_section(rt: dict, devices: Devices, model: ModelSection, s: dict, max_length: int,
+                     examples) -> RuntimeSection:
     dtype = _dtype(rt["dtype"], devices)
+    mesh = _mesh(rt["mesh"], devices, model, s["batch_size"])
     return RuntimeSection(
         dtype=dtype, param_dtype=dtype if rt["param_dtype"] == "auto" else rt["param_dtype"],
-        mesh=_mesh(rt["mesh"], devices, model, batch_size), devices=devices, remat=rt["remat"],
-        pack=rt["pack"], ce_chunk=rt["ce_chunk"], log_every=rt["log_every"],
-        checkpoint_every=rt["checkpoint_every"])
+        mesh=mesh, devices=devices, remat=rt["remat"], pack=rt["pack"], ce_chunk=rt["ce_chunk"],
+        loss_tokens=_loss_tokens(examples, s["batch_size"], max_length, rt["pack"]),
+        log_every=rt["log_every"], checkpoint_every=rt["checkpoint_every"])
+
+
+def _loss_tokens(examples, batch_size: int, max_length: int, pack: bool) -> int:
+    """Supervised positions one micro-batch (training or validation) can hold at most."""
+    if examples is None:
+        return batch_size * max_length
+    lengths, prompt_lens = [], []
+    for split in ("train", "val"):
+        lengths.append(examples.lengths(split))
+        prompt_lens.append(examples.split(split)[1])
+    return packing.supervised_capacity(np.concatenate(lengths), np.concatenate(prompt_lens),
+                                       max_length, batch_size, pack=pack)
 
 
 def _dtype(name: str, devices: Devices) -> str:

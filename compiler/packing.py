@@ -74,3 +74,34 @@ def count_rows(lengths: Sequence[int], seq_len: int, *, pack: bool) -> int:
 def steps_per_epoch(rows: int, rows_per_step: int) -> int:
     """Optimizer steps to see every row once; the last step is completed with empty rows."""
     return max(1, math.ceil(rows / max(1, rows_per_step)))
+
+
+def supervised_capacity(lengths: Sequence[int], prompt_lens: Sequence[int], seq_len: int, rows: int,
+                        *, pack: bool, multiple: int = 8) -> int:
+    """An upper bound on the supervised targets one micro-batch of `rows` rows can hold, whatever
+    the epoch's packing — the size of the buffer the loss gathers them into, so that the output
+    head runs on supervised positions only.
+
+    An example of L tokens and prompt length p has L - max(p, 1) supervised targets in L - 1 slots.
+    Unpacked, the bound is exact: the `rows` largest counts. Packed, it is the fractional knapsack
+    of rows × seq_len slots filled with the examples richest in supervised targets per slot (no
+    packing can beat it). Rounded up to a multiple of `multiple`, at most rows × seq_len."""
+    lengths = np.asarray(lengths, dtype=np.int64)
+    sup = lengths - np.maximum(np.asarray(prompt_lens, dtype=np.int64), 1)
+    slots = np.maximum(lengths - 1, 0)
+    keep = (sup > 0) & (slots > 0)
+    sup, slots = sup[keep], slots[keep]
+    full = rows * seq_len
+    if not len(sup):
+        return min(full, multiple)
+    if not pack:
+        bound = float(np.sort(sup)[::-1][:rows].sum())
+    else:
+        order = np.argsort(-(sup / slots), kind="stable")
+        cum = np.cumsum(slots[order])
+        k = int(np.searchsorted(cum, full, side="right"))      # examples that fit whole
+        bound = float(sup[order][:k].sum())
+        if k < len(order):
+            room = full - (int(cum[k - 1]) if k else 0)
+            bound += sup[order][k] * room / slots[order][k]
+    return int(min(full, multiple * math.ceil(bound / multiple)))

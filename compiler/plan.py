@@ -179,6 +179,8 @@ class RuntimeSection:
     remat: str
     pack: bool
     ce_chunk: int
+    loss_tokens: int                # supervised positions one micro-batch can hold at most (from the
+                                    # data): the output head runs on these only
     log_every: int
     checkpoint_every: int
 

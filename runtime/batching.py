@@ -58,10 +58,11 @@ class Batcher:
     """Epoch plans and batches for one split. Everything is a function of (seed, epoch, index)."""
 
     def __init__(self, ids: Sequence[np.ndarray], prompt_lens: Sequence[int], shape: BatchShape, *,
-                 pack: bool, seed: int):
+                 pack: bool, seed: int, loss_tokens: int | None = None):
         self.ids = [np.asarray(x, dtype=np.int32) for x in ids]
         self.prompt_lens = [int(p) for p in prompt_lens]
         self.shape, self.pack, self.seed = shape, pack, int(seed)
+        self.loss_tokens = loss_tokens      # supervised targets a micro-batch may hold (None: any)
         self.lengths = np.array([example_slots(len(x)) for x in self.ids], dtype=np.int64)
         too_long = np.flatnonzero(self.lengths > shape.seq_len)
         if len(too_long):
@@ -93,7 +94,13 @@ class Batcher:
         out = {k: np.zeros((a * b, t), dtype=np.int32) for k in FIELDS}
         for r, row in enumerate(rows):
             fill_row(out, r, [(self.ids[i], self.prompt_lens[i]) for i in row])
-        return {k: v.reshape(a, b, t) for k, v in out.items()}
+        batch = {k: v.reshape(a, b, t) for k, v in out.items()}
+        if self.loss_tokens is not None:
+            most = int(batch["loss_mask"].sum(axis=(1, 2)).max())
+            if most > self.loss_tokens:     # the plan's bound is exact; this would drop targets
+                raise RuntimeError(f"a micro-batch holds {most} supervised targets, more than the "
+                                   f"plan's runtime.loss_tokens={self.loss_tokens}")
+        return batch
 
     def positions_from(self, epoch: int, index: int) -> Iterator[tuple[int, int]]:
         """(epoch, index) of every step from the given one on, epochs without end."""

@@ -1,4 +1,4 @@
-"""Cross-entropy without the [B, T, V] float32 logits.
+"""Cross-entropy without the [B, T, V] float32 logits, and only where the loss is.
 
 For SmolLM2 (V = 49152) at B·T = 16k tokens the full float32 logits are 3.2 GB, and autodiff would keep
 them for the backward pass. Instead the flattened tokens are scanned in chunks: each chunk's logits are
@@ -45,3 +45,20 @@ def chunked_cross_entropy(hidden, lm_head_w, targets, mask, chunk: int):
 
     total, _ = jax.lax.scan(body, jnp.zeros((), jnp.float32), (h, t, m))
     return total, jnp.sum(m)
+
+
+def supervised_cross_entropy(hidden, lm_head_w, targets, mask, *, capacity: int, chunk: int):
+    """chunked_cross_entropy over the supervised positions only: they are gathered (in order) into a
+    buffer of `capacity` positions — an upper bound the compiler computed from the data
+    (compiler/packing.supervised_capacity) — so the output head, forward and backward, runs on
+    `capacity` tokens instead of all B·T (for classification, a few percent of them). The same
+    sums; only the order of the additions differs. A capacity of B·T or more gathers nothing."""
+    B, T, D = hidden.shape
+    if capacity >= B * T:
+        return chunked_cross_entropy(hidden, lm_head_w, targets, mask, chunk)
+    flat = mask.reshape(-1) > 0
+    idx = jnp.nonzero(flat, size=capacity, fill_value=0)[0]
+    valid = jnp.arange(capacity) < jnp.sum(flat)
+    h = hidden.reshape(B * T, D)[idx]
+    t = targets.reshape(-1)[idx]
+    return chunked_cross_entropy(h[None], lm_head_w, t[None], valid[None], chunk)

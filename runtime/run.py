@@ -91,8 +91,9 @@ def setup(plan: Plan, run_dir: Path) -> Session:
         opt_state=jax.device_put(optimizer.init(lora), replicated(mesh)), frozen=frozen,
         rng=jax.random.PRNGKey(plan.schedule.seed), batcher=batcher, val_batcher=val_batcher,
         step_fn=make_train_step(graphdef, optimizer, lr_fn, ce_chunk=rt.ce_chunk, dropout=dropout,
-                                state_sharding=replicated(mesh)),
-        eval_fn=make_eval_loss(graphdef, ce_chunk=rt.ce_chunk, state_sharding=replicated(mesh)),
+                                loss_tokens=rt.loss_tokens, state_sharding=replicated(mesh)),
+        eval_fn=make_eval_loss(graphdef, ce_chunk=rt.ce_chunk, loss_tokens=rt.loss_tokens,
+                               state_sharding=replicated(mesh)),
         started=started)
     _resume(session)
     return session
@@ -120,13 +121,15 @@ def _setup_data(plan: Plan) -> tuple[Batcher, Batcher | None]:
     s, pack = plan.schedule, plan.runtime.pack
     examples = load_examples(plan.data.cache)
     shape = BatchShape(s.grad_accum, s.batch_size, s.seq_len)
-    batcher = Batcher(*examples.split("train"), shape, pack=pack, seed=s.seed)
+    cap = plan.runtime.loss_tokens
+    batcher = Batcher(*examples.split("train"), shape, pack=pack, seed=s.seed, loss_tokens=cap)
     if batcher.steps_per_epoch != s.steps_per_epoch or batcher.rows_per_epoch != s.rows_per_epoch:
         raise RuntimeError(f"the plan counts {s.steps_per_epoch} steps ({s.rows_per_epoch} rows) per "
                            f"epoch, its token data gives {batcher.steps_per_epoch} "
                            f"({batcher.rows_per_epoch} rows): recompile the plan with `tune plan`")
     val_ids, val_prompt_lens = examples.split("val")
-    val = Batcher(val_ids, val_prompt_lens, shape, pack=pack, seed=s.seed) if len(val_ids) else None
+    val = (Batcher(val_ids, val_prompt_lens, shape, pack=pack, seed=s.seed, loss_tokens=cap)
+           if len(val_ids) else None)
     return batcher, val
 
 

@@ -17,7 +17,7 @@ import optax
 from flax import nnx
 
 from compiler.plan import ScheduleSection
-from runtime.loss import chunked_cross_entropy
+from runtime.loss import supervised_cross_entropy
 from runtime.model import LoRAParam
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
@@ -61,14 +61,19 @@ def make_optimizer(s: ScheduleSection) -> tuple[optax.GradientTransformation, Ca
     return optax.chain(*parts), lr_fn
 
 
-def _micro_loss(graphdef, lora, frozen, mb, key, *, ce_chunk: int, dropout: bool):
+def _micro_loss(graphdef, lora, frozen, mb, key, *, ce_chunk: int, loss_tokens: int | None,
+                dropout: bool):
     model = nnx.merge(graphdef, frozen, lora)
     hidden = model(mb["tokens"], positions=mb["positions"], segment_ids=mb["segment_ids"],
                    deterministic=not dropout, rngs=nnx.Rngs(dropout=key) if dropout else None)
-    return chunked_cross_entropy(hidden, model.lm_head(), mb["targets"], mb["loss_mask"], ce_chunk)
+    B, T = mb["tokens"].shape
+    return supervised_cross_entropy(hidden, model.lm_head(), mb["targets"], mb["loss_mask"],
+                                    capacity=B * T if loss_tokens is None else loss_tokens,
+                                    chunk=ce_chunk)
 
 
-def accumulate(graphdef, lora, frozen, batch, key, *, ce_chunk: int, dropout: bool):
+def accumulate(graphdef, lora, frozen, batch, key, *, ce_chunk: int, dropout: bool,
+               loss_tokens: int | None = None):
     """Scan the micro-batches of an [accum, B, T] batch: (Σ token CE, Σ supervised tokens, gradients of
     Σ CE w.r.t. the LoRA parameters, accumulated in float32). Micro-batch i draws dropout from
     fold_in(key, i)."""
@@ -79,7 +84,8 @@ def accumulate(graphdef, lora, frozen, batch, key, *, ce_chunk: int, dropout: bo
         mb, i = xs
         sub = jax.random.fold_in(key, i) if dropout else None
         (l, c), g = jax.value_and_grad(
-            lambda p: _micro_loss(graphdef, p, frozen, mb, sub, ce_chunk=ce_chunk, dropout=dropout),
+            lambda p: _micro_loss(graphdef, p, frozen, mb, sub, ce_chunk=ce_chunk,
+                                  loss_tokens=loss_tokens, dropout=dropout),
             has_aux=True)(lora)
         grads = jax.tree.map(lambda a, b: a + b.astype(jnp.float32), grads, g)
         return (grads, loss_sum + l.astype(jnp.float32), n + c.astype(jnp.float32)), None
@@ -91,17 +97,20 @@ def accumulate(graphdef, lora, frozen, batch, key, *, ce_chunk: int, dropout: bo
 
 
 def make_train_step(graphdef, optimizer: optax.GradientTransformation, lr_fn: Callable, *,
-                    ce_chunk: int, dropout: bool, donate: bool = True, state_sharding=None):
+                    ce_chunk: int, dropout: bool, loss_tokens: int | None = None, donate: bool = True,
+                    state_sharding=None):
     """step(lora, opt_state, frozen, batch, rng, step) -> (lora, opt_state, metrics), jitted, with the
     LoRA and optimizer states donated. batch: dict of int32 [accum, B, T]; rng: a PRNG key; step: the
     0-based global step, folded into rng for dropout (so a resumed run draws the same masks).
     state_sharding: where the outputs (LoRA, optimizer state, metrics) live, so that they are valid
-    inputs of the next call as they are (replicated on the mesh)."""
+    inputs of the next call as they are (replicated on the mesh). loss_tokens: supervised positions
+    per micro-batch at most (the plan's runtime.loss_tokens): the output head runs on those only;
+    None runs it on every position."""
 
     def step_fn(lora, opt_state, frozen, batch, rng, step):
         key = jax.random.fold_in(rng, step)
         loss_sum, n, grads = accumulate(graphdef, lora, frozen, batch, key, ce_chunk=ce_chunk,
-                                        dropout=dropout)
+                                        loss_tokens=loss_tokens, dropout=dropout)
         denom = jnp.maximum(n, 1.0)
         grads = jax.tree.map(lambda g, p: (g / denom).astype(p.dtype), grads, lora)
         grad_norm = optax.tree.norm(grads)
@@ -115,12 +124,13 @@ def make_train_step(graphdef, optimizer: optax.GradientTransformation, lr_fn: Ca
     return jax.jit(step_fn, donate_argnums=(0, 1) if donate else (), **kw)
 
 
-def make_eval_loss(graphdef, *, ce_chunk: int, state_sharding=None):
+def make_eval_loss(graphdef, *, ce_chunk: int, loss_tokens: int | None = None, state_sharding=None):
     """eval_loss(lora, frozen, batch) -> (loss_sum, n_tokens) over all micro-batches, jitted."""
 
     def eval_fn(lora, frozen, batch):
         def micro(carry, mb):
-            l, c = _micro_loss(graphdef, lora, frozen, mb, None, ce_chunk=ce_chunk, dropout=False)
+            l, c = _micro_loss(graphdef, lora, frozen, mb, None, ce_chunk=ce_chunk,
+                               loss_tokens=loss_tokens, dropout=False)
             return (carry[0] + l.astype(jnp.float32), carry[1] + c.astype(jnp.float32)), None
 
         (loss_sum, n), _ = jax.lax.scan(micro, (jnp.float32(0), jnp.float32(0)), batch)

@@ -66,12 +66,12 @@ class TinyExamples:
         return self._splits.get(name, ([], []))
 
 
-def make_plan(model_dir, *, train_lengths=(), sizes=None, plan_hash="tiny-plan-0", eos=2, pad=0,
+def make_plan(model_dir, *, examples=None, sizes=None, plan_hash="tiny-plan-0", eos=2, pad=0,
               template=None, schedule=None, runtime=None, adapter=None, evaluation=None,
               chat_template=None):
     """A typed Plan for a tiny model directory, with the given settings, built the way the compiler
-    builds one (its steps counted by the compiler's own rule from `train_lengths`). Its `config` is
-    empty: the runtime must not need it."""
+    builds one: steps and the loss buffer sized by the compiler's own rules from `examples` (a
+    TinyExamples; none: no training steps). Its `config` is empty: the runtime must not need it."""
     from compiler.architecture import architecture, read_config
     from compiler.estimates import schedule_steps
     from compiler.plan import (AdapterSection, DataSection, Devices, EvalSection, Estimates,
@@ -93,9 +93,17 @@ def make_plan(model_dir, *, train_lengths=(), sizes=None, plan_hash="tiny-plan-0
               devices=Devices("cpu", "cpu", 1, None, None), remat="none", pack=True, ce_chunk=32,
               log_every=1, checkpoint_every=0)
     rt.update(runtime or {})
+    train_ids, _ = examples.split("train") if examples else ([], [])
+    if "loss_tokens" not in rt:
+        from compiler.packing import supervised_capacity
+
+        ids = [x for split in ("train", "val") for x in examples.split(split)[0]] if examples else []
+        plens = [p for split in ("train", "val") for p in examples.split(split)[1]] if examples else []
+        rt["loss_tokens"] = supervised_capacity([len(x) for x in ids], plens, s["seq_len"],
+                                                s["batch_size"], pack=rt["pack"])
     steps = {"rows_per_epoch": 0, "steps_per_epoch": 0, "total_steps": 0, "warmup_steps": 0}
-    if len(train_lengths):
-        steps = schedule_steps(list(train_lengths), batch_size=s["batch_size"],
+    if len(train_ids):
+        steps = schedule_steps([len(x) for x in train_ids], batch_size=s["batch_size"],
                                grad_accum=s["grad_accum"], epochs=s["epochs"], max_steps=s["max_steps"],
                                warmup=s["warmup"], pack=rt["pack"], seq_len=s["seq_len"])
     gb = s["batch_size"] * s["grad_accum"]
@@ -107,7 +115,7 @@ def make_plan(model_dir, *, train_lengths=(), sizes=None, plan_hash="tiny-plan-0
     t.update(template or {})
     ev = dict(metric="accuracy", mode="generate", max_new_tokens=8, limit=None, every=0, batch_size=8)
     ev.update(evaluation or {})
-    sizes = dict(sizes or {"train": len(train_lengths), "val": 0, "test": 0})
+    sizes = dict(sizes or {"train": len(train_ids), "val": 0, "test": 0})
     return Plan(
         version=2, hash=plan_hash, model=model,
         data=DataSection(format="auto", max_rows=None, val_fraction=0.0, max_length=s["seq_len"],
@@ -144,8 +152,9 @@ def tiny_plan(model_dir, *, plan_hash="tiny-plan-0", n_train=48, n_val=8, seed=0
     Returns (plan, examples); the `train_on` fixture makes train() read `examples`."""
     train = synthetic_examples(n_train, seed=seed)
     val = synthetic_examples(n_val, seed=seed + 1000)
+    examples = TinyExamples({"train": train, "val": val})
     plan = make_plan(
-        model_dir, train_lengths=[len(x) for x in train[0]], plan_hash=plan_hash,
+        model_dir, plan_hash=plan_hash, examples=examples,
         sizes={"train": n_train, "val": n_val, "test": 0},
         schedule=dict(lr=lr, batch_size=batch_size, grad_accum=grad_accum, epochs=epochs,
                       max_steps=max_steps, warmup=warmup_steps, seed=seed, seq_len=seq_len),
@@ -153,7 +162,7 @@ def tiny_plan(model_dir, *, plan_hash="tiny-plan-0", n_train=48, n_val=8, seed=0
                      checkpoint_every=checkpoint_every),
         adapter=dict(rank=rank, alpha=2.0 * rank, dropout=dropout, targets=targets),
         evaluation=dict(every=eval_every))
-    return plan, TinyExamples({"train": train, "val": val})
+    return plan, examples
 
 
 @pytest.fixture

@@ -217,6 +217,68 @@ def test_chunked_ce_equals_naive(chunk):
         np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-4, atol=1e-6)
 
 
+@pytest.mark.parametrize("capacity", [20, 24, 33])           # ≥ the 20 supervised positions
+def test_supervised_ce_equals_naive_and_computes_only_the_supervised_logits(capacity):
+    from runtime.loss import supervised_cross_entropy
+
+    hidden, w, _, _ = _ce_inputs(B=4, T=10, D=16, V=50, seed=3)
+    mask = jnp.zeros((4, 10), bool).at[:, 5:].set(True)             # 20 of 40 positions
+    targets = jnp.where(mask, jax.random.randint(jax.random.key(9), (4, 10), 0, 50), -100)
+    f = jax.jit(lambda h, w: supervised_cross_entropy(h, w, targets, mask, capacity=capacity, chunk=7))
+    total, n = f(hidden, w)
+    ref_total, ref_n = _naive_ce(hidden, w, targets, mask)
+    np.testing.assert_allclose(float(total), float(ref_total), rtol=1e-5)
+    assert float(n) == float(ref_n) == 20
+
+    def mean(loss):
+        return lambda h, w: (lambda s, c: s / c)(*loss(h, w))
+
+    g = jax.grad(mean(lambda h, w: supervised_cross_entropy(h, w, targets, mask, capacity=capacity,
+                                                            chunk=7)), argnums=(0, 1))(hidden, w)
+    g_ref = jax.grad(mean(lambda h, w: _naive_ce(h, w, targets, mask)), argnums=(0, 1))(hidden, w)
+    for a, b in zip(g, g_ref):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-4, atol=1e-6)
+    # the head runs over `capacity` positions in chunks of 7 (ceil(capacity / 7) chunks), not over
+    # all 40 (6 chunks)
+    jaxpr = jax.make_jaxpr(lambda h, w: supervised_cross_entropy(h, w, targets, mask,
+                                                                 capacity=capacity, chunk=7))
+    scans = [e.params["length"] for e in _eqns(jaxpr(hidden, w).jaxpr) if e.primitive.name == "scan"]
+    assert scans == [-(-capacity // 7)]
+
+
+def test_supervised_capacity_bounds_every_packing():
+    from compiler.packing import epoch_rows, example_slots, supervised_capacity
+
+    rng = np.random.default_rng(0)
+    for trial in range(100):
+        seq = int(rng.choice([32, 64, 128]))
+        lengths = rng.integers(2, seq + 2, size=int(rng.integers(5, 200)))
+        prompts = np.minimum(rng.integers(0, seq, size=len(lengths)), lengths - 1)
+        rows, pack = int(rng.integers(1, 9)), bool(trial % 2)
+        cap = supervised_capacity(lengths, prompts, seq, rows, pack=pack)
+        assert cap % 8 == 0 or cap == rows * seq
+        sup = lengths - np.maximum(prompts, 1)
+        most = 0
+        for epoch in range(3):
+            r = epoch_rows([example_slots(n) for n in lengths], seq, pack=pack, seed=trial,
+                           epoch=epoch)
+            per_row = [int(sum(sup[i] for i in row)) for row in r]
+            most = max(most, max(sum(per_row[k:k + rows]) for k in range(0, len(per_row), rows)))
+        assert most <= cap
+        if not pack:                          # exact: the `rows` largest, rounded up to 8
+            assert cap == min(rows * seq, 8 * -(-int(np.sort(sup)[::-1][:rows].sum()) // 8))
+
+
+def _eqns(jaxpr):
+    for eqn in jaxpr.eqns:
+        yield eqn
+        for param in eqn.params.values():
+            for sub in (param if isinstance(param, (tuple, list)) else (param,)):
+                inner = getattr(sub, "jaxpr", sub)
+                if hasattr(inner, "eqns"):
+                    yield from _eqns(inner)
+
+
 def _largest_intermediate(jaxpr) -> int:
     biggest = 0
     for eqn in jaxpr.eqns:
