@@ -381,10 +381,23 @@ def test_set(plan: dict, data: TokenData, limit: int | None = None):
     return prompts, refs
 
 
+def label_prefix_fn(labels: list[list[int]], width: int):
+    """transformers' prefix_allowed_tokens_fn for greedy decoding within a label set (the plan's
+    data.labels token ids): after a prefix of some labels, only their next tokens; after a whole
+    label, its last token again (generation has stopped at the end token by then)."""
+    def allowed(batch_id, input_ids):
+        answer = [int(t) for t in input_ids[width:].tolist()]
+        nxt = {lab[len(answer)] for lab in labels
+               if len(lab) > len(answer) and lab[:len(answer)] == answer}
+        return sorted(nxt) or [answer[-1] if answer else labels[0][0]]
+    return allowed
+
+
 def generate(model, prompts, *, max_new_tokens: int, eos: list[int], pad_id: int, device: str,
-             batch_size: int = 16) -> list[list[int]]:
+             batch_size: int = 16, labels: list[list[int]] | None = None) -> list[list[int]]:
     """Greedy continuations (token ids, cut before the first end token) of each prompt. Batches of
-    prompts of similar length, left-padded."""
+    prompts of similar length, left-padded. With `labels` (token id lists), decoding stays within
+    that label set, as tune's eval.mode=constrained does."""
     import torch
 
     model.eval()
@@ -401,11 +414,16 @@ def generate(model, prompts, *, max_new_tokens: int, eos: list[int], pad_id: int
             p = prompts[i]
             inp[r, width - len(p):] = torch.tensor(p, dtype=torch.long)
             att[r, width - len(p):] = 1
+        extra = {}
+        if labels:
+            extra = {"prefix_allowed_tokens_fn": label_prefix_fn(labels, width),
+                     "max_new_tokens": max(len(x) for x in labels)}
         with torch.no_grad(), autocast:
             gen = model.generate(input_ids=inp.to(device), attention_mask=att.to(device),
-                                 max_new_tokens=int(max_new_tokens), do_sample=False,
-                                 num_beams=1, eos_token_id=eos, pad_token_id=pad_id,
-                                 use_cache=True, temperature=None, top_p=None, top_k=None)
+                                 **{"max_new_tokens": int(max_new_tokens), **extra},
+                                 do_sample=False, num_beams=1, eos_token_id=eos,
+                                 pad_token_id=pad_id, use_cache=True, temperature=None, top_p=None,
+                                 top_k=None)
         for r, i in enumerate(idx):
             new = [int(t) for t in gen[r, width:].tolist()]
             cut = next((k for k, t in enumerate(new) if t in eos), len(new))
@@ -448,12 +466,16 @@ def evaluate(plan: dict, model, *, limit: int | None = None, device: str | None 
     tok = load_tokenizer(plan)
     t0 = time.perf_counter()
     ctx = model.disable_adapter() if base else contextlib.nullcontext()
+    labels = [list(x["ids"]) for x in _section(plan, "data").get("labels") or []]
     with ctx:
         gen = generate(model, prompts, max_new_tokens=int(ev.get("max_new_tokens") or 16),
                        eos=eos_ids(plan), pad_id=int(_section(plan, "model").get("pad_token_id") or 0),
-                       device=device, batch_size=batch_size)
+                       device=device, batch_size=batch_size,
+                       labels=labels if ev.get("mode") == "constrained" else None)
     preds = [tok.decode(g, skip_special_tokens=True) for g in gen]
-    result = score(ev.get("metric") or "accuracy", preds, refs, data.labels)
+    result = score(ev.get("metric") or "accuracy", preds, refs,
+                   [x["text"] for x in _section(plan, "data").get("labels") or []] or data.labels)
+    result["mode"] = ev.get("mode")
     result["eval_s"] = time.perf_counter() - t0
     result["predictions"] = preds
     result["references"] = refs

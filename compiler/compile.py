@@ -18,9 +18,10 @@ from compiler import data as data_mod
 from compiler import estimates, packing, safety, schema
 from compiler.errors import PlanError, did_you_mean
 from compiler.files import sha256_file, tune_home
+from compiler.labels import RARE_CLASS, is_classification, normalise
 from compiler.plan import (PLAN_VERSION, AdapterSection, DataSection, Devices, EvalSection, Estimates,
-                           MeshAxes, ModelSection, Plan, Recipe, RuntimeSection, ScheduleSection,
-                           TableStats, TemplateSection, with_hash)
+                           Label, MeshAxes, ModelSection, Plan, Recipe, RuntimeSection,
+                           ScheduleSection, TableStats, TemplateSection, with_hash)
 from compiler.templates import check_fields, placeholders
 
 FEW_ROWS = 200                  # fewer usable training rows than this: a warning
@@ -58,7 +59,8 @@ def compile_plan(cfg: dict, *, recipe_info: Recipe | None, command: str = "plan"
     lengths = examples.lengths("train") if examples else np.zeros(0, dtype=np.int64)
     schedule = _schedule_section(config["schedule"], config["data"], runtime, lengths)
     plan = Plan(version=PLAN_VERSION, hash="", model=model, data=data, template=template,
-                adapter=adapter, schedule=schedule, runtime=runtime, eval=EvalSection(**config["eval"]),
+                adapter=adapter, schedule=schedule, runtime=runtime,
+                eval=_eval_section(config["eval"], data),
                 estimates=_estimates(model, adapter, schedule, runtime, warnings,
                                      need_train=need_train),
                 recipe=recipe_info, config=_with_files(config, tables),
@@ -184,14 +186,15 @@ def _tokenise(config: dict, tables: _Tables, model: ModelSection, warnings: list
     sha = {name: s.sha256 for name, s in (("train", tables.train), ("test", tables.test)) if s}
     stats: dict = {"cache": None, "key": None, "sizes": {"train": 0, "val": 0, "test": 0},
                    "tokens": {}, "truncated": 0, "dropped_too_long": 0, "no_supervised": 0,
-                   "supervised": {}, "per_split": {}, "n_labels": 0, "examples": []}
+                   "supervised": {}, "per_split": {}, "n_labels": 0, "answers": [], "examples": [],
+                   "truncated_fields": {}}
     examples = None
     if any(tables.splits.values()):
         stats = build_examples(
             tables.splits, template=t, tokenizer_dir=model.dir,
             chat_template=model.chat_template if t["chat"] else None, eos_token=model.eos_token,
             bos_token=model.bos_token, max_length=d["max_length"], overlength=d["overlength"],
-            cache_dir=tune_home() / "cache" / "examples",
+            truncate_fields=d["truncate_fields"], cache_dir=tune_home() / "cache" / "examples",
             key_material={"sha256": sha, "max_rows": d["max_rows"],
                           "val_fraction": d["val_fraction"], "seed": config["schedule"]["seed"],
                           "dedupe": d["dedupe"], "tokenizer_hash": model.tokenizer_hash})
@@ -202,10 +205,47 @@ def _tokenise(config: dict, tables: _Tables, model: ModelSection, warnings: list
         max_length=d["max_length"], overlength=d["overlength"], dedupe=d["dedupe"],
         train=tables.train, test=tables.test, cache=stats["cache"], key=stats["key"],
         sizes=dict(stats["sizes"]), tokens=dict(stats["tokens"]), truncated=stats["truncated"],
+        truncate_fields=tuple(d["truncate_fields"] or ()),
+        truncated_fields=dict(stats["truncated_fields"]),
         dropped_too_long=stats["dropped_too_long"], no_supervised=stats["no_supervised"],
         supervised=dict(stats["supervised"]), per_split=dict(stats["per_split"]),
-        n_labels=stats["n_labels"])
+        n_labels=stats["n_labels"],
+        **_label_set(d["task"], stats, examples.references if examples else [], warnings))
     return section, examples
+
+
+def _label_set(task: str, stats: dict, references: list[str], warnings: list) -> dict:
+    """task, labels, majority_baseline and unseen_test_labels of the data section: whether the
+    training answers form a closed label set (or data.task says so), and what that means for the
+    test rows."""
+    answers, n_train = stats["answers"], stats["sizes"]["train"]
+    none = {"task": "generation", "labels": (), "majority_baseline": None, "unseen_test_labels": ()}
+    if task == "generation" or n_train == 0:
+        return none
+    if task == "classification" and not answers:
+        raise PlanError("data.task", f"is classification, but the training answers have "
+                        f"{stats['n_labels']} distinct values: not a closed label set.",
+                        hint="set data.task=generation (or auto), or check template.response.")
+    if task == "auto" and not is_classification(answers, n_train):
+        return none
+    keys = [a["key"] for a in answers]
+    refs = [normalise(r, classification=True) for r in references]
+    unseen = sorted(set(refs) - set(keys))
+    if unseen:
+        warnings.append(f"{len(unseen)} test label(s) never occur in training and will always be "
+                        f"scored wrong: {_listing(unseen)}.")
+    rare = [f"{a['text']} ({a['count']})" for a in answers if a["count"] < RARE_CLASS]
+    if rare:
+        warnings.append(f"{len(rare)} label(s) have fewer than {RARE_CLASS} training rows: "
+                        f"{_listing(rare)}; expect them to be predicted poorly.")
+    return {"task": "classification",
+            "labels": tuple(Label(a["text"], tuple(a["ids"]), a["count"]) for a in answers),
+            "majority_baseline": sum(r == keys[0] for r in refs) / len(refs) if refs else None,
+            "unseen_test_labels": tuple(unseen)}
+
+
+def _listing(items: list[str], most: int = 10) -> str:
+    return ", ".join(items[:most]) + (f" and {len(items) - most} more" if len(items) > most else "")
 
 
 def _example_warnings(stats: dict, d: dict) -> list[str]:
@@ -214,9 +254,13 @@ def _example_warnings(stats: dict, d: dict) -> list[str]:
         int(stats["no_supervised"])
     p95 = stats["tokens"].get("p95")
     if stats["truncated"]:
+        fields = stats["truncated_fields"]
+        where = ", ".join(f"{f} in {n} rows" for f, n in sorted(fields.items(), key=lambda x: -x[1]))
         out.append(f"{stats['truncated']} of {total} examples are longer than data.max_length="
-                   f"{d['max_length']} tokens and were truncated from the prompt's start (train "
-                   f"p95 = {p95} tokens).")
+                   f"{d['max_length']} tokens (train p95 = {p95}) and were truncated: cut "
+                   + (f"inside their fields ({where})" if fields else "from the prompt's start")
+                   + ("; the rest from the prompt's start" if fields and
+                      sum(fields.values()) < stats["truncated"] else "") + ".")
     if stats["dropped_too_long"]:
         out.append(f"{stats['dropped_too_long']} of {total} examples are longer than "
                    f"data.max_length={d['max_length']} tokens and were dropped (data.overlength=drop; "
@@ -238,6 +282,20 @@ def _template_section(t: dict, model: ModelSection, data: DataSection) -> Templa
                            chat=t["chat"], fields=tuple(fields),
                            chat_template=model.chat_template if t["chat"] else None,
                            examples=tuple(examples))
+
+
+def _eval_section(ev: dict, data: DataSection) -> EvalSection:
+    """eval.mode resolved: auto is constrained decoding for classification, else free generation;
+    constrained and choices need the closed label set of a classification task."""
+    mode = ev["mode"]
+    if mode == "auto":
+        mode = "constrained" if data.task == "classification" else "generate"
+    elif mode in ("constrained", "choices") and data.task != "classification" and data.sizes["train"]:
+        raise PlanError("eval.mode", f"{mode} needs a closed label set, but the training answers "
+                        f"are open-ended ({data.n_labels} distinct).",
+                        hint="use eval.mode=generate, or data.task=classification if the answers "
+                             "are labels.")
+    return EvalSection(**{**ev, "mode": mode})
 
 
 def _check_row_count(data: DataSection, s: dict, warnings: list) -> None:

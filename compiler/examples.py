@@ -6,10 +6,13 @@ tokenises exactly as it did in training. Pure numpy + tokenizers: the runtime im
 
 Over-length examples (prompt + answer > data.max_length tokens):
 - overlength=drop: the example is dropped and counted.
-- overlength=truncate: the prompt is cut from the LEFT — its end (the question's last words, the
-  chat template's assistant header) and the whole answer are kept. If the answer alone needs
+- overlength=truncate: the prompt's fields are cut inside — the longest first, down to a common
+  length, each keeping its start (data.truncate_fields names which; default every field of the
+  prompt) — and the example re-rendered, so the template's own words, the system prompt and the
+  answer stay whole; the plan counts the rows cut per field. Only a row its fields cannot absorb
+  is cut from the prompt's LEFT (keeping its end and the whole answer); if the answer alone needs
   max_length tokens or more, the last prompt token is kept and the answer is cut at its end to
-  max_length - 1 tokens (it then lacks its end token; counted as truncated all the same).
+  max_length - 1 tokens (it then lacks its end token). Both count as truncated.
 Examples with no supervised token are dropped and counted (no_supervised).
 
 Cache: `<cache_dir>/<key>.npz` — per split (train, val, test) `{split}_ids` (int32, all examples'
@@ -22,18 +25,20 @@ from __future__ import annotations
 
 import hashlib
 import json
+from collections import Counter
 from dataclasses import dataclass, field
 from itertools import chain
 from pathlib import Path
 
 import numpy as np
 
-from compiler.errors import PlanError
+from compiler.errors import PlanError, did_you_mean
 from compiler.files import sha256_file, write_atomic
+from compiler.labels import answer_set
 from compiler.templates import mark_example, placeholders, render, to_prompt_completion
 from compiler.tokenizer import TOKENIZER_FILE, load_tokenizer, special_prefix_ids, special_token
 
-CACHE_VERSION = 1
+CACHE_VERSION = 2
 SPLITS = ("train", "val", "test")
 COUNTS = ("truncated", "dropped_too_long", "no_supervised")
 MAX_LABELS = 1000      # more distinct answers than this is generation, not classification: no label set
@@ -44,7 +49,8 @@ POLICIES = ("truncate", "drop")
 
 def build_examples(splits: dict[str, list[dict]], *, template: dict, tokenizer_dir: str,
                    chat_template: str | None, eos_token: str, max_length: int, overlength: str,
-                   cache_dir: Path, key_material: dict, bos_token: str | None = None) -> dict:
+                   cache_dir: Path, key_material: dict, bos_token: str | None = None,
+                   truncate_fields: list[str] | None = None) -> dict:
     """Tokenise the rows of each split (train, val, test; missing = empty) and write the cache, or
     load it when the same inputs were built before. Returns the data stats for the plan, with the
     cache's path (`cache`) and content key (`key`); `load_examples(stats["cache"])` then costs no
@@ -64,11 +70,12 @@ def build_examples(splits: dict[str, list[dict]], *, template: dict, tokenizer_d
         raise PlanError("model.path", f"{tokenizer_dir} has no tokenizer.json.")
     splits = {name: list(splits.get(name) or []) for name in SPLITS}
     tmpl = {k: template.get(k) for k in ("prompt", "response", "system", "chat")}
+    cut = cuttable_fields(tmpl, truncate_fields) if overlength == "truncate" else []
 
     key = _cache_key(splits, tmpl=tmpl, chat_template=chat_template if chat else None,
                      tokenizer_hash=sha256_file(tokenizer_path), eos_token=eos_token,
                      bos_token=bos_token, max_length=max_length, overlength=overlength,
-                     key_material=key_material)
+                     key_material={**key_material, "truncate_fields": cut})
     cache_dir = Path(cache_dir).expanduser().resolve()
     npz_path, meta_path = cache_dir / f"{key}.npz", cache_dir / f"{key}.json"
     cached = _cached_stats(npz_path, meta_path, key)
@@ -81,13 +88,21 @@ def build_examples(splits: dict[str, list[dict]], *, template: dict, tokenizer_d
     heads = _encode_unique(tokenizer, [h for r in rendered.values() for h, _, _ in r])
     tails = _encode_unique(tokenizer, [t for r in rendered.values() for _, t, _ in r])
     prefix = [] if chat else special_prefix_ids(tokenizer)
+    fit = _FieldFitter(tmpl, cut, tokenizer, prefix, max_length, chat_template=chat_template,
+                       eos_token=eos_token, bos_token=bos_token)
 
     arrays: dict[str, np.ndarray] = {}
     out, i = {}, 0
     for name in SPLITS:
         n = len(rendered[name])
-        out[name] = _tokenise_split(rendered[name], [prefix + h for h in heads[i:i + n]],
+        split_heads, field_cuts = fit.split(splits[name], rendered[name], heads[i:i + n],
+                                            tails[i:i + n])
+        out[name] = _tokenise_split(rendered[name], [prefix + h for h in split_heads],
                                     tails[i:i + n], max_length=max_length, overlength=overlength)
+        out[name]["counts"]["field_cuts"] = field_cuts
+        out[name]["counts"]["truncated"] += fit.fitted
+        out[name]["lengths"] = [len(prefix) + len(h) + len(t)      # as written, before any cut
+                                for h, t in zip(heads[i:i + n], tails[i:i + n])]
         i += n
         arrays.update(_pack_arrays(name, out[name]["seqs"], out[name]["plens"]))
     stats = _stats(out, tokenizer, max_length=max_length, overlength=overlength)
@@ -107,17 +122,22 @@ def _stats(out: dict, tokenizer, *, max_length: int, overlength: str) -> dict:
                           tokenizer.decode(s, skip_special_tokens=False) if cut else tail)
              for head, tail, p, s, cut in train["shown"]]
     distinct = sorted({response.strip().casefold() for response in train["responses"]})
+    answers = answer_set(train["responses"], train["answer_ids"], limit=MAX_LABELS)
     supervised = train["supervised"]
     return {
         "tokens": _percentiles(np.asarray(train["lengths"], dtype=np.int64)),
         **{k: sum(o["counts"][k] for o in out.values()) for k in COUNTS},
+        "truncated_fields": dict(sum((Counter(o["counts"]["field_cuts"]) for o in out.values()),
+                                     Counter())),
         "supervised": {"min": int(min(supervised)) if supervised else 0,
                        "mean": round(float(np.mean(supervised)), 2) if supervised else 0.0},
         "sizes": {name: len(o["seqs"]) for name, o in out.items()},
-        "per_split": {name: o["counts"] for name, o in out.items()},
+        "per_split": {name: {k: v for k, v in o["counts"].items() if k != "field_cuts"}
+                      for name, o in out.items()},
         "max_length": max_length,
         "overlength": overlength,
         "n_labels": len(distinct),
+        "answers": answers,
         "examples": shown,
         "_labels": distinct if len(distinct) <= MAX_LABELS else [],
     }
@@ -132,6 +152,89 @@ def _cached_stats(npz_path: Path, meta_path: Path, key: str) -> dict | None:
             return meta["stats"]
     except (OSError, ValueError, KeyError):
         pass  # unreadable sidecar: rebuild over it
+    return None
+
+
+def cuttable_fields(tmpl: dict, named: list[str] | None) -> list[str]:
+    """The fields over-length examples may be cut inside: those data.truncate_fields names, else
+    every field of the prompt — never the system prompt's, the answer's, or the template's own
+    words."""
+    keep = set()
+    for part in ("system", "response"):
+        if tmpl.get(part) is not None:
+            keep.update(placeholders(tmpl[part], key=f"template.{part}"))
+    prompt = [f for f in placeholders(tmpl["prompt"], key="template.prompt") if f not in keep]
+    if named is None:
+        return prompt
+    for f in named:
+        if f not in prompt:
+            raise PlanError("data.truncate_fields", f"`{f}` is not a field the prompt may be cut "
+                            f"inside.{did_you_mean(f, prompt)} Fields of template.prompt (not in "
+                            f"the system prompt or the answer): {', '.join(prompt) or 'none'}.",
+                            hint="name fields of template.prompt, or leave it null for all of them.")
+    return list(named)
+
+
+class _FieldFitter:
+    """Over-length examples fitted by cutting inside their fields — the longest first, down to a
+    common length (water-filling), keeping each field's start — and re-rendered, so the prompt's
+    own words, the system prompt and the answer stay whole. A row the fields cannot absorb is left
+    to `truncate` (the prompt's start)."""
+
+    def __init__(self, tmpl, fields, tokenizer, prefix, max_length, **chat):
+        self.tmpl, self.fields, self.tok, self.prefix = tmpl, fields, tokenizer, prefix
+        self.max_length, self.chat = max_length, chat
+
+    def split(self, rows, rendered, heads, tails) -> tuple[list[list[int]], dict[str, int]]:
+        """The heads (token ids) of one split with over-length rows fitted; rows cut per field.
+        `self.fitted`: how many rows of this split were fitted."""
+        heads, cuts = list(heads), Counter()
+        self.fitted = 0
+        for j, (row, head_ids, tail_ids) in enumerate(zip(rows, heads, tails)):
+            over = len(self.prefix) + len(head_ids) + len(tail_ids) - self.max_length
+            if over <= 0 or not self.fields or not tail_ids:
+                continue
+            fitted = self.fit(row, over, len(tail_ids))
+            if fitted is None:
+                continue
+            head, heads[j], cut = fitted
+            rendered[j] = (head, rendered[j][1], rendered[j][2])
+            cuts.update(cut)
+            self.fitted += 1
+        return heads, dict(cuts)
+
+    def fit(self, row: dict, over: int, n_tail: int):
+        text = {f: row[f] if isinstance(row[f], str) else str(row[f]) for f in self.fields}
+        ids = {f: self.tok.encode(text[f], add_special_tokens=False).ids for f in self.fields}
+        budget = self.max_length - n_tail - len(self.prefix)
+        for _ in range(4):                     # re-tokenising at the cut may add a token or two
+            keep = _water_fill({f: len(x) for f, x in ids.items()}, over)
+            if keep is None:
+                return None
+            cut = {f: len(ids[f]) - keep[f] for f in self.fields if keep[f] < len(ids[f])}
+            values = {**row, **{f: self.tok.decode(ids[f][:keep[f]]) for f in cut}}
+            prompt, response, system = render(values, self.tmpl)
+            head, _ = to_prompt_completion(prompt, response, system, chat=bool(self.tmpl["chat"]),
+                                           **self.chat)
+            head_ids = self.tok.encode(head, add_special_tokens=False).ids
+            if len(head_ids) <= budget:
+                return head, head_ids, {f: 1 for f in cut}
+            over += len(head_ids) - budget
+        return None
+
+
+def _water_fill(lengths: dict[str, int], excess: int) -> dict[str, int] | None:
+    """New lengths that remove at least `excess` tokens, cutting the longest fields first down to a
+    common cap; None when even empty fields would not do."""
+    if excess > sum(lengths.values()):
+        return None
+    ordered = sorted(lengths.values(), reverse=True) + [0]
+    for k in range(1, len(ordered)):
+        # with the k longest fields capped at ordered[k], this much is removed
+        removed = sum(ordered[:k]) - k * ordered[k]
+        if removed >= excess:
+            cap = ordered[k] + (removed - excess) // k
+            return {f: min(n, cap) for f, n in lengths.items()}
     return None
 
 
@@ -151,7 +254,7 @@ def _render(splits: dict, tmpl: dict, **chat) -> dict[str, list[tuple[str, str, 
 def _tokenise_split(rendered, heads, tails, *, max_length: int, overlength: str) -> dict:
     """One split's token sequences after the over-length policy, with what the stats need."""
     counts = dict.fromkeys(COUNTS, 0)
-    seqs, plens, lengths, supervised, responses, shown = [], [], [], [], [], []
+    seqs, plens, lengths, supervised, responses, answer_ids, shown = [], [], [], [], [], [], []
     for (head, tail, response), p_ids, s_ids in zip(rendered, heads, tails):
         lengths.append(len(p_ids) + len(s_ids))
         if not s_ids:
@@ -168,10 +271,11 @@ def _tokenise_split(rendered, heads, tails, *, max_length: int, overlength: str)
         plens.append(len(p_ids))
         supervised.append(len(s_ids))
         responses.append(response)
+        answer_ids.append(tuple(s_ids))
         if len(shown) < 2:
             shown.append((head, tail, p_ids, s_ids, cut))
     return {"seqs": seqs, "plens": plens, "lengths": lengths, "supervised": supervised,
-            "responses": responses, "shown": shown, "counts": counts}
+            "responses": responses, "answer_ids": answer_ids, "shown": shown, "counts": counts}
 
 
 def _pack_arrays(name: str, seqs: list[list[int]], plens: list[int]) -> dict[str, np.ndarray]:

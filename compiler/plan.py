@@ -81,6 +81,15 @@ class TableStats:
 
 
 @dataclass(frozen=True)
+class Label:
+    """One answer of a classification task's closed label set."""
+    text: str                       # as the training data writes it most often
+    ids: tuple[int, ...]            # its supervised tokens as training saw them, end token included:
+                                    # what constrained decoding follows
+    count: int                      # training rows with this answer
+
+
+@dataclass(frozen=True)
 class DataSection:
     format: str
     max_rows: int | None
@@ -94,12 +103,19 @@ class DataSection:
     key: str | None                 # its content key
     sizes: dict[str, int]           # examples per split (train, val, test) after tokenising
     tokens: dict[str, int]          # p50, p95, max tokens per training example
-    truncated: int
+    truncate_fields: tuple[str, ...]    # data.truncate_fields as given (() = every prompt field)
+    truncated: int                      # examples shortened to max_length (by any means)
+    truncated_fields: dict[str, int]    # rows cut inside each field
     dropped_too_long: int
     no_supervised: int
     supervised: dict[str, float]    # min, mean supervised tokens per training example
     per_split: dict[str, dict[str, int]]
     n_labels: int                   # distinct training answers
+    task: str                       # classification (a closed label set) | generation
+    labels: tuple[Label, ...]       # classification: the label set, most frequent first; else ()
+    majority_baseline: float | None   # accuracy on the test rows of always answering the most
+                                      # frequent training label (classification with test rows)
+    unseen_test_labels: tuple[str, ...]   # test answers no training row has (always scored wrong)
 
 
 @dataclass(frozen=True)

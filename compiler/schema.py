@@ -63,6 +63,11 @@ KEYS: tuple[Key, ...] = (
     _k("data.overlength", "choice", "truncate", "policy for examples over max_length",
        choices=("truncate", "drop")),
     _k("data.dedupe", "bool", True, "drop exact duplicate rows"),
+    _k("data.truncate_fields", "fields", None, "fields of template.prompt an over-length example is "
+       "cut inside, longest first (null = all of them)", nullable=True),
+    _k("data.task", "choice", "auto", "classification (answers from a closed label set: decoded "
+       "constrained to it) or generation; auto decides from the training answers",
+       choices=("auto", "classification", "generation")),
     # template
     _k("template.prompt", "str", "{text}", "format string over the data's fields: the prompt"),
     _k("template.response", "str", "{label}", "format string over the data's fields: the supervised "
@@ -121,8 +126,10 @@ KEYS: tuple[Key, ...] = (
     _k("eval.limit", "int", None, "rows scored (null = all)", nullable=True, low=1),
     _k("eval.every", "int", 0, "steps between evaluations while training (0 = at the end)", low=0),
     _k("eval.batch_size", "int", 16, "rows generated at once", low=1, high=4096),
-    _k("eval.mode", "choice", "generate", "generate an answer, or score known labels (choices)",
-       choices=("generate", "choices")),
+    _k("eval.mode", "choice", "auto", "constrained: decode within the label set (classification); "
+       "generate: free greedy decoding; choices: score every label, take the likeliest; auto: "
+       "constrained for classification, else generate",
+       choices=("auto", "constrained", "generate", "choices")),
 )
 
 BY_PATH = {k.path: k for k in KEYS}
@@ -229,6 +236,8 @@ def coerce(key: Key, value):
         return value
     elif key.kind == "targets":
         return _targets(path, value)
+    elif key.kind == "fields":
+        return _fields(path, value)
     _range(key, value)
     return value
 
@@ -286,6 +295,15 @@ def _num(x) -> str:
     if isinstance(x, float) and x.is_integer() and abs(x) < 1e6:
         return str(int(x))
     return f"{x:g}" if isinstance(x, float) else str(x)
+
+
+def _fields(path: str, value) -> list[str]:
+    if isinstance(value, str):
+        value = [p.strip() for p in value.split(",") if p.strip()]
+    if not isinstance(value, (list, tuple)) or not value or \
+            not all(isinstance(v, str) and v.strip() for v in value):
+        raise _err(path, f"must be a list of field names (or null), got {_show(value)}.")
+    return list(dict.fromkeys(v.strip() for v in value))
 
 
 def _targets(path: str, value):

@@ -149,14 +149,29 @@ def _data(plan) -> Panel:
          if tr and d.max_rows else None),
         ("tokens", f"p50 {_n(tok.get('p50'))} · p95 {_n(tok.get('p95'))} · max {_n(tok.get('max'))} "
                    f"per train example (data.max_length={d.max_length})" if tok else None),
-        ("over length", f"{_n(d.truncated)} truncated · {_n(d.dropped_too_long)} dropped "
-                        f"(data.overlength={d.overlength})" if tok else None),
+        ("over length", f"{_n(d.truncated)} truncated"
+                        + (" (cut inside " + ", ".join(f"{f}: {_n(n)}" for f, n in
+                                                       d.truncated_fields.items()) + ")"
+                           if d.truncated_fields else "")
+                        + f" · {_n(d.dropped_too_long)} dropped (data.overlength={d.overlength})"
+         if tok else None),
         ("supervised", f"min {_n(sup.get('min'))} · mean {_n(sup.get('mean'))} tokens per example · "
                        f"{_n(d.no_supervised)} examples without any" if sup else None),
-        ("answers", f"{d.n_labels} distinct" if d.n_labels else None),
+        ("task", _task(d) if tok else None),
         ("token cache", d.cache),
     ]
     return _panel("data", Group(t, _kv(extra)))
+
+
+def _task(d) -> str:
+    if d.task != "classification":
+        return f"generation ({_n(d.n_labels)} distinct answers): free decoding"
+    labels = ", ".join(f"{x.text} {_n(x.count)}" for x in d.labels[:12])
+    more = f", … {len(d.labels) - 12} more" if len(d.labels) > 12 else ""
+    base = (f"; majority-class baseline {d.majority_baseline:.3f} on the test rows"
+            if d.majority_baseline is not None else "")
+    return (f"classification, {len(d.labels)} labels ({labels}{more}): decoded within the label "
+            f"set{base}")
 
 
 def marked_text(example: str) -> Text:

@@ -9,11 +9,15 @@ an end token (or after max_new_tokens). Prompt lengths are rounded up to a few s
 the batch is padded to a fixed size, so an evaluation compiles a handful of programs, not one per
 batch.
 
-`choice_logprobs` scores a fixed set of answers instead of generating (eval.mode=choices): each
-prompt is prefilled once and every choice continues from that shared cache.
+`classify` decodes within a closed label set (eval.mode=constrained): a prefix trie over the labels'
+token ids, followed greedily, so every answer is a label; from the same prefill it can also decode
+freely, to measure how often free generation lands on a valid label. `choice_logprobs` scores
+every label in full instead (eval.mode=choices): each prompt is prefilled once and every choice
+continues from that shared cache.
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
 from functools import partial
 from typing import Iterator, Sequence
 
@@ -72,11 +76,9 @@ def _prefill(model, prompt, valid, cache_len):
     return logits, cache, lengths
 
 
-@partial(jax.jit, static_argnames=("graphdef", "max_new_tokens"))
-def _greedy_batch(graphdef, state, prompt, valid, active, eos_ids, pad_id, max_new_tokens: int):
-    model = nnx.merge(graphdef, state)
-    B, P = prompt.shape
-    logits, cache, lengths = _prefill(model, prompt, valid, P + max_new_tokens)
+def _free_loop(model, logits, cache, lengths, active, eos_ids, pad_id, max_new_tokens: int):
+    """Greedy tokens [B, max_new_tokens] after a prefill (pad after each row's end token)."""
+    B = logits.shape[0]
     token = jnp.argmax(logits, axis=-1).astype(jnp.int32)
     out = jnp.full((B, max_new_tokens), pad_id, jnp.int32)
 
@@ -95,6 +97,13 @@ def _greedy_batch(graphdef, state, prompt, valid, active, eos_ids, pad_id, max_n
 
     _, _, _, _, out = jax.lax.while_loop(cond, body, (jnp.int32(0), token, ~active, cache, out))
     return out
+
+
+@partial(jax.jit, static_argnames=("graphdef", "max_new_tokens"))
+def _greedy_batch(graphdef, state, prompt, valid, active, eos_ids, pad_id, max_new_tokens: int):
+    model = nnx.merge(graphdef, state)
+    logits, cache, lengths = _prefill(model, prompt, valid, prompt.shape[1] + max_new_tokens)
+    return _free_loop(model, logits, cache, lengths, active, eos_ids, pad_id, max_new_tokens)
 
 
 def greedy_generate(model, prompts: Sequence[Sequence[int]], *, max_new_tokens: int,
@@ -132,6 +141,113 @@ def greedy_generate(model, prompts: Sequence[Sequence[int]], *, max_new_tokens: 
         if progress is not None:
             progress(done)
     return results
+
+
+# --- decoding within a label set (classification) ---------------------------------------------
+
+@dataclass(frozen=True)
+class LabelTrie:
+    """The labels' token ids as a prefix trie, in arrays a jitted decoder can index: node n's k-th
+    child is reached by token tokens[n, k] (-1: no k-th child) and is node nodes[n, k]; label[n] is
+    the label whose last token leads to node n (-1: none). Node 0 is the root. Labels that share a
+    prefix share its nodes; labels end with the end token as training saw them, so none is a
+    prefix of another (if one were, decoding stops at the shorter)."""
+    tokens: np.ndarray      # [N, K] int32
+    nodes: np.ndarray       # [N, K] int32
+    label: np.ndarray       # [N] int32
+    depth: int              # tokens of the longest label
+
+    @classmethod
+    def build(cls, label_ids: Sequence[Sequence[int]]) -> "LabelTrie":
+        children: list[dict[int, int]] = [{}]
+        label = [-1]
+        for j, ids in enumerate(label_ids):
+            if not len(ids):
+                raise ValueError(f"label {j} has no tokens")
+            n = 0
+            for t in ids:
+                if int(t) not in children[n]:
+                    children[n][int(t)] = len(children)
+                    children.append({})
+                    label.append(-1)
+                n = children[n][int(t)]
+            if label[n] < 0:                 # the same tokens twice: the first label keeps them
+                label[n] = j
+        width = max(len(c) for c in children)
+        tokens = np.full((len(children), width), -1, np.int32)
+        nodes = np.zeros((len(children), width), np.int32)
+        for n, c in enumerate(children):
+            tokens[n, :len(c)] = list(c)
+            nodes[n, :len(c)] = list(c.values())
+        return cls(tokens, nodes, np.asarray(label, np.int32), max(len(x) for x in label_ids))
+
+
+def _trie_loop(model, logits, cache, lengths, trie_tokens, trie_nodes, trie_label, pad_id, depth: int):
+    """Greedy decoding within the trie after a prefill: at each step the likeliest token among the
+    current node's children. Returns the label index of each row."""
+    B = logits.shape[0]
+    rows = jnp.arange(B)
+
+    def body(i, carry):
+        node, logits, cache = carry
+        done = trie_label[node] >= 0
+        child = trie_tokens[node]                                         # [B, K]
+        score = jnp.where(child >= 0, jnp.take_along_axis(logits, jnp.maximum(child, 0), axis=-1),
+                          -jnp.inf)
+        k = jnp.argmax(score, axis=-1)
+        token = jnp.where(done, pad_id, child[rows, k])
+        node = jnp.where(done, node, trie_nodes[node, k])
+        logits, cache = model.decode(token[:, None], (lengths + i)[:, None], cache)
+        return node, logits[:, 0], cache
+
+    node, _, _ = jax.lax.fori_loop(0, depth, body, (jnp.zeros((B,), jnp.int32), logits, cache))
+    return trie_label[node]
+
+
+@partial(jax.jit, static_argnames=("graphdef", "depth", "free_tokens"))
+def _classify_batch(graphdef, state, prompt, valid, active, trie_tokens, trie_nodes, trie_label,
+                    eos_ids, pad_id, depth: int, free_tokens: int):
+    """One prefill; from it the constrained label and (free_tokens > 0) the free greedy answer."""
+    model = nnx.merge(graphdef, state)
+    logits, cache, lengths = _prefill(model, prompt, valid,
+                                      prompt.shape[1] + max(depth, free_tokens))
+    labels = _trie_loop(model, logits, cache, lengths, trie_tokens, trie_nodes, trie_label, pad_id,
+                        depth)
+    if not free_tokens:
+        return labels, jnp.zeros((prompt.shape[0], 0), jnp.int32)
+    return labels, _free_loop(model, logits, cache, lengths, active, eos_ids, pad_id, free_tokens)
+
+
+def classify(model, prompts: Sequence[Sequence[int]], trie: LabelTrie, *, batch_size: int = 8,
+             pad_id: int = 0, free_tokens: int = 0, eos_ids: Sequence[int] = (), progress=None
+             ) -> tuple[list[int], list[list[int]] | None]:
+    """Decode each prompt's answer within the label set: (label index per prompt, and with
+    free_tokens > 0 the free greedy answer's tokens up to its end token, from the same prefill —
+    so nothing is hidden: how often free generation lands on a label is measured beside it)."""
+    if not prompts:
+        return [], ([] if free_tokens else None)
+    graphdef, state = nnx.split(model)
+    eos = jnp.asarray(list(eos_ids) or [-1], jnp.int32)
+    end = set(int(e) for e in eos_ids)
+    order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
+    labels: list[int] = [0] * len(prompts)
+    free: list[list[int]] = [[] for _ in prompts]
+    for start in range(0, len(order), batch_size):
+        idx = order[start:start + batch_size]
+        rows = [list(prompts[i]) for i in idx]
+        tokens, valid = _left_pad(rows, bucket(max(len(r) for r in rows)), batch_size, pad_id)
+        active = np.zeros((batch_size,), bool)
+        active[:len(rows)] = True
+        lab, out = _classify_batch(graphdef, state, tokens, valid, active, trie.tokens, trie.nodes,
+                                   trie.label, eos, jnp.int32(pad_id), trie.depth, free_tokens)
+        lab, out = np.asarray(lab), np.asarray(out)
+        for k, i in enumerate(idx):
+            labels[i] = int(lab[k])
+            row = out[k].tolist()
+            free[i] = row[:next((j for j, t in enumerate(row) if t in end), len(row))]
+        if progress is not None:
+            progress(start + len(idx))
+    return labels, (free if free_tokens else None)
 
 
 # --- streaming one answer (tune generate) ------------------------------------------------------

@@ -5,11 +5,14 @@ ids[:prompt_len], tokenised exactly as in training); the references are the test
 `eval.limit` keeps the first N test rows in file order (after the compiler dropped unusable rows),
 so base and tuned are always scored on the same rows.
 
-Two modes (eval.mode):
+Three modes (eval.mode, resolved by the compiler):
+- constrained (classification): greedy decoding within the plan's label set (a prefix trie over the
+  labels' tokens as training saw them, end token included), so every answer is a label. Free
+  greedy decoding runs from the same prefill and is reported beside it ("free": its accuracy and
+  how often it is no label at all).
 - generate: greedy decoding until an end token or eval.max_new_tokens; the decoded text is scored.
-- choices: no generation; every known label (the distinct training answers, tokenised exactly as
-  training saw them, end token included) is scored by its total log-likelihood after the prompt,
-  and the most likely one is the prediction. Only for classification data.
+- choices (classification): no generation; every label is scored by its total log-likelihood after
+  the prompt, and the most likely one is the prediction.
 
 eval.json (written by `write_eval`): the headline result at the top level ({"metric", "value", "n",
 "per_class", "worst", ...} of the tuned model when there is one, else of the base model), plus
@@ -20,7 +23,6 @@ from __future__ import annotations
 import json
 import sys
 import time
-from collections import Counter, defaultdict
 from pathlib import Path
 
 import numpy as np
@@ -30,7 +32,7 @@ from compiler.files import write_atomic, write_json
 from compiler.plan import Plan
 from compiler.tokenizer import load_tokenizer
 from runtime import metrics as M
-from runtime.decode import choice_logprobs, end_token_ids, greedy_generate
+from runtime.decode import LabelTrie, choice_logprobs, classify, end_token_ids, greedy_generate
 
 EVAL_FILE = "eval.json"
 
@@ -56,8 +58,7 @@ def load_model(plan: Plan, adapter_dir=None, *, adapter_weights: bool = True):
 
 
 class TestSet:
-    """The rows one evaluation scores: prompt ids, prompt texts, references, known labels and the
-    label tokens (for choices mode)."""
+    """The rows one evaluation scores: prompt ids, prompt texts and references."""
 
     def __init__(self, plan: Plan, tokenizer, limit=None):
         ex = load_examples(plan.data.cache)
@@ -67,9 +68,7 @@ class TestSet:
             n = min(n, int(limit))
         self.prompts = [np.asarray(ids[i][:int(prompt_lens[i])]).tolist() for i in range(n)]
         self.references = list(ex.references[:n])
-        self.labels = list(ex.labels)
         self.tokenizer = tokenizer
-        self._examples = ex
         self.data_key = plan.data.key
 
     def __len__(self):
@@ -77,33 +76,6 @@ class TestSet:
 
     def prompt_texts(self) -> list[str]:
         return self.tokenizer.decode_batch(self.prompts, skip_special_tokens=True)
-
-    def choices(self) -> tuple[list[str], list[list[int]]]:
-        """(label texts, label token ids) for choices mode: each distinct training answer (by its
-        normalised text) with its most frequent tokenisation, taken from the supervised tokens of
-        the training split — so the end token and any leading space are as the model learned them."""
-        ids, prompt_lens = self._examples.split("train")
-        counts = Counter(tuple(int(t) for t in x[int(p):]) for x, p in zip(ids, prompt_lens))
-        counts.pop((), None)
-        by_label: dict[str, Counter] = defaultdict(Counter)
-        texts = {}
-        for tail, c in counts.items():
-            text = self.tokenizer.decode(list(tail), skip_special_tokens=True).strip()
-            key = M.normalise(text, classification=True)
-            by_label[key][tail] += c
-            texts[tail] = text
-        if not by_label:
-            raise ValueError("eval.mode=choices needs training answers to choose from; the train "
-                             "split is empty")
-        if len(by_label) > 1000 or not self.labels:
-            raise ValueError(f"eval.mode=choices needs a label set, but the training data has "
-                             f"{len(by_label)} distinct answers; use eval.mode=generate")
-        labels, choice_ids = [], []
-        for key in sorted(by_label):
-            tail = by_label[key].most_common(1)[0][0]
-            labels.append(texts[tail])
-            choice_ids.append(list(tail))
-        return labels, choice_ids
 
 
 def evaluate(plan: Plan, run_dir=None, adapter_dir=None, *, limit=None, model=None, tokenizer=None,
@@ -131,15 +103,24 @@ def evaluate(plan: Plan, run_dir=None, adapter_dir=None, *, limit=None, model=No
     t0 = time.perf_counter()
     log(f"eval ({which}): {len(test)} test rows, {metric}, mode {mode}")
     with Progress(len(test), description=f"eval {which}") as bar:
-        predictions, known, generated_tokens = _predict(plan, model, tokenizer, test, bar.update)
+        predictions, generated_tokens, free = _predict(plan, model, tokenizer, test, bar.update)
     seconds = time.perf_counter() - t0
 
+    known = [label.text for label in plan.data.labels]
     result = M.score(metric, predictions, test.references, known, prompts=test.prompt_texts())
+    if plan.data.task == "classification":
+        result["majority_baseline"] = plan.data.majority_baseline
+    if free is not None:        # constrained decoding: free generation on the same rows, beside it
+        valid = {M.normalise(x, classification=True) for x in known}
+        result["free"] = {"accuracy": M.accuracy(free, test.references),
+                          "invalid_rate": sum(M.normalise(x, classification=True) not in valid
+                                              for x in free) / len(free),
+                          "max_new_tokens": max_new}
     result.update({
         "model": which,
         "adapter": None if adapter_dir is None else str(adapter_dir),
         "mode": mode,
-        "max_new_tokens": max_new if mode == "generate" else None,
+        "max_new_tokens": max_new if mode != "choices" else None,
         "limit": limit,
         "data_key": test.data_key,
         "seconds": seconds,
@@ -147,6 +128,8 @@ def evaluate(plan: Plan, run_dir=None, adapter_dir=None, *, limit=None, model=No
         "predictions": predictions,
         "references": test.references,
     })
+    if free is not None:
+        result["free_predictions"] = free
     if write is None:
         write = run_dir is not None
     if write:
@@ -156,22 +139,33 @@ def evaluate(plan: Plan, run_dir=None, adapter_dir=None, *, limit=None, model=No
     return result
 
 
-def _predict(plan: Plan, model, tokenizer, test: TestSet, progress) -> tuple[list, list, int]:
-    """(predictions, known labels, generated tokens) of the model on the test rows, by eval.mode."""
+def _predict(plan: Plan, model, tokenizer, test: TestSet, progress):
+    """(predictions, generated tokens, free-generation predictions or None) of the model on the
+    test rows, by eval.mode: constrained decoding within the label set (and free decoding from the
+    same prefill, to show beside it), free decoding, or the likeliest label."""
     ev, pad = plan.eval, plan.model.pad_token_id
+    labels = plan.data.labels
+    eos = end_token_ids(plan.model.eos_token_ids, tokenizer)
+
+    def text(ids_list):
+        return [t.strip() for t in tokenizer.decode_batch(ids_list, skip_special_tokens=True)]
+
+    if ev.mode in ("constrained", "choices") and not labels:
+        raise ValueError(f"eval.mode={ev.mode} needs the plan's label set (a classification task)")
+    if ev.mode == "constrained":
+        picked, free = classify(model, test.prompts, LabelTrie.build([x.ids for x in labels]),
+                                batch_size=ev.batch_size, pad_id=pad, eos_ids=eos,
+                                free_tokens=ev.max_new_tokens, progress=progress)
+        return [labels[k].text for k in picked], sum(len(f) for f in free), text(free)
     if ev.mode == "choices":
-        labels, choice_ids = test.choices()
-        scores = choice_logprobs(model, test.prompts, choice_ids, batch_size=ev.batch_size,
-                                 pad_id=pad, progress=progress)
-        return ([labels[k] for k in np.argmax(scores, axis=1)],
-                [M.normalise(x, classification=True) for x in labels], 0)
+        scores = choice_logprobs(model, test.prompts, [list(x.ids) for x in labels],
+                                 batch_size=ev.batch_size, pad_id=pad, progress=progress)
+        return [labels[k].text for k in np.argmax(scores, axis=1)], 0, None
     if ev.mode == "generate":
-        eos = end_token_ids(plan.model.eos_token_ids, tokenizer)
         out = greedy_generate(model, test.prompts, max_new_tokens=ev.max_new_tokens, eos_ids=eos,
                               pad_id=pad, batch_size=ev.batch_size, progress=progress)
-        predictions = [t.strip() for t in tokenizer.decode_batch(out, skip_special_tokens=True)]
-        return predictions, test.labels, sum(len(o) for o in out)
-    raise ValueError(f"unknown eval.mode {ev.mode!r}; expected generate or choices")
+        return text(out), sum(len(o) for o in out), None
+    raise ValueError(f"unknown eval.mode {ev.mode!r}; expected constrained, generate or choices")
 
 
 def evaluate_before_after(plan: Plan, run_dir, *, limit=None, verbose: bool = True) -> dict | None:
@@ -203,7 +197,7 @@ def evaluate_before_after(plan: Plan, run_dir, *, limit=None, verbose: bool = Tr
 
 # --- eval.json --------------------------------------------------------------------------------
 
-_PER_EXAMPLE = ("predictions", "references")
+_PER_EXAMPLE = ("predictions", "references", "free_predictions")
 
 
 def _summary(result: dict) -> dict:

@@ -9,6 +9,9 @@ tokenizer's usual prefix. The answer is streamed token by token (greedy) until a
 
 With no prompt, an interactive loop reads prompts from stdin until EOF or "exit"; with a chat
 template the conversation history is kept (each turn sees the earlier ones).
+
+A run of a classification task answers with one of its labels: decoding follows the label set's
+prefix trie, as its evaluation does (eval.mode=generate on the command line answers freely).
 """
 from __future__ import annotations
 
@@ -18,7 +21,7 @@ from pathlib import Path
 
 from compiler.plan import Plan
 from compiler.tokenizer import load_tokenizer
-from runtime.decode import end_token_ids, stream_greedy
+from runtime.decode import LabelTrie, classify, end_token_ids, stream_greedy
 
 EXIT_WORDS = ("exit", "quit", ":q")
 
@@ -26,7 +29,8 @@ EXIT_WORDS = ("exit", "quit", ":q")
 class Chat:
     """A model, its tokenizer and the recipe's template: turns text into prompt ids, answers back."""
 
-    def __init__(self, plan: Plan, adapter_dir=None, *, model=None, tokenizer=None):
+    def __init__(self, plan: Plan, adapter_dir=None, *, model=None, tokenizer=None,
+                 labels: bool = False):
         from runtime.evaluate import load_model
 
         self.plan = plan
@@ -38,6 +42,8 @@ class Chat:
         self.bos_token, self.eos_token = plan.model.bos_token, plan.model.eos_token
         self.eos_ids = end_token_ids(plan.model.eos_token_ids, self.tokenizer)
         self.pad_id = plan.model.pad_token_id
+        # A classification run answers with one of its labels (decoding within the label set).
+        self.trie = LabelTrie.build([x.ids for x in plan.data.labels]) if labels else None
 
     # -- text → the prompt the model was trained on
 
@@ -110,6 +116,14 @@ class Chat:
             yield text[len(shown):]
 
     def answer(self, messages: list[dict], *, max_new_tokens: int, out=None) -> str:
+        if self.trie is not None:
+            (k,), _ = classify(self.model, [self.prompt_ids(messages)], self.trie, batch_size=1,
+                               pad_id=self.pad_id)
+            label = self.plan.data.labels[k].text
+            if out is not None:
+                out.write(label + "\n")
+                out.flush()
+            return label
         pieces = []
         for piece in self.stream(self.prompt_ids(messages), max_new_tokens=max_new_tokens):
             pieces.append(piece)
@@ -132,17 +146,18 @@ def _load_plan(run):
 
 
 def generate(run_dir, prompt: str | None = None, *, max_new_tokens: int, raw: bool = False,
-             out=None, input_fn=input) -> str | None:
+             free: bool = False, out=None, input_fn=input) -> str | None:
     """Answer `prompt` with the run's model (base + run_dir/adapter) and print it as it is generated;
     return the answer. prompt None: an interactive loop until EOF or "exit"; returns None.
-    `run_dir` may also be a Plan (then the base model answers)."""
+    `run_dir` may also be a Plan (then the base model answers). A classification plan answers
+    with one of its labels (decoding within the label set, as its evaluation does) unless `free`."""
     from runtime.progress import log
 
     out = sys.stdout if out is None else out
     plan, adapter = _load_plan(run_dir)
     if adapter is None and not isinstance(run_dir, Plan):
         log(f"{run_dir} has no trained adapter yet: answering with the base model")
-    chat = Chat(plan, adapter)
+    chat = Chat(plan, adapter, labels=plan.data.task == "classification" and not free)
 
     if prompt is not None:
         user, system = chat.fill(str(prompt), raw=raw)

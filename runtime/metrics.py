@@ -10,28 +10,10 @@ from __future__ import annotations
 
 from collections import Counter
 
+from compiler.labels import END_TOKENS, normalise  # noqa: F401 — what counts as the same label
+
 CLASSIFICATION = ("accuracy", "macro_f1")
 METRICS = ("accuracy", "macro_f1", "exact_match", "rouge_l")
-
-# End-of-turn markers a decoder may leave in the text when special tokens are not skipped.
-END_TOKENS = ("<|im_end|>", "<|eot_id|>", "<|end_of_text|>", "<|endoftext|>", "</s>", "<|end|>",
-              "<end_of_turn>", "<eos>")
-_TRAILING = ".,;:!?\"'`)]}»“”’ \t"
-_LEADING = "\"'`([{«“‘ \t"
-
-
-def normalise(text: str, *, classification: bool = False) -> str:
-    """Strip surrounding whitespace and casefold. For classification also keep only the first
-    non-empty line and drop end tokens and surrounding punctuation/quotes."""
-    text = "" if text is None else str(text)
-    for tok in END_TOKENS:
-        text = text.replace(tok, "\n" if classification else "")
-    if classification:
-        lines = [ln for ln in text.splitlines() if ln.strip()]
-        text = lines[0] if lines else ""
-        text = text.strip().rstrip(_TRAILING).lstrip(_LEADING)
-    return " ".join(text.split()).casefold()
-
 
 # --- classification -----------------------------------------------------------------------------
 
@@ -184,5 +166,22 @@ def score(metric: str, predictions, references, labels=(), *, prompts=None, wors
     out = {"metric": metric, "value": value, "n": len(predictions)}
     if classes is not None:
         out["per_class"] = classes
+        out["accuracy"] = sum(per_example) / len(per_example) if per_example else 0.0
+        out["macro_f1"] = sum(c["f1"] for c in classes.values()) / len(classes) if classes else 0.0
+        if labels:
+            out["confusion"] = confusion(predictions, references, labels)
     out["worst"] = worst
     return out
+
+
+def confusion(predictions, references, labels) -> dict:
+    """Counts of (reference, prediction) label pairs: {"labels": the known labels (normalised, in
+    the given order), "matrix": rows = reference, columns = prediction, with a last column
+    "(other)" for predictions outside the label set and a last row for references outside it}."""
+    keys = list(dict.fromkeys(normalise(x, classification=True) for x in labels))
+    index = {k: i for i, k in enumerate(keys)}
+    other = len(keys)
+    matrix = [[0] * (other + 1) for _ in range(other + 1)]
+    for p, r in _label_pairs(predictions, references):
+        matrix[index.get(r, other)][index.get(p, other)] += 1
+    return {"labels": keys, "matrix": matrix}

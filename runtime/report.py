@@ -143,6 +143,37 @@ def plot_throughput(rows, mean) -> bytes | None:
     return _png(fig)
 
 
+def plot_confusion(ev) -> bytes | None:
+    """The tuned model's (else the only model's) confusion matrix: reference rows, predicted
+    columns, counts in the cells."""
+    r = ev.get("tuned") if isinstance(ev.get("tuned"), dict) else ev
+    conf = r.get("confusion") if isinstance(r, dict) else None
+    if not conf or not conf.get("labels") or len(conf["labels"]) > 40:
+        return None
+    import numpy as np
+
+    m = np.asarray(conf["matrix"])
+    labels = [_short(x, 24) for x in conf["labels"]] + ["(other)"]
+    keep_rows = [i for i in range(len(labels)) if i < len(labels) - 1 or m[i].sum()]
+    keep_cols = [j for j in range(len(labels)) if j < len(labels) - 1 or m[:, j].sum()]
+    m = m[np.ix_(keep_rows, keep_cols)]
+    size = 2.5 + 0.42 * max(len(keep_rows), len(keep_cols))
+    fig, ax = _figure(min(size + 1.5, 14), min(size, 12))
+    ax.imshow(m, cmap="Blues")
+    for i in range(m.shape[0]):
+        for j in range(m.shape[1]):
+            if m[i, j]:
+                ax.text(j, i, str(m[i, j]), ha="center", va="center", fontsize=8,
+                        color="white" if m[i, j] > m.max() / 2 else "black")
+    ax.set_xticks(range(len(keep_cols)), [labels[j] for j in keep_cols], rotation=45, ha="right")
+    ax.set_yticks(range(len(keep_rows)), [labels[i] for i in keep_rows])
+    ax.set_xlabel("predicted")
+    ax.set_ylabel("reference")
+    ax.set_title(f"Confusion matrix ({'tuned' if r is not ev else ev.get('model', 'model')})")
+    ax.grid(False)
+    return _png(fig)
+
+
 def plot_per_class(ev) -> bytes | None:
     """Horizontal bars of per-class F1, base next to tuned where both were evaluated."""
     runs = [(name, ev[name]) for name in ("base", "tuned") if isinstance(ev.get(name), dict)]
@@ -241,6 +272,31 @@ def _metric_value(r) -> str:
     return f"{v:.4f}" if isinstance(v, (int, float)) else "—"
 
 
+def _classification_rows(runs, metric) -> list[str]:
+    """Accuracy and macro-F1 (whichever is not the headline), the majority-class baseline, and what
+    free generation scores on the same rows (constrained decoding's results are the headline)."""
+    def row(label, values, fmt="{:.4f}"):
+        if all(v is None for v in values):
+            return []
+        cells = "".join(f"<td>{fmt.format(v) if isinstance(v, (int, float)) else '—'}</td>"
+                        for v in values)
+        return [f"<tr><th>{_esc(label)}</th>{cells}</tr>"]
+
+    out = []
+    for key in ("accuracy", "macro_f1"):
+        if key != metric:
+            out += row(key, [r.get(key) for _, r in runs])
+    free = [r.get("free") or {} for _, r in runs]
+    out += row("free generation: accuracy", [f.get("accuracy") for f in free])
+    out += row("free generation: not a label", [f.get("invalid_rate") for f in free], "{:.1%}")
+    baseline = next((r.get("majority_baseline") for _, r in runs if r.get("majority_baseline")
+                     is not None), None)
+    if baseline is not None:
+        out.append(f'<tr><th>majority-class baseline (accuracy)</th><td colspan="{len(runs)}">'
+                   f"{baseline:.4f}</td></tr>")
+    return out
+
+
 def _eval_section(ev) -> str:
     if not isinstance(ev, dict) or ("value" not in ev and "base" not in ev and "tuned" not in ev):
         return '<p class="muted">not evaluated (set data.test_path, or run <code>tune eval run=DIR</code>)</p>'
@@ -258,11 +314,15 @@ def _eval_section(ev) -> str:
         cls = "good" if delta > 0 else "bad" if delta < 0 else ""
         vals += f'<td class="{cls}"><b>{delta:+.4f}</b></td>'
         ns += "<td></td>"
-    parts = [f'<table class="grid">{head}</tr>{vals}</tr>{ns}</tr></table>']
+    rows = [head + "</tr>", vals + "</tr>"] + _classification_rows(runs, metric) + [ns + "</tr>"]
+    parts = [f'<table class="grid">{"".join(rows)}</table>']
     how = []
     for name, r in runs:
         bits = [f"mode {r['mode']}"] if r.get("mode") else []
-        if r.get("max_new_tokens"):
+        if r.get("mode") == "constrained":
+            bits.append("greedy within the label set; free generation beside it: up to "
+                        f"{r.get('max_new_tokens')} new tokens")
+        elif r.get("max_new_tokens"):
             bits.append(f"up to {r['max_new_tokens']} new tokens, greedy")
         if isinstance(r.get("seconds"), (int, float)):
             bits.append(f"{r['seconds']:.1f} s")
@@ -337,6 +397,7 @@ def write_report(run_dir) -> Path:
         "lr": plot_lr(rows),
         "throughput": plot_throughput(rows, mean_tps),
         "per_class_f1": plot_per_class(ev) if isinstance(ev, dict) else None,
+        "confusion": plot_confusion(ev) if isinstance(ev, dict) else None,
     }
     for name, png in plots.items():
         if png is not None:
@@ -356,6 +417,7 @@ def write_report(run_dir) -> Path:
 <h2>Evaluation</h2>
 {_eval_section(ev)}
 {_img(plots['per_class_f1'], 'per-class F1', '') if plots['per_class_f1'] else ''}
+{_img(plots['confusion'], 'confusion matrix', '') if plots['confusion'] else ''}
 
 <h2>Training</h2>
 <p class="stats">{_training_facts(plan, rows) or '<span class="muted">no training steps logged</span>'}</p>

@@ -66,7 +66,7 @@ class TinyExamples:
         return self._splits.get(name, ([], []))
 
 
-def make_plan(model_dir, *, examples=None, sizes=None, plan_hash="tiny-plan-0", eos=2, pad=0,
+def make_plan(model_dir, *, examples=None, sizes=None, labels=(), plan_hash="tiny-plan-0", eos=2, pad=0,
               template=None, schedule=None, runtime=None, adapter=None, evaluation=None,
               chat_template=None):
     """A typed Plan for a tiny model directory, with the given settings, built the way the compiler
@@ -120,8 +120,11 @@ def make_plan(model_dir, *, examples=None, sizes=None, plan_hash="tiny-plan-0", 
         version=2, hash=plan_hash, model=model,
         data=DataSection(format="auto", max_rows=None, val_fraction=0.0, max_length=s["seq_len"],
                          overlength="truncate", dedupe=True, train=None, test=None, cache="tiny",
-                         key="tiny", sizes=sizes, tokens={}, truncated=0, dropped_too_long=0,
-                         no_supervised=0, supervised={}, per_split={}, n_labels=0),
+                         key="tiny", sizes=sizes, tokens={}, truncate_fields=(), truncated=0,
+                         truncated_fields={}, dropped_too_long=0, no_supervised=0, supervised={},
+                         per_split={}, n_labels=len(labels), task="classification" if labels else
+                         "generation", labels=tuple(labels), majority_baseline=None,
+                         unseen_test_labels=()),
         template=TemplateSection(**t),
         adapter=AdapterSection(**a, scale=a["alpha"] / a["rank"], trainable_params=0, per_target={},
                                share=0.0),

@@ -284,3 +284,59 @@ def test_plain_interpolation_allowed(tune_cli, clf_data, tmp_path):
 def test_experimental_rerun_refused(tune_cli, tmp_path):
     refused(tune_cli("plan", "--experimental-rerun", "x.pickle"), "loads no pickles",
             tmp_path=tmp_path)
+
+
+# ------------------------------------------------------------------------------ label sets
+
+def _plan_json(tmp_path):
+    return json.loads((tmp_path / "run" / "plan.json").read_text())
+
+
+def test_classification_is_known_at_compile_time(tune_cli, tmp_path):
+    rows = clf_rows(300, seed=1)
+    rows += [{"text": f"rare clause {i}", "label": "Delta"} for i in range(3)]
+    write_jsonl(tmp_path / "data" / "train.jsonl", rows)
+    test = clf_rows(30, seed=2) + [{"text": "a clause of a kind never trained", "label": "Omega"}]
+    write_jsonl(tmp_path / "data" / "test.jsonl", test)
+    rc, out, err = plan(tune_cli, "data.test_path=data/test.jsonl", "data.val_fraction=0")
+    assert rc == 0, err
+    doc = _plan_json(tmp_path)
+    d = doc["data"]
+    assert d["task"] == "classification" and doc["eval"]["mode"] == "constrained"
+    assert [x["text"] for x in d["labels"]] == ["Alpha", "Beta", "Gamma", "Delta"]  # by frequency
+    assert [x["count"] for x in d["labels"]] == [100, 100, 100, 3]
+    from compiler.tokenizer import load_tokenizer
+
+    tok = load_tokenizer(doc["model"]["dir"])
+    assert all(tok.decode(x["ids"], skip_special_tokens=False) == x["text"] + "<|im_end|>"
+               for x in d["labels"])
+    # majority baseline: always "Alpha" on the 31 test rows (10 of them are Alpha)
+    assert d["majority_baseline"] == pytest.approx(10 / 31)
+    assert d["unseen_test_labels"] == ["omega"]
+    text = flat(out)
+    assert "1 test label(s) never occur in training" in text and "omega" in text
+    assert "fewer than 5 training rows: Delta (3)" in text
+
+
+def test_open_answers_are_generation(tune_cli, tmp_path):
+    rows = [{"text": f"question {i}", "label": f"a free answer number {i}"} for i in range(250)]
+    write_jsonl(tmp_path / "data" / "train.jsonl", rows)
+    rc, out, err = plan(tune_cli)
+    assert rc == 0, err
+    doc = _plan_json(tmp_path)
+    assert doc["data"]["task"] == "generation" and doc["data"]["labels"] == []
+    assert doc["eval"]["mode"] == "generate"
+    refused(plan(tune_cli, "eval.mode=constrained", "hydra.run.dir=run2"), "eval.mode",
+            "needs a closed label set")
+    rc, out, err = plan(tune_cli, "data.task=classification", "hydra.run.dir=run3")
+    assert rc == 0, err               # 250 labels: declared classification, more than auto allows
+    assert json.loads((tmp_path / "run3" / "plan.json").read_text())["data"]["task"] == \
+        "classification"
+
+
+def test_declared_generation_keeps_free_decoding(tune_cli, clf_data, tmp_path):
+    clf_data()
+    rc, out, err = plan(tune_cli, "data.task=generation")
+    assert rc == 0, err
+    doc = _plan_json(tmp_path)
+    assert doc["data"]["task"] == "generation" and doc["eval"]["mode"] == "generate"

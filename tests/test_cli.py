@@ -258,7 +258,10 @@ def test_generate_with_run_dir(tune_cli, tmp_path, runtime_calls):
     rc, out, err = tune_cli("generate", "run=trained", "prompt=Shares fall 12%", "max_new_tokens=9")
     assert rc == 0, err
     assert runtime_calls == [("generate", ((tmp_path / "trained").resolve(), "Shares fall 12%"),
-                              {"max_new_tokens": 9})]
+                              {"max_new_tokens": 9, "free": False})]
+    runtime_calls.clear()
+    rc, out, err = tune_cli("generate", "run=trained", "prompt=x", "eval.mode=generate")
+    assert rc == 0 and runtime_calls[0][2]["free"] is True
     assert no_run_dirs(tmp_path)
 
 

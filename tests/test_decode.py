@@ -114,3 +114,51 @@ def test_end_token_ids():
 
     assert end_token_ids((2, 5), Tok()) == (2, 5, 7, 0)
     assert end_token_ids((2,)) == (2,)
+
+
+# --- decoding within a label set ---------------------------------------------------------------
+
+LABELS = [[20, 21, 2], [20, 22, 2], [20, 22, 23, 2], [30, 2], [31], [44, 45, 46, 47, 2]]
+
+
+def test_label_trie_shares_prefixes():
+    from runtime.decode import LabelTrie
+
+    t = LabelTrie.build(LABELS)
+    assert t.depth == 5
+    root = {int(tok): int(node) for tok, node in zip(t.tokens[0], t.nodes[0]) if tok >= 0}
+    assert set(root) == {20, 30, 31, 44}                     # 20 is shared by three labels
+    after20 = {int(tok) for tok in t.tokens[root[20]] if tok >= 0}
+    assert after20 == {21, 22}
+    assert t.label[root[31]] == 4                            # a one-token label ends at once
+    assert sorted(int(x) for x in t.label if x >= 0) == list(range(len(LABELS)))
+    with pytest.raises(ValueError):
+        LabelTrie.build([[5], []])
+
+
+def _constrained_without_cache(full_logits, prompt, labels):
+    """Brute force: at each step the full forward pass over prompt + answer so far, and the
+    likeliest token among those that continue some label."""
+    answer = []
+    while True:
+        done = [k for k, lab in enumerate(labels) if lab == answer]
+        if done:
+            return done[0]
+        allowed = {lab[len(answer)] for lab in labels
+                   if len(lab) > len(answer) and lab[:len(answer)] == answer}
+        lp = full_logits(prompt + answer)[len(prompt) + len(answer) - 1]
+        answer.append(max(allowed, key=lambda t: lp[t]))
+
+
+def test_constrained_decoding_equals_brute_force(tiny, full_logits):
+    from runtime.decode import LabelTrie, classify
+
+    picked, free = classify(tiny, PROMPTS, LabelTrie.build(LABELS), batch_size=2, free_tokens=6,
+                            eos_ids=[2])
+    assert picked == [_constrained_without_cache(full_logits, p, LABELS) for p in PROMPTS]
+    # the free answers from the same prefill are plain greedy decoding
+    assert free == greedy_generate(tiny, PROMPTS, max_new_tokens=6, eos_ids=[2], batch_size=3)
+    # every prompt gets a label, even where free decoding says something else entirely
+    assert all(0 <= k < len(LABELS) for k in picked)
+    only, none = classify(tiny, PROMPTS[:2], LabelTrie.build([[50, 2]]), batch_size=4)
+    assert only == [0, 0] and none is None

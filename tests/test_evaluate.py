@@ -39,13 +39,21 @@ def use_examples(monkeypatch):
     return apply
 
 
-def _plan(model_dir, *, n_test=N_TEST, chat=False, system=None, **eval_cfg):
+def _labels():
+    """The toy label set: w50, w51, w52, each answered by its word then the end token."""
+    from compiler.plan import Label
+
+    return tuple(Label(f"w{t}", (t, EOS), 3) for t in (50, 51, 52))
+
+
+def _plan(model_dir, *, n_test=N_TEST, chat=False, system=None, labels=(), **eval_cfg):
     """A typed plan for the tiny chat model: its template, evaluation settings and test row count."""
     from conftest import TINY_CHAT_TEMPLATE, make_plan
 
     ev = dict(metric="exact_match", max_new_tokens=6, limit=None, batch_size=8, mode="generate")
     ev.update(eval_cfg)
     return make_plan(model_dir, sizes={"train": 9, "val": 0, "test": n_test}, evaluation=ev,
+                     labels=labels,
                      adapter=dict(rank=4, alpha=8.0, targets=LORA.targets), eos=EOS,
                      chat_template=TINY_CHAT_TEMPLATE,
                      template=dict(prompt="Q : {text} A :", response="{label}", chat=chat,
@@ -158,7 +166,7 @@ def test_choices_mode(setup, use_examples):
     refs = ["w50", "w51", "w52", "w50", "w51", "w52"]
     setup.examples.references = refs
     try:
-        plan = _plan(setup.dir, mode="choices", metric="macro_f1")
+        plan = _plan(setup.dir, mode="choices", metric="macro_f1", labels=_labels())
         res = evaluate(plan)
     finally:
         setup.examples.references = setup.refs
@@ -170,6 +178,34 @@ def test_choices_mode(setup, use_examples):
     from runtime.metrics import macro_f1
 
     assert res["value"] == pytest.approx(macro_f1(want, refs, ["w50", "w51", "w52"]))
+
+
+def test_constrained_mode_answers_within_the_label_set(setup, use_examples):
+    from runtime.decode import LabelTrie, classify
+    from runtime.weights import load_pretrained
+
+    use_examples(setup.examples)
+    refs = ["w50", "w51", "w52", "w50", "w51", "w52"]
+    setup.examples.references = refs
+    try:
+        res = evaluate(_plan(setup.dir, mode="constrained", metric="accuracy", labels=_labels()))
+        free = evaluate(_plan(setup.dir, mode="generate", metric="accuracy", labels=_labels()))
+    finally:
+        setup.examples.references = setup.refs
+    base = load_pretrained(setup.dir)
+    picked, _ = classify(base, setup.prompts, LabelTrie.build([[50, EOS], [51, EOS], [52, EOS]]))
+    assert res["predictions"] == [["w50", "w51", "w52"][k] for k in picked]
+    assert res["mode"] == "constrained" and set(res["predictions"]) <= {"w50", "w51", "w52"}
+    # free generation from the same prefill is reported beside it, and is the generate mode's answer
+    assert res["free"]["accuracy"] == pytest.approx(free["value"])
+    valid = sum(p in ("w50", "w51", "w52") for p in free["predictions"]) / len(refs)
+    assert res["free"]["invalid_rate"] == pytest.approx(1 - valid)
+    assert res["confusion"]["labels"] == ["w50", "w51", "w52"]
+    assert sum(map(sum, res["confusion"]["matrix"])) == len(refs)
+    assert res["accuracy"] == pytest.approx(np.mean([p == r for p, r in zip(res["predictions"],
+                                                                              refs)]))
+    with pytest.raises(ValueError, match="label set"):
+        evaluate(_plan(setup.dir, mode="constrained"))
 
 
 def test_write_eval_single_and_pair(tmp_path):

@@ -137,7 +137,9 @@ def test_truncate_and_drop_policies(smol, tmp_path):
     assert stats["truncated"] == 2 and stats["per_split"]["train"]["truncated"] == 1
     assert len(ids[-1]) == 64
     assert t.decode(ids[-1][plens[-1]:].tolist(), skip_special_tokens=False) == "Bullish<|im_end|>"
-    assert t.decode(ids[-1][:plens[-1]].tolist()).endswith("lorem lorem\nassistant\n")
+    prompt = t.decode(ids[-1][:plens[-1]].tolist())      # cut inside the text, not at its start
+    assert prompt.startswith("system\nYou are a helpful AI assistant") and "user\nlorem lorem" in prompt
+    assert prompt.endswith("\nassistant\n") and stats["truncated_fields"] == {"text": 2}
     assert stats["tokens"]["max"] > 300                          # lengths before truncation
     assert load_examples(stats["cache"]).references == ["Bullish"]
 
@@ -237,3 +239,63 @@ def test_finance_dataset_build_time(smol, tmp_path):
           f"warm build {t3 - t2:.3f}s; tokens {stats['tokens']}, sizes {stats['sizes']}")
     assert again == stats and stats["sizes"]["train"] + stats["sizes"]["val"] == len(kept)
     assert stats["truncated"] == 0 and stats["n_labels"] == 3
+
+
+# ------------------------------------------------------------------------------ cutting inside fields
+
+FIELDS = {"prompt": "Bill: {title}\nSummary: {summary}\nCompany: {company}\nDoes the bill affect "
+                    "the company?", "response": "{label}", "system": "Answer Yes or No.", "chat": True}
+
+
+def _long_row(i=0):
+    return {"title": " ".join(f"title{i}w{j}" for j in range(40)),
+            "summary": " ".join(f"sum{i}w{j}" for j in range(200)),
+            "company": "Acme " + " ".join(f"co{i}w{j}" for j in range(30)), "label": "Yes"}
+
+
+def test_over_length_rows_are_cut_inside_their_fields(smol, tmp_path):
+    rows = [_long_row(i) for i in range(3)]
+    stats = build(smol, tmp_path, {"train": rows}, template=FIELDS, max_length=160)
+    ids, plens = load_examples(stats["cache"]).split("train")
+    t = tok(smol)
+    assert stats["truncated"] == 3 and stats["truncated_fields"] == {"title": 3, "summary": 3,
+                                                                      "company": 3}
+    for row, x, p in zip(rows, ids, plens):
+        assert len(x) <= 160
+        text = t.decode(x[:p].tolist(), skip_special_tokens=False)
+        # the template's own words, the system prompt and the whole answer are kept...
+        for words in ("Answer Yes or No.", "Bill: ", "\nSummary: ", "\nCompany: ",
+                      "Does the bill affect the company?"):
+            assert words in text, words
+        assert t.decode(x[p:].tolist(), skip_special_tokens=False) == "Yes<|im_end|>"
+        # ...and each field keeps its start, the longest cut the most (down to a common length)
+        title = text.split("Bill: ")[1].split("\nSummary: ")[0]
+        summary = text.split("\nSummary: ")[1].split("\nCompany: ")[0]
+        company = text.split("\nCompany: ")[1].split("\nDoes the bill")[0]
+        assert row["title"].startswith(title) and row["summary"].startswith(summary)
+        assert row["company"].startswith(company) and company.startswith("Acme")
+        lengths = [len(t.encode(f, add_special_tokens=False).ids) for f in (title, summary, company)]
+        assert max(lengths) - min(lengths) <= 3, lengths
+    assert "⟦Yes<|im_end|>⟧" in stats["examples"][0] and "Does the bill" in stats["examples"][0]
+
+
+def test_only_the_named_fields_are_cut(smol, tmp_path):
+    row = _long_row()
+    stats = build(smol, tmp_path, {"train": [row]}, template=FIELDS, max_length=500,
+                  truncate_fields=["summary"])
+    (x,), (p,) = load_examples(stats["cache"]).split("train")
+    text = tok(smol).decode(x[:p].tolist(), skip_special_tokens=False)
+    assert stats["truncated_fields"] == {"summary": 1} and len(x) <= 500
+    assert row["title"] in text and row["company"] in text and row["summary"] not in text
+    with pytest.raises(PlanError, match="data.truncate_fields") as e:
+        build(smol, tmp_path, {"train": [row]}, template=FIELDS, truncate_fields=["label"])
+    assert "title, summary, company" in str(e.value)
+
+
+def test_fields_too_short_to_absorb_fall_back_to_the_prompts_start(smol, tmp_path):
+    template = dict(FIELDS, prompt=" ".join(["Read this carefully."] * 60) + " {title}")
+    stats = build(smol, tmp_path, {"train": [{"title": "short", "label": "No"}]}, template=template,
+                  max_length=64)
+    (x,), (p,) = load_examples(stats["cache"]).split("train")
+    assert stats["truncated"] == 1 and stats["truncated_fields"] == {} and len(x) == 64
+    assert tok(smol).decode(x[p:].tolist(), skip_special_tokens=False) == "No<|im_end|>"
