@@ -439,7 +439,8 @@ def _estimates(model: ModelSection, adapter: AdapterSection, schedule: ScheduleS
         kv_heads=c.num_kv_heads, head_dim=c.head_dim, vocab=c.vocab_size,
         batch=schedule.batch_size, seq_len=schedule.seq_len, param_bytes=DTYPE_BYTES[rt.param_dtype],
         compute_bytes=DTYPE_BYTES[rt.dtype], remat=rt.remat, ce_chunk=rt.ce_chunk,
-        devices=mesh.data * mesh.fsdp * mesh.tensor, fsdp=mesh.fsdp, tensor=mesh.tensor)
+        devices=mesh.data * mesh.fsdp * mesh.tensor, fsdp=mesh.fsdp, tensor=mesh.tensor,
+        loss_tokens=rt.loss_tokens)
     step = estimates.step_time(params=model.params, tokens_per_step=schedule.tokens_per_step,
                                device=rt.devices.__dict__, trainable=adapter.trainable_params,
                                remat=rt.remat)
@@ -451,7 +452,8 @@ def _estimates(model: ModelSection, adapter: AdapterSection, schedule: ScheduleS
         if share > MEMORY_ERROR:
             raise PlanError("runtime", f"the estimated memory per device, {_gib(need)}, clearly "
                             f"exceeds {where}: weights {_gib(memory['weights'])}, activations "
-                            f"{_gib(memory['activations'])}, logits {_gib(memory['logits'])}.",
+                            f"{_gib(memory['activations'])}, attention {_gib(memory['attention'])}, "
+                            f"logits {_gib(memory['logits'])}.",
                             hint="lower schedule.batch_size (raise schedule.grad_accum to keep the "
                                  "step), shorten data.max_length, set runtime.remat=full, or shard "
                                  "the weights with runtime.mesh.fsdp.")

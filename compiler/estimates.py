@@ -58,12 +58,14 @@ def schedule_steps(lengths: Sequence[int], *, batch_size: int, grad_accum: int, 
 def memory_per_device(*, params: int, trainable: int, layers: int, hidden: int, intermediate: int,
                       heads: int, kv_heads: int, head_dim: int, vocab: int, batch: int, seq_len: int,
                       param_bytes: int, compute_bytes: int, remat: str, ce_chunk: int, devices: int,
-                      fsdp: int, tensor: int, flash_attention: bool = True) -> dict:
-    """Bytes per device: weights, adapter + optimizer, activations, logits, total.
+                      fsdp: int, tensor: int, loss_tokens: int | None = None,
+                      attention_scores: bool = True) -> dict:
+    """Bytes per device: weights, adapter + optimizer, activations, attention, logits, total.
 
     `batch` is the global micro-batch (rows per accumulation step); it is split over the data-parallel
     devices (devices / tensor). Weights are sharded over fsdp × tensor; LoRA state is replicated.
-    """
+    The per-token figures are what XLA keeps for the backward pass of one decoder layer, checked
+    against the compiled step's memory_analysis() (benchmarks/memory.py, RESULTS.md)."""
     fsdp, tensor, devices = max(1, int(fsdp)), max(1, int(tensor)), max(1, int(devices))
     # Frozen base weights: one copy, sharded over the fsdp and tensor axes.
     weights = params * param_bytes / (fsdp * tensor)
@@ -75,26 +77,33 @@ def memory_per_device(*, params: int, trainable: int, layers: int, hidden: int, 
     local_batch = math.ceil(batch / max(1, devices // tensor))
     tokens = local_batch * seq_len
     q, kv = heads * head_dim, kv_heads * head_dim
-    # "dots": only matmul outputs are kept — q, k, v, o_proj's output, gate, up, down's output.
-    dots = q + 2 * kv + hidden + 2 * intermediate + hidden
-    # "none": everything — the matmul outputs plus both norms' inputs and outputs, the attention
-    # output before o_proj, RoPE'd q/k, the MLP activation and product, the residual stream.
-    everything = dots + 4 * hidden + q + (q + kv) + 2 * intermediate
+    # "dots": the matmul outputs (q, k, v, o_proj's output, gate, up, down's output) and the layer's
+    # input and normed input.
+    dots = q + 2 * kv + hidden + 2 * intermediate + hidden + 2 * hidden
+    # "none": everything — also both norms' inputs and outputs, the attention output before o_proj,
+    # RoPE'd q and k (and their float32 rotation), the MLP activation and product.
+    everything = dots + 2 * hidden + q + 2 * (q + kv) + 2 * intermediate
     per_layer = {"none": everything, "dots": dots, "full": hidden}.get(remat, everything)
     saved = layers * tokens * per_layer * compute_bytes / tensor
-    # Remat recomputes one layer at a time in the backward pass: that layer's full activations (and
-    # their gradients) are live on top of what was saved.
-    working = 0 if remat == "none" else 2 * tokens * everything * compute_bytes / tensor
-    scores = 0
-    if not flash_attention:   # XLA's reference attention materialises [B, H, T, T] fp32 scores
-        scores = (layers if remat == "none" else 1) * local_batch * heads * seq_len ** 2 * 4 / tensor
-    activations = saved + working + scores
-    # Chunked cross-entropy: one chunk of [ce_chunk, vocab] logits in fp32, its softmax and its
-    # gradient, plus a compute-dtype copy — never the full [B, T, V].
-    logits = min(int(ce_chunk), tokens) * vocab * (3 * 4 + compute_bytes)
-    total = weights + adapter_optimizer + activations + logits
+    # Remat recomputes one layer at a time in the backward pass: that layer's activations are live
+    # on top of what was saved.
+    working = 0 if remat == "none" else tokens * everything * compute_bytes / tensor
+    # XLA's attention materialises [B, H, T, T] float32 scores: without remat the backward pass keeps
+    # two such arrays of every layer; the layer being differentiated needs four more (scores,
+    # probabilities and their gradients).
+    attention = 0
+    if attention_scores:
+        attention = ((2 * layers if remat == "none" else 0) + 4) * local_batch * heads * \
+            seq_len ** 2 * 4 / tensor
+    # Chunked cross-entropy over the supervised positions (loss_tokens, else all): one chunk of
+    # [chunk, vocab] logits in fp32, its softmax and gradient, and a compute-dtype copy.
+    logit_rows = min(int(ce_chunk), tokens if loss_tokens is None else int(loss_tokens), tokens)
+    logits = logit_rows * vocab * (3 * 4 + compute_bytes)
+    activations = saved + working
+    total = weights + adapter_optimizer + activations + attention + logits
     return {k: int(v) for k, v in (("weights", weights), ("adapter_optimizer", adapter_optimizer),
-                                   ("activations", activations), ("logits", logits), ("total", total))}
+                                   ("activations", activations), ("attention", attention),
+                                   ("logits", logits), ("total", total))}
 
 
 # ------------------------------------------------------------------------------ time

@@ -238,7 +238,7 @@ def _resources(plan) -> Panel:
     t = Table(box=box.SIMPLE_HEAD, pad_edge=False, show_edge=False)
     t.add_column("memory per device")
     t.add_column("", justify="right")
-    for k in ("weights", "adapter_optimizer", "activations", "logits"):
+    for k in ("weights", "adapter_optimizer", "activations", "attention", "logits"):
         if k in mem:
             t.add_row(k.replace("_", " + "), _bytes(mem[k]))
     if "total" in mem:

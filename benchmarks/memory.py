@@ -1,0 +1,118 @@
+"""Memory: the plan's estimate per device against what XLA allocates for the compiled train step.
+
+For each case, `tune plan` compiles the recipe with the case's overrides; the step is then lowered
+and compiled exactly as training does (runtime.run.setup), and its memory_analysis() gives XLA's
+figure: arguments (weights, LoRA and optimizer state) + temporaries + outputs − donated buffers.
+Nothing runs, so a case larger than this machine's memory is still measured.
+
+    python benchmarks/memory.py                       # the demo and a long-sequence plan, each remat
+    python benchmarks/memory.py --case "data.max_length=4096 schedule.batch_size=1 runtime.remat=full"
+
+Writes the table into benchmarks/RESULTS.md (between the memory markers) and the raw figures into
+benchmarks/results/memory-<platform>.json. On a GPU, XLA's figure is the compiled step's too (peak
+device memory of a real run can be higher by the allocator's slack).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import shlex
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+from throughput import tune_command  # noqa: E402
+
+RESULTS_MD = HERE / "RESULTS.md"
+BEGIN, END = "<!-- memory:begin -->", "<!-- memory:end -->"
+CASES = [
+    "runtime.remat=none",
+    "runtime.remat=dots",
+    "runtime.remat=full",
+    "data.max_length=1024 schedule.batch_size=2 runtime.remat=none",
+    "data.max_length=4096 schedule.batch_size=1 runtime.remat=full",
+    "data.max_length=4096 schedule.batch_size=1 runtime.remat=dots",
+]
+_MEASURE = r"""
+import json, sys, tempfile
+from pathlib import Path
+import jax, jax.numpy as jnp
+from compiler.plan import Plan
+from runtime import run
+plan = Plan.load(sys.argv[1])
+s = run.setup(plan, Path(tempfile.mkdtemp()))
+batch = s.place(s.batcher.batch(0, 0))
+m = s.step_fn.lower(s.lora, s.opt_state, s.frozen, batch, s.rng, jnp.int32(0)).compile().memory_analysis()
+print(json.dumps({"temp": m.temp_size_in_bytes, "arguments": m.argument_size_in_bytes,
+                  "outputs": m.output_size_in_bytes, "aliased": m.alias_size_in_bytes,
+                  "platform": jax.default_backend()}))
+"""
+
+
+def measure(recipe: str, case: str, work: Path) -> dict:
+    run_dir = work / case.replace(" ", "_").replace("=", "-")
+    cmd = tune_command() + ["plan", f"+recipe={recipe}", f"hydra.run.dir={run_dir}",
+                            "data.overlength=truncate", *case.split()]
+    subprocess.run(cmd, check=True, capture_output=True, text=True)
+    plan = json.loads((run_dir / "plan.json").read_text())
+    out = subprocess.run([sys.executable, "-c", _MEASURE, str(run_dir / "plan.json")], check=True,
+                         capture_output=True, text=True, cwd=HERE.parent)
+    xla = json.loads(out.stdout.strip().splitlines()[-1])
+    xla["total"] = xla["temp"] + xla["arguments"] + xla["outputs"] - xla["aliased"]
+    est = plan["estimates"]["memory"]
+    return {"case": case, "command": cmd, "seq_len": plan["schedule"]["seq_len"],
+            "batch": plan["schedule"]["batch_size"], "remat": plan["runtime"]["remat"],
+            "estimate": est, "xla": xla, "ratio": est["total"] / xla["total"]}
+
+
+def markdown(rows: list[dict], command: str, recipe: str) -> str:
+    gib = 2 ** 30
+    lines = [BEGIN, "## Memory estimate against XLA", "",
+             f"Recipe `{recipe}` (SmolLM2-135M, float32, on {rows[0]['xla']['platform']}); XLA = the "
+             "compiled train step's memory_analysis() (arguments + temporaries + outputs − donated); "
+             "estimate = the plan's figure (`tune plan`, resources panel).", "",
+             "```", command, "```", "",
+             "| case | rows × tokens | remat | estimate GiB (activations / attention / logits) | "
+             "XLA GiB | estimate / XLA |", "|---|---|---|---|---|---|"]
+    for r in rows:
+        e = r["estimate"]
+        lines.append(f"| `{r['case']}` | {r['batch']} × {r['seq_len']} | {r['remat']} | "
+                     f"{e['total'] / gib:.2f} ({e['activations'] / gib:.2f} / "
+                     f"{e['attention'] / gib:.2f} / {e['logits'] / gib:.2f}) | "
+                     f"{r['xla']['total'] / gib:.2f} | {r['ratio']:.2f} |")
+    lines.append(END)
+    return "\n".join(lines)
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--recipe", default="legal")
+    ap.add_argument("--case", action="append", help="overrides of one case (repeatable)")
+    ap.add_argument("--no-write", action="store_true")
+    args = ap.parse_args(argv)
+    with tempfile.TemporaryDirectory() as work:
+        rows = [measure(args.recipe, case, Path(work)) for case in (args.case or CASES)]
+    command = "python benchmarks/memory.py " + shlex.join(argv if argv is not None else sys.argv[1:])
+    text = markdown(rows, command.strip(), args.recipe)
+    print(text)
+    plat = rows[0]["xla"]["platform"]
+    out = HERE / "results" / f"memory-{plat}.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps({"command": command, "machine": platform.machine(), "rows": rows},
+                              indent=1) + "\n")
+    if not args.no_write:
+        doc = RESULTS_MD.read_text()
+        if BEGIN in doc and END in doc:
+            doc = doc[:doc.index(BEGIN)] + text + doc[doc.index(END) + len(END):]
+        else:
+            doc = doc.rstrip() + "\n\n" + text + "\n"
+        RESULTS_MD.write_text(doc)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
