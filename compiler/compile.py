@@ -352,6 +352,7 @@ def _runtime_section(rt: dict, devices: Devices, model: ModelSection, s: dict, m
     return RuntimeSection(
         dtype=dtype, param_dtype=dtype if rt["param_dtype"] == "auto" else rt["param_dtype"],
         mesh=mesh, devices=devices, remat=rt["remat"], pack=rt["pack"], ce_chunk=rt["ce_chunk"],
+        attention=_attention(rt["attention"], devices, dtype, rt["pack"]),
         loss_tokens=_loss_tokens(examples, s["batch_size"], max_length, rt["pack"]),
         log_every=rt["log_every"], checkpoint_every=rt["checkpoint_every"])
 
@@ -366,6 +367,17 @@ def _loss_tokens(examples, batch_size: int, max_length: int, pack: bool) -> int:
         prompt_lens.append(examples.split(split)[1])
     return packing.supervised_capacity(np.concatenate(lengths), np.concatenate(prompt_lens),
                                        max_length, batch_size, pack=pack)
+
+
+def _attention(name: str, devices: Devices, dtype: str, pack: bool) -> str:
+    """auto: cuDNN's fused kernel where it applies (a GPU, bfloat16, one sequence per row: plain
+    causal attention), else XLA's, which runs everywhere."""
+    if name == "cudnn" and devices.platform != "gpu":
+        raise PlanError("runtime.attention", f"cudnn needs an NVIDIA GPU; this plan runs on "
+                        f"{devices.platform}.", hint="use runtime.attention=auto or xla.")
+    if name != "auto":
+        return name
+    return "cudnn" if devices.platform == "gpu" and dtype == "bfloat16" and not pack else "xla"
 
 
 def _dtype(name: str, devices: Devices) -> str:
@@ -440,7 +452,7 @@ def _estimates(model: ModelSection, adapter: AdapterSection, schedule: ScheduleS
         batch=schedule.batch_size, seq_len=schedule.seq_len, param_bytes=DTYPE_BYTES[rt.param_dtype],
         compute_bytes=DTYPE_BYTES[rt.dtype], remat=rt.remat, ce_chunk=rt.ce_chunk,
         devices=mesh.data * mesh.fsdp * mesh.tensor, fsdp=mesh.fsdp, tensor=mesh.tensor,
-        loss_tokens=rt.loss_tokens)
+        loss_tokens=rt.loss_tokens, attention_scores=rt.attention == "xla")
     step = estimates.step_time(params=model.params, tokens_per_step=schedule.tokens_per_step,
                                device=rt.devices.__dict__, trainable=adapter.trainable_params,
                                remat=rt.remat)

@@ -193,6 +193,7 @@ class RuntimeSection:
     mesh: MeshAxes                  # resolved against the devices: no -1 left
     devices: Devices
     remat: str
+    attention: str                  # xla | cudnn (resolved: cudnn for unpacked bf16 rows on NVIDIA GPUs)
     pack: bool
     ce_chunk: int
     loss_tokens: int                # supervised positions one micro-batch can hold at most (from the

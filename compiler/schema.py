@@ -115,6 +115,9 @@ KEYS: tuple[Key, ...] = (
     _k("runtime.remat", "choice", "none", "activation recomputation",
        choices=("none", "dots", "full")),
     _k("runtime.pack", "bool", True, "pack several examples per row"),
+    _k("runtime.attention", "choice", "auto", "attention kernel: xla (everywhere), cudnn (fused, "
+       "NVIDIA GPUs), auto (cudnn for unpacked bfloat16 rows on a GPU, else xla)",
+       choices=("auto", "xla", "cudnn")),
     _k("runtime.ce_chunk", "int", 2048, "tokens per cross-entropy chunk", low=1, high=1 << 20),
     _k("runtime.log_every", "int", 1, "steps between metrics lines", low=1),
     _k("runtime.checkpoint_every", "int", 50, "steps between checkpoints (0 = at the end only)",

@@ -33,6 +33,7 @@ from flax import nnx
 from compiler.architecture import MODULE_NAMES, ModelConfig
 
 REMAT_POLICIES = ("none", "dots", "full")
+ATTENTION = ("xla", "cudnn")
 
 # The one trainable variable type. Flax ships it as a subclass of nnx.Param; it is re-exported here so
 # that the model, the trainer and the exporter all name the same class.
@@ -183,8 +184,9 @@ class Attention(nnx.Module):
         else:
             self.q_norm = self.k_norm = None
 
-    def __call__(self, x, cos, sin, mask, keys, cache=None):
-        """x [B,T,D]; mask [B,1,T,S] bool; keys: 4 dropout keys or None.
+    def __call__(self, x, cos, sin, mask, keys, cache=None, attention: str = "xla"):
+        """x [B,T,D]; mask [B,1,T,S] bool, or None for plain causal attention; keys: 4 dropout keys
+        or None.
         cache: None (attend over these T tokens, S = T) or (k [B,S,K,H], v, index): the new keys and
         values are written at slots [index, index+T) and attention runs over all S slots.
         Returns (y [B,T,D], (k, v) of these T tokens, rotated) — the caller stores them."""
@@ -203,9 +205,11 @@ class Attention(nnx.Module):
             k_all = jax.lax.dynamic_update_slice(k_cache, k.astype(k_cache.dtype), (0, index, 0, 0))
             v_all = jax.lax.dynamic_update_slice(v_cache, v.astype(v_cache.dtype), (0, index, 0, 0))
         # K/V keep their kv-head count: dot_product_attention does grouped-query attention natively.
-        # implementation=None is XLA today; softmax in float32 either way.
+        # attention: "xla" (runs everywhere; materialises the [T, S] scores) or "cudnn" (a fused
+        # flash-attention kernel on NVIDIA GPUs).
         out = jax.nn.dot_product_attention(q, k_all.astype(q.dtype), v_all.astype(q.dtype), mask=mask,
-                                           scale=cfg.head_dim ** -0.5, implementation=None)
+                                           scale=cfg.head_dim ** -0.5, is_causal=mask is None,
+                                           implementation=attention)
         return self.o_proj(out.reshape(B, T, -1), k_drop[3]), (k, v)
 
 
@@ -232,11 +236,11 @@ class Block(nnx.Module):
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, **norm)
         self.mlp = MLP(cfg, lora=lora, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
 
-    def __call__(self, x, cos, sin, mask, dropout_key=None, cache=None):
+    def __call__(self, x, cos, sin, mask, dropout_key=None, cache=None, attention: str = "xla"):
         # One independent dropout mask per adapted module, as PEFT has one nn.Dropout per module.
         keys = None if dropout_key is None else tuple(jax.random.split(dropout_key, 7))
         h, kv = self.self_attn(self.input_layernorm(x), cos, sin, mask,
-                               None if keys is None else keys[:4], cache)
+                               None if keys is None else keys[:4], cache, attention)
         x = x + h
         x = x + self.mlp(self.post_attention_layernorm(x), None if keys is None else keys[4:])
         return x, kv
@@ -275,10 +279,14 @@ def _window_mask(mask, q_pos, k_pos, window):
 
 class Llama(nnx.Module):
     def __init__(self, cfg: ModelConfig, *, lora: LoraConfig | None = None, dtype=jnp.float32,
-                 param_dtype=jnp.float32, remat: str = "none", rngs: nnx.Rngs):
+                 param_dtype=jnp.float32, remat: str = "none", attention: str = "xla",
+                 rngs: nnx.Rngs):
         if remat not in REMAT_POLICIES:
             raise ValueError(f"unknown remat policy {remat!r}; expected one of {', '.join(REMAT_POLICIES)}")
+        if attention not in ATTENTION:
+            raise ValueError(f"unknown attention {attention!r}; expected one of {', '.join(ATTENTION)}")
         self.cfg, self.lora, self.dtype, self.remat = cfg, lora, dtype, remat
+        self.attention = attention      # for training and scoring; decoding with a cache uses xla
         self.embed_tokens = Embedding(cfg.vocab_size, cfg.hidden_size, dtype=dtype,
                                       param_dtype=param_dtype, rngs=rngs)
 
@@ -296,19 +304,23 @@ class Llama(nnx.Module):
 
     def __call__(self, tokens, *, positions=None, segment_ids=None, deterministic=True, rngs=None):
         """tokens [B,T] int → hidden states [B,T,D] after the final norm, in the compute dtype.
-        positions [B,T] (default 0..T-1) restart at 0 in each packed segment; segment_ids [B,T]
-        (default all 1): a token attends to earlier tokens of its own segment only. Segment 0 is padding:
-        padding attends to padding (so no row is fully masked and nothing is NaN) and no real token
-        attends to it. LoRA dropout runs when deterministic=False and rngs (an nnx.Rngs with a `dropout`
-        stream, or a PRNG key) is given."""
+        positions [B,T] (default 0..T-1) restart at 0 in each packed segment; segment_ids [B,T]: a token
+        attends to earlier tokens of its own segment only. Segment 0 is padding: padding attends to
+        padding (so no row is fully masked and nothing is NaN) and no real token attends to it.
+        segment_ids None: one sequence per row (any padding at its end), plain causal attention with
+        no mask — what fused attention kernels (cuDNN) take. LoRA dropout runs when
+        deterministic=False and rngs (an nnx.Rngs with a `dropout` stream, or a PRNG key) is given."""
         B, T = tokens.shape
         if positions is None:
             positions = jnp.broadcast_to(jnp.arange(T, dtype=jnp.int32), (B, T))
-        if segment_ids is None:
-            segment_ids = jnp.ones((B, T), jnp.int32)
-        causal = jnp.arange(T)[:, None] >= jnp.arange(T)[None, :]
-        mask = (segment_ids[:, :, None] == segment_ids[:, None, :]) & causal
-        mask = mask[:, None]                                            # [B, 1, T, T]
+        windows = self._windows()
+        mask = None
+        if segment_ids is not None or windows is not None:
+            if segment_ids is None:
+                segment_ids = jnp.ones((B, T), jnp.int32)
+            causal = jnp.arange(T)[:, None] >= jnp.arange(T)[None, :]
+            mask = (segment_ids[:, :, None] == segment_ids[:, None, :]) & causal
+            mask = mask[:, None]                                        # [B, 1, T, T]
         cos, sin = rope_tables(positions, rope_inv_freq(self.cfg))
 
         keys = None
@@ -318,14 +330,13 @@ class Llama(nnx.Module):
                 raise ValueError("LoRA dropout (deterministic=False) needs rngs")
             key = rngs.dropout() if isinstance(rngs, nnx.Rngs) else rngs
             keys = jax.random.split(key, self.cfg.num_layers)
-        windows = self._windows()
 
         graphdef, state = nnx.split(self.layers)
 
         def layer(x, xs):
             layer_state, key, window = xs
             m = mask if window is None else _window_mask(mask, positions, positions, window)
-            x, _ = nnx.merge(graphdef, layer_state)(x, cos, sin, m, key)
+            x, _ = nnx.merge(graphdef, layer_state)(x, cos, sin, m, key, None, self.attention)
             return x, None
 
         x = self.embed_tokens(tokens)

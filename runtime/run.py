@@ -91,9 +91,10 @@ def setup(plan: Plan, run_dir: Path) -> Session:
         opt_state=jax.device_put(optimizer.init(lora), replicated(mesh)), frozen=frozen,
         rng=jax.random.PRNGKey(plan.schedule.seed), batcher=batcher, val_batcher=val_batcher,
         step_fn=make_train_step(graphdef, optimizer, lr_fn, ce_chunk=rt.ce_chunk, dropout=dropout,
-                                loss_tokens=rt.loss_tokens, state_sharding=replicated(mesh)),
+                                loss_tokens=rt.loss_tokens, packed=rt.pack,
+                                state_sharding=replicated(mesh)),
         eval_fn=make_eval_loss(graphdef, ce_chunk=rt.ce_chunk, loss_tokens=rt.loss_tokens,
-                               state_sharding=replicated(mesh)),
+                               packed=rt.pack, state_sharding=replicated(mesh)),
         started=started)
     _resume(session)
     return session
@@ -111,7 +112,8 @@ def _setup_model(plan: Plan, mesh):
     rt = plan.runtime
     model = load_pretrained(plan.model.dir, config=plan.model.config, lora=lora_config(plan),
                             dtype=DTYPES[rt.dtype], param_dtype=DTYPES[rt.param_dtype],
-                            remat=rt.remat, rngs=nnx.Rngs(plan.schedule.seed))
+                            remat=rt.remat, attention=rt.attention,
+                            rngs=nnx.Rngs(plan.schedule.seed))
     graphdef, lora, frozen = split_model(model)
     return (graphdef, jax.device_put(lora, replicated(mesh)),
             jax.device_put(frozen, frozen_shardings(mesh, frozen)))

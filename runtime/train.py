@@ -62,9 +62,12 @@ def make_optimizer(s: ScheduleSection) -> tuple[optax.GradientTransformation, Ca
 
 
 def _micro_loss(graphdef, lora, frozen, mb, key, *, ce_chunk: int, loss_tokens: int | None,
-                dropout: bool):
+                dropout: bool, packed: bool = True):
     model = nnx.merge(graphdef, frozen, lora)
-    hidden = model(mb["tokens"], positions=mb["positions"], segment_ids=mb["segment_ids"],
+    # Unpacked rows hold one example each (padding after it): plain causal attention is exact for
+    # every real token and needs no [T, T] mask, which lets a fused attention kernel run.
+    hidden = model(mb["tokens"], positions=mb["positions"],
+                   segment_ids=mb["segment_ids"] if packed else None,
                    deterministic=not dropout, rngs=nnx.Rngs(dropout=key) if dropout else None)
     B, T = mb["tokens"].shape
     return supervised_cross_entropy(hidden, model.lm_head(), mb["targets"], mb["loss_mask"],
@@ -73,7 +76,7 @@ def _micro_loss(graphdef, lora, frozen, mb, key, *, ce_chunk: int, loss_tokens: 
 
 
 def accumulate(graphdef, lora, frozen, batch, key, *, ce_chunk: int, dropout: bool,
-               loss_tokens: int | None = None):
+               loss_tokens: int | None = None, packed: bool = True):
     """Scan the micro-batches of an [accum, B, T] batch: (Σ token CE, Σ supervised tokens, gradients of
     Σ CE w.r.t. the LoRA parameters, accumulated in float32). Micro-batch i draws dropout from
     fold_in(key, i)."""
@@ -85,7 +88,7 @@ def accumulate(graphdef, lora, frozen, batch, key, *, ce_chunk: int, dropout: bo
         sub = jax.random.fold_in(key, i) if dropout else None
         (l, c), g = jax.value_and_grad(
             lambda p: _micro_loss(graphdef, p, frozen, mb, sub, ce_chunk=ce_chunk,
-                                  loss_tokens=loss_tokens, dropout=dropout),
+                                  loss_tokens=loss_tokens, dropout=dropout, packed=packed),
             has_aux=True)(lora)
         grads = jax.tree.map(lambda a, b: a + b.astype(jnp.float32), grads, g)
         return (grads, loss_sum + l.astype(jnp.float32), n + c.astype(jnp.float32)), None
@@ -97,8 +100,8 @@ def accumulate(graphdef, lora, frozen, batch, key, *, ce_chunk: int, dropout: bo
 
 
 def make_train_step(graphdef, optimizer: optax.GradientTransformation, lr_fn: Callable, *,
-                    ce_chunk: int, dropout: bool, loss_tokens: int | None = None, donate: bool = True,
-                    state_sharding=None):
+                    ce_chunk: int, dropout: bool, loss_tokens: int | None = None, packed: bool = True,
+                    donate: bool = True, state_sharding=None):
     """step(lora, opt_state, frozen, batch, rng, step) -> (lora, opt_state, metrics), jitted, with the
     LoRA and optimizer states donated. batch: dict of int32 [accum, B, T]; rng: a PRNG key; step: the
     0-based global step, folded into rng for dropout (so a resumed run draws the same masks).
@@ -110,7 +113,7 @@ def make_train_step(graphdef, optimizer: optax.GradientTransformation, lr_fn: Ca
     def step_fn(lora, opt_state, frozen, batch, rng, step):
         key = jax.random.fold_in(rng, step)
         loss_sum, n, grads = accumulate(graphdef, lora, frozen, batch, key, ce_chunk=ce_chunk,
-                                        loss_tokens=loss_tokens, dropout=dropout)
+                                        loss_tokens=loss_tokens, dropout=dropout, packed=packed)
         denom = jnp.maximum(n, 1.0)
         grads = jax.tree.map(lambda g, p: (g / denom).astype(p.dtype), grads, lora)
         grad_norm = optax.tree.norm(grads)
@@ -124,13 +127,14 @@ def make_train_step(graphdef, optimizer: optax.GradientTransformation, lr_fn: Ca
     return jax.jit(step_fn, donate_argnums=(0, 1) if donate else (), **kw)
 
 
-def make_eval_loss(graphdef, *, ce_chunk: int, loss_tokens: int | None = None, state_sharding=None):
+def make_eval_loss(graphdef, *, ce_chunk: int, loss_tokens: int | None = None, packed: bool = True,
+                   state_sharding=None):
     """eval_loss(lora, frozen, batch) -> (loss_sum, n_tokens) over all micro-batches, jitted."""
 
     def eval_fn(lora, frozen, batch):
         def micro(carry, mb):
             l, c = _micro_loss(graphdef, lora, frozen, mb, None, ce_chunk=ce_chunk,
-                               loss_tokens=loss_tokens, dropout=False)
+                               loss_tokens=loss_tokens, dropout=False, packed=packed)
             return (carry[0] + l.astype(jnp.float32), carry[1] + c.astype(jnp.float32)), None
 
         (loss_sum, n), _ = jax.lax.scan(micro, (jnp.float32(0), jnp.float32(0)), batch)

@@ -66,7 +66,7 @@ class _Checkpoint:
 
 def load_pretrained(model_dir, *, config: ModelConfig | None = None, lora: LoraConfig | None = None,
                     dtype=jnp.float32, param_dtype=jnp.float32, remat: str = "none",
-                    rngs: nnx.Rngs | None = None) -> Llama:
+                    attention: str = "xla", rngs: nnx.Rngs | None = None) -> Llama:
     """The model of an HF checkpoint directory (*.safetensors; config.json unless `config`, the
     plan's, is given), base weights cast to param_dtype, LoRA factors (if lora) freshly initialised
     from rngs (A random, B zero, float32). Missing or unexpected tensors raise ValueError naming
@@ -76,7 +76,7 @@ def load_pretrained(model_dir, *, config: ModelConfig | None = None, lora: LoraC
     rngs = rngs if rngs is not None else nnx.Rngs(0)
 
     abstract = nnx.eval_shape(lambda: Llama(cfg, lora=lora, dtype=dtype, param_dtype=param_dtype,
-                                            remat=remat, rngs=nnx.Rngs(0)))
+                                            remat=remat, attention=attention, rngs=nnx.Rngs(0)))
     graphdef, lora_abstract, frozen_abstract = nnx.split(abstract, LoRAParam, ...)
 
     ckpt = _Checkpoint(model_dir)
