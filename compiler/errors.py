@@ -29,6 +29,20 @@ class PlanError(ValueError):
         return text
 
 
+class Diverged(RuntimeError):
+    """Training stopped at a step whose loss or gradient norm was not finite (exit code 3). The run
+    directory keeps its last good checkpoint and its metrics up to that step."""
+    exit_code = 3
+
+    def __init__(self, step: int, loss: float, grad_norm: float, lr: float):
+        self.step, self.loss, self.grad_norm, self.lr = step, loss, grad_norm, lr
+        super().__init__(
+            f"training diverged at step {step}: loss {loss}, gradient norm {grad_norm} at learning "
+            f"rate {lr:.3g}; stopped there, the last good checkpoint and metrics.jsonl are kept. "
+            "Hint: lower schedule.lr (for AdamW-based LoRA about 1e-5 to 5e-4 is usual, up to "
+            "about 2e-3 for small models), or keep schedule.max_grad_norm set.")
+
+
 def did_you_mean(word: str, choices: Iterable[str]) -> str:
     """' Did you mean `x`?' for the closest choice, or '' when nothing is close."""
     close = difflib.get_close_matches(word, list(choices), n=1, cutoff=0.6)

@@ -11,6 +11,7 @@ of its own. Evaluating the adapter and writing the report are the command's next
 from __future__ import annotations
 
 import json
+import math
 import signal
 import sys
 import threading
@@ -23,6 +24,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from compiler.errors import Diverged
 from compiler.examples import load_examples
 from compiler.files import write_atomic, write_json
 from compiler.plan import Plan
@@ -170,6 +172,10 @@ def loop(s: Session, *, on_step=None) -> None:
                     compiled = _compile(s, batch, metrics)
                     t_prev = time.perf_counter()
                 m = _step(s, compiled, batch, (e, i))
+                if not (math.isfinite(m["loss"]) and math.isfinite(m["grad_norm"])):
+                    metrics.write({"step": s.step, "epoch": e, "loss": None, "lr": m["lr"],
+                                   "grad_norm": None, "diverged": True})
+                    raise Diverged(s.step, m["loss"], m["grad_norm"], m["lr"])
                 now = time.perf_counter()
                 dt, t_prev = now - t_prev, now
                 s.step_times.append(dt)

@@ -340,3 +340,18 @@ def test_console_script_help(tmp_path):
     p = subprocess.run([str(tune), "--help"], cwd=tmp_path, capture_output=True, text=True,
                        timeout=120)
     assert p.returncode == 0 and "== Commands ==" in p.stdout and "recipe:" in p.stdout
+
+
+def test_diverged_training_exits_3(tune_cli, tmp_path, monkeypatch):
+    import runtime.run
+    from compiler.errors import Diverged
+
+    def diverge(plan, run_dir, **kw):
+        raise Diverged(7, float("nan"), float("inf"), 0.02)
+
+    monkeypatch.setattr(runtime.run, "train", diverge)
+    rc, out, err = tune_cli("+recipe=legal", "hydra.run.dir=run")
+    assert rc == 3 and "diverged at step 7" in flat(err) and "learning rate 0.02" in flat(err)
+    assert "Traceback" not in err and (tmp_path / "run" / "plan.json").is_file()
+    rc, out, err = tune_cli("-m", "+recipe=legal", "schedule.lr=0.02,0.05", "hydra.sweep.dir=sweep")
+    assert rc == 3 and flat(err).count("diverged: job") == 2

@@ -107,3 +107,31 @@ def test_other_plan_refuses_the_checkpoints(tiny_llama_dir, tmp_path, train_on):
     with pytest.raises(PlanError, match="another plan") as err:
         train(other, tmp_path)
     assert "fresh run directory" in str(err.value) and "checkpoints/" in str(err.value)
+
+
+def test_divergence_is_a_clean_stop(tiny_llama_dir, tmp_path, train_on, monkeypatch):
+    """A step with a non-finite loss (here: made so at step 5) stops the run there, keeps the
+    metrics up to it and the last good checkpoint, writes no adapter, and says what to do."""
+    import runtime.run
+    from compiler.errors import Diverged
+
+    plan, examples = tiny_plan(tiny_llama_dir, **dict(SETUP, checkpoint_every=2))
+    train_on(examples)
+    real = runtime.run._step
+
+    def step(s, *a):
+        m = real(s, *a)
+        return dict(m, loss=float("nan")) if s.step == 5 else m
+
+    monkeypatch.setattr(runtime.run, "_step", step)
+    with pytest.raises(Diverged) as err:
+        train(plan, tmp_path)
+    e = err.value
+    assert e.exit_code == 3 and e.step == 5 and "lower schedule.lr" in str(e)
+    assert "diverged at step 5" in str(e)
+    rows = _rows(tmp_path)
+    assert rows[-1]["step"] == 5 and rows[-1]["diverged"] and rows[-1]["loss"] is None
+    assert [r["step"] for r in rows if r.get("loss") is not None] == [1, 2, 3, 4]
+    assert [p.name for p in checkpoint.list_checkpoints(tmp_path)] == ["step_00000002.npz",
+                                                                       "step_00000004.npz"]
+    assert not (tmp_path / "adapter").exists()

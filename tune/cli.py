@@ -9,8 +9,9 @@ The flow: tune/compose.py composes the config with Hydra (conf/ + recipe + overr
 pre-check of the overrides (unknown recipes, invalid recipe files, unknown keys and wrong types stop
 there with exit code 2, before Hydra creates a run directory); tune/commands.py compiles it into a
 Plan (compiler/) and hands the Plan to the runtime (runtime/).
-Exit codes: 0 ok, 2 a PlanError (one readable paragraph, no traceback), 1 anything else (a short
-message; the traceback with TUNE_DEBUG=1), 130 interrupted.
+Exit codes: 0 ok, 2 a PlanError (one readable paragraph, no traceback), 3 training diverged (a
+non-finite loss or gradient norm: stopped at that step, last good checkpoint kept), 1 anything
+else (a short message; the traceback with TUNE_DEBUG=1), 130 interrupted.
 """
 from __future__ import annotations
 
@@ -18,7 +19,7 @@ import os
 import sys
 import traceback
 
-from compiler.errors import PlanError, did_you_mean
+from compiler.errors import Diverged, PlanError, did_you_mean
 from tune import commands, compose
 
 COMMANDS = compose.COMMANDS
@@ -61,6 +62,9 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print_failure("interrupted.")
         return 130
+    except Diverged as e:
+        print_failure(f"error: {e}")
+        return e.exit_code
     except SystemExit as e:
         code = e.code
         if code is None:

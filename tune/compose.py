@@ -12,7 +12,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from compiler.errors import PlanError, did_you_mean
+from compiler.errors import Diverged, PlanError, did_you_mean
 
 CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
 PROG = "tune"
@@ -118,7 +118,9 @@ def run_hydra(command: str, argv: list[str], run_job) -> int:
     if len(failures) == 1 and not args.multirun:
         raise failures[0]
     # a sweep: each failure was printed as it happened; the worst one decides the exit code
-    return 1 if any(config_error(e) is None for e in failures) else 2
+    if all(isinstance(e, Diverged) for e in failures):
+        return Diverged.exit_code
+    return 1 if any(config_error(e) is None and not isinstance(e, Diverged) for e in failures) else 2
 
 
 def _strip_command(line: str) -> str:
@@ -246,7 +248,9 @@ def _task(make_job, run_job, failures: list) -> None:
 
             job = f"job {hc.job.num} ({' '.join(hc.overrides.task)})"
             err = config_error(e)
-            if err is not None:
+            if isinstance(e, Diverged):
+                print_failure(f"diverged: {job}: step {e.step}, learning rate {e.lr:.3g}")
+            elif err is not None:
                 print_error(err)
                 print_failure(f"  ↳ in {job}")
             else:
