@@ -56,7 +56,7 @@ def list_recipes() -> list[tuple[str, Path, str]]:
     found: dict[str, Path] = {}
     for d in _existing_dirs():
         for f in sorted(d.glob("*.yaml")):
-            if f.is_file() and _NAME.fullmatch(f.stem):
+            if f.is_file() and _NAME.fullmatch(f.stem) and f.resolve().is_relative_to(d.resolve()):
                 found.setdefault(f.stem, f)
     return [(name, path, description(path)) for name, path in sorted(found.items())]
 
@@ -74,11 +74,22 @@ def find_recipe(name: str) -> Path:
         for d in _existing_dirs():
             path = d / f"{name}.yaml"
             if path.is_file():
-                return path
+                return _contained(path, d)
     names = [n for n, _, _ in list_recipes()]
     raise PlanError("recipe", f"unknown recipe `{name}`.{did_you_mean(name, names)} Recipes found: "
                     f"{', '.join(names) or 'none'}. Looked in: {looked_in()}.",
                     hint="a recipe is NAME.yaml in one of those directories; `tune recipes` lists them.")
+
+
+def _contained(path: Path, directory: Path) -> Path:
+    """path, when it really lies in directory: a recipe that is a link to a file elsewhere (a key,
+    a secret) is refused rather than read, shown or copied."""
+    real = path.resolve()
+    if not real.is_relative_to(directory.resolve()):
+        raise PlanError("recipe", f"{path} is a link to {real}, outside {directory}; recipes are "
+                        "read only from the recipe directories themselves.", file=str(path),
+                        hint="copy the recipe into the directory instead of linking it.")
+    return path
 
 
 def description(path: Path) -> str:
@@ -272,20 +283,27 @@ def copy(name: str, dest: str | Path) -> list[Path]:
     if target.exists():
         raise PlanError("recipes cp", f"{target} exists; not overwriting it.",
                         hint="choose another destination or remove the file.")
-    target.parent.mkdir(parents=True, exist_ok=True)
-    written = [target]
-    shutil.copyfile(rf.path, target)
+    copies = []
     for key in DATA_KEYS:
         value = _get(rf.data, key)
         if not isinstance(value, str) or Path(value).is_absolute():
             continue
-        src = rf.path.parent / value
-        out = target.parent / value
+        src, out = rf.path.parent / value, target.parent / value
+        for p, root in ((src, rf.path.parent), (out, target.parent)):
+            if not p.resolve().is_relative_to(root.resolve()):
+                raise PlanError(key, f"`{value}` leaves the recipe's directory ({p.resolve()} is "
+                                f"outside {root.resolve()}); `tune recipes cp` copies only data that "
+                                "lies beside the recipe.", file=str(rf.path),
+                                hint="keep a recipe's example data in its own folder (data/...), or "
+                                     "give an absolute path, which is not copied.")
         if src.is_file() and not out.exists():
-            out.parent.mkdir(parents=True, exist_ok=True)
-            shutil.copyfile(src, out)
-            written.append(out)
-    return written
+            copies.append((src, out))
+    target.parent.mkdir(parents=True, exist_ok=True)
+    shutil.copyfile(rf.path, target)
+    for src, out in copies:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(src, out)
+    return [target] + [out for _, out in copies]
 
 
 # ------------------------------------------------------------------------------ Hydra

@@ -181,8 +181,8 @@ def _scan_node(node, path: str, file: str) -> None:
             _scan_node(item, f"{path}[{i}]", file)
     elif isinstance(node, yaml.ScalarNode) and isinstance(node.value, str):
         names = resolver_calls(node.value)
-        if path in RECIPE_HYDRA_KEYS:
-            names = [n for n in names if n == "now"]
+        if path in RECIPE_HYDRA_KEYS:      # a run directory may name the time (${now:...}), no more
+            names = [n for n in names if n != "now"]
         if names:
             raise _refuse_resolver(path, node.value, names, file=file, line=line)
 

@@ -209,3 +209,46 @@ def test_shipped_recipe_on_the_full_dataset(tune_cli, tmp_path, name):
     doc = plan_json(tmp_path)
     assert doc["data"]["train"]["read"] > 400
     assert doc["data"]["sizes"]["test"] > 100
+
+
+# ------------------------------------------------------------------------------ a recipe is data
+
+def test_run_dir_may_name_the_time_but_nothing_else(tune_cli, tmp_path, monkeypatch):
+    (tmp_path / "recipes").mkdir()
+    monkeypatch.setenv("TUNE_SECRET_DIR", "leaked-secret")
+    (tmp_path / "recipes" / "env.yaml").write_text(
+        "# @package _global_\n# e\ndefaults:\n  - /recipe/legal\n  - _self_\n"
+        "hydra:\n  run:\n    dir: runs/${oc.env:TUNE_SECRET_DIR}\n")
+    rc, out, err = tune_cli("plan", "+recipe=env")
+    assert rc == 2 and "oc.env" in err and "Traceback" not in err
+    assert not any(tmp_path.rglob("leaked-secret"))
+    (tmp_path / "recipes" / "dated.yaml").write_text(
+        "# @package _global_\n# d\ndefaults:\n  - /recipe/legal\n  - _self_\n"
+        "hydra:\n  run:\n    dir: runs/${now:%Y}\n")
+    rc, out, err = tune_cli("plan", "+recipe=dated")
+    assert rc == 0, err
+    assert len(list((tmp_path / "runs").glob("*/plan.json"))) == 1
+
+
+def test_cp_never_writes_outside_dest(tune_cli, tmp_path, monkeypatch):
+    team = tmp_path / "team" / "recipes"
+    (team / "data").mkdir(parents=True)
+    (tmp_path / "team" / "evil.pth").write_text("import os  # would run at Python start-up\n")
+    (team / "sneaky.yaml").write_text("# @package _global_\n# s\ndata:\n  path: ../evil.pth\n")
+    monkeypatch.setenv("TUNE_RECIPE_PATH", str(team))
+    dest = tmp_path / "dest" / "recipes"
+    rc, out, err = tune_cli("recipes", "cp", "sneaky", str(dest))
+    assert rc == 2 and "leaves the recipe's directory" in " ".join(err.split())
+    assert not (tmp_path / "dest" / "evil.pth").exists() and not dest.exists()
+
+
+def test_a_linked_recipe_is_not_followed(tune_cli, tmp_path):
+    (tmp_path / "secret.txt").write_text("# top secret token 1234\nkey: value\n")
+    (tmp_path / "recipes").mkdir()
+    (tmp_path / "recipes" / "trap.yaml").symlink_to(tmp_path / "secret.txt")
+    rc, out, err = tune_cli("recipes", "show", "trap")
+    assert rc == 2 and "outside" in err and "1234" not in out + err
+    rc, out, err = tune_cli("recipes")
+    assert rc == 0 and "trap" not in out and "1234" not in out
+    rc, out, err = tune_cli("plan", "+recipe=trap")
+    assert rc == 2 and "1234" not in out + err
