@@ -26,7 +26,13 @@ def load_tokenizer(model_dir: str | Path):
         raise PlanError("model.path", f"{model_dir} has no tokenizer.json (the fast tokenizer "
                         "format, which tune reads).",
                         hint="save one with `AutoTokenizer.from_pretrained(DIR).save_pretrained(DIR)`.")
-    tok = Tokenizer.from_file(str(path))
+    try:
+        tok = Tokenizer.from_file(str(path))
+    except Exception as e:  # noqa: BLE001 — tokenizers raises a bare Exception for a bad file
+        raise PlanError("model.path", f"{path} is not a tokenizer the `tokenizers` library can "
+                        f"read ({e}).", file=str(path),
+                        hint="save it again with `AutoTokenizer.from_pretrained(DIR)"
+                             ".save_pretrained(DIR)`.") from None
     tok.no_truncation()
     tok.no_padding()
     return tok

@@ -340,3 +340,43 @@ def test_declared_generation_keeps_free_decoding(tune_cli, clf_data, tmp_path):
     assert rc == 0, err
     doc = _plan_json(tmp_path)
     assert doc["data"]["task"] == "generation" and doc["eval"]["mode"] == "generate"
+
+
+# ------------------------------------------------------------------------------ bad model files
+
+def _model_copy(tmp_path, **edits):
+    """The embedded model's files in tmp_path/m, with edits: file name → new text (or a function of
+    the parsed config.json for "config")."""
+    import shutil
+
+    from compiler.gguf import embedded_model_dir
+
+    out = tmp_path / "m"
+    shutil.copytree(embedded_model_dir(), out, dirs_exist_ok=True)
+    for name, text in edits.items():
+        if name == "config":
+            cfg = json.loads((out / "config.json").read_text())
+            (out / "config.json").write_text(json.dumps(text(cfg)))
+        else:
+            (out / name).write_text(text)
+    return out
+
+
+@pytest.mark.parametrize("edits, needles", [
+    ({"config.json": "[1, 2]"}, ["config.json must hold a JSON object"]),
+    ({"config": lambda c: {**c, "quantization_config": "awq"}}, ["quantized (awq)"]),
+    ({"config": lambda c: {**c, "num_hidden_layers": "abc"}}, ["wrong type"]),
+    ({"config": lambda c: {k: v for k, v in c.items() if k != "hidden_size"}}, ["lacks `hidden_size`"]),
+    ({"tokenizer.json": "garbage{"}, ["tokenizer.json", "not a tokenizer"]),
+    ({"tokenizer_config.json": "{not json"}, ["tokenizer_config.json", "not valid JSON"]),
+])
+def test_bad_model_files_are_exit_2(tune_cli, clf_data, tmp_path, edits, needles):
+    clf_data()
+    model = _model_copy(tmp_path, **edits)
+    refused(plan(tune_cli, f"model.path={model}"), "model.path", *needles, tmp_path=tmp_path)
+
+
+def test_a_group_given_a_value(tune_cli, clf_data, tmp_path):
+    clf_data()
+    refused(plan(tune_cli, "schedule=5"), "`schedule` is a config group", "schedule.KEY=VALUE",
+            tmp_path=tmp_path)

@@ -165,6 +165,11 @@ def precheck(overrides: list[str], *, check_groups: bool = True) -> list:
                 for v in values:
                     _check_group_option(key, v)
             continue
+        if key in schema.GROUPS and not all(isinstance(v, (str, dict)) for v in values):
+            raise PlanError(key, f"`{key}` is a config group: it takes an option's name, got "
+                            f"{', '.join(repr(v) for v in values)}. Options: "
+                            f"{', '.join(group_options(key))}.",
+                            hint=f"to set one key write `{key}.KEY=VALUE`.")
         for v in values:
             safety.check_override_value(key, v)
             schema.check_override(key, v)
