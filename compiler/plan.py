@@ -316,7 +316,7 @@ class Plan:
 
 # Paths into the plan's JSON that depend only on where things are, or are the compiler's opinions.
 _UNHASHED = (("hash",), ("estimates",), ("warnings",), ("recipe",), ("config", "run"),
-             ("config", "prompt"), ("config", "max_new_tokens"), ("config", "data", "path"), ("config", "data", "test_path"),
+             ("config", "prompt"), ("config", "max_new_tokens"), ("config", "sweep"), ("config", "data", "path"), ("config", "data", "test_path"),
              ("config", "model", "path"), ("config", "model", "name"), ("model", "dir"),
              ("model", "name"), ("model", "source"), ("data", "cache"), ("data", "train", "file"),
              ("data", "test", "file"), ("runtime", "devices", "kind"),

@@ -129,6 +129,9 @@ KEYS: tuple[Key, ...] = (
     _k("eval.limit", "int", None, "rows scored (null = all)", nullable=True, low=1),
     _k("eval.every", "int", 0, "steps between evaluations while training (0 = at the end)", low=0),
     _k("eval.batch_size", "int", 16, "rows generated at once", low=1, high=4096),
+    _k("sweep.metric", "choice", "val_loss", "how `tune -m` marks a sweep's best run: lowest "
+       "val_loss or loss, or highest task metric (the value in eval.json)",
+       choices=("val_loss", "loss", "metric")),
     _k("eval.mode", "choice", "auto", "constrained: decode within the label set (classification); "
        "generate: free greedy decoding; choices: score every label, take the likeliest; auto: "
        "constrained for classification, else generate",
@@ -136,7 +139,7 @@ KEYS: tuple[Key, ...] = (
 )
 
 BY_PATH = {k.path: k for k in KEYS}
-GROUPS = ("model", "data", "template", "adapter", "schedule", "runtime", "eval")
+GROUPS = ("model", "data", "template", "adapter", "schedule", "runtime", "eval", "sweep")
 SECTIONS = {p.rsplit(".", 1)[0] for p in BY_PATH if "." in p} | set(GROUPS)
 # Names people bring from other tools → ours.
 ALIASES = {

@@ -412,7 +412,7 @@ def write_report(run_dir) -> Path:
 <style>{_CSS}</style></head><body>
 <h1>tune report — {_esc(title)}</h1>
 <p class="muted">run directory <code>{_esc(run_dir.resolve())}</code> · plan {_esc(str(plan.get('hash', '—'))[:16])}
- · written {_esc(_dt.datetime.now().strftime('%Y-%m-%d %H:%M'))}</p>
+ · written {_esc(_dt.datetime.now().strftime('%Y-%m-%d %H:%M'))}{_sweep_link(run_dir)}</p>
 
 <h2>Evaluation</h2>
 {_eval_section(ev)}
@@ -436,6 +436,13 @@ def write_report(run_dir) -> Path:
     out = run_dir / "report.html"
     out.write_text(doc, encoding="utf-8")
     return out
+
+
+def _sweep_link(run_dir: Path) -> str:
+    """A link back to the sweep this run belongs to (its parent holds sweep.json), if any."""
+    if (run_dir.parent / "sweep.json").is_file() or (run_dir.parent / "multirun.yaml").is_file():
+        return ' · part of <a href="../sweep.html">a sweep</a>'
+    return ""
 
 
 def _training_facts(plan: dict, rows: list[dict]) -> str:
@@ -502,3 +509,103 @@ def _plan_section(plan: dict) -> str:
 <h3>Data</h3>{_kv_table(data, skip=("examples",))}
 <h3>Template</h3>{_kv_table(shown)}
 {''.join(f'<p class="muted">rendered example (supervised part between ⟦ ⟧)</p><div class="pre box">{_esc(x)}</div>' for x in (template.get("examples") or [])[:1])}"""
+
+
+# --- a sweep's report (tune -m) ---------------------------------------------------------------
+
+SWEEP_FILE, SWEEP_HTML = "sweep.json", "sweep.html"
+
+
+def write_sweep_report(sweep_dir, jobs: list[dict]) -> Path:
+    """sweep.json and sweep.html in sweep_dir: one row per run (the overrides that differ between
+    runs, final train and validation loss, the task metric, wall time, status), the best run by
+    the sweep's criterion (sweep.metric), and every run's loss curve in one plot. `jobs`: the runs
+    as tune/compose.py records them ({"dir", "overrides", "status", "error", "wall_s",
+    "criterion"})."""
+    sweep_dir = Path(sweep_dir)
+    rows = [_sweep_row(j) for j in jobs]
+    varying = _varying(rows)
+    for r in rows:
+        r["differs"] = {k: v for k, v in r["overrides"].items() if k in varying}
+    criterion = next((j.get("criterion") for j in jobs if j.get("criterion")), "val_loss")
+    best = _best(rows, criterion)
+    doc = {"criterion": criterion, "best": best["run"] if best else None, "runs": rows}
+    from compiler.files import write_atomic, write_json
+
+    write_json(sweep_dir / SWEEP_FILE, doc)
+    for r in rows:                       # each run's report now links back to the sweep
+        if (sweep_dir / r["run"] / "report.html").is_file():
+            write_report(sweep_dir / r["run"])
+    curves = plot_sweep(rows)
+    head = "".join(f"<th>{_esc(k)}</th>" for k in varying)
+    body = []
+    for r in rows:
+        cells = "".join(f"<td>{_esc(r['differs'].get(k, ''))}</td>" for k in varying)
+        status = r["status"] + (f": {_short(r['error'], 120)}" if r.get("error") else "")
+        link = f'<a href="{_esc(r["run"])}/report.html">{_esc(r["run"])}</a>' \
+            if (sweep_dir / r["run"] / "report.html").is_file() else _esc(r["run"])
+        mark = " ★" if best is r else ""
+        nums = "".join(f"<td>{'—' if r[k] is None else _fmt(r[k])}</td>"
+                       for k in ("loss", "val_loss", "metric_value", "wall_s"))
+        body.append(f"<tr><td>{link}{mark}</td>{cells}{nums}"
+                    f"<td class=\"{'bad' if r['status'] != 'ok' else ''}\">{_esc(status)}</td></tr>")
+    metric = next((r["metric"] for r in rows if r.get("metric")), "metric")
+    html_doc = f"""<!doctype html>
+<html lang="en"><head><meta charset="utf-8"><title>tune sweep — {_esc(sweep_dir.name)}</title>
+<style>{_CSS}</style></head><body>
+<h1>tune sweep — {_esc(sweep_dir.name)}</h1>
+<p class="muted">{len(rows)} runs in <code>{_esc(sweep_dir.resolve())}</code>; ★ best by
+<code>sweep.metric={_esc(criterion)}</code> · written {_esc(_dt.datetime.now().strftime('%Y-%m-%d %H:%M'))}</p>
+<table class="grid"><tr><th>run</th>{head}<th>final loss</th><th>final val loss</th>
+<th>{_esc(metric)}</th><th>wall s</th><th>status</th></tr>{''.join(body)}</table>
+{_img(curves, 'loss curves', 'no loss logged')}
+</body></html>
+"""
+    return write_atomic(sweep_dir / SWEEP_HTML, html_doc)
+
+
+def _sweep_row(job: dict) -> dict:
+    run_dir = Path(job["dir"])
+    summary = _read_json(run_dir / "train_summary.json") or {}
+    ev = _read_json(run_dir / "eval.json") or {}
+    metrics = read_metrics(run_dir / "metrics.jsonl")
+    _, losses = _series(metrics, "loss")
+    _, vlosses = _series(metrics, "val_loss")
+    overrides = dict(o.split("=", 1) for o in job.get("overrides") or [] if "=" in o)
+    return {"run": run_dir.name, "overrides": overrides, "status": job.get("status", "ok"),
+            "error": job.get("error"), "wall_s": job.get("wall_s"),
+            "loss": losses[-1] if losses else None, "val_loss": vlosses[-1] if vlosses else None,
+            "metric": ev.get("metric"), "metric_value": ev.get("value"),
+            "steps": summary.get("steps"), "curve": [[s, v] for s, v in zip(*_series(metrics, "loss"))]}
+
+
+def _varying(rows: list[dict]) -> list[str]:
+    keys = list(dict.fromkeys(k for r in rows for k in r["overrides"]))
+    return [k for k in keys if len({r["overrides"].get(k) for r in rows}) > 1] or keys[:1]
+
+
+def _best(rows: list[dict], criterion: str):
+    key = {"val_loss": "val_loss", "loss": "loss", "metric": "metric_value"}[criterion]
+    ok = [r for r in rows if r["status"] == "ok" and isinstance(r.get(key), (int, float))]
+    if not ok:
+        return None
+    return max(ok, key=lambda r: r[key]) if criterion == "metric" else min(ok, key=lambda r: r[key])
+
+
+def plot_sweep(rows: list[dict]) -> bytes | None:
+    """Every run's training loss against the step, one line per run, labelled by what differs."""
+    runs = [r for r in rows if r.get("curve")]
+    if not runs:
+        return None
+    fig, ax = _figure(7.5, 4.0)
+    for r in runs:
+        steps, values = zip(*r["curve"])
+        label = ", ".join(f"{k}={v}" for k, v in r["differs"].items()) or r["run"]
+        ax.plot(steps, values, lw=1.4, label=_short(label + (f" ({r['status']})" if r["status"] != "ok"
+                                                             else ""), 60))
+    ax.set_xlabel("step")
+    ax.set_ylabel("training loss")
+    ax.set_yscale("log")
+    ax.set_title("Training loss of every run")
+    ax.legend(frameon=False, fontsize=8, loc="upper left", bbox_to_anchor=(1.0, 1.0))
+    return _png(fig)

@@ -355,3 +355,25 @@ def test_diverged_training_exits_3(tune_cli, tmp_path, monkeypatch):
     assert "Traceback" not in err and (tmp_path / "run" / "plan.json").is_file()
     rc, out, err = tune_cli("-m", "+recipe=legal", "schedule.lr=0.02,0.05", "hydra.sweep.dir=sweep")
     assert rc == 3 and flat(err).count("diverged: job") == 2
+
+
+@pytest.mark.slow
+def test_a_training_sweep_compares_its_runs_and_resumes(tune_cli, tmp_path):
+    args = ("-m", "+recipe=legal", "schedule.lr=1e-4,3e-3", "schedule.max_steps=2",
+            "schedule.batch_size=2", "data.test_path=null", "runtime.checkpoint_every=0",
+            "hydra.sweep.dir=sweep")
+    rc, out, err = tune_cli(*args)
+    assert rc == 0, err
+    doc = json.loads((tmp_path / "sweep" / "sweep.json").read_text())
+    assert doc["criterion"] == "val_loss" and len(doc["runs"]) == 2
+    assert [r["differs"] for r in doc["runs"]] == [{"schedule.lr": "0.0001"}, {"schedule.lr": "0.003"}]
+    assert all(r["status"] == "ok" and r["val_loss"] > 0 and len(r["curve"]) == 2
+               for r in doc["runs"])
+    best = min(doc["runs"], key=lambda r: r["val_loss"])
+    assert doc["best"] == best["run"]
+    html = (tmp_path / "sweep" / "sweep.html").read_text()
+    assert "★" in html and "schedule.lr" in html and "data:image/png;base64," in html
+    assert 'href="../sweep.html"' in (tmp_path / "sweep" / "0" / "report.html").read_text()
+    # the same sweep again: both runs are finished, nothing is trained twice
+    rc, out, err = tune_cli(*args)
+    assert rc == 0 and flat(err).count("nothing to do") == 2

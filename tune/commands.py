@@ -53,11 +53,29 @@ def train(plan: Plan, run_dir: Path) -> None:
     from runtime.report import write_report
     from runtime.run import train as train_adapter
 
+    if _finished(plan, run_dir):
+        log(f"{run_dir} already holds this plan's trained adapter and its report: nothing to do "
+            "(remove train_summary.json to train again)")
+        return
     train_adapter(plan, run_dir)
     if is_main_process():
         if plan.data.sizes.get("test"):
             evaluate_before_after(plan, run_dir)
         log(f"report: {write_report(run_dir)}")
+
+
+def _finished(plan: Plan, run_dir: Path) -> bool:
+    """Whether run_dir already holds this plan's finished training, evaluation and report (a sweep
+    run again resumes: finished runs are skipped, interrupted ones resume from their checkpoint)."""
+    import json
+
+    try:
+        summary = json.loads((Path(run_dir) / "train_summary.json").read_text())
+    except (OSError, ValueError):
+        return False
+    return (summary.get("plan_hash") == plan.hash and summary.get("steps") == plan.schedule.total_steps
+            and (Path(run_dir) / "report.html").is_file()
+            and ((Path(run_dir) / "eval.json").is_file() or not plan.data.sizes.get("test")))
 
 
 def evaluate_run(job) -> None:

@@ -92,13 +92,13 @@ def run_hydra(command: str, argv: list[str], run_job) -> int:
     overrides = [] if completing else precheck(args.overrides, check_groups=not own_conf)
 
     _register()
-    started, failures = time.perf_counter(), []
+    started, failures, jobs = time.perf_counter(), [], []
 
     @hydra.main(config_path=str(CONF_DIR), config_name="config", version_base="1.3")
     def task(cfg) -> None:
         _task(lambda out_dir, recipe: Job(
             command=command, config=resolve_config(cfg), out_dir=out_dir, recipe=recipe,
-            started=started, overrides=overrides), run_job, failures)
+            started=started, overrides=overrides), run_job, failures, jobs)
 
     saved_argv, saved_env = sys.argv, os.environ.get("HYDRA_FULL_ERROR")
     sys.argv = [PROG, *argv]
@@ -113,6 +113,13 @@ def run_hydra(command: str, argv: list[str], run_job) -> int:
         else:
             os.environ["HYDRA_FULL_ERROR"] = saved_env
         GlobalHydra.instance().clear()
+    if args.multirun and command == "train" and jobs:
+        from runtime.report import write_sweep_report
+
+        path = write_sweep_report(jobs[0]["dir"].parent, jobs)
+        from tune.cli import console
+
+        console(stderr=True).print(f"[dim]sweep report:[/dim] {path}")
     if not failures:
         return 0
     if len(failures) == 1 and not args.multirun:
@@ -235,19 +242,26 @@ class Job:
         return out
 
 
-def _task(make_job, run_job, failures: list) -> None:
+def _task(make_job, run_job, failures: list, jobs: list) -> None:
     """One Hydra job. Failures are recorded, not raised, so Hydra adds nothing to the message and
-    a sweep goes on with its other jobs; main() reports them. A run directory the job left empty
-    is removed."""
+    a sweep goes on with its other jobs; main() reports them. Each job's outcome goes to `jobs`
+    (for a sweep's report). A run directory the job left empty is removed."""
     from hydra.core.hydra_config import HydraConfig
     from hydra.types import RunMode
 
     hc = HydraConfig.get()
     out_dir = Path(hc.runtime.output_dir)
+    record = {"dir": out_dir, "overrides": list(hc.overrides.task), "status": "ok", "error": None}
+    jobs.append(record)
+    t0 = time.perf_counter()
     try:
-        run_job(make_job(out_dir, hc.runtime.choices.get("recipe")))
+        job = make_job(out_dir, hc.runtime.choices.get("recipe"))
+        record["criterion"] = job.config.get("sweep", {}).get("metric")
+        run_job(job)
     except Exception as e:  # noqa: BLE001 - reported by main() with the right exit code
         failures.append(e)
+        record["status"] = "diverged" if isinstance(e, Diverged) else "failed"
+        record["error"] = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         if hc.mode == RunMode.MULTIRUN:
             from tune.cli import print_error, print_failure
 
@@ -261,6 +275,7 @@ def _task(make_job, run_job, failures: list) -> None:
             else:
                 print_failure(f"error: {job}: {type(e).__name__}: {e}")
     finally:
+        record["wall_s"] = time.perf_counter() - t0
         remove_if_empty(out_dir)
 
 
