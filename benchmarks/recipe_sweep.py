@@ -47,7 +47,8 @@ ATTENTION = "q_proj,k_proj,v_proj,o_proj"
 
 def run_point(args, recipe: str, point: dict, work: Path) -> dict:
     folder, extra = RECIPES[recipe]
-    name = "_".join(f"{k.split('.')[-1]}={v}".replace(",", "+") for k, v in point.items())
+    # (a run directory's name is a Hydra override's value: no "=" or ",")
+    name = "_".join(f"{k.split('.')[-1]}-{v}".replace(",", "+") for k, v in point.items())
     run_dir = work / recipe / name
     settings = {"data.max_rows": args.max_rows, "eval.limit": args.limit, **extra}
     cmd = tune_command() + [
@@ -138,6 +139,9 @@ def main(argv=None) -> int:
                                                                  else sys.argv[1:])
     text = markdown(results, command.strip(), started, wall)
     print(text)
+    if not any(r.get("val_loss") is not None for r in results):
+        print("no point finished: RESULTS.md left as it was", file=sys.stderr)
+        return 1
     out = HERE / "results" / "recipe-sweep.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps({"command": command, "started": started, "wall_s": wall,
