@@ -65,6 +65,28 @@ def _left_pad(rows: Sequence[Sequence[int]], length: int, batch: int, pad_id: in
     return tokens, valid
 
 
+def _batches(prompts: Sequence[Sequence[int]], batch_size: int, pad_id: int, progress=None):
+    """Prompts sorted by length into batches of `batch_size` (less padding): (indices, tokens,
+    valid, active) per batch, left-padded to a length bucket and with idle rows to a full batch
+    (so a few programs are compiled, not one per batch). progress(n_done) after each batch."""
+    order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
+    for start in range(0, len(order), batch_size):
+        idx = order[start:start + batch_size]
+        rows = [list(prompts[i]) for i in idx]
+        tokens, valid = _left_pad(rows, bucket(max(len(r) for r in rows)), batch_size, pad_id)
+        active = np.zeros((batch_size,), bool)
+        active[:len(rows)] = True
+        yield idx, tokens, valid, active
+        if progress is not None:
+            progress(start + len(idx))
+
+
+def _until_end(tokens: Sequence[int], end: set) -> list[int]:
+    """The tokens before the first end token."""
+    tokens = list(tokens)
+    return tokens[:next((j for j, t in enumerate(tokens) if t in end), len(tokens))]
+
+
 def _prefill(model, prompt, valid, cache_len):
     """Prefill a left-padded batch: (last-token logits [B, V], cache, lengths [B])."""
     B, P = prompt.shape
@@ -118,28 +140,13 @@ def greedy_generate(model, prompts: Sequence[Sequence[int]], *, max_new_tokens: 
         return [[] for _ in prompts]
     graphdef, state = nnx.split(model)
     eos = jnp.asarray(list(eos_ids) or [-1], jnp.int32)
-    order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
-    results: list[list[int] | None] = [None] * len(prompts)
     end = set(int(e) for e in eos_ids)
-    done = 0
-    for start in range(0, len(order), batch_size):
-        idx = order[start:start + batch_size]
-        rows = [list(prompts[i]) for i in idx]
-        tokens, valid = _left_pad(rows, bucket(max(len(r) for r in rows)), batch_size, pad_id)
-        active = np.zeros((batch_size,), bool)
-        active[:len(rows)] = True
+    results: list[list[int]] = [[] for _ in prompts]
+    for idx, tokens, valid, active in _batches(prompts, batch_size, pad_id, progress):
         out = np.asarray(_greedy_batch(graphdef, state, tokens, valid, active, eos, jnp.int32(pad_id),
                                        max_new_tokens))
         for k, i in enumerate(idx):
-            row = []
-            for t in out[k].tolist():
-                if t in end:
-                    break
-                row.append(t)
-            results[i] = row
-        done += len(idx)
-        if progress is not None:
-            progress(done)
+            results[i] = _until_end(out[k].tolist(), end)
     return results
 
 
@@ -229,24 +236,15 @@ def classify(model, prompts: Sequence[Sequence[int]], trie: LabelTrie, *, batch_
     graphdef, state = nnx.split(model)
     eos = jnp.asarray(list(eos_ids) or [-1], jnp.int32)
     end = set(int(e) for e in eos_ids)
-    order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
     labels: list[int] = [0] * len(prompts)
     free: list[list[int]] = [[] for _ in prompts]
-    for start in range(0, len(order), batch_size):
-        idx = order[start:start + batch_size]
-        rows = [list(prompts[i]) for i in idx]
-        tokens, valid = _left_pad(rows, bucket(max(len(r) for r in rows)), batch_size, pad_id)
-        active = np.zeros((batch_size,), bool)
-        active[:len(rows)] = True
+    for idx, tokens, valid, active in _batches(prompts, batch_size, pad_id, progress):
         lab, out = _classify_batch(graphdef, state, tokens, valid, active, trie.tokens, trie.nodes,
                                    trie.label, eos, jnp.int32(pad_id), trie.depth, free_tokens)
         lab, out = np.asarray(lab), np.asarray(out)
         for k, i in enumerate(idx):
             labels[i] = int(lab[k])
-            row = out[k].tolist()
-            free[i] = row[:next((j for j, t in enumerate(row) if t in end), len(row))]
-        if progress is not None:
-            progress(start + len(idx))
+            free[i] = _until_end(out[k].tolist(), end)
     return labels, (free if free_tokens else None)
 
 
@@ -328,16 +326,8 @@ def choice_logprobs(model, prompt_ids: Sequence[Sequence[int]], choices_ids: Seq
     for k, c in enumerate(choices_ids):
         choices[k, :len(c)] = c
         cvalid[k, :len(c)] = True
-    order = sorted(range(len(prompt_ids)), key=lambda i: len(prompt_ids[i]))
     scores = np.zeros((len(prompt_ids), K), np.float32)
-    done = 0
-    for start in range(0, len(order), batch_size):
-        idx = order[start:start + batch_size]
-        rows = [list(prompt_ids[i]) for i in idx]
-        tokens, valid = _left_pad(rows, bucket(max(len(r) for r in rows)), batch_size, pad_id)
+    for idx, tokens, valid, _ in _batches(prompt_ids, batch_size, pad_id, progress):
         out = np.asarray(_choice_batch(graphdef, state, tokens, valid, choices, cvalid))
         scores[idx] = out[:len(idx)]
-        done += len(idx)
-        if progress is not None:
-            progress(done)
     return scores
