@@ -55,19 +55,10 @@ def build_examples(splits: dict[str, list[dict]], *, template: dict, tokenizer_d
     load it when the same inputs were built before. Returns the data stats for the plan, with the
     cache's path (`cache`) and content key (`key`); `load_examples(stats["cache"])` then costs no
     second read in this process."""
-    if overlength not in POLICIES:
-        raise PlanError("data.overlength", f"unknown policy `{overlength}`.",
-                        hint="truncate (cut the prompt's start, keep the answer) or drop.")
-    max_length = int(max_length)
-    if max_length < 2:
-        raise PlanError("data.max_length", f"must be at least 2 tokens, got {max_length}.",
-                        hint="a prompt token and an answer token; 512 is typical.")
+    max_length, tokenizer_path = _checked(overlength, max_length, tokenizer_dir)
     chat = bool(template.get("chat"))
     if bos_token is None:
         bos_token = special_token(tokenizer_dir, "bos_token")
-    tokenizer_path = Path(tokenizer_dir) / TOKENIZER_FILE
-    if not tokenizer_path.is_file():
-        raise PlanError("model.path", f"{tokenizer_dir} has no tokenizer.json.")
     splits = {name: list(splits.get(name) or []) for name in SPLITS}
     tmpl = {k: template.get(k) for k in ("prompt", "response", "system", "chat")}
     cut = cuttable_fields(tmpl, truncate_fields) if overlength == "truncate" else []
@@ -113,6 +104,20 @@ def build_examples(splits: dict[str, list[dict]], *, template: dict, tokenizer_d
     write_atomic(meta_path, json.dumps(meta, ensure_ascii=False))
     _remember(npz_path, _examples(npz_path, arrays, meta))
     return {"cache": str(npz_path), "key": key, **stats}
+
+
+def _checked(overlength: str, max_length, tokenizer_dir) -> tuple[int, Path]:
+    if overlength not in POLICIES:
+        raise PlanError("data.overlength", f"unknown policy `{overlength}`.",
+                        hint="truncate (cut inside the prompt's fields, keep the answer) or drop.")
+    max_length = int(max_length)
+    if max_length < 2:
+        raise PlanError("data.max_length", f"must be at least 2 tokens, got {max_length}.",
+                        hint="a prompt token and an answer token; 512 is typical.")
+    tokenizer_path = Path(tokenizer_dir) / TOKENIZER_FILE
+    if not tokenizer_path.is_file():
+        raise PlanError("model.path", f"{tokenizer_dir} has no tokenizer.json.")
+    return max_length, tokenizer_path
 
 
 def _stats(out: dict, tokenizer, *, max_length: int, overlength: str) -> dict:

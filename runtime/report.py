@@ -297,6 +297,24 @@ def _classification_rows(runs, metric) -> list[str]:
     return out
 
 
+def _per_class_table(runs) -> str:
+    """Per class: support, then F1, precision and recall of each model."""
+    pcs = [(n, r.get("per_class")) for n, r in runs if r.get("per_class")]
+    if not pcs:
+        return ""
+    classes = sorted({c for _, pc in pcs for c in pc},
+                     key=lambda c: (-max(pc.get(c, {}).get("support", 0) for _, pc in pcs), c))
+    head = "<tr><th>class</th><th>support</th>" + "".join(
+        f"<th>F1 {_esc(n)}</th><th>P {_esc(n)}</th><th>R {_esc(n)}</th>" for n, _ in pcs) + "</tr>"
+    body = []
+    for c in classes:
+        support = max(pc.get(c, {}).get("support", 0) for _, pc in pcs)
+        cells = "".join("".join(f"<td>{pc[c][k]:.3f}</td>" if c in pc else "<td>—</td>"
+                                for k in ("f1", "precision", "recall")) for _, pc in pcs)
+        body.append(f"<tr><th>{_esc(_short(c, 48))}</th><td>{support}</td>{cells}</tr>")
+    return f'<h3>Per class</h3><table class="grid">{head}{"".join(body)}</table>'
+
+
 def _eval_section(ev) -> str:
     if not isinstance(ev, dict) or ("value" not in ev and "base" not in ev and "tuned" not in ev):
         return '<p class="muted">not evaluated (set data.test_path, or run <code>tune eval run=DIR</code>)</p>'
@@ -331,21 +349,7 @@ def _eval_section(ev) -> str:
     if how:
         parts.append(f'<p class="muted">{_esc(" · ".join(how))}</p>')
 
-    # per-class table (F1 for each model, support)
-    pcs = [(n, r.get("per_class")) for n, r in runs if r.get("per_class")]
-    if pcs:
-        classes = sorted({c for _, pc in pcs for c in pc},
-                         key=lambda c: (-max(pc.get(c, {}).get("support", 0) for _, pc in pcs), c))
-        head = "<tr><th>class</th><th>support</th>" + "".join(
-            f"<th>F1 {_esc(n)}</th><th>P {_esc(n)}</th><th>R {_esc(n)}</th>" for n, _ in pcs) + "</tr>"
-        body = []
-        for c in classes:
-            support = max(pc.get(c, {}).get("support", 0) for _, pc in pcs)
-            cells = "".join(
-                "".join(f"<td>{pc[c][k]:.3f}</td>" if c in pc else "<td>—</td>"
-                        for k in ("f1", "precision", "recall")) for _, pc in pcs)
-            body.append(f"<tr><th>{_esc(_short(c, 48))}</th><td>{support}</td>{cells}</tr>")
-        parts.append(f'<h3>Per class</h3><table class="grid">{head}{"".join(body)}</table>')
+    parts.append(_per_class_table(runs))
 
     # where the tuned model (or the only one) goes wrong
     _, last = runs[-1]
