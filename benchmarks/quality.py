@@ -68,11 +68,17 @@ def pick_datasets(spec: str | None) -> list[str]:
 
 # ------------------------------------------------------------------------------------------ tune
 
+# Datasets whose rows are much longer than the others: fewer of them, so each takes similar time.
+SIZES = {"medical/pubmedqa_pqal": {"data.max_rows": 150, "eval.limit": 100}}
+
+
 def common_overrides(args, ds: str) -> list[str]:
     folder = args.data_root / ds
+    sizes = {"data.max_rows": args.max_rows, "eval.limit": args.limit}
+    if not args.same_sizes:
+        sizes.update(SIZES.get(ds, {}))
     o = [f"+recipe={DATASETS[ds]}", f"data.path={folder / 'train.jsonl'}",
-         f"data.test_path={folder / 'test.jsonl'}", f"data.max_rows={args.max_rows}",
-         f"eval.limit={args.limit}"]
+         f"data.test_path={folder / 'test.jsonl'}", *(f"{k}={v}" for k, v in sizes.items())]
     if args.steps:
         o.append(f"schedule.max_steps={args.steps}")
     if args.epochs:
@@ -168,7 +174,7 @@ def run_peft(args, work: Path, plan_path: Path, *, adapter: Path | None = None, 
              base: bool = False) -> dict:
     out = work / name
     cmd = [sys.executable, str(HERE / "peft_reference.py"), str(plan_path), "--out", str(out),
-           "--limit", str(args.limit), "--device", args.device, "--quiet"]
+           "--device", args.device, "--quiet"]      # the plan's eval.limit: the same rows as tune
     cmd += ["--adapter", str(adapter)] if adapter else ["--eval"]
     if base:
         cmd.append("--eval-base")
@@ -255,12 +261,16 @@ def markdown(results: list[dict], args, command: str, started: str, wall: float)
         f"Measured {started} on {platform.machine()} with {os.cpu_count()} CPUs (PEFT on "
         f"{', '.join(sorted(devices)) or args.device}); whole run {wall / 60:.1f} min.",
         f"Settings: data.max_rows={args.max_rows} (fixed-seed sample of train.jsonl), "
-        f"eval.limit={args.limit} (first rows of test.jsonl), "
+        f"eval.limit={args.limit} (first rows of test.jsonl)"
+        + ("" if args.same_sizes else ", except " + "; ".join(
+            f"{ds.split('/')[-1]}: " + ", ".join(f"{k}={v}" for k, v in kv.items())
+            for ds, kv in SIZES.items())) + ", "
         f"schedule.max_steps={args.steps or 'recipe (epochs)'}, "
         f"tune {'unpacked (runtime.pack=false)' if args.no_pack else 'packed (default)'}; "
         "everything else is the recipe's.",
-        "base and tune: tune's own evaluation (greedy decoding, the recipe's metric); PEFT: the same "
-        "plan trained and decoded by transformers + PEFT (benchmarks/peft_reference.py)."
+        "base and tune: tune's own evaluation (the plan's eval.mode: for these label sets greedy "
+        "decoding within the labels; the recipe's metric); PEFT: the same plan trained and decoded "
+        "by transformers + PEFT (benchmarks/peft_reference.py), within the same labels."
         + (" base (HF): the base model decoded by transformers." if hfbase else "")
         + (" tune adapter, HF decode: tune's exported adapter loaded with PeftModel and decoded by "
            "transformers — should equal the tune column." if cross else ""),
@@ -297,6 +307,9 @@ def parse_args(argv=None):
     ap.add_argument("--steps", type=int, default=None, help="schedule.max_steps for both (default: the recipe's epochs)")
     ap.add_argument("--epochs", type=float, default=None, help="schedule.epochs (default: the recipe's)")
     ap.add_argument("--no-pack", action="store_true", help="tune with runtime.pack=false")
+    ap.add_argument("--same-sizes", action="store_true",
+                    help="--max-rows and --limit for every dataset (default: fewer of the long "
+                         "PubMedQA abstracts, see SIZES)")
     ap.add_argument("--device", default="auto", help="PEFT device: cpu, cuda or auto")
     ap.add_argument("--data-root", type=Path, default=DATA, help="default: %(default)s")
     ap.add_argument("--cross-check", action="store_true",
