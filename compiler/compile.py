@@ -58,11 +58,11 @@ def compile_plan(cfg: dict, *, recipe_info: Recipe | None, command: str = "plan"
                                config["data"]["max_length"], examples)
     lengths = examples.lengths("train") if examples else np.zeros(0, dtype=np.int64)
     schedule = _schedule_section(config["schedule"], config["data"], runtime, lengths)
+    estimates_ = _estimates(model, adapter, schedule, runtime, warnings, need_train=need_train)
+    warnings += _schedule_warnings(schedule, estimates_)
     plan = Plan(version=PLAN_VERSION, hash="", model=model, data=data, template=template,
                 adapter=adapter, schedule=schedule, runtime=runtime,
-                eval=_eval_section(config["eval"], data),
-                estimates=_estimates(model, adapter, schedule, runtime, warnings,
-                                     need_train=need_train),
+                eval=_eval_section(config["eval"], data), estimates=estimates_,
                 recipe=recipe_info, config=_with_files(config, tables),
                 warnings=tuple(dict.fromkeys(warnings)))
     return with_hash(plan)
@@ -438,6 +438,18 @@ def _schedule_section(s: dict, d: dict, rt: RuntimeSection, lengths: np.ndarray)
     global_batch = s["batch_size"] * s["grad_accum"]
     return ScheduleSection(**s, seq_len=d["max_length"], global_batch=global_batch, **steps,
                            tokens_per_step=global_batch * d["max_length"])
+
+
+def _schedule_warnings(s: ScheduleSection, est: Estimates) -> list[str]:
+    out = []
+    if s.total_steps and s.warmup >= 1 and s.warmup >= s.total_steps:
+        out.append(f"schedule.warmup={s.warmup:g} steps is not shorter than the run's "
+                   f"{s.total_steps} steps: the learning rate never reaches schedule.lr. A fraction "
+                   "(0.03–0.1) scales with the run.")
+    if est.total_time_s and est.total_time_s > 30 * 86400:
+        out.append(f"the run's {s.total_steps:,} steps take about {est.total_time_s / 86400:,.0f} "
+                   "days by the plan's estimate: check schedule.max_steps and schedule.epochs.")
+    return out
 
 
 # ------------------------------------------------------------------------------ estimates

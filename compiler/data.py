@@ -82,9 +82,9 @@ def _parse_jsonl(text: str, *, key: str, file: str) -> list[dict]:
     # line, a non-object) falls through to the line-by-line pass, which says where.
     try:
         rows = json.loads("[" + ",".join(body) + "]")
-        if len(rows) == len(body) and all(type(r) is dict for r in rows):
+        if len(rows) == len(body) and all(type(r) is dict for r in rows) and _utf8(rows):
             return rows
-    except ValueError:
+    except (ValueError, RecursionError):
         pass
     rows = []
     decode = json.loads
@@ -96,11 +96,29 @@ def _parse_jsonl(text: str, *, key: str, file: str) -> list[dict]:
         except ValueError as e:
             raise PlanError(key, f"line {n} is not valid JSON: {e}.", file=file, line=n,
                             hint="JSONL holds one JSON object per line.") from None
+        except RecursionError:
+            raise PlanError(key, f"line {n} nests JSON arrays or objects too deeply to read.",
+                            file=file, line=n, hint="a row is an object of field → value.") from None
         if not isinstance(row, dict):
             raise PlanError(key, f"line {n} is a JSON {_json_type(row)}, not an object.", file=file,
                             line=n, hint='each line must be an object such as {"text": ..., "label": ...}.')
+        if not _utf8([row]):
+            raise PlanError(key, f"line {n} holds a lone surrogate escape (such as \\ud800): text "
+                            "that is not valid Unicode.", file=file, line=n,
+                            hint="fix or drop that row; it usually comes from text cut in the "
+                                 "middle of an emoji.")
         rows.append(row)
     return rows
+
+
+def _utf8(rows: list) -> bool:
+    """Whether every string in the rows is valid Unicode (JSON's \\ud800 escapes decode to lone
+    surrogates, which no tokenizer takes)."""
+    try:
+        json.dumps(rows, ensure_ascii=False).encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
 
 
 def _parse_json(text: str, *, key: str, file: str) -> list[dict]:
@@ -110,6 +128,12 @@ def _parse_json(text: str, *, key: str, file: str) -> list[dict]:
         if e.msg == "Extra data":  # one object per line under a .json name (pandas/datasets do this)
             return _parse_jsonl(text, key=key, file=file)
         raise PlanError(key, f"not valid JSON: {e}.", file=file, line=e.lineno) from None
+    except RecursionError:
+        raise PlanError(key, "the JSON nests arrays or objects too deeply to read.", file=file,
+                        hint='write [{"text": ..., "label": ...}, ...] or JSONL.') from None
+    if not _utf8([data]):
+        raise PlanError(key, "the file holds a lone surrogate escape (such as \\ud800): text that "
+                        "is not valid Unicode.", file=file, hint="fix or drop the rows that hold it.")
     if isinstance(data, dict) and isinstance(data.get("data"), list):
         data = data["data"]
     if isinstance(data, dict):  # a single object: one row (JSONL of one line reads the same)

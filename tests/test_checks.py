@@ -380,3 +380,35 @@ def test_a_group_given_a_value(tune_cli, clf_data, tmp_path):
     clf_data()
     refused(plan(tune_cli, "schedule=5"), "`schedule` is a config group", "schedule.KEY=VALUE",
             tmp_path=tmp_path)
+
+
+# ------------------------------------------------------------------------------ bad data, odd schedules
+
+@pytest.mark.parametrize("tail, needles", [
+    ('{"text": ' + "[" * 100_000 + "]" * 100_000 + ', "label": "Alpha"}\n',
+     ["train.jsonl:301", "nests JSON arrays or objects too deeply"]),
+    ('{"text": "cut \\ud800 emoji", "label": "Alpha"}\n',
+     ["train.jsonl:301", "lone surrogate escape"]),
+])
+def test_unreadable_rows_name_their_line(tune_cli, tmp_path, tail, needles):
+    path = write_jsonl(tmp_path / "data" / "train.jsonl", clf_rows(300))
+    with open(path, "a", encoding="utf-8") as f:
+        f.write(tail)
+    refused(plan(tune_cli), "data.path", *needles, tmp_path=tmp_path)
+
+
+@pytest.mark.parametrize("override, needles", [
+    ("schedule.seed=9223372036854775808", ["schedule.seed", "at most 4294967295"]),
+    ("schedule.max_steps=100000000", ["schedule.max_steps", "at most 10000000"]),
+])
+def test_plans_that_could_not_train_are_refused(tune_cli, clf_data, tmp_path, override, needles):
+    clf_data()
+    refused(plan(tune_cli, override), *needles, tmp_path=tmp_path)
+
+
+def test_warmup_longer_than_the_run_and_endless_runs_warn(tune_cli, clf_data, tmp_path):
+    clf_data()
+    rc, out, err = plan(tune_cli, "schedule.warmup=500")
+    assert rc == 0 and "never reaches schedule.lr" in flat(out)
+    rc, out, err = plan(tune_cli, "schedule.max_steps=2000000", "hydra.run.dir=run2")
+    assert rc == 0 and "days by the plan's estimate" in flat(out)
