@@ -72,7 +72,7 @@ class ModelConfig:
             if not head_dim:        # transformers' Qwen3Config defaults to 128; the others derive it
                 head_dim = 128 if family == "qwen3" else hidden // heads
             bias = bool(hf.get("attention_bias", False))
-            return cls(
+            config = cls(
                 family=family, vocab_size=int(hf["vocab_size"]), hidden_size=hidden,
                 intermediate_size=int(hf["intermediate_size"]), num_layers=layers,
                 num_heads=heads, num_kv_heads=int(hf.get("num_key_value_heads") or heads),
@@ -89,6 +89,27 @@ class ModelConfig:
         except (TypeError, ValueError) as e:
             raise PlanError("model.path", f"config.json has a value of the wrong type ({e}).",
                             hint="is this a complete Hugging Face causal-LM checkpoint?") from None
+        except ZeroDivisionError:
+            raise PlanError("model.path", "config.json gives num_attention_heads=0.",
+                            hint="is this a complete Hugging Face causal-LM checkpoint?") from None
+        config.check()
+        return config
+
+    def check(self) -> None:
+        """Sizes a decoder can be built from: positive, heads grouping evenly."""
+        sizes = {"vocab_size": self.vocab_size, "hidden_size": self.hidden_size,
+                 "intermediate_size": self.intermediate_size, "num_hidden_layers": self.num_layers,
+                 "num_attention_heads": self.num_heads, "num_key_value_heads": self.num_kv_heads,
+                 "head_dim": self.head_dim}
+        bad = [f"{k}={v}" for k, v in sizes.items() if v < 1]
+        if bad:
+            raise PlanError("model.path", f"config.json gives sizes no model can have: "
+                            f"{', '.join(bad)}.", hint="is this a complete Hugging Face causal-LM "
+                            "checkpoint?")
+        if self.num_heads % self.num_kv_heads:
+            raise PlanError("model.path", f"config.json's {self.num_heads} attention heads do not "
+                            f"group evenly over {self.num_kv_heads} key/value heads.",
+                            hint="is this a complete Hugging Face causal-LM checkpoint?")
 
     # -- shapes the compiler sizes a plan with
 
@@ -98,6 +119,28 @@ class ModelConfig:
         h, i = self.hidden_size, self.intermediate_size
         return {"q_proj": (h, q), "k_proj": (h, kv), "v_proj": (h, kv), "o_proj": (q, h),
                 "gate_proj": (h, i), "up_proj": (h, i), "down_proj": (i, h)}
+
+    def tensor_shapes(self) -> dict[str, tuple[int, ...]]:
+        """Every tensor a checkpoint of this config holds, by its Hugging Face name, with its shape
+        (the lm_head only when untied)."""
+        d, h = self.hidden_size, self.head_dim
+        out = {"model.embed_tokens.weight": (self.vocab_size, d), "model.norm.weight": (d,)}
+        if not self.tie_word_embeddings:
+            out["lm_head.weight"] = (self.vocab_size, d)
+        for i in range(self.num_layers):
+            p = f"model.layers.{i}."
+            for m, (n_in, n_out) in self.linear_shapes().items():
+                part = "self_attn" if m in ATTENTION_MODULES else "mlp"
+                out[f"{p}{part}.{m}.weight"] = (n_out, n_in)
+                if (self.attention_bias and m in ("q_proj", "k_proj", "v_proj")) or \
+                        (self.o_bias and m == "o_proj"):
+                    out[f"{p}{part}.{m}.bias"] = (n_out,)
+            out[f"{p}input_layernorm.weight"] = (d,)
+            out[f"{p}post_attention_layernorm.weight"] = (d,)
+            if self.qk_norm:
+                out[f"{p}self_attn.q_norm.weight"] = (h,)
+                out[f"{p}self_attn.k_norm.weight"] = (h,)
+        return out
 
     def param_count(self) -> int:
         """Parameters, as transformers' num_parameters() counts them (a tied head counted once)."""

@@ -62,7 +62,7 @@ def _describe(model_dir: Path, *, source: str, name: str) -> ModelSection:
     hf = _read_json(model_dir / "config.json", required=True)
     config = ModelConfig.from_hf(hf)
     arch = architecture(hf)
-    _check_weights(model_dir)
+    _check_weights(model_dir, config)
     tokenizer = load_tokenizer(model_dir)
     template = chat_template(model_dir)
     gen_cfg = _read_json(model_dir / "generation_config.json", required=False)
@@ -78,7 +78,7 @@ def _describe(model_dir: Path, *, source: str, name: str) -> ModelSection:
         eos_token=eos_text, **ids)
 
 
-def _check_weights(model_dir: Path) -> None:
+def _check_weights(model_dir: Path, config: ModelConfig) -> None:
     index = model_dir / "model.safetensors.index.json"
     if index.is_file():
         shards = set(_read_json(index, required=True).get("weight_map", {}).values())
@@ -86,8 +86,11 @@ def _check_weights(model_dir: Path) -> None:
         if missing:
             raise PlanError("model.path", f"{index} lists shards that are missing: "
                             f"{', '.join(missing)}.", hint="finish downloading the checkpoint.")
+        _check_tensors([model_dir / s for s in sorted(shards)], config)
         return
-    if any(model_dir.glob("*.safetensors")):
+    files = sorted(model_dir.glob("*.safetensors"))
+    if files:
+        _check_tensors(files, config)
         return
     pickles = sorted(p.name for p in model_dir.iterdir() if p.suffix in _PICKLE_SUFFIXES)
     if pickles:
@@ -97,6 +100,69 @@ def _check_weights(model_dir: Path) -> None:
                              ".save_pretrained(DIR, safe_serialization=True)`.")
     raise PlanError("model.path", f"{model_dir} has no weights (*.safetensors or "
                     "model.safetensors.index.json).", hint=_PATH_HINT)
+
+
+FLOAT_DTYPES = ("F32", "F16", "BF16")
+_IGNORED = ("rotary_emb.inv_freq",)          # buffers some checkpoints carry; recomputed
+
+
+def _check_tensors(files: list[Path], config: ModelConfig) -> None:
+    """The safetensors headers (read alone: no weights) against what config.json implies: every
+    tensor there, none unexpected, the right shapes, float dtypes."""
+    found: dict[str, tuple] = {}
+    for f in files:
+        for name, (dtype, shape) in _safetensors_header(f).items():
+            if dtype not in FLOAT_DTYPES:
+                raise PlanError("model.path", f"{f.name} stores {name} as {dtype}; tune loads "
+                                f"{', '.join(FLOAT_DTYPES)} weights.", file=str(f),
+                                hint="use the original (unquantized) checkpoint.")
+            found[name] = tuple(shape)
+    want = config.tensor_shapes()
+    missing = [n for n in want if n not in found]
+    extra = [n for n in found if n not in want and not n.endswith(_IGNORED)
+             and not (n == "lm_head.weight" and config.tie_word_embeddings)]
+    wrong = [f"{n} {list(found[n])} (config.json implies {list(want[n])})"
+             for n in want if n in found and found[n] != want[n]]
+    for what, names in (("lacks", missing), ("has tensors this architecture does not use:", extra),
+                        ("has tensors of the wrong shape:", wrong)):
+        if names:
+            raise PlanError("model.path", f"the checkpoint {what} {', '.join(names[:3])}"
+                            + (f" and {len(names) - 3} more" if len(names) > 3 else "") + ".",
+                            hint="are config.json and the weights of the same model?")
+
+
+def _safetensors_header(path: Path) -> dict:
+    """name → (dtype, shape) from a safetensors file's header; PlanError if it is not one."""
+    import struct
+
+    def bad(why: str) -> PlanError:
+        return PlanError("model.path", f"{path.name} is not a safetensors file ({why}).",
+                         file=str(path), hint="re-download or re-save the weights with safetensors.")
+
+    try:
+        with open(path, "rb") as f:
+            raw = f.read(8)
+            if len(raw) < 8:
+                raise bad("shorter than a header")
+            (n,) = struct.unpack("<Q", raw)
+            size = path.stat().st_size
+            if n < 2 or 8 + n > size or n > 100 * 2**20:
+                raise bad(f"a header of {n} bytes in a file of {size}")
+            header = json.loads(f.read(n).decode("utf-8"))
+    except (OSError, UnicodeDecodeError, ValueError) as e:
+        if isinstance(e, PlanError):
+            raise
+        raise bad(str(e)) from None
+    if not isinstance(header, dict):
+        raise bad("its header is not a JSON object")
+    out = {}
+    for name, info in header.items():
+        if name == "__metadata__":
+            continue
+        if not isinstance(info, dict) or not isinstance(info.get("shape"), list):
+            raise bad(f"no shape for {name}")
+        out[name] = (info.get("dtype"), info["shape"])
+    return out
 
 
 def _special_ids(hf: dict, gen: dict, tok_cfg: dict, tokenizer) -> dict:

@@ -369,6 +369,15 @@ def _model_copy(tmp_path, **edits):
     ({"config": lambda c: {k: v for k, v in c.items() if k != "hidden_size"}}, ["lacks `hidden_size`"]),
     ({"tokenizer.json": "garbage{"}, ["tokenizer.json", "not a tokenizer"]),
     ({"tokenizer_config.json": "{not json"}, ["tokenizer_config.json", "not valid JSON"]),
+    ({"config": lambda c: {**c, "num_hidden_layers": 0}}, ["num_hidden_layers=0"]),
+    ({"config": lambda c: {**c, "num_attention_heads": 0}}, ["num_attention_heads=0"]),
+    ({"config": lambda c: {**c, "vocab_size": -5}}, ["vocab_size=-5"]),
+    ({"config": lambda c: {**c, "num_key_value_heads": 2}}, ["do not group evenly"]),
+    ({"model.safetensors": "not a safetensors file at all"}, ["model.safetensors",
+                                                             "is not a safetensors file"]),
+    ({"config": lambda c: {**c, "intermediate_size": 1000}},
+     ["wrong shape", "mlp.gate_proj.weight [1536, 576] (config.json implies [1000, 576])"]),
+    ({"config": lambda c: {**c, "num_hidden_layers": 31}}, ["lacks model.layers.30."]),
 ])
 def test_bad_model_files_are_exit_2(tune_cli, clf_data, tmp_path, edits, needles):
     clf_data()
