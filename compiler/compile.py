@@ -41,8 +41,11 @@ def compile_plan(cfg: dict, *, recipe_info: Recipe | None, command: str = "plan"
     training data (the base model is scored); "generate" needs neither."""
     from compiler.models import resolve_model
 
+    from compiler.recipes import check_pin
+
     safety.check_config(cfg)
     config, warnings = schema.validate(cfg)
+    check_pin(config["recipe_sha256"], recipe_info)
     need_train = command in TRAIN_COMMANDS
     model = resolve_model(config["model"])
     if config["template"]["chat"] and not model.chat_template:

@@ -224,6 +224,7 @@ class Estimates:
 class RecipeRef:
     name: str
     path: str
+    sha256: str                     # of the file as composed: what recipe_sha256 pins
 
 
 @dataclass(frozen=True)
@@ -316,7 +317,8 @@ class Plan:
 
 # Paths into the plan's JSON that depend only on where things are, or are the compiler's opinions.
 _UNHASHED = (("hash",), ("estimates",), ("warnings",), ("recipe",), ("config", "run"),
-             ("config", "prompt"), ("config", "max_new_tokens"), ("config", "sweep"), ("config", "data", "path"), ("config", "data", "test_path"),
+             ("config", "prompt"), ("config", "max_new_tokens"), ("config", "sweep"),
+             ("config", "recipe_sha256"), ("config", "data", "path"), ("config", "data", "test_path"),
              ("config", "model", "path"), ("config", "model", "name"), ("model", "dir"),
              ("model", "name"), ("model", "source"), ("data", "cache"), ("data", "train", "file"),
              ("data", "test", "file"), ("runtime", "devices", "kind"),

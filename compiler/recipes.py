@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import List, Optional
 
 from compiler.errors import PlanError, did_you_mean
+from compiler.files import sha256_file
 from compiler.plan import Recipe, RecipeRef
 from compiler.safety import load_recipe_yaml
 
@@ -49,6 +50,24 @@ def search_dirs(cwd: Path | None = None) -> list[tuple[str, Path]]:
 
 def _existing_dirs() -> list[Path]:
     return [d for _, d in search_dirs() if d.is_dir()]
+
+
+def check_pin(pin: str | None, info: "Recipe | None") -> None:
+    """recipe_sha256=HASH (or a prefix of 8+ hex digits): refuse a recipe file that changed."""
+    if pin is None:
+        return
+    if info is None:
+        raise PlanError("recipe_sha256", "pins a recipe, but no recipe is chosen.",
+                        hint="add +recipe=NAME, or drop recipe_sha256.")
+    pin, top = pin.strip().lower(), info.chain[-1]
+    if len(pin) < 8 or any(c not in "0123456789abcdef" for c in pin):
+        raise PlanError("recipe_sha256", f"must be the recipe's sha256 (or its first 8+ hex "
+                        f"digits), got {pin!r}.", hint="`tune recipes` shows each recipe's hash.")
+    if not top.sha256.startswith(pin):
+        raise PlanError("recipe_sha256", f"the recipe `{top.name}` has changed: {top.path} has "
+                        f"sha256 {top.sha256[:16]}…, the pin says {pin[:16]}….", file=top.path,
+                        hint="review the change (`tune recipes show NAME`), then pin the new hash, "
+                             "or restore the file you pinned.")
 
 
 def list_recipes() -> list[tuple[str, Path, str]]:
@@ -236,7 +255,7 @@ def recipe_info(name: str | None) -> Recipe | None:
             if isinstance(value, str):
                 sets.setdefault(key, []).append((value, str(rf.path.parent)))
     return Recipe(name=top.name, path=str(top.path), description=description(top.path),
-                  chain=tuple(RecipeRef(rf.name, str(rf.path)) for rf in chain),
+                  chain=tuple(RecipeRef(rf.name, str(rf.path), sha256_file(rf.path)) for rf in chain),
                   data_sources={k: tuple(v) for k, v in sets.items()})
 
 

@@ -43,6 +43,8 @@ KEYS: tuple[Key, ...] = (
        nullable=True),
     _k("prompt", "str", None, "`tune generate`: the text to answer (null = read from stdin)",
        nullable=True),
+    _k("recipe_sha256", "str", None, "pin the recipe file: refuse to run when its sha256 does not "
+       "start with this", nullable=True),
     _k("max_new_tokens", "int", 256, "`tune generate`: tokens per answer at most", low=1, high=1 << 20),
     # model
     _k("model.name", "str", None, "display name (null = derived from the model)", nullable=True),

@@ -252,3 +252,24 @@ def test_a_linked_recipe_is_not_followed(tune_cli, tmp_path):
     assert rc == 0 and "trap" not in out and "1234" not in out
     rc, out, err = tune_cli("plan", "+recipe=trap")
     assert rc == 2 and "1234" not in out + err
+
+
+def test_recipe_pinning(tune_cli, tmp_path):
+    import hashlib
+
+    (tmp_path / "recipes").mkdir()
+    recipe = tmp_path / "recipes" / "team.yaml"
+    recipe.write_text("# @package _global_\n# t\ndefaults:\n  - /recipe/legal\n  - _self_\n"
+                      "adapter:\n  rank: 8\n")
+    sha = hashlib.sha256(recipe.read_bytes()).hexdigest()
+    rc, out, err = tune_cli("recipes")
+    assert rc == 0 and sha[:16] in out
+    rc, out, err = tune_cli("plan", "+recipe=team", f"recipe_sha256={sha[:12]}", "hydra.run.dir=a")
+    assert rc == 0, err
+    chain = json.loads((tmp_path / "a" / "plan.json").read_text())["recipe"]["chain"]
+    assert [c["name"] for c in chain] == ["legal", "team"] and chain[-1]["sha256"] == sha
+    recipe.write_text(recipe.read_text().replace("rank: 8", "rank: 64"))
+    rc, out, err = tune_cli("plan", "+recipe=team", f"recipe_sha256={sha[:12]}", "hydra.run.dir=b")
+    assert rc == 2 and "has changed" in err and str(recipe) in err and not (tmp_path / "b").exists()
+    rc, out, err = tune_cli("plan", "recipe_sha256=abcdef12", "data.path=x.jsonl")
+    assert rc == 2 and "no recipe is chosen" in err

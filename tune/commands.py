@@ -213,14 +213,14 @@ def recipes(args: list[str]) -> int:
         console.print("[bold]recipes[/bold] [dim](use with +recipe=NAME)[/dim]")
         for name, path, desc in rows:
             console.print(f"  [bold cyan]{escape(name.ljust(width))}[/bold cyan]  {escape(desc)}  "
-                          f"[dim]{escape(str(path))}[/dim]")
+                          f"[dim]{escape(str(path))}  sha256 {sha256_file(path)[:16]}[/dim]")
         console.print(f"[dim]looked in: {recipes_mod.looked_in()}[/dim]")
         return 0
     if sub == "show":
         if len(args) != 2:
             raise PlanError("recipes", "usage: tune recipes show NAME.")
         path, text = recipes_mod.show(args[1])
-        console.print(f"[dim]# {path}[/dim]")
+        console.print(f"[dim]# {path}  sha256 {sha256_file(path)}[/dim]")
         if sys.stdout.isatty():
             console.print(Syntax(text, "yaml", theme="ansi_dark", background_color="default"))
         else:
