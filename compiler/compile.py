@@ -116,7 +116,7 @@ def _read_file(key: str, path: Path, d: dict, t: dict, *, dedupe: bool
                ) -> tuple[list[dict], TableStats]:
     """The usable rows of one data file (every template field present and non-empty; duplicates
     dropped when asked) and its stats."""
-    rows = data_mod.read_table(path, key=key, fmt=d["format"])
+    rows = data_mod.read_table(path, key=key, fmt=d["format"], max_mb=d["max_file_mb"])
     fields = _fields(rows)
     used = check_fields(t, fields, file=str(path))
     kept, dropped = data_mod.clean_rows(rows, fields=used, dedupe=dedupe)

@@ -39,16 +39,15 @@ def table_format(path: str | Path, *, key: str, fmt: str = "auto") -> str:
     return FORMATS[suffix]
 
 
-def read_table(path: str | Path, *, key: str, fmt: str = "auto") -> list[dict]:
+MAX_FILE_MB = 1024        # a data file larger than this is refused before it is read
+
+
+def read_table(path: str | Path, *, key: str, fmt: str = "auto",
+               max_mb: float = MAX_FILE_MB) -> list[dict]:
     """All rows of the table at `path`, as dicts. `key` is the config key that named the file."""
     path = Path(path).expanduser()
     shown = str(path)
-    if not path.exists():
-        raise PlanError(key, "file not found.", file=shown,
-                        hint=f"relative paths are read from the current directory, {os.getcwd()}.")
-    if not path.is_file():
-        raise PlanError(key, "is a directory, not a data file.", file=shown,
-                        hint="name one .jsonl, .json, .csv or .parquet file.")
+    check_file(path, key, max_mb)
     kind = table_format(path, key=key, fmt=fmt)
     if kind == "parquet":
         rows = _read_parquet(path, key=key)
@@ -71,6 +70,37 @@ def read_table(path: str | Path, *, key: str, fmt: str = "auto") -> list[dict]:
     if not rows:
         raise PlanError(key, "the file has no rows.", file=shown)
     return rows
+
+
+def check_file(path: Path, key: str, max_mb: float) -> None:
+    """A regular file of a size worth reading, or a PlanError that says what the path is."""
+    import stat
+
+    shown = str(path)
+    try:
+        st = path.stat()
+    except RuntimeError:            # Python < 3.13 raises this for a symbolic link loop
+        raise PlanError(key, "is a symbolic link loop.", file=shown) from None
+    except OSError as e:
+        if path.is_symlink():
+            what = "a symbolic link loop" if e.errno == 40 else "a broken symbolic link"
+            raise PlanError(key, f"is {what}.", file=shown,
+                            hint="point it at a data file.") from None
+        raise PlanError(key, "file not found.", file=shown,
+                        hint=f"relative paths are read from the current directory, {os.getcwd()}.") \
+            from None
+    if not stat.S_ISREG(st.st_mode):
+        what = ("a directory" if stat.S_ISDIR(st.st_mode) else "a named pipe (FIFO)"
+                if stat.S_ISFIFO(st.st_mode) else "a device" if stat.S_ISCHR(st.st_mode)
+                or stat.S_ISBLK(st.st_mode) else "not a regular file")
+        raise PlanError(key, f"is {what}, not a data file.", file=shown,
+                        hint="name one .jsonl, .json, .csv or .parquet file.")
+    if st.st_size > max_mb * 2**20:
+        raise PlanError(key, f"is {st.st_size / 2**20:,.3g} MB, more than data.max_file_mb="
+                        f"{max_mb:g}; it is refused before it is read (the whole table is held in "
+                        "memory).", file=shown,
+                        hint="sample it first, or raise data.max_file_mb if this machine has the "
+                             "memory (several times the file's size).")
 
 
 def _parse_jsonl(text: str, *, key: str, file: str) -> list[dict]:
@@ -149,6 +179,7 @@ def _parse_json(text: str, *, key: str, file: str) -> list[dict]:
 
 
 def _parse_csv(text: str, *, key: str, file: str) -> list[dict]:
+    csv.field_size_limit(max(csv.field_size_limit(), len(text)))   # long fields are data, not errors
     reader = csv.DictReader(io.StringIO(text, newline=""))  # newline="": quoted fields keep theirs
     rows = []
     try:

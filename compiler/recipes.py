@@ -276,9 +276,10 @@ def resolve_data_path(key: str, value: str, info: Recipe | None, cwd: Path | Non
         if c.is_file():
             return c.resolve()
     for c in candidates:
-        if c.exists():
-            raise PlanError(key, f"{c} is a directory, not a data file.",
-                            hint="give a .jsonl, .json, .csv or .parquet file.")
+        if c.exists() or c.is_symlink():     # a directory, a pipe, a device, a link loop: say which
+            from compiler.data import MAX_FILE_MB, check_file
+
+            check_file(c, key, MAX_FILE_MB)
     looked = ", ".join(str(c.absolute()) for c in dict.fromkeys(candidates))
     raise PlanError(key, f"data file `{value}` not found (looked in: {looked}).",
                     hint="relative paths are tried from the current directory, then from the "

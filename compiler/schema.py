@@ -56,6 +56,8 @@ KEYS: tuple[Key, ...] = (
     _k("data.test_path", "str", None, "held-out file scored by eval", nullable=True),
     _k("data.format", "choice", "auto", "file format", choices=("auto", "jsonl", "json", "csv",
                                                                   "parquet")),
+    _k("data.max_file_mb", "number", 1024, "data files larger than this are refused before being "
+       "read", low=0.0, low_open=True),
     _k("data.max_rows", "int", None, "cap on rows read from data.path (fixed-seed sample)",
        nullable=True, low=1),
     _k("data.val_fraction", "number", 0.05, "share of training rows held out for validation",

@@ -242,3 +242,37 @@ def test_split_validation_fixed_seed_disjoint_complete():
     assert val != split_validation(ROWS, 0.1, seed=1)[1]
     assert split_validation(ROWS, 0, seed=0) == (ROWS, [])
     assert len(split_validation(ROWS[:5], 0.01, seed=0)[1]) == 1     # a positive fraction holds one out
+
+
+# ------------------------------------------------------------------------------ what a path is
+
+def test_paths_that_are_not_data_files_say_what_they_are(tmp_path):
+    import os
+
+    os.mkfifo(tmp_path / "fifo")
+    (tmp_path / "loop1").symlink_to(tmp_path / "loop2")
+    (tmp_path / "loop2").symlink_to(tmp_path / "loop1")
+    (tmp_path / "dangling").symlink_to(tmp_path / "nowhere.jsonl")
+    for path, what in ((tmp_path / "fifo", "a named pipe (FIFO)"), ("/dev/null", "a device"),
+                       (tmp_path / "loop1", "a symbolic link loop"), (tmp_path, "a directory"),
+                       (tmp_path / "dangling", "a broken symbolic link"),
+                       (tmp_path / "absent.jsonl", "file not found")):
+        with pytest.raises(PlanError) as e:
+            read_table(path, key="data.path")
+        assert what in str(e.value) and e.value.key == "data.path"
+
+
+def test_size_ceiling_and_long_csv_fields(tmp_path):
+    import csv
+
+    path = tmp_path / "long.csv"
+    with open(path, "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["text", "label"])
+        w.writerow(["short", "A"])
+        w.writerow(["x" * 200_000, "B"])                # over csv's default 128 KiB field limit
+        w.writerow(["after", "C"])
+    rows = read_table(path, key="data.path")
+    assert [r["label"] for r in rows] == ["A", "B", "C"] and len(rows[1]["text"]) == 200_000
+    with pytest.raises(PlanError, match=r"more than data.max_file_mb=0.1"):
+        read_table(path, key="data.path", max_mb=0.1)
