@@ -162,9 +162,48 @@ def _extends(data: dict, file: Path) -> tuple:
 
 def load_recipe(name: str) -> RecipeFile:
     path = find_recipe(name)
-    data = load_recipe_yaml(path)
+    data = _in_package(load_recipe_yaml(path), package(path), path)
     check_keys(path, data)
     return RecipeFile(name=path.stem, path=path, data=data, extends=_extends(data, path))
+
+
+def package(path: Path) -> str:
+    """Where Hydra puts a recipe's keys: its `# @package` header (a recipe without one sets keys
+    of the whole config, `_global_`)."""
+    try:
+        lines = Path(path).read_text(encoding="utf-8").splitlines()
+    except (OSError, UnicodeDecodeError):
+        return "_global_"
+    for line in lines:
+        s = line.strip()
+        if s and not s.startswith("#"):
+            break
+        if s.lstrip("#").strip().startswith("@package"):
+            return s.lstrip("#").strip()[len("@package"):].strip() or "_global_"
+    return "_global_"
+
+
+def _in_package(data: dict, pkg: str, path: Path) -> dict:
+    """The recipe's keys as the whole config sees them: under its package (the defaults list
+    stays where it is)."""
+    if pkg in ("_global_", ""):
+        return data
+    prefix = pkg.removeprefix("_global_.")
+    if prefix == "_group_" or prefix.startswith("_group_."):
+        prefix = GROUP + prefix[len("_group_"):]
+    from compiler import schema
+
+    if prefix not in schema.SECTIONS:
+        raise PlanError("recipe", f"the `# @package {pkg}` header puts this recipe's keys under "
+                        f"`{prefix}`, which is not a section of tune's config.", file=str(path),
+                        line=1, hint="use `# @package _global_` (keys of the whole config), or a "
+                                     "section such as `# @package data`.")
+    body = {k: v for k, v in data.items() if k != "defaults"}
+    for part in reversed(prefix.split(".")):
+        body = {part: body}
+    if "defaults" in data:
+        body["defaults"] = data["defaults"]
+    return body
 
 
 def check_keys(path: Path, data: dict) -> None:

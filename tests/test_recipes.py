@@ -273,3 +273,15 @@ def test_recipe_pinning(tune_cli, tmp_path):
     assert rc == 2 and "has changed" in err and str(recipe) in err and not (tmp_path / "b").exists()
     rc, out, err = tune_cli("plan", "recipe_sha256=abcdef12", "data.path=x.jsonl")
     assert rc == 2 and "no recipe is chosen" in err
+
+
+def test_package_header_is_honoured(tune_cli, tmp_path):
+    write_jsonl(tmp_path / "data" / "train.jsonl", clf_rows(300))
+    (tmp_path / "recipes").mkdir()
+    (tmp_path / "recipes" / "rows.yaml").write_text("# @package data\n# rows\nmax_rows: 120\n")
+    rc, out, err = tune_cli("plan", "+recipe=rows", "data.path=data/train.jsonl", "hydra.run.dir=a")
+    assert rc == 0, err
+    assert plan_json(tmp_path, "a")["config"]["data"]["max_rows"] == 120
+    (tmp_path / "recipes" / "odd.yaml").write_text("# @package _group_\n# o\nmax_rows: 1\n")
+    rc, out, err = tune_cli("plan", "+recipe=odd", "data.path=data/train.jsonl", "hydra.run.dir=b")
+    assert rc == 2 and "@package _group_" in err and "not a section" in " ".join(err.split())
