@@ -16,6 +16,7 @@ from functools import lru_cache
 from compiler.errors import PlanError, did_you_mean
 
 PARTS = ("prompt", "response", "system")
+MAX_CHAT_TEXT = 1 << 20       # characters a chat template may render for one example
 OPEN, CLOSE = "⟦", "⟧"   # marks the supervised span in the plan's rendered examples
 
 
@@ -162,8 +163,24 @@ def _compile_chat(template_src: str):
         return json.dumps(x, ensure_ascii=ensure_ascii, indent=indent, separators=separators,
                           sort_keys=sort_keys)
 
-    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True,
-                                        extensions=[Generation, jinja2.ext.loopcontrols])
+    class Bounded(ImmutableSandboxedEnvironment):
+        # A chat template is untrusted input: ranges are bounded by the sandbox (MAX_RANGE); the
+        # arithmetic that builds huge values in one step is bounded here.
+        intercepted_binops = frozenset(("*", "**"))
+
+        def call_binop(self, context, operator, left, right):
+            if operator == "**" and isinstance(right, int) and abs(right) > 256:
+                raise jinja2.exceptions.SecurityError("exponent too large in a chat template")
+            if operator == "*":
+                for seq, n in ((left, right), (right, left)):
+                    if isinstance(seq, (str, list, tuple)) and isinstance(n, int) and \
+                            len(seq) * n > MAX_CHAT_TEXT:
+                        raise jinja2.exceptions.SecurityError("a chat template built a value "
+                                                              "larger than 1 MB")
+            return super().call_binop(context, operator, left, right)
+
+    env = Bounded(trim_blocks=True, lstrip_blocks=True,
+                  extensions=[Generation, jinja2.ext.loopcontrols])
     env.filters["tojson"] = tojson
     env.globals["raise_exception"] = raise_exception
     env.globals["namespace"] = Namespace
@@ -183,11 +200,18 @@ def render_chat(template_src: str, messages: list[dict], *, add_generation_promp
 
     compiled = _compile_chat(template_src)
     try:
-        return compiled.render(messages=messages, add_generation_prompt=add_generation_prompt,
+        text = compiled.render(messages=messages, add_generation_prompt=add_generation_prompt,
                                bos_token=bos_token, eos_token=eos_token)
-    except jinja2.TemplateError as e:
-        raise PlanError("template.chat", f"the model's chat template failed: {e}.",
-                        hint="set template.chat=false to use the plain prompt and response.") from None
+    except (jinja2.TemplateError, OverflowError, RecursionError, MemoryError, TypeError,
+            ValueError) as e:
+        raise PlanError("template.chat", f"the model's chat template failed: {type(e).__name__}: "
+                        f"{e}.", hint="set template.chat=false to use the plain prompt and "
+                                      "response.") from None
+    if len(text) > MAX_CHAT_TEXT:
+        raise PlanError("template.chat", f"the model's chat template rendered {len(text):,} "
+                        "characters for one example.", hint="set template.chat=false to use the "
+                                                            "plain prompt and response.")
+    return text
 
 
 def chat_messages(prompt: str, system: str | None) -> list[dict]:

@@ -223,3 +223,15 @@ def test_to_prompt_completion_refuses_a_template_that_is_not_prefix_stable():
 
 def test_mark_example():
     assert mark_example("Q: x\nA:", " yes</s>") == "Q: x\nA:⟦ yes</s>⟧"
+
+
+@pytest.mark.parametrize("src, needle", [
+    ("{% for i in range(10**8) %}x{% endfor %}", "Range too big"),
+    ("{{ 'x' * 100000000 }}", "larger than 1 MB"),
+    ("{{ 10 ** 100000 }}", "exponent too large"),
+    ("{% for i in range(90000) %}{{ 'abcdefghijklm' }}{% endfor %}", "rendered 1,170,000 characters"),
+])
+def test_a_chat_template_cannot_exhaust_the_machine(src, needle):
+    with pytest.raises(PlanError) as e:
+        render_chat(src, [{"role": "user", "content": "hi"}], add_generation_prompt=True)
+    assert e.value.key == "template.chat" and needle in str(e.value)
