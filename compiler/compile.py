@@ -61,11 +61,13 @@ def compile_plan(cfg: dict, *, recipe_info: Recipe | None, command: str = "plan"
                                config["data"]["max_length"], examples)
     lengths = examples.lengths("train") if examples else np.zeros(0, dtype=np.int64)
     schedule = _schedule_section(config["schedule"], config["data"], runtime, lengths)
-    estimates_ = _estimates(model, adapter, schedule, runtime, warnings, need_train=need_train)
+    evaluation = _eval_section(config["eval"], data)
+    estimates_ = _estimates(model, adapter, schedule, runtime, data, evaluation, warnings,
+                            need_train=need_train)
     warnings += _schedule_warnings(schedule, estimates_)
     plan = Plan(version=PLAN_VERSION, hash="", model=model, data=data, template=template,
                 adapter=adapter, schedule=schedule, runtime=runtime,
-                eval=_eval_section(config["eval"], data), estimates=estimates_,
+                eval=evaluation, estimates=estimates_,
                 recipe=recipe_info, config=_with_files(config, tables),
                 warnings=tuple(dict.fromkeys(warnings)))
     return with_hash(plan)
@@ -458,7 +460,8 @@ def _schedule_warnings(s: ScheduleSection, est: Estimates) -> list[str]:
 # ------------------------------------------------------------------------------ estimates
 
 def _estimates(model: ModelSection, adapter: AdapterSection, schedule: ScheduleSection,
-               rt: RuntimeSection, warnings: list, *, need_train: bool) -> Estimates:
+               rt: RuntimeSection, data: DataSection, ev: EvalSection, warnings: list, *,
+               need_train: bool) -> Estimates:
     c, mesh = model.config, rt.mesh
     memory = estimates.memory_per_device(
         params=model.params, trainable=adapter.trainable_params, layers=c.num_layers,
@@ -488,8 +491,27 @@ def _estimates(model: ModelSection, adapter: AdapterSection, schedule: ScheduleS
             warnings.append(f"the estimated memory per device, {_gib(need)}, is close to "
                             f"{where}; if it runs out, lower schedule.batch_size or set "
                             "runtime.remat=full.")
+    prompt_len = min(data.max_length, data.tokens.get("max") or data.max_length)
+    evaluation = _eval_memory(model, rt, ev, prompt_len)
+    if available and evaluation > MEMORY_ERROR * available:
+        raise PlanError("eval.batch_size", f"scoring {ev.batch_size} test rows at once needs about "
+                        f"{_gib(evaluation)} (weights, and the KV cache of prompts of up to "
+                        f"{prompt_len} tokens and {ev.max_new_tokens} new ones), more than "
+                        f"{rt.devices.kind}'s {_gib(available)}.",
+                        hint="lower eval.batch_size (16 is usual).")
     return Estimates(memory=memory, memory_share=share, step_time_s=step,
-                     total_time_s=step * schedule.total_steps if step is not None else None)
+                     total_time_s=step * schedule.total_steps if step is not None else None,
+                     eval_memory=evaluation)
+
+
+def _eval_memory(model: ModelSection, rt: RuntimeSection, ev: EvalSection, prompt_len: int) -> int:
+    c = model.config
+    return estimates.eval_memory(
+        params=model.params, layers=c.num_layers, hidden=c.hidden_size, heads=c.num_heads,
+        kv_heads=c.num_kv_heads, head_dim=c.head_dim, intermediate=c.intermediate_size,
+        vocab=c.vocab_size, batch=ev.batch_size, prompt_len=prompt_len,
+        new_tokens=ev.max_new_tokens, param_bytes=DTYPE_BYTES[rt.param_dtype],
+        compute_bytes=DTYPE_BYTES[rt.dtype])
 
 
 def _gib(n) -> str:

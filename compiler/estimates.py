@@ -106,6 +106,21 @@ def memory_per_device(*, params: int, trainable: int, layers: int, hidden: int, 
                                    ("logits", logits), ("total", total))}
 
 
+def eval_memory(*, params: int, layers: int, hidden: int, heads: int, kv_heads: int, head_dim: int,
+                intermediate: int, vocab: int, batch: int, prompt_len: int, new_tokens: int,
+                param_bytes: int, compute_bytes: int) -> int:
+    """Bytes one evaluation batch needs: the weights, the KV cache of every layer for the prompt and
+    the answer, and the prefill's working set (one layer's activations and attention scores, the
+    last position's logits)."""
+    cache_len = prompt_len + new_tokens
+    kv_cache = layers * 2 * batch * cache_len * kv_heads * head_dim * compute_bytes
+    tokens = batch * prompt_len
+    prefill = tokens * (3 * hidden + 2 * intermediate) * compute_bytes + \
+        batch * heads * prompt_len * cache_len * 4 * 2
+    logits = batch * vocab * 4 * 2
+    return int(params * param_bytes + kv_cache + prefill + logits)
+
+
 # ------------------------------------------------------------------------------ time
 
 _CPU_FLOPS: float | None = None

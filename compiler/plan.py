@@ -216,6 +216,7 @@ class EvalSection:
 class Estimates:
     memory: dict[str, int]          # bytes per device: weights, adapter_optimizer, activations, logits, total
     memory_share: float | None      # of one device's memory
+    eval_memory: int | None         # bytes one evaluation batch needs (weights + KV cache + prefill)
     step_time_s: float | None
     total_time_s: float | None
 

@@ -247,6 +247,8 @@ def _resources(plan) -> Panel:
                   Text(_bytes(mem["total"]) + (f" of {_bytes(dev.memory)} ({100 * share:.0f}%)"
                                               if share is not None and dev.memory else ""),
                        style="bold"))
+    if est.eval_memory:
+        t.add_row(f"evaluation ({plan.eval.batch_size} rows at once)", _bytes(est.eval_memory))
     steps = plan.schedule.total_steps
     rows = _kv([
         ("devices", f"{dev.count} × {dev.kind} ({dev.platform})"),

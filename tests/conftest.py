@@ -131,7 +131,8 @@ def make_plan(model_dir, *, examples=None, sizes=None, labels=(), plan_hash="tin
                                share=0.0),
         schedule=ScheduleSection(**s, global_batch=gb, **steps, tokens_per_step=gb * s["seq_len"]),
         runtime=RuntimeSection(**rt), eval=EvalSection(**ev),
-        estimates=Estimates(memory={}, memory_share=None, step_time_s=None, total_time_s=None),
+        estimates=Estimates(memory={}, memory_share=None, step_time_s=None, total_time_s=None,
+                            eval_memory=None),
         recipe=None, config={}, warnings=())
 
 

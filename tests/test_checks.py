@@ -421,3 +421,12 @@ def test_warmup_longer_than_the_run_and_endless_runs_warn(tune_cli, clf_data, tm
     assert rc == 0 and "never reaches schedule.lr" in flat(out)
     rc, out, err = plan(tune_cli, "schedule.max_steps=2000000", "hydra.run.dir=run2")
     assert rc == 0 and "days by the plan's estimate" in flat(out)
+
+
+def test_an_evaluation_batch_that_cannot_fit_is_refused(tune_cli, tmp_path):
+    rc, out, err = tune_cli("plan", "+recipe=legal", "eval.batch_size=4096", "hydra.run.dir=run")
+    text = refused((rc, out, err), "eval.batch_size", "scoring 4096 test rows at once",
+                   "lower eval.batch_size")
+    assert "KV cache" in text
+    rc, out, err = tune_cli("plan", "+recipe=legal", "hydra.run.dir=run")
+    assert rc == 0 and "evaluation (16 rows at once)" in out
