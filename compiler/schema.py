@@ -135,6 +135,14 @@ KEYS: tuple[Key, ...] = (
     _k("eval.limit", "int", None, "rows scored (null = all)", nullable=True, low=1),
     _k("eval.every", "int", 0, "steps between evaluations while training (0 = at the end)", low=0),
     _k("eval.batch_size", "int", 16, "rows generated at once", low=1, high=4096),
+    _k("lr_find.start_lr", "number", 1e-7, "`tune lr-find`: the first learning rate", low=0.0,
+       low_open=True),
+    _k("lr_find.end_lr", "number", 1.0, "`tune lr-find`: the last learning rate", low=0.0,
+       low_open=True),
+    _k("lr_find.steps", "int", 100, "`tune lr-find`: steps from start_lr to end_lr at most", low=5,
+       high=100_000),
+    _k("lr_find.stop_factor", "number", 4.0, "`tune lr-find`: stop once the smoothed loss passes "
+       "this many times its minimum", low=1.0, low_open=True),
     _k("sweep.metric", "choice", "val_loss", "how `tune -m` marks a sweep's best run: lowest "
        "val_loss or loss, or highest task metric (the value in eval.json)",
        choices=("val_loss", "loss", "metric")),
@@ -145,7 +153,8 @@ KEYS: tuple[Key, ...] = (
 )
 
 BY_PATH = {k.path: k for k in KEYS}
-GROUPS = ("model", "data", "template", "adapter", "schedule", "runtime", "eval", "sweep")
+GROUPS = ("model", "data", "template", "adapter", "schedule", "runtime", "eval", "sweep",
+          "lr_find")
 SECTIONS = {p.rsplit(".", 1)[0] for p in BY_PATH if "." in p} | set(GROUPS)
 # Names people bring from other tools → ours.
 ALIASES = {

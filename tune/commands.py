@@ -29,6 +29,8 @@ def run_job(job) -> None:
     """One composed job (tune/compose.Job) of `tune [train|plan|eval|generate]`."""
     if job.command == "generate":
         return generate(job)
+    if job.command == "lr-find":
+        return lr_find(job)
     if job.command == "eval" and job.config.get("run"):
         return evaluate_run(job)
     plan = compile_plan(job.config, recipe_info=recipes_mod.recipe_info(job.recipe),
@@ -42,6 +44,17 @@ def run_job(job) -> None:
         evaluate(plan, job.out_dir, None)
     elif job.command != "plan":
         train(plan, job.out_dir)
+
+
+def lr_find(job) -> None:
+    """`tune lr-find`: the learning-rate range test for this plan (nothing trained is kept)."""
+    from runtime.lr_find import lr_find as range_test
+
+    plan = compile_plan(job.config, recipe_info=recipes_mod.recipe_info(job.recipe), command="plan")
+    plan.write(job.out_dir / "plan.json")
+    f = job.config["lr_find"]
+    range_test(plan, job.out_dir, start_lr=f["start_lr"], end_lr=f["end_lr"], steps=f["steps"],
+               stop_factor=f["stop_factor"])
 
 
 def train(plan: Plan, run_dir: Path) -> None:

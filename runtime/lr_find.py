@@ -1,0 +1,124 @@
+"""`tune lr-find`: the learning-rate range test, on a throw-away adapter.
+
+The plan's model, LoRA and batches, trained with a learning rate that rises exponentially from
+lr_find.start_lr to lr_find.end_lr over lr_find.steps optimizer steps (AdamW as the plan sets it,
+no warmup, no decay). The loss is smoothed (an exponential moving average, bias-corrected); the
+test stops early once the smoothed loss exceeds lr_find.stop_factor × its minimum, or is not
+finite. Nothing is saved but lr_find.json and lr_find.png.
+
+The suggestion is the learning rate where the smoothed loss falls fastest against log(lr) (the
+steepest descent), taken before the loss's minimum; a tenth of the minimum's learning rate is
+reported beside it, the other common rule.
+"""
+from __future__ import annotations
+
+import math
+import time
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from compiler.files import write_atomic, write_json
+from compiler.plan import Plan
+from runtime import run
+from runtime.mesh import make_mesh, put_batch, replicated
+from runtime.progress import Progress, log
+from runtime.train import make_train_step
+
+SMOOTHING = 0.9
+LR_FIND_FILE, LR_FIND_PLOT = "lr_find.json", "lr_find.png"
+
+
+def lr_find(plan: Plan, run_dir, *, start_lr: float, end_lr: float, steps: int,
+            stop_factor: float) -> dict:
+    """Run the range test; write run_dir/lr_find.json and lr_find.png; return the result."""
+    run_dir = Path(run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    mesh = make_mesh(plan.runtime.mesh)
+    graphdef, lora, frozen = run._setup_model(plan, mesh)
+    batcher, _ = run._setup_data(plan)
+    s, rt = plan.schedule, plan.runtime
+
+    def lr_fn(step):
+        return start_lr * (end_lr / start_lr) ** (jnp.asarray(step, jnp.float32) / max(steps - 1, 1))
+
+    parts = [optax.clip_by_global_norm(s.max_grad_norm)] if s.max_grad_norm else []
+    optimizer = optax.chain(*parts, optax.adamw(lr_fn, b1=s.beta1, b2=s.beta2, eps=s.eps,
+                                                weight_decay=s.weight_decay))
+    opt_state = jax.device_put(optimizer.init(lora), replicated(mesh))
+    step_fn = make_train_step(graphdef, optimizer, lr_fn, ce_chunk=rt.ce_chunk,
+                              dropout=plan.adapter.dropout > 0, loss_tokens=rt.loss_tokens,
+                              packed=rt.pack, state_sharding=replicated(mesh))
+    rng, positions = jax.random.PRNGKey(s.seed), batcher.positions_from(0, 0)
+    lrs, losses, smoothed, avg, stopped = [], [], [], 0.0, "reached lr_find.end_lr"
+    t0 = time.perf_counter()
+    log(f"lr-find: up to {steps} steps, learning rate {start_lr:g} → {end_lr:g}")
+    with Progress(steps) as bar:
+        for k in range(steps):
+            e, i = next(positions)
+            lora, opt_state, m = step_fn(lora, opt_state, frozen, put_batch(batcher.batch(e, i), mesh),
+                                         rng, jnp.int32(k))
+            loss, lr = float(m["loss"]), float(m["lr"])
+            bar.update(k + 1, loss=loss)
+            if not math.isfinite(loss):
+                stopped = f"the loss was not finite at learning rate {lr:.3g}"
+                break
+            avg = SMOOTHING * avg + (1 - SMOOTHING) * loss
+            lrs.append(lr)
+            losses.append(loss)
+            smoothed.append(avg / (1 - SMOOTHING ** (k + 1)))
+            if k > 5 and smoothed[-1] > stop_factor * min(smoothed):
+                stopped = f"the smoothed loss passed {stop_factor:g}× its minimum at {lr:.3g}"
+                break
+    result = {"lrs": lrs, "losses": losses, "smoothed": smoothed, "stopped": stopped,
+              "seconds": time.perf_counter() - t0, "start_lr": start_lr, "end_lr": end_lr,
+              "plan_hash": plan.hash, **suggest(lrs, smoothed)}
+    write_json(run_dir / LR_FIND_FILE, result)
+    png = plot(result)
+    if png is not None:
+        write_atomic(run_dir / LR_FIND_PLOT, png)
+    if result["suggested_lr"] is not None:
+        log(f"lr-find: suggested schedule.lr={result['suggested_lr']:.2g} ({result['rule']}); "
+            f"a tenth of the minimum's: {result['min_lr_tenth']:.2g}; stopped: {stopped}")
+    else:
+        log(f"lr-find: too few steps to suggest a learning rate ({stopped})")
+    return result
+
+
+def suggest(lrs: list[float], smoothed: list[float]) -> dict:
+    """{"suggested_lr", "rule", "min_lr_tenth"}: the steepest descent of the smoothed loss against
+    log(lr) before its minimum, and a tenth of the minimum's learning rate."""
+    if len(lrs) < 5:
+        return {"suggested_lr": None, "rule": None, "min_lr_tenth": None}
+    low = int(np.argmin(smoothed))
+    x, y = np.log(np.asarray(lrs[:low + 1])), np.asarray(smoothed[:low + 1])
+    if len(x) >= 3:
+        slope = np.gradient(y, x)
+        best = int(np.argmin(slope))
+    else:
+        best = low
+    return {"suggested_lr": float(lrs[best]),
+            "rule": "steepest descent of the smoothed loss against log(lr), before its minimum",
+            "min_lr_tenth": float(lrs[low] / 10)}
+
+
+def plot(result: dict) -> bytes | None:
+    if not result["lrs"]:
+        return None
+    from runtime.report import _figure, _png
+
+    fig, ax = _figure(7.0, 3.8)
+    ax.plot(result["lrs"], result["losses"], color="#9a9a9a", lw=0.8, label="loss")
+    ax.plot(result["lrs"], result["smoothed"], color="#1f77b4", lw=1.6, label="smoothed")
+    if result.get("suggested_lr"):
+        ax.axvline(result["suggested_lr"], color="#2ca02c", ls="--",
+                   label=f"suggested {result['suggested_lr']:.2g}")
+    ax.set_xscale("log")
+    ax.set_xlabel("learning rate")
+    ax.set_ylabel("training loss")
+    ax.set_title("Learning-rate range test")
+    ax.legend(frameon=False)
+    return _png(fig)
