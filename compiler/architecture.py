@@ -155,6 +155,11 @@ class ModelConfig:
         return embed + self.num_layers * per_layer + h + head
 
 
+def lora_scale(alpha: float, rank: int, rslora: bool) -> float:
+    """LoRA's output scale: alpha / rank, or alpha / sqrt(rank) rank-stabilised (rsLoRA), as PEFT."""
+    return alpha / rank ** 0.5 if rslora else alpha / rank
+
+
 def read_config(model_dir: str | Path) -> ModelConfig:
     """The ModelConfig of a checkpoint directory's config.json."""
     path = Path(model_dir) / "config.json"

@@ -18,6 +18,7 @@ from compiler import data as data_mod
 from compiler import estimates, packing, safety, schema
 from compiler.errors import PlanError, did_you_mean
 from compiler.files import sha256_file, tune_home
+from compiler.architecture import lora_scale
 from compiler.labels import RARE_CLASS, is_classification, normalise
 from compiler.plan import (PLAN_VERSION, AdapterSection, DataSection, Devices, EvalSection, Estimates,
                            Label, MeshAxes, ModelSection, Plan, Recipe, RuntimeSection,
@@ -336,7 +337,8 @@ def _adapter_section(a: dict, model: ModelSection) -> AdapterSection:
                   for m in targets}
     trainable = sum(per_target.values())
     return AdapterSection(rank=a["rank"], alpha=a["alpha"], dropout=a["dropout"],
-                          targets=tuple(targets), scale=a["alpha"] / a["rank"],
+                          targets=tuple(targets), rslora=a["rslora"],
+                          scale=lora_scale(a["alpha"], a["rank"], a["rslora"]),
                           trainable_params=trainable, per_target=per_target,
                           share=trainable / model.params if model.params else 0.0)
 

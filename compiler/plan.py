@@ -135,7 +135,8 @@ class AdapterSection:
     alpha: float
     dropout: float
     targets: tuple[str, ...]
-    scale: float                    # alpha / rank
+    rslora: bool                    # rank-stabilised: scale = alpha / sqrt(rank)
+    scale: float                    # alpha / rank, or alpha / sqrt(rank) with rslora
     trainable_params: int
     per_target: dict[str, int]
     share: float                    # trainable / all parameters

@@ -86,6 +86,8 @@ KEYS: tuple[Key, ...] = (
        hint="alpha = 2 × rank is a common choice."),
     _k("adapter.dropout", "number", 0.05, "dropout on the LoRA input", low=0.0, high=1.0,
        high_open=True, hint="0 to 0.1 is usual."),
+    _k("adapter.rslora", "bool", False, "rank-stabilised LoRA: scale alpha / sqrt(rank) instead of "
+       "alpha / rank (steadier as the rank grows)"),
     _k("adapter.targets", "targets", ["q_proj", "k_proj", "v_proj", "o_proj"],
        "module names to adapt, or all-linear"),
     # schedule

@@ -209,7 +209,8 @@ def _template(plan) -> Panel:
 def _adapter(plan) -> Panel:
     a = plan.adapter
     return _panel("adapter", _kv([
-        ("LoRA", f"rank {a.rank} · alpha {a.alpha:g} (scale {a.scale:.3g}) · dropout {a.dropout:g}"),
+        ("LoRA", f"rank {a.rank} · alpha {a.alpha:g} (scale {a.scale:.3g}"
+                 + (", rank-stabilised" if a.rslora else "") + f") · dropout {a.dropout:g}"),
         ("targets", ", ".join(a.targets)),
         ("trainable", f"{_n(a.trainable_params)} parameters ({100 * a.share:.2f}% of the model)"),
     ]))

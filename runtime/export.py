@@ -39,7 +39,7 @@ def peft_config(lora: LoraConfig, base_model_name_or_path: str | None) -> dict:
         "base_model_name_or_path": base_model_name_or_path,
         "fan_in_fan_out": False, "inference_mode": True, "init_lora_weights": True,
         "modules_to_save": None, "layers_to_transform": None, "layers_pattern": None,
-        "rank_pattern": {}, "alpha_pattern": {}, "use_rslora": False, "use_dora": False,
+        "rank_pattern": {}, "alpha_pattern": {}, "use_rslora": bool(lora.rslora), "use_dora": False,
         "revision": None,
     }
 
@@ -64,15 +64,16 @@ def read_lora_config(adapter_dir) -> LoraConfig:
     cfg = json.loads((Path(adapter_dir) / ADAPTER_CONFIG).read_text())
     if cfg.get("peft_type", "LORA") != "LORA":
         raise ValueError(f"{adapter_dir}: peft_type {cfg.get('peft_type')!r}, only LORA adapters are supported")
-    if cfg.get("use_dora") or cfg.get("use_rslora") or cfg.get("rank_pattern") or cfg.get("alpha_pattern"):
-        raise ValueError(f"{adapter_dir}: DoRA, rsLoRA and per-module rank/alpha patterns are not supported")
+    if cfg.get("use_dora") or cfg.get("rank_pattern") or cfg.get("alpha_pattern"):
+        raise ValueError(f"{adapter_dir}: DoRA and per-module rank/alpha patterns are not supported")
     targets = cfg["target_modules"]
     if targets == "all-linear":
         targets = list(MODULE_NAMES)
     if isinstance(targets, str):
         raise ValueError(f"{adapter_dir}: target_modules as a regex ({targets!r}) is not supported")
     return LoraConfig(rank=int(cfg["r"]), alpha=float(cfg["lora_alpha"]),
-                      dropout=float(cfg.get("lora_dropout", 0.0)), targets=tuple(sorted(targets)))
+                      dropout=float(cfg.get("lora_dropout", 0.0)), targets=tuple(sorted(targets)),
+                      rslora=bool(cfg.get("use_rslora", False)))
 
 
 def load_peft_adapter(model: Llama, adapter_dir) -> Llama:

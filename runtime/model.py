@@ -30,7 +30,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from compiler.architecture import MODULE_NAMES, ModelConfig
+from compiler.architecture import MODULE_NAMES, ModelConfig, lora_scale
 
 REMAT_POLICIES = ("none", "dots", "full")
 ATTENTION = ("xla", "cudnn")
@@ -48,6 +48,7 @@ class LoraConfig:
     alpha: float
     dropout: float
     targets: tuple[str, ...]            # subset of MODULE_NAMES
+    rslora: bool = False                # rank-stabilised: scale alpha / sqrt(rank)
 
     def __post_init__(self):
         unknown = [t for t in self.targets if t not in MODULE_NAMES]
@@ -56,7 +57,7 @@ class LoraConfig:
 
     @property
     def scale(self) -> float:
-        return self.alpha / self.rank
+        return lora_scale(self.alpha, self.rank, self.rslora)
 
 
 # ------------------------------------------------------------------------------------ small pieces

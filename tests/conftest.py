@@ -111,6 +111,7 @@ def make_plan(model_dir, *, examples=None, sizes=None, labels=(), plan_hash="tin
     a = dict(rank=4, alpha=8.0, dropout=0.0, targets=("q_proj", "k_proj", "v_proj", "o_proj"))
     a.update(adapter or {})
     a["targets"] = tuple(a["targets"])
+    a.setdefault("rslora", False)
     t = dict(prompt="{text}", response="{label}", system=None, chat=False, fields=("text", "label"),
              chat_template=None, examples=())
     t.update(template or {})
@@ -127,7 +128,8 @@ def make_plan(model_dir, *, examples=None, sizes=None, labels=(), plan_hash="tin
                          "generation", labels=tuple(labels), majority_baseline=None,
                          unseen_test_labels=()),
         template=TemplateSection(**t),
-        adapter=AdapterSection(**a, scale=a["alpha"] / a["rank"], trainable_params=0, per_target={},
+        adapter=AdapterSection(**a, scale=a["alpha"] / (a["rank"] ** 0.5 if a["rslora"] else a["rank"]),
+                               trainable_params=0, per_target={},
                                share=0.0),
         schedule=ScheduleSection(**s, global_batch=gb, **steps, tokens_per_step=gb * s["seq_len"]),
         runtime=RuntimeSection(**rt), eval=EvalSection(**ev),

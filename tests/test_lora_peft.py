@@ -21,7 +21,7 @@ def exact_matmuls():
         yield
 
 
-def peft_llama(path, adapter_dir, *, seed=0):
+def peft_llama(path, adapter_dir, *, seed=0, rslora=False):
     """A PEFT LoRA (r=4, alpha=8, all 7 modules) on the tiny Llama at `path`, with random non-zero A
     and B, saved to adapter_dir."""
     from peft import LoraConfig as PeftLoraConfig
@@ -29,7 +29,7 @@ def peft_llama(path, adapter_dir, *, seed=0):
     from transformers import AutoModelForCausalLM
 
     base = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
-    peft = get_peft_model(base, PeftLoraConfig(r=4, lora_alpha=8, lora_dropout=0.0,
+    peft = get_peft_model(base, PeftLoraConfig(r=4, lora_alpha=8, lora_dropout=0.0, use_rslora=rslora,
                                                target_modules=list(MODULE_NAMES), task_type="CAUSAL_LM"))
     torch.manual_seed(seed)
     with torch.no_grad():
@@ -68,6 +68,32 @@ def test_logits_equal_peft(pair):
         ref = peft(torch.as_tensor(ids, dtype=torch.long)).logits.numpy()
     ours = np.asarray(model.logits(model(jnp.asarray(ids))))
     np.testing.assert_allclose(ours, ref, atol=1e-4, rtol=0)
+
+
+def test_rslora_logits_equal_peft_both_ways(hf_tiny, tmp_path):
+    """rsLoRA (scale alpha/sqrt(r)): PEFT's adapter loads into tune with its logits, and tune's export
+    loads into PEFT with its logits."""
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    from runtime.export import save_peft_adapter
+
+    _, path = hf_tiny("llama")
+    peft = peft_llama(path, tmp_path / "peft", seed=3, rslora=True)
+    lora = read_lora_config(tmp_path / "peft")
+    assert lora.rslora and lora.scale == pytest.approx(8 / 2)
+    model = load_peft_adapter(load_pretrained(path, lora=lora), tmp_path / "peft")
+    ids, _, _ = batch()
+    with torch.no_grad():
+        ref = peft(torch.as_tensor(ids, dtype=torch.long)).logits.numpy()
+    np.testing.assert_allclose(np.asarray(model.logits(model(jnp.asarray(ids)))), ref, atol=1e-4, rtol=0)
+    out = save_peft_adapter(model, tmp_path / "ours", base_model_name_or_path=str(path))
+    back = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32),
+                                     out).eval()
+    assert back.peft_config["default"].use_rslora
+    with torch.no_grad():
+        again = back(torch.as_tensor(ids, dtype=torch.long)).logits.numpy()
+    np.testing.assert_allclose(again, ref, atol=1e-5, rtol=0)
 
 
 def _tune_loss(graphdef, frozen, ids, targets, mask):
