@@ -9,6 +9,9 @@ is marked; its test score is shown beside the others, so the choice can be check
     python benchmarks/recipe_sweep.py                        # the four recipes (about 80 min on 2 CPU cores)
     python benchmarks/recipe_sweep.py --recipes finance --lr 1e-3,2e-3 --targets q_proj,k_proj,v_proj,o_proj
 
+A point that finished is recorded beside its run directory (<work>/<recipe>/<point>.json) and not
+trained again when the sweep is re-run with the same --work; delete that file to re-run it.
+
 Writes the table into benchmarks/RESULTS.md (between the sweep markers, with the command) and the raw
 figures into benchmarks/results/recipe-sweep.json.
 """
@@ -59,6 +62,10 @@ def run_point(args, recipe: str, point: dict, work: Path) -> dict:
         *(args.override or []),
         *(f"{k}=[{v}]" if k == "adapter.targets" and v != "all-linear" else f"{k}={v}"
           for k, v in point.items())]
+    done = work / recipe / f"{name}.json"
+    if done.exists():  # finished before (the sweep was interrupted): not trained again
+        print(f"[{recipe}] {name}: finished before, kept", file=sys.stderr, flush=True)
+        return json.loads(done.read_text())
     print(f"[{recipe}] {shlex.join(cmd)}", file=sys.stderr, flush=True)
     rc, wall = run_logged(cmd, work / recipe / f"{name}.log")
     out = {"recipe": recipe, "point": point, "command": cmd, "wall_s": wall, "rc": rc}
@@ -72,6 +79,7 @@ def run_point(args, recipe: str, point: dict, work: Path) -> dict:
                free=(ev.get("free") or {}).get("accuracy"),
                majority=ev.get("majority_baseline"), steps=summary.get("steps"),
                final_loss=summary.get("final_loss"), val_loss=summary.get("final_val_loss"))
+    done.write_text(json.dumps(out) + "\n")
     return out
 
 
