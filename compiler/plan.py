@@ -320,7 +320,8 @@ class Plan:
 # Paths into the plan's JSON that depend only on where things are, or are the compiler's opinions.
 _UNHASHED = (("hash",), ("estimates",), ("warnings",), ("recipe",), ("config", "run"),
              ("config", "prompt"), ("config", "max_new_tokens"), ("config", "sweep"),
-             ("config", "recipe_sha256"), ("config", "lr_find"), ("config", "data", "path"), ("config", "data", "test_path"),
+             ("config", "recipe_sha256"), ("config", "lr_find"), ("config", "format"),
+             ("config", "out"), ("config", "gguf_type"), ("config", "data", "path"), ("config", "data", "test_path"),
              ("config", "model", "path"), ("config", "model", "name"), ("model", "dir"),
              ("model", "name"), ("model", "source"), ("data", "cache"), ("data", "train", "file"),
              ("data", "test", "file"), ("runtime", "devices", "kind"),

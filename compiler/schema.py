@@ -43,6 +43,13 @@ KEYS: tuple[Key, ...] = (
        nullable=True),
     _k("prompt", "str", None, "`tune generate`: the text to answer (null = read from stdin)",
        nullable=True),
+    _k("format", "choice", "peft", "`tune export`: peft (the adapter), merged (a transformers "
+       "checkpoint with the adapter folded in) or gguf (llama.cpp, Ollama, LM Studio)",
+       choices=("peft", "merged", "gguf")),
+    _k("out", "str", None, "`tune export`: where to write (null = <run dir>/export/...)",
+       nullable=True),
+    _k("gguf_type", "choice", "f16", "`tune export format=gguf`: the weights' type",
+       choices=("f32", "f16", "bf16", "q8_0")),
     _k("recipe_sha256", "str", None, "pin the recipe file: refuse to run when its sha256 does not "
        "start with this", nullable=True),
     _k("max_new_tokens", "int", 256, "`tune generate`: tokens per answer at most", low=1, high=1 << 20),

@@ -123,3 +123,35 @@ def save_merged(model: Llama, out_dir, model_dir) -> Path:
         if src.exists():
             shutil.copyfile(src, out / name)
     return out
+
+
+EXPORT_FORMATS = ("peft", "merged", "gguf")
+
+
+def export_run(plan, run_dir, out, *, fmt: str, gguf_type: str) -> Path:
+    """A finished run's adapter as `fmt`: peft (the adapter directory as it is), merged (a
+    transformers checkpoint with the adapter folded in) or gguf (a GGUF file of the merged model,
+    weights in gguf_type). Written beside `out` and renamed into place: never half a result."""
+    import os
+    import tempfile
+
+    from compiler.gguf import write_gguf
+    from runtime.evaluate import load_model
+
+    run_dir, out = Path(run_dir), Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    try:
+        if fmt == "peft":
+            shutil.copytree(run_dir / "adapter", tmp / "x")
+        else:
+            model = load_model(plan, run_dir / "adapter")
+            if fmt == "merged":
+                save_merged(model, tmp / "x", plan.model.dir)
+            else:
+                write_gguf(to_hf_state_dict(model, merged=True), Path(plan.model.dir), tmp / "x",
+                           kind=gguf_type, name=f"{plan.model.name} + {run_dir.name}")
+        os.replace(tmp / "x", out)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return out

@@ -2,6 +2,7 @@
 
     tune [OVERRIDES]                 compile, then train (same as `tune train ...`)
     tune plan|train|eval|generate|lr-find [OVERRIDES]
+    tune export run=DIR format=peft|merged|gguf [out=PATH]
     tune run PATH/plan.json [DIR]    re-run a compiled plan exactly (no Hydra)
     tune recipes [list | show NAME | cp NAME DEST]
 
@@ -24,7 +25,7 @@ from tune import commands, compose
 
 COMMANDS = compose.COMMANDS
 OTHER_COMMANDS = ("run", "recipes")
-USAGE = """usage: tune [train|plan|eval|generate|lr-find] [OVERRIDES...] [--help] [--cfg job] [-m]
+USAGE = """usage: tune [train|plan|eval|generate|lr-find|export] [OVERRIDES...] [--help] [--cfg job] [-m]
        tune run PATH/plan.json [RUN_DIR]
        tune recipes [list | show NAME | cp NAME DEST]"""
 

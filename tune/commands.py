@@ -31,6 +31,8 @@ def run_job(job) -> None:
         return generate(job)
     if job.command == "lr-find":
         return lr_find(job)
+    if job.command == "export":
+        return export(job)
     if job.command == "eval" and job.config.get("run"):
         return evaluate_run(job)
     plan = compile_plan(job.config, recipe_info=recipes_mod.recipe_info(job.recipe),
@@ -44,6 +46,30 @@ def run_job(job) -> None:
         evaluate(plan, job.out_dir, None)
     elif job.command != "plan":
         train(plan, job.out_dir)
+
+
+def export(job) -> None:
+    """`tune export run=DIR format=peft|merged|gguf [out=PATH]`: a finished run's adapter in the
+    formats the ecosystem reads."""
+    from runtime.export import export_run
+    from runtime.progress import log
+
+    if not job.config.get("run"):
+        raise PlanError("run", "`tune export` needs the run directory to export.",
+                        hint="tune export run=DIR format=peft|merged|gguf [out=PATH]")
+    rd = _existing_run(job.config["run"], need_adapter=True)
+    plan = Plan.load(rd / "plan.json")
+    fmt, kind = job.config["format"], job.config["gguf_type"]
+    default = rd / "export" / (f"{rd.name}-{kind}.gguf" if fmt == "gguf" else fmt)
+    out = Path(job.config["out"]).expanduser() if job.config.get("out") else default
+    if out.exists():
+        raise PlanError("out", f"{out} exists; not overwriting it.",
+                        hint="give another out=PATH, or remove it first.")
+    out = export_run(plan, rd, out, fmt=fmt, gguf_type=kind)
+    use = {"peft": f"PeftModel.from_pretrained(base_model, '{out}')",
+           "merged": f"AutoModelForCausalLM.from_pretrained('{out}')",
+           "gguf": f"llama-cli -m {out}   (Ollama: FROM {out})"}[fmt]
+    log(f"exported ({fmt}" + (f", {kind}" if fmt == "gguf" else "") + f"): {out}\n  use it: {use}")
 
 
 def lr_find(job) -> None:

@@ -16,7 +16,7 @@ from compiler.errors import Diverged, PlanError, did_you_mean
 
 CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
 PROG = "tune"
-COMMANDS = ("train", "plan", "eval", "generate", "lr-find")
+COMMANDS = ("train", "plan", "eval", "generate", "lr-find", "export")
 
 
 def config_error(e: BaseException) -> PlanError | None:
