@@ -9,6 +9,7 @@ plan.warnings. Every value the runtime needs is resolved here, once.
 """
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -52,7 +53,8 @@ def compile_plan(cfg: dict, *, recipe_info: Recipe | None, command: str = "plan"
     if config["template"]["chat"] and not model.chat_template:
         raise PlanError("template.chat", f"{model.name} has no chat template.",
                         hint="set template.chat=false to train on the plain prompt and response.")
-    tables = _read_tables(config, recipe_info, Path(cwd or Path.cwd()), command, warnings)
+    tables = _read_tables(config, recipe_info, Path(cwd or Path.cwd()), command, warnings,
+                          _text_policy(config["data"], model))
     data, examples = _tokenise(config, tables, model, warnings)
     template = _template_section(config["template"], model, data)
     adapter = _adapter_section(config["adapter"], model)
@@ -84,7 +86,16 @@ class _Tables:
     test: TableStats | None
 
 
-def _read_tables(config: dict, recipe_info, cwd: Path, command: str, warnings: list) -> _Tables:
+def _text_policy(d: dict, model: ModelSection) -> data_mod.TextPolicy:
+    from compiler.tokenizer import control_tokens, load_tokenizer
+
+    return data_mod.TextPolicy(normalize=d["normalize"], whitespace=d["whitespace"],
+                               control_tokens=d["control_tokens"],
+                               controls=control_tokens(load_tokenizer(model.dir)))
+
+
+def _read_tables(config: dict, recipe_info, cwd: Path, command: str, warnings: list,
+                 policy: data_mod.TextPolicy) -> _Tables:
     d, t, seed = config["data"], config["template"], config["schedule"]["seed"]
     train_file = _data_file("data.path", d["path"], recipe_info, cwd,
                             required=command in TRAIN_COMMANDS, command=command)
@@ -96,39 +107,42 @@ def _read_tables(config: dict, recipe_info, cwd: Path, command: str, warnings: l
     train = test = None
     train_sig: set = set()
     if train_file:
-        kept, train = _read_file("data.path", train_file, d, t, dedupe=d["dedupe"])
+        kept, train = _read_file("data.path", train_file, d, t, policy, dedupe=d["dedupe"])
         sampled = data_mod.sample_rows(kept, d["max_rows"], seed)
         splits["train"], splits["val"] = data_mod.split_validation(sampled, d["val_fraction"], seed)
         train = replace(train, sampled=len(sampled), train=len(splits["train"]),
                         val=len(splits["val"]))
         train_sig = {_prompt_signature(r, t) for r in kept}
     if test_file:
-        splits["test"], test = _read_file("data.test_path", test_file, d, t, dedupe=False)
+        splits["test"], test = _read_file("data.test_path", test_file, d, t, policy, dedupe=False)
         leaked = sum(_prompt_signature(r, t) in train_sig for r in splits["test"])
         if leaked:
             warnings.append(f"{leaked} of {len(splits['test'])} test rows also appear in data.path "
-                            f"(same {', '.join(_prompt_fields(t))}): the held-out score will "
-                            "flatter the adapter.")
+                            f"(same {', '.join(_prompt_fields(t)) or 'conversation'}): the "
+                            "held-out score will flatter the adapter.")
     for name, stats in (("train", train), ("test", test)):
         if stats is not None and any(stats.dropped.values()):
             warnings.append(f"{name} file: dropped {_reasons(stats.dropped)}.")
     return _Tables(splits=splits, train=train, test=test)
 
 
-def _read_file(key: str, path: Path, d: dict, t: dict, *, dedupe: bool
-               ) -> tuple[list[dict], TableStats]:
-    """The usable rows of one data file (every template field present and non-empty; duplicates
-    dropped when asked) and its stats."""
+def _read_file(key: str, path: Path, d: dict, t: dict, policy: data_mod.TextPolicy, *,
+               dedupe: bool) -> tuple[list[dict], TableStats]:
+    """The usable rows of one data file (every template field present, of the right kind, cleaned
+    and non-empty; duplicates dropped when asked) and its stats."""
     rows = data_mod.read_table(path, key=key, fmt=d["format"], max_mb=d["max_file_mb"])
     fields = _fields(rows)
     used = check_fields(t, fields, file=str(path))
+    rows, cleaning = data_mod.prepare_rows(
+        rows, fields=[f for f in used if f != t["messages"]], messages=t["messages"], policy=policy,
+        key=key, file=str(path), locate=data_mod.row_locator(path, fmt=d["format"]))
     kept, dropped = data_mod.clean_rows(rows, fields=used, dedupe=dedupe)
     if not kept:
         raise PlanError(key, f"no usable rows: all {len(rows)} rows were dropped "
                         f"({_reasons(dropped)}).", file=str(path),
                         hint=f"the template reads {', '.join(used)}; every row needs them non-empty.")
     return kept, TableStats(file=str(path), sha256=sha256_file(path), fields=tuple(fields),
-                            read=len(rows), kept=len(kept), dropped=dropped)
+                            read=len(rows), kept=len(kept), dropped=dropped, cleaning=cleaning)
 
 
 def _data_file(key, value, recipe_info, cwd, *, required: bool, command: str):
@@ -164,6 +178,10 @@ def _prompt_fields(t: dict) -> list[str]:
 
 
 def _prompt_signature(row: dict, t: dict) -> tuple:
+    if t["messages"] is not None:            # a conversation's prompt: the turns before its answer
+        from compiler.conversations import last_exchange
+
+        return (json.dumps(last_exchange(row[t["messages"]])[0], sort_keys=True),)
     return tuple(str(row.get(f)) for f in _prompt_fields(t))
 
 
@@ -203,7 +221,8 @@ def _tokenise(config: dict, tables: _Tables, model: ModelSection, warnings: list
             truncate_fields=d["truncate_fields"], cache_dir=tune_home() / "cache" / "examples",
             key_material={"sha256": sha, "max_rows": d["max_rows"],
                           "val_fraction": d["val_fraction"], "seed": config["schedule"]["seed"],
-                          "dedupe": d["dedupe"], "tokenizer_hash": model.tokenizer_hash})
+                          "dedupe": d["dedupe"], "tokenizer_hash": model.tokenizer_hash,
+                          "text": [d["normalize"], d["whitespace"], d["control_tokens"]]})
         examples = load_examples(stats["cache"])
         warnings += _example_warnings(stats, d)
     section = DataSection(
@@ -215,7 +234,8 @@ def _tokenise(config: dict, tables: _Tables, model: ModelSection, warnings: list
         truncated_fields=dict(stats["truncated_fields"]),
         dropped_too_long=stats["dropped_too_long"], no_supervised=stats["no_supervised"],
         supervised=dict(stats["supervised"]), per_split=dict(stats["per_split"]),
-        n_labels=stats["n_labels"],
+        n_labels=stats["n_labels"], turns_dropped=stats.get("turns_dropped", 0),
+        normalize=d["normalize"], whitespace=d["whitespace"], control_tokens=d["control_tokens"],
         **_label_set(d["task"], stats, examples.references if examples else [], warnings))
     return section, examples
 
@@ -284,10 +304,12 @@ def _template_section(t: dict, model: ModelSection, data: DataSection) -> Templa
         if t[part] is not None:
             fields += [f for f in placeholders(t[part], key=f"template.{part}") if f not in fields]
     examples = load_examples(data.cache).stats.get("examples", []) if data.cache else []
+    if t["messages"] is not None:
+        fields.insert(0, t["messages"])
     return TemplateSection(prompt=t["prompt"], response=t["response"], system=t["system"],
                            chat=t["chat"], fields=tuple(fields),
                            chat_template=model.chat_template if t["chat"] else None,
-                           examples=tuple(examples))
+                           examples=tuple(examples), messages=t["messages"])
 
 
 def _eval_section(ev: dict, data: DataSection) -> EvalSection:
@@ -368,11 +390,11 @@ def _loss_tokens(examples, batch_size: int, max_length: int, pack: bool) -> int:
     """Supervised positions one micro-batch (training or validation) can hold at most."""
     if examples is None:
         return batch_size * max_length
-    lengths, prompt_lens = [], []
+    lengths, supervised = [], []
     for split in ("train", "val"):
         lengths.append(examples.lengths(split))
-        prompt_lens.append(examples.split(split)[1])
-    return packing.supervised_capacity(np.concatenate(lengths), np.concatenate(prompt_lens),
+        supervised.append(examples.supervised_counts(split))
+    return packing.supervised_capacity(np.concatenate(lengths), np.concatenate(supervised),
                                        max_length, batch_size, pack=pack)
 
 

@@ -11,6 +11,7 @@ import io
 import json
 import os
 import random
+from dataclasses import dataclass
 from pathlib import Path
 
 from compiler.errors import PlanError
@@ -217,6 +218,147 @@ def _read_parquet(path: Path, *, key: str) -> list[dict]:
 def _json_type(value) -> str:
     return {list: "array", str: "string", int: "number", float: "number", bool: "boolean",
             type(None): "null", dict: "object"}.get(type(value), type(value).__name__)
+
+
+# ------------------------------------------------------------------------------ values, clean text
+
+NORMAL_FORMS = ("NFC", "NFKC", "none")
+WHITESPACE = ("keep", "strip", "collapse")
+CONTROL_POLICIES = ("escape", "refuse", "keep")
+CLEANING = ("normalized", "whitespace", "control_tokens")
+
+
+@dataclass(frozen=True)
+class TextPolicy:
+    """How the text of the data is cleaned before it is tokenised (data.normalize, data.whitespace,
+    data.control_tokens) and the model's control tokens it must not write."""
+    normalize: str = "NFC"
+    whitespace: str = "strip"
+    control_tokens: str = "escape"
+    controls: tuple[str, ...] = ()
+
+
+def prepare_rows(rows: list[dict], *, fields: list[str], messages: str | None, policy: TextPolicy,
+                 key: str, file: str, locate) -> tuple[list[dict], dict[str, int]]:
+    """The rows with the fields the template reads checked and cleaned: a template field must hold
+    text or a number (a list, object or boolean is an error naming file and line — it would be
+    trained as its Python repr), a conversation field a conversation (compiler/conversations.py);
+    every text is Unicode-normalised, its whitespace treated, and the model's control tokens in it
+    escaped (encoded as plain text) or refused. `locate(i)` → (line or None, where) of row i.
+    Returns (rows, {what: texts changed}) for the plan."""
+    from compiler.conversations import normalise
+
+    counts = dict.fromkeys(CLEANING, 0)
+    clean = _cleaner(policy, counts)
+    out = []
+    for i, row in enumerate(rows):
+        new = dict(row)
+        for f in fields:
+            v = row.get(f)
+            if v is None:
+                continue                    # clean_rows drops the row, and counts it
+            if isinstance(v, bool) or not isinstance(v, (str, int, float)):
+                line, where = locate(i)
+                raise PlanError(key, f"field `{f}` of {where} is a JSON {_json_type(v)}, not text or "
+                                "a number; it would be trained as its Python repr.", file=file,
+                                line=line, hint=("a conversation? use template=conversation "
+                                                 f"(template.messages={f})." if isinstance(v, list)
+                                                 else "write the value as text, e.g. \"yes\"."))
+            try:
+                new[f] = clean(v if isinstance(v, str) else str(v))
+            except _Refused as e:
+                line, where = locate(i)
+                raise PlanError(key, f"field `{f}` of {where} contains the model's control token "
+                                f"{e.args[0]!r} (data.control_tokens=refuse).", file=file,
+                                line=line, hint="remove it, or set data.control_tokens=escape to "
+                                                "train it as plain text.") from None
+        if messages is not None and row.get(messages) is not None:
+            try:
+                turns = normalise(row[messages])
+                new[messages] = [{"role": t["role"], "content": clean(t["content"])} for t in turns]
+            except (ValueError, _Refused) as e:
+                line, where = locate(i)
+                what = (f"contains the model's control token {e.args[0]!r} "
+                        "(data.control_tokens=refuse)" if isinstance(e, _Refused) else str(e))
+                raise PlanError(key, f"the conversation `{messages}` of {where} {what}.", file=file,
+                                line=line, hint='turns are [{"role": "user", "content": ...}, '
+                                '{"role": "assistant", "content": ...}] (OpenAI) or [{"from": '
+                                '"human", "value": ...}, {"from": "gpt", "value": ...}] '
+                                "(ShareGPT).") from None
+        out.append(new)
+    return out, counts
+
+
+class _Refused(Exception):
+    pass
+
+
+def text_cleaner(policy: TextPolicy):
+    """str → str as the data's text was cleaned (for a prompt typed at generation time: control
+    tokens in it are escaped unless the policy keeps them)."""
+    if policy.control_tokens == "refuse":
+        policy = TextPolicy(policy.normalize, policy.whitespace, "escape", policy.controls)
+    return _cleaner(policy, dict.fromkeys(CLEANING, 0))
+
+
+def _cleaner(policy: TextPolicy, counts: dict):
+    import re
+    import unicodedata
+
+    from compiler.tokenizer import ESC_CLOSE, ESC_OPEN, escape_controls
+
+    spaces, blank_lines = re.compile(r"[ \t\f\v]+"), re.compile(r"\n{3,}")
+    controls = tuple(policy.controls)
+
+    def clean(text: str) -> str:
+        if ESC_OPEN in text or ESC_CLOSE in text:
+            text = text.replace(ESC_OPEN, "").replace(ESC_CLOSE, "")
+        if policy.normalize != "none":
+            normal = unicodedata.normalize(policy.normalize, text)
+            counts["normalized"] += normal != text
+            text = normal
+        if policy.whitespace != "keep":
+            new = text.replace("\r\n", "\n").strip()
+            if policy.whitespace == "collapse":
+                new = blank_lines.sub("\n\n", spaces.sub(" ", new))
+            counts["whitespace"] += new != text
+            text = new
+        if controls and policy.control_tokens != "keep":
+            escaped, n = escape_controls(text, controls)
+            if n and policy.control_tokens == "refuse":
+                raise _Refused(min((text.index(c), c) for c in controls if c in text)[1])
+            counts["control_tokens"] += bool(n)
+            text = escaped
+        return text
+
+    return clean
+
+
+def row_locator(path: str | Path, *, fmt: str = "auto"):
+    """locate(i) → (1-based line or None, "line N" / "item i" / "row i") of the i-th row read_table
+    returned from `path` (computed only when asked: errors are rare)."""
+    kind = table_format(path, key="data.path", fmt=fmt)
+    lines: list[int] = []
+
+    def locate(i: int) -> tuple[int | None, str]:
+        if kind == "json":
+            return None, f"item {i} of the list"
+        if kind == "parquet":
+            return None, f"row {i + 1}"
+        if not lines:
+            text = Path(path).read_bytes().decode("utf-8-sig", "replace")
+            if kind == "jsonl":
+                lines.extend(n for n, ln in enumerate(text.split("\n"), start=1) if ln.strip())
+            else:
+                reader = csv.DictReader(io.StringIO(text, newline=""))
+                start = 2
+                for row in reader:
+                    if any(v not in (None, "") for v in row.values()):
+                        lines.append(start)
+                    start = reader.line_num + 1
+        return (lines[i], f"line {lines[i]}") if i < len(lines) else (None, f"row {i + 1}")
+
+    return locate
 
 
 # ------------------------------------------------------------------------------ cleaning

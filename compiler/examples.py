@@ -35,10 +35,11 @@ import numpy as np
 from compiler.errors import PlanError, did_you_mean
 from compiler.files import sha256_file, write_atomic
 from compiler.labels import answer_set
-from compiler.templates import mark_example, placeholders, render, to_prompt_completion
-from compiler.tokenizer import TOKENIZER_FILE, load_tokenizer, special_prefix_ids, special_token
+from compiler.templates import CLOSE, OPEN, mark_example, placeholders, render, to_prompt_completion
+from compiler.tokenizer import (TOKENIZER_FILE, encode_texts, escape_controls, load_tokenizer,
+                                special_prefix_ids, special_token, unescape)
 
-CACHE_VERSION = 2
+CACHE_VERSION = 3
 SPLITS = ("train", "val", "test")
 COUNTS = ("truncated", "dropped_too_long", "no_supervised")
 MAX_LABELS = 1000      # more distinct answers than this is generation, not classification: no label set
@@ -60,8 +61,14 @@ def build_examples(splits: dict[str, list[dict]], *, template: dict, tokenizer_d
     if bos_token is None:
         bos_token = special_token(tokenizer_dir, "bos_token")
     splits = {name: list(splits.get(name) or []) for name in SPLITS}
-    tmpl = {k: template.get(k) for k in ("prompt", "response", "system", "chat")}
-    cut = cuttable_fields(tmpl, truncate_fields) if overlength == "truncate" else []
+    tmpl = {k: template.get(k) for k in ("prompt", "response", "system", "chat", "messages")}
+    conversation = tmpl["messages"] is not None
+    if conversation and truncate_fields:
+        raise PlanError("data.truncate_fields", "does not apply to conversations "
+                        "(template.messages): an over-length conversation loses its last turns.",
+                        hint="leave data.truncate_fields null.")
+    cut = cuttable_fields(tmpl, truncate_fields) if overlength == "truncate" and not conversation \
+        else []
 
     key = _cache_key(splits, tmpl=tmpl, chat_template=chat_template if chat else None,
                      tokenizer_hash=sha256_file(tokenizer_path), eos_token=eos_token,
@@ -74,28 +81,17 @@ def build_examples(splits: dict[str, list[dict]], *, template: dict, tokenizer_d
         return {"cache": str(npz_path), "key": key, **cached}
 
     tokenizer = load_tokenizer(tokenizer_dir)
-    rendered = _render(splits, tmpl, chat_template=chat_template, eos_token=eos_token,
-                       bos_token=bos_token)
-    heads = _encode_unique(tokenizer, [h for r in rendered.values() for h, _, _ in r])
-    tails = _encode_unique(tokenizer, [t for r in rendered.values() for _, t, _ in r])
-    prefix = [] if chat else special_prefix_ids(tokenizer)
-    fit = _FieldFitter(tmpl, cut, tokenizer, prefix, max_length, chat_template=chat_template,
-                       eos_token=eos_token, bos_token=bos_token)
-
+    chat_args = dict(chat_template=chat_template, eos_token=eos_token, bos_token=bos_token)
+    if conversation:
+        out = _conversation_splits(splits, tmpl, tokenizer, max_length=max_length,
+                                   overlength=overlength, **chat_args)
+    else:
+        out = _single_turn_splits(splits, tmpl, tokenizer, cut, max_length=max_length,
+                                  overlength=overlength, chat=chat, **chat_args)
     arrays: dict[str, np.ndarray] = {}
-    out, i = {}, 0
     for name in SPLITS:
-        n = len(rendered[name])
-        split_heads, field_cuts = fit.split(splits[name], rendered[name], heads[i:i + n],
-                                            tails[i:i + n])
-        out[name] = _tokenise_split(rendered[name], [prefix + h for h in split_heads],
-                                    tails[i:i + n], max_length=max_length, overlength=overlength)
-        out[name]["counts"]["field_cuts"] = field_cuts
-        out[name]["counts"]["truncated"] += fit.fitted
-        out[name]["lengths"] = [len(prefix) + len(h) + len(t)      # as written, before any cut
-                                for h, t in zip(heads[i:i + n], tails[i:i + n])]
-        i += n
-        arrays.update(_pack_arrays(name, out[name]["seqs"], out[name]["plens"]))
+        arrays.update(_pack_arrays(name, out[name]["seqs"], out[name]["plens"],
+                                   out[name].get("masks")))
     stats = _stats(out, tokenizer, max_length=max_length, overlength=overlength)
     labels = stats.pop("_labels")
     meta = {"version": CACHE_VERSION, "key": key, "stats": stats,
@@ -120,12 +116,144 @@ def _checked(overlength: str, max_length, tokenizer_dir) -> tuple[int, Path]:
     return max_length, tokenizer_path
 
 
+def _single_turn_splits(splits, tmpl, tokenizer, cut, *, max_length, overlength, chat, **chat_args
+                        ) -> dict[str, dict]:
+    """Each split tokenised as prompt part + supervised part (template.prompt / template.response)."""
+    rendered = _render(splits, tmpl, **chat_args)
+    heads = _encode_unique(tokenizer, [h for r in rendered.values() for h, _, _ in r])
+    tails = _encode_unique(tokenizer, [t for r in rendered.values() for _, t, _ in r])
+    prefix = [] if chat else special_prefix_ids(tokenizer)
+    fit = _FieldFitter(tmpl, cut, tokenizer, prefix, max_length, **chat_args)
+    out, i = {}, 0
+    for name in SPLITS:
+        n = len(rendered[name])
+        split_heads, field_cuts = fit.split(splits[name], rendered[name], heads[i:i + n],
+                                            tails[i:i + n])
+        out[name] = _tokenise_split(rendered[name], [prefix + h for h in split_heads],
+                                    tails[i:i + n], tokenizer, max_length=max_length,
+                                    overlength=overlength)
+        out[name]["counts"]["field_cuts"] = field_cuts
+        out[name]["counts"]["truncated"] += fit.fitted
+        out[name]["lengths"] = [len(prefix) + len(h) + len(t)      # as written, before any cut
+                                for h, t in zip(heads[i:i + n], tails[i:i + n])]
+        i += n
+    return out
+
+
+def _conversation_splits(splits, tmpl, tokenizer, *, max_length, overlength, chat_template,
+                         eos_token, bos_token) -> dict[str, dict]:
+    """Each split tokenised turn by turn (compiler/conversations.py): training and validation
+    examples supervise every assistant turn; a test example is the conversation up to its last
+    assistant turn (the prompt) and that turn (the reference). Every supervised span is checked:
+    its tokens decode to its text, which holds the assistant's words."""
+    from compiler.conversations import segments, with_system
+
+    out = {}
+    for name in SPLITS:
+        pieces, turns_of = [], []
+        for row in splits[name]:
+            system = (render(row, {"prompt": "", "response": "", "system": tmpl["system"]})[2]
+                      if tmpl["system"] is not None else None)
+            turns = with_system(row[tmpl["messages"]], system)
+            segs = segments(turns, chat_template=chat_template, bos_token=bos_token,
+                            eos_token=eos_token)
+            answers = [t["content"] for t in turns if t["role"] == "assistant"]
+            if name == "test":                 # the prompt: everything before the last answer
+                last = max(k for k, (_, sup) in enumerate(segs) if sup)
+                segs, answers = [("".join(t for t, _ in segs[:last]), False), segs[last]], \
+                    answers[-1:]
+            pieces.append(segs)
+            turns_of.append(answers)
+        ids = iter(_encode_unique(tokenizer, [t for segs in pieces for t, _ in segs]))
+        encoded = [[(next(ids), sup) for _, sup in segs] for segs in pieces]
+        _check_spans(tokenizer, pieces, encoded, turns_of, split=name)
+        out[name] = _tokenise_turns(pieces, encoded, [a[-1] for a in turns_of], tokenizer,
+                                    max_length=max_length, overlength=overlength)
+    return out
+
+
+def _check_spans(tokenizer, pieces, encoded, answers, *, split: str) -> None:
+    """Every supervised span's tokens decode to the span's text exactly, and the span holds the
+    assistant turn's text: the loss falls on the assistant's words and nothing else."""
+    for j, (segs, enc, texts) in enumerate(zip(pieces, encoded, answers)):
+        spans = [(text, ids) for (text, sup), (ids, _) in zip(segs, enc) if sup]
+        for k, ((text, ids), answer) in enumerate(zip(spans, texts)):
+            decoded, want = tokenizer.decode(ids, skip_special_tokens=False), unescape(text)
+            if decoded != want or unescape(answer).strip() not in want:
+                raise PlanError("template.messages", f"{split} conversation {j}, assistant turn "
+                                f"{k}: the supervised tokens decode to {decoded[:80]!r}, which is "
+                                + ("not the span's text " + repr(want[:80]) if decoded != want else
+                                   "not the assistant's text " + repr(unescape(answer)[:80]))
+                                + ".", hint="the model's chat template changes the assistant's "
+                                            "text; train single turns instead.")
+
+
+def _tokenise_turns(pieces, encoded, responses, tokenizer, *, max_length: int, overlength: str
+                    ) -> dict:
+    """One split of conversations as token sequences with per-token supervision masks, after the
+    over-length policy: `truncate` keeps the longest run of whole turns that ends with an answer
+    and fits (later turns are dropped and counted); when even the first answer does not fit, the
+    context before it is cut from the left as for single turns."""
+    counts = {**dict.fromkeys(COUNTS, 0), "turns_dropped": 0, "field_cuts": {}}
+    seqs, masks, plens, lengths, supervised, kept_responses, answer_ids, shown = \
+        [], [], [], [], [], [], [], []
+    for segs, enc, response in zip(pieces, encoded, responses):
+        lengths.append(sum(len(ids) for ids, _ in enc))
+        if not any(ids for ids, sup in enc if sup):
+            counts["no_supervised"] += 1
+            continue
+        cut = lengths[-1] > max_length
+        if cut:
+            if overlength == "drop":
+                counts["dropped_too_long"] += 1
+                continue
+            enc, dropped = _fit_turns(enc, max_length)
+            counts["truncated"] += 1
+            counts["turns_dropped"] += dropped
+        seq = [t for ids, _ in enc for t in ids]
+        mask = np.fromiter((sup for ids, sup in enc for _ in ids), dtype=np.uint8, count=len(seq))
+        seqs.append(seq)
+        masks.append(mask)
+        plens.append(int(np.argmax(mask)))
+        supervised.append(int(mask.sum()))
+        kept_responses.append(unescape(response))
+        answer_ids.append(tuple(next(ids for ids, sup in reversed(enc) if sup)))
+        # the plan shows the first examples, a multi-turn one first when there is one
+        turns = sum(sup for _, sup in enc)
+        if len(shown) < 2 or (turns > 1 and not any(n > 1 for n, _ in shown)):
+            text = ("".join(OPEN + tokenizer.decode(ids, skip_special_tokens=False) + CLOSE
+                            if sup else tokenizer.decode(ids, skip_special_tokens=False)
+                            for ids, sup in enc) if cut else
+                    "".join(OPEN + unescape(t) + CLOSE if sup else unescape(t) for t, sup in segs))
+            shown.append((turns, text))
+    shown = sorted(shown, key=lambda x: x[0] < 2)[:2]      # stable: multi-turn first
+    return {"seqs": seqs, "masks": masks, "plens": plens, "lengths": lengths,
+            "supervised": supervised, "responses": kept_responses, "answer_ids": answer_ids,
+            "shown": [text for _, text in shown], "counts": counts}
+
+
+def _fit_turns(enc: list[tuple[list[int], bool]], max_length: int
+               ) -> tuple[list[tuple[list[int], bool]], int]:
+    """(pieces that fit max_length, answers dropped): see _tokenise_turns."""
+    total, best = 0, None
+    for k, (ids, sup) in enumerate(enc):
+        total += len(ids)
+        if total > max_length:
+            break
+        if sup:
+            best = k + 1
+    answers = sum(sup for _, sup in enc)
+    if best is not None:
+        return enc[:best], answers - sum(sup for _, sup in enc[:best])
+    first = next(k for k, (_, sup) in enumerate(enc) if sup)
+    p_ids, s_ids = truncate([t for ids, _ in enc[:first] for t in ids], enc[first][0], max_length)
+    return [(p_ids, False), (s_ids, True)], answers - 1
+
+
 def _stats(out: dict, tokenizer, *, max_length: int, overlength: str) -> dict:
     """The plan's data stats from the tokenised splits (and, under `_labels`, the label set)."""
     train = out["train"]
-    shown = [mark_example(tokenizer.decode(p, skip_special_tokens=False) if cut else head,
-                          tokenizer.decode(s, skip_special_tokens=False) if cut else tail)
-             for head, tail, p, s, cut in train["shown"]]
+    shown = list(train["shown"])
     distinct = sorted({response.strip().casefold() for response in train["responses"]})
     answers = answer_set(train["responses"], train["answer_ids"], limit=MAX_LABELS)
     supervised = train["supervised"]
@@ -139,6 +267,7 @@ def _stats(out: dict, tokenizer, *, max_length: int, overlength: str) -> dict:
         "sizes": {name: len(o["seqs"]) for name, o in out.items()},
         "per_split": {name: {k: v for k, v in o["counts"].items() if k != "field_cuts"}
                       for name, o in out.items()},
+        "turns_dropped": sum(o["counts"].get("turns_dropped", 0) for o in out.values()),
         "max_length": max_length,
         "overlength": overlength,
         "n_labels": len(distinct),
@@ -187,8 +316,11 @@ class _FieldFitter:
     to `truncate` (the prompt's start)."""
 
     def __init__(self, tmpl, fields, tokenizer, prefix, max_length, **chat):
+        from compiler.tokenizer import control_tokens
+
         self.tmpl, self.fields, self.tok, self.prefix = tmpl, fields, tokenizer, prefix
         self.max_length, self.chat = max_length, chat
+        self.controls = control_tokens(tokenizer)
 
     def split(self, rows, rendered, heads, tails) -> tuple[list[list[int]], dict[str, int]]:
         """The heads (token ids) of one split with over-length rows fitted; rows cut per field.
@@ -210,22 +342,27 @@ class _FieldFitter:
 
     def fit(self, row: dict, over: int, n_tail: int):
         text = {f: row[f] if isinstance(row[f], str) else str(row[f]) for f in self.fields}
-        ids = {f: self.tok.encode(text[f], add_special_tokens=False).ids for f in self.fields}
+        ids = dict(zip(self.fields, encode_texts(self.tok, [text[f] for f in self.fields])))
         budget = self.max_length - n_tail - len(self.prefix)
         for _ in range(4):                     # re-tokenising at the cut may add a token or two
             keep = _water_fill({f: len(x) for f, x in ids.items()}, over)
             if keep is None:
                 return None
             cut = {f: len(ids[f]) - keep[f] for f in self.fields if keep[f] < len(ids[f])}
-            values = {**row, **{f: self.tok.decode(ids[f][:keep[f]]) for f in cut}}
+            # (control-token text of the data decodes as such: escaped again, as it was)
+            values = {**row, **{f: self._escaped(self.tok.decode(ids[f][:keep[f]])) for f in cut}}
             prompt, response, system = render(values, self.tmpl)
             head, _ = to_prompt_completion(prompt, response, system, chat=bool(self.tmpl["chat"]),
                                            **self.chat)
-            head_ids = self.tok.encode(head, add_special_tokens=False).ids
+            head_ids = encode_texts(self.tok, [head])[0]
             if len(head_ids) <= budget:
                 return head, head_ids, {f: 1 for f in cut}
             over += len(head_ids) - budget
         return None
+
+
+    def _escaped(self, text: str) -> str:
+        return escape_controls(text, self.controls)[0] if self.controls else text
 
 
 def _water_fill(lengths: dict[str, int], excess: int) -> dict[str, int] | None:
@@ -256,7 +393,7 @@ def _render(splits: dict, tmpl: dict, **chat) -> dict[str, list[tuple[str, str, 
     return out
 
 
-def _tokenise_split(rendered, heads, tails, *, max_length: int, overlength: str) -> dict:
+def _tokenise_split(rendered, heads, tails, tokenizer, *, max_length: int, overlength: str) -> dict:
     """One split's token sequences after the over-length policy, with what the stats need."""
     counts = dict.fromkeys(COUNTS, 0)
     seqs, plens, lengths, supervised, responses, answer_ids, shown = [], [], [], [], [], [], []
@@ -275,22 +412,29 @@ def _tokenise_split(rendered, heads, tails, *, max_length: int, overlength: str)
         seqs.append(p_ids + s_ids)
         plens.append(len(p_ids))
         supervised.append(len(s_ids))
-        responses.append(response)
+        responses.append(unescape(response))
         answer_ids.append(tuple(s_ids))
         if len(shown) < 2:
-            shown.append((head, tail, p_ids, s_ids, cut))
+            shown.append(mark_example(tokenizer.decode(p_ids, skip_special_tokens=False),
+                                      tokenizer.decode(s_ids, skip_special_tokens=False))
+                         if cut else mark_example(unescape(head), unescape(tail)))
     return {"seqs": seqs, "plens": plens, "lengths": lengths, "supervised": supervised,
             "responses": responses, "answer_ids": answer_ids, "shown": shown, "counts": counts}
 
 
-def _pack_arrays(name: str, seqs: list[list[int]], plens: list[int]) -> dict[str, np.ndarray]:
-    """A split as flat ids + offsets + prompt lengths (the cache's layout)."""
+def _pack_arrays(name: str, seqs: list[list[int]], plens: list[int], masks=None
+                 ) -> dict[str, np.ndarray]:
+    """A split as flat ids + offsets + prompt lengths (the cache's layout), and per-token
+    supervision masks when an example's supervised tokens are not simply all after its prompt."""
     offsets = np.zeros(len(seqs) + 1, dtype=np.int64)
     np.cumsum([len(s) for s in seqs], out=offsets[1:])
-    return {f"{name}_ids": np.fromiter(chain.from_iterable(seqs), dtype=np.int32,
-                                       count=int(offsets[-1])),
-            f"{name}_offsets": offsets,
-            f"{name}_prompt_lens": np.asarray(plens, dtype=np.int32)}
+    out = {f"{name}_ids": np.fromiter(chain.from_iterable(seqs), dtype=np.int32,
+                                      count=int(offsets[-1])),
+           f"{name}_offsets": offsets,
+           f"{name}_prompt_lens": np.asarray(plens, dtype=np.int32)}
+    if masks is not None:
+        out[f"{name}_mask"] = (np.concatenate(masks) if masks else np.zeros(0)).astype(np.uint8)
+    return out
 
 
 def truncate(p_ids: list[int], s_ids: list[int], max_length: int) -> tuple[list[int], list[int]]:
@@ -305,8 +449,7 @@ def _encode_unique(tokenizer, texts: list[str]) -> list[list[int]]:
     index: dict[str, int] = {}
     for t in texts:
         index.setdefault(t, len(index))
-    encoded = tokenizer.encode_batch(list(index), add_special_tokens=False)
-    ids = [e.ids for e in encoded]
+    ids = encode_texts(tokenizer, list(index))
     return [ids[index[t]] for t in texts]
 
 
@@ -322,7 +465,7 @@ def _cache_key(splits: dict, *, tmpl: dict, chat_template, tokenizer_hash: str, 
     # The rows themselves are hashed (only the fields the template reads, as text), so anything that
     # changes them — the file, max_rows, dedupe, the split seed — changes the key even if
     # key_material forgets it.
-    used = []
+    used = [tmpl["messages"]] if tmpl.get("messages") is not None else []
     for part in ("prompt", "response", "system"):
         if tmpl.get(part) is not None:
             used += [f for f in placeholders(tmpl[part], key=f"template.{part}") if f not in used]
@@ -332,7 +475,8 @@ def _cache_key(splits: dict, *, tmpl: dict, chat_template, tokenizer_hash: str, 
                          "bos": bos_token, "max_length": max_length, "overlength": overlength,
                          "fields": used}, sort_keys=True, default=str).encode())
     for name in SPLITS:
-        rows = [[r.get(f) if isinstance(r.get(f), str) else str(r.get(f)) for f in used]
+        rows = [[r.get(f) if isinstance(r.get(f), str) else
+                 json.dumps(r.get(f), ensure_ascii=False, sort_keys=True, default=str) for f in used]
                 for r in splits[name]]
         h.update(f"\n{name}:".encode())
         h.update(json.dumps(rows, ensure_ascii=False).encode("utf-8", "surrogatepass"))
@@ -357,6 +501,25 @@ class Examples:
         offsets = self.arrays[f"{name}_offsets"]
         n = len(offsets) - 1
         return (np.split(ids, offsets[1:-1]) if n > 0 else []), self.arrays[f"{name}_prompt_lens"]
+
+    def masks(self, name: str) -> list[np.ndarray] | None:
+        """Per example, which tokens are supervised (predicted with loss) — only for splits whose
+        examples supervise more than one span (conversations); None: every token after the
+        prompt."""
+        mask = self.arrays.get(f"{name}_mask")
+        if mask is None:
+            return None
+        offsets = self.arrays[f"{name}_offsets"]
+        return np.split(mask.astype(bool), offsets[1:-1]) if len(offsets) > 1 else []
+
+    def supervised_counts(self, name: str) -> np.ndarray:
+        """Supervised targets per example (the first token is never a target)."""
+        masks = self.masks(name)
+        if masks is not None:
+            return np.asarray([int(m[1:].sum()) for m in masks], dtype=np.int64)
+        lengths = self.lengths(name)
+        plens = self.arrays.get(f"{name}_prompt_lens", np.zeros(len(lengths), dtype=np.int32))
+        return np.maximum(lengths - np.maximum(plens.astype(np.int64), 1), 0)
 
     def lengths(self, name: str) -> np.ndarray:
         offsets = self.arrays.get(f"{name}_offsets")

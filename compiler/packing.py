@@ -76,18 +76,18 @@ def steps_per_epoch(rows: int, rows_per_step: int) -> int:
     return max(1, math.ceil(rows / max(1, rows_per_step)))
 
 
-def supervised_capacity(lengths: Sequence[int], prompt_lens: Sequence[int], seq_len: int, rows: int,
+def supervised_capacity(lengths: Sequence[int], supervised: Sequence[int], seq_len: int, rows: int,
                         *, pack: bool, multiple: int = 8) -> int:
     """An upper bound on the supervised targets one micro-batch of `rows` rows can hold, whatever
     the epoch's packing — the size of the buffer the loss gathers them into, so that the output
     head runs on supervised positions only.
 
-    An example of L tokens and prompt length p has L - max(p, 1) supervised targets in L - 1 slots.
-    Unpacked, the bound is exact: the `rows` largest counts. Packed, it is the fractional knapsack
+    An example of L tokens has `supervised` targets (L - max(p, 1) for prompt length p) in L - 1
+    slots. Unpacked, the bound is exact: the `rows` largest counts. Packed, it is the fractional knapsack
     of rows × seq_len slots filled with the examples richest in supervised targets per slot (no
     packing can beat it). Rounded up to a multiple of `multiple`, at most rows × seq_len."""
     lengths = np.asarray(lengths, dtype=np.int64)
-    sup = lengths - np.maximum(np.asarray(prompt_lens, dtype=np.int64), 1)
+    sup = np.asarray(supervised, dtype=np.int64)
     slots = np.maximum(lengths - 1, 0)
     keep = (sup > 0) & (slots > 0)
     sup, slots = sup[keep], slots[keep]

@@ -78,6 +78,8 @@ class TableStats:
     sampled: int | None = None      # training file: rows after data.max_rows
     train: int | None = None        # ... of which trained on
     val: int | None = None          # ... and held out for validation
+    cleaning: dict[str, int] = field(default_factory=dict)   # texts changed: normalized,
+                                    # whitespace, control_tokens (escaped)
 
 
 @dataclass(frozen=True)
@@ -116,17 +118,22 @@ class DataSection:
     majority_baseline: float | None   # accuracy on the test rows of always answering the most
                                       # frequent training label (classification with test rows)
     unseen_test_labels: tuple[str, ...]   # test answers no training row has (always scored wrong)
+    turns_dropped: int = 0          # conversations: answers dropped from over-length conversations
+    normalize: str = "NFC"          # how the text was cleaned (compiler/data.TextPolicy): a prompt
+    whitespace: str = "strip"       # at generation time is cleaned the same way
+    control_tokens: str = "escape"
 
 
 @dataclass(frozen=True)
 class TemplateSection:
-    prompt: str
-    response: str
+    prompt: str | None              # None with `messages`
+    response: str | None
     system: str | None
     chat: bool
     fields: tuple[str, ...]         # the data fields the template reads
     chat_template: str | None       # the model's chat template when `chat`, else None
     examples: tuple[str, ...]       # two rendered training examples, supervised part between ⟦ ⟧
+    messages: str | None = None     # the field of multi-turn conversations (compiler/conversations)
 
 
 @dataclass(frozen=True)

@@ -76,13 +76,26 @@ KEYS: tuple[Key, ...] = (
     _k("data.dedupe", "bool", True, "drop exact duplicate rows"),
     _k("data.truncate_fields", "fields", None, "fields of template.prompt an over-length example is "
        "cut inside, longest first (null = all of them)", nullable=True),
+    _k("data.normalize", "choice", "NFC", "Unicode normalisation of the data's text (counted in "
+       "the plan)", choices=("NFC", "NFKC", "none")),
+    _k("data.whitespace", "choice", "strip", "whitespace of each text: keep, strip (ends; CRLF → "
+       "LF) or collapse (also runs of spaces → one, 3+ newlines → 2)",
+       choices=("keep", "strip", "collapse")),
+    _k("data.control_tokens", "choice", "escape", "the model's control tokens written in the data "
+       "(e.g. <|im_end|> in a message): escape (encode as plain text), refuse (an error naming the "
+       "line) or keep (let the data write control tokens)", choices=("escape", "refuse", "keep")),
     _k("data.task", "choice", "auto", "classification (answers from a closed label set: decoded "
        "constrained to it) or generation; auto decides from the training answers",
        choices=("auto", "classification", "generation")),
     # template
-    _k("template.prompt", "str", "{text}", "format string over the data's fields: the prompt"),
+    _k("template.prompt", "str", "{text}", "format string over the data's fields: the prompt "
+       "(null with template.messages)", nullable=True),
     _k("template.response", "str", "{label}", "format string over the data's fields: the supervised "
-       "answer"),
+       "answer (null with template.messages)", nullable=True),
+    _k("template.messages", "str", None, "a field holding multi-turn conversations (OpenAI "
+       "role/content or ShareGPT from/value turns): trained turn by turn through the chat "
+       "template, the loss on every assistant turn; null = single turns from prompt/response",
+       nullable=True),
     _k("template.system", "str", None, "system message (format string), null for none",
        nullable=True),
     _k("template.chat", "bool", True, "wrap prompt/response in the model's own chat template"),

@@ -153,14 +153,36 @@ def _data(plan) -> Panel:
                         + (" (cut inside " + ", ".join(f"{f}: {_n(n)}" for f, n in
                                                        d.truncated_fields.items()) + ")"
                            if d.truncated_fields else "")
+                        + (f" (later turns dropped: {_n(d.turns_dropped)} answers)"
+                           if d.turns_dropped else "")
                         + f" · {_n(d.dropped_too_long)} dropped (data.overlength={d.overlength})"
          if tok else None),
+        ("clean text", _cleaning(d)),
         ("supervised", f"min {_n(sup.get('min'))} · mean {_n(sup.get('mean'))} tokens per example · "
                        f"{_n(d.no_supervised)} examples without any" if sup else None),
         ("task", _task(d) if tok else None),
         ("token cache", d.cache),
     ]
     return _panel("data", Group(t, _kv(extra)))
+
+
+def _cleaning(d) -> str | None:
+    """Texts the cleaning changed, per file (data.normalize, data.whitespace, data.control_tokens)."""
+    parts = []
+    for name, stats in (("train", d.train), ("test", d.test)):
+        c = stats.cleaning if stats else {}
+        if any(c.values()):
+            parts.append(f"{name}: " + ", ".join(
+                f"{_n(c[k])} {what}" for k, what in (
+                    ("normalized", f"{d.normalize}-normalised"),
+                    ("whitespace", f"whitespace {d.whitespace}ped" if d.whitespace == "strip"
+                     else "whitespace collapsed"),
+                    ("control_tokens", "with control tokens escaped")) if c.get(k)))
+    if not parts and not (d.train or d.test):
+        return None
+    return ("; ".join(parts) or "no text changed") + \
+        f" (data.normalize={d.normalize}, data.whitespace={d.whitespace}, " \
+        f"data.control_tokens={d.control_tokens})"
 
 
 def _task(d) -> str:
@@ -195,13 +217,16 @@ def _template(plan) -> Panel:
     t = plan.template
     parts = [_kv([
         ("system", repr(t.system) if t.system is not None else "none"),
-        ("prompt", repr(t.prompt)),
-        ("response", repr(t.response)),
+        ("conversation", f"the turns in `{t.messages}`, rendered turn by turn; the loss on every "
+                         "assistant turn" if t.messages else None),
+        ("prompt", repr(t.prompt) if not t.messages else None),
+        ("response", repr(t.response) if not t.messages else None),
         ("chat", "the model's chat template" if t.chat else "no (plain text + end token)"),
         ("fields", ", ".join(t.fields)),
     ])]
     for i, ex in enumerate(t.examples, 1):
-        parts.append(Text(f"\nexample {i} (supervised part highlighted):", style="bold"))
+        parts.append(Text(f"\nexample {i} (supervised part" + ("s" if t.messages else "")
+                          + " highlighted):", style="bold"))
         parts.append(marked_text(ex))
     return _panel("template", Group(*parts))
 

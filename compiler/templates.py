@@ -62,6 +62,9 @@ def check_fields(template: dict, fields: Iterable[str], *, file: str) -> list[st
     Returns the fields the template uses, in order of first use."""
     fields = list(fields)
     used: list[str] = []
+    messages = template.get("messages")
+    if messages is not None:
+        return _check_conversation(template, messages, fields, file)
     for part in PARTS:
         fmt = template.get(part)
         if fmt is None:
@@ -71,14 +74,43 @@ def check_fields(template: dict, fields: Iterable[str], *, file: str) -> list[st
             continue
         for name in placeholders(fmt, key=f"template.{part}"):
             if name not in fields:
+                talk = next((f for f in ("messages", "conversations") if f in fields), None)
                 raise PlanError(f"template.{part}", f"placeholder {{{name}}} is not a field of {file}.",
-                                hint=f"its fields are {_field_list(fields)}.{did_you_mean(name, fields)}")
+                                hint=f"its fields are {_field_list(fields)}.{did_you_mean(name, fields)}"
+                                + (f" It holds conversations in `{talk}`: use template=conversation"
+                                   + (f" template.messages={talk}" if talk != "messages" else "")
+                                   + "." if talk else ""))
             if name not in used:
                 used.append(name)
     if not template["response"].strip():
         raise PlanError("template.response", "is empty: there would be nothing to learn.",
                         hint=f"a format string over the data's fields, e.g. {{{fields[-1]}}}."
                         if fields else None)
+    return used
+
+
+def _check_conversation(template: dict, messages: str, fields: list[str], file: str) -> list[str]:
+    """template.messages: the field must exist, the chat template is on, and prompt/response are
+    unset (the conversation holds both)."""
+    if not isinstance(messages, str) or messages not in fields:
+        raise PlanError("template.messages", f"`{messages}` is not a field of {file}.",
+                        hint=f"its fields are {_field_list(fields)}.{did_you_mean(str(messages), fields)}")
+    for part in ("prompt", "response"):
+        if template.get(part) is not None:
+            raise PlanError(f"template.{part}", "is not used with template.messages (the "
+                            "conversation holds the prompts and the answers).",
+                            hint="use template=conversation, or set "
+                                 f"template.{part}=null.")
+    if not template.get("chat"):
+        raise PlanError("template.chat", "must be true with template.messages: conversations are "
+                        "rendered turn by turn by the model's chat template.")
+    used = [messages]
+    if template.get("system") is not None:
+        for name in placeholders(template["system"], key="template.system"):
+            if name not in fields:
+                raise PlanError("template.system", f"placeholder {{{name}}} is not a field of "
+                                f"{file}.", hint=f"its fields are {_field_list(fields)}.")
+            used.append(name)
     return used
 
 

@@ -7,6 +7,8 @@ Pure Python + tokenizers: no JAX.
 from __future__ import annotations
 
 import json
+import re
+from functools import lru_cache
 from pathlib import Path
 
 import numpy as np
@@ -14,6 +16,11 @@ import numpy as np
 from compiler.errors import PlanError
 
 TOKENIZER_FILE = "tokenizer.json"
+# Control-token text that comes from the data (a customer writing "<|im_end|>") is marked with these
+# private-use characters by compiler/data.py and encoded as plain text, so that only the template
+# writes real control tokens. The data's own U+E000/U+E001 are removed when it is cleaned.
+ESC_OPEN, ESC_CLOSE = "\ue000", "\ue001"
+_ESCAPED = re.compile("\ue000(.*?)\ue001", re.S)
 
 
 def load_tokenizer(model_dir: str | Path):
@@ -86,8 +93,63 @@ def special_prefix_ids(tokenizer) -> list[int]:
     return []
 
 
+def control_tokens(tokenizer) -> tuple[str, ...]:
+    """The texts of the tokenizer's special added tokens (<|im_start|>, <|im_end|>, <s>, ...),
+    longest first: what the data must not be able to write."""
+    return tuple(sorted({t.content for t in tokenizer.get_added_tokens_decoder().values()
+                         if t.special and t.content}, key=lambda c: (-len(c), c)))
+
+
+@lru_cache(maxsize=8)
+def _control_pattern(controls: tuple[str, ...]):
+    return re.compile("|".join(map(re.escape, controls))) if controls else None
+
+
+def escape_controls(text: str, controls: tuple[str, ...]) -> tuple[str, int]:
+    """(text with every control-token occurrence marked to be encoded as plain text, how many)."""
+    pattern = _control_pattern(tuple(controls))
+    if pattern is None:
+        return text, 0
+    return pattern.subn(lambda m: ESC_OPEN + m.group(0) + ESC_CLOSE, text)
+
+
+def unescape(text: str) -> str:
+    """The text as written (the escape marks removed)."""
+    return text.replace(ESC_OPEN, "").replace(ESC_CLOSE, "") if ESC_OPEN in text else text
+
+
+def encode_texts(tokenizer, texts: list[str]) -> list[list[int]]:
+    """Token ids of each text (no special tokens added). Control-token text the data wrote (marked
+    by escape_controls) is encoded as plain text; everything else as the tokenizer does."""
+    ids: list[list[int] | None] = [None] * len(texts)
+    plain = [i for i, t in enumerate(texts) if ESC_OPEN not in t]
+    for i, enc in zip(plain, tokenizer.encode_batch([texts[i] for i in plain],
+                                                    add_special_tokens=False)):
+        ids[i] = enc.ids
+    for i, t in enumerate(texts):
+        if ids[i] is None:
+            ids[i] = _encode_escaped(tokenizer, t)
+    return ids
+
+
+def _encode_escaped(tokenizer, text: str) -> list[int]:
+    out, at = [], 0
+    for m in _ESCAPED.finditer(text):
+        if m.start() > at:
+            out += tokenizer.encode(text[at:m.start()], add_special_tokens=False).ids
+        tokenizer.encode_special_tokens = True
+        try:
+            out += tokenizer.encode(m.group(1), add_special_tokens=False).ids
+        finally:
+            tokenizer.encode_special_tokens = False
+        at = m.end()
+    if at < len(text):
+        out += tokenizer.encode(unescape(text[at:]), add_special_tokens=False).ids
+    return out
+
+
 def encode_prompt(tokenizer, prompt_part: str, *, chat: bool) -> np.ndarray:
     """Token ids of a prompt exactly as training tokenised it (for generation)."""
-    ids = tokenizer.encode(prompt_part, add_special_tokens=False).ids
+    ids = encode_texts(tokenizer, [prompt_part])[0]
     prefix = [] if chat else special_prefix_ids(tokenizer)
     return np.asarray(prefix + list(ids), dtype=np.int32)

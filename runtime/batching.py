@@ -1,6 +1,7 @@
 """Token examples → fixed-shape training batches, prepared ahead of the step.
 
-An example is its token ids (prompt + response, ending with the end token) and its prompt length.
+An example is its token ids (prompt + response, ending with the end token) and its prompt length
+(or, for a conversation, a per-token mask of its supervised spans).
 Inside a row an example of L tokens takes L-1 slots: input ids[:-1], target ids[1:] (its last token is
 never an input that predicts anything of the same example). A target is supervised — loss_mask 1 —
 when it lies in the example's response span, end token included. Targets never cross example
@@ -40,15 +41,18 @@ class BatchShape:
         return self.grad_accum * self.batch_size
 
 
-def fill_row(out: dict[str, np.ndarray], r: int, examples: Sequence[tuple[np.ndarray, int]]) -> None:
-    """Write examples (ids, prompt_len) into row r of the [rows, seq_len] arrays in `out`."""
+def fill_row(out: dict[str, np.ndarray], r: int, examples: Sequence[tuple]) -> None:
+    """Write examples (ids, prompt_len[, mask]) into row r of the [rows, seq_len] arrays in `out`.
+    `mask` (per token: supervised) replaces the prompt length's rule where an example supervises
+    several spans (the assistant turns of a conversation)."""
     t = 0
-    for seg, (ids, prompt_len) in enumerate(examples, start=1):
+    for seg, (ids, prompt_len, *mask) in enumerate(examples, start=1):
         n = len(ids) - 1
         out["tokens"][r, t:t + n] = ids[:-1]
         out["targets"][r, t:t + n] = ids[1:]
         # target j is ids[j+1]: supervised when j+1 >= prompt_len (the response, end token included)
-        out["loss_mask"][r, t:t + n] = np.arange(1, n + 1) >= prompt_len
+        out["loss_mask"][r, t:t + n] = (mask[0][1:] if mask and mask[0] is not None
+                                        else np.arange(1, n + 1) >= prompt_len)
         out["segment_ids"][r, t:t + n] = seg
         out["positions"][r, t:t + n] = np.arange(n)
         t += n
@@ -58,9 +62,11 @@ class Batcher:
     """Epoch plans and batches for one split. Everything is a function of (seed, epoch, index)."""
 
     def __init__(self, ids: Sequence[np.ndarray], prompt_lens: Sequence[int], shape: BatchShape, *,
-                 pack: bool, seed: int, loss_tokens: int | None = None):
+                 pack: bool, seed: int, loss_tokens: int | None = None,
+                 masks: Sequence[np.ndarray] | None = None):
         self.ids = [np.asarray(x, dtype=np.int32) for x in ids]
         self.prompt_lens = [int(p) for p in prompt_lens]
+        self.masks = None if masks is None else [np.asarray(m, dtype=bool) for m in masks]
         self.shape, self.pack, self.seed = shape, pack, int(seed)
         self.loss_tokens = loss_tokens      # supervised targets a micro-batch may hold (None: any)
         self.lengths = np.array([example_slots(len(x)) for x in self.ids], dtype=np.int64)
@@ -79,6 +85,8 @@ class Batcher:
     @property
     def supervised_tokens(self) -> int:
         """Supervised targets per epoch."""
+        if self.masks is not None:
+            return int(sum(m[1:].sum() for m in self.masks))
         return int(sum(max(0, len(x) - max(p, 1)) for x, p in zip(self.ids, self.prompt_lens)))
 
     def epoch_rows(self, epoch: int) -> list[list[int]]:
@@ -93,7 +101,8 @@ class Batcher:
         rows = self.epoch_rows(epoch)[index * a * b:(index + 1) * a * b]
         out = {k: np.zeros((a * b, t), dtype=np.int32) for k in FIELDS}
         for r, row in enumerate(rows):
-            fill_row(out, r, [(self.ids[i], self.prompt_lens[i]) for i in row])
+            fill_row(out, r, [(self.ids[i], self.prompt_lens[i],
+                               None if self.masks is None else self.masks[i]) for i in row])
         batch = {k: v.reshape(a, b, t) for k, v in out.items()}
         if self.loss_tokens is not None:
             most = int(batch["loss_mask"].sum(axis=(1, 2)).max())

@@ -19,8 +19,9 @@ import json
 import sys
 from pathlib import Path
 
+from compiler.data import TextPolicy, text_cleaner
 from compiler.plan import Plan
-from compiler.tokenizer import load_tokenizer
+from compiler.tokenizer import control_tokens, load_tokenizer
 from runtime.decode import LabelTrie, classify, end_token_ids, stream_greedy
 
 EXIT_WORDS = ("exit", "quit", ":q")
@@ -44,6 +45,9 @@ class Chat:
         self.pad_id = plan.model.pad_token_id
         # A classification run answers with one of its labels (decoding within the label set).
         self.trie = LabelTrie.build([x.ids for x in plan.data.labels]) if labels else None
+        d = plan.data
+        self.clean = text_cleaner(TextPolicy(d.normalize, d.whitespace, d.control_tokens,
+                                             control_tokens(self.tokenizer)))
 
     # -- text → the prompt the model was trained on
 
@@ -51,22 +55,23 @@ class Chat:
         """(user message, system message) for one input text, through the recipe's template."""
         from compiler.templates import placeholders, render
 
+        # what the user typed is cleaned as the training data was (control tokens in it are text)
         prompt_fmt, system_fmt = self.template.prompt, self.template.system
         if raw or not prompt_fmt:
-            return text, self._system({}, system_fmt)
+            return self.clean(text), self._system({}, system_fmt)
         fields = placeholders(prompt_fmt, key="template.prompt")
         values = None
         if len(fields) == 1:
-            values = {fields[0]: text}
+            values = {fields[0]: self.clean(text)}
         elif fields:
             try:
                 obj = json.loads(text)
             except ValueError:
                 obj = None
             if isinstance(obj, dict) and all(f in obj for f in fields):
-                values = obj
+                values = {k: self.clean(v) if isinstance(v, str) else v for k, v in obj.items()}
         if values is None:
-            return text, self._system({}, system_fmt)
+            return self.clean(text), self._system({}, system_fmt)
         prompt, _, _ = render(values, {"prompt": prompt_fmt, "response": "", "system": None})
         return prompt, self._system(values, system_fmt)
 

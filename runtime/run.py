@@ -127,14 +127,15 @@ def _setup_data(plan: Plan) -> tuple[Batcher, Batcher | None]:
     examples = load_examples(plan.data.cache)
     shape = BatchShape(s.grad_accum, s.batch_size, s.seq_len)
     cap = plan.runtime.loss_tokens
-    batcher = Batcher(*examples.split("train"), shape, pack=pack, seed=s.seed, loss_tokens=cap)
+    batcher = Batcher(*examples.split("train"), shape, pack=pack, seed=s.seed, loss_tokens=cap,
+                      masks=examples.masks("train"))
     if batcher.steps_per_epoch != s.steps_per_epoch or batcher.rows_per_epoch != s.rows_per_epoch:
         raise RuntimeError(f"the plan counts {s.steps_per_epoch} steps ({s.rows_per_epoch} rows) per "
                            f"epoch, its token data gives {batcher.steps_per_epoch} "
                            f"({batcher.rows_per_epoch} rows): recompile the plan with `tune plan`")
     val_ids, val_prompt_lens = examples.split("val")
-    val = (Batcher(val_ids, val_prompt_lens, shape, pack=pack, seed=s.seed, loss_tokens=cap)
-           if len(val_ids) else None)
+    val = (Batcher(val_ids, val_prompt_lens, shape, pack=pack, seed=s.seed, loss_tokens=cap,
+                   masks=examples.masks("val")) if len(val_ids) else None)
     return batcher, val
 
 

@@ -65,6 +65,9 @@ class TinyExamples:
     def split(self, name):
         return self._splits.get(name, ([], []))
 
+    def masks(self, name):  # single-turn rows: every token after the prompt is supervised
+        return None
+
 
 def make_plan(model_dir, *, examples=None, sizes=None, labels=(), plan_hash="tiny-plan-0", eos=2, pad=0,
               template=None, schedule=None, runtime=None, adapter=None, evaluation=None,
@@ -100,7 +103,8 @@ def make_plan(model_dir, *, examples=None, sizes=None, labels=(), plan_hash="tin
 
         ids = [x for split in ("train", "val") for x in examples.split(split)[0]] if examples else []
         plens = [p for split in ("train", "val") for p in examples.split(split)[1]] if examples else []
-        rt["loss_tokens"] = supervised_capacity([len(x) for x in ids], plens, s["seq_len"],
+        sup = [len(x) - max(int(p), 1) for x, p in zip(ids, plens)]
+        rt["loss_tokens"] = supervised_capacity([len(x) for x in ids], sup, s["seq_len"],
                                                 s["batch_size"], pack=rt["pack"])
     steps = {"rows_per_epoch": 0, "steps_per_epoch": 0, "total_steps": 0, "warmup_steps": 0}
     if len(train_ids):

@@ -97,8 +97,9 @@ def run_hydra(command: str, argv: list[str], run_job) -> int:
     @hydra.main(config_path=str(CONF_DIR), config_name="config", version_base="1.3")
     def task(cfg) -> None:
         _task(lambda out_dir, recipe: Job(
-            command=command, config=resolve_config(cfg), out_dir=out_dir, recipe=recipe,
-            started=started, overrides=overrides), run_job, failures, jobs)
+            command=command, config=command_line_escapes(resolve_config(cfg), overrides),
+            out_dir=out_dir, recipe=recipe, started=started, overrides=overrides),
+            run_job, failures, jobs)
 
     saved_argv, saved_env = sys.argv, os.environ.get("HYDRA_FULL_ERROR")
     sys.argv = [PROG, *argv]
@@ -146,12 +147,11 @@ def precheck(overrides: list[str], *, check_groups: bool = True) -> list:
 
     from compiler import recipes, safety, schema
 
+    parser = OverridesParser.create()
     try:
-        parsed = OverridesParser.create().parse_overrides(overrides)
+        parsed = parser.parse_overrides(overrides)
     except OverrideParseException as e:
-        raise PlanError("override", " ".join(str(e).split()),
-                        hint="overrides look like key=value, +recipe=NAME, ~key, or "
-                             "key=a,b for a sweep with -m.") from None
+        raise _parse_error(parser, overrides, e) from None
     for o in parsed:
         key = o.key_or_group
         if key == "hydra" or key.startswith(("hydra.", "hydra/")):
@@ -181,6 +181,65 @@ def precheck(overrides: list[str], *, check_groups: bool = True) -> list:
             safety.check_override_value(key, v)
             schema.check_override(key, v)
     return parsed
+
+
+TEMPLATE_TEXT = ("template.prompt", "template.response", "template.system")
+
+
+def _parse_error(parser, overrides: list[str], e) -> PlanError:
+    """The override Hydra could not parse, named; for a template with {placeholders}, how to quote
+    it (Hydra reads an unquoted `{` as the start of a dictionary)."""
+    from hydra.errors import OverrideParseException
+
+    bad = None
+    for o in overrides:
+        try:
+            parser.parse_overrides([o])
+        except OverrideParseException:
+            bad = o
+            break
+    msg = " ".join(str(e).split())
+    if bad is None:
+        return PlanError("override", msg, hint="overrides look like key=value, +recipe=NAME, ~key, "
+                                                "or key=a,b for a sweep with -m.")
+    key, _, value = bad.partition("=")
+    if any(c in value for c in "{}[](),'\"") and not value[:1] in ("'", '"'):
+        return PlanError(key.lstrip("+~") or "override",
+                         f"the override `{bad}` cannot be read: Hydra takes an unquoted {{...}} "
+                         "for a dictionary (and , [ ] ( ) for lists and sweeps).",
+                         hint=f"quote the value inside the shell's quotes: \"{key}='{value}'\" "
+                              "(\\n and \\t in it become a newline and a tab).")
+    return PlanError(key.lstrip("+~") or "override", f"the override `{bad}` cannot be read: {msg}",
+                     hint="overrides look like key=value, +recipe=NAME, ~key, or key=a,b for a "
+                          "sweep with -m.")
+
+
+def command_line_escapes(config: dict, overrides: list) -> dict:
+    """Template texts given on the command line with \\n and \\t read as a newline and a tab, as
+    in a recipe's double-quoted YAML (a shell cannot easily pass a newline)."""
+    given = {o.key_or_group for o in overrides}
+    template = config.get("template")
+    if not isinstance(template, dict) or not given & set(TEMPLATE_TEXT):
+        return config
+    template = dict(template)
+    for key in TEMPLATE_TEXT:
+        part = key.split(".")[1]
+        if key in given and isinstance(template.get(part), str):
+            template[part] = _unescape(template[part])
+    return {**config, "template": template}
+
+
+def _unescape(text: str) -> str:
+    out, i = [], 0
+    while i < len(text):
+        pair = text[i:i + 2]
+        if pair in ("\\n", "\\t", "\\\\"):
+            out.append({"\\n": "\n", "\\t": "\t", "\\\\": "\\"}[pair])
+            i += 2
+        else:
+            out.append(text[i])
+            i += 1
+    return "".join(out)
 
 
 def _values(o) -> list:
