@@ -31,7 +31,7 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
-from throughput import run_logged, tune_command  # noqa: E402
+from throughput import run_logged, tune_command, write_results_section  # noqa: E402
 
 DATA = HERE.parent.parent / "shared" / "data"
 # recipe → (dataset folder under DATA, settings for it that replace the command line's)
@@ -44,7 +44,6 @@ RECIPES = {
     "medical": ("medical/pubmedqa_pqal", {"data.max_rows": 120, "eval.limit": 100,
                                           "data.max_length": 384}),
 }
-RESULTS_MD = HERE / "RESULTS.md"
 BEGIN, END = "<!-- sweep:begin -->", "<!-- sweep:end -->"
 ATTENTION = "q_proj,k_proj,v_proj,o_proj"
 
@@ -115,15 +114,6 @@ def markdown(results: list[dict], command: str, started: str, wall: float) -> st
     return "\n".join(lines)
 
 
-def write_section(text: str) -> None:
-    doc = RESULTS_MD.read_text() if RESULTS_MD.exists() else "# Results\n"
-    if BEGIN in doc and END in doc:
-        doc = doc[:doc.index(BEGIN)] + text + doc[doc.index(END) + len(END):]
-    else:
-        doc = doc.rstrip() + "\n\n" + text + "\n"
-    RESULTS_MD.write_text(doc)
-
-
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -156,7 +146,7 @@ def main(argv=None) -> int:
     out.write_text(json.dumps({"command": command, "started": started, "wall_s": wall,
                                "results": results}, indent=1) + "\n")
     if not args.no_write:
-        write_section(text)
+        write_results_section(text, BEGIN, END)
     return 0
 
 

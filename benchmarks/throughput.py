@@ -76,6 +76,18 @@ def run_logged(cmd: list[str], log_path: Path, *, env=None, echo=False) -> tuple
     return proc.returncode, wall
 
 
+def write_results_section(text: str, begin: str, end: str) -> None:
+    """Put `text` (which starts with `begin` and ends with `end`) into benchmarks/RESULTS.md in
+    place of the section between those markers, or at its end."""
+    path = Path(__file__).resolve().parent / "RESULTS.md"
+    doc = path.read_text() if path.exists() else "# Benchmark results\n"
+    if begin in doc and end in doc:
+        doc = doc[:doc.index(begin)] + text + doc[doc.index(end) + len(end):]
+    else:
+        doc = doc.rstrip() + "\n\n" + text + "\n"
+    path.write_text(doc)
+
+
 def read_jsonl(path: Path) -> list[dict]:
     rows = []
     for line in Path(path).read_text().splitlines():

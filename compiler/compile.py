@@ -22,8 +22,8 @@ from compiler.files import sha256_file, tune_home
 from compiler.architecture import lora_scale
 from compiler.labels import RARE_CLASS, is_classification, normalise
 from compiler.plan import (PLAN_VERSION, AdapterSection, DataSection, Devices, EvalSection, Estimates,
-                           Label, MeshAxes, ModelSection, Plan, Recipe, RuntimeSection,
-                           ScheduleSection, TableStats, TemplateSection, with_hash)
+                           Label, MeshAxes, ModelSection, Plan, Recipe, RetrievalSection,
+                           RuntimeSection, ScheduleSection, TableStats, TemplateSection, with_hash)
 from compiler.templates import check_fields, placeholders
 
 FEW_ROWS = 200                  # fewer usable training rows than this: a warning
@@ -53,8 +53,10 @@ def compile_plan(cfg: dict, *, recipe_info: Recipe | None, command: str = "plan"
     if config["template"]["chat"] and not model.chat_template:
         raise PlanError("template.chat", f"{model.name} has no chat template.",
                         hint="set template.chat=false to train on the plain prompt and response.")
-    tables = _read_tables(config, recipe_info, Path(cwd or Path.cwd()), command, warnings,
-                          _text_policy(config["data"], model))
+    policy = _text_policy(config["data"], model)
+    cwd = Path(cwd or Path.cwd())
+    tables = _read_tables(config, recipe_info, cwd, command, warnings, policy)
+    tables, retrieval = _retrieve(config, tables, model, policy, recipe_info, cwd, warnings)
     data, examples = _tokenise(config, tables, model, warnings)
     template = _template_section(config["template"], model, data)
     adapter = _adapter_section(config["adapter"], model)
@@ -71,8 +73,8 @@ def compile_plan(cfg: dict, *, recipe_info: Recipe | None, command: str = "plan"
     plan = Plan(version=PLAN_VERSION, hash="", model=model, data=data, template=template,
                 adapter=adapter, schedule=schedule, runtime=runtime,
                 eval=evaluation, estimates=estimates_,
-                recipe=recipe_info, config=_with_files(config, tables),
-                warnings=tuple(dict.fromkeys(warnings)))
+                recipe=recipe_info, config=_with_files(config, tables, retrieval),
+                warnings=tuple(dict.fromkeys(warnings)), retrieval=retrieval)
     return with_hash(plan)
 
 
@@ -97,6 +99,10 @@ def _text_policy(d: dict, model: ModelSection) -> data_mod.TextPolicy:
 def _read_tables(config: dict, recipe_info, cwd: Path, command: str, warnings: list,
                  policy: data_mod.TextPolicy) -> _Tables:
     d, t, seed = config["data"], config["template"], config["schedule"]["seed"]
+    from compiler.retrieval import PLACEHOLDER, check_template
+
+    check_template(config["retrieval"], t)
+    extra = [PLACEHOLDER] if config["retrieval"]["corpus"] is not None else []
     train_file = _data_file("data.path", d["path"], recipe_info, cwd,
                             required=command in TRAIN_COMMANDS, command=command)
     test_file = _data_file("data.test_path", d["test_path"], recipe_info, cwd,
@@ -107,14 +113,16 @@ def _read_tables(config: dict, recipe_info, cwd: Path, command: str, warnings: l
     train = test = None
     train_sig: set = set()
     if train_file:
-        kept, train = _read_file("data.path", train_file, d, t, policy, dedupe=d["dedupe"])
+        kept, train = _read_file("data.path", train_file, d, t, policy, dedupe=d["dedupe"],
+                                 extra=extra)
         sampled = data_mod.sample_rows(kept, d["max_rows"], seed)
         splits["train"], splits["val"] = data_mod.split_validation(sampled, d["val_fraction"], seed)
         train = replace(train, sampled=len(sampled), train=len(splits["train"]),
                         val=len(splits["val"]))
         train_sig = {_prompt_signature(r, t) for r in kept}
     if test_file:
-        splits["test"], test = _read_file("data.test_path", test_file, d, t, policy, dedupe=False)
+        splits["test"], test = _read_file("data.test_path", test_file, d, t, policy, dedupe=False,
+                                          extra=extra)
         leaked = sum(_prompt_signature(r, t) in train_sig for r in splits["test"])
         if leaked:
             warnings.append(f"{leaked} of {len(splits['test'])} test rows also appear in data.path "
@@ -127,12 +135,14 @@ def _read_tables(config: dict, recipe_info, cwd: Path, command: str, warnings: l
 
 
 def _read_file(key: str, path: Path, d: dict, t: dict, policy: data_mod.TextPolicy, *,
-               dedupe: bool) -> tuple[list[dict], TableStats]:
+               dedupe: bool, extra: list[str]) -> tuple[list[dict], TableStats]:
     """The usable rows of one data file (every template field present, of the right kind, cleaned
-    and non-empty; duplicates dropped when asked) and its stats."""
+    and non-empty; duplicates dropped when asked) and its stats. `extra`: fields the compiler adds
+    later (the retrieved passages), which the template may read but the file need not have."""
     rows = data_mod.read_table(path, key=key, fmt=d["format"], max_mb=d["max_file_mb"])
     fields = _fields(rows)
-    used = check_fields(t, fields, file=str(path))
+    used = [f for f in check_fields(t, fields + [f for f in extra if f not in fields],
+                                    file=str(path)) if f not in extra]
     rows, cleaning = data_mod.prepare_rows(
         rows, fields=[f for f in used if f != t["messages"]], messages=t["messages"], policy=policy,
         key=key, file=str(path), locate=data_mod.row_locator(path, fmt=d["format"]))
@@ -190,13 +200,61 @@ def _reasons(dropped: dict) -> str:
     return ", ".join(parts) or "none"
 
 
-def _with_files(config: dict, tables: _Tables) -> dict:
+def _with_files(config: dict, tables: _Tables, retrieval: RetrievalSection | None) -> dict:
     """The validated config with the data paths as the files actually read (absolute)."""
     data = dict(config["data"])
     for key, stats in (("path", tables.train), ("test_path", tables.test)):
         if stats is not None:
             data[key] = stats.file
-    return {**config, "data": data}
+    out = {**config, "data": data}
+    if retrieval is not None:
+        out["retrieval"] = {**config["retrieval"], "corpus": retrieval.corpus}
+    return out
+
+
+# ------------------------------------------------------------------------------ retrieval
+
+def _retrieve(config: dict, tables: _Tables, model: ModelSection, policy: data_mod.TextPolicy,
+              recipe_info, cwd: Path, warnings: list) -> tuple[_Tables, RetrievalSection | None]:
+    """With retrieval.corpus: the BM25 index built (or reused) and every row's {retrieved} filled;
+    the test rows also without passages (split test_plain). compiler/retrieval.py."""
+    r = config["retrieval"]
+    if r["corpus"] is None or not any(tables.splits.values()):
+        return tables, None
+    from compiler import recipes
+    from compiler import retrieval as ret
+    from compiler.tokenizer import load_tokenizer
+
+    query = ret.query_format(r, config["template"]["prompt"])
+    for stats in (tables.train, tables.test):
+        if stats is None:
+            continue
+        ret.check_query(query, list(stats.fields), file=stats.file)
+        if r["gold"] is not None and r["gold"] not in stats.fields:
+            raise PlanError("retrieval.gold", f"`{r['gold']}` is not a field of the data.",
+                            file=stats.file, hint=f"the fields are: {', '.join(stats.fields)}; "
+                                                  "or set retrieval.gold=null.")
+    path = recipes.resolve_data_path("retrieval.corpus", r["corpus"], recipe_info, cwd=cwd)
+    passages, stats = ret.load_corpus(path, r, policy, load_tokenizer(model.dir),
+                                      max_mb=config["data"]["max_file_mb"])
+    index = ret.Index.build(passages, key=ret.index_key(stats, r, policy, model.tokenizer_hash),
+                            cache_dir=ret.default_cache_dir())
+    splits, per_split = dict(tables.splits), {}
+    for name in ("train", "val", "test"):
+        if splits[name]:
+            splits[name], per_split[name] = ret.fill(splits[name], index, query=query, k=r["k"],
+                                                     gold=r["gold"])
+    splits["test_plain"] = ret.plain(tables.splits["test"])
+    matched_none = sum(s["no_match"] for s in per_split.values())
+    if matched_none:
+        warnings.append(f"retrieval: {matched_none} rows' queries share no word with any passage "
+                        f"(their {r['k']} passages are arbitrary); check retrieval.query.")
+    section = RetrievalSection(
+        corpus=str(path), sha256=stats["sha256"], id_field=r["id_field"],
+        text_field=r["text_field"], query=query, k=r["k"], passage_tokens=r["passage_tokens"],
+        passages=stats["passages"], cut=stats["cut"], empty=stats["empty"], gold=r["gold"],
+        per_split=per_split, index=str(index.path))
+    return replace(tables, splits=splits), section
 
 
 # ------------------------------------------------------------------------------ examples

@@ -39,8 +39,9 @@ from compiler.templates import CLOSE, OPEN, mark_example, placeholders, render, 
 from compiler.tokenizer import (TOKENIZER_FILE, encode_texts, escape_controls, load_tokenizer,
                                 special_prefix_ids, special_token, unescape)
 
-CACHE_VERSION = 3
-SPLITS = ("train", "val", "test")
+CACHE_VERSION = 4
+# test_plain: the test rows without retrieved passages (compiler/retrieval.py), scored beside them
+SPLITS = ("train", "val", "test", "test_plain")
 COUNTS = ("truncated", "dropped_too_long", "no_supervised")
 MAX_LABELS = 1000      # more distinct answers than this is generation, not classification: no label set
 POLICIES = ("truncate", "drop")
@@ -95,7 +96,8 @@ def build_examples(splits: dict[str, list[dict]], *, template: dict, tokenizer_d
     stats = _stats(out, tokenizer, max_length=max_length, overlength=overlength)
     labels = stats.pop("_labels")
     meta = {"version": CACHE_VERSION, "key": key, "stats": stats,
-            "test": {"references": out["test"]["responses"]}, "labels": labels}
+            "test": {"references": out["test"]["responses"]},
+            "test_plain": {"references": out["test_plain"]["responses"]}, "labels": labels}
     write_atomic(npz_path, lambda f: np.savez(f, **arrays))
     write_atomic(meta_path, json.dumps(meta, ensure_ascii=False))
     _remember(npz_path, _examples(npz_path, arrays, meta))
@@ -254,20 +256,22 @@ def _stats(out: dict, tokenizer, *, max_length: int, overlength: str) -> dict:
     """The plan's data stats from the tokenised splits (and, under `_labels`, the label set)."""
     train = out["train"]
     shown = list(train["shown"])
+    counted = [o for name, o in out.items() if name != "test_plain"]   # its rows are test's
+    shown_splits = {name: o for name, o in out.items() if name != "test_plain" or o["seqs"]}
     distinct = sorted({response.strip().casefold() for response in train["responses"]})
     answers = answer_set(train["responses"], train["answer_ids"], limit=MAX_LABELS)
     supervised = train["supervised"]
     return {
         "tokens": _percentiles(np.asarray(train["lengths"], dtype=np.int64)),
-        **{k: sum(o["counts"][k] for o in out.values()) for k in COUNTS},
-        "truncated_fields": dict(sum((Counter(o["counts"]["field_cuts"]) for o in out.values()),
+        **{k: sum(o["counts"][k] for o in counted) for k in COUNTS},
+        "truncated_fields": dict(sum((Counter(o["counts"]["field_cuts"]) for o in counted),
                                      Counter())),
         "supervised": {"min": int(min(supervised)) if supervised else 0,
                        "mean": round(float(np.mean(supervised)), 2) if supervised else 0.0},
-        "sizes": {name: len(o["seqs"]) for name, o in out.items()},
+        "sizes": {name: len(o["seqs"]) for name, o in shown_splits.items()},
         "per_split": {name: {k: v for k, v in o["counts"].items() if k != "field_cuts"}
-                      for name, o in out.items()},
-        "turns_dropped": sum(o["counts"].get("turns_dropped", 0) for o in out.values()),
+                      for name, o in shown_splits.items()},
+        "turns_dropped": sum(o["counts"].get("turns_dropped", 0) for o in counted),
         "max_length": max_length,
         "overlength": overlength,
         "n_labels": len(distinct),
@@ -493,6 +497,7 @@ class Examples:
     references: list = field(repr=False)       # test answers (response text, no end token)
     labels: list = field(repr=False)           # sorted distinct normalised train answers ([] if many)
     stats: dict = field(repr=False)
+    plain_references: list = field(default_factory=list, repr=False)   # test_plain's answers
 
     def split(self, name: str) -> tuple[list[np.ndarray], np.ndarray]:
         ids = self.arrays.get(f"{name}_ids")
@@ -501,6 +506,12 @@ class Examples:
         offsets = self.arrays[f"{name}_offsets"]
         n = len(offsets) - 1
         return (np.split(ids, offsets[1:-1]) if n > 0 else []), self.arrays[f"{name}_prompt_lens"]
+
+    def references_of(self, name: str) -> list[str]:
+        """The answers of a test split (test, or test_plain: the same rows without retrieval)."""
+        if name == "test":
+            return self.references
+        return self.plain_references if name == "test_plain" else []
 
     def masks(self, name: str) -> list[np.ndarray] | None:
         """Per example, which tokens are supervised (predicted with loss) — only for splits whose
@@ -560,7 +571,8 @@ _KEEP = 2
 
 def _examples(path: Path, arrays: dict, meta: dict) -> Examples:
     return Examples(path=str(path), arrays=arrays, references=list(meta["test"]["references"]),
-                    labels=list(meta.get("labels") or []), stats=meta.get("stats") or {})
+                    labels=list(meta.get("labels") or []), stats=meta.get("stats") or {},
+                    plain_references=list((meta.get("test_plain") or {}).get("references") or []))
 
 
 def _remember(path: Path, examples: Examples, stamp: tuple | None = None) -> None:

@@ -125,6 +125,24 @@ class DataSection:
 
 
 @dataclass(frozen=True)
+class RetrievalSection:
+    """retrieval.*: BM25 over a corpus of passages fills {retrieved} (compiler/retrieval.py)."""
+    corpus: str                     # the passages file (absolute)
+    sha256: str
+    id_field: str
+    text_field: str
+    query: str                      # format string over a row's fields
+    k: int
+    passage_tokens: int             # each passage cut to this many tokens
+    passages: int                   # usable passages in the corpus
+    cut: int                        # ... of which were cut to passage_tokens
+    empty: int                      # rows of the corpus without an id or a text (skipped)
+    gold: str | None                # the data's field naming each row's gold passage id
+    per_split: dict[str, dict[str, float]]   # split → rows, no_match, (gold_rows, recall@k)
+    index: str                      # the cached BM25 index (a directory)
+
+
+@dataclass(frozen=True)
 class TemplateSection:
     prompt: str | None              # None with `messages`
     response: str | None
@@ -260,6 +278,7 @@ class Plan:
     recipe: Recipe | None
     config: dict                    # the validated config it was compiled from; the runtime never reads it
     warnings: tuple[str, ...] = field(default_factory=tuple)
+    retrieval: RetrievalSection | None = None   # None: no retrieval
 
     # -- JSON -----------------------------------------------------------------------------------
     def to_dict(self) -> dict:
@@ -332,6 +351,7 @@ _UNHASHED = (("hash",), ("estimates",), ("warnings",), ("recipe",), ("config", "
              ("config", "model", "path"), ("config", "model", "name"), ("model", "dir"),
              ("model", "name"), ("model", "source"), ("data", "cache"), ("data", "train", "file"),
              ("data", "test", "file"), ("runtime", "devices", "kind"),
+             ("retrieval", "corpus"), ("retrieval", "index"), ("config", "retrieval", "corpus"),
              ("runtime", "devices", "memory"), ("runtime", "devices", "peak_flops"),
              ("runtime", "devices", "cores"))
 

@@ -165,6 +165,18 @@ KEYS: tuple[Key, ...] = (
        high=100_000),
     _k("lr_find.stop_factor", "number", 4.0, "`tune lr-find`: stop once the smoothed loss passes "
        "this many times its minimum", low=1.0, low_open=True),
+    _k("retrieval.corpus", "str", None, "passages to retrieve from (jsonl, json, csv, parquet; an "
+       "id and a text field): BM25 fills the template's {retrieved}; null = no retrieval",
+       nullable=True),
+    _k("retrieval.id_field", "str", "id", "the corpus's passage id field"),
+    _k("retrieval.text_field", "str", "text", "the corpus's passage text field"),
+    _k("retrieval.query", "str", None, "format string over a row's fields: what is searched for "
+       "(null = every field template.prompt reads)", nullable=True),
+    _k("retrieval.k", "int", 3, "passages retrieved per row", low=1, high=100),
+    _k("retrieval.passage_tokens", "int", 256, "each passage is cut to this many tokens (counted)",
+       low=8, high=131072),
+    _k("retrieval.gold", "str", None, "a field of the data naming each row's gold passage id: the "
+       "plan reports recall@k", nullable=True),
     _k("sweep.metric", "choice", "val_loss", "how `tune -m` marks a sweep's best run: lowest "
        "val_loss or loss, or highest task metric (the value in eval.json)",
        choices=("val_loss", "loss", "metric")),
@@ -176,7 +188,7 @@ KEYS: tuple[Key, ...] = (
 
 BY_PATH = {k.path: k for k in KEYS}
 GROUPS = ("model", "data", "template", "adapter", "schedule", "runtime", "eval", "sweep",
-          "lr_find")
+          "lr_find", "retrieval")
 SECTIONS = {p.rsplit(".", 1)[0] for p in BY_PATH if "." in p} | set(GROUPS)
 # Names people bring from other tools → ours.
 ALIASES = {

@@ -22,7 +22,7 @@ def print_plan(plan, *, run_dir=None, elapsed: float | None = None, console: Con
 
 def render(plan, *, run_dir=None, elapsed: float | None = None) -> list:
     parts = [_header(plan, run_dir, elapsed), _model(plan), _data(plan), _template(plan),
-             _adapter(plan), _schedule(plan), _resources(plan)]
+             _retrieval(plan), _adapter(plan), _schedule(plan), _resources(plan)]
     if plan.warnings:
         parts.append(_warnings(plan))
     return [p for p in parts if p is not None]
@@ -229,6 +229,25 @@ def _template(plan) -> Panel:
                           + " highlighted):", style="bold"))
         parts.append(marked_text(ex))
     return _panel("template", Group(*parts))
+
+
+def _retrieval(plan) -> Panel | None:
+    r = plan.retrieval
+    if r is None:
+        return None
+    recall = ", ".join(f"{name} {s['recall']:.3f}" for name, s in r.per_split.items()
+                       if s.get("recall") is not None)
+    unmatched = sum(int(s.get("no_match", 0)) for s in r.per_split.values())
+    return _panel("retrieval", _kv([
+        ("corpus", f"{r.corpus} · {_n(r.passages)} passages"
+                   + (f" ({_n(r.empty)} rows without id or text skipped)" if r.empty else "")),
+        ("passages", f"{_n(r.cut)} cut to {r.passage_tokens} tokens (retrieval.passage_tokens)"),
+        ("search", f"BM25 top {r.k} for {r.query!r} → {{retrieved}} in every row"
+                   + (f"; {_n(unmatched)} queries matched no passage" if unmatched else "")),
+        (f"recall@{r.k}", f"{recall} (gold passage in data field `{r.gold}`)" if recall else None),
+        ("evaluation", "base and tuned, each with and without retrieval, on the same test rows"),
+        ("index", r.index),
+    ]))
 
 
 def _adapter(plan) -> Panel:

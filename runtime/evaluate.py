@@ -58,16 +58,17 @@ def load_model(plan: Plan, adapter_dir=None, *, adapter_weights: bool = True):
 
 
 class TestSet:
-    """The rows one evaluation scores: prompt ids, prompt texts and references."""
+    """The rows one evaluation scores: prompt ids, prompt texts and references. split: test (as the
+    plan prompts) or test_plain (the same rows without retrieved passages)."""
 
-    def __init__(self, plan: Plan, tokenizer, limit=None):
+    def __init__(self, plan: Plan, tokenizer, limit=None, split: str = "test"):
         ex = load_examples(plan.data.cache)
-        ids, prompt_lens = ex.split("test")
+        ids, prompt_lens = ex.split(split)
         n = len(ids)
         if limit is not None and int(limit) > 0:
             n = min(n, int(limit))
         self.prompts = [np.asarray(ids[i][:int(prompt_lens[i])]).tolist() for i in range(n)]
-        self.references = list(ex.references[:n])
+        self.references = list(ex.references_of(split)[:n])
         self.tokenizer = tokenizer
         self.data_key = plan.data.key
 
@@ -79,21 +80,27 @@ class TestSet:
 
 
 def evaluate(plan: Plan, run_dir=None, adapter_dir=None, *, limit=None, model=None, tokenizer=None,
-             which: str | None = None, write: bool | None = None, verbose: bool = True) -> dict:
+             which: str | None = None, write: bool | None = None, verbose: bool = True,
+             retrieval: bool = True) -> dict:
     """Score the base model (adapter_dir None) or base + the LoRA adapter in adapter_dir on the
     plan's test split; returns the result dict (see runtime.metrics.score, plus "model", "mode",
     "seconds", "predictions", ...).
 
     With run_dir, the result is also written to run_dir/eval.json (merged with the other model's
     entry already there, when it scored the same rows) and printed: what `tune eval` does.
-    `model` (an already loaded model) skips loading; `limit` overrides eval.limit."""
+    `model` (an already loaded model) skips loading; `limit` overrides eval.limit. With a retrieval
+    plan, retrieval=False scores the same rows without the retrieved passages (entry
+    "<which>_no_retrieval")."""
     from runtime.progress import Progress, log
 
     metric, mode, max_new = plan.eval.metric, plan.eval.mode, plan.eval.max_new_tokens
     limit = plan.eval.limit if limit is None else limit
     which = which or ("base" if adapter_dir is None else "tuned")
+    plain = not retrieval and plan.retrieval is not None
+    if plain:
+        which += NO_RETRIEVAL
     tokenizer = tokenizer or load_tokenizer(plan.model.dir)
-    test = TestSet(plan, tokenizer, limit)
+    test = TestSet(plan, tokenizer, limit, split="test_plain" if plain else "test")
     if not len(test):
         raise ValueError("there are no test examples to score: set data.test_path (a held-out file "
                          "with the same fields as data.path)")
@@ -120,6 +127,7 @@ def evaluate(plan: Plan, run_dir=None, adapter_dir=None, *, limit=None, model=No
         "model": which,
         "adapter": None if adapter_dir is None else str(adapter_dir),
         "mode": mode,
+        "retrieval": None if plan.retrieval is None else not plain,
         "max_new_tokens": max_new if mode != "choices" else None,
         "limit": limit,
         "data_key": test.data_key,
@@ -184,11 +192,19 @@ def evaluate_before_after(plan: Plan, run_dir, *, limit=None, verbose: bool = Tr
     adapter_dir = Path(run_dir) / "adapter"
     model = load_model(plan, adapter_dir, adapter_weights=False)
     tokenizer = load_tokenizer(plan.model.dir)
-    base = evaluate(plan, limit=limit, model=model, tokenizer=tokenizer, which="base", write=False)
+    # with retrieval: each model with and without the passages (fine-tuning vs RAG, and both)
+    ways = (True, False) if plan.retrieval is not None else (True,)
+    results = {}
+    for retrieval in ways:
+        r = evaluate(plan, limit=limit, model=model, tokenizer=tokenizer, which="base",
+                     write=False, retrieval=retrieval)
+        results[r["model"]] = r
     load_peft_adapter(model, adapter_dir)
-    tuned = evaluate(plan, adapter_dir=adapter_dir, limit=limit, model=model, tokenizer=tokenizer,
-                     which="tuned", write=False)
-    path = write_eval(run_dir, {"base": base, "tuned": tuned})
+    for retrieval in ways:
+        r = evaluate(plan, adapter_dir=adapter_dir, limit=limit, model=model, tokenizer=tokenizer,
+                     which="tuned", write=False, retrieval=retrieval)
+        results[r["model"]] = r
+    path = write_eval(run_dir, results)
     out = json.loads(path.read_text())
     if verbose:
         print_results(out)
@@ -198,6 +214,11 @@ def evaluate_before_after(plan: Plan, run_dir, *, limit=None, verbose: bool = Tr
 # --- eval.json --------------------------------------------------------------------------------
 
 _PER_EXAMPLE = ("predictions", "references", "free_predictions")
+NO_RETRIEVAL = "_no_retrieval"
+ENTRIES = ("base", "tuned", "base" + NO_RETRIEVAL, "tuned" + NO_RETRIEVAL)
+# eval.json's four-way comparison of a retrieval plan: name → entry
+FOUR_WAY = {"base": "base" + NO_RETRIEVAL, "base + retrieval": "base",
+            "tuned": "tuned" + NO_RETRIEVAL, "tuned + retrieval": "tuned"}
 
 
 def _summary(result: dict) -> dict:
@@ -207,35 +228,38 @@ def _summary(result: dict) -> dict:
 def write_eval(run_dir, results: dict) -> Path:
     """Write run_dir/eval.json and run_dir/eval_predictions.jsonl.
 
-    `results` is one result of `evaluate` (its "model" says base or tuned) or {"base": ..., "tuned":
-    ...}. A single result is merged with the other model's entry of an existing eval.json when that
-    one scored the same rows with the same metric (same data key, n and metric); otherwise it
-    replaces the file. The top level repeats the tuned result (else the base one) in full."""
+    `results` is one result of `evaluate` (its "model" says base or tuned, or either _no_retrieval)
+    or {"base": ..., "tuned": ..., ...}. A single result is merged with the other entries of an
+    existing eval.json that scored the same rows with the same metric (same data key, n and
+    metric); otherwise it replaces the file. The top level repeats the tuned result (else the base
+    one) in full; with all four entries of a retrieval plan, `four_way` compares them."""
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     path = run_dir / EVAL_FILE
-    if "base" in results or "tuned" in results:
-        entries = {k: results[k] for k in ("base", "tuned") if results.get(k)}
+    if any(k in results for k in ENTRIES):
+        entries = {k: results[k] for k in ENTRIES if results.get(k)}
     else:
         entries = {results.get("model") or "tuned": results}
         try:
             old = json.loads(path.read_text())
         except (OSError, ValueError):
             old = {}
-        for name in ("base", "tuned"):
+        for name in ENTRIES:
             prev = old.get(name)
             if name in entries or not isinstance(prev, dict):
                 continue
             new = next(iter(entries.values()))
             if all(prev.get(k) == new.get(k) for k in ("metric", "n", "data_key", "mode")):
                 entries[name] = prev
-    headline = entries.get("tuned") or entries.get("base")
+    headline = entries.get("tuned") or entries.get("base") or next(iter(entries.values()))
     doc = {**_summary(headline)}
-    for name in ("base", "tuned"):
+    for name in ENTRIES:
         if name in entries:
             doc[name] = _summary(entries[name])
     if "base" in entries and "tuned" in entries:
         doc["delta"] = entries["tuned"]["value"] - entries["base"]["value"]
+    if all(name in entries for name in FOUR_WAY.values()):
+        doc["four_way"] = {label: entries[name]["value"] for label, name in FOUR_WAY.items()}
     write_json(path, doc)
 
     # per-example predictions, one line per (model, row), for anyone who wants to look closer
@@ -253,13 +277,14 @@ def write_eval(run_dir, results: dict) -> Path:
 
 def format_results(doc: dict) -> str:
     """eval.json as a few lines of text."""
-    entries = [(n, doc[n]) for n in ("base", "tuned") if isinstance(doc.get(n), dict)] or \
+    rag = " + retrieval" if doc.get("retrieval") else ""     # the plan's prompts hold passages
+    entries = [(n + rag, doc[n]) for n in ("base", "tuned") if isinstance(doc.get(n), dict)] or \
         [(doc.get("model", "model"), doc)]
     metric = entries[-1][1].get("metric")
     lines = [f"{metric} on {entries[-1][1].get('n')} test rows: " + ", ".join(
         f"{n} {r.get('value', float('nan')):.4f}" for n, r in entries)
         + (f" (change {doc['delta']:+.4f})" if "delta" in doc else "")]
-    pcs = [(n, r["per_class"]) for n, r in entries if r.get("per_class")]
+    pcs = [(n.removesuffix(rag), r["per_class"]) for n, r in entries if r.get("per_class")]
     if pcs and len(pcs[-1][1]) <= 30:
         classes = sorted({c for _, pc in pcs for c in pc},
                          key=lambda c: -max(pc.get(c, {}).get("support", 0) for _, pc in pcs))
@@ -269,6 +294,9 @@ def format_results(doc: dict) -> str:
             support = max(pc.get(c, {}).get("support", 0) for _, pc in pcs)
             f1s = "  ".join(f"{pc[c]['f1']:8.3f}" if c in pc else f"{'—':>8}" for _, pc in pcs)
             lines.append(f"  {c[:width]:<{width}}  {support:7d}  {f1s}")
+    if doc.get("four_way"):
+        lines.append("  with and without retrieval: " + ", ".join(
+            f"{label} {value:.4f}" for label, value in doc["four_way"].items()))
     return "\n".join(lines)
 
 

@@ -21,6 +21,7 @@ from pathlib import Path
 
 from compiler.data import TextPolicy, text_cleaner
 from compiler.plan import Plan
+from compiler.retrieval import PLACEHOLDER
 from compiler.tokenizer import control_tokens, load_tokenizer
 from runtime.decode import LabelTrie, classify, end_token_ids, stream_greedy
 
@@ -48,6 +49,9 @@ class Chat:
         d = plan.data
         self.clean = text_cleaner(TextPolicy(d.normalize, d.whitespace, d.control_tokens,
                                              control_tokens(self.tokenizer)))
+        self.retrieval = plan.retrieval
+        self._index = None
+        self.retrieved: list[str] = []      # the ids of the passages the last prompt retrieved
 
     # -- text → the prompt the model was trained on
 
@@ -59,7 +63,7 @@ class Chat:
         prompt_fmt, system_fmt = self.template.prompt, self.template.system
         if raw or not prompt_fmt:
             return self.clean(text), self._system({}, system_fmt)
-        fields = placeholders(prompt_fmt, key="template.prompt")
+        fields = [f for f in placeholders(prompt_fmt, key="template.prompt") if f != PLACEHOLDER]
         values = None
         if len(fields) == 1:
             values = {fields[0]: self.clean(text)}
@@ -72,8 +76,22 @@ class Chat:
                 values = {k: self.clean(v) if isinstance(v, str) else v for k, v in obj.items()}
         if values is None:
             return self.clean(text), self._system({}, system_fmt)
+        if self.retrieval is not None:
+            values[PLACEHOLDER] = self.retrieve(values)
         prompt, _, _ = render(values, {"prompt": prompt_fmt, "response": "", "system": None})
         return prompt, self._system(values, system_fmt)
+
+    def retrieve(self, values: dict) -> str:
+        """The {retrieved} text for a prompt's fields: the plan's query searched in its index."""
+        from compiler.retrieval import Index, query_text
+
+        r = self.retrieval
+        if self._index is None:
+            self._index = Index.load(r.index)
+        query = query_text(values, r.query)
+        hits = self._index.search([query], r.k)[0][0]
+        self.retrieved = [self._index.passages.ids[j] for j in hits]
+        return self._index.text(hits)
 
     @staticmethod
     def _system(values: dict, system_fmt):
@@ -166,6 +184,8 @@ def generate(run_dir, prompt: str | None = None, *, max_new_tokens: int, raw: bo
 
     if prompt is not None:
         user, system = chat.fill(str(prompt), raw=raw)
+        if chat.retrieved:
+            log(f"retrieved: {', '.join(chat.retrieved)}")
         messages = ([{"role": "system", "content": system}] if system else []) + \
             [{"role": "user", "content": user}]
         return chat.answer(messages, max_new_tokens=max_new_tokens, out=out)
@@ -187,6 +207,8 @@ def generate(run_dir, prompt: str | None = None, *, max_new_tokens: int, raw: bo
         if not text.strip():
             continue
         user, turn_system = chat.fill(text, raw=raw)
+        if chat.retrieved:
+            log(f"retrieved: {', '.join(chat.retrieved)}")
         system = system or turn_system
         turns = (history if keep_history else []) + [{"role": "user", "content": user}]
         head = [{"role": "system", "content": system}] if system else []

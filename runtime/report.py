@@ -315,14 +315,29 @@ def _per_class_table(runs) -> str:
     return f'<h3>Per class</h3><table class="grid">{head}{"".join(body)}</table>'
 
 
+def _four_way(ev: dict, metric: str) -> str:
+    """Fine-tuning vs retrieval, and both: the same test rows scored four ways."""
+    four = ev["four_way"]
+    best = max(v for v in four.values() if isinstance(v, (int, float)))
+    cell = {k: f"<td>{'<b>' if v == best else ''}{_fmt(v)}{'</b>' if v == best else ''}</td>"
+            for k, v in four.items()}
+    return (f"<h3>With and without retrieval</h3><table class=\"grid\"><tr><th>{_esc(metric)}</th>"
+            "<th>without retrieval</th><th>with retrieval</th></tr>"
+            f"<tr><th>base</th>{cell['base']}{cell['base + retrieval']}</tr>"
+            f"<tr><th>tuned</th>{cell['tuned']}{cell['tuned + retrieval']}</tr></table>"
+            '<p class="muted">the same test rows; without retrieval the prompt holds no passages '
+            "(the adapter was trained with them)</p>")
+
+
 def _eval_section(ev) -> str:
     if not isinstance(ev, dict) or ("value" not in ev and "base" not in ev and "tuned" not in ev):
         return '<p class="muted">not evaluated (set data.test_path, or run <code>tune eval run=DIR</code>)</p>'
     metric = ev.get("metric") or (ev.get("tuned") or ev.get("base") or {}).get("metric", "metric")
+    rag = " + retrieval" if ev.get("retrieval") else ""      # the plan's prompts hold passages
     runs = [(name, ev[name]) for name in ("base", "tuned") if isinstance(ev.get(name), dict)]
     if not runs:
         runs = [(ev.get("model", "model"), ev)]
-    head = "<tr><th></th>" + "".join(f"<th>{_esc(n)}</th>" for n, _ in runs)
+    head = "<tr><th></th>" + "".join(f"<th>{_esc(n + rag)}</th>" for n, _ in runs)
     vals = "<tr><th>" + _esc(metric) + "</th>" + "".join(
         f"<td><b>{_metric_value(r)}</b></td>" for _, r in runs)
     ns = "<tr><th>examples scored</th>" + "".join(f"<td>{_fmt(r.get('n'))}</td>" for _, r in runs)
@@ -334,6 +349,8 @@ def _eval_section(ev) -> str:
         ns += "<td></td>"
     rows = [head + "</tr>", vals + "</tr>"] + _classification_rows(runs, metric) + [ns + "</tr>"]
     parts = [f'<table class="grid">{"".join(rows)}</table>']
+    if isinstance(ev.get("four_way"), dict):
+        parts.append(_four_way(ev, metric))
     how = []
     for name, r in runs:
         bits = [f"mode {r['mode']}"] if r.get("mode") else []

@@ -10,7 +10,7 @@ import pytest
 from compiler import recipes
 from tests.conftest import clf_rows, write_jsonl
 
-SHIPPED = ("legal", "medical", "finance", "customer_support")
+SHIPPED = ("legal", "medical", "finance", "customer_support", "medical_rag")
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
 
 
@@ -198,7 +198,7 @@ FULL = {
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("name", SHIPPED)
+@pytest.mark.parametrize("name", list(FULL))
 def test_shipped_recipe_on_the_full_dataset(tune_cli, tmp_path, name):
     folder = SHARED / FULL[name]
     if not (folder / "train.jsonl").is_file():

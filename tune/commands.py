@@ -43,6 +43,8 @@ def run_job(job) -> None:
     if job.command == "eval":
         from runtime.evaluate import evaluate
 
+        if plan.retrieval is not None:      # the base model without the passages too
+            evaluate(plan, job.out_dir, None, retrieval=False, verbose=False)
         evaluate(plan, job.out_dir, None)
     elif job.command != "plan":
         train(plan, job.out_dir)
@@ -130,6 +132,8 @@ def evaluate_run(job) -> None:
     plan = compile_plan(config, recipe_info=recipe, command="eval")
     _check_same_model(plan, trained, rd)
     print_plan(plan, run_dir=rd)
+    if plan.retrieval is not None:      # the same rows without the passages too
+        evaluate(plan, rd, rd / "adapter", retrieval=False, verbose=False)
     evaluate(plan, rd, rd / "adapter")
     write_report(rd)
 
