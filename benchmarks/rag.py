@@ -7,6 +7,7 @@ four ways on the same rows: base, base + retrieval, tuned, tuned + retrieval (ev
 
     python benchmarks/rag.py                                   # about 40 min on 2 CPU cores
     python benchmarks/rag.py --max-rows 300 --limit 200        # slower, less noisy
+    python benchmarks/rag.py --evaluate-only --limit 100       # score the trained run again
 
 Writes the table into benchmarks/RESULTS.md (between the rag markers, with the command) and the
 raw figures into benchmarks/results/rag.json. The data stays where it is; the derived files are
@@ -85,6 +86,8 @@ def main(argv=None) -> int:
     ap.add_argument("--override", action="append", help="KEY=VALUE for the run")
     ap.add_argument("--work", type=Path, default=Path("/tmp/tune-rag"))
     ap.add_argument("--no-write", action="store_true", help="do not touch RESULTS.md")
+    ap.add_argument("--evaluate-only", action="store_true",
+                    help="do not train: score the run already trained under --work four ways again")
     args = ap.parse_args(argv)
     if not (args.data / "train.jsonl").is_file():
         print(f"{args.data} has no train.jsonl", file=sys.stderr)
@@ -97,8 +100,13 @@ def main(argv=None) -> int:
         f"data.max_rows={args.max_rows}", f"eval.limit={args.limit}", "runtime.checkpoint_every=0",
         f"hydra.run.dir={run_dir}", *(args.override or [])]
     started, t0 = dt.datetime.now().strftime("%Y-%m-%d %H:%M"), time.perf_counter()
+    if args.evaluate_only:
+        cmd = [sys.executable, "-c", "import sys; from compiler.plan import Plan; "
+               "from runtime.evaluate import evaluate_before_after; "
+               "evaluate_before_after(Plan.load(sys.argv[1] + '/plan.json'), sys.argv[1], "
+               "limit=int(sys.argv[2]))", str(run_dir), str(args.limit)]
     print(shlex.join(cmd), file=sys.stderr, flush=True)
-    rc, wall = run_logged(cmd, args.work / "run.log")
+    rc, wall = run_logged(cmd, args.work / ("eval.log" if args.evaluate_only else "run.log"))
     if rc:
         print(f"tune exited {rc}: see {args.work / 'run.log'}", file=sys.stderr)
         return rc

@@ -65,6 +65,8 @@ def run_point(args, recipe: str, point: dict, work: Path) -> dict:
     if done.exists():  # finished before (the sweep was interrupted): not trained again
         print(f"[{recipe}] {name}: finished before, kept", file=sys.stderr, flush=True)
         return json.loads(done.read_text())
+    if args.finished_only:
+        return {"recipe": recipe, "point": point, "not_run": True}
     print(f"[{recipe}] {shlex.join(cmd)}", file=sys.stderr, flush=True)
     rc, wall = run_logged(cmd, work / recipe / f"{name}.log")
     out = {"recipe": recipe, "point": point, "command": cmd, "wall_s": wall, "rc": rc}
@@ -84,8 +86,9 @@ def run_point(args, recipe: str, point: dict, work: Path) -> dict:
 
 def markdown(results: list[dict], command: str, started: str, wall: float) -> str:
     lines = [BEGIN, "## Recipe defaults by measurement", "",
-             f"Measured {started} on {platform.machine()} with {os.cpu_count()} CPUs; whole run "
-             f"{wall / 60:.0f} min. Each point trains the recipe on a fixed-seed sample of the "
+             f"Tabulated {started} on {platform.machine()} with {os.cpu_count()} CPUs; the points "
+             f"took {sum(r.get('wall_s', 0) for r in results) / 60:.0f} min in all (wall s: each "
+             "point's training and its base and tuned evaluations, several run while another job shared the CPUs). Each point trains the recipe on a fixed-seed sample of the "
              "dataset's training file and scores the first test rows (constrained decoding within "
              "the label set; `free` = free generation on the same rows). ★ = lowest validation "
              "loss (held out from the training sample), the criterion the defaults follow.", "",
@@ -102,6 +105,9 @@ def markdown(results: list[dict], command: str, started: str, wall: float) -> st
                   "|---|---|---|---|---|---|---|---|"]
         for r in rows:
             point = ", ".join(f"{k}={v}" for k, v in r["point"].items())
+            if r.get("not_run"):
+                lines.append(f"| {point} | not run | | | | | | |")
+                continue
             if r.get("val_loss") is None:
                 lines.append(f"| {point} | failed (exit {r['rc']}) | | | | | | {r['wall_s']:.0f} |")
                 continue
@@ -127,6 +133,8 @@ def main(argv=None) -> int:
     ap.add_argument("--data-root", type=Path, default=DATA)
     ap.add_argument("--work", type=Path, default=Path("/tmp/tune-recipe-sweep"))
     ap.add_argument("--no-write", action="store_true", help="do not touch RESULTS.md")
+    ap.add_argument("--finished-only", action="store_true",
+                    help="train nothing: tabulate the points already finished under --work")
     args = ap.parse_args(argv)
     grid = [{"schedule.lr": lr, "adapter.targets": t}
             for lr, t in itertools.product(args.lr.split(","), args.targets.split(";"))]

@@ -2,8 +2,9 @@
 
 The test prompts are the token ids the compiler made (compiler.examples, split "test": the prompt is
 ids[:prompt_len], tokenised exactly as in training); the references are the test answers' text.
-`eval.limit` keeps the first N test rows in file order (after the compiler dropped unusable rows),
-so base and tuned are always scored on the same rows.
+`eval.limit` scores N test rows drawn with the plan's seed (in file order; the same rows for base
+and tuned, with and without retrieval): a test file sorted by answer — PubMedQA's is — would make
+its first N rows one class.
 
 Three modes (eval.mode, resolved by the compiler):
 - constrained (classification): greedy decoding within the plan's label set (a prefix trie over the
@@ -64,11 +65,10 @@ class TestSet:
     def __init__(self, plan: Plan, tokenizer, limit=None, split: str = "test"):
         ex = load_examples(plan.data.cache)
         ids, prompt_lens = ex.split(split)
-        n = len(ids)
-        if limit is not None and int(limit) > 0:
-            n = min(n, int(limit))
-        self.prompts = [np.asarray(ids[i][:int(prompt_lens[i])]).tolist() for i in range(n)]
-        self.references = list(ex.references_of(split)[:n])
+        self.rows = sample_rows(len(ids), limit, plan.schedule.seed)
+        self.prompts = [np.asarray(ids[i][:int(prompt_lens[i])]).tolist() for i in self.rows]
+        references = ex.references_of(split)
+        self.references = [references[i] for i in self.rows]
         self.tokenizer = tokenizer
         self.data_key = plan.data.key
 
@@ -77,6 +77,14 @@ class TestSet:
 
     def prompt_texts(self) -> list[str]:
         return self.tokenizer.decode_batch(self.prompts, skip_special_tokens=True)
+
+
+def sample_rows(n: int, limit, seed: int) -> list[int]:
+    """Which of n test rows eval.limit scores: all of them, or `limit` drawn with the seed, in
+    order."""
+    if limit is None or int(limit) <= 0 or int(limit) >= n:
+        return list(range(n))
+    return sorted(np.random.default_rng(seed).permutation(n)[:int(limit)].tolist())
 
 
 def evaluate(plan: Plan, run_dir=None, adapter_dir=None, *, limit=None, model=None, tokenizer=None,
@@ -115,8 +123,11 @@ def evaluate(plan: Plan, run_dir=None, adapter_dir=None, *, limit=None, model=No
 
     known = [label.text for label in plan.data.labels]
     result = M.score(metric, predictions, test.references, known, prompts=test.prompt_texts())
-    if plan.data.task == "classification":
-        result["majority_baseline"] = plan.data.majority_baseline
+    if plan.data.task == "classification" and plan.data.labels:
+        # always answering the most frequent training label, on the rows scored
+        top = M.normalise(plan.data.labels[0].text, classification=True)
+        result["majority_baseline"] = sum(M.normalise(r, classification=True) == top
+                                          for r in test.references) / max(len(test.references), 1)
     if free is not None:        # constrained decoding: free generation on the same rows, beside it
         valid = {M.normalise(x, classification=True) for x in known}
         result["free"] = {"accuracy": M.accuracy(free, test.references),
@@ -135,6 +146,7 @@ def evaluate(plan: Plan, run_dir=None, adapter_dir=None, *, limit=None, model=No
         "generated_tokens": generated_tokens,
         "predictions": predictions,
         "references": test.references,
+        "rows": test.rows,
     })
     if free is not None:
         result["free_predictions"] = free
@@ -213,7 +225,7 @@ def evaluate_before_after(plan: Plan, run_dir, *, limit=None, verbose: bool = Tr
 
 # --- eval.json --------------------------------------------------------------------------------
 
-_PER_EXAMPLE = ("predictions", "references", "free_predictions")
+_PER_EXAMPLE = ("predictions", "references", "free_predictions", "rows")
 NO_RETRIEVAL = "_no_retrieval"
 ENTRIES = ("base", "tuned", "base" + NO_RETRIEVAL, "tuned" + NO_RETRIEVAL)
 # eval.json's four-way comparison of a retrieval plan: name → entry
@@ -267,7 +279,8 @@ def write_eval(run_dir, results: dict) -> Path:
     for name, r in entries.items():
         if "predictions" not in r:
             continue
-        for i, (p, ref) in enumerate(zip(r["predictions"], r.get("references") or [])):
+        index = r.get("rows") or range(len(r["predictions"]))
+        for i, p, ref in zip(index, r["predictions"], r.get("references") or []):
             rows.append({"model": name, "index": i, "reference": ref, "prediction": p})
     if rows:
         write_atomic(run_dir / "eval_predictions.jsonl",

@@ -27,6 +27,9 @@ class Examples:
     def split(self, name):
         return self._splits.get(name, ([], np.zeros(0, np.int32)))
 
+    def references_of(self, name):
+        return self.references if name == "test" else []
+
 
 @pytest.fixture
 def use_examples(monkeypatch):
@@ -46,14 +49,14 @@ def _labels():
     return tuple(Label(f"w{t}", (t, EOS), 3) for t in (50, 51, 52))
 
 
-def _plan(model_dir, *, n_test=N_TEST, chat=False, system=None, labels=(), **eval_cfg):
+def _plan(model_dir, *, n_test=N_TEST, chat=False, system=None, labels=(), seed=0, **eval_cfg):
     """A typed plan for the tiny chat model: its template, evaluation settings and test row count."""
     from conftest import TINY_CHAT_TEMPLATE, make_plan
 
     ev = dict(metric="exact_match", max_new_tokens=6, limit=None, batch_size=8, mode="generate")
     ev.update(eval_cfg)
     return make_plan(model_dir, sizes={"train": 9, "val": 0, "test": n_test}, evaluation=ev,
-                     labels=labels,
+                     labels=labels, schedule={"seed": seed},
                      adapter=dict(rank=4, alpha=8.0, targets=LORA.targets), eos=EOS,
                      chat_template=TINY_CHAT_TEMPLATE,
                      template=dict(prompt="Q : {text} A :", response="{label}", chat=chat,
@@ -115,9 +118,16 @@ def test_base_and_tuned(setup, use_examples, tmp_path):
     tuned = evaluate(plan, adapter_dir=setup.run_dir / "adapter")
     assert tuned["model"] == "tuned" and tuned["predictions"] == setup.tuned_out
 
+    # eval.limit: rows drawn with the plan's seed (a sorted test file's first rows would be one
+    # class), the same ones every time; their predictions are those of the full run
     limited = evaluate(plan, limit=2)
-    assert limited["n"] == 2 and limited["predictions"] == setup.base_out[:2]
-    assert evaluate(_plan(setup.dir, limit=3))["n"] == 3
+    rows = limited["rows"]
+    assert limited["n"] == 2 and len(rows) == 2 and rows == sorted(rows)
+    assert limited["predictions"] == [setup.base_out[i] for i in rows]
+    assert limited["references"] == [setup.refs[i] for i in rows]
+    assert evaluate(plan, limit=2)["rows"] == rows
+    draws = {tuple(evaluate(_plan(setup.dir, limit=3, seed=s))["rows"]) for s in range(6)}
+    assert len(draws) > 1 and all(len(d) == 3 for d in draws)
 
 
 def test_before_after_writes_eval_json(setup, use_examples, tmp_path):
