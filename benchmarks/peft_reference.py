@@ -370,14 +370,20 @@ def train(plan: dict, *, steps: int | None = None, device: str | None = None, ou
 # ------------------------------------------------------------------------------------------- eval
 
 def test_set(plan: dict, data: TokenData, limit: int | None = None):
-    """(prompts as token id lists, references) of the test split, first `limit` examples."""
+    """(prompts as token id lists, references) of the test split: with `limit`, the rows tune's
+    eval.limit scores (drawn with the plan's seed, in file order)."""
     ids_list, plens = data.split("test")
-    n = len(ids_list) if limit in (None, 0) else min(int(limit), len(ids_list))
-    prompts = [[int(t) for t in ids_list[i][:plens[i]]] for i in range(n)]
+    n = len(ids_list)
+    rows = list(range(n))
+    if limit not in (None, 0) and int(limit) < n:
+        seed = plan["schedule"]["seed"]
+        rows = sorted(np.random.default_rng(seed).permutation(n)[:int(limit)].tolist())
+    prompts = [[int(t) for t in ids_list[i][:plens[i]]] for i in rows]
     if data.references is not None:
-        refs = list(data.references[:n])
+        refs = [data.references[i] for i in rows]
     else:
-        refs = response_texts(load_tokenizer(plan), ids_list[:n], plens[:n], set(eos_ids(plan)))
+        refs = response_texts(load_tokenizer(plan), [ids_list[i] for i in rows],
+                              [plens[i] for i in rows], set(eos_ids(plan)))
     return prompts, refs
 
 

@@ -3,7 +3,7 @@ training done by a plain Hugging Face transformers + PEFT loop.
 
 For each dataset (under ../shared/data, each with its recipe):
   1. tune trains the recipe on a fixed-seed sample of the training file (data.max_rows), then scores
-     the base model and the tuned adapter on the first eval.limit rows of the test file
+     the base model and the tuned adapter on eval.limit rows of the test file (drawn with the seed)
      (`tune +recipe=R data.path=... data.test_path=... data.max_rows=M eval.limit=L`; the end-of-training
      eval.json, or `tune eval` where that is missing);
   2. benchmarks/peft_reference.py trains a PEFT LoRA from the same plan — same token data, LoRA,
@@ -261,7 +261,7 @@ def markdown(results: list[dict], args, command: str, started: str, wall: float)
         f"Measured {started} on {platform.machine()} with {os.cpu_count()} CPUs (PEFT on "
         f"{', '.join(sorted(devices)) or args.device}); whole run {wall / 60:.1f} min.",
         f"Settings: data.max_rows={args.max_rows} (fixed-seed sample of train.jsonl), "
-        f"eval.limit={args.limit} (first rows of test.jsonl)"
+        f"eval.limit={args.limit} (rows of test.jsonl drawn with the seed)"
         + ("" if args.same_sizes else ", except " + "; ".join(
             f"{ds.split('/')[-1]}: " + ", ".join(f"{k}={v}" for k, v in kv.items())
             for ds, kv in SIZES.items())) + ", "

@@ -2,7 +2,8 @@
 
 The PubMedQA (PQA-L) rows are written without their abstracts; the corpus holds every abstract of
 the train and test files (id = pubid), and each row names its own (`pubid`, for recall@k). tune
-trains the recipe on a fixed-seed sample of the training questions and scores the first test rows
+trains the recipe on a fixed-seed sample of the training questions and scores a fixed-seed sample of
+the test rows
 four ways on the same rows: base, base + retrieval, tuned, tuned + retrieval (eval.json `four_way`).
 
     python benchmarks/rag.py                                   # about 40 min on 2 CPU cores

@@ -1,8 +1,9 @@
 """Recipe defaults by measurement: a small grid per recipe on its matching real dataset.
 
 For each recipe, tune trains every point of a grid (learning rate × adapter targets by default) on a
-fixed-seed sample of the dataset's training file (data.max_rows) and scores base and tuned on the
-first eval.limit rows of its test file, the recipe's own way (constrained decoding for its labels).
+fixed-seed sample of the dataset's training file (data.max_rows) and scores base and tuned on
+eval.limit rows of its test file (drawn with the seed), the recipe's own way (constrained decoding
+for its labels).
 The point with the lowest validation loss (held out from the training sample, not the test rows)
 is marked; its test score is shown beside the others, so the choice can be checked.
 
@@ -89,7 +90,7 @@ def markdown(results: list[dict], command: str, started: str, wall: float) -> st
              f"Tabulated {started} on {platform.machine()} with {os.cpu_count()} CPUs; the points "
              f"took {sum(r.get('wall_s', 0) for r in results) / 60:.0f} min in all (wall s: each "
              "point's training and its base and tuned evaluations, several run while another job shared the CPUs). Each point trains the recipe on a fixed-seed sample of the "
-             "dataset's training file and scores the first test rows (constrained decoding within "
+             "dataset's training file and scores eval.limit test rows (constrained decoding within "
              "the label set; `free` = free generation on the same rows). ★ = lowest validation "
              "loss (held out from the training sample), the criterion the defaults follow.", "",
              "```", command, "```", ""]
