@@ -25,9 +25,8 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
-from throughput import tune_command  # noqa: E402
+from throughput import tune_command, write_results_section  # noqa: E402
 
-RESULTS_MD = HERE / "RESULTS.md"
 BEGIN, END = "<!-- memory:begin -->", "<!-- memory:end -->"
 CASES = [
     "runtime.remat=none",
@@ -105,12 +104,7 @@ def main(argv=None) -> int:
     out.write_text(json.dumps({"command": command, "machine": platform.machine(), "rows": rows},
                               indent=1) + "\n")
     if not args.no_write:
-        doc = RESULTS_MD.read_text()
-        if BEGIN in doc and END in doc:
-            doc = doc[:doc.index(BEGIN)] + text + doc[doc.index(END) + len(END):]
-        else:
-            doc = doc.rstrip() + "\n\n" + text + "\n"
-        RESULTS_MD.write_text(doc)
+        write_results_section(text, BEGIN, END)
     return 0
 
 

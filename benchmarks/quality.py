@@ -38,7 +38,7 @@ ROOT = HERE.parent
 sys.path.insert(0, str(HERE))
 sys.path.insert(0, str(ROOT))
 
-from throughput import read_jsonl, run_logged, tune_command  # noqa: E402
+from throughput import read_jsonl, run_logged, tune_command, write_results_section  # noqa: E402
 
 DATA = ROOT.parent / "shared" / "data"
 DATASETS = {                                         # folder under DATA → recipe
@@ -48,7 +48,6 @@ DATASETS = {                                         # folder under DATA → rec
     "financial/twitter_financial_news_sentiment": "finance",
     "medical/pubmedqa_pqal": "medical",
 }
-RESULTS_MD = HERE / "RESULTS.md"
 BEGIN, END = "<!-- quality:begin -->", "<!-- quality:end -->"
 
 
@@ -285,16 +284,6 @@ def markdown(results: list[dict], args, command: str, started: str, wall: float)
     return "\n".join(out)
 
 
-def write_results_md(section: str) -> None:
-    text = RESULTS_MD.read_text() if RESULTS_MD.exists() else "# Benchmark results\n"
-    if BEGIN in text and END in text:
-        a, b = text.index(BEGIN), text.index(END) + len(END)
-        text = text[:a] + section + text[b:]
-    else:
-        text = text.rstrip("\n") + "\n\n" + section + "\n"
-    RESULTS_MD.write_text(text if text.endswith("\n") else text + "\n")
-
-
 # ----------------------------------------------------------------------------------------- main
 
 def parse_args(argv=None):
@@ -382,8 +371,8 @@ def main(argv=None) -> int:
                                "settings": {k: str(v) for k, v in vars(args).items()},
                                "results": results}, indent=1) + "\n")
     if not args.no_write:
-        write_results_md(section)
-        print(f"wrote {RESULTS_MD} and {raw}", file=sys.stderr)
+        write_results_section(section, BEGIN, END)
+        print(f"wrote {HERE / 'RESULTS.md'} and {raw}", file=sys.stderr)
     if args.work is None:
         shutil.rmtree(work, ignore_errors=True)
     return 0 if all("error" not in r["tune"] for r in results) else 1

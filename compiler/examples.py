@@ -257,7 +257,7 @@ def _stats(out: dict, tokenizer, *, max_length: int, overlength: str) -> dict:
     train = out["train"]
     shown = list(train["shown"])
     counted = [o for name, o in out.items() if name != "test_plain"]   # its rows are test's
-    shown_splits = {name: o for name, o in out.items() if name != "test_plain" or o["seqs"]}
+    reported = {name: o for name, o in out.items() if name != "test_plain" or o["seqs"]}
     distinct = sorted({response.strip().casefold() for response in train["responses"]})
     answers = answer_set(train["responses"], train["answer_ids"], limit=MAX_LABELS)
     supervised = train["supervised"]
@@ -268,9 +268,9 @@ def _stats(out: dict, tokenizer, *, max_length: int, overlength: str) -> dict:
                                      Counter())),
         "supervised": {"min": int(min(supervised)) if supervised else 0,
                        "mean": round(float(np.mean(supervised)), 2) if supervised else 0.0},
-        "sizes": {name: len(o["seqs"]) for name, o in shown_splits.items()},
+        "sizes": {name: len(o["seqs"]) for name, o in reported.items()},
         "per_split": {name: {k: v for k, v in o["counts"].items() if k != "field_cuts"}
-                      for name, o in shown_splits.items()},
+                      for name, o in reported.items()},
         "turns_dropped": sum(o["counts"].get("turns_dropped", 0) for o in counted),
         "max_length": max_length,
         "overlength": overlength,

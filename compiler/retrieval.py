@@ -67,8 +67,6 @@ def check_template(r: dict, t: dict) -> None:
                         "placeholder: the passages would be retrieved and never shown.",
                         hint='place them in template.prompt, e.g. "Context:\\n{retrieved}\\n\\n'
                              'Question: {question}".')
-    if not r["k"] or r["k"] < 1:
-        raise PlanError("retrieval.k", f"must be at least 1, got {r['k']}.")
 
 
 def check_query(fmt: str, fields: list[str], *, file: str) -> None:
