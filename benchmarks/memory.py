@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import json
 import platform
+import re
 import shlex
 import subprocess
 import sys
@@ -35,6 +36,12 @@ CASES = [
     "data.max_length=1024 schedule.batch_size=2 runtime.remat=none",
     "data.max_length=4096 schedule.batch_size=1 runtime.remat=full",
     "data.max_length=4096 schedule.batch_size=1 runtime.remat=dots",
+    # adapters: base weights quantised, DoRA, modules trained in full (remat full: weights and
+    # optimizer state are most of the step)
+    "runtime.remat=full adapter.quantize=int8",
+    "runtime.remat=full adapter.quantize=nf4",
+    "runtime.remat=full adapter.kind=dora",
+    "runtime.remat=full adapter.train_modules=[norm,lm_head]",
 ]
 _MEASURE = r"""
 import json, sys, tempfile
@@ -53,7 +60,7 @@ print(json.dumps({"temp": m.temp_size_in_bytes, "arguments": m.argument_size_in_
 
 
 def measure(recipe: str, case: str, work: Path) -> dict:
-    run_dir = work / case.replace(" ", "_").replace("=", "-")
+    run_dir = work / re.sub(r"[^A-Za-z0-9_.-]+", "-", case)
     cmd = tune_command() + ["plan", f"+recipe={recipe}", f"hydra.run.dir={run_dir}",
                             "data.overlength=truncate", *case.split()]
     subprocess.run(cmd, check=True, capture_output=True, text=True)
@@ -75,14 +82,19 @@ def markdown(rows: list[dict], command: str, recipe: str) -> str:
              "compiled train step's memory_analysis() (arguments + temporaries + outputs − donated); "
              "estimate = the plan's figure (`tune plan`, resources panel).", "",
              "```", command, "```", "",
+             "The weights + state columns: the estimate's base weights and adapter + optimizer "
+             "state against XLA's arguments (which are those, plus one batch).", "",
              "| case | rows × tokens | remat | estimate GiB (activations / attention / logits) | "
-             "XLA GiB | estimate / XLA |", "|---|---|---|---|---|---|"]
+             "XLA GiB | estimate / XLA | weights + state: estimate / XLA GiB |",
+             "|---|---|---|---|---|---|---|"]
     for r in rows:
         e = r["estimate"]
         lines.append(f"| `{r['case']}` | {r['batch']} × {r['seq_len']} | {r['remat']} | "
                      f"{e['total'] / gib:.2f} ({e['activations'] / gib:.2f} / "
                      f"{e['attention'] / gib:.2f} / {e['logits'] / gib:.2f}) | "
-                     f"{r['xla']['total'] / gib:.2f} | {r['ratio']:.2f} |")
+                     f"{r['xla']['total'] / gib:.2f} | {r['ratio']:.2f} | "
+                     f"{(e['weights'] + e['adapter_optimizer']) / gib:.3f} / "
+                     f"{r['xla']['arguments'] / gib:.3f} |")
     lines.append(END)
     return "\n".join(lines)
 

@@ -164,9 +164,12 @@ def load_model(plan: dict, *, device: str = "cpu", adapter_dir=None, seed: int |
         a = _section(plan, "adapter")
         if seed is not None:
             torch.manual_seed(int(seed))
+        full = [("model.norm" if m == "norm" else m) for m in a.get("train_modules") or ()]
         cfg = LoraConfig(r=int(a["rank"]), lora_alpha=float(a["alpha"]),
                          lora_dropout=float(a.get("dropout") or 0.0),
-                         target_modules=list(a["targets"]), bias="none", task_type="CAUSAL_LM")
+                         target_modules=list(a["targets"]), bias="none", task_type="CAUSAL_LM",
+                         use_rslora=bool(a.get("rslora")), use_dora=a.get("kind") == "dora",
+                         modules_to_save=full or None)
         model = get_peft_model(base, cfg)          # LoRA weights in fp32 (autocast_adapter_dtype)
     return model.to(device)
 

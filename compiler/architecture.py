@@ -155,6 +155,47 @@ class ModelConfig:
         return embed + self.num_layers * per_layer + h + head
 
 
+# Existing modules adapter.train_modules can train in full, besides the linear layers: the embedding,
+# the output head, the final norm and each block's norms.
+WHOLE_MODULES = ("embed_tokens", "lm_head", "norm", "input_layernorm", "post_attention_layernorm")
+
+
+def full_module_names(cfg: "ModelConfig") -> tuple[str, ...]:
+    """What adapter.train_modules may name for this model."""
+    return WHOLE_MODULES + (("q_norm", "k_norm") if cfg.qk_norm else ()) + MODULE_NAMES
+
+
+def full_module_params(cfg: "ModelConfig", names) -> dict[str, int]:
+    """Parameters each named module has (all layers). With tied embeddings `lm_head` and
+    `embed_tokens` are one matrix: the second of them named counts 0."""
+    d, L, hd = cfg.hidden_size, cfg.num_layers, cfg.head_dim
+    shapes = cfg.linear_shapes()
+    out, matrix_counted = {}, False
+    for name in names:
+        if name in ("embed_tokens", "lm_head"):
+            shared = cfg.tie_word_embeddings
+            out[name] = 0 if shared and matrix_counted else cfg.vocab_size * d
+            matrix_counted = matrix_counted or shared
+        elif name == "norm":
+            out[name] = d
+        elif name in ("input_layernorm", "post_attention_layernorm"):
+            out[name] = L * d
+        elif name in ("q_norm", "k_norm"):
+            out[name] = L * hd
+        else:
+            n_in, n_out = shapes[name]
+            bias = (cfg.attention_bias and name in ("q_proj", "k_proj", "v_proj")) or \
+                (cfg.o_bias and name == "o_proj")
+            out[name] = L * (n_out * n_in + (n_out if bias else 0))
+    return out
+
+
+def peft_module_name(name: str) -> str:
+    """The name PEFT's `modules_to_save` matches (by suffix): the final norm is `model.norm`, so that
+    it does not also match every `...input_layernorm`."""
+    return "model.norm" if name == "norm" else name
+
+
 def lora_scale(alpha: float, rank: int, rslora: bool) -> float:
     """LoRA's output scale: alpha / rank, or alpha / sqrt(rank) rank-stabilised (rsLoRA), as PEFT."""
     return alpha / rank ** 0.5 if rslora else alpha / rank

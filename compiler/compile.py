@@ -19,7 +19,7 @@ from compiler import data as data_mod
 from compiler import estimates, packing, safety, schema
 from compiler.errors import PlanError, did_you_mean
 from compiler.files import sha256_file, tune_home
-from compiler.architecture import lora_scale
+from compiler.architecture import ATTENTION_MODULES, full_module_names, full_module_params, lora_scale
 from compiler.labels import RARE_CLASS, is_classification, normalise
 from compiler.plan import (PLAN_VERSION, AdapterSection, DataSection, Devices, EvalSection, Estimates,
                            Label, MeshAxes, ModelSection, Plan, Recipe, RetrievalSection,
@@ -412,15 +412,41 @@ def _adapter_section(a: dict, model: ModelSection) -> AdapterSection:
                                 f"{', '.join(valid)} (or all-linear).",
                                 hint="LoRA adapts linear layers by their module name.")
             targets.append(name)
-    shapes = model.linear_shapes
-    per_target = {m: model.config.num_layers * a["rank"] * (shapes[m][0] + shapes[m][1])
-                  for m in targets}
-    trainable = sum(per_target.values())
+    shapes, L = model.linear_shapes, model.config.num_layers
+    # LoRA's A [r, in] and B [out, r]; DoRA adds a magnitude [out] per layer
+    per_target = {m: L * (a["rank"] * (shapes[m][0] + shapes[m][1]) +
+                          (shapes[m][1] if a["kind"] == "dora" else 0)) for m in targets}
+    full = _train_modules(a["train_modules"], targets, model)
+    full_params = full_module_params(model.config, full)
+    trainable = sum(per_target.values()) + sum(full_params.values())
+    quantized = 0
+    if a["quantize"] != "none":
+        quantized = L * sum(n_in * n_out for m, (n_in, n_out) in shapes.items() if m not in full)
     return AdapterSection(rank=a["rank"], alpha=a["alpha"], dropout=a["dropout"],
                           targets=tuple(targets), rslora=a["rslora"],
                           scale=lora_scale(a["alpha"], a["rank"], a["rslora"]),
                           trainable_params=trainable, per_target=per_target,
-                          share=trainable / model.params if model.params else 0.0)
+                          share=trainable / model.params if model.params else 0.0,
+                          kind=a["kind"], quantize=a["quantize"], train_modules=tuple(full),
+                          full_params=full_params, quantized_params=quantized)
+
+
+def _train_modules(names: list[str], targets: list[str], model: ModelSection) -> list[str]:
+    valid = full_module_names(model.config)
+    for name in names:
+        if name not in valid:
+            raise PlanError("adapter.train_modules", f"`{name}` is not a module of {model.name}."
+                            f"{did_you_mean(name, valid)} Modules that can be trained in full: "
+                            f"{', '.join(valid)}.",
+                            hint="name existing modules by their Hugging Face names, e.g. "
+                                 "[lm_head, norm].")
+        if name in targets:
+            part = "self_attn" if name in ATTENTION_MODULES else "mlp"
+            raise PlanError("adapter.train_modules", f"`{name}` is also a LoRA target "
+                            f"(adapter.targets); a module is either adapted or trained in full.",
+                            hint=f"drop {name} from adapter.targets (every layer's {part}.{name} "
+                                 "is then trained in full), or from adapter.train_modules.")
+    return list(names)
 
 
 # ------------------------------------------------------------------------------ runtime
@@ -547,6 +573,8 @@ def _estimates(model: ModelSection, adapter: AdapterSection, schedule: ScheduleS
     c, mesh = model.config, rt.mesh
     memory = estimates.memory_per_device(
         params=model.params, trainable=adapter.trainable_params, layers=c.num_layers,
+        trained_in_full=sum(adapter.full_params.values()), quantized=adapter.quantized_params,
+        quantize=adapter.quantize,
         hidden=c.hidden_size, intermediate=c.intermediate_size, heads=c.num_heads,
         kv_heads=c.num_kv_heads, head_dim=c.head_dim, vocab=c.vocab_size,
         batch=schedule.batch_size, seq_len=schedule.seq_len, param_bytes=DTYPE_BYTES[rt.param_dtype],

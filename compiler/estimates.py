@@ -55,11 +55,17 @@ def schedule_steps(lengths: Sequence[int], *, batch_size: int, grad_accum: int, 
 
 # ------------------------------------------------------------------------------ memory
 
+# Bytes per quantised weight, scales included (runtime/quant.py: int8 per output channel, nf4 in
+# blocks of 64 with a float32 absmax each).
+QUANT_BYTES = {"int8": 1.0, "nf4": 0.5 + 4 / 64}
+
+
 def memory_per_device(*, params: int, trainable: int, layers: int, hidden: int, intermediate: int,
                       heads: int, kv_heads: int, head_dim: int, vocab: int, batch: int, seq_len: int,
                       param_bytes: int, compute_bytes: int, remat: str, ce_chunk: int, devices: int,
                       fsdp: int, tensor: int, loss_tokens: int | None = None,
-                      attention_scores: bool = True) -> dict:
+                      attention_scores: bool = True, trained_in_full: int = 0, quantized: int = 0,
+                      quantize: str = "none") -> dict:
     """Bytes per device: weights, adapter + optimizer, activations, attention, logits, total.
 
     `batch` is the global micro-batch (rows per accumulation step); it is split over the data-parallel
@@ -67,11 +73,16 @@ def memory_per_device(*, params: int, trainable: int, layers: int, hidden: int, 
     The per-token figures are what XLA keeps for the backward pass of one decoder layer, checked
     against the compiled step's memory_analysis() (benchmarks/memory.py, RESULTS.md)."""
     fsdp, tensor, devices = max(1, int(fsdp)), max(1, int(tensor)), max(1, int(devices))
-    # Frozen base weights: one copy, sharded over the fsdp and tensor axes.
-    weights = params * param_bytes / (fsdp * tensor)
-    # LoRA parameters in fp32, their gradients, and AdamW's two moments: 4 fp32 copies. Frozen weights
-    # have no gradient and no optimizer state — the point of LoRA.
-    adapter_optimizer = trainable * 4 * 4
+    # Base weights: one copy, sharded over the fsdp and tensor axes; `quantized` of them stored in
+    # QUANT_BYTES (codes and scales) instead of param_bytes. Modules trained in full are counted
+    # here (they are base weights) and in `trainable`.
+    weights = ((params - quantized) * param_bytes + quantized * QUANT_BYTES.get(quantize, 0)) / \
+        (fsdp * tensor)
+    # LoRA parameters in fp32, their gradients, and AdamW's two moments: 4 fp32 copies. A module
+    # trained in full keeps its weight above, and adds a float32 gradient and two moments in its
+    # dtype. Frozen weights have no gradient and no optimizer state — the point of LoRA.
+    adapter_optimizer = (trainable - trained_in_full) * 4 * 4 + \
+        trained_in_full * (4 + 2 * param_bytes)
     # Activations saved for the backward pass, per token per layer, in compute dtype. Tensor
     # parallelism splits the head and MLP dimensions.
     local_batch = math.ceil(batch / max(1, devices // tensor))

@@ -162,9 +162,14 @@ class AdapterSection:
     targets: tuple[str, ...]
     rslora: bool                    # rank-stabilised: scale = alpha / sqrt(rank)
     scale: float                    # alpha / rank, or alpha / sqrt(rank) with rslora
-    trainable_params: int
-    per_target: dict[str, int]
+    trainable_params: int           # LoRA factors + DoRA magnitudes + modules trained in full
+    per_target: dict[str, int]      # adapter parameters per target module (all layers)
     share: float                    # trainable / all parameters
+    kind: str = "lora"              # lora | dora
+    quantize: str = "none"          # none | int8 | nf4: how the frozen linear weights are stored
+    train_modules: tuple[str, ...] = ()     # existing modules trained in full
+    full_params: dict[str, int] = field(default_factory=dict)  # their parameters (a tied pair once)
+    quantized_params: int = 0       # base weights stored quantised
 
 
 @dataclass(frozen=True)

@@ -110,6 +110,14 @@ KEYS: tuple[Key, ...] = (
        "alpha / rank (steadier as the rank grows)"),
     _k("adapter.targets", "targets", ["q_proj", "k_proj", "v_proj", "o_proj"],
        "module names to adapt, or all-linear"),
+    _k("adapter.kind", "choice", "lora", "lora, or dora (weight-decomposed LoRA: a trained "
+       "magnitude per output row on top of LoRA's direction)", choices=("lora", "dora")),
+    _k("adapter.quantize", "choice", "none", "store the frozen linear weights quantised: int8 (per "
+       "output channel) or nf4 (4-bit NormalFloat, blocks of 64: QLoRA); the adapter stays float32",
+       choices=("none", "int8", "nf4")),
+    _k("adapter.train_modules", "modules", [], "existing modules trained in full beside the "
+       "adapter (embed_tokens, lm_head, norm, input_layernorm, post_attention_layernorm, a linear "
+       "layer that is not a target); exported as PEFT modules_to_save"),
     # schedule
     _k("schedule.lr", "number", 2e-4, "peak learning rate (AdamW)", low=0.0, low_open=True,
        high=1.0, high_open=True, hint=LR_HINT + "."),
@@ -294,6 +302,8 @@ def coerce(key: Key, value):
         return _targets(path, value)
     elif key.kind == "fields":
         return _fields(path, value)
+    elif key.kind == "modules":
+        return _modules(path, value)
     _range(key, value)
     return value
 
@@ -359,6 +369,16 @@ def _fields(path: str, value) -> list[str]:
     if not isinstance(value, (list, tuple)) or not value or \
             not all(isinstance(v, str) and v.strip() for v in value):
         raise _err(path, f"must be a list of field names (or null), got {_show(value)}.")
+    return list(dict.fromkeys(v.strip() for v in value))
+
+
+def _modules(path: str, value) -> list[str]:
+    if isinstance(value, str):
+        value = [p.strip() for p in value.split(",") if p.strip()]
+    if not isinstance(value, (list, tuple)) or \
+            not all(isinstance(v, str) and v.strip() for v in value):
+        raise _err(path, f"must be a list of module names (or []), got {_show(value)}.",
+                   hint="e.g. [lm_head, norm].")
     return list(dict.fromkeys(v.strip() for v in value))
 
 

@@ -252,10 +252,21 @@ def _retrieval(plan) -> Panel | None:
 
 def _adapter(plan) -> Panel:
     a = plan.adapter
+    kind = {"lora": "LoRA", "dora": "DoRA"}[a.kind]
+    tied = plan.model.config.tie_word_embeddings and {"lm_head", "embed_tokens"} & set(a.train_modules)
+    full = ", ".join(f"{m} ({_n(n)})" for m, n in a.full_params.items() if n) + \
+        (" — lm_head and embed_tokens are one tied matrix: trained once, exported under both names"
+         if tied else "")
+    quant = {"int8": "int8, one scale per output channel",
+             "nf4": "4-bit NormalFloat, blocks of 64 (QLoRA)"}.get(a.quantize)
     return _panel("adapter", _kv([
-        ("LoRA", f"rank {a.rank} · alpha {a.alpha:g} (scale {a.scale:.3g}"
-                 + (", rank-stabilised" if a.rslora else "") + f") · dropout {a.dropout:g}"),
+        (kind, f"rank {a.rank} · alpha {a.alpha:g} (scale {a.scale:.3g}"
+               + (", rank-stabilised" if a.rslora else "") + f") · dropout {a.dropout:g}"
+               + (" · a trained magnitude per output row" if a.kind == "dora" else "")),
         ("targets", ", ".join(a.targets)),
+        ("trained in full", full or None),
+        ("base weights", f"{_n(a.quantized_params)} stored as {quant}; the adapter in float32"
+                         if quant else None),
         ("trainable", f"{_n(a.trainable_params)} parameters ({100 * a.share:.2f}% of the model)"),
     ]))
 

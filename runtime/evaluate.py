@@ -21,6 +21,8 @@ eval.json (written by `write_eval`): the headline result at the top level ({"met
 """
 from __future__ import annotations
 
+import dataclasses
+
 import json
 import sys
 import time
@@ -50,6 +52,9 @@ def load_model(plan: Plan, adapter_dir=None, *, adapter_weights: bool = True):
 
     rt = plan.runtime
     lora = None if adapter_dir is None else read_lora_config(adapter_dir)
+    if lora is not None and plan.adapter.quantize != "none":
+        # the adapter was trained on the quantised base: score it on that base
+        lora = dataclasses.replace(lora, quantize=plan.adapter.quantize)
     model = load_pretrained(plan.model.dir, config=plan.model.config, lora=lora,
                             dtype=DTYPES[rt.dtype], param_dtype=DTYPES[rt.param_dtype],
                             remat="none", rngs=nnx.Rngs(0))

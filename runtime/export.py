@@ -16,9 +16,9 @@ from flax import nnx
 from safetensors import safe_open
 from safetensors.numpy import save_file
 
-from compiler.architecture import MODULE_NAMES
-from runtime.model import Llama, LoraConfig, LoRAParam
-from runtime.weights import hf_names, lora_state_dict, to_hf_state_dict
+from compiler.architecture import MODULE_NAMES, WHOLE_MODULES, peft_module_name
+from runtime.model import FullParam, Llama, LoraConfig, LoRAParam
+from runtime.weights import adapter_state_dict, hf_names, to_hf_state_dict
 
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
 ADAPTER_CONFIG = "adapter_config.json"
@@ -29,7 +29,16 @@ _SIDE_FILES = ("config.json", "generation_config.json", "tokenizer.json", "token
                "added_tokens.json", "chat_template.jinja", "chat_template.json")
 
 
-def peft_config(lora: LoraConfig, base_model_name_or_path: str | None) -> dict:
+def modules_to_save(lora: LoraConfig, tied: bool) -> list[str] | None:
+    """PEFT's `modules_to_save` for the modules trained in full. A tied head and embedding are one
+    matrix here; PEFT wraps each name separately, so both are listed (and both written)."""
+    names = list(lora.train_modules)
+    if tied and ({"lm_head", "embed_tokens"} & set(names)):
+        names += [n for n in ("embed_tokens", "lm_head") if n not in names]
+    return [peft_module_name(n) for n in names] or None
+
+
+def peft_config(lora: LoraConfig, base_model_name_or_path: str | None, *, tied: bool = False) -> dict:
     """The adapter_config.json PEFT's LoraConfig accepts. Only long-standing fields, so that older PEFT
     versions read it too."""
     return {
@@ -38,24 +47,27 @@ def peft_config(lora: LoraConfig, base_model_name_or_path: str | None) -> dict:
         "target_modules": sorted(lora.targets), "bias": "none",
         "base_model_name_or_path": base_model_name_or_path,
         "fan_in_fan_out": False, "inference_mode": True, "init_lora_weights": True,
-        "modules_to_save": None, "layers_to_transform": None, "layers_pattern": None,
-        "rank_pattern": {}, "alpha_pattern": {}, "use_rslora": bool(lora.rslora), "use_dora": False,
+        "modules_to_save": modules_to_save(lora, tied), "layers_to_transform": None,
+        "layers_pattern": None, "rank_pattern": {}, "alpha_pattern": {},
+        "use_rslora": bool(lora.rslora), "use_dora": lora.kind == "dora",
         "revision": None,
     }
 
 
 def save_peft_adapter(model: Llama, out_dir, *, base_model_name_or_path: str | None = None,
                       lora: LoraConfig | None = None) -> Path:
-    """adapter_model.safetensors (float32, `base_model.model.model.layers.{i}.<module>.lora_A.weight`
-    [r, in] / `lora_B.weight` [out, r]) + adapter_config.json. Returns the directory."""
+    """adapter_model.safetensors (`base_model.model.` + runtime.weights.adapter_state_dict's names:
+    LoRA factors, DoRA magnitudes, modules trained in full) + adapter_config.json. Returns the
+    directory."""
     lora = lora or model.lora
     if lora is None or model.lora is None:
         raise ValueError("the model has no LoRA parameters to save")
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    tensors = {PEFT_PREFIX + name: value for name, value in lora_state_dict(model).items()}
+    tensors = {PEFT_PREFIX + name: value for name, value in adapter_state_dict(model).items()}
     save_file(tensors, str(out / ADAPTER_WEIGHTS), metadata={"format": "pt"})
-    (out / ADAPTER_CONFIG).write_text(json.dumps(peft_config(lora, base_model_name_or_path), indent=2) + "\n")
+    config = peft_config(lora, base_model_name_or_path, tied=model.cfg.tie_word_embeddings)
+    (out / ADAPTER_CONFIG).write_text(json.dumps(config, indent=2) + "\n")
     return out
 
 
@@ -64,8 +76,16 @@ def read_lora_config(adapter_dir) -> LoraConfig:
     cfg = json.loads((Path(adapter_dir) / ADAPTER_CONFIG).read_text())
     if cfg.get("peft_type", "LORA") != "LORA":
         raise ValueError(f"{adapter_dir}: peft_type {cfg.get('peft_type')!r}, only LORA adapters are supported")
-    if cfg.get("use_dora") or cfg.get("rank_pattern") or cfg.get("alpha_pattern"):
-        raise ValueError(f"{adapter_dir}: DoRA and per-module rank/alpha patterns are not supported")
+    if cfg.get("rank_pattern") or cfg.get("alpha_pattern"):
+        raise ValueError(f"{adapter_dir}: per-module rank/alpha patterns are not supported")
+    full = []
+    for name in cfg.get("modules_to_save") or ():
+        short = "norm" if name == "model.norm" else name.rsplit(".", 1)[-1]
+        if short not in WHOLE_MODULES + ("q_norm", "k_norm") + MODULE_NAMES:
+            raise ValueError(f"{adapter_dir}: modules_to_save names {name!r}, which is not a "
+                             f"module of the Llama family")
+        if short not in full:
+            full.append(short)
     targets = cfg["target_modules"]
     if targets == "all-linear":
         targets = list(MODULE_NAMES)
@@ -73,7 +93,8 @@ def read_lora_config(adapter_dir) -> LoraConfig:
         raise ValueError(f"{adapter_dir}: target_modules as a regex ({targets!r}) is not supported")
     return LoraConfig(rank=int(cfg["r"]), alpha=float(cfg["lora_alpha"]),
                       dropout=float(cfg.get("lora_dropout", 0.0)), targets=tuple(sorted(targets)),
-                      rslora=bool(cfg.get("use_rslora", False)))
+                      rslora=bool(cfg.get("use_rslora", False)),
+                      kind="dora" if cfg.get("use_dora") else "lora", train_modules=tuple(full))
 
 
 def load_peft_adapter(model: Llama, adapter_dir) -> Llama:
@@ -83,9 +104,11 @@ def load_peft_adapter(model: Llama, adapter_dir) -> Llama:
     adapter_dir = Path(adapter_dir)
     want = read_lora_config(adapter_dir)
     have = model.lora
-    if have is None or have.rank != want.rank or set(have.targets) != set(want.targets):
-        raise ValueError(f"{adapter_dir}: adapter has rank {want.rank} on {sorted(want.targets)}, the model "
-                         f"was built with {None if have is None else (have.rank, sorted(have.targets))}")
+    if have is None or have.rank != want.rank or set(have.targets) != set(want.targets) or \
+            have.kind != want.kind or _full_set(have, model) != _full_set(want, model):
+        shape = lambda c: (c.kind, c.rank, sorted(c.targets), sorted(_full_set(c, model)))  # noqa: E731
+        raise ValueError(f"{adapter_dir}: adapter is {shape(want)} (kind, rank, targets, trained "
+                         f"modules); the model was built with {None if have is None else shape(have)}")
     if have.alpha != want.alpha:
         raise ValueError(f"{adapter_dir}: adapter lora_alpha {want.alpha} != the model's {have.alpha}")
     with safe_open(str(adapter_dir / ADAPTER_WEIGHTS), framework="np") as f:
@@ -95,20 +118,39 @@ def load_peft_adapter(model: Llama, adapter_dir) -> Llama:
 
     used, new = set(), []
     for path, var in nnx.to_flat_state(nnx.state(model, LoRAParam)):
-        names = [n + ".weight" for n in hf_names(path, model.cfg.num_layers)]
+        names = hf_names(path, model.cfg.num_layers)
+        if not isinstance(var, FullParam) and str(path[-1]) != "lora_magnitude_vector":
+            names = [n + ".weight" for n in names]
         missing = [n for n in names if n not in tensors]
         if missing:
             raise ValueError(f"{adapter_dir}: adapter lacks {missing[:3]}")
-        value = np.stack([tensors[n] for n in names])
+        stacked = str(path[0]) == "layers"
+        value = np.stack([tensors[n] for n in names]) if stacked else tensors[names[0]]
         if value.shape != var.shape:
-            raise ValueError(f"{adapter_dir}: {names[0]} has shape {value.shape[1:]}, expected {var.shape[1:]}")
+            raise ValueError(f"{adapter_dir}: {names[0]} has shape {value.shape[1:] if stacked else value.shape}, "
+                             f"expected {var.shape[1:] if stacked else var.shape}")
         new.append((path, var.copy(jnp.asarray(value, var.dtype))))
         used.update(names)
+    if model.cfg.tie_word_embeddings and "lm_head.weight" in tensors:
+        # a tied head saved beside its embedding: one matrix here, so the two copies must agree
+        if "model.embed_tokens.weight" not in used or not np.array_equal(
+                tensors["lm_head.weight"], tensors["model.embed_tokens.weight"]):
+            raise ValueError(f"{adapter_dir}: the adapter holds an output head that differs from "
+                             "the embedding, but this model ties them")
+        used.add("lm_head.weight")
     unexpected = set(tensors) - used
     if unexpected:
         raise ValueError(f"{adapter_dir}: adapter has tensors this model has no place for: {sorted(unexpected)[:3]}")
     nnx.update(model, nnx.from_flat_state(new))
     return model
+
+
+def _full_set(lora: LoraConfig, model: Llama) -> set[str]:
+    """The trained-in-full modules as the model builds them (a tied head is its embedding)."""
+    names = set(lora.train_modules)
+    if model.cfg.tie_word_embeddings and names & {"lm_head", "embed_tokens"}:
+        names |= {"lm_head", "embed_tokens"}
+    return names
 
 
 def save_merged(model: Llama, out_dir, model_dir) -> Path:

@@ -16,8 +16,17 @@ and the remat policy wraps the scanned body.
 State paths mirror the Hugging Face names: `layers/self_attn/q_proj/weight` holds
 `model.layers.{i}.self_attn.q_proj.weight` for every i (see runtime/weights.py).
 
-LoRA parameters are `LoRAParam`, every other weight a plain `nnx.Param`; the trainer differentiates
-and optimises only the first: `graphdef, lora, frozen = nnx.split(model, LoRAParam, ...)`.
+Everything the trainer differentiates and optimises is a `LoRAParam`: the LoRA factors, DoRA's
+magnitude vectors, and the existing weights of modules trained in full (adapter.train_modules), which
+are `FullParam`, a subclass. Every other weight is a plain `nnx.Param`, frozen:
+`graphdef, trained, frozen = nnx.split(model, LoRAParam, ...)`.
+
+Adapter kinds. LoRA: y = W x + b + s·B A x, s = alpha/r (or alpha/√r, rsLoRA). DoRA (Liu et al. 2024,
+as PEFT computes it): y = (m / ‖W + s·B A‖) ⊙ (W x + s·B A x) + b, with the row norms ‖·‖ of the
+adapted weight treated as a constant in the backward pass (the paper's §4.3, PEFT's `.detach()`), and
+the magnitude m [out] starting at ‖W‖ so the adapted model starts as the base. Quantised base weights
+(adapter.quantize, runtime/quant.py) are dequantised inside the matmul and never kept for the
+backward pass.
 """
 from __future__ import annotations
 
@@ -30,7 +39,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from compiler.architecture import MODULE_NAMES, ModelConfig, lora_scale
+from compiler.architecture import MODULE_NAMES, ModelConfig, full_module_names, lora_scale
+from runtime import quant
 
 REMAT_POLICIES = ("none", "dots", "full")
 ATTENTION = ("xla", "cudnn")
@@ -38,6 +48,14 @@ ATTENTION = ("xla", "cudnn")
 # The one trainable variable type. Flax ships it as a subclass of nnx.Param; it is re-exported here so
 # that the model, the trainer and the exporter all name the same class.
 LoRAParam = nnx.LoRAParam
+ADAPTER_KINDS = ("lora", "dora")
+QUANTIZE = ("none",) + quant.FORMATS
+
+
+class FullParam(LoRAParam):
+    """An existing weight trained in full alongside the adapters (adapter.train_modules). A LoRAParam
+    subclass, so every split that takes the trainable state takes it too; exported as PEFT's
+    `modules_to_save`."""
 
 
 # ----------------------------------------------------------------------------------------- configs
@@ -49,11 +67,21 @@ class LoraConfig:
     dropout: float
     targets: tuple[str, ...]            # subset of MODULE_NAMES
     rslora: bool = False                # rank-stabilised: scale alpha / sqrt(rank)
+    kind: str = "lora"                  # lora | dora
+    train_modules: tuple[str, ...] = ()  # existing modules trained in full (architecture.full_module_names)
+    quantize: str = "none"              # none | int8 | nf4: how the frozen linear weights are stored
 
     def __post_init__(self):
         unknown = [t for t in self.targets if t not in MODULE_NAMES]
         if unknown:
             raise ValueError(f"unknown LoRA targets {unknown}; expected a subset of {list(MODULE_NAMES)}")
+        if self.kind not in ADAPTER_KINDS:
+            raise ValueError(f"unknown adapter kind {self.kind!r}; expected one of {ADAPTER_KINDS}")
+        if self.quantize not in QUANTIZE:
+            raise ValueError(f"unknown quantisation {self.quantize!r}; expected one of {QUANTIZE}")
+        both = sorted(set(self.targets) & set(self.train_modules))
+        if both:
+            raise ValueError(f"{both} are both LoRA targets and trained in full")
 
     @property
     def scale(self) -> float:
@@ -76,42 +104,98 @@ def lora_a_init(key, shape):
     return jax.random.uniform(key, shape, jnp.float32, -bound, bound)
 
 
+def _dequantized_matmul(x, codes, scales, fmt, shape, dtype):
+    return jnp.einsum("...i,oi->...o", x, quant.dequantize(codes, scales, fmt, shape, dtype))
+
+
+# Rematerialised: the backward pass dequantises again instead of keeping every layer's float weight,
+# which would undo the memory quantisation saves.
+_dequantized_matmul = jax.checkpoint(_dequantized_matmul, static_argnums=(3, 4, 5))
+
+
+def row_norms(w) -> jax.Array:
+    """‖W_r‖ for each output row r of W [..., out, in], in float32."""
+    w = jnp.asarray(w, jnp.float32)
+    return jnp.sqrt(jnp.sum(w * w, axis=-1))
+
+
 class Linear(nnx.Module):
-    """y = x Wᵀ (+ b) + (alpha/r)·B(A(dropout(x))). W is [out, in] (torch layout). The LoRA factors are
-    stored in float32 whatever the base dtype (they are what the optimiser updates) and cast to the
-    compute dtype for the matmul."""
+    """y = x Wᵀ (+ b) + (alpha/r)·B(A(dropout(x))), or DoRA's rescaled form (see the module doc).
+    W is [out, in] (torch layout), stored in param_dtype, or quantised (`quantize`: codes in `weight`,
+    their scales in `weight_scale`). The LoRA factors and DoRA's magnitude are stored in float32
+    whatever the base dtype (they are what the optimiser updates) and cast to the compute dtype for
+    the matmul. trained=True: W (and b) are trained in full (FullParam)."""
 
     def __init__(self, d_in: int, d_out: int, *, bias: bool, lora: LoraConfig | None, dtype,
-                 param_dtype, rngs: nnx.Rngs):
-        self.dtype = dtype
-        self.weight = nnx.Param(0.02 * jax.random.normal(rngs.params(), (d_out, d_in), param_dtype))
-        self.bias = nnx.Param(jnp.zeros((d_out,), param_dtype)) if bias else None
+                 param_dtype, rngs: nnx.Rngs, trained: bool = False, quantize: str = "none"):
+        self.dtype, self.shape = dtype, (d_out, d_in)
+        self.quantize = "none" if trained else quantize
+        param = FullParam if trained else nnx.Param
+        key = rngs.params()
+        if self.quantize == "int8":      # random codes: a stand-in until real weights are loaded
+            self.weight = nnx.Param(jax.random.randint(key, (d_out, d_in), -127, 128, jnp.int8))
+            self.weight_scale = nnx.Param(jnp.full((d_out,), 0.02 * 1.7 / 127, jnp.float32))
+        elif self.quantize == "nf4":
+            codes, scales = quant.stored_shapes("nf4", d_out, d_in)
+            self.weight = nnx.Param(jax.random.randint(key, codes, 0, 256, jnp.int32).astype(jnp.uint8))
+            self.weight_scale = nnx.Param(jnp.full(scales, 0.05, jnp.float32))
+        else:
+            self.weight = param(0.02 * jax.random.normal(key, (d_out, d_in), param_dtype))
+            self.weight_scale = None
+        self.bias = param(jnp.zeros((d_out,), param_dtype)) if bias else None
         if lora is None:
-            self.lora_A = self.lora_B = None
+            self.lora_A = self.lora_B = self.lora_magnitude_vector = None
             return
         self.lora_A = LoRAParam(lora_a_init(rngs.params(), (lora.rank, d_in)))
         self.lora_B = LoRAParam(jnp.zeros((d_out, lora.rank), jnp.float32))
         self.scale = lora.scale
         self.rate = lora.dropout
+        self.lora_magnitude_vector = LoRAParam(row_norms(self.dense_weight(jnp.float32))) \
+            if lora.kind == "dora" else None
+
+    def dense_weight(self, dtype):
+        """W [out, in] in `dtype` (dequantised when stored quantised)."""
+        if self.weight_scale is None:
+            return self.weight[...].astype(dtype)
+        return quant.dequantize(self.weight[...], self.weight_scale[...], self.quantize, self.shape,
+                                dtype)
+
+    def _base(self, x):
+        if self.weight_scale is None:
+            return jnp.einsum("...i,oi->...o", x, self.weight[...].astype(self.dtype))
+        return _dequantized_matmul(x, self.weight[...], self.weight_scale[...], self.quantize,
+                                   self.shape, self.dtype)
+
+    def delta(self) -> jax.Array:
+        """The LoRA update s·B A [out, in] in float32."""
+        return self.scale * jnp.einsum("or,ri->oi", self.lora_B[...].astype(jnp.float32),
+                                       self.lora_A[...].astype(jnp.float32))
 
     def __call__(self, x, dropout_key=None):
         x = x.astype(self.dtype)
-        y = jnp.einsum("...i,oi->...o", x, self.weight[...].astype(self.dtype))
-        if self.bias is not None:
-            y = y + self.bias[...].astype(self.dtype)
-        if self.lora_A is not None:
-            h = jnp.einsum("...i,ri->...r", _dropout(x, self.rate, dropout_key),
-                           self.lora_A[...].astype(self.dtype))
-            y = y + self.scale * jnp.einsum("...r,or->...o", h, self.lora_B[...].astype(self.dtype))
-        return y
+        base = self._base(x)
+        y = base if self.bias is None else base + self.bias[...].astype(self.dtype)
+        if self.lora_A is None:
+            return y
+        dropped = dropout_key is not None and self.rate > 0
+        xd = _dropout(x, self.rate, dropout_key)
+        h = jnp.einsum("...i,ri->...r", xd, self.lora_A[...].astype(self.dtype))
+        h = self.scale * jnp.einsum("...r,or->...o", h, self.lora_B[...].astype(self.dtype))
+        if self.lora_magnitude_vector is None:
+            return y + h
+        # DoRA: m / ‖W + s·BA‖ per output row, the norm a constant for the gradient (as PEFT).
+        norm = jax.lax.stop_gradient(row_norms(self.dense_weight(jnp.float32) + self.delta()))
+        g = (self.lora_magnitude_vector[...].astype(jnp.float32) / norm).astype(self.dtype)
+        # With dropout PEFT rescales the base output of the dropped input (one more matmul).
+        return y + (g - 1) * (self._base(xd) if dropped else base) + g * h
 
 
 class RMSNorm(nnx.Module):
     """Normalised in float32 (as transformers does), whatever the compute dtype."""
 
-    def __init__(self, dim: int, eps: float, *, dtype, param_dtype):
+    def __init__(self, dim: int, eps: float, *, dtype, param_dtype, trained: bool = False):
         self.eps, self.dtype = eps, dtype
-        self.weight = nnx.Param(jnp.ones((dim,), param_dtype))
+        self.weight = (FullParam if trained else nnx.Param)(jnp.ones((dim,), param_dtype))
 
     def __call__(self, x):
         x = x.astype(jnp.float32)
@@ -120,9 +204,11 @@ class RMSNorm(nnx.Module):
 
 
 class Embedding(nnx.Module):
-    def __init__(self, vocab: int, dim: int, *, dtype, param_dtype, rngs: nnx.Rngs):
+    def __init__(self, vocab: int, dim: int, *, dtype, param_dtype, rngs: nnx.Rngs,
+                 trained: bool = False):
         self.dtype = dtype
-        self.weight = nnx.Param(0.02 * jax.random.normal(rngs.params(), (vocab, dim), param_dtype))
+        self.weight = (FullParam if trained else nnx.Param)(
+            0.02 * jax.random.normal(rngs.params(), (vocab, dim), param_dtype))
 
     def __call__(self, tokens):
         return jnp.take(self.weight[...], tokens, axis=0).astype(self.dtype)
@@ -168,6 +254,16 @@ def _lora_for(lora: LoraConfig | None, name: str) -> LoraConfig | None:
     return lora if lora is not None and name in lora.targets else None
 
 
+def _linear_kw(lora: LoraConfig | None, name: str) -> dict:
+    """Linear's LoRA, trained and quantize arguments for the module `name`."""
+    return dict(lora=_lora_for(lora, name), trained=_trained(lora, name),
+                quantize="none" if lora is None else lora.quantize)
+
+
+def _trained(lora: LoraConfig | None, name: str) -> bool:
+    return lora is not None and name in lora.train_modules
+
+
 # ---------------------------------------------------------------------------------- decoder block
 
 class Attention(nnx.Module):
@@ -175,13 +271,15 @@ class Attention(nnx.Module):
         self.cfg, self.dtype = cfg, dtype
         D, N, K, H = cfg.hidden_size, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
         common = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
-        self.q_proj = Linear(D, N * H, bias=cfg.attention_bias, lora=_lora_for(lora, "q_proj"), **common)
-        self.k_proj = Linear(D, K * H, bias=cfg.attention_bias, lora=_lora_for(lora, "k_proj"), **common)
-        self.v_proj = Linear(D, K * H, bias=cfg.attention_bias, lora=_lora_for(lora, "v_proj"), **common)
-        self.o_proj = Linear(N * H, D, bias=cfg.o_bias, lora=_lora_for(lora, "o_proj"), **common)
+        self.q_proj = Linear(D, N * H, bias=cfg.attention_bias, **_linear_kw(lora, "q_proj"), **common)
+        self.k_proj = Linear(D, K * H, bias=cfg.attention_bias, **_linear_kw(lora, "k_proj"), **common)
+        self.v_proj = Linear(D, K * H, bias=cfg.attention_bias, **_linear_kw(lora, "v_proj"), **common)
+        self.o_proj = Linear(N * H, D, bias=cfg.o_bias, **_linear_kw(lora, "o_proj"), **common)
         if cfg.qk_norm:
-            self.q_norm = RMSNorm(H, cfg.rms_norm_eps, dtype=dtype, param_dtype=param_dtype)
-            self.k_norm = RMSNorm(H, cfg.rms_norm_eps, dtype=dtype, param_dtype=param_dtype)
+            self.q_norm = RMSNorm(H, cfg.rms_norm_eps, dtype=dtype, param_dtype=param_dtype,
+                                  trained=_trained(lora, "q_norm"))
+            self.k_norm = RMSNorm(H, cfg.rms_norm_eps, dtype=dtype, param_dtype=param_dtype,
+                                  trained=_trained(lora, "k_norm"))
         else:
             self.q_norm = self.k_norm = None
 
@@ -218,9 +316,9 @@ class MLP(nnx.Module):
     def __init__(self, cfg: ModelConfig, *, lora, dtype, param_dtype, rngs: nnx.Rngs):
         D, F = cfg.hidden_size, cfg.intermediate_size
         common = dict(bias=False, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
-        self.gate_proj = Linear(D, F, lora=_lora_for(lora, "gate_proj"), **common)
-        self.up_proj = Linear(D, F, lora=_lora_for(lora, "up_proj"), **common)
-        self.down_proj = Linear(F, D, lora=_lora_for(lora, "down_proj"), **common)
+        self.gate_proj = Linear(D, F, **_linear_kw(lora, "gate_proj"), **common)
+        self.up_proj = Linear(D, F, **_linear_kw(lora, "up_proj"), **common)
+        self.down_proj = Linear(F, D, **_linear_kw(lora, "down_proj"), **common)
 
     def __call__(self, x, keys):
         k = keys if keys is not None else (None,) * 3
@@ -232,9 +330,11 @@ class Block(nnx.Module):
 
     def __init__(self, cfg: ModelConfig, *, lora, dtype, param_dtype, rngs: nnx.Rngs):
         norm = dict(dtype=dtype, param_dtype=param_dtype)
-        self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, **norm)
+        self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, **norm,
+                                       trained=_trained(lora, "input_layernorm"))
         self.self_attn = Attention(cfg, lora=lora, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
-        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, **norm)
+        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, **norm,
+                                                trained=_trained(lora, "post_attention_layernorm"))
         self.mlp = MLP(cfg, lora=lora, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
 
     def __call__(self, x, cos, sin, mask, dropout_key=None, cache=None, attention: str = "xla"):
@@ -287,9 +387,18 @@ class Llama(nnx.Module):
         if attention not in ATTENTION:
             raise ValueError(f"unknown attention {attention!r}; expected one of {', '.join(ATTENTION)}")
         self.cfg, self.lora, self.dtype, self.remat = cfg, lora, dtype, remat
+        self.param_dtype = param_dtype
         self.attention = attention      # for training and scoring; decoding with a cache uses xla
+        if lora is not None:
+            unknown = sorted(set(lora.train_modules) - set(full_module_names(cfg)))
+            if unknown:
+                raise ValueError(f"cannot train {unknown} in full; this model's modules are "
+                                 f"{list(full_module_names(cfg))}")
+        # A tied head IS the embedding: training either name trains the one shared matrix.
+        tied_trained = cfg.tie_word_embeddings and _trained(lora, "lm_head")
         self.embed_tokens = Embedding(cfg.vocab_size, cfg.hidden_size, dtype=dtype,
-                                      param_dtype=param_dtype, rngs=rngs)
+                                      param_dtype=param_dtype, rngs=rngs,
+                                      trained=_trained(lora, "embed_tokens") or tied_trained)
 
         # One Block whose variables are stacked [L, ...]: vmap the constructor over L keys.
         @nnx.vmap(in_axes=0, out_axes=0)
@@ -297,8 +406,10 @@ class Llama(nnx.Module):
             return Block(cfg, lora=lora, dtype=dtype, param_dtype=param_dtype, rngs=nnx.Rngs(key))
 
         self.layers = make_blocks(jax.random.split(rngs.params(), cfg.num_layers))
-        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype=dtype, param_dtype=param_dtype)
-        self.unembed = None if cfg.tie_word_embeddings else nnx.Param(
+        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype=dtype, param_dtype=param_dtype,
+                            trained=_trained(lora, "norm"))
+        self.unembed = None if cfg.tie_word_embeddings else (
+            FullParam if _trained(lora, "lm_head") else nnx.Param)(
             0.02 * jax.random.normal(rngs.params(), (cfg.vocab_size, cfg.hidden_size), param_dtype))
 
     # -- training / scoring

@@ -105,7 +105,8 @@ def setup(plan: Plan, run_dir: Path) -> Session:
 def lora_config(plan: Plan) -> LoraConfig:
     a = plan.adapter
     return LoraConfig(rank=a.rank, alpha=float(a.alpha), dropout=float(a.dropout), targets=a.targets,
-                      rslora=a.rslora)
+                      rslora=a.rslora, kind=a.kind, train_modules=a.train_modules,
+                      quantize=a.quantize)
 
 
 def _setup_model(plan: Plan, mesh):

@@ -57,8 +57,18 @@ def make_optimizer(s: ScheduleSection) -> tuple[optax.GradientTransformation, Ca
     Returns (optimizer, lr_fn)."""
     lr_fn = lr_schedule(s.lr, s.warmup_steps, s.total_steps, s.lr_schedule)
     parts = [optax.clip_by_global_norm(s.max_grad_norm)] if s.max_grad_norm else []
-    parts.append(optax.adamw(lr_fn, b1=s.beta1, b2=s.beta2, eps=s.eps, weight_decay=s.weight_decay))
+    parts.append(optax.adamw(lr_fn, b1=s.beta1, b2=s.beta2, eps=s.eps, weight_decay=s.weight_decay,
+                             mask=decay_mask))
     return optax.chain(*parts), lr_fn
+
+
+def decay_mask(params):
+    """Weight decay applies to every trained tensor except norm weights and biases (modules trained
+    in full): decaying an RMSNorm's gain towards 0 is never wanted."""
+    def decays(path, _):
+        names = [str(getattr(k, "key", getattr(k, "name", k))) for k in path]
+        return not (names[-1] == "bias" or any(n.endswith("norm") for n in names[:-1]))
+    return jax.tree_util.tree_map_with_path(decays, params)
 
 
 def _micro_loss(graphdef, lora, frozen, mb, key, *, ce_chunk: int, loss_tokens: int | None,

@@ -17,7 +17,8 @@ from flax import nnx
 from safetensors import safe_open
 
 from compiler.architecture import ModelConfig, read_config
-from runtime.model import Llama, LoraConfig, LoRAParam, lora_a_init
+from runtime import quant
+from runtime.model import FullParam, Llama, LoraConfig, LoRAParam, lora_a_init
 
 # Buffers some checkpoints carry that are recomputed, not loaded.
 _IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)
@@ -68,21 +69,27 @@ def load_pretrained(model_dir, *, config: ModelConfig | None = None, lora: LoraC
                     dtype=jnp.float32, param_dtype=jnp.float32, remat: str = "none",
                     attention: str = "xla", rngs: nnx.Rngs | None = None) -> Llama:
     """The model of an HF checkpoint directory (*.safetensors; config.json unless `config`, the
-    plan's, is given), base weights cast to param_dtype, LoRA factors (if lora) freshly initialised
-    from rngs (A random, B zero, float32). Missing or unexpected tensors raise ValueError naming
-    them."""
+    plan's, is given), base weights cast to param_dtype (or quantised, lora.quantize), LoRA factors
+    (if lora) freshly initialised from rngs (A random, B zero, float32), DoRA magnitudes set to the
+    base weight's row norms. Missing or unexpected tensors raise ValueError naming them."""
     model_dir = Path(model_dir)
     cfg = config if config is not None else read_config(model_dir)
     rngs = rngs if rngs is not None else nnx.Rngs(0)
+    fmt = "none" if lora is None else lora.quantize
 
     abstract = nnx.eval_shape(lambda: Llama(cfg, lora=lora, dtype=dtype, param_dtype=param_dtype,
                                             remat=remat, attention=attention, rngs=nnx.Rngs(0)))
-    graphdef, lora_abstract, frozen_abstract = nnx.split(abstract, LoRAParam, ...)
-
+    graphdef, full_abstract, lora_abstract, frozen_abstract = nnx.split(abstract, FullParam,
+                                                                        LoRAParam, ...)
     ckpt = _Checkpoint(model_dir)
     expected = set()
-    frozen = []
-    for path, var in nnx.to_flat_state(frozen_abstract):
+    loaded = {}                 # path → value, for every weight the checkpoint fills
+    dense_shapes = {}           # path → [out, in] of each weight stored quantised
+    stored = dict(nnx.to_flat_state(frozen_abstract))
+    stored.update(nnx.to_flat_state(full_abstract))
+    for path, var in stored.items():
+        if path[-1] == "weight_scale":
+            continue            # filled with its weight's codes
         names = hf_names(path, cfg.num_layers)
         expected.update(names)
         missing = [n for n in names if n not in ckpt.where]
@@ -91,10 +98,19 @@ def load_pretrained(model_dir, *, config: ModelConfig | None = None, lora: LoraC
                              f"e.g. {missing[:3]}")
         arrays = [ckpt.get(n) for n in names]
         value = np.stack(arrays) if path[0] == "layers" else arrays[0]
-        if value.shape != var.shape:
+        scale_path = path[:-1] + ("weight_scale",)
+        want = var.shape
+        if scale_path in stored:            # stored quantised: codes [L, ...] from float [L, out, in]
+            want = var.shape[:1] + _module_at(abstract, path[:-1]).shape
+        if value.shape != want:
             raise ValueError(f"{model_dir}: {names[0]} has shape {value.shape[1:] if path[0] == 'layers' else value.shape}, "
-                             f"the config implies {var.shape[1:] if path[0] == 'layers' else var.shape}")
-        frozen.append((path, var.copy(jnp.asarray(value, dtype=var.dtype))))
+                             f"the config implies {want[1:] if path[0] == 'layers' else want}")
+        if scale_path in stored:
+            codes, scales = quant.quantize(value, fmt)
+            loaded[scale_path] = scales
+            dense_shapes[path] = value.shape[-2:]
+            value = codes
+        loaded[path] = value
     unexpected = ckpt.names() - expected
     if cfg.tie_word_embeddings:
         unexpected.discard("lm_head.weight")      # tied checkpoints sometimes store the copy anyway
@@ -102,32 +118,71 @@ def load_pretrained(model_dir, *, config: ModelConfig | None = None, lora: LoraC
         raise ValueError(f"{model_dir}: checkpoint has {len(unexpected)} tensor(s) this model does not use, "
                          f"e.g. {sorted(unexpected)[:3]} — is it really a {cfg.family} model?")
 
-    # LoRA factors: A drawn as PEFT does (one key per stacked variable), B zero.
+    frozen = [(p, v.copy(jnp.asarray(loaded[p], dtype=v.dtype)))
+              for p, v in nnx.to_flat_state(frozen_abstract)]
+    full = [(p, v.copy(jnp.asarray(loaded[p], dtype=v.dtype)))
+            for p, v in nnx.to_flat_state(full_abstract)]
+    # LoRA factors: A drawn as PEFT does (one key per stacked variable), B zero; DoRA's magnitude is
+    # ‖W‖ per output row (of the weight as the model computes with it: dequantised if quantised).
     lora_vars = []
     for k, (path, var) in enumerate(nnx.to_flat_state(lora_abstract)):
         if path[-1] == "lora_A":
             value = lora_a_init(jax.random.fold_in(rngs.params(), k), var.shape)
+        elif path[-1] == "lora_magnitude_vector":
+            w = path[:-1] + ("weight",)
+            value = jnp.sqrt(jnp.sum(jnp.square(_dense(loaded, w, fmt, dense_shapes.get(w))),
+                                     axis=-1))
         else:
             value = jnp.zeros(var.shape, jnp.float32)
         lora_vars.append((path, var.copy(value)))
-    return nnx.merge(graphdef, nnx.from_flat_state(frozen), nnx.from_flat_state(lora_vars))
+    return nnx.merge(graphdef, nnx.from_flat_state(full), nnx.from_flat_state(lora_vars),
+                     nnx.from_flat_state(frozen))
+
+
+def _module_at(model, path: tuple):
+    for name in path:
+        model = getattr(model, str(name))
+    return model
+
+
+def _dense(loaded: dict, path: tuple, fmt: str, shape) -> np.ndarray:
+    """A loaded weight [..., out, in] in float32, dequantised if it was quantised (shape: its
+    [out, in])."""
+    value = loaded[path]
+    scale = loaded.get(path[:-1] + ("weight_scale",))
+    if scale is None:
+        return np.asarray(value, np.float32)
+    return np.asarray(quant.dequantize(value, scale, fmt, tuple(shape)))
 
 
 def to_hf_state_dict(model: Llama, merged: bool = False) -> dict[str, np.ndarray]:
-    """The base weights under their HF names (numpy, param dtype). merged=True folds each LoRA delta
-    (alpha/r)·B@A into its weight (computed in float32) — the state dict of PEFT's merge_and_unload()."""
+    """The base weights (and modules trained in full, as trained) under their HF names (numpy, param
+    dtype; quantised weights dequantised). merged=True folds each adapter into its weight, computed in
+    float32 — the state dict of PEFT's merge_and_unload(): W + s·B A for LoRA, and for DoRA
+    (m / ‖W + s·B A‖) ⊙ (W + s·B A) row by row."""
     cfg = model.cfg
-    _, lora_state, frozen_state = nnx.split(model, LoRAParam, ...)
-    lora_flat = {tuple(map(str, p)): np.asarray(v[...]) for p, v in nnx.to_flat_state(lora_state)}
+    _, full_state, factor_state, frozen_state = nnx.split(model, FullParam, LoRAParam, ...)
+    factors = {tuple(map(str, p)): np.asarray(v[...]) for p, v in nnx.to_flat_state(factor_state)}
+    weights = {tuple(map(str, p)): v for p, v in nnx.to_flat_state(frozen_state)}
+    weights.update({tuple(map(str, p)): v for p, v in nnx.to_flat_state(full_state)})
     out = {}
-    for path, var in nnx.to_flat_state(frozen_state):
-        path = tuple(map(str, path))
-        value = np.asarray(var[...])
-        if merged and path[-1] == "weight" and path[:-1] + ("lora_A",) in lora_flat:
-            a = lora_flat[path[:-1] + ("lora_A",)]          # [L, r, in]
-            b = lora_flat[path[:-1] + ("lora_B",)]          # [L, out, r]
-            delta = model.lora.scale * np.einsum("lor,lri->loi", b.astype(np.float32), a.astype(np.float32))
-            value = (value.astype(np.float32) + delta).astype(value.dtype)
+    for path, var in weights.items():
+        if path[-1] == "weight_scale":
+            continue
+        module = path[:-1]
+        if module + ("weight_scale",) in weights:
+            value = np.asarray(_module_at(model, module).dense_weight(jnp.float32)).astype(
+                np.dtype(model.param_dtype))
+        else:
+            value = np.asarray(var[...])
+        if merged and path[-1] == "weight" and module + ("lora_A",) in factors:
+            a = factors[module + ("lora_A",)].astype(np.float32)           # [L, r, in]
+            b = factors[module + ("lora_B",)].astype(np.float32)           # [L, out, r]
+            w = value.astype(np.float32) + model.lora.scale * np.einsum("lor,lri->loi", b, a)
+            magnitude = factors.get(module + ("lora_magnitude_vector",))  # [L, out]
+            if magnitude is not None:
+                w = w * (magnitude / np.sqrt(np.sum(w * w, axis=-1)))[..., None]
+            value = w.astype(value.dtype)
         names = hf_names(path, cfg.num_layers)
         if path[0] == "layers":
             for i, n in enumerate(names):
@@ -137,14 +192,26 @@ def to_hf_state_dict(model: Llama, merged: bool = False) -> dict[str, np.ndarray
     return out
 
 
-def lora_state_dict(model: Llama) -> dict[str, np.ndarray]:
-    """The LoRA factors under PEFT's names (without the `base_model.model.` prefix), float32:
-    `model.layers.{i}.self_attn.q_proj.lora_A.weight` [r, in] and `...lora_B.weight` [out, r]."""
-    _, lora_state, _ = nnx.split(model, LoRAParam, ...)
+def adapter_state_dict(model: Llama) -> dict[str, np.ndarray]:
+    """What a PEFT adapter file holds, under PEFT's names (without the `base_model.model.` prefix):
+    the adapter's own tensors in float32 — `model.layers.{i}.self_attn.q_proj.lora_A.weight` [r, in],
+    `...lora_B.weight` [out, r], DoRA's `...lora_magnitude_vector` [out] — and each module trained in
+    full under its own name, in its param dtype (`model.norm.weight`, `lm_head.weight`, ...). A tied
+    output head trained through its embedding is written under both names: PEFT keeps one copy per
+    name in `modules_to_save`, and both must hold the trained matrix."""
+    _, full_state, factor_state, _ = nnx.split(model, FullParam, LoRAParam, ...)
     out = {}
-    for path, var in nnx.to_flat_state(lora_state):
+    for path, var in nnx.to_flat_state(factor_state):
         path = tuple(map(str, path))
         value = np.asarray(var[...], np.float32)
+        suffix = "" if path[-1] == "lora_magnitude_vector" else ".weight"
         for i, n in enumerate(hf_names(path, model.cfg.num_layers)):
-            out[n + ".weight"] = np.ascontiguousarray(value[i])
+            out[n + suffix] = np.ascontiguousarray(value[i])
+    for path, var in nnx.to_flat_state(full_state):
+        path = tuple(map(str, path))
+        value = np.asarray(var[...])
+        for i, n in enumerate(hf_names(path, model.cfg.num_layers)):
+            out[n] = np.ascontiguousarray(value[i] if path[0] == "layers" else value)
+        if path == ("embed_tokens", "weight") and model.cfg.tie_word_embeddings:
+            out["lm_head.weight"] = out["model.embed_tokens.weight"]
     return out

@@ -430,3 +430,42 @@ def test_an_evaluation_batch_that_cannot_fit_is_refused(tune_cli, tmp_path):
     assert "KV cache" in text
     rc, out, err = tune_cli("plan", "+recipe=legal", "hydra.run.dir=run")
     assert rc == 0 and "evaluation (16 rows at once)" in out
+
+
+# ------------------------------------------------------------------------------ adapter kinds
+
+@pytest.mark.parametrize("override, needles", [
+    ("adapter.train_modules=[lm_haed]", ["adapter.train_modules", "`lm_haed` is not a module",
+                                         "Did you mean `lm_head`"]),
+    ("adapter.train_modules=[q_norm]", ["adapter.train_modules", "`q_norm` is not a module"]),
+    ("adapter.train_modules=[q_proj]", ["adapter.train_modules", "also a LoRA target",
+                                        "drop q_proj from adapter.targets"]),
+    ("adapter.train_modules=5", ["adapter.train_modules", "must be a list of module names"]),
+    ("adapter.kind=vera", ["adapter.kind", "must be one of lora, dora"]),
+    ("adapter.quantize=nf8", ["adapter.quantize", "must be one of none, int8, nf4"]),
+])
+def test_adapter_kind_quantisation_and_trained_modules_checked(tune_cli, clf_data, tmp_path,
+                                                               override, needles):
+    clf_data()
+    refused(plan(tune_cli, override), *needles, tmp_path=tmp_path)
+
+
+def test_plan_counts_trained_modules_and_quantised_weights(tune_cli, clf_data, tmp_path):
+    """The embedded model ties its head to its embedding: naming either trains one matrix, counted
+    once; nf4 stores the linear weights in 4.5 bits, and the memory figure shows it."""
+    clf_data()
+    rc, out, err = plan(tune_cli, "adapter.kind=dora", "adapter.train_modules=[lm_head,embed_tokens,norm]",
+                        "adapter.quantize=nf4")
+    assert rc == 0, err
+    a = _plan_json(tmp_path)["adapter"]
+    assert a["full_params"] == {"lm_head": 49152 * 576, "embed_tokens": 0, "norm": 576}
+    lora = sum(30 * (16 * (576 + n) + n) for n in (576, 192, 192, 576))     # A, B, magnitude
+    assert a["trainable_params"] == lora + 49152 * 576 + 576
+    assert a["quantized_params"] == 30 * (2 * 576 * 576 + 2 * 576 * 192 + 3 * 576 * 1536)
+    text = flat(out)
+    assert "DoRA" in text and "one tied matrix" in text and "4-bit NormalFloat" in text
+    quantised = _plan_json(tmp_path)["estimates"]["memory"]["weights"]
+    rc, out, err = plan(tune_cli, "hydra.run.dir=run2")
+    dense = json.loads((tmp_path / "run2" / "plan.json").read_text())["estimates"]["memory"]["weights"]
+    saved = a["quantized_params"] * (4 - 0.5625)
+    assert dense - quantised == pytest.approx(saved, rel=1e-6)

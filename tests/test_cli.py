@@ -112,7 +112,7 @@ def test_help_lists_commands_groups_and_recipes(tune_cli):
     rc, out, err = tune_cli("--help")
     assert rc == 0, err
     for needle in ("== Commands ==", "tune plan", "tune eval", "tune generate", "tune run",
-                   "tune recipes", "== Config groups ==", "adapter: all-linear, lora",
+                   "tune recipes", "== Config groups ==", "adapter: all-linear, dora, lora, qlora",
                    "model: smollm2-135m", "recipe: customer_support, finance, legal, medical",
                    "Legal: classify a contract clause", "--multirun", "schedule:"):
         assert needle in out, needle
