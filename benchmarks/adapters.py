@@ -23,7 +23,7 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
-from throughput import tune_command, write_results_section  # noqa: E402
+from throughput import publish, tune_command  # noqa: E402
 
 BEGIN, END = "<!-- adapters:begin -->", "<!-- adapters:end -->"
 VARIANTS = [
@@ -85,14 +85,8 @@ def main(argv=None) -> int:
         for variant in args.variant or VARIANTS:
             rows.append(run(args.recipe, variant, args.steps, Path(work)))
             print(json.dumps(rows[-1]), flush=True)
-    command = "python benchmarks/adapters.py " + shlex.join(argv if argv is not None else sys.argv[1:])
-    text = markdown(rows, args.recipe, args.steps, command.strip())
-    print(text)
-    out = HERE / "results" / "adapters.json"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps({"command": command, "rows": rows}, indent=1) + "\n")
-    if not args.no_write:
-        write_results_section(text, BEGIN, END)
+    publish("adapters", argv, rows, lambda c: markdown(rows, args.recipe, args.steps, c), BEGIN, END,
+            write=not args.no_write)
     return 0
 
 

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import re
 import shlex
@@ -43,6 +44,12 @@ CASES = [
     "runtime.remat=full adapter.kind=dora",
     "runtime.remat=full adapter.train_modules=[norm,lm_head]",
 ]
+# on 8 simulated devices: the figures are per device
+MESH_CASES = [
+    "runtime.remat=full runtime.mesh.fsdp=8",
+    "runtime.remat=full runtime.mesh.data=4 runtime.mesh.tensor=2",
+    "runtime.remat=full runtime.mesh.data=2 runtime.mesh.fsdp=2 runtime.mesh.tensor=2",
+]
 _MEASURE = r"""
 import json, sys, tempfile
 from pathlib import Path
@@ -59,18 +66,22 @@ print(json.dumps({"temp": m.temp_size_in_bytes, "arguments": m.argument_size_in_
 """
 
 
-def measure(recipe: str, case: str, work: Path) -> dict:
+def measure(recipe: str, case: str, work: Path, devices: int = 1) -> dict:
     run_dir = work / re.sub(r"[^A-Za-z0-9_.-]+", "-", case)
     cmd = tune_command() + ["plan", f"+recipe={recipe}", f"hydra.run.dir={run_dir}",
                             "data.overlength=truncate", *case.split()]
-    subprocess.run(cmd, check=True, capture_output=True, text=True)
+    env = dict(os.environ)
+    if devices > 1:     # simulated host devices; memory_analysis() is then per device
+        env.update(JAX_PLATFORMS="cpu",
+                   XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}")
+    subprocess.run(cmd, check=True, capture_output=True, text=True, env=env)
     plan = json.loads((run_dir / "plan.json").read_text())
     out = subprocess.run([sys.executable, "-c", _MEASURE, str(run_dir / "plan.json")], check=True,
-                         capture_output=True, text=True, cwd=HERE.parent)
+                         capture_output=True, text=True, cwd=HERE.parent, env=env)
     xla = json.loads(out.stdout.strip().splitlines()[-1])
     xla["total"] = xla["temp"] + xla["arguments"] + xla["outputs"] - xla["aliased"]
     est = plan["estimates"]["memory"]
-    return {"case": case, "command": cmd, "seq_len": plan["schedule"]["seq_len"],
+    return {"case": case, "command": cmd, "seq_len": plan["schedule"]["seq_len"], "devices": devices,
             "batch": plan["schedule"]["batch_size"], "remat": plan["runtime"]["remat"],
             "estimate": est, "xla": xla, "ratio": est["total"] / xla["total"]}
 
@@ -89,7 +100,8 @@ def markdown(rows: list[dict], command: str, recipe: str) -> str:
              "|---|---|---|---|---|---|---|"]
     for r in rows:
         e = r["estimate"]
-        lines.append(f"| `{r['case']}` | {r['batch']} × {r['seq_len']} | {r['remat']} | "
+        devices = f" ({r['devices']} devices, per device)" if r.get("devices", 1) > 1 else ""
+        lines.append(f"| `{r['case']}`{devices} | {r['batch']} × {r['seq_len']} | {r['remat']} | "
                      f"{e['total'] / gib:.2f} ({e['activations'] / gib:.2f} / "
                      f"{e['attention'] / gib:.2f} / {e['logits'] / gib:.2f}) | "
                      f"{r['xla']['total'] / gib:.2f} | {r['ratio']:.2f} | "
@@ -103,10 +115,16 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--recipe", default="legal")
     ap.add_argument("--case", action="append", help="overrides of one case (repeatable)")
+    ap.add_argument("--mesh-case", action="append",
+                    help="overrides of one case measured on --devices simulated devices (repeatable)")
+    ap.add_argument("--devices", type=int, default=8)
     ap.add_argument("--no-write", action="store_true")
     args = ap.parse_args(argv)
     with tempfile.TemporaryDirectory() as work:
         rows = [measure(args.recipe, case, Path(work)) for case in (args.case or CASES)]
+        rows += [measure(args.recipe, case, Path(work), args.devices)
+                 for case in (args.mesh_case if args.mesh_case is not None else
+                              ([] if args.case else MESH_CASES))]
     command = "python benchmarks/memory.py " + shlex.join(argv if argv is not None else sys.argv[1:])
     text = markdown(rows, command.strip(), args.recipe)
     print(text)

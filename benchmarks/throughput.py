@@ -31,6 +31,7 @@ import argparse
 import json
 import os
 import platform
+import shlex
 import shutil
 import statistics
 import subprocess
@@ -86,6 +87,21 @@ def write_results_section(text: str, begin: str, end: str) -> None:
     else:
         doc = doc.rstrip() + "\n\n" + text + "\n"
     path.write_text(doc)
+
+
+def publish(name: str, argv, rows: list[dict], markdown, begin: str, end: str,
+            write: bool = True) -> str:
+    """The end of a benchmark: its command line, markdown(command) printed, the rows in
+    benchmarks/results/<name>.json, and (write) the text in RESULTS.md between begin and end."""
+    command = f"python benchmarks/{name}.py " + shlex.join(argv if argv is not None else sys.argv[1:])
+    text = markdown(command.strip())
+    print(text)
+    out = Path(__file__).resolve().parent / "results" / f"{name}.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps({"command": command, "rows": rows}, indent=1) + "\n")
+    if write:
+        write_results_section(text, begin, end)
+    return text
 
 
 def read_jsonl(path: Path) -> list[dict]:

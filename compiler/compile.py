@@ -69,7 +69,7 @@ def compile_plan(cfg: dict, *, recipe_info: Recipe | None, command: str = "plan"
     evaluation = _eval_section(config["eval"], data)
     estimates_ = _estimates(model, adapter, schedule, runtime, data, evaluation, warnings,
                             need_train=need_train)
-    warnings += _schedule_warnings(schedule, estimates_)
+    warnings += _schedule_warnings(schedule, estimates_) + _mesh_warnings(runtime.mesh, model)
     plan = Plan(version=PLAN_VERSION, hash="", model=model, data=data, template=template,
                 adapter=adapter, schedule=schedule, runtime=runtime,
                 eval=evaluation, estimates=estimates_,
@@ -455,7 +455,8 @@ def _devices() -> Devices:
     found = estimates.detect_devices()
     return Devices(platform=found["platform"], kind=str(found.get("kind") or found["platform"]),
                    count=int(found.get("count") or 1), memory=found.get("memory"),
-                   peak_flops=found.get("peak_flops"), cores=found.get("cores"))
+                   peak_flops=found.get("peak_flops"), cores=found.get("cores"),
+                   processes=estimates.processes()[0])
 
 
 def _runtime_section(rt: dict, devices: Devices, model: ModelSection, s: dict, max_length: int,
@@ -525,14 +526,23 @@ def _mesh(spec: dict, devices: Devices, model: ModelSection, batch_size: int) ->
         raise PlanError("schedule.batch_size", f"{batch_size} rows do not divide over the "
                         f"data × fsdp = {shards} devices of the mesh.",
                         hint=f"use a multiple of {shards}, e.g. {shards * max(1, batch_size // shards)}.")
-    t, c = axes["tensor"], model.config
-    if t > 1:
-        for name, n in (("attention heads", c.num_heads), ("key/value heads", c.num_kv_heads),
-                        ("intermediate size", c.intermediate_size)):
-            if n % t:
-                raise PlanError("runtime.mesh.tensor", f"{t} does not divide the model's {n} {name}.",
-                                hint="pick a tensor axis that divides the head counts.")
     return MeshAxes(**axes)
+
+
+def _mesh_warnings(mesh: MeshAxes, model: ModelSection) -> list[str]:
+    """A tensor axis that does not divide the heads still computes the same numbers (the layers
+    split on feature boundaries that divide), but attention then runs on gathered heads."""
+    t, c = mesh.tensor, model.config
+    if t <= 1:
+        return []
+    uneven = [f"{n} {name}" for name, n in (("attention heads", c.num_heads),
+                                             ("key/value heads", c.num_kv_heads),
+                                             ("MLP features", c.intermediate_size)) if n % t]
+    if not uneven:
+        return []
+    return [f"runtime.mesh.tensor={t} does not divide the model's {' and '.join(uneven)}: those "
+            "layers are split where the features divide and gathered where they do not (the same "
+            "numbers, less speed-up). A tensor axis that divides the head counts splits cleanly."]
 
 
 def _axes(axes: dict) -> str:
@@ -575,6 +585,7 @@ def _estimates(model: ModelSection, adapter: AdapterSection, schedule: ScheduleS
         params=model.params, trainable=adapter.trainable_params, layers=c.num_layers,
         trained_in_full=sum(adapter.full_params.values()), quantized=adapter.quantized_params,
         quantize=adapter.quantize,
+        linear=c.num_layers * sum(i * o for i, o in model.linear_shapes.values()),
         hidden=c.hidden_size, intermediate=c.intermediate_size, heads=c.num_heads,
         kv_heads=c.num_kv_heads, head_dim=c.head_dim, vocab=c.vocab_size,
         batch=schedule.batch_size, seq_len=schedule.seq_len, param_bytes=DTYPE_BYTES[rt.param_dtype],

@@ -65,7 +65,7 @@ def memory_per_device(*, params: int, trainable: int, layers: int, hidden: int, 
                       param_bytes: int, compute_bytes: int, remat: str, ce_chunk: int, devices: int,
                       fsdp: int, tensor: int, loss_tokens: int | None = None,
                       attention_scores: bool = True, trained_in_full: int = 0, quantized: int = 0,
-                      quantize: str = "none") -> dict:
+                      quantize: str = "none", linear: int | None = None) -> dict:
     """Bytes per device: weights, adapter + optimizer, activations, attention, logits, total.
 
     `batch` is the global micro-batch (rows per accumulation step); it is split over the data-parallel
@@ -76,8 +76,12 @@ def memory_per_device(*, params: int, trainable: int, layers: int, hidden: int, 
     # Base weights: one copy, sharded over the fsdp and tensor axes; `quantized` of them stored in
     # QUANT_BYTES (codes and scales) instead of param_bytes. Modules trained in full are counted
     # here (they are base weights) and in `trainable`.
-    weights = ((params - quantized) * param_bytes + quantized * QUANT_BYTES.get(quantize, 0)) / \
-        (fsdp * tensor)
+    # The tensor axis splits only the blocks' `linear` weights (all of them when not given); the
+    # embedding, head and norms are split by fsdp alone.
+    linear = params if linear is None else linear
+    dense = ((params - quantized) * param_bytes + quantized * QUANT_BYTES.get(quantize, 0))
+    linear_bytes = (linear - quantized) * param_bytes + quantized * QUANT_BYTES.get(quantize, 0)
+    weights = linear_bytes / (fsdp * tensor) + (dense - linear_bytes) / fsdp
     # LoRA parameters in fp32, their gradients, and AdamW's two moments: 4 fp32 copies. A module
     # trained in full keeps its weight above, and adds a float32 gradient and two moments in its
     # dtype. Frozen weights have no gradient and no optimizer state — the point of LoRA.
@@ -108,7 +112,10 @@ def memory_per_device(*, params: int, trainable: int, layers: int, hidden: int, 
             seq_len ** 2 * 4 / tensor
     # Chunked cross-entropy over the supervised positions (loss_tokens, else all): one chunk of
     # [chunk, vocab] logits in fp32, its softmax and gradient, and a compute-dtype copy.
-    logit_rows = min(int(ce_chunk), tokens if loss_tokens is None else int(loss_tokens), tokens)
+    # loss_tokens counts the whole micro-batch: each data-parallel device scores its share.
+    shards = max(1, devices // tensor)
+    logit_rows = min(int(ce_chunk), tokens if loss_tokens is None else
+                     math.ceil(int(loss_tokens) / shards), tokens)
     logits = logit_rows * vocab * (3 * 4 + compute_bytes)
     activations = saved + working
     total = weights + adapter_optimizer + activations + attention + logits
@@ -179,9 +186,50 @@ def step_time(*, params: int, tokens_per_step: int, device: dict, trainable: int
 
 # ------------------------------------------------------------------------------ devices
 
+# ------------------------------------------------------------------------------ processes
+# A multi-process job (several hosts, or several processes on one) runs the same `tune` command in
+# every process; each learns its place from its launcher's environment: tune's own JAX_NUM_PROCESSES
+# / JAX_PROCESS_ID (with JAX_COORDINATOR_ADDRESS), SLURM's srun, Open MPI's mpirun, or a Cloud TPU
+# pod slice's workers. jax.distributed reads the same launchers (runtime/mesh.py).
+_PROCESS_ENV = (("JAX_NUM_PROCESSES", "JAX_PROCESS_ID"), ("SLURM_NTASKS", "SLURM_PROCID"),
+                ("OMPI_COMM_WORLD_SIZE", "OMPI_COMM_WORLD_RANK"))
+
+
+def _env_int(name: str) -> int | None:
+    try:
+        return int(os.environ[name])
+    except (KeyError, ValueError):
+        return None
+
+
+def processes() -> tuple[int, int]:
+    """(process count, this process's index) of the job this process belongs to; (1, 0) alone."""
+    for count_var, index_var in _PROCESS_ENV:
+        count = _env_int(count_var)
+        if count and count > 1:
+            return count, _env_int(index_var) or 0
+    hosts = [h for h in os.environ.get("TPU_WORKER_HOSTNAMES", "").split(",") if h.strip()]
+    if len(hosts) > 1:
+        return len(hosts), _env_int("TPU_WORKER_ID") or 0
+    return 1, 0
+
+
+def is_main_process() -> bool:
+    """Process 0 writes the run directory; the others compute."""
+    return processes()[1] == 0
+
+
 def detect_devices() -> dict:
     """What jax would find, found without jax: {"platform", "kind", "count", "memory" (bytes per
-    device or None), "peak_flops" (per device or None)}. JAX_PLATFORMS is honoured."""
+    device or None), "peak_flops" (per device or None)}, count over every process of a multi-process
+    job (each process's devices × processes()). JAX_PLATFORMS is honoured."""
+    found = _local_devices()
+    found["local_count"] = found["count"]
+    found["count"] = found["count"] * processes()[0]
+    return found
+
+
+def _local_devices() -> dict:
     platforms = [p.strip().lower() for p in os.environ.get("JAX_PLATFORMS", "").split(",") if p.strip()]
     if platforms and platforms[0] == "cpu":
         return _cpu()
@@ -207,8 +255,21 @@ def _cpu() -> dict:
                 break
     except OSError:
         pass
-    return {"platform": "cpu", "kind": kind, "count": 1, "cores": os.cpu_count(),
-            "memory": _meminfo_total(), "peak_flops": None}
+    # simulated host devices (XLA_FLAGS=--xla_force_host_platform_device_count=N) share the memory
+    count = 1
+    for flag in os.environ.get("XLA_FLAGS", "").split():
+        if flag.startswith("--xla_force_host_platform_device_count="):
+            count = max(1, _int_or(flag.split("=", 1)[1], 1))
+    memory = _meminfo_total()
+    return {"platform": "cpu", "kind": kind, "count": count, "cores": os.cpu_count(),
+            "memory": memory // count if memory else memory, "peak_flops": None}
+
+
+def _int_or(text: str, default: int) -> int:
+    try:
+        return int(text)
+    except ValueError:
+        return default
 
 
 def _meminfo_total() -> int | None:

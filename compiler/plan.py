@@ -200,10 +200,11 @@ class ScheduleSection:
 class Devices:
     platform: str                   # cpu | gpu | tpu
     kind: str
-    count: int
+    count: int                      # over all processes of the job
     memory: int | None              # bytes per device
     peak_flops: float | None        # dense bf16 FLOP/s per device
     cores: int | None = None
+    processes: int = 1              # processes of a multi-process job (hosts, or processes on one)
 
 
 @dataclass(frozen=True)

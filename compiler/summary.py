@@ -307,7 +307,8 @@ def _resources(plan) -> Panel:
         t.add_row(f"evaluation ({plan.eval.batch_size} rows at once)", _bytes(est.eval_memory))
     steps = plan.schedule.total_steps
     rows = _kv([
-        ("devices", f"{dev.count} × {dev.kind} ({dev.platform})"),
+        ("devices", f"{dev.count} × {dev.kind} ({dev.platform})"
+                    + (f" over {dev.processes} processes" if dev.processes > 1 else "")),
         ("mesh", f"data {rt.mesh.data} × fsdp {rt.mesh.fsdp} × tensor {rt.mesh.tensor}"),
         ("dtype", f"compute {rt.dtype} · weights {rt.param_dtype} · remat {rt.remat}"),
         ("time", f"~{_duration(est.step_time_s)} per step × {_n(steps)} steps ≈ "

@@ -77,7 +77,10 @@ def _flatten(prefix: str, tree, arrays: dict, dtypes: dict) -> None:
 def save(run_dir, *, step: int, epoch: int, index: int, rng, plan_hash: str, lora, opt_state,
          extra: dict | None = None) -> Path:
     """Write checkpoint `step` atomically and drop all but the newest KEEP. Only process 0 writes."""
+    from runtime.mesh import to_host
+
     out = directory(run_dir)
+    lora, opt_state = to_host(lora), to_host(opt_state)     # a collective: every process
     if jax.process_index() != 0:
         return out / f"step_{step:08d}.npz"
     out.mkdir(parents=True, exist_ok=True)

@@ -26,7 +26,7 @@ from compiler.plan import Plan
 from runtime import run
 from runtime.mesh import make_mesh, put_batch, replicated
 from runtime.progress import Progress, log
-from runtime.train import make_train_step
+from runtime.train import decay_mask, make_train_step
 
 SMOOTHING = 0.9
 LR_FIND_FILE, LR_FIND_PLOT = "lr_find.json", "lr_find.png"
@@ -47,11 +47,11 @@ def lr_find(plan: Plan, run_dir, *, start_lr: float, end_lr: float, steps: int,
 
     parts = [optax.clip_by_global_norm(s.max_grad_norm)] if s.max_grad_norm else []
     optimizer = optax.chain(*parts, optax.adamw(lr_fn, b1=s.beta1, b2=s.beta2, eps=s.eps,
-                                                weight_decay=s.weight_decay))
-    opt_state = jax.device_put(optimizer.init(lora), replicated(mesh))
+                                                weight_decay=s.weight_decay, mask=decay_mask))
+    opt_state, shardings = run.place_optimizer(mesh, optimizer, lora)
     step_fn = make_train_step(graphdef, optimizer, lr_fn, ce_chunk=rt.ce_chunk,
                               dropout=plan.adapter.dropout > 0, loss_tokens=rt.loss_tokens,
-                              packed=rt.pack, state_sharding=replicated(mesh))
+                              packed=rt.pack, state_sharding=shardings + (replicated(mesh),))
     rng, positions = jax.random.PRNGKey(s.seed), batcher.positions_from(0, 0)
     lrs, losses, smoothed, avg, stopped = [], [], [], 0.0, "reached lr_find.end_lr"
     t0 = time.perf_counter()

@@ -30,8 +30,8 @@ from compiler.files import write_atomic, write_json
 from compiler.plan import Plan
 from runtime import checkpoint
 from runtime.batching import Batcher, BatchShape, Prefetcher
-from runtime.mesh import (frozen_shardings, is_main_process, make_mesh, maybe_initialize_distributed,
-                          put_batch, replicated)
+from runtime.mesh import (is_main_process, make_mesh, maybe_initialize_distributed, param_spec,
+                          put_batch, put_global, replicated, state_shardings, to_host)
 from runtime.model import LoraConfig
 from runtime.progress import Progress, log
 from runtime.train import DTYPES, make_eval_loss, make_optimizer, make_train_step, split_model
@@ -46,7 +46,7 @@ class Session:
     run_dir: Path
     mesh: object
     graphdef: object
-    lora: object                    # LoRA parameters (replicated); updated every step
+    lora: object                    # trained parameters (LoRA, ...); updated every step
     opt_state: object
     frozen: object                  # the frozen weights (never donated)
     rng: jax.Array
@@ -61,6 +61,7 @@ class Session:
     resumed_from: int | None = None
     compile_s: float | None = None
     step_times: list = field(default_factory=list)
+    shardings: tuple = ()           # (trained, optimizer state): where the step keeps them
 
     def place(self, batch):
         return put_batch(batch, self.mesh)
@@ -87,17 +88,18 @@ def setup(plan: Plan, run_dir: Path) -> Session:
     graphdef, lora, frozen = _setup_model(plan, mesh)
     batcher, val_batcher = _setup_data(plan)
     optimizer, lr_fn = make_optimizer(plan.schedule)
+    opt_state, shardings = place_optimizer(mesh, optimizer, lora)
     rt, dropout = plan.runtime, plan.adapter.dropout > 0
     session = Session(
-        plan=plan, run_dir=run_dir, mesh=mesh, graphdef=graphdef, lora=lora,
-        opt_state=jax.device_put(optimizer.init(lora), replicated(mesh)), frozen=frozen,
-        rng=jax.random.PRNGKey(plan.schedule.seed), batcher=batcher, val_batcher=val_batcher,
+        plan=plan, run_dir=run_dir, mesh=mesh, graphdef=graphdef, lora=lora, opt_state=opt_state,
+        frozen=frozen, rng=jax.random.PRNGKey(plan.schedule.seed), batcher=batcher,
+        val_batcher=val_batcher,
         step_fn=make_train_step(graphdef, optimizer, lr_fn, ce_chunk=rt.ce_chunk, dropout=dropout,
                                 loss_tokens=rt.loss_tokens, packed=rt.pack,
-                                state_sharding=replicated(mesh)),
+                                state_sharding=shardings + (replicated(mesh),)),
         eval_fn=make_eval_loss(graphdef, ce_chunk=rt.ce_chunk, loss_tokens=rt.loss_tokens,
                                packed=rt.pack, state_sharding=replicated(mesh)),
-        started=started)
+        started=started, shardings=shardings)
     _resume(session)
     return session
 
@@ -110,17 +112,40 @@ def lora_config(plan: Plan) -> LoraConfig:
 
 
 def _setup_model(plan: Plan, mesh):
-    """(graphdef, LoRA state, frozen state) placed on the mesh: LoRA replicated, frozen sharded."""
+    """(graphdef, trained state, frozen state) on the mesh (runtime/mesh.py: frozen weights split
+    over fsdp and tensor, trained ones over tensor). Each base weight goes from the checkpoint
+    straight to its shards."""
     from runtime.weights import load_pretrained
 
     rt = plan.runtime
+    fsdp, tensor = mesh.shape["fsdp"], mesh.shape["tensor"]
+
+    def place(names, value, trained, dense):
+        spec = param_spec(names, value.shape, fsdp=1 if trained else fsdp, tensor=tensor,
+                          dense=dense)
+        return put_global(value, jax.sharding.NamedSharding(mesh, spec))
+
     model = load_pretrained(plan.model.dir, config=plan.model.config, lora=lora_config(plan),
                             dtype=DTYPES[rt.dtype], param_dtype=DTYPES[rt.param_dtype],
                             remat=rt.remat, attention=rt.attention,
-                            rngs=nnx.Rngs(plan.schedule.seed))
+                            rngs=nnx.Rngs(plan.schedule.seed), place=place)
     graphdef, lora, frozen = split_model(model)
-    return (graphdef, jax.device_put(lora, replicated(mesh)),
-            jax.device_put(frozen, frozen_shardings(mesh, frozen)))
+    lora = put_global(to_host(lora), state_shardings(mesh, lora, trained=True))
+    return graphdef, lora, frozen
+
+
+def place_optimizer(mesh, optimizer, trained):
+    """The optimizer state of `trained` laid out like it (AdamW's moments take each parameter's
+    sharding, counters are replicated), and the (trained, optimizer state) shardings the step keeps
+    them in."""
+    import optax
+
+    trained_sh = jax.tree.map(lambda x: x.sharding, trained)
+    state = jax.eval_shape(optimizer.init, trained)
+    state_sh = optax.tree_map_params(optimizer, lambda _, sh: sh, state, trained_sh,
+                                     transform_non_params=lambda _: replicated(mesh))
+    host = jax.tree.map(np.asarray, jax.device_get(optimizer.init(to_host(trained))))
+    return put_global(host, state_sh), (trained_sh, state_sh)
 
 
 def _setup_data(plan: Plan) -> tuple[Batcher, Batcher | None]:
@@ -146,8 +171,8 @@ def _resume(s: Session) -> None:
     if ckpt is None:
         return
     s.step, s.position, s.resumed_from = ckpt.step, (ckpt.epoch, ckpt.index), ckpt.step
-    s.lora = jax.device_put(ckpt.lora, replicated(s.mesh))
-    s.opt_state = jax.device_put(ckpt.opt_state, replicated(s.mesh))
+    s.lora = put_global(ckpt.lora, s.shardings[0])
+    s.opt_state = put_global(ckpt.opt_state, s.shardings[1])
     s.rng = jnp.asarray(ckpt.rng, dtype=jnp.uint32)
     s.tokens_seen = int(ckpt.extra.get("tokens_seen", 0))
     log(f"resuming from step {s.step} ({ckpt.path.name})")
@@ -274,8 +299,9 @@ def finish(s: Session) -> dict:
         rows = metrics.rows
     finally:
         metrics.close()
+    trained = to_host(s.lora)           # every process: gathering split arrays is a collective
     if is_main_process():
-        save_peft_adapter(nnx.merge(s.graphdef, s.frozen, s.lora), s.run_dir / "adapter",
+        save_peft_adapter(nnx.merge(s.graphdef, s.frozen, trained), s.run_dir / "adapter",
                           base_model_name_or_path=s.plan.model.dir, lora=lora_config(s.plan))
     summary = _summary(s, rows, final_val)
     if is_main_process():

@@ -67,7 +67,7 @@ def decay_mask(params):
     in full): decaying an RMSNorm's gain towards 0 is never wanted."""
     def decays(path, _):
         names = [str(getattr(k, "key", getattr(k, "name", k))) for k in path]
-        return not (names[-1] == "bias" or any(n.endswith("norm") for n in names[:-1]))
+        return not names or not (names[-1] == "bias" or any(n.endswith("norm") for n in names[:-1]))
     return jax.tree_util.tree_map_with_path(decays, params)
 
 
@@ -116,7 +116,7 @@ def make_train_step(graphdef, optimizer: optax.GradientTransformation, lr_fn: Ca
     LoRA and optimizer states donated. batch: dict of int32 [accum, B, T]; rng: a PRNG key; step: the
     0-based global step, folded into rng for dropout (so a resumed run draws the same masks).
     state_sharding: where the outputs (LoRA, optimizer state, metrics) live, so that they are valid
-    inputs of the next call as they are (replicated on the mesh). loss_tokens: supervised positions
+    inputs of the next call as they are: one sharding for all three, or a tuple of three (trees). loss_tokens: supervised positions
     per micro-batch at most (the plan's runtime.loss_tokens): the output head runs on those only;
     None runs it on every position."""
 
@@ -133,7 +133,9 @@ def make_train_step(graphdef, optimizer: optax.GradientTransformation, lr_fn: Ca
                    "lr": lr_fn(step), "n_inputs": jnp.sum(batch["segment_ids"] > 0)}
         return lora, opt_state, metrics
 
-    kw = {} if state_sharding is None else {"out_shardings": (state_sharding,) * 3}
+    if state_sharding is not None and not isinstance(state_sharding, tuple):
+        state_sharding = (state_sharding,) * 3
+    kw = {} if state_sharding is None else {"out_shardings": state_sharding}
     return jax.jit(step_fn, donate_argnums=(0, 1) if donate else (), **kw)
 
 

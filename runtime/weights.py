@@ -67,11 +67,15 @@ class _Checkpoint:
 
 def load_pretrained(model_dir, *, config: ModelConfig | None = None, lora: LoraConfig | None = None,
                     dtype=jnp.float32, param_dtype=jnp.float32, remat: str = "none",
-                    attention: str = "xla", rngs: nnx.Rngs | None = None) -> Llama:
+                    attention: str = "xla", rngs: nnx.Rngs | None = None, place=None) -> Llama:
     """The model of an HF checkpoint directory (*.safetensors; config.json unless `config`, the
     plan's, is given), base weights cast to param_dtype (or quantised, lora.quantize), LoRA factors
     (if lora) freshly initialised from rngs (A random, B zero, float32), DoRA magnitudes set to the
-    base weight's row norms. Missing or unexpected tensors raise ValueError naming them."""
+    base weight's row norms. Missing or unexpected tensors raise ValueError naming them.
+    place(names, value, trained, dense) -> array, if given, puts each base weight (a numpy array in
+    its stored dtype; names = its state path; trained: a module trained in full; dense: False for
+    flat nf4 codes and their scales) where it belongs — straight to its devices' shards, so a model
+    larger than one device still loads. Default: the default device."""
     model_dir = Path(model_dir)
     cfg = config if config is not None else read_config(model_dir)
     rngs = rngs if rngs is not None else nnx.Rngs(0)
@@ -118,10 +122,19 @@ def load_pretrained(model_dir, *, config: ModelConfig | None = None, lora: LoraC
         raise ValueError(f"{model_dir}: checkpoint has {len(unexpected)} tensor(s) this model does not use, "
                          f"e.g. {sorted(unexpected)[:3]} — is it really a {cfg.family} model?")
 
-    frozen = [(p, v.copy(jnp.asarray(loaded[p], dtype=v.dtype)))
-              for p, v in nnx.to_flat_state(frozen_abstract)]
-    full = [(p, v.copy(jnp.asarray(loaded[p], dtype=v.dtype)))
-            for p, v in nnx.to_flat_state(full_abstract)]
+    if place is None:
+        def place(names, value, trained, dense):
+            return jnp.asarray(value)
+    dense = fmt != "nf4"
+
+    def put(p, v, trained):
+        value = np.asarray(loaded[p]).astype(v.dtype, copy=False)
+        return v.copy(place([str(x) for x in p], value, trained,
+                            dense or p[-1] not in ("weight", "weight_scale") or p[0] != "layers"
+                            or p[:-1] + ("weight_scale",) not in stored))
+
+    frozen = [(p, put(p, v, False)) for p, v in nnx.to_flat_state(frozen_abstract)]
+    full = [(p, put(p, v, True)) for p, v in nnx.to_flat_state(full_abstract)]
     # LoRA factors: A drawn as PEFT does (one key per stacked variable), B zero; DoRA's magnitude is
     # ‖W‖ per output row (of the weight as the model computes with it: dequantised if quantised).
     lora_vars = []

@@ -157,7 +157,7 @@ def schedule(total_steps, **kw):
 def tiny_plan(model_dir, *, plan_hash="tiny-plan-0", n_train=48, n_val=8, seed=0, batch_size=4,
               grad_accum=2, seq_len=64, epochs=2, max_steps=None, lr=3e-3, warmup_steps=2,
               dropout=0.0, rank=4, pack=True, checkpoint_every=0, eval_every=0, log_every=1,
-              ce_chunk=32, targets=("q_proj", "k_proj", "v_proj", "o_proj")):
+              ce_chunk=32, targets=("q_proj", "k_proj", "v_proj", "o_proj"), mesh=None):
     """A Plan for the tiny model and the token examples it trains on (synthetic, learnable).
 
     Returns (plan, examples); the `train_on` fixture makes train() read `examples`."""
@@ -170,7 +170,8 @@ def tiny_plan(model_dir, *, plan_hash="tiny-plan-0", n_train=48, n_val=8, seed=0
         schedule=dict(lr=lr, batch_size=batch_size, grad_accum=grad_accum, epochs=epochs,
                       max_steps=max_steps, warmup=warmup_steps, seed=seed, seq_len=seq_len),
         runtime=dict(pack=pack, ce_chunk=ce_chunk, log_every=log_every,
-                     checkpoint_every=checkpoint_every),
+                     checkpoint_every=checkpoint_every,
+                     **({"mesh": mesh} if mesh is not None else {})),
         adapter=dict(rank=rank, alpha=2.0 * rank, dropout=dropout, targets=targets),
         evaluation=dict(every=eval_every))
     return plan, examples

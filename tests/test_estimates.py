@@ -150,8 +150,11 @@ def fake_nvidia_smi(tmp_path, monkeypatch):
 
 def test_detect_devices_gpus(fake_nvidia_smi, monkeypatch):
     d = detect_devices()
-    assert d == {"platform": "gpu", "kind": "NVIDIA H100 80GB HBM3", "count": 3,
+    assert d == {"platform": "gpu", "kind": "NVIDIA H100 80GB HBM3", "count": 3, "local_count": 3,
                  "memory": 81559 * 2**20, "peak_flops": 989e12}
+    monkeypatch.setenv("JAX_NUM_PROCESSES", "2")       # a job of two such hosts
+    assert (detect_devices()["count"], detect_devices()["local_count"]) == (6, 3)
+    monkeypatch.delenv("JAX_NUM_PROCESSES")
     monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "2,GPU-aaaa")
     assert detect_devices()["count"] == 2
     monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "0,7,1")          # CUDA stops at the invalid entry
@@ -166,6 +169,32 @@ def test_detect_devices_honours_jax_platforms_and_hidden_gpus(fake_nvidia_smi, m
     monkeypatch.delenv("JAX_PLATFORMS")
     monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "")
     assert detect_devices()["platform"] in ("cpu", "tpu")
+
+
+def test_processes_from_their_launchers(monkeypatch):
+    from compiler.estimates import processes
+
+    for var in ("JAX_NUM_PROCESSES", "JAX_PROCESS_ID", "SLURM_NTASKS", "SLURM_PROCID",
+                "OMPI_COMM_WORLD_SIZE", "OMPI_COMM_WORLD_RANK", "TPU_WORKER_HOSTNAMES", "TPU_WORKER_ID"):
+        monkeypatch.delenv(var, raising=False)
+    assert processes() == (1, 0)
+    monkeypatch.setenv("SLURM_NTASKS", "4")
+    monkeypatch.setenv("SLURM_PROCID", "3")
+    assert processes() == (4, 3)
+    monkeypatch.setenv("JAX_NUM_PROCESSES", "2")        # tune's own variables come first
+    monkeypatch.setenv("JAX_PROCESS_ID", "1")
+    assert processes() == (2, 1)
+    for var in ("JAX_NUM_PROCESSES", "SLURM_NTASKS"):
+        monkeypatch.delenv(var)
+    monkeypatch.setenv("TPU_WORKER_HOSTNAMES", "t0,t1,t2,t3")
+    monkeypatch.setenv("TPU_WORKER_ID", "2")
+    assert processes() == (4, 2)
+
+
+def test_simulated_cpu_devices_are_counted(monkeypatch):
+    monkeypatch.setenv("JAX_PLATFORMS", "cpu")
+    monkeypatch.setenv("XLA_FLAGS", "--xla_cpu_foo=1 --xla_force_host_platform_device_count=8")
+    assert detect_devices()["count"] == 8
 
 
 def test_detect_devices_here():

@@ -188,7 +188,7 @@ def test_mesh_from_the_plan():
     with pytest.raises(PlanError, match="needs 4 devices, but jax sees 1"):
         make_mesh(MeshAxes(2, 2, 1))
     assert frozen_spec((30, 576, 1536), 4, stacked=True) == jax.sharding.PartitionSpec(None, None, "fsdp")
-    assert frozen_spec((49152, 576), 4, stacked=False) == jax.sharding.PartitionSpec("fsdp", None)
+    assert frozen_spec((49152, 576), 4, stacked=False) == jax.sharding.PartitionSpec("fsdp")
     assert frozen_spec((30, 7), 4, stacked=True) == jax.sharding.PartitionSpec()
     assert frozen_spec((576,), 1, stacked=False) == jax.sharding.PartitionSpec()
 

@@ -11,6 +11,7 @@ from pathlib import Path
 
 from compiler import recipes as recipes_mod
 from compiler.compile import compile_plan
+from compiler.estimates import is_main_process
 from compiler.errors import PlanError, did_you_mean
 from compiler.files import sha256_file
 from compiler.plan import Plan
@@ -37,9 +38,10 @@ def run_job(job) -> None:
         return evaluate_run(job)
     plan = compile_plan(job.config, recipe_info=recipes_mod.recipe_info(job.recipe),
                         command=job.command)
-    path = plan.write(job.out_dir / "plan.json")
-    print_plan(plan, run_dir=job.out_dir, elapsed=time.perf_counter() - job.started)
-    _console().print(f"[dim]plan written to[/dim] {path}")
+    if is_main_process():           # the other processes of a multi-process job only compute
+        path = plan.write(job.out_dir / "plan.json")
+        print_plan(plan, run_dir=job.out_dir, elapsed=time.perf_counter() - job.started)
+        _console().print(f"[dim]plan written to[/dim] {path}")
     if job.command == "eval":
         from runtime.evaluate import evaluate
 
@@ -79,7 +81,8 @@ def lr_find(job) -> None:
     from runtime.lr_find import lr_find as range_test
 
     plan = compile_plan(job.config, recipe_info=recipes_mod.recipe_info(job.recipe), command="plan")
-    plan.write(job.out_dir / "plan.json")
+    if is_main_process():
+        plan.write(job.out_dir / "plan.json")
     f = job.config["lr_find"]
     range_test(plan, job.out_dir, start_lr=f["start_lr"], end_lr=f["end_lr"], steps=f["steps"],
                stop_factor=f["stop_factor"])
@@ -196,9 +199,10 @@ def run_plan_file(args: list[str]) -> int:
         raise PlanError("plan", f"{path} not found.", hint="give the plan.json that `tune plan` wrote.")
     plan = _checked_plan(Plan.load(path), path)
     run_dir = Path(args[1]) if len(args) == 2 else path.parent
-    if run_dir.resolve() != path.parent.resolve():
+    if run_dir.resolve() != path.parent.resolve() and is_main_process():
         plan.write(run_dir / "plan.json")
-    print_plan(plan, run_dir=run_dir)
+    if is_main_process():
+        print_plan(plan, run_dir=run_dir)
     train(plan, run_dir)
     return 0
 
