@@ -600,6 +600,19 @@ def _sweep_row(job: dict) -> dict:
             "steps": summary.get("steps"), "curve": [[s, v] for s, v in zip(*_series(metrics, "loss"))]}
 
 
+def sweep_objective(job: dict) -> float:
+    """What a sweeper plugin (Optuna) optimises for one finished job: its sweep.metric — val_loss or
+    loss (lower is better) or metric, the task metric (set hydra.sweeper.direction=maximize) — and
+    the worst value there is for a run that failed or diverged (+inf for a loss, -inf for a
+    metric), so a search steers away from it and goes on."""
+    criterion = job.get("criterion") or "val_loss"
+    row = _sweep_row(job)
+    value = row.get({"val_loss": "val_loss", "loss": "loss", "metric": "metric_value"}[criterion])
+    if row["status"] == "ok" and isinstance(value, (int, float)) and math.isfinite(value):
+        return float(value)
+    return float("-inf") if criterion == "metric" else float("inf")
+
+
 def _varying(rows: list[dict]) -> list[str]:
     keys = list(dict.fromkeys(k for r in rows for k in r["overrides"]))
     return [k for k in keys if len({r["overrides"].get(k) for r in rows}) > 1] or keys[:1]

@@ -377,3 +377,29 @@ def test_a_training_sweep_compares_its_runs_and_resumes(tune_cli, tmp_path):
     # the same sweep again: both runs are finished, nothing is trained twice
     rc, out, err = tune_cli(*args)
     assert rc == 0 and flat(err).count("nothing to do") == 2
+
+
+@pytest.mark.slow
+def test_an_optuna_search_optimises_the_sweep_metric(tune_cli, tmp_path):
+    """Hydra's Optuna sweeper (hydra-optuna-sweeper) drives tune like any Hydra application: each
+    trial is a run, its objective the run's sweep.metric, and the sweep report covers the trials."""
+    pytest.importorskip("hydra_plugins.hydra_optuna_sweeper")
+    rc, out, err = tune_cli("-m", "hydra/sweeper=optuna", "hydra.sweeper.n_trials=2",
+                            "hydra.sweeper.sampler.seed=0", "+recipe=legal",
+                            "schedule.lr=tag(log, interval(1e-4, 1e-2))", "schedule.max_steps=1",
+                            "schedule.batch_size=2", "data.max_length=128", "data.test_path=null",
+                            "runtime.checkpoint_every=0", "hydra.sweep.dir=sweep")
+    assert rc == 0, err
+    doc = json.loads((tmp_path / "sweep" / "sweep.json").read_text())
+    assert len(doc["runs"]) == 2 and all(r["status"] == "ok" for r in doc["runs"])
+    lrs = [float(r["overrides"]["schedule.lr"]) for r in doc["runs"]]
+    assert len(set(lrs)) == 2 and all(1e-4 <= lr <= 1e-2 for lr in lrs)
+    best = yaml_load(tmp_path / "sweep" / "optimization_results.yaml")
+    assert best["best_value"] == pytest.approx(min(r["val_loss"] for r in doc["runs"]))
+    assert doc["best"] == min(doc["runs"], key=lambda r: r["val_loss"])["run"]
+
+
+def yaml_load(path):
+    import yaml
+
+    return yaml.safe_load(path.read_text())

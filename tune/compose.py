@@ -95,8 +95,8 @@ def run_hydra(command: str, argv: list[str], run_job) -> int:
     started, failures, jobs = time.perf_counter(), [], []
 
     @hydra.main(config_path=str(CONF_DIR), config_name="config", version_base="1.3")
-    def task(cfg) -> None:
-        _task(lambda out_dir, recipe: Job(
+    def task(cfg) -> float | None:
+        return _task(lambda out_dir, recipe: Job(
             command=command, config=command_line_escapes(resolve_config(cfg), overrides),
             out_dir=out_dir, recipe=recipe, started=started, overrides=overrides),
             run_job, failures, jobs)
@@ -301,10 +301,11 @@ class Job:
         return out
 
 
-def _task(make_job, run_job, failures: list, jobs: list) -> None:
+def _task(make_job, run_job, failures: list, jobs: list) -> float | None:
     """One Hydra job. Failures are recorded, not raised, so Hydra adds nothing to the message and
     a sweep goes on with its other jobs; main() reports them. Each job's outcome goes to `jobs`
-    (for a sweep's report). A run directory the job left empty is removed."""
+    (for a sweep's report). A run directory the job left empty is removed. Returns the job's
+    sweep.metric value in a multirun (what a sweeper plugin such as Optuna optimises)."""
     from hydra.core.hydra_config import HydraConfig
     from hydra.types import RunMode
 
@@ -336,6 +337,11 @@ def _task(make_job, run_job, failures: list, jobs: list) -> None:
     finally:
         record["wall_s"] = time.perf_counter() - t0
         remove_if_empty(out_dir)
+    if hc.mode == RunMode.MULTIRUN:
+        from runtime.report import sweep_objective
+
+        return sweep_objective(record)
+    return None
 
 
 def resolve_config(cfg) -> dict:
