@@ -169,7 +169,7 @@ def test_template_and_retrieval_must_agree(tune_cli, rag_data):
 def test_four_way_evaluation_and_generation_retrieve(tune_cli, rag_data, capsys):
     rc, out, err = tune_cli("data.path=train.jsonl", "data.test_path=test.jsonl", *RAG,
                             "retrieval.k=1", "schedule.max_steps=2", "runtime.checkpoint_every=0",
-                            "hydra.run.dir=run")
+                            "schedule.batch_size=2", "data.max_length=128", "hydra.run.dir=run")
     assert rc == 0, err
     ev = json.loads((rag_data / "run" / "eval.json").read_text())
     four = ev["four_way"]

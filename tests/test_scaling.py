@@ -87,16 +87,23 @@ def _same_adapter(a_dir, b_dir, tol=1e-5):
 MESHES = ("8,1,1", "1,8,1", "2,2,2", "4,1,2")
 
 
-def test_every_mesh_trains_as_one_device(tiny_llama_dir, tmp_path):
+@pytest.fixture(scope="module")
+def one_device(tiny_llama_dir, tmp_path_factory):
+    """(result, run dir) of the 4 steps on one device: what every mesh must reproduce."""
+    root = tmp_path_factory.mktemp("one-device")
+    return _train(tiny_llama_dir, root, 4, "1,1,1", devices=1)["1,1,1"], root / "1-1-1"
+
+
+def test_every_mesh_trains_as_one_device(tiny_llama_dir, tmp_path, one_device):
     """data 8, fsdp 8, data 2 × fsdp 2 × tensor 2, data 4 × tensor 2: the one-device losses to 1e-5
     at every step, and the same adapter."""
-    one = _train(tiny_llama_dir, tmp_path, 4, "1,1,1", devices=1)["1,1,1"]
+    one, one_dir = one_device
     many = _train(tiny_llama_dir, tmp_path, 4, *MESHES)
     assert len(one["losses"]) == 4
     for mesh in MESHES:
         assert many[mesh]["devices"] == 8
         np.testing.assert_allclose(many[mesh]["losses"], one["losses"], rtol=1e-5, atol=0)
-        _same_adapter(tmp_path / "1-1-1", tmp_path / mesh.replace(",", "-"))
+        _same_adapter(one_dir, tmp_path / mesh.replace(",", "-"))
 
 
 def test_tensor_axis_splits_heads_mlp_and_lora(tiny_llama_dir):
@@ -131,12 +138,12 @@ def _free_port() -> int:
 
 
 @pytest.mark.slow
-def test_two_processes_train_as_one_and_resume_on_one(tiny_llama_dir, tmp_path):
+def test_two_processes_train_as_one_and_resume_on_one(tiny_llama_dir, tmp_path, one_device):
     """Two processes × 4 devices (jax.distributed on localhost, the coordinator and the process
-    count and id from the environment): the one-process losses; only process 0 writes; its
+    count and id from the environment): the one-device losses; only process 0 writes; its
     checkpoint at step 2 resumes on one process of 8 devices and ends with the same adapter."""
     mesh = "2,2,2"
-    one = _train(tiny_llama_dir, tmp_path / "one", 4, mesh)[mesh]
+    one, one_dir = one_device
     port = _free_port()
     procs = [subprocess.Popen(
         [sys.executable, "-c", _TRAIN, str(tiny_llama_dir), str(tmp_path / "two"), "4", mesh],
@@ -152,7 +159,7 @@ def test_two_processes_train_as_one_and_resume_on_one(tiny_llama_dir, tmp_path):
     np.testing.assert_allclose(two["losses"], one["losses"], rtol=1e-5, atol=0)
     run = tmp_path / "two" / "2-2-2"
     assert two["rows"] == one["rows"]                   # ... and wrote no second copy of a row
-    _same_adapter(tmp_path / "one" / "2-2-2", run)
+    _same_adapter(one_dir, run)
 
     # resume the two-process run's step-2 checkpoint on one process
     from runtime.checkpoint import list_checkpoints
