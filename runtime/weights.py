@@ -18,7 +18,7 @@ from safetensors import safe_open
 
 from compiler.architecture import ModelConfig, read_config
 from runtime import quant
-from runtime.model import FullParam, Llama, LoraConfig, LoRAParam, lora_a_init
+from runtime.model import FullParam, Llama, LoraConfig, LoRAParam, lora_a_init, row_norms
 
 # Buffers some checkpoints carry that are recomputed, not loaded.
 _IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)
@@ -88,7 +88,6 @@ def load_pretrained(model_dir, *, config: ModelConfig | None = None, lora: LoraC
     ckpt = _Checkpoint(model_dir)
     expected = set()
     loaded = {}                 # path → value, for every weight the checkpoint fills
-    dense_shapes = {}           # path → [out, in] of each weight stored quantised
     stored = dict(nnx.to_flat_state(frozen_abstract))
     stored.update(nnx.to_flat_state(full_abstract))
     for path, var in stored.items():
@@ -112,7 +111,6 @@ def load_pretrained(model_dir, *, config: ModelConfig | None = None, lora: LoraC
         if scale_path in stored:
             codes, scales = quant.quantize(value, fmt)
             loaded[scale_path] = scales
-            dense_shapes[path] = value.shape[-2:]
             value = codes
         loaded[path] = value
     unexpected = ckpt.names() - expected
@@ -125,13 +123,11 @@ def load_pretrained(model_dir, *, config: ModelConfig | None = None, lora: LoraC
     if place is None:
         def place(names, value, trained, dense):
             return jnp.asarray(value)
-    dense = fmt != "nf4"
-
     def put(p, v, trained):
         value = np.asarray(loaded[p]).astype(v.dtype, copy=False)
-        return v.copy(place([str(x) for x in p], value, trained,
-                            dense or p[-1] not in ("weight", "weight_scale") or p[0] != "layers"
-                            or p[:-1] + ("weight_scale",) not in stored))
+        # flat nf4 codes (and their scales) are not [out, in]: only fsdp may split them
+        dense = fmt != "nf4" or p[:-1] + ("weight_scale",) not in stored
+        return v.copy(place([str(x) for x in p], value, trained, dense))
 
     frozen = [(p, put(p, v, False)) for p, v in nnx.to_flat_state(frozen_abstract)]
     full = [(p, put(p, v, True)) for p, v in nnx.to_flat_state(full_abstract)]
@@ -142,9 +138,8 @@ def load_pretrained(model_dir, *, config: ModelConfig | None = None, lora: LoraC
         if path[-1] == "lora_A":
             value = lora_a_init(jax.random.fold_in(rngs.params(), k), var.shape)
         elif path[-1] == "lora_magnitude_vector":
-            w = path[:-1] + ("weight",)
-            value = jnp.sqrt(jnp.sum(jnp.square(_dense(loaded, w, fmt, dense_shapes.get(w))),
-                                     axis=-1))
+            value = row_norms(_dense(loaded, path[:-1] + ("weight",), fmt,
+                                     _module_at(abstract, path[:-1]).shape))
         else:
             value = jnp.zeros(var.shape, jnp.float32)
         lora_vars.append((path, var.copy(value)))
