@@ -21,7 +21,8 @@ order is tune's unpacked order (a permutation of the examples drawn from numpy's
 epoch])), so with runtime.pack=false both sides see the same examples at the same step; weight
 initialisation and dropout masks come from different random generators.
 
-Compute: fp32 on CPU; on a GPU the base model in bf16 and the LoRA weights in fp32 under bf16 autocast.
+Compute: fp32 on CPU (bf16 autocast with --cpu-bf16); on a GPU the base model in bf16 and the LoRA
+weights in fp32 under bf16 autocast.
 
 Usable as a module (`train`, `evaluate`, `load_plan`, ...) or from the command line:
 
@@ -32,7 +33,6 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import os
 import sys
 import time
 from dataclasses import dataclass
@@ -286,7 +286,7 @@ def _sync(device: str):
 
 
 def train(plan: dict, *, steps: int | None = None, device: str | None = None, out_dir=None,
-          log=None, data: TokenData | None = None) -> dict:
+          log=None, data: TokenData | None = None, cpu_bf16: bool = False) -> dict:
     """Train a PEFT LoRA as the plan says, for `steps` steps (default: see schedule_steps).
 
     Returns {"model", "records" (one per step: step, loss, lr, grad_norm, tokens, supervised_tokens,
@@ -315,7 +315,7 @@ def train(plan: dict, *, steps: int | None = None, device: str | None = None, ou
     lr_sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_factor(s, warmup, total, kind))
     max_norm = sched.get("max_grad_norm")
     autocast = (torch.autocast("cuda", dtype=torch.bfloat16) if device.startswith("cuda")
-                else torch.autocast("cpu", enabled=False))
+                else torch.autocast("cpu", dtype=torch.bfloat16, enabled=cpu_bf16))
     torch.manual_seed(seed)
     model.train()
 
@@ -367,7 +367,7 @@ def train(plan: dict, *, steps: int | None = None, device: str | None = None, ou
                 f.write(json.dumps(r) + "\n")
     return {"model": model, "records": records, "load_s": load_s, "train_s": train_s,
             "total_steps": total, "warmup_steps": warmup, "device": device,
-            "dtype": "float32" if device == "cpu" else "bfloat16"}
+            "dtype": "float32" if device == "cpu" and not cpu_bf16 else "bfloat16"}
 
 
 # ------------------------------------------------------------------------------------------- eval
@@ -508,6 +508,8 @@ def main(argv=None) -> int:
     ap.add_argument("--limit", type=int, default=None, help="test examples scored (default: plan eval.limit)")
     ap.add_argument("--eval-batch-size", type=int, default=16)
     ap.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    ap.add_argument("--cpu-bf16", action="store_true",
+                    help="on a CPU, train under torch.autocast(bfloat16) (default: float32)")
     ap.add_argument("--quiet", action="store_true")
     args = ap.parse_args(argv)
 
@@ -525,7 +527,8 @@ def main(argv=None) -> int:
         model = load_model(plan, device=device, adapter_dir=args.adapter)
         result["load_s"] = time.perf_counter() - t0
     else:
-        tr = train(plan, steps=args.steps, device=device, out_dir=args.out, log=log, data=data)
+        tr = train(plan, steps=args.steps, device=device, out_dir=args.out, log=log, data=data,
+                   cpu_bf16=args.cpu_bf16)
         model = tr.pop("model")
         result.update({k: v for k, v in tr.items()})
     if args.eval_base:

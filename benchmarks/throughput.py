@@ -197,6 +197,8 @@ def run_peft(args, work: Path, plan_path: Path) -> dict:
            "--steps", str(args.steps), "--out", str(out), "--device", args.device]
     if args.threads:
         cmd += ["--threads", str(args.threads)]
+    if args.peft_cpu_bf16:
+        cmd.append("--cpu-bf16")
     print(f"[peft] {' '.join(cmd)}", file=sys.stderr, flush=True)
     rc, wall = run_logged(cmd, work / "peft.log")
     if rc != 0:
@@ -274,6 +276,8 @@ def parse_args(argv=None):
     ap.add_argument("--work", default=None, help="keep the runs in this directory (default: a temp dir)")
     ap.add_argument("--out", default=None, help="results JSON (default: benchmarks/results/throughput-<platform>.json)")
     ap.add_argument("--skip-peft", action="store_true")
+    ap.add_argument("--peft-cpu-bf16", action="store_true",
+                    help="PEFT under torch.autocast(cpu, bfloat16), tune's CPU matmuls' peer")
     ap.add_argument("--record", action="store_true",
                     help="also write the table into benchmarks/RESULTS.md (its throughput section)")
     ap.add_argument("--skip", type=int, default=1, help="first steps left out of the figures (default 1)")
@@ -321,12 +325,14 @@ def record(args, argv, header: str, text: str, loads) -> None:
             skip = True
         elif a != "--record" and not a.startswith(("--work=", "--out=")):
             keep.append(a)
-    name = "throughput-nopack" if args.no_pack else "throughput"
+    name = ("throughput-nopack" if args.no_pack else "throughput") + \
+        ("-peft-bf16" if args.peft_cpu_bf16 else "")
     begin, end = f"<!-- {name}:begin -->", f"<!-- {name}:end -->"
     loads = [x for x in loads if x is not None]
     section = "\n".join([
         begin,
-        f"## Throughput{' — tune unpacked (runtime.pack=false)' if args.no_pack else ''}",
+        f"## Throughput{' — tune unpacked (runtime.pack=false)' if args.no_pack else ''}"
+        + (" — PEFT under bfloat16 autocast" if args.peft_cpu_bf16 else ""),
         "",
         f"Measured {dt.datetime.now():%Y-%m-%d %H:%M}"
         + (f"; 1-minute load average before the runs {min(loads)}–{max(loads)}" if loads else "") + ".",
@@ -390,7 +396,9 @@ def main(argv=None) -> int:
     header = (f"throughput on {plat} ({platform.machine()}, {os.cpu_count()} CPUs): "
               f"recipe {args.recipe}, {len(tune['records'])} steps ({args.skip} left out), batch "
               f"{s['batch_size']}×{s.get('grad_accum', 1)}, max_length {args.max_length}, "
-              f"tune {'unpacked' if args.no_pack else 'packed'}, PEFT padded per batch"
+              f"tune {'unpacked' if args.no_pack else 'packed'} (compute {plan['runtime']['dtype']}, "
+              f"matmuls {plan['runtime'].get('matmul_dtype', plan['runtime']['dtype'])}), PEFT padded "
+              f"per batch ({(peft or {}).get('dtype', 'not run')})"
               + (f"; best of {args.repeat} alternating runs" if args.repeat > 1 else ""))
     print("\n" + header)
     if peft_fig:

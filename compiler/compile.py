@@ -465,6 +465,7 @@ def _runtime_section(rt: dict, devices: Devices, model: ModelSection, s: dict, m
     mesh = _mesh(rt["mesh"], devices, model, s["batch_size"])
     return RuntimeSection(
         dtype=dtype, param_dtype=dtype if rt["param_dtype"] == "auto" else rt["param_dtype"],
+        matmul_dtype=_matmul_dtype(rt["matmul_dtype"], devices, dtype),
         mesh=mesh, devices=devices, remat=rt["remat"], pack=rt["pack"], ce_chunk=rt["ce_chunk"],
         attention=_attention(rt["attention"], devices, dtype, rt["pack"]),
         loss_tokens=_loss_tokens(examples, s["batch_size"], max_length, rt["pack"]),
@@ -499,6 +500,17 @@ def _dtype(name: str, devices: Devices) -> str:
     if name != "auto":
         return name
     return "float32" if devices.platform == "cpu" else "bfloat16"
+
+
+def _matmul_dtype(name: str, devices: Devices, dtype: str) -> str:
+    """What matmul_dtype=auto means: the compute dtype, except on a CPU with native bfloat16 dot
+    products (AVX512-BF16 or AMX), where float32 compute still multiplies the frozen weights in
+    bfloat16 with float32 results — about 3× XLA:CPU's float32 matmuls (benchmarks/RESULTS.md)."""
+    if name != "auto":
+        return name
+    if dtype == "float32" and devices.platform == "cpu" and estimates.cpu_has_bf16_dot():
+        return "bfloat16"
+    return dtype
 
 
 def _mesh(spec: dict, devices: Devices, model: ModelSection, batch_size: int) -> MeshAxes:

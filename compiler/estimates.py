@@ -96,8 +96,9 @@ def memory_per_device(*, params: int, trainable: int, layers: int, hidden: int, 
     # input and normed input.
     dots = q + 2 * kv + hidden + 2 * intermediate + hidden + 2 * hidden
     # "none": everything — also both norms' inputs and outputs, the attention output before o_proj,
-    # RoPE'd q and k (and their float32 rotation), the MLP activation and product.
-    everything = dots + 2 * hidden + q + 2 * (q + kv) + 2 * intermediate
+    # RoPE'd q and k (and their float32 rotation). The MLP's silu(gate)·up is recomputed from gate
+    # and up (runtime/model._swiglu), so it adds nothing.
+    everything = dots + 2 * hidden + q + 2 * (q + kv)
     per_layer = {"none": everything, "dots": dots, "full": hidden}.get(remat, everything)
     saved = layers * tokens * per_layer * compute_bytes / tensor
     # Remat recomputes one layer at a time in the backward pass: that layer's activations are live
@@ -263,6 +264,20 @@ def _cpu() -> dict:
     memory = _meminfo_total()
     return {"platform": "cpu", "kind": kind, "count": count, "cores": os.cpu_count(),
             "memory": memory // count if memory else memory, "peak_flops": None}
+
+
+def cpu_has_bf16_dot() -> bool:
+    """Whether this machine's CPU multiplies bfloat16 natively (x86 AVX512-BF16 or AMX-BF16, from
+    /proc/cpuinfo's flags)."""
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
+    for line in text.splitlines():
+        if line.startswith("flags"):
+            flags = set(line.split(":", 1)[1].split())
+            return bool(flags & {"avx512_bf16", "amx_bf16"})
+    return False
 
 
 def _int_or(text: str, default: int) -> int:

@@ -222,6 +222,8 @@ class MeshAxes:
 class RuntimeSection:
     dtype: str                      # compute dtype, resolved: float32 | bfloat16
     param_dtype: str                # frozen weights' dtype, resolved
+    matmul_dtype: str               # operands of the frozen weights' matmuls, resolved (bfloat16 under
+                                    # float32 compute: bfloat16 × bfloat16 → float32 products)
     mesh: MeshAxes                  # resolved against the devices: no -1 left
     devices: Devices
     remat: str

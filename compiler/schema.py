@@ -145,6 +145,9 @@ KEYS: tuple[Key, ...] = (
     _k("runtime.dtype", "choice", "auto", "compute dtype", choices=("auto", "float32", "bfloat16")),
     _k("runtime.param_dtype", "choice", "auto", "frozen weights' dtype",
        choices=("auto", "float32", "bfloat16")),
+    _k("runtime.matmul_dtype", "choice", "auto", "operand dtype of the frozen weights' matmuls, "
+       "products in the compute dtype (auto: bfloat16 where the compute dtype is, or on a CPU with "
+       "native bfloat16 dot products; else float32)", choices=("auto", "float32", "bfloat16")),
     _k("runtime.mesh.data", "axis", -1, "data-parallel axis (-1 = all remaining devices)"),
     _k("runtime.mesh.fsdp", "axis", 1, "fully-sharded axis (-1 = all remaining devices)"),
     _k("runtime.mesh.tensor", "axis", 1, "tensor-parallel axis (-1 = all remaining devices)"),

@@ -310,7 +310,9 @@ def _resources(plan) -> Panel:
         ("devices", f"{dev.count} × {dev.kind} ({dev.platform})"
                     + (f" over {dev.processes} processes" if dev.processes > 1 else "")),
         ("mesh", f"data {rt.mesh.data} × fsdp {rt.mesh.fsdp} × tensor {rt.mesh.tensor}"),
-        ("dtype", f"compute {rt.dtype} · weights {rt.param_dtype} · remat {rt.remat}"),
+        ("dtype", f"compute {rt.dtype} · weights {rt.param_dtype}"
+                  + (f" · matmuls {rt.matmul_dtype} → {rt.dtype}" if rt.matmul_dtype != rt.dtype else "")
+                  + f" · remat {rt.remat}"),
         ("time", f"~{_duration(est.step_time_s)} per step × {_n(steps)} steps ≈ "
                  f"{_duration(est.total_time_s)} (rough estimate)" if steps else None),
     ])

@@ -67,7 +67,8 @@ class _Checkpoint:
 
 def load_pretrained(model_dir, *, config: ModelConfig | None = None, lora: LoraConfig | None = None,
                     dtype=jnp.float32, param_dtype=jnp.float32, remat: str = "none",
-                    attention: str = "xla", rngs: nnx.Rngs | None = None, place=None) -> Llama:
+                    attention: str = "xla", matmul_dtype=None, rngs: nnx.Rngs | None = None,
+                    place=None) -> Llama:
     """The model of an HF checkpoint directory (*.safetensors; config.json unless `config`, the
     plan's, is given), base weights cast to param_dtype (or quantised, lora.quantize), LoRA factors
     (if lora) freshly initialised from rngs (A random, B zero, float32), DoRA magnitudes set to the
@@ -82,7 +83,8 @@ def load_pretrained(model_dir, *, config: ModelConfig | None = None, lora: LoraC
     fmt = "none" if lora is None else lora.quantize
 
     abstract = nnx.eval_shape(lambda: Llama(cfg, lora=lora, dtype=dtype, param_dtype=param_dtype,
-                                            remat=remat, attention=attention, rngs=nnx.Rngs(0)))
+                                            remat=remat, attention=attention,
+                                            matmul_dtype=matmul_dtype, rngs=nnx.Rngs(0)))
     graphdef, full_abstract, lora_abstract, frozen_abstract = nnx.split(abstract, FullParam,
                                                                         LoRAParam, ...)
     ckpt = _Checkpoint(model_dir)

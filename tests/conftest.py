@@ -92,7 +92,8 @@ def make_plan(model_dir, *, examples=None, sizes=None, labels=(), plan_hash="tin
              lr_schedule="cosine", weight_decay=0.0, max_grad_norm=1.0, beta1=0.9, beta2=0.999,
              eps=1e-8, seq_len=64)
     s.update(schedule or {})
-    rt = dict(dtype="float32", param_dtype="float32", mesh=MeshAxes(1, 1, 1),
+    rt = dict(dtype="float32", param_dtype="float32", matmul_dtype="float32",
+              mesh=MeshAxes(1, 1, 1),
               devices=Devices("cpu", "cpu", 1, None, None), remat="none", attention="xla", pack=True,
               ce_chunk=32,
               log_every=1, checkpoint_every=0)

@@ -243,3 +243,54 @@ def test_smollm2_matches_transformers():
     np.testing.assert_allclose(ours, ref32, atol=5e-4, rtol=0)
     assert np.abs(ours - ref64).max() <= 2 * np.abs(ref32 - ref64).max() + 1e-5
     assert (ours.argmax(-1) == ref64.argmax(-1)).all()
+
+
+def test_mixed_matmul_is_one_bfloat16_product_each_way():
+    """mixed_matmul: forward x Wᵀ and the input gradient g W are bfloat16 × bfloat16 products
+    accumulated in float32 (compared with float64 products of the same rounded operands); W, frozen,
+    gets no gradient."""
+    from runtime.model import mixed_matmul
+
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((3, 5, 64)).astype(np.float32)
+    w = rng.standard_normal((48, 64)).astype(np.float32)
+    g = rng.standard_normal((3, 5, 48)).astype(np.float32)
+    as_bf16 = lambda a: np.asarray(jnp.asarray(a, jnp.bfloat16).astype(jnp.float32), np.float64)
+    y, vjp = jax.vjp(mixed_matmul, jnp.asarray(x), jnp.asarray(w))
+    dx, dw = vjp(jnp.asarray(g))
+    assert y.dtype == jnp.float32 and dx.dtype == jnp.float32
+    np.testing.assert_allclose(np.asarray(y), as_bf16(x) @ as_bf16(w).T, rtol=1e-5, atol=1e-4)
+    np.testing.assert_allclose(np.asarray(dx), as_bf16(g) @ as_bf16(w), rtol=1e-5, atol=1e-4)
+    assert not np.any(np.asarray(dw))
+    # and it is not the float32 product: the operands were rounded
+    assert np.abs(np.asarray(y) - x.astype(np.float64) @ w.T).max() > 1e-3
+
+
+def test_bfloat16_matmuls_under_float32_compute(hf_tiny):
+    """matmul_dtype=bfloat16 with float32 compute: activations stay float32, the frozen projections go
+    through mixed_matmul, a module trained in full does not; logits and LoRA gradients stay close to
+    the float32 model's."""
+    from runtime.model import LoraConfig
+    from runtime.train import split_model
+
+    ref_model, path = hf_tiny("llama")
+    lora = LoraConfig(rank=4, alpha=8, dropout=0.0, targets=("q_proj", "v_proj", "down_proj"),
+                      train_modules=("o_proj",))
+    exact = load_pretrained(path, lora=lora, rngs=nnx.Rngs(1))
+    mixed = load_pretrained(path, lora=lora, rngs=nnx.Rngs(1), matmul_dtype=jnp.bfloat16)
+    assert mixed.layers.self_attn.q_proj.mixed and mixed.layers.mlp.up_proj.mixed
+    assert not mixed.layers.self_attn.o_proj.mixed and not exact.layers.self_attn.q_proj.mixed
+    ids = jnp.asarray(tokens())
+    hidden = mixed(ids)
+    assert hidden.dtype == jnp.float32
+    ref = torch_logits(ref_model, tokens())
+    diff = np.abs(np.asarray(mixed.logits(hidden)) - ref)
+    assert 1e-5 < diff.max() and diff.mean() < 0.02 * np.abs(ref).mean()
+
+    def grads(model):
+        g, trained, frozen = split_model(model)
+        loss = lambda p: jnp.mean(nnx.merge(g, frozen, p).logits(nnx.merge(g, frozen, p)(ids)) ** 2)
+        return jax.tree.leaves(jax.grad(loss)(trained))
+
+    for a, b in zip(grads(mixed), grads(exact)):
+        assert np.linalg.norm(np.asarray(a) - np.asarray(b)) <= 0.03 * np.linalg.norm(np.asarray(b)) + 1e-8

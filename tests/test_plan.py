@@ -51,6 +51,7 @@ def test_round_trip_and_stable_json(data_file, smollm2_dir):
     assert isinstance(plan.warnings, tuple)
     # what the runtime reads is resolved: no "auto", no -1, exact step counts
     assert (plan.runtime.dtype, plan.runtime.param_dtype) == ("float32", "float32")   # CPU
+    assert plan.runtime.matmul_dtype in ("float32", "bfloat16")  # bfloat16 on CPUs with bf16 dots
     assert plan.runtime.mesh.shape == (1, 1, 1) and plan.runtime.devices.platform == "cpu"
     assert plan.model.config.num_layers == 30 and plan.model.config.head_dim == 64
     assert plan.model.eos_token == "<|im_end|>" and plan.model.eos_token_ids == (2,)
@@ -306,3 +307,36 @@ def test_runtime_never_imports_hydra():
             "bad = sorted(m for m in sys.modules if m.split('.')[0] in ('hydra', 'omegaconf')); "
             "assert not bad, bad")
     subprocess.run([sys.executable, "-c", code], check=True, cwd=Path(compile_mod.__file__).parents[1])
+
+
+def test_matmul_dtype_auto_follows_the_cpu(data_file, smollm2_dir, monkeypatch):
+    """runtime.matmul_dtype=auto: bfloat16 operands under float32 compute only on a CPU that multiplies
+    bfloat16 natively; an explicit value is kept; a bfloat16 compute dtype multiplies in bfloat16."""
+    from compiler import estimates
+
+    def resolved(has_bf16, **runtime):
+        monkeypatch.setattr(estimates, "cpu_has_bf16_dot", lambda: has_bf16)
+        rt = compile_plan(base_config(data_file, runtime=runtime), recipe_info=None).runtime
+        return rt.dtype, rt.matmul_dtype
+
+    assert resolved(True) == ("float32", "bfloat16")
+    assert resolved(False) == ("float32", "float32")
+    assert resolved(True, matmul_dtype="float32") == ("float32", "float32")
+    assert resolved(False, matmul_dtype="bfloat16") == ("float32", "bfloat16")
+    assert resolved(False, dtype="bfloat16") == ("bfloat16", "bfloat16")
+
+
+def test_cpu_bf16_flag_read_from_cpuinfo(tmp_path, monkeypatch):
+    from compiler import estimates
+
+    def has(flags):
+        cpuinfo = tmp_path / "cpuinfo"
+        cpuinfo.write_text(f"processor\t: 0\nflags\t\t: {flags}\n")
+        real = Path
+
+        monkeypatch.setattr(estimates, "Path", lambda p: cpuinfo if p == "/proc/cpuinfo" else real(p))
+        return estimates.cpu_has_bf16_dot()
+
+    assert has("fpu sse avx512f avx512_bf16 avx512_vnni")
+    assert has("fpu amx_tile amx_bf16")
+    assert not has("fpu sse avx2 avx512f")
