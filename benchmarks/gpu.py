@@ -147,7 +147,6 @@ def run_tune(name: str, args) -> dict:
 # ------------------------------------------------------------------------------------------ PEFT
 
 def run_peft(name: str, args) -> dict:
-    import numpy as np
     import torch
     from peft import LoraConfig, get_peft_model
     from transformers import LlamaConfig, LlamaForCausalLM

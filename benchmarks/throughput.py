@@ -23,7 +23,7 @@ order as the PEFT loop) for a like-for-like padded comparison.
     python benchmarks/throughput.py --no-pack
     python benchmarks/throughput.py --steps 100 --batch-size 16 --max-length 512   # on a GPU
 
-Writes the raw figures to benchmarks/results/throughput-<platform>[-nopack].json.
+Writes the raw figures to benchmarks/results/throughput-<platform>[-nopack][-peft-bf16].json.
 """
 from __future__ import annotations
 
@@ -446,7 +446,8 @@ def main(argv=None) -> int:
             k: tune_fig[k] / peft_fig[k] for k in
             ("tokens_per_s", "supervised_tokens_per_s", "examples_per_s", "step_time_s_mean")
             if tune_fig.get(k) and peft_fig.get(k)}
-    out = Path(args.out) if args.out else RESULTS / f"throughput-{plat}{'-nopack' if args.no_pack else ''}.json"
+    suffix = ("-nopack" if args.no_pack else "") + ("-peft-bf16" if args.peft_cpu_bf16 else "")
+    out = Path(args.out) if args.out else RESULTS / f"throughput-{plat}{suffix}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=1) + "\n")
     print(f"\nraw figures: {out}")

@@ -97,8 +97,10 @@ def memory_per_device(*, params: int, trainable: int, layers: int, hidden: int, 
     dots = q + 2 * kv + hidden + 2 * intermediate + hidden + 2 * hidden
     # "none": everything — also both norms' inputs and outputs, the attention output before o_proj,
     # RoPE'd q and k (and their float32 rotation). The MLP's silu(gate)·up is recomputed from gate
-    # and up (runtime/model._swiglu), so it adds nothing.
-    everything = dots + 2 * hidden + q + 2 * (q + kv)
+    # and up (runtime/model._swiglu), so it adds nothing, and the peak holds one [tokens,
+    # intermediate] array less than "dots" keeps — a figure calibrated against XLA's
+    # memory_analysis() (benchmarks/memory.py: within 2% at 8×256 and 2×1024 tokens).
+    everything = dots - intermediate + 2 * hidden + q + 2 * (q + kv)
     per_layer = {"none": everything, "dots": dots, "full": hidden}.get(remat, everything)
     saved = layers * tokens * per_layer * compute_bytes / tensor
     # Remat recomputes one layer at a time in the backward pass: that layer's activations are live

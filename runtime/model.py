@@ -43,6 +43,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
+from jax.ad_checkpoint import checkpoint_name
 
 from compiler.architecture import MODULE_NAMES, ModelConfig, full_module_names, lora_scale
 from runtime import quant
@@ -129,6 +130,9 @@ def mixed_matmul(x, w):
                       preferred_element_type=jnp.float32).astype(x.dtype)
 
 
+MIXED_MATMUL = "mixed_matmul"   # the name its outputs carry, so runtime.remat=dots saves them too
+
+
 def _mixed_fwd(x, w):
     return mixed_matmul(x, w), (w, jnp.zeros((), x.dtype))
 
@@ -197,7 +201,7 @@ class Linear(nnx.Module):
     def _base(self, x):
         if self.weight_scale is None:
             if self.mixed:
-                return mixed_matmul(x, self.weight[...])
+                return checkpoint_name(mixed_matmul(x, self.weight[...]), MIXED_MATMUL)
             return jnp.einsum("...i,oi->...o", x, self.weight[...].astype(self.dtype))
         return _dequantized_matmul(x, self.weight[...], self.weight_scale[...], self.quantize,
                                    self.shape, self.dtype)
@@ -414,8 +418,10 @@ def _remat(fn, policy: str):
     if policy == "none":
         return fn
     if policy == "dots":    # keep matmul outputs without batch dims (the projections), recompute the rest
-        return jax.checkpoint(fn, policy=jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
-                              prevent_cse=False)
+        policy_fn = jax.checkpoint_policies.save_from_both_policies(
+            jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+            jax.checkpoint_policies.save_only_these_names(MIXED_MATMUL))   # inside a custom_vjp
+        return jax.checkpoint(fn, policy=policy_fn, prevent_cse=False)
     if policy == "full":    # keep only the layer inputs
         return jax.checkpoint(fn, prevent_cse=False)
     raise ValueError(f"unknown remat policy {policy!r}; expected one of {', '.join(REMAT_POLICIES)}")
