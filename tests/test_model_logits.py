@@ -294,3 +294,34 @@ def test_bfloat16_matmuls_under_float32_compute(hf_tiny):
 
     for a, b in zip(grads(mixed), grads(exact)):
         assert np.linalg.norm(np.asarray(a) - np.asarray(b)) <= 0.03 * np.linalg.norm(np.asarray(b)) + 1e-8
+
+
+def test_remat_dots_keeps_the_bfloat16_products():
+    """runtime.remat=dots saves the frozen projections' outputs whether they are float32 einsums or
+    bfloat16 mixed_matmul calls (a custom VJP the dots policy cannot see into): the residuals a layer
+    keeps have the same shapes in both modes, and the gradients equal remat=none's."""
+    from jax._src.ad_checkpoint import saved_residuals
+
+    from runtime.model import LoraConfig
+    from runtime.train import split_model
+
+    cfg = ModelConfig.from_hf(dict(
+        architectures=["LlamaForCausalLM"], model_type="llama", vocab_size=64, hidden_size=32,
+        intermediate_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+        rms_norm_eps=1e-5, rope_theta=10000.0, max_position_embeddings=64, tie_word_embeddings=True))
+    lora = LoraConfig(rank=2, alpha=4, dropout=0.0, targets=("q_proj", "v_proj"))
+    ids = jnp.asarray(tokens(2, 9, vocab=64))
+
+    def loss_and_residuals(matmul_dtype, remat):
+        model = Llama(cfg, lora=lora, remat=remat, matmul_dtype=matmul_dtype, rngs=nnx.Rngs(0))
+        g, trained, frozen = split_model(model)
+        loss = lambda p: jnp.sum(nnx.merge(g, frozen, p)(ids) ** 2)
+        kept = sorted(r.shape for r, _ in saved_residuals(loss, trained))
+        return jax.tree.leaves(jax.grad(loss)(trained)), kept
+
+    _, kept_f32 = loss_and_residuals(None, "dots")
+    grads_dots, kept_bf16 = loss_and_residuals(jnp.bfloat16, "dots")
+    grads_none, _ = loss_and_residuals(jnp.bfloat16, "none")
+    assert kept_bf16 == kept_f32
+    for a, b in zip(grads_dots, grads_none):
+        np.testing.assert_allclose(a, b, rtol=0, atol=1e-5 * float(np.abs(b).max()))
