@@ -404,8 +404,11 @@ def main(argv=None) -> int:
     if peft_fig:
         text = table(tune_fig, peft_fig, tune["wall_s"], peft["process_wall_s"])
         l1, l2 = tune["records"][0]["loss"], peft["records"][0]["loss"]
+        exact = plan["runtime"].get("matmul_dtype", "float32") == plan["runtime"]["dtype"]
         text += (f"\nstep-1 loss: tune {l1:.5f}, PEFT {l2:.5f}"
-                 + (" (same batch, LoRA B = 0: must agree)" if args.no_pack else
+                 + ((" (same batch, LoRA B = 0: must agree)" if exact else
+                     " (same batch, LoRA B = 0; tune's matmuls in bfloat16: agree to ~1% — "
+                     "to ~1e-5 with runtime.matmul_dtype=float32)") if args.no_pack else
                     " (different batches: tune packs)"))
         print(text)
         if args.record:
