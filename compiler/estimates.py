@@ -249,15 +249,21 @@ def _local_devices() -> dict:
     return _cpu()
 
 
-def _cpu() -> dict:
-    kind = "cpu"
+def _cpuinfo(field: str) -> str | None:
+    """The value of the first `field` line of /proc/cpuinfo (None where there is no such file or
+    line)."""
     try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                kind = line.split(":", 1)[1].strip()
-                break
+        text = Path("/proc/cpuinfo").read_text()
     except OSError:
-        pass
+        return None
+    for line in text.splitlines():
+        if line.startswith(field):
+            return line.split(":", 1)[1].strip()
+    return None
+
+
+def _cpu() -> dict:
+    kind = _cpuinfo("model name") or "cpu"
     # simulated host devices (XLA_FLAGS=--xla_force_host_platform_device_count=N) share the memory
     count = 1
     for flag in os.environ.get("XLA_FLAGS", "").split():
@@ -271,15 +277,7 @@ def _cpu() -> dict:
 def cpu_has_bf16_dot() -> bool:
     """Whether this machine's CPU multiplies bfloat16 natively (x86 AVX512-BF16 or AMX-BF16, from
     /proc/cpuinfo's flags)."""
-    try:
-        text = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return False
-    for line in text.splitlines():
-        if line.startswith("flags"):
-            flags = set(line.split(":", 1)[1].split())
-            return bool(flags & {"avx512_bf16", "amx_bf16"})
-    return False
+    return bool(set((_cpuinfo("flags") or "").split()) & {"avx512_bf16", "amx_bf16"})
 
 
 def _int_or(text: str, default: int) -> int:
