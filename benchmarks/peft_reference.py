@@ -286,7 +286,8 @@ def _sync(device: str):
 
 
 def train(plan: dict, *, steps: int | None = None, device: str | None = None, out_dir=None,
-          log=None, data: TokenData | None = None, cpu_bf16: bool = False) -> dict:
+          log=None, data: TokenData | None = None, cpu_bf16: bool = False,
+          batch_size: int | None = None) -> dict:
     """Train a PEFT LoRA as the plan says, for `steps` steps (default: see schedule_steps).
 
     Returns {"model", "records" (one per step: step, loss, lr, grad_norm, tokens, supervised_tokens,
@@ -319,7 +320,7 @@ def train(plan: dict, *, steps: int | None = None, device: str | None = None, ou
     torch.manual_seed(seed)
     model.train()
 
-    batches = list(step_batches(ids_list, plens, batch_size=int(sched["batch_size"]),
+    batches = list(step_batches(ids_list, plens, batch_size=int(batch_size or sched["batch_size"]),
                                 grad_accum=int(sched.get("grad_accum") or 1), seed=seed,
                                 pad_id=pad_id, n_steps=steps))
     records = []
@@ -510,6 +511,8 @@ def main(argv=None) -> int:
     ap.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     ap.add_argument("--cpu-bf16", action="store_true",
                     help="on a CPU, train under torch.autocast(bfloat16) (default: float32)")
+    ap.add_argument("--batch-size", type=int, default=None,
+                    help="examples per micro-batch (default: the plan's schedule.batch_size)")
     ap.add_argument("--quiet", action="store_true")
     args = ap.parse_args(argv)
 
@@ -528,7 +531,7 @@ def main(argv=None) -> int:
         result["load_s"] = time.perf_counter() - t0
     else:
         tr = train(plan, steps=args.steps, device=device, out_dir=args.out, log=log, data=data,
-                   cpu_bf16=args.cpu_bf16)
+                   cpu_bf16=args.cpu_bf16, batch_size=args.batch_size)
         model = tr.pop("model")
         result.update({k: v for k, v in tr.items()})
     if args.eval_base:

@@ -123,9 +123,19 @@ def tune_overrides(args, run_dir: Path) -> list[str]:
          "runtime.log_every=1", "runtime.checkpoint_every=0", f"hydra.run.dir={run_dir}"]
     if args.no_pack:
         o.append("runtime.pack=false")
+    if args.row_length:
+        o += [f"runtime.row_length={args.row_length}", f"schedule.batch_size={tune_batch(args)}"]
     if args.dtype:
         o.append(f"runtime.dtype={args.dtype}")
     return o + list(args.tune_override or [])
+
+
+def tune_batch(args) -> int:
+    """tune's rows per step: --batch-size rows of --max-length tokens, or as many tokens in rows of
+    --row-length."""
+    if not args.row_length:
+        return args.batch_size
+    return max(1, args.batch_size * args.max_length // args.row_length)
 
 
 def tune_step_counts(plan: dict, steps: int) -> list[dict] | None:
@@ -199,6 +209,8 @@ def run_peft(args, work: Path, plan_path: Path) -> dict:
         cmd += ["--threads", str(args.threads)]
     if args.peft_cpu_bf16:
         cmd.append("--cpu-bf16")
+    if args.row_length:
+        cmd += ["--batch-size", str(args.batch_size)]      # PEFT: one example per row, as without it
     print(f"[peft] {' '.join(cmd)}", file=sys.stderr, flush=True)
     rc, wall = run_logged(cmd, work / "peft.log")
     if rc != 0:
@@ -270,6 +282,10 @@ def parse_args(argv=None):
     ap.add_argument("--epochs", type=int, default=10,
                     help="schedule.epochs for tune (max_steps caps it; default %(default)s)")
     ap.add_argument("--no-pack", action="store_true", help="tune with runtime.pack=false (padded, like PEFT)")
+    ap.add_argument("--row-length", type=int, default=None,
+                    help="tune's runtime.row_length: packed rows of this many tokens, batch-size × "
+                         "max-length / row-length of them a step (the same tokens per step); PEFT "
+                         "keeps batch-size examples")
     ap.add_argument("--device", default="auto", help="PEFT device: cpu, cuda or auto")
     ap.add_argument("--dtype", default=None, help="tune runtime.dtype (default: the recipe's, auto)")
     ap.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
@@ -326,13 +342,15 @@ def record(args, argv, header: str, text: str, loads) -> None:
         elif a != "--record" and not a.startswith(("--work=", "--out=")):
             keep.append(a)
     name = ("throughput-nopack" if args.no_pack else "throughput") + \
-        ("-peft-bf16" if args.peft_cpu_bf16 else "")
+        ("-peft-bf16" if args.peft_cpu_bf16 else "") + ("-rows" if args.row_length else "")
     begin, end = f"<!-- {name}:begin -->", f"<!-- {name}:end -->"
     loads = [x for x in loads if x is not None]
     section = "\n".join([
         begin,
         f"## Throughput{' — tune unpacked (runtime.pack=false)' if args.no_pack else ''}"
-        + (" — PEFT under bfloat16 autocast" if args.peft_cpu_bf16 else ""),
+        + (" — PEFT under bfloat16 autocast" if args.peft_cpu_bf16 else "")
+        + (f" — tune's packed rows {args.row_length} tokens long (runtime.row_length)"
+           if args.row_length else ""),
         "",
         f"Measured {dt.datetime.now():%Y-%m-%d %H:%M}"
         + (f"; 1-minute load average before the runs {min(loads)}–{max(loads)}" if loads else "") + ".",
@@ -395,8 +413,10 @@ def main(argv=None) -> int:
     s = plan["schedule"]
     header = (f"throughput on {plat} ({platform.machine()}, {os.cpu_count()} CPUs): "
               f"recipe {args.recipe}, {len(tune['records'])} steps ({args.skip} left out), batch "
-              f"{s['batch_size']}×{s.get('grad_accum', 1)}, max_length {args.max_length}, "
-              f"tune {'unpacked' if args.no_pack else 'packed'} (compute {plan['runtime']['dtype']}, "
+              f"{args.batch_size}×{s.get('grad_accum', 1)}, max_length {args.max_length}, "
+              f"tune {'unpacked' if args.no_pack else 'packed'}"
+              + (f" in {s['batch_size']} rows of {s['seq_len']}" if args.row_length else "")
+              + f" (compute {plan['runtime']['dtype']}, "
               f"matmuls {plan['runtime'].get('matmul_dtype', plan['runtime']['dtype'])}), PEFT padded "
               f"per batch ({(peft or {}).get('dtype', 'not run')})"
               + (f"; best of {args.repeat} alternating runs" if args.repeat > 1 else ""))
@@ -449,7 +469,8 @@ def main(argv=None) -> int:
             k: tune_fig[k] / peft_fig[k] for k in
             ("tokens_per_s", "supervised_tokens_per_s", "examples_per_s", "step_time_s_mean")
             if tune_fig.get(k) and peft_fig.get(k)}
-    suffix = ("-nopack" if args.no_pack else "") + ("-peft-bf16" if args.peft_cpu_bf16 else "")
+    suffix = (("-nopack" if args.no_pack else "") + ("-peft-bf16" if args.peft_cpu_bf16 else "")
+              + (f"-rows{args.row_length}" if args.row_length else ""))
     out = Path(args.out) if args.out else RESULTS / f"throughput-{plat}{suffix}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=1) + "\n")

@@ -62,10 +62,13 @@ def compile_plan(cfg: dict, *, recipe_info: Recipe | None, command: str = "plan"
     adapter = _adapter_section(config["adapter"], model)
     if need_train:
         _check_row_count(data, config["schedule"], warnings)
+    row_length = _row_length(config["runtime"], config["data"]["max_length"])
     runtime = _runtime_section(config["runtime"], _devices(), model, config["schedule"],
-                               config["data"]["max_length"], examples)
+                               row_length, examples)
     lengths = examples.lengths("train") if examples else np.zeros(0, dtype=np.int64)
-    schedule = _schedule_section(config["schedule"], config["data"], runtime, lengths)
+    schedule = _schedule_section(config["schedule"], runtime, lengths, row_length)
+    if need_train:
+        warnings += _fill_warnings(schedule, runtime, lengths, config["data"]["max_length"])
     evaluation = _eval_section(config["eval"], data)
     estimates_ = _estimates(model, adapter, schedule, runtime, data, evaluation, warnings,
                             need_train=need_train)
@@ -459,7 +462,25 @@ def _devices() -> Devices:
                    processes=estimates.processes()[0])
 
 
-def _runtime_section(rt: dict, devices: Devices, model: ModelSection, s: dict, max_length: int,
+def _row_length(rt: dict, max_length: int) -> int:
+    """Tokens per training row: runtime.row_length, or data.max_length when it is null."""
+    row = rt.get("row_length")
+    if row is None:
+        return max_length
+    if row < max_length:
+        raise PlanError("runtime.row_length", f"{row} tokens per row cannot hold an example of "
+                        f"data.max_length={max_length} tokens.",
+                        hint=f"use runtime.row_length={max_length} or more (a multiple of it fills "
+                             "well), or null for rows of data.max_length.")
+    if row > max_length and not rt["pack"]:
+        raise PlanError("runtime.row_length", f"rows of {row} tokens hold one example each when "
+                        f"runtime.pack=false; every token past data.max_length={max_length} would be "
+                        "padding.", hint="set runtime.pack=true to fill the longer rows, or "
+                                         "runtime.row_length=null.")
+    return int(row)
+
+
+def _runtime_section(rt: dict, devices: Devices, model: ModelSection, s: dict, row_length: int,
                      examples) -> RuntimeSection:
     dtype = _dtype(rt["dtype"], devices)
     mesh = _mesh(rt["mesh"], devices, model, s["batch_size"])
@@ -468,20 +489,20 @@ def _runtime_section(rt: dict, devices: Devices, model: ModelSection, s: dict, m
         matmul_dtype=_matmul_dtype(rt["matmul_dtype"], devices, dtype),
         mesh=mesh, devices=devices, remat=rt["remat"], pack=rt["pack"], ce_chunk=rt["ce_chunk"],
         attention=_attention(rt["attention"], devices, dtype, rt["pack"]),
-        loss_tokens=_loss_tokens(examples, s["batch_size"], max_length, rt["pack"]),
+        loss_tokens=_loss_tokens(examples, s["batch_size"], row_length, rt["pack"]),
         log_every=rt["log_every"], checkpoint_every=rt["checkpoint_every"])
 
 
-def _loss_tokens(examples, batch_size: int, max_length: int, pack: bool) -> int:
+def _loss_tokens(examples, batch_size: int, row_length: int, pack: bool) -> int:
     """Supervised positions one micro-batch (training or validation) can hold at most."""
     if examples is None:
-        return batch_size * max_length
+        return batch_size * row_length
     lengths, supervised = [], []
     for split in ("train", "val"):
         lengths.append(examples.lengths(split))
         supervised.append(examples.supervised_counts(split))
     return packing.supervised_capacity(np.concatenate(lengths), np.concatenate(supervised),
-                                       max_length, batch_size, pack=pack)
+                                       row_length, batch_size, pack=pack)
 
 
 def _attention(name: str, devices: Devices, dtype: str, pack: bool) -> str:
@@ -563,16 +584,39 @@ def _axes(axes: dict) -> str:
 
 # ------------------------------------------------------------------------------ schedule
 
-def _schedule_section(s: dict, d: dict, rt: RuntimeSection, lengths: np.ndarray) -> ScheduleSection:
+def _schedule_section(s: dict, rt: RuntimeSection, lengths: np.ndarray, row_length: int
+                      ) -> ScheduleSection:
     steps = {"rows_per_epoch": 0, "steps_per_epoch": 0, "total_steps": 0, "warmup_steps": 0}
+    fill = 0.0
     if len(lengths):
         steps = estimates.schedule_steps(
             lengths.tolist(), batch_size=s["batch_size"], grad_accum=s["grad_accum"],
             epochs=s["epochs"], max_steps=s["max_steps"], warmup=s["warmup"], pack=rt.pack,
-            seq_len=d["max_length"])
+            seq_len=row_length)
+        fill = packing.row_fill(lengths, row_length, steps["rows_per_epoch"])
     global_batch = s["batch_size"] * s["grad_accum"]
-    return ScheduleSection(**s, seq_len=d["max_length"], global_batch=global_batch, **steps,
-                           tokens_per_step=global_batch * d["max_length"])
+    return ScheduleSection(**s, seq_len=row_length, global_batch=global_batch, **steps,
+                           tokens_per_step=global_batch * row_length, row_fill=round(fill, 4))
+
+
+# A packed epoch whose rows are less full than this gets a hint to lengthen them (when that helps).
+FILL_HINT = 0.85
+
+
+def _fill_warnings(s: ScheduleSection, rt: RuntimeSection, lengths: np.ndarray, max_length: int
+                   ) -> list[str]:
+    """Rows far from full because the examples do not pair up in rows of this length (two examples
+    just over half a row each take a row apiece): say how full rows four times as long would be."""
+    if not rt.pack or not len(lengths) or s.row_fill >= FILL_HINT:
+        return []
+    longer = 4 * s.seq_len
+    fill = packing.row_fill(lengths, longer, packing.count_rows(lengths, longer, pack=True))
+    if fill < s.row_fill + 0.05:
+        return []
+    return [f"packed rows are {s.row_fill:.0%} full: examples of p50 {int(np.median(lengths))} tokens "
+            f"fit badly in rows of {s.seq_len}. runtime.row_length={longer} fills {fill:.0%} "
+            f"(with schedule.batch_size about a quarter of today's {s.batch_size} for the same tokens "
+            "per step)."]
 
 
 def _schedule_warnings(s: ScheduleSection, est: Estimates) -> list[str]:

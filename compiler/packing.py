@@ -71,6 +71,12 @@ def count_rows(lengths: Sequence[int], seq_len: int, *, pack: bool) -> int:
     return len(epoch_rows(slots, seq_len, pack=pack, seed=0, epoch=0))
 
 
+def row_fill(lengths: Sequence[int], seq_len: int, rows: int) -> float:
+    """Share of an epoch's row slots that hold an example (the rest is padding)."""
+    used = sum(example_slots(n) for n in lengths)
+    return used / (rows * seq_len) if rows and seq_len else 0.0
+
+
 def steps_per_epoch(rows: int, rows_per_step: int) -> int:
     """Optimizer steps to see every row once; the last step is completed with empty rows."""
     return max(1, math.ceil(rows / max(1, rows_per_step)))

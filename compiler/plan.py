@@ -30,7 +30,7 @@ from compiler.architecture import MODULE_NAMES, ModelConfig
 from compiler.errors import PlanError
 from compiler.files import write_atomic
 
-PLAN_VERSION = 2
+PLAN_VERSION = 3
 
 
 # ------------------------------------------------------------------------------ sections
@@ -187,13 +187,14 @@ class ScheduleSection:
     beta1: float
     beta2: float
     eps: float
-    seq_len: int                    # tokens per row
+    seq_len: int                    # tokens per row (runtime.row_length, else data.max_length)
     global_batch: int               # rows per optimizer step
     rows_per_epoch: int             # rows after packing
     steps_per_epoch: int
     total_steps: int
     warmup_steps: int
     tokens_per_step: int
+    row_fill: float = 0.0           # real slots / row slots in an epoch (packing's efficiency)
 
 
 @dataclass(frozen=True)

@@ -154,6 +154,8 @@ KEYS: tuple[Key, ...] = (
     _k("runtime.remat", "choice", "none", "activation recomputation",
        choices=("none", "dots", "full")),
     _k("runtime.pack", "bool", True, "pack several examples per row"),
+    _k("runtime.row_length", "int", None, "tokens per packed row (null = data.max_length); longer "
+       "rows fit short examples more tightly", nullable=True, low=8, high=1 << 20),
     _k("runtime.attention", "choice", "auto", "attention kernel: xla (everywhere), cudnn (fused, "
        "NVIDIA GPUs), auto (cudnn for unpacked bfloat16 rows on a GPU, else xla)",
        choices=("auto", "xla", "cudnn")),

@@ -279,7 +279,9 @@ def _schedule(plan) -> Panel:
         ("optimizer", f"AdamW · lr {s.lr:g} · {s.lr_schedule} · weight decay {s.weight_decay:g} · "
                       f"betas {s.beta1:g}/{s.beta2:g} · clip {s.max_grad_norm}"),
         ("batch", f"{s.batch_size} rows × {s.grad_accum} accumulation = {s.global_batch} per step · "
-                  f"rows of {s.seq_len} tokens" + (" (packed)" if plan.runtime.pack else "")),
+                  f"rows of {s.seq_len} tokens"
+                  + (f" (packed, {s.row_fill:.0%} full)" if plan.runtime.pack else
+                     f" ({s.row_fill:.0%} of the tokens are not padding)")),
         ("steps", f"{_n(s.steps_per_epoch)} per epoch × {s.epochs:g} epochs → "
                   f"{_n(s.total_steps)} steps"
                   + (f" (capped by schedule.max_steps={s.max_steps})" if s.max_steps else "")),

@@ -77,7 +77,7 @@ def make_plan(model_dir, *, examples=None, sizes=None, labels=(), plan_hash="tin
     TinyExamples; none: no training steps). Its `config` is empty: the runtime must not need it."""
     from compiler.architecture import architecture, read_config
     from compiler.estimates import schedule_steps
-    from compiler.plan import (AdapterSection, DataSection, Devices, EvalSection, Estimates,
+    from compiler.plan import (PLAN_VERSION, AdapterSection, DataSection, Devices, EvalSection, Estimates,
                                MeshAxes, ModelSection, Plan, RuntimeSection, ScheduleSection,
                                TemplateSection)
     import json
@@ -124,7 +124,7 @@ def make_plan(model_dir, *, examples=None, sizes=None, labels=(), plan_hash="tin
     ev.update(evaluation or {})
     sizes = dict(sizes or {"train": len(train_ids), "val": 0, "test": 0})
     return Plan(
-        version=2, hash=plan_hash, model=model,
+        version=PLAN_VERSION, hash=plan_hash, model=model,
         data=DataSection(format="auto", max_rows=None, val_fraction=0.0, max_length=s["seq_len"],
                          overlength="truncate", dedupe=True, train=None, test=None, cache="tiny",
                          key="tiny", sizes=sizes, tokens={}, truncate_fields=(), truncated=0,

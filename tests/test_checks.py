@@ -71,6 +71,9 @@ def test_rank_range(tune_cli, clf_data, tmp_path, rank):
     ("data.overlength=cut", "data.overlength: must be one of truncate, drop"),
     ("template.chat=maybe", "template.chat: must be true or false"),
     ("schedule.warmup=2.5", "schedule.warmup: must be a fraction below 1 or a whole number"),
+    ("runtime.row_length=64", "runtime.row_length: 64 tokens per row cannot hold an example of "
+                              "data.max_length=512"),
+    ("runtime.row_length=4", "runtime.row_length: must be at least 8"),
 ])
 def test_ranges_and_choices(tune_cli, clf_data, tmp_path, override, needle):
     clf_data()

@@ -340,3 +340,47 @@ def test_cpu_bf16_flag_read_from_cpuinfo(tmp_path, monkeypatch):
     assert has("fpu sse avx512f avx512_bf16 avx512_vnni")
     assert has("fpu amx_tile amx_bf16")
     assert not has("fpu sse avx2 avx512f")
+
+
+def test_row_length_packs_short_examples_tighter(data_file, smollm2_dir):
+    """Examples just over half a row take a row each; the plan says how full its rows are, hints at
+    runtime.row_length, and longer rows hold several examples (fewer rows, fuller), every example
+    still in exactly one row."""
+    from compiler.examples import load_examples
+    from compiler.packing import epoch_rows, example_slots
+
+    first = compile_plan(base_config(data_file), recipe_info=None)
+    lengths = [len(x) for x in load_examples(first.data.cache).split("train")[0]]
+    max_length = 2 * (min(lengths) - 1) - 1           # two examples never share a row
+    assert max_length >= max(lengths)                 # ... and none is truncated
+    plan = compile_plan(base_config(data_file, data={"max_length": max_length}), recipe_info=None)
+    s = plan.schedule
+    assert s.seq_len == max_length and s.rows_per_epoch == plan.data.sizes["train"]
+    assert 0.5 < s.row_fill < 0.6
+    hint = [w for w in plan.warnings if "runtime.row_length" in w]
+    assert len(hint) == 1 and f"runtime.row_length={4 * max_length}" in hint[0]
+
+    longer = compile_plan(base_config(data_file, data={"max_length": max_length},
+                                      runtime={"row_length": 4 * max_length}), recipe_info=None)
+    s4 = longer.schedule
+    assert s4.seq_len == 4 * max_length and s4.tokens_per_step == s4.global_batch * 4 * max_length
+    assert s4.row_fill > 0.9 and s4.rows_per_epoch * 6 <= s.rows_per_epoch
+    assert not [w for w in longer.warnings if "runtime.row_length" in w]
+    # the runtime's rows are the plan's: every example once, none over the row
+    ids, _ = load_examples(longer.data.cache).split("train")
+    slots = [example_slots(len(x)) for x in ids]
+    rows = epoch_rows(slots, s4.seq_len, pack=True, seed=0, epoch=0)
+    assert len(rows) == s4.rows_per_epoch
+    assert sorted(i for r in rows for i in r) == list(range(len(ids)))
+    assert max(sum(slots[i] for i in r) for r in rows) <= s4.seq_len
+
+
+@pytest.mark.parametrize("runtime, needle", [
+    ({"row_length": 64}, "cannot hold an example of data.max_length=128"),
+    ({"row_length": 512, "pack": False}, "runtime.pack=false"),
+])
+def test_row_length_errors(data_file, smollm2_dir, runtime, needle):
+    with pytest.raises(PlanError) as e:
+        compile_plan(base_config(data_file, data={"max_length": 128}, runtime=runtime),
+                     recipe_info=None)
+    assert e.value.key == "runtime.row_length" and needle in str(e.value)
