@@ -67,8 +67,6 @@ def compile_plan(cfg: dict, *, recipe_info: Recipe | None, command: str = "plan"
                                row_length, examples)
     lengths = examples.lengths("train") if examples else np.zeros(0, dtype=np.int64)
     schedule = _schedule_section(config["schedule"], runtime, lengths, row_length)
-    if need_train:
-        warnings += _fill_warnings(schedule, runtime, lengths, config["data"]["max_length"])
     evaluation = _eval_section(config["eval"], data)
     estimates_ = _estimates(model, adapter, schedule, runtime, data, evaluation, warnings,
                             need_train=need_train)
@@ -595,28 +593,15 @@ def _schedule_section(s: dict, rt: RuntimeSection, lengths: np.ndarray, row_leng
             seq_len=row_length)
         fill = packing.row_fill(lengths, row_length, steps["rows_per_epoch"])
     global_batch = s["batch_size"] * s["grad_accum"]
+    per_row = len(lengths) / steps["rows_per_epoch"] if steps["rows_per_epoch"] else 0.0
+    unpacked = estimates.schedule_steps(
+        lengths.tolist(), batch_size=s["batch_size"], grad_accum=s["grad_accum"], epochs=s["epochs"],
+        max_steps=s["max_steps"], warmup=0, pack=False, seq_len=row_length)["total_steps"] \
+        if len(lengths) else 0
     return ScheduleSection(**s, seq_len=row_length, global_batch=global_batch, **steps,
-                           tokens_per_step=global_batch * row_length, row_fill=round(fill, 4))
-
-
-# A packed epoch whose rows are less full than this gets a hint to lengthen them (when that helps).
-FILL_HINT = 0.85
-
-
-def _fill_warnings(s: ScheduleSection, rt: RuntimeSection, lengths: np.ndarray, max_length: int
-                   ) -> list[str]:
-    """Rows far from full because the examples do not pair up in rows of this length (two examples
-    just over half a row each take a row apiece): say how full rows four times as long would be."""
-    if not rt.pack or not len(lengths) or s.row_fill >= FILL_HINT:
-        return []
-    longer = 4 * s.seq_len
-    fill = packing.row_fill(lengths, longer, packing.count_rows(lengths, longer, pack=True))
-    if fill < s.row_fill + 0.05:
-        return []
-    return [f"packed rows are {s.row_fill:.0%} full: examples of p50 {int(np.median(lengths))} tokens "
-            f"fit badly in rows of {s.seq_len}. runtime.row_length={longer} fills {fill:.0%} "
-            f"(with schedule.batch_size about a quarter of today's {s.batch_size} for the same tokens "
-            "per step)."]
+                           tokens_per_step=global_batch * row_length, row_fill=round(fill, 4),
+                           examples_per_step=round(global_batch * per_row, 2),
+                           unpacked_total_steps=unpacked)
 
 
 def _schedule_warnings(s: ScheduleSection, est: Estimates) -> list[str]:

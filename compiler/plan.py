@@ -195,6 +195,8 @@ class ScheduleSection:
     warmup_steps: int
     tokens_per_step: int
     row_fill: float = 0.0           # real slots / row slots in an epoch (packing's efficiency)
+    examples_per_step: float = 0.0  # training examples an optimizer step holds, on average
+    unpacked_total_steps: int = 0   # the steps the same epochs take with one example per row
 
 
 @dataclass(frozen=True)

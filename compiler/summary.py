@@ -284,7 +284,11 @@ def _schedule(plan) -> Panel:
                      f" ({s.row_fill:.0%} of the tokens are not padding)")),
         ("steps", f"{_n(s.steps_per_epoch)} per epoch × {s.epochs:g} epochs → "
                   f"{_n(s.total_steps)} steps"
-                  + (f" (capped by schedule.max_steps={s.max_steps})" if s.max_steps else "")),
+                  + (f" (capped by schedule.max_steps={s.max_steps})" if s.max_steps else "")
+                  + (f" · about {s.examples_per_step:.0f} examples a step"
+                     + (f" (unpacked: {_n(s.unpacked_total_steps)} steps)"
+                        if s.unpacked_total_steps != s.total_steps else "")
+                     if plan.runtime.pack and s.examples_per_step else "")),
         ("warmup", f"{_n(s.warmup_steps)} steps (schedule.warmup={s.warmup})"),
         ("seed", s.seed),
     ]))

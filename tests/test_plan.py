@@ -279,6 +279,7 @@ def test_summary_panels_and_marked_examples(tmp_path, smollm2_dir):
     for title in ("model", "data", "template", "adapter", "schedule", "resources", "warnings (2)"):
         assert f"─ {title} " in out, title
     assert "usual range" in out and "fewer than 200" in out
+    assert "examples a step" in out and "(unpacked:" in out
     assert "p50" in out and "p95" in out and "memory per device" in out
     assert out.count("example ") >= 2 and "⟦" not in out
     text = marked_text("prompt ⟦answer<|im_end|>⟧")
@@ -343,9 +344,9 @@ def test_cpu_bf16_flag_read_from_cpuinfo(tmp_path, monkeypatch):
 
 
 def test_row_length_packs_short_examples_tighter(data_file, smollm2_dir):
-    """Examples just over half a row take a row each; the plan says how full its rows are, hints at
-    runtime.row_length, and longer rows hold several examples (fewer rows, fuller), every example
-    still in exactly one row."""
+    """Examples just over half a row take a row each; the plan says how full its rows are, and
+    longer rows (runtime.row_length) hold several examples (fewer rows, fuller), every example still
+    in exactly one row."""
     from compiler.examples import load_examples
     from compiler.packing import epoch_rows, example_slots
 
@@ -357,15 +358,12 @@ def test_row_length_packs_short_examples_tighter(data_file, smollm2_dir):
     s = plan.schedule
     assert s.seq_len == max_length and s.rows_per_epoch == plan.data.sizes["train"]
     assert 0.5 < s.row_fill < 0.6
-    hint = [w for w in plan.warnings if "runtime.row_length" in w]
-    assert len(hint) == 1 and f"runtime.row_length={4 * max_length}" in hint[0]
 
     longer = compile_plan(base_config(data_file, data={"max_length": max_length},
                                       runtime={"row_length": 4 * max_length}), recipe_info=None)
     s4 = longer.schedule
     assert s4.seq_len == 4 * max_length and s4.tokens_per_step == s4.global_batch * 4 * max_length
     assert s4.row_fill > 0.9 and s4.rows_per_epoch * 6 <= s.rows_per_epoch
-    assert not [w for w in longer.warnings if "runtime.row_length" in w]
     # the runtime's rows are the plan's: every example once, none over the row
     ids, _ = load_examples(longer.data.cache).split("train")
     slots = [example_slots(len(x)) for x in ids]
@@ -384,3 +382,19 @@ def test_row_length_errors(data_file, smollm2_dir, runtime, needle):
         compile_plan(base_config(data_file, data={"max_length": 128}, runtime=runtime),
                      recipe_info=None)
     assert e.value.key == "runtime.row_length" and needle in str(e.value)
+
+
+def test_packing_that_cuts_the_steps_is_said(data_file, smollm2_dir):
+    """Packing several examples per row makes an epoch fewer, larger steps: the plan counts the
+    examples a step holds and the steps the same epochs take unpacked; unpacked, the two agree."""
+    import math
+
+    plan = compile_plan(base_config(data_file), recipe_info=None)
+    s, n = plan.schedule, plan.data.sizes["train"]
+    assert s.unpacked_total_steps == math.ceil(n / s.global_batch) * s.epochs
+    assert s.total_steps * 3 < s.unpacked_total_steps           # short rows: many per 512 tokens
+    assert s.examples_per_step == pytest.approx(n / s.rows_per_epoch * s.global_batch, abs=0.01)
+    unpacked = compile_plan(base_config(data_file, runtime={"pack": False}), recipe_info=None)
+    u = unpacked.schedule
+    assert u.total_steps == u.unpacked_total_steps == s.unpacked_total_steps
+    assert u.examples_per_step == u.global_batch
