@@ -118,13 +118,13 @@ def read_jsonl(path: Path) -> list[dict]:
 def tune_overrides(args, run_dir: Path) -> list[str]:
     o = [f"+recipe={args.recipe}", f"data.path={Path(args.data).resolve()}",
          f"data.max_rows={args.max_rows}", f"data.max_length={args.max_length}",
-         f"schedule.batch_size={args.batch_size}", f"schedule.max_steps={args.steps}",
+         f"schedule.batch_size={tune_batch(args)}", f"schedule.max_steps={args.steps}",
          f"schedule.epochs={args.epochs}", "data.test_path=null", "eval.every=0",
          "runtime.log_every=1", "runtime.checkpoint_every=0", f"hydra.run.dir={run_dir}"]
     if args.no_pack:
         o.append("runtime.pack=false")
     if args.row_length:
-        o += [f"runtime.row_length={args.row_length}", f"schedule.batch_size={tune_batch(args)}"]
+        o.append(f"runtime.row_length={args.row_length}")
     if args.dtype:
         o.append(f"runtime.dtype={args.dtype}")
     return o + list(args.tune_override or [])

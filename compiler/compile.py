@@ -584,24 +584,20 @@ def _axes(axes: dict) -> str:
 
 def _schedule_section(s: dict, rt: RuntimeSection, lengths: np.ndarray, row_length: int
                       ) -> ScheduleSection:
-    steps = {"rows_per_epoch": 0, "steps_per_epoch": 0, "total_steps": 0, "warmup_steps": 0}
-    fill = 0.0
-    if len(lengths):
-        steps = estimates.schedule_steps(
-            lengths.tolist(), batch_size=s["batch_size"], grad_accum=s["grad_accum"],
-            epochs=s["epochs"], max_steps=s["max_steps"], warmup=s["warmup"], pack=rt.pack,
-            seq_len=row_length)
-        fill = packing.row_fill(lengths, row_length, steps["rows_per_epoch"])
     global_batch = s["batch_size"] * s["grad_accum"]
-    per_row = len(lengths) / steps["rows_per_epoch"] if steps["rows_per_epoch"] else 0.0
-    unpacked = estimates.schedule_steps(
-        lengths.tolist(), batch_size=s["batch_size"], grad_accum=s["grad_accum"], epochs=s["epochs"],
-        max_steps=s["max_steps"], warmup=0, pack=False, seq_len=row_length)["total_steps"] \
-        if len(lengths) else 0
+    steps = {"rows_per_epoch": 0, "steps_per_epoch": 0, "total_steps": 0, "warmup_steps": 0}
+    packed = {"row_fill": 0.0, "examples_per_step": 0.0, "unpacked_total_steps": 0}
+    if len(lengths):
+        counts = dict(batch_size=s["batch_size"], grad_accum=s["grad_accum"], epochs=s["epochs"],
+                      max_steps=s["max_steps"], warmup=s["warmup"], seq_len=row_length)
+        steps = estimates.schedule_steps(lengths.tolist(), pack=rt.pack, **counts)
+        rows = steps["rows_per_epoch"]
+        packed = {"row_fill": round(packing.row_fill(lengths, row_length, rows), 4),
+                  "examples_per_step": round(global_batch * len(lengths) / rows, 2),
+                  "unpacked_total_steps": estimates.schedule_steps(
+                      lengths.tolist(), pack=False, **counts)["total_steps"]}
     return ScheduleSection(**s, seq_len=row_length, global_batch=global_batch, **steps,
-                           tokens_per_step=global_batch * row_length, row_fill=round(fill, 4),
-                           examples_per_step=round(global_batch * per_row, 2),
-                           unpacked_total_steps=unpacked)
+                           tokens_per_step=global_batch * row_length, **packed)
 
 
 def _schedule_warnings(s: ScheduleSection, est: Estimates) -> list[str]:
