@@ -487,6 +487,7 @@ def _runtime_section(rt: dict, devices: Devices, model: ModelSection, s: dict, r
         matmul_dtype=_matmul_dtype(rt["matmul_dtype"], devices, dtype),
         mesh=mesh, devices=devices, remat=rt["remat"], pack=rt["pack"], ce_chunk=rt["ce_chunk"],
         attention=_attention(rt["attention"], devices, dtype, rt["pack"]),
+        attention_block=rt["attention_block"],
         loss_tokens=_loss_tokens(examples, s["batch_size"], row_length, rt["pack"]),
         log_every=rt["log_every"], checkpoint_every=rt["checkpoint_every"])
 
@@ -628,7 +629,8 @@ def _estimates(model: ModelSection, adapter: AdapterSection, schedule: ScheduleS
         batch=schedule.batch_size, seq_len=schedule.seq_len, param_bytes=DTYPE_BYTES[rt.param_dtype],
         compute_bytes=DTYPE_BYTES[rt.dtype], remat=rt.remat, ce_chunk=rt.ce_chunk,
         devices=mesh.data * mesh.fsdp * mesh.tensor, fsdp=mesh.fsdp, tensor=mesh.tensor,
-        loss_tokens=rt.loss_tokens, attention_scores=rt.attention == "xla")
+        loss_tokens=rt.loss_tokens, attention_scores=rt.attention == "xla",
+        attention_block=rt.attention_block)
     step = estimates.step_time(params=model.params, tokens_per_step=schedule.tokens_per_step,
                                device=rt.devices.__dict__, trainable=adapter.trainable_params,
                                remat=rt.remat)

@@ -60,12 +60,26 @@ def schedule_steps(lengths: Sequence[int], *, batch_size: int, grad_accum: int, 
 QUANT_BYTES = {"int8": 1.0, "nf4": 0.5 + 4 / 64}
 
 
+def attention_blocks(T: int, block: int) -> list[tuple[int, int]]:
+    """The query spans [start, end) of causal attention in blocks of `block` rows (runtime/attention.py):
+    block 0 (or ≥ T) is the whole row at once."""
+    if block <= 0 or block >= T:
+        return [(0, T)]
+    return [(s, min(s + block, T)) for s in range(0, T, block)]
+
+
+def _scores(T: int, block: int) -> int:
+    """Score elements of one head of one row: each block's queries × the keys up to its end."""
+    return sum((e - s) * e for s, e in attention_blocks(T, block))
+
+
 def memory_per_device(*, params: int, trainable: int, layers: int, hidden: int, intermediate: int,
                       heads: int, kv_heads: int, head_dim: int, vocab: int, batch: int, seq_len: int,
                       param_bytes: int, compute_bytes: int, remat: str, ce_chunk: int, devices: int,
                       fsdp: int, tensor: int, loss_tokens: int | None = None,
                       attention_scores: bool = True, trained_in_full: int = 0, quantized: int = 0,
-                      quantize: str = "none", linear: int | None = None) -> dict:
+                      quantize: str = "none", linear: int | None = None,
+                      attention_block: int = 0) -> dict:
     """Bytes per device: weights, adapter + optimizer, activations, attention, logits, total.
 
     `batch` is the global micro-batch (rows per accumulation step); it is split over the data-parallel
@@ -106,13 +120,14 @@ def memory_per_device(*, params: int, trainable: int, layers: int, hidden: int, 
     # Remat recomputes one layer at a time in the backward pass: that layer's activations are live
     # on top of what was saved.
     working = 0 if remat == "none" else tokens * everything * compute_bytes / tensor
-    # XLA's attention materialises [B, H, T, T] float32 scores: without remat the backward pass keeps
+    # XLA attention materialises float32 scores, [B, H, T, T] or, in causal blocks, each block's
+    # queries × the keys up to its end (attention_scores): without remat the backward pass keeps
     # two such arrays of every layer; the layer being differentiated needs four more (scores,
     # probabilities and their gradients).
     attention = 0
     if attention_scores:
         attention = ((2 * layers if remat == "none" else 0) + 4) * local_batch * heads * \
-            seq_len ** 2 * 4 / tensor
+            _scores(seq_len, attention_block) * 4 / tensor
     # Chunked cross-entropy over the supervised positions (loss_tokens, else all): one chunk of
     # [chunk, vocab] logits in fp32, its softmax and gradient, and a compute-dtype copy.
     # loss_tokens counts the whole micro-batch: each data-parallel device scores its share.

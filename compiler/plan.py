@@ -30,7 +30,7 @@ from compiler.architecture import MODULE_NAMES, ModelConfig
 from compiler.errors import PlanError
 from compiler.files import write_atomic
 
-PLAN_VERSION = 3
+PLAN_VERSION = 4
 
 
 # ------------------------------------------------------------------------------ sections
@@ -231,6 +231,7 @@ class RuntimeSection:
     devices: Devices
     remat: str
     attention: str                  # xla | cudnn (resolved: cudnn for unpacked bf16 rows on NVIDIA GPUs)
+    attention_block: int            # xla attention: query rows per causal block (0 = whole rows)
     pack: bool
     ce_chunk: int
     loss_tokens: int                # supervised positions one micro-batch can hold at most (from the

@@ -159,6 +159,9 @@ KEYS: tuple[Key, ...] = (
     _k("runtime.attention", "choice", "auto", "attention kernel: xla (everywhere), cudnn (fused, "
        "NVIDIA GPUs), auto (cudnn for unpacked bfloat16 rows on a GPU, else xla)",
        choices=("auto", "xla", "cudnn")),
+    _k("runtime.attention_block", "int", 128, "xla attention: query rows per block; a block's queries "
+       "attend to the keys up to its end only, skipping the causal mask's upper triangle "
+       "(0 = whole rows at once)", low=0, high=1 << 20),
     _k("runtime.ce_chunk", "int", 2048, "tokens per cross-entropy chunk", low=1, high=1 << 20),
     _k("runtime.log_every", "int", 1, "steps between metrics lines", low=1),
     _k("runtime.checkpoint_every", "int", 50, "steps between checkpoints (0 = at the end only)",

@@ -319,10 +319,21 @@ def _resources(plan) -> Panel:
         ("dtype", f"compute {rt.dtype} · weights {rt.param_dtype}"
                   + (f" · matmuls {rt.matmul_dtype} → {rt.dtype}" if rt.matmul_dtype != rt.dtype else "")
                   + f" · remat {rt.remat}"),
+        ("attention", _attention(rt, plan.schedule.seq_len)),
         ("time", f"~{_duration(est.step_time_s)} per step × {_n(steps)} steps ≈ "
                  f"{_duration(est.total_time_s)} (rough estimate)" if steps else None),
     ])
     return _panel("resources", Group(rows, t))
+
+
+def _attention(rt, seq_len: int) -> str:
+    if rt.attention == "cudnn":
+        return "cuDNN fused kernel"
+    if 0 < rt.attention_block < seq_len:
+        blocks = -(-seq_len // rt.attention_block)
+        return (f"xla, causal blocks of {rt.attention_block} query rows ({blocks} a row of "
+                f"{seq_len})")
+    return "xla, whole rows"
 
 
 def _warnings(plan) -> Panel:

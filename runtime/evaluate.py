@@ -57,7 +57,8 @@ def load_model(plan: Plan, adapter_dir=None, *, adapter_weights: bool = True):
         lora = dataclasses.replace(lora, quantize=plan.adapter.quantize)
     model = load_pretrained(plan.model.dir, config=plan.model.config, lora=lora,
                             dtype=DTYPES[rt.dtype], param_dtype=DTYPES[rt.param_dtype],
-                            matmul_dtype=DTYPES[rt.matmul_dtype], remat="none", rngs=nnx.Rngs(0))
+                            matmul_dtype=DTYPES[rt.matmul_dtype], remat="none",
+                            attention_block=rt.attention_block, rngs=nnx.Rngs(0))
     if adapter_dir is not None and adapter_weights:
         load_peft_adapter(model, adapter_dir)
     return model

@@ -47,9 +47,11 @@ from jax.ad_checkpoint import checkpoint_name
 
 from compiler.architecture import MODULE_NAMES, ModelConfig, full_module_names, lora_scale
 from runtime import quant
+from runtime.attention import causal_attention
 
 REMAT_POLICIES = ("none", "dots", "full")
 ATTENTION = ("xla", "cudnn")
+ATTENTION_BLOCK = 128       # query rows per block of runtime/attention.causal_attention
 
 # The one trainable variable type. Flax ships it as a subclass of nnx.Param; it is re-exported here so
 # that the model, the trainer and the exporter all name the same class.
@@ -324,9 +326,10 @@ class Attention(nnx.Module):
         else:
             self.q_norm = self.k_norm = None
 
-    def __call__(self, x, cos, sin, mask, keys, cache=None, attention: str = "xla"):
+    def __call__(self, x, cos, sin, mask, keys, cache=None, attention: str = "xla",
+                 block: int = ATTENTION_BLOCK):
         """x [B,T,D]; mask [B,1,T,S] bool, or None for plain causal attention; keys: 4 dropout keys
-        or None.
+        or None; block: query rows per block of the xla attention (0: the whole row at once).
         cache: None (attend over these T tokens, S = T) or (k [B,S,K,H], v, index): the new keys and
         values are written at slots [index, index+T) and attention runs over all S slots.
         Returns (y [B,T,D], (k, v) of these T tokens, rotated) — the caller stores them."""
@@ -344,12 +347,17 @@ class Attention(nnx.Module):
             k_cache, v_cache, index = cache
             k_all = jax.lax.dynamic_update_slice(k_cache, k.astype(k_cache.dtype), (0, index, 0, 0))
             v_all = jax.lax.dynamic_update_slice(v_cache, v.astype(v_cache.dtype), (0, index, 0, 0))
-        # K/V keep their kv-head count: dot_product_attention does grouped-query attention natively.
-        # attention: "xla" (runs everywhere; materialises the [T, S] scores) or "cudnn" (a fused
-        # flash-attention kernel on NVIDIA GPUs).
-        out = jax.nn.dot_product_attention(q, k_all.astype(q.dtype), v_all.astype(q.dtype), mask=mask,
-                                           scale=cfg.head_dim ** -0.5, is_causal=mask is None,
-                                           implementation=attention)
+        # K/V keep their kv-head count: both paths do grouped-query attention natively.
+        # attention: "xla" (runs everywhere; causal query blocks, runtime/attention.py) or "cudnn"
+        # (a fused flash-attention kernel on NVIDIA GPUs). Decoding with a cache attends over the
+        # cache's slots with XLA's dot_product_attention.
+        scale = cfg.head_dim ** -0.5
+        if cache is None and attention == "xla":
+            out = causal_attention(q, k, v, mask, scale=scale, block=block)
+        else:
+            out = jax.nn.dot_product_attention(q, k_all.astype(q.dtype), v_all.astype(q.dtype),
+                                               mask=mask, scale=scale, is_causal=mask is None,
+                                               implementation="xla" if cache is not None else attention)
         return self.o_proj(out.reshape(B, T, -1), k_drop[3]), (k, v)
 
 
@@ -390,11 +398,12 @@ class Block(nnx.Module):
         self.mlp = MLP(cfg, lora=lora, dtype=dtype, param_dtype=param_dtype, rngs=rngs,
                        matmul_dtype=matmul_dtype)
 
-    def __call__(self, x, cos, sin, mask, dropout_key=None, cache=None, attention: str = "xla"):
+    def __call__(self, x, cos, sin, mask, dropout_key=None, cache=None, attention: str = "xla",
+                 block: int = ATTENTION_BLOCK):
         # One independent dropout mask per adapted module, as PEFT has one nn.Dropout per module.
         keys = None if dropout_key is None else tuple(jax.random.split(dropout_key, 7))
         h, kv = self.self_attn(self.input_layernorm(x), cos, sin, mask,
-                               None if keys is None else keys[:4], cache, attention)
+                               None if keys is None else keys[:4], cache, attention, block)
         x = x + h
         x = x + self.mlp(self.post_attention_layernorm(x), None if keys is None else keys[4:])
         return x, kv
@@ -436,7 +445,7 @@ def _window_mask(mask, q_pos, k_pos, window):
 class Llama(nnx.Module):
     def __init__(self, cfg: ModelConfig, *, lora: LoraConfig | None = None, dtype=jnp.float32,
                  param_dtype=jnp.float32, remat: str = "none", attention: str = "xla",
-                 matmul_dtype=None, rngs: nnx.Rngs):
+                 attention_block: int = ATTENTION_BLOCK, matmul_dtype=None, rngs: nnx.Rngs):
         """matmul_dtype: the operand dtype of the frozen linear weights' products (None: the compute
         dtype); bfloat16 under a float32 compute dtype multiplies in bfloat16 with float32 results
         (mixed_matmul), everything else — norms, attention, softmax, residuals, LoRA — stays float32."""
@@ -447,6 +456,7 @@ class Llama(nnx.Module):
         self.cfg, self.lora, self.dtype, self.remat = cfg, lora, dtype, remat
         self.param_dtype = param_dtype
         self.attention = attention      # for training and scoring; decoding with a cache uses xla
+        self.attention_block = attention_block
         if lora is not None:
             unknown = sorted(set(lora.train_modules) - set(full_module_names(cfg)))
             if unknown:
@@ -507,7 +517,8 @@ class Llama(nnx.Module):
         def layer(x, xs):
             layer_state, key, window = xs
             m = mask if window is None else _window_mask(mask, positions, positions, window)
-            x, _ = nnx.merge(graphdef, layer_state)(x, cos, sin, m, key, None, self.attention)
+            x, _ = nnx.merge(graphdef, layer_state)(x, cos, sin, m, key, None, self.attention,
+                                                     self.attention_block)
             return x, None
 
         x = self.embed_tokens(tokens)

@@ -128,7 +128,8 @@ def _setup_model(plan: Plan, mesh):
     model = load_pretrained(plan.model.dir, config=plan.model.config, lora=lora_config(plan),
                             dtype=DTYPES[rt.dtype], param_dtype=DTYPES[rt.param_dtype],
                             matmul_dtype=DTYPES[rt.matmul_dtype], remat=rt.remat,
-                            attention=rt.attention, rngs=nnx.Rngs(plan.schedule.seed), place=place)
+                            attention=rt.attention, attention_block=rt.attention_block,
+                            rngs=nnx.Rngs(plan.schedule.seed), place=place)
     graphdef, lora, frozen = split_model(model)
     lora = put_global(to_host(lora), state_shardings(mesh, lora, trained=True))
     return graphdef, lora, frozen

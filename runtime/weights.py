@@ -18,7 +18,8 @@ from safetensors import safe_open
 
 from compiler.architecture import ModelConfig, read_config
 from runtime import quant
-from runtime.model import FullParam, Llama, LoraConfig, LoRAParam, lora_a_init, row_norms
+from runtime.model import (ATTENTION_BLOCK, FullParam, Llama, LoraConfig, LoRAParam, lora_a_init,
+                           row_norms)
 
 # Buffers some checkpoints carry that are recomputed, not loaded.
 _IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)
@@ -67,7 +68,7 @@ class _Checkpoint:
 
 def load_pretrained(model_dir, *, config: ModelConfig | None = None, lora: LoraConfig | None = None,
                     dtype=jnp.float32, param_dtype=jnp.float32, remat: str = "none",
-                    attention: str = "xla", matmul_dtype=None, rngs: nnx.Rngs | None = None,
+                    attention: str = "xla", attention_block: int = ATTENTION_BLOCK, matmul_dtype=None, rngs: nnx.Rngs | None = None,
                     place=None) -> Llama:
     """The model of an HF checkpoint directory (*.safetensors; config.json unless `config`, the
     plan's, is given), base weights cast to param_dtype (or quantised, lora.quantize), LoRA factors
@@ -84,6 +85,7 @@ def load_pretrained(model_dir, *, config: ModelConfig | None = None, lora: LoraC
 
     abstract = nnx.eval_shape(lambda: Llama(cfg, lora=lora, dtype=dtype, param_dtype=param_dtype,
                                             remat=remat, attention=attention,
+                                            attention_block=attention_block,
                                             matmul_dtype=matmul_dtype, rngs=nnx.Rngs(0)))
     graphdef, full_abstract, lora_abstract, frozen_abstract = nnx.split(abstract, FullParam,
                                                                         LoRAParam, ...)

@@ -94,8 +94,8 @@ def make_plan(model_dir, *, examples=None, sizes=None, labels=(), plan_hash="tin
     s.update(schedule or {})
     rt = dict(dtype="float32", param_dtype="float32", matmul_dtype="float32",
               mesh=MeshAxes(1, 1, 1),
-              devices=Devices("cpu", "cpu", 1, None, None), remat="none", attention="xla", pack=True,
-              ce_chunk=32,
+              devices=Devices("cpu", "cpu", 1, None, None), remat="none", attention="xla",
+              attention_block=128, pack=True, ce_chunk=32,
               log_every=1, checkpoint_every=0)
     rt.update(runtime or {})
     train_ids, _ = examples.split("train") if examples else ([], [])

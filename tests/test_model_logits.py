@@ -44,6 +44,16 @@ def test_logits_match_transformers(hf_tiny, kind):
     np.testing.assert_allclose(tune_logits(model, ids), torch_logits(ref_model, ids), atol=1e-4, rtol=0)
 
 
+@pytest.mark.parametrize("kind", ["llama", "mqa", "mistral-window", "qwen3"])
+def test_logits_in_attention_blocks_match_transformers(hf_tiny, kind):
+    """17 tokens in causal blocks of 4 query rows (the last block partial): grouped, multi-query and
+    sliding-window attention, and q/k norms."""
+    ref_model, path = hf_tiny(kind)
+    model = load_pretrained(path, attention_block=4)
+    ids = tokens()
+    np.testing.assert_allclose(tune_logits(model, ids), torch_logits(ref_model, ids), atol=1e-4, rtol=0)
+
+
 def test_config_switches(hf_tiny):
     cfg = ModelConfig.from_hf(json.loads((hf_tiny("qwen3")[1] / "config.json").read_text()))
     assert (cfg.qk_norm, cfg.head_dim, cfg.attention_bias, cfg.family) == (True, 24, False, "qwen3")
@@ -71,9 +81,10 @@ def test_config_old_style_and_refusals():
         ModelConfig.from_hf({**old, "model_type": "gpt2"})
 
 
-def test_packed_rows_equal_separate_runs(hf_tiny):
+@pytest.mark.parametrize("block", [0, 5])     # segments that cross attention blocks' boundaries
+def test_packed_rows_equal_separate_runs(hf_tiny, block):
     _, path = hf_tiny("qwen3")
-    model = load_pretrained(path)
+    model = load_pretrained(path, attention_block=block)
     a, b = tokens(1, 7, seed=1)[0], tokens(1, 6, seed=2)[0]
     T = 16
     packed = np.zeros((1, T), np.int32)

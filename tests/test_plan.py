@@ -289,6 +289,28 @@ def test_summary_panels_and_marked_examples(tmp_path, smollm2_dir):
     assert plan.to_json() not in out            # a summary, not a JSON dump
 
 
+def test_attention_blocks_in_plan_summary_and_memory(tmp_path, data_file, smollm2_dir):
+    from rich.console import Console
+
+    from compiler.summary import print_plan
+
+    def plan_and_text(block):
+        plan = compile_plan(base_config(data_file, data={"max_length": 256},
+                                        runtime={"attention_block": block}), recipe_info=None)
+        buf = io.StringIO()
+        print_plan(plan, run_dir=tmp_path, console=Console(file=buf, width=160, color_system=None))
+        return plan, buf.getvalue()
+
+    blocked, text = plan_and_text(64)
+    assert blocked.runtime.attention_block == 64 and blocked.schedule.seq_len == 256
+    assert "causal blocks of 64 query rows (4 a row of 256)" in text
+    whole, text = plan_and_text(0)
+    assert "xla, whole rows" in text
+    # 4 blocks keep 64·(64 + 128 + 192 + 256) of the 256² score entries: 5/8
+    memory = blocked.estimates.memory["attention"] / whole.estimates.memory["attention"]
+    assert memory == pytest.approx(5 / 8, rel=1e-6)
+
+
 def test_compile_module_never_imports_jax():
     import subprocess
     import sys

@@ -12,7 +12,7 @@ PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 def _plan():
     """A plan.json as the compiler writes it (the sections the report shows)."""
     return {
-        "version": 3, "hash": "abc123def4567890",
+        "version": 4, "hash": "abc123def4567890",
         "config": {"eval": {"metric": "macro_f1", "max_new_tokens": 8}},
         "recipe": {"name": "legal", "path": "/r/legal.yaml", "description": "Legal", "chain": [],
                    "data_sources": {}},

@@ -1,0 +1,49 @@
+"""Causal attention in query blocks, written with XLA's own ops — tune's `runtime.attention=xla`.
+
+A training row's attention is causal (and, in a packed row, kept inside each example): the scores
+above the diagonal are computed and then thrown away. This splits the queries into blocks of
+`block` rows; the queries of block i attend to the keys up to the end of that block only, so the
+upper triangle is skipped in whole blocks and each block's softmax is exact — no running maximum
+is needed, because every key a query can see is in its block's key range. With n blocks the score
+matrices hold T²·(n+1)/2n elements instead of T² (the plan's memory figure counts them so,
+compiler/estimates.attention_blocks), and the products cost as much less.
+
+Grouped-query attention is computed on grouped heads ([B, K, G, T, S] scores for K key/value
+heads shared by G query heads each): the keys and values are never repeated G times.
+
+Measured against jax.nn.dot_product_attention (its XLA implementation) by
+benchmarks/attention_cost.py; the logit tests compare the model with transformers.
+"""
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+from compiler.estimates import attention_blocks
+
+_MASKED = float(jnp.finfo(jnp.float32).min)
+
+
+def causal_attention(q, k, v, mask, *, scale: float, block: int):
+    """q [B,T,N,H], k and v [B,T,K,H] (N a multiple of K) → [B,T,N,H] in q's dtype.
+
+    mask: [B,1,T,T] bool that is causal already (a query never sees a later key), or None for plain
+    causal attention. Scores, softmax and the weighted sum of values accumulate in float32."""
+    B, T, N, H = q.shape
+    K = k.shape[2]
+    G = N // K
+    qg = q.reshape(B, T, K, G, H).transpose(0, 2, 3, 1, 4)          # [B, K, G, T, H]
+    kt, vt = k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)       # [B, K, T, H]
+    outs = []
+    for s, e in attention_blocks(T, block):
+        scores = jnp.einsum("bkgth,bksh->bkgts", qg[:, :, :, s:e], kt[:, :, :e],
+                            preferred_element_type=jnp.float32) * scale
+        if mask is None:
+            seen = jnp.arange(s, e)[:, None] >= jnp.arange(e)[None, :]       # [t, s]
+        else:
+            seen = mask[:, :, None, s:e, :e]                                 # [B, 1, 1, t, s]
+        probs = jax.nn.softmax(jnp.where(seen, scores, _MASKED), axis=-1)
+        outs.append(jnp.einsum("bkgts,bksh->bkgth", probs.astype(v.dtype), vt[:, :, :e],
+                               preferred_element_type=jnp.float32))
+    out = outs[0] if len(outs) == 1 else jnp.concatenate(outs, axis=3)
+    return out.transpose(0, 3, 1, 2, 4).reshape(B, T, N, H).astype(q.dtype)

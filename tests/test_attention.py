@@ -1,0 +1,85 @@
+"""Causal attention in query blocks (runtime/attention.py) against jax.nn.dot_product_attention:
+values and gradients, plain causal and packed (segment) masks, grouped-query heads, partial blocks."""
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from compiler import estimates
+from runtime.attention import causal_attention
+
+B, T, N, K, H = 2, 23, 6, 2, 8
+
+
+@pytest.fixture(autouse=True)
+def exact_matmuls():
+    with jax.default_matmul_precision("highest"):
+        yield
+
+
+def _inputs(dtype=jnp.float32):
+    keys = jax.random.split(jax.random.PRNGKey(3), 4)
+    q = jax.random.normal(keys[0], (B, T, N, H), dtype)
+    k = jax.random.normal(keys[1], (B, T, K, H), dtype)
+    v = jax.random.normal(keys[2], (B, T, K, H), dtype)
+    w = jax.random.normal(keys[3], (B, T, N, H), jnp.float32)          # a loss that weighs every output
+    return q, k, v, w
+
+
+def _packed_mask():
+    """Row 0: segments of 9, 10 and 4 padding tokens (padding attends to padding); row 1: 23 + 0."""
+    seg = np.zeros((B, T), np.int32)
+    seg[0, :9], seg[0, 9:19] = 1, 2
+    seg[1, :] = 1
+    causal = np.tril(np.ones((T, T), bool))
+    return jnp.asarray((seg[:, :, None] == seg[:, None, :]) & causal)[:, None]
+
+
+def _loss(fn, w):
+    return lambda q, k, v: jnp.sum(fn(q, k, v).astype(jnp.float32) * w)
+
+
+@pytest.mark.parametrize("masked", [False, True])
+@pytest.mark.parametrize("block", [0, 4, 8, 64])       # whole rows; blocks (the last partial); one
+def test_blocks_equal_whole_row_attention(block, masked):
+    q, k, v, w = _inputs()
+    mask = _packed_mask() if masked else None
+    scale = H ** -0.5
+
+    def reference(q, k, v):
+        return jax.nn.dot_product_attention(q, k, v, mask=mask, is_causal=mask is None, scale=scale)
+
+    def blocked(q, k, v):
+        return causal_attention(q, k, v, mask, scale=scale, block=block)
+
+    np.testing.assert_allclose(blocked(q, k, v), reference(q, k, v), atol=2e-6, rtol=0)
+    ref_grads = jax.jit(jax.grad(_loss(reference, w), argnums=(0, 1, 2)))(q, k, v)
+    grads = jax.jit(jax.grad(_loss(blocked, w), argnums=(0, 1, 2)))(q, k, v)
+    for g, g0 in zip(grads, ref_grads):
+        np.testing.assert_allclose(g, g0, atol=1e-5, rtol=0)
+
+
+def test_bfloat16_operands_keep_float32_scores():
+    q, k, v, _ = _inputs(jnp.bfloat16)
+    out = causal_attention(q, k, v, None, scale=H ** -0.5, block=4)
+    assert out.dtype == jnp.bfloat16
+    ref = jax.nn.dot_product_attention(*(x.astype(jnp.float32) for x in (q, k, v)), is_causal=True,
+                                       scale=H ** -0.5)
+    # bfloat16 keeps 8 bits of mantissa: the probabilities and the output round at about 2^-8
+    np.testing.assert_allclose(np.asarray(out, np.float32), ref, atol=3e-2, rtol=0)
+
+
+def test_blocks_cover_the_row_and_count_the_scores():
+    assert estimates.attention_blocks(10, 0) == [(0, 10)]
+    assert estimates.attention_blocks(10, 16) == [(0, 10)]
+    assert estimates.attention_blocks(10, 4) == [(0, 4), (4, 8), (8, 10)]
+    # 4·4 + 4·8 + 2·10 score elements instead of 10·10
+    assert estimates._scores(10, 4) == 68 and estimates._scores(10, 0) == 100
+    # the plan's attention memory shrinks by the same factor
+    kw = dict(params=10**6, trainable=10**4, layers=4, hidden=64, intermediate=128, heads=4,
+              kv_heads=2, head_dim=16, vocab=100, batch=2, seq_len=1024, param_bytes=4,
+              compute_bytes=4, remat="none", ce_chunk=64, devices=1, fsdp=1, tensor=1)
+    whole = estimates.memory_per_device(**kw, attention_block=0)["attention"]
+    blocked = estimates.memory_per_device(**kw, attention_block=128)["attention"]
+    assert blocked / whole == pytest.approx(estimates._scores(1024, 128) / 1024 ** 2, rel=1e-6)
+    assert blocked / whole == pytest.approx(9 / 16)
