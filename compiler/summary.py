@@ -10,6 +10,8 @@ from rich.panel import Panel
 from rich.table import Table
 from rich.text import Text
 
+from compiler.estimates import attention_blocks
+
 OPEN, CLOSE = "⟦", "⟧"   # compiler.templates marks the supervised span with these
 
 
@@ -329,8 +331,8 @@ def _resources(plan) -> Panel:
 def _attention(rt, seq_len: int) -> str:
     if rt.attention == "cudnn":
         return "cuDNN fused kernel"
-    if 0 < rt.attention_block < seq_len:
-        blocks = -(-seq_len // rt.attention_block)
+    blocks = len(attention_blocks(seq_len, rt.attention_block))
+    if blocks > 1:
         return (f"xla, causal blocks of {rt.attention_block} query rows ({blocks} a row of "
                 f"{seq_len})")
     return "xla, whole rows"

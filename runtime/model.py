@@ -46,12 +46,14 @@ from flax import nnx
 from jax.ad_checkpoint import checkpoint_name
 
 from compiler.architecture import MODULE_NAMES, ModelConfig, full_module_names, lora_scale
+from compiler.schema import BY_PATH
 from runtime import quant
 from runtime.attention import causal_attention
 
 REMAT_POLICIES = ("none", "dots", "full")
 ATTENTION = ("xla", "cudnn")
-ATTENTION_BLOCK = 128       # query rows per block of runtime/attention.causal_attention
+# query rows per block of runtime/attention.causal_attention: the config's default
+ATTENTION_BLOCK = BY_PATH["runtime.attention_block"].default
 
 # The one trainable variable type. Flax ships it as a subclass of nnx.Param; it is re-exported here so
 # that the model, the trainer and the exporter all name the same class.
@@ -357,7 +359,7 @@ class Attention(nnx.Module):
         else:
             out = jax.nn.dot_product_attention(q, k_all.astype(q.dtype), v_all.astype(q.dtype),
                                                mask=mask, scale=scale, is_causal=mask is None,
-                                               implementation="xla" if cache is not None else attention)
+                                               implementation=attention)
         return self.o_proj(out.reshape(B, T, -1), k_drop[3]), (k, v)
 
 

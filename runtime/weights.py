@@ -68,8 +68,8 @@ class _Checkpoint:
 
 def load_pretrained(model_dir, *, config: ModelConfig | None = None, lora: LoraConfig | None = None,
                     dtype=jnp.float32, param_dtype=jnp.float32, remat: str = "none",
-                    attention: str = "xla", attention_block: int = ATTENTION_BLOCK, matmul_dtype=None, rngs: nnx.Rngs | None = None,
-                    place=None) -> Llama:
+                    attention: str = "xla", attention_block: int = ATTENTION_BLOCK,
+                    matmul_dtype=None, rngs: nnx.Rngs | None = None, place=None) -> Llama:
     """The model of an HF checkpoint directory (*.safetensors; config.json unless `config`, the
     plan's, is given), base weights cast to param_dtype (or quantised, lora.quantize), LoRA factors
     (if lora) freshly initialised from rngs (A random, B zero, float32), DoRA magnitudes set to the
