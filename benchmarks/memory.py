@@ -36,6 +36,7 @@ CASES = [
     "runtime.remat=full",
     "data.max_length=1024 schedule.batch_size=2 runtime.remat=none",
     "data.max_length=4096 schedule.batch_size=1 runtime.remat=full",
+    "data.max_length=4096 schedule.batch_size=1 runtime.remat=full runtime.attention_block=0",
     "data.max_length=4096 schedule.batch_size=1 runtime.remat=dots",
     # adapters: base weights quantised, DoRA, modules trained in full (remat full: weights and
     # optimizer state are most of the step)
@@ -49,6 +50,7 @@ MESH_CASES = [
     "runtime.remat=full runtime.mesh.fsdp=8",
     "runtime.remat=full runtime.mesh.data=4 runtime.mesh.tensor=2",
     "runtime.remat=full runtime.mesh.data=2 runtime.mesh.fsdp=2 runtime.mesh.tensor=2",
+    "runtime.remat=none runtime.mesh.data=4 runtime.mesh.tensor=2",
 ]
 _MEASURE = r"""
 import json, sys, tempfile

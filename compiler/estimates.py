@@ -102,32 +102,43 @@ def memory_per_device(*, params: int, trainable: int, layers: int, hidden: int, 
     adapter_optimizer = (trainable - trained_in_full) * 4 * 4 + \
         trained_in_full * (4 + 2 * param_bytes)
     # Activations saved for the backward pass, per token per layer, in compute dtype. Tensor
-    # parallelism splits the head and MLP dimensions.
+    # parallelism splits the head dimensions (when it divides both head counts; otherwise attention
+    # runs on gathered heads) and the MLP's (when it divides the intermediate size); the residual
+    # stream (hidden-wide arrays) is replicated over the tensor axis, Megatron-style. Each width
+    # below is (head-wide, MLP-wide, hidden-wide) features.
     local_batch = math.ceil(batch / max(1, devices // tensor))
     tokens = local_batch * seq_len
     q, kv = heads * head_dim, kv_heads * head_dim
+    head_split = tensor if heads % tensor == 0 and kv_heads % tensor == 0 else 1
+    mlp_split = tensor if intermediate % tensor == 0 else 1
     # "dots": the matmul outputs (q, k, v, o_proj's output, gate, up, down's output) and the layer's
     # input and normed input.
-    dots = q + 2 * kv + hidden + 2 * intermediate + hidden + 2 * hidden
+    dots = (q + 2 * kv, 2 * intermediate, 4 * hidden)
     # "none": everything — also both norms' inputs and outputs, the attention output before o_proj,
     # RoPE'd q and k (and their float32 rotation). The MLP's silu(gate)·up is recomputed from gate
     # and up (runtime/model._swiglu), so it adds nothing, and the peak holds one [tokens,
     # intermediate] array less than "dots" keeps — a figure calibrated against XLA's
     # memory_analysis() (benchmarks/memory.py: within 2% at 8×256 and 2×1024 tokens).
-    everything = dots - intermediate + 2 * hidden + q + 2 * (q + kv)
-    per_layer = {"none": everything, "dots": dots, "full": hidden}.get(remat, everything)
-    saved = layers * tokens * per_layer * compute_bytes / tensor
+    everything = (dots[0] + q + 2 * (q + kv), intermediate, dots[2] + 2 * hidden)
+    per_layer = {"none": everything, "dots": dots, "full": (0, 0, hidden)}.get(remat, everything)
+
+    def width(features: tuple[int, int, int]) -> float:
+        return features[0] / head_split + features[1] / mlp_split + features[2]
+
+    saved = layers * tokens * width(per_layer) * compute_bytes
     # Remat recomputes one layer at a time in the backward pass: that layer's activations are live
     # on top of what was saved.
-    working = 0 if remat == "none" else tokens * everything * compute_bytes / tensor
+    working = 0 if remat == "none" else tokens * width(everything) * compute_bytes
     # XLA attention materialises float32 scores, [B, H, T, T] or, in causal blocks, each block's
     # queries × the keys up to its end (attention_scores): without remat the backward pass keeps
-    # two such arrays of every layer; the layer being differentiated needs four more (scores,
-    # probabilities and their gradients).
+    # two such arrays of every layer and the layer being differentiated needs four more (scores,
+    # probabilities and their gradients); under remat only the recomputed layer's are live, and
+    # XLA's peak holds three of them (calibrated against memory_analysis(): rows of 1,024 to 4,096
+    # tokens, whole or in blocks of 128 and 512, within 8% — benchmarks/memory.py, RESULTS.md).
     attention = 0
     if attention_scores:
-        attention = ((2 * layers if remat == "none" else 0) + 4) * local_batch * heads * \
-            _scores(seq_len, attention_block) * 4 / tensor
+        attention = (2 * layers + 4 if remat == "none" else 3) * local_batch * heads * \
+            _scores(seq_len, attention_block) * 4 / head_split
     # Chunked cross-entropy over the supervised positions (loss_tokens, else all): one chunk of
     # [chunk, vocab] logits in fp32, its softmax and gradient, and a compute-dtype copy.
     # loss_tokens counts the whole micro-batch: each data-parallel device scores its share.

@@ -109,6 +109,28 @@ def test_memory_scales_with_batch_and_shards():
     assert gathered["logits"] == 144 * 49152 * 16 < one["logits"]
 
 
+
+def test_memory_tensor_axis_splits_what_divides():
+    """Megatron-style: the tensor axis splits heads and MLP features, not the residual stream; heads
+    that the axis does not divide run gathered, so their attention scores are not split."""
+    llama = dict(SMOLLM2, heads=8, kv_heads=4, batch=2, devices=2)     # divides 2
+    for remat in ("none", "full"):
+        one = memory_per_device(**dict(llama, remat=remat, devices=1, batch=2))
+        split = memory_per_device(**dict(llama, remat=remat, tensor=2))
+        assert split["attention"] == pytest.approx(one["attention"] / 2, rel=1e-6)
+        # some of the activations are hidden-wide (replicated): more than half stays per device
+        assert one["activations"] / 2 < split["activations"] < one["activations"]
+    # remat=full: every layer's input is saved whole on each device; only the recomputed layer's
+    # head- and MLP-wide arrays (q, k, v and their RoPE'd copies, attention output; the MLP) split
+    full_one = memory_per_device(**dict(llama, remat="full", devices=1))
+    full_two = memory_per_device(**dict(llama, remat="full", tensor=2))
+    tokens, q, kv = 2 * 512, 8 * 64, 4 * 64
+    split_features = (q + 2 * kv) + q + 2 * (q + kv) + 1536
+    assert full_one["activations"] - full_two["activations"] == tokens * split_features * 4 // 2
+    nine = memory_per_device(**dict(SMOLLM2, batch=2, devices=2, tensor=2))   # 9 heads, 3 kv heads
+    assert nine["attention"] == memory_per_device(**dict(SMOLLM2, batch=2))["attention"]
+
+
 # ------------------------------------------------------------------------------ time
 
 def test_step_time_gpu():
