@@ -631,9 +631,16 @@ def _estimates(model: ModelSection, adapter: AdapterSection, schedule: ScheduleS
         devices=mesh.data * mesh.fsdp * mesh.tensor, fsdp=mesh.fsdp, tensor=mesh.tensor,
         loss_tokens=rt.loss_tokens, attention_scores=rt.attention == "xla",
         attention_block=rt.attention_block)
+    head = c.vocab_size * c.hidden_size
     step = estimates.step_time(params=model.params, tokens_per_step=schedule.tokens_per_step,
                                device=rt.devices.__dict__, trainable=adapter.trainable_params,
-                               remat=rt.remat)
+                               remat=rt.remat, head_params=head,
+                               head_tokens=rt.loss_tokens * schedule.grad_accum,
+                               embedding_params=0 if c.tie_word_embeddings else head,
+                               bf16_matmul=rt.matmul_dtype == "bfloat16",
+                               attention_scores=c.num_layers * schedule.global_batch * c.num_heads
+                               * estimates.scores(schedule.seq_len, rt.attention_block),
+                               head_dim=c.head_dim)
     share = None
     available, need = rt.devices.memory, memory["total"]
     if need_train and available:

@@ -19,7 +19,12 @@ import numpy as np
 from compiler import packing
 
 UTILISATION = 0.4        # share of peak FLOP/s a well-fed LoRA step reaches on a GPU or TPU
-CPU_EFFICIENCY = 0.5     # share of numpy's best matmul rate a jitted CPU training step reaches (SmolLM2-135M, 8×256: ~0.5-0.7)
+# A jitted CPU training step against numpy's best float32 matmul rate (cpu_matmul_flops), fitted to
+# measured SmolLM2-135M steps of the four recipes (rows of 128 to 768 tokens; RESULTS.md, "Step time"):
+CPU_EFFICIENCY = 0.55    # share of that rate the weights' float32 matmuls reach
+CPU_BF16_SPEEDUP = 1.8   # bfloat16 matmul operands (runtime.matmul_dtype) against float32 ones
+CPU_ATTENTION_FLOPS_PER_SCORE = 7000   # one float32 attention score, forward and backward (products,
+                                       # mask, softmax: memory-bound), in FLOPs at that rate
 
 # Dense bf16 peak FLOP/s per device (no sparsity), matched against the device name.
 GPU_PEAK_BF16 = (
@@ -68,7 +73,7 @@ def attention_blocks(T: int, block: int) -> list[tuple[int, int]]:
     return [(s, min(s + block, T)) for s in range(0, T, block)]
 
 
-def _scores(T: int, block: int) -> int:
+def scores(T: int, block: int) -> int:
     """Score elements of one head of one row: each block's queries × the keys up to its end."""
     return sum((e - s) * e for s, e in attention_blocks(T, block))
 
@@ -138,7 +143,7 @@ def memory_per_device(*, params: int, trainable: int, layers: int, hidden: int, 
     attention = 0
     if attention_scores:
         attention = (2 * layers + 4 if remat == "none" else 3) * local_batch * heads * \
-            _scores(seq_len, attention_block) * 4 / head_split
+            scores(seq_len, attention_block) * 4 / head_split
     # Chunked cross-entropy over the supervised positions (loss_tokens, else all): one chunk of
     # [chunk, vocab] logits in fp32, its softmax and gradient, and a compute-dtype copy.
     # loss_tokens counts the whole micro-batch: each data-parallel device scores its share.
@@ -195,22 +200,37 @@ def cpu_matmul_flops() -> float:
 
 
 def step_time(*, params: int, tokens_per_step: int, device: dict, trainable: int = 0,
-              remat: str = "none") -> float:
+              remat: str = "none", head_params: int = 0, head_tokens: int | None = None,
+              embedding_params: int = 0, bf16_matmul: bool = False, attention_scores: int = 0,
+              head_dim: int = 0) -> float:
     """Seconds per optimizer step.
 
     FLOPs per token ≈ 2·params forward + 2·params for the activation gradients of the backward pass;
     frozen weights get no weight gradient (the third 2·params of full fine-tuning). LoRA adds the full
     6·trainable. Remat recomputes the forward (+2·params, for "full"; about half that for "dots").
-    Divided by the devices' peak × UTILISATION; on CPU by numpy's measured rate × CPU_EFFICIENCY."""
+    The output head (`head_params`, part of `params`) runs on `head_tokens` positions a step when
+    the loss gathers the supervised ones (all tokens otherwise), forward, recomputed and backward
+    (chunked cross-entropy is checkpointed); an untied input embedding (`embedding_params`) is a
+    lookup, no matmul. Attention: `attention_scores` score elements a step (all layers, rows and
+    heads), each 4·head_dim FLOPs forward (q·k and p·v) and twice that backward, + the forward again
+    under remat. Divided by the devices' peak × UTILISATION; on a CPU, by numpy's measured float32
+    rate × CPU_EFFICIENCY (× CPU_BF16_SPEEDUP for bfloat16 operands), where attention costs
+    CPU_ATTENTION_FLOPS_PER_SCORE a score instead (XLA:CPU's softmax and masks, not its products,
+    dominate)."""
     recompute = {"full": 2.0, "dots": 1.0}.get(remat, 0.0)
-    flops = ((4.0 + recompute) * params + 6.0 * trainable) * tokens_per_step
+    body = max(0, params - head_params - embedding_params)
+    head_rows = tokens_per_step if head_tokens is None else min(head_tokens, tokens_per_step)
+    flops = ((4.0 + recompute) * body + 6.0 * trainable) * tokens_per_step + \
+        6.0 * head_params * head_rows
+    attention = (12.0 + (4.0 if remat != "none" else 0.0)) * head_dim * attention_scores
     count = max(1, int(device.get("count") or 1))
-    if device.get("platform") == "cpu" or not device.get("peak_flops"):
-        rate = cpu_matmul_flops() * CPU_EFFICIENCY if device.get("platform") == "cpu" else \
-            100e12 * UTILISATION     # an unknown accelerator: assume a modest one
-    else:
-        rate = float(device["peak_flops"]) * UTILISATION * count
-    return flops / rate
+    if device.get("platform") == "cpu":
+        probe = cpu_matmul_flops()
+        return flops / (probe * CPU_EFFICIENCY * (CPU_BF16_SPEEDUP if bf16_matmul else 1.0)) + \
+            attention_scores * CPU_ATTENTION_FLOPS_PER_SCORE / probe
+    rate = float(device["peak_flops"]) * UTILISATION * count if device.get("peak_flops") else \
+        100e12 * UTILISATION        # an unknown accelerator: assume a modest one
+    return (flops + attention) / rate
 
 
 # ------------------------------------------------------------------------------ devices

@@ -74,12 +74,12 @@ def test_blocks_cover_the_row_and_count_the_scores():
     assert estimates.attention_blocks(10, 16) == [(0, 10)]
     assert estimates.attention_blocks(10, 4) == [(0, 4), (4, 8), (8, 10)]
     # 4·4 + 4·8 + 2·10 score elements instead of 10·10
-    assert estimates._scores(10, 4) == 68 and estimates._scores(10, 0) == 100
+    assert estimates.scores(10, 4) == 68 and estimates.scores(10, 0) == 100
     # the plan's attention memory shrinks by the same factor
     kw = dict(params=10**6, trainable=10**4, layers=4, hidden=64, intermediate=128, heads=4,
               kv_heads=2, head_dim=16, vocab=100, batch=2, seq_len=1024, param_bytes=4,
               compute_bytes=4, remat="none", ce_chunk=64, devices=1, fsdp=1, tensor=1)
     whole = estimates.memory_per_device(**kw, attention_block=0)["attention"]
     blocked = estimates.memory_per_device(**kw, attention_block=128)["attention"]
-    assert blocked / whole == pytest.approx(estimates._scores(1024, 128) / 1024 ** 2, rel=1e-6)
+    assert blocked / whole == pytest.approx(estimates.scores(1024, 128) / 1024 ** 2, rel=1e-6)
     assert blocked / whole == pytest.approx(9 / 16)

@@ -142,6 +142,35 @@ def test_step_time_gpu():
     assert step_time(params=10**9, tokens_per_step=10**5, device=h100, remat="full") > t
 
 
+
+def test_step_time_counts_the_head_on_supervised_positions_only():
+    """The head runs on the gathered supervised positions (forward, recompute, backward); an untied
+    input embedding is a lookup; bfloat16 operands on a CPU with bf16 dot products go faster."""
+    h100 = {"platform": "gpu", "kind": "NVIDIA H100 80GB HBM3", "count": 1, "peak_flops": 989e12}
+    rate = 989e12 * 0.4
+    P, H, T = 134_515_008, 49_152 * 576, 4096
+    tied = step_time(params=P, tokens_per_step=T, device=h100, head_params=H, head_tokens=64)
+    assert tied == pytest.approx((4 * (P - H) * T + 6 * H * 64) / rate)
+    untied = step_time(params=P + H, tokens_per_step=T, device=h100, head_params=H,
+                       head_tokens=64, embedding_params=H)
+    assert untied == pytest.approx(tied)
+    every = step_time(params=P, tokens_per_step=T, device=h100, head_params=H)
+    assert every == pytest.approx((4 * (P - H) * T + 6 * H * T) / rate) and every > tied
+    cpu = {"platform": "cpu", "kind": "x", "count": 1, "peak_flops": None}
+    f32 = step_time(params=P, tokens_per_step=T, device=cpu)
+    bf16 = step_time(params=P, tokens_per_step=T, device=cpu, bf16_matmul=True)
+    assert bf16 == pytest.approx(f32 / est.CPU_BF16_SPEEDUP)
+    # attention: q·k and p·v, forward and backward (+ the forward again under remat); on a CPU a
+    # measured cost per score element instead
+    att = dict(attention_scores=10**9, head_dim=64)
+    assert step_time(params=P, tokens_per_step=T, device=h100, **att) - \
+        step_time(params=P, tokens_per_step=T, device=h100) == pytest.approx(12 * 64 * 1e9 / rate)
+    assert step_time(params=P, tokens_per_step=T, device=h100, remat="full", **att) - \
+        step_time(params=P, tokens_per_step=T, device=h100, remat="full") == \
+        pytest.approx(16 * 64 * 1e9 / rate)
+    assert step_time(params=P, tokens_per_step=T, device=cpu, **att) - f32 == \
+        pytest.approx(1e9 * est.CPU_ATTENTION_FLOPS_PER_SCORE / est.cpu_matmul_flops())
+
 def test_step_time_cpu_probe_is_measured_once():
     est._CPU_FLOPS = None
     cpu = {"platform": "cpu", "kind": "x", "count": 1, "peak_flops": None}
