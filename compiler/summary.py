@@ -101,7 +101,7 @@ def _header(plan, run_dir, elapsed) -> Text:
         chain = [c.name for c in r.chain][:-1]
         if chain:
             t.append(f" (extends {', '.join(chain)})", style="dim")
-        t.append(f"  {r.path}  sha256 {r.chain[-1].sha256[:16]}", style="dim")
+        t.append(f"\nrecipe file {r.path}  sha256 {r.chain[-1].sha256[:16]}", style="dim")
     if run_dir is not None:
         t.append("\nrun dir ", style="dim")
         t.append(str(Path(run_dir)))
