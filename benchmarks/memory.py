@@ -133,12 +133,12 @@ def main(argv=None) -> int:
     command = "python benchmarks/memory.py " + shlex.join(argv if argv is not None else sys.argv[1:])
     text = markdown(rows, command.strip(), args.recipe)
     print(text)
-    plat = rows[0]["xla"]["platform"]
-    out = HERE / "results" / f"memory-{plat}.json"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps({"command": command, "machine": platform.machine(), "rows": rows},
-                              indent=1) + "\n")
-    if not args.no_write:
+    if not args.no_write:       # the raw figures and the table, from the same run
+        plat = rows[0]["xla"]["platform"]
+        out = HERE / "results" / f"memory-{plat}.json"
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(json.dumps({"command": command, "machine": platform.machine(), "rows": rows},
+                                  indent=1) + "\n")
         write_results_section(text, BEGIN, END)
     return 0
 

@@ -91,15 +91,16 @@ def write_results_section(text: str, begin: str, end: str) -> None:
 
 def publish(name: str, argv, rows: list[dict], markdown, begin: str, end: str,
             write: bool = True) -> str:
-    """The end of a benchmark: its command line, markdown(command) printed, the rows in
-    benchmarks/results/<name>.json, and (write) the text in RESULTS.md between begin and end."""
+    """The end of a benchmark: its command line and markdown(command) printed; with `write`, the rows
+    in benchmarks/results/<name>.json and the text in RESULTS.md between begin and end (the two stay
+    from the same run)."""
     command = f"python benchmarks/{name}.py " + shlex.join(argv if argv is not None else sys.argv[1:])
     text = markdown(command.strip())
     print(text)
-    out = Path(__file__).resolve().parent / "results" / f"{name}.json"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps({"command": command, "rows": rows}, indent=1) + "\n")
     if write:
+        out = Path(__file__).resolve().parent / "results" / f"{name}.json"
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(json.dumps({"command": command, "rows": rows}, indent=1) + "\n")
         write_results_section(text, begin, end)
     return text
 
