@@ -478,8 +478,11 @@ def _cross_checks(v: dict) -> list[str]:
         v["schedule.warmup"] = int(warmup)
     axes = [a for a in ("data", "fsdp", "tensor") if v[f"runtime.mesh.{a}"] == -1]
     if len(axes) > 1:
+        other = next((a for a in axes if a != "data"), axes[-1])
         raise _err("runtime.mesh", f"at most one axis may be -1 (all remaining devices), got "
-                   f"{', '.join(axes)}.", hint="e.g. runtime.mesh={data:-1,fsdp:1,tensor:1}.")
+                   f"{', '.join(axes)}" + (" (data is -1 by default)" if "data" in axes else "") + ".",
+                   hint=f"to give every device to {other}, set runtime.mesh.data=1 runtime.mesh."
+                        f"{other}=-1" + (" (or runtime=fsdp)" if other == "fsdp" else "") + ".")
     if v["adapter.rank"] > 256:
         warnings.append(f"adapter.rank={v['adapter.rank']} is unusually large for LoRA (4 to 64 is "
                         "usual); the adapter approaches a full fine-tune in size.")

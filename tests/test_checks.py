@@ -100,6 +100,7 @@ def test_mesh_must_match_devices(tune_cli, clf_data, tmp_path, monkeypatch):
     refused(plan(tune_cli, "runtime.mesh.data=2"), "runtime.mesh", "spans 2 devices",
             tmp_path=tmp_path)
     refused(plan(tune_cli, "runtime.mesh.fsdp=-1"), "runtime.mesh", "at most one axis may be -1",
+            "data is -1 by default", "runtime.mesh.data=1 runtime.mesh.fsdp=-1", "runtime=fsdp",
             tmp_path=tmp_path)
 
 
