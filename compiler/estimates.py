@@ -5,8 +5,10 @@ estimates with stated formulas, good to tell "fits" from "does not fit" and minu
 """
 from __future__ import annotations
 
+import json
 import math
 import os
+import platform
 import re
 import shutil
 import subprocess
@@ -17,6 +19,7 @@ from pathlib import Path
 import numpy as np
 
 from compiler import packing
+from compiler.files import tune_home, write_atomic
 
 UTILISATION = 0.4        # share of peak FLOP/s a well-fed LoRA step reaches on a GPU or TPU
 # A jitted CPU training step against numpy's best float32 matmul rate (cpu_matmul_flops), fitted to
@@ -179,24 +182,50 @@ _CPU_FLOPS: float | None = None
 
 
 def cpu_matmul_flops() -> float:
-    """FLOP/s of a float32 numpy matmul on this machine, measured once (~50 ms) and cached. The best
-    of a few large products: small ones measure BLAS thread hand-offs, which a busy machine makes slow,
-    more than the arithmetic."""
+    """FLOP/s of a float32 numpy matmul on this machine: measured once a process (~50 ms), and the
+    best this machine has measured before (tune_home()/cpu_flops.json, by CPU model and count). The
+    best of a few large products: small ones measure BLAS thread hand-offs, which a busy machine
+    makes slow, more than the arithmetic — and a machine busy at compile time (another training,
+    say) measures several times slower than it trains once that has finished."""
     global _CPU_FLOPS
     if _CPU_FLOPS is None:
-        n = 1024
-        a = np.full((n, n), 0.5, dtype=np.float32)   # values do not change a matmul's speed
-        b = a.T.copy()
-        best, reps, start = 0.0, 0, time.perf_counter()
-        while reps < 2 or time.perf_counter() - start < 0.05:
-            t = time.perf_counter()
-            a @ b
-            best = max(best, 2 * n ** 3 / max(time.perf_counter() - t, 1e-9))
-            reps += 1
-            if time.perf_counter() - start > 0.5:
-                break
-        _CPU_FLOPS = best
+        _CPU_FLOPS = _remembered_best(_probe_matmul())
     return _CPU_FLOPS
+
+
+def _probe_matmul() -> float:
+    n = 1024
+    a = np.full((n, n), 0.5, dtype=np.float32)   # values do not change a matmul's speed
+    b = a.T.copy()
+    best, reps, start = 0.0, 0, time.perf_counter()
+    while reps < 2 or time.perf_counter() - start < 0.05:
+        t = time.perf_counter()
+        a @ b
+        best = max(best, 2 * n ** 3 / max(time.perf_counter() - t, 1e-9))
+        reps += 1
+        if time.perf_counter() - start > 0.5:
+            break
+    return best
+
+
+def _remembered_best(measured: float) -> float:
+    """max(measured, the best remembered for this CPU); remembers measured when it is the best.
+    The file is a cache: unreadable or unwritable, it is ignored."""
+    path = tune_home() / "cpu_flops.json"
+    key = f"{_cpuinfo('model name') or platform.machine()} × {os.cpu_count()}"
+    try:
+        known = json.loads(path.read_text())
+        known = known if isinstance(known, dict) else {}
+    except (OSError, ValueError):
+        known = {}
+    best = known.get(key)
+    best = float(best) if isinstance(best, (int, float)) and best > 0 else 0.0
+    if measured > best:
+        try:
+            write_atomic(path, json.dumps({**known, key: measured}, indent=1) + "\n")
+        except OSError:
+            pass
+    return max(measured, best)
 
 
 def step_time(*, params: int, tokens_per_step: int, device: dict, trainable: int = 0,

@@ -13,7 +13,8 @@ from pathlib import Path
 
 
 def tune_home() -> Path:
-    """$TUNE_HOME, default ~/.cache/tune: the converted embedded model and the token caches."""
+    """$TUNE_HOME, default ~/.cache/tune: the converted embedded model, the token caches, and the
+    CPU's best measured matmul rate (compiler/estimates.cpu_matmul_flops)."""
     return Path(os.environ.get("TUNE_HOME") or Path.home() / ".cache" / "tune").expanduser()
 
 

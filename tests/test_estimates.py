@@ -1,6 +1,7 @@
 """compiler/estimates.py: steps (exact against the runtime's packing), memory, time, devices."""
 from __future__ import annotations
 
+import json
 import os
 import stat
 import time
@@ -183,6 +184,22 @@ def test_step_time_cpu_probe_is_measured_once():
     assert b == pytest.approx(2 * a) and second < 0.01 and first < 1.0
     print(f"\nCPU matmul {est._CPU_FLOPS / 1e9:.1f} GFLOP/s; SmolLM2 step of 4096 tokens ≈ {a:.1f}s")
 
+
+
+def test_cpu_probe_remembers_the_machines_best(tmp_path, monkeypatch):
+    """A probe measured while the machine is busy does not lower the estimate below what this CPU
+    has measured before; a faster probe raises it; a damaged cache file is ignored and replaced."""
+    monkeypatch.setenv("TUNE_HOME", str(tmp_path))
+    path = tmp_path / "cpu_flops.json"
+    assert est._remembered_best(100e9) == 100e9 and path.is_file()
+    assert est._remembered_best(20e9) == 100e9                  # busy now: the best stands
+    assert est._remembered_best(150e9) == 150e9
+    assert list(json.loads(path.read_text()).values()) == [150e9]
+    path.write_text("{not json")
+    assert est._remembered_best(30e9) == 30e9 and json.loads(path.read_text())
+    path.unlink()
+    path.mkdir()                                                # unwritable: measured, no error
+    assert est._remembered_best(40e9) == 40e9
 
 # ------------------------------------------------------------------------------ devices
 
