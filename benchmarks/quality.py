@@ -366,17 +366,18 @@ def main(argv=None) -> int:
     devices = {(r.get("peft") or {}).get("device") for r in results} - {None}
     plat = "gpu" if any(str(d).startswith("cuda") for d in devices) or args.device == "cuda" else "cpu"
     # --no-write leaves RESULTS.md and results/quality-<platform>.json (the table's raw figures)
-    # alone: its figures go beside the work directory instead
-    raw = (work / "quality.json") if args.no_write else HERE / "results" / f"quality-{plat}.json"
-    raw.parent.mkdir(parents=True, exist_ok=True)
-    raw.write_text(json.dumps({"command": command, "started": started, "wall_s": wall,
-                               "settings": {k: str(v) for k, v in vars(args).items()},
-                               "results": results}, indent=1) + "\n")
+    # alone: its figures go into the work directory when that is kept (--work)
+    raw = HERE / "results" / f"quality-{plat}.json" if not args.no_write else \
+        (args.work / "quality.json" if args.work is not None else None)
+    if raw is not None:
+        raw.parent.mkdir(parents=True, exist_ok=True)
+        raw.write_text(json.dumps({"command": command, "started": started, "wall_s": wall,
+                                   "settings": {k: str(v) for k, v in vars(args).items()},
+                                   "results": results}, indent=1) + "\n")
+        print(f"wrote {raw}", file=sys.stderr)
     if not args.no_write:
         write_results_section(section, BEGIN, END)
-        print(f"wrote {HERE / 'RESULTS.md'} and {raw}", file=sys.stderr)
-    elif args.work is not None:
-        print(f"wrote {raw}", file=sys.stderr)
+        print(f"wrote {HERE / 'RESULTS.md'}", file=sys.stderr)
     if args.work is None:
         shutil.rmtree(work, ignore_errors=True)
     return 0 if all("error" not in r["tune"] for r in results) else 1

@@ -49,12 +49,13 @@ def measure(case: str, steps: int, work: Path) -> dict:
         return {"case": case, "error": (done.stderr or done.stdout).strip()[-400:]}
     plan = json.loads((run_dir / "plan.json").read_text())
     times = [m["step_time_s"] for m in read_jsonl(run_dir / "metrics.jsonl") if "step_time_s" in m]
-    measured = statistics.median(times[2:] or times)
+    timed = times[2:] or times          # after compilation and warm-up, where there are enough
+    measured = statistics.median(timed)
     s, rt = plan["schedule"], plan["runtime"]
     return {"case": case, "rows": s["global_batch"], "tokens": s["seq_len"],
             "matmul": rt["matmul_dtype"], "remat": rt["remat"],
             "estimate_s": plan["estimates"]["step_time_s"], "measured_s": measured,
-            "steps_timed": len(times[2:] or times)}
+            "steps_timed": len(timed)}
 
 
 def markdown(rows: list[dict], command: str) -> str:
