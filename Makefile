@@ -6,7 +6,7 @@ VENV   ?= .venv
 BIN    := $(VENV)/bin
 RUN    ?= outputs/demo
 
-.PHONY: setup setup-test demo plan test test-fast bench clean
+.PHONY: setup setup-test demo plan test test-fast bench gpu-check clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -42,6 +42,13 @@ test-fast: setup-test
 
 bench: setup-test
 	$(BIN)/python benchmarks/throughput.py
+
+# On a machine with an NVIDIA GPU, once jax's CUDA build is in the venv
+# ($(BIN)/pip install -U "jax[cuda13]", or jax[cuda12] for a CUDA 12 driver): the tests only a GPU
+# runs (tests/test_gpu.py), then tune against torch + PEFT on Llama-3.2-1B and Llama-3-8B shapes.
+gpu-check: setup-test
+	$(BIN)/python -m pytest -q -ra -m gpu
+	$(BIN)/python benchmarks/gpu.py
 
 clean:
 	rm -rf $(VENV) outputs multirun .pytest_cache
