@@ -5,8 +5,11 @@ compute and weights, LoRA r16 (alpha 32) on every linear layer of every block, r
 AdamW on the LoRA factors only, loss on every token. Both sides get the same token batch.
 
 tune: runtime.model.Llama built with random weights on the device, the train step of
-runtime/train.py (make_train_step), one sequence per row (runtime.pack=false), so attention is
-plain causal — cuDNN's fused kernel (--attention cudnn, the default on a GPU) or XLA's.
+runtime/train.py (make_train_step). By default one sequence per row (runtime.pack=false), so
+attention is plain causal — cuDNN's fused kernel (--attention cudnn, the default on a GPU) or
+XLA's. --pack N puts N examples of seq/N tokens in each row, kept apart by segment ids as tune's
+packed rows are — Pallas's fused kernel (--attention pallas, the default then) or XLA's; PEFT then
+trains the same examples one per row (batch × N rows of seq/N tokens), the same tokens a step.
 PEFT: transformers' LlamaForCausalLM (sdpa attention) wrapped by peft.get_peft_model, torch.optim
 .AdamW over the trainable parameters, bf16 weights, LoRA factors in float32 as PEFT keeps them.
 
@@ -19,6 +22,7 @@ where N counts the matmul weights of all blocks and the output head, d = heads �
 
     python benchmarks/gpu.py                              # both shapes, both sides
     python benchmarks/gpu.py --models 1b --side tune --steps 20 --batch 8
+    python benchmarks/gpu.py --models 1b --pack 4         # 4 examples of 512 tokens a row
     python benchmarks/gpu.py --tiny --device cpu          # a tiny shape: checks the script runs
 
 Writes the table into benchmarks/RESULTS.md (between the gpu markers) and the raw figures into
@@ -100,7 +104,10 @@ def run_tune(name: str, args) -> dict:
     batch, seq = args.batch or DEFAULTS[name]["batch"], args.seq
     remat = args.remat or DEFAULTS[name]["remat"]
     dtype = jnp.float32 if args.device == "cpu" else jnp.bfloat16
-    attention = args.attention or ("cudnn" if jax.default_backend() == "gpu" else "xla")
+    on_gpu = jax.default_backend() == "gpu"
+    attention = args.attention or ("xla" if not on_gpu else "pallas" if args.pack > 1 else "cudnn")
+    if seq % args.pack:
+        raise SystemExit(f"--seq {seq} does not divide into --pack {args.pack} examples")
     t0 = time.perf_counter()
     model = Llama(ModelConfig.from_hf(hf), lora=LoraConfig(RANK, ALPHA, 0.0, MODULE_NAMES),
                   dtype=dtype, param_dtype=dtype, remat=remat, attention=attention,
@@ -115,11 +122,15 @@ def run_tune(name: str, args) -> dict:
     opt, lr_fn = make_optimizer(schedule)
     opt_state = opt.init(lora)
     step = make_train_step(graphdef, opt, lr_fn, ce_chunk=args.ce_chunk, dropout=False,
-                           loss_tokens=None, packed=False)
+                           loss_tokens=None, packed=args.pack > 1)
     ids = batch_ids(batch, seq, hf["vocab_size"])
+    example = seq // args.pack                  # each example's tokens; segments 1..pack per row
+    segments = np.repeat(np.arange(1, args.pack + 1, dtype=np.int32), example)
+    positions = np.arange(seq, dtype=np.int32) % example
     b = {"tokens": ids[None, :, :-1], "targets": ids[None, :, 1:],
-         "loss_mask": np.ones((1, batch, seq), np.int32), "segment_ids": np.ones((1, batch, seq), np.int32),
-         "positions": np.broadcast_to(np.arange(seq, dtype=np.int32), (1, batch, seq)).copy()}
+         "loss_mask": np.ones((1, batch, seq), np.int32),
+         "segment_ids": np.broadcast_to(segments, (1, batch, seq)).copy(),
+         "positions": np.broadcast_to(positions, (1, batch, seq)).copy()}
     b = jax.device_put({k: jnp.asarray(v) for k, v in b.items()})
     rng = jax.random.PRNGKey(0)
     setup_s = time.perf_counter() - t0
@@ -138,7 +149,8 @@ def run_tune(name: str, args) -> dict:
         peak = jax.devices()[0].memory_stats().get("peak_bytes_in_use")
     except Exception:  # noqa: BLE001 — CPUs have no memory stats
         pass
-    return {"side": "tune", "model": name, "batch": batch, "seq": seq, "remat": remat,
+    return {"side": "tune", "model": name, "batch": batch, "seq": seq, "pack": args.pack,
+            "remat": remat,
             "attention": attention, "dtype": str(jnp.dtype(dtype)), "setup_s": setup_s,
             "compile_s": compile_s, "step_s": sorted(times)[len(times) // 2], "losses": losses,
             "peak_bytes": peak, "device": str(jax.devices()[0].device_kind)}
@@ -147,6 +159,7 @@ def run_tune(name: str, args) -> dict:
 # ------------------------------------------------------------------------------------------ PEFT
 
 def run_peft(name: str, args) -> dict:
+    import numpy as np
     import torch
     from peft import LoraConfig, get_peft_model
     from transformers import LlamaConfig, LlamaForCausalLM
@@ -168,7 +181,12 @@ def run_peft(name: str, args) -> dict:
     model = get_peft_model(model, LoraConfig(r=RANK, lora_alpha=ALPHA, lora_dropout=0.0,
                                              target_modules="all-linear", task_type="CAUSAL_LM"))
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
-    ids = torch.as_tensor(batch_ids(batch, seq, hf["vocab_size"]), dtype=torch.long, device=device)
+    ids = batch_ids(batch, seq, hf["vocab_size"])           # the tokens tune gets
+    if args.pack > 1:       # the same examples, one per row: rows of seq/pack tokens (+1 target)
+        example = seq // args.pack
+        rows = [ids[:, i * example:(i + 1) * example + 1] for i in range(args.pack)]
+        ids = np.stack(rows, axis=1).reshape(batch * args.pack, example + 1)
+    ids = torch.as_tensor(ids, dtype=torch.long, device=device)
     inp, labels = ids[:, :-1], ids[:, 1:]
     setup_s = time.perf_counter() - t0
     times, losses = [], []
@@ -187,7 +205,8 @@ def run_peft(name: str, args) -> dict:
         if i >= args.warmup:
             times.append(time.perf_counter() - t0)
     peak = torch.cuda.max_memory_allocated() if device == "cuda" else None
-    return {"side": "peft", "model": name, "batch": batch, "seq": seq, "remat": remat,
+    return {"side": "peft", "model": name, "batch": batch, "seq": seq, "pack": args.pack,
+            "remat": remat,
             "attention": "sdpa", "dtype": str(dtype), "setup_s": setup_s, "compile_s": 0.0,
             "step_s": sorted(times)[len(times) // 2], "losses": losses, "peak_bytes": peak,
             "device": torch.cuda.get_device_name() if device == "cuda" else "cpu"}
@@ -199,7 +218,7 @@ def child(side: str, name: str, args) -> dict:
     """One side of one model in its own process (a fresh device: no memory left by the other)."""
     cmd = [sys.executable, __file__, "--child", side, "--models", name, "--seq", str(args.seq),
            "--steps", str(args.steps), "--warmup", str(args.warmup), "--device", args.device,
-           "--ce-chunk", str(args.ce_chunk)]
+           "--ce-chunk", str(args.ce_chunk), "--pack", str(args.pack)]
     for flag, value in (("--batch", args.batch), ("--remat", args.remat),
                         ("--attention", args.attention)):
         if value:
@@ -213,7 +232,8 @@ def child(side: str, name: str, args) -> dict:
 def with_rates(r: dict) -> dict:
     if "error" in r:
         return r
-    flops, n_lora = model_flops_per_token(CONFIGS[r["model"]], r["seq"])
+    # attention spans one example: seq / pack tokens
+    flops, n_lora = model_flops_per_token(CONFIGS[r["model"]], r["seq"] // r.get("pack", 1))
     tokens = r["batch"] * r["seq"]
     r["tokens_per_s"] = tokens / r["step_s"]
     r["model_tflops"] = flops * r["tokens_per_s"] / 1e12
@@ -238,7 +258,11 @@ def markdown(rows: list[dict], command: str) -> str:
                  if r["side"] == "tune" and other and "tokens_per_s" in other else "")
         mfu = f"{100 * r['mfu']:.1f}%" if r.get("mfu") else "—"
         peak = f"{r['peak_bytes'] / 2**30:.1f}" if r.get("peak_bytes") else "—"
-        lines.append(f"| {r['model']} | {r['side']} | {r['batch']} × {r['seq']} | {r['remat']} | "
+        pack = r.get("pack", 1)
+        shape = (f"{r['batch']} × {r['seq']}" if pack == 1 else
+                 f"{r['batch']} × {r['seq']} ({pack} examples a row)" if r["side"] == "tune" else
+                 f"{r['batch'] * pack} × {r['seq'] // pack}")
+        lines.append(f"| {r['model']} | {r['side']} | {shape} | {r['remat']} | "
                      f"{r['attention']} | {r['tokens_per_s']:,.0f} | {r['model_tflops']:.1f} | {mfu} | "
                      f"{peak} | {r['step_s']:.3f} | {ratio} |")
     lines.append(END)
@@ -255,7 +279,9 @@ def main(argv=None) -> int:
     ap.add_argument("--steps", type=int, default=10)
     ap.add_argument("--warmup", type=int, default=2)
     ap.add_argument("--remat", default=None, choices=("none", "dots", "full"))
-    ap.add_argument("--attention", default=None, choices=("xla", "cudnn"))
+    ap.add_argument("--attention", default=None, choices=("xla", "cudnn", "pallas"))
+    ap.add_argument("--pack", type=int, default=1,
+                    help="examples per row, kept apart by segment ids (tune); PEFT gets them one per row")
     ap.add_argument("--ce-chunk", type=int, default=4096)
     ap.add_argument("--device", default="gpu", choices=("gpu", "cpu"))
     ap.add_argument("--tiny", action="store_true", help="a tiny shape instead (checks the script)")

@@ -486,7 +486,8 @@ def _runtime_section(rt: dict, devices: Devices, model: ModelSection, s: dict, r
         dtype=dtype, param_dtype=dtype if rt["param_dtype"] == "auto" else rt["param_dtype"],
         matmul_dtype=_matmul_dtype(rt["matmul_dtype"], devices, dtype),
         mesh=mesh, devices=devices, remat=rt["remat"], pack=rt["pack"], ce_chunk=rt["ce_chunk"],
-        attention=_attention(rt["attention"], devices, dtype, rt["pack"]),
+        attention=_attention(rt["attention"], devices, dtype, rt["pack"], row_length=row_length,
+                             model=model, mesh=mesh),
         attention_block=rt["attention_block"],
         loss_tokens=_loss_tokens(examples, s["batch_size"], row_length, rt["pack"]),
         log_every=rt["log_every"], checkpoint_every=rt["checkpoint_every"])
@@ -504,12 +505,29 @@ def _loss_tokens(examples, batch_size: int, row_length: int, pack: bool) -> int:
                                        row_length, batch_size, pack=pack)
 
 
-def _attention(name: str, devices: Devices, dtype: str, pack: bool) -> str:
+def _attention(name: str, devices: Devices, dtype: str, pack: bool, *, row_length: int,
+               model: ModelSection, mesh: MeshAxes) -> str:
     """auto: cuDNN's fused kernel where it applies (a GPU, bfloat16, one sequence per row: plain
-    causal attention), else XLA's, which runs everywhere."""
-    if name == "cudnn" and devices.platform != "gpu":
-        raise PlanError("runtime.attention", f"cudnn needs an NVIDIA GPU; this plan runs on "
+    causal attention), else XLA's, which runs everywhere. pallas (asked for by name): a fused
+    Triton kernel that keeps packed examples apart by their segment ids."""
+    if name in ("cudnn", "pallas") and devices.platform != "gpu":
+        raise PlanError("runtime.attention", f"{name} needs an NVIDIA GPU; this plan runs on "
                         f"{devices.platform}.", hint="use runtime.attention=auto or xla.")
+    if name == "pallas":
+        if row_length % estimates.PALLAS_BLOCK:
+            rounded = -(-row_length // estimates.PALLAS_BLOCK) * estimates.PALLAS_BLOCK
+            raise PlanError("runtime.attention", f"pallas attention works in blocks of "
+                            f"{estimates.PALLAS_BLOCK} tokens; rows of {row_length} do not divide "
+                            "into them.",
+                            hint=f"set data.max_length (or runtime.row_length) to a multiple of "
+                                 f"{estimates.PALLAS_BLOCK}, e.g. {rounded}.")
+        if model.config.sliding_windows:
+            raise PlanError("runtime.attention", f"pallas attention has no sliding window, which "
+                            f"{model.name} uses.", hint="use runtime.attention=auto or xla.")
+        if mesh.data * mesh.fsdp * mesh.tensor > 1:
+            raise PlanError("runtime.attention", "pallas attention runs on one device for now; "
+                            f"this mesh has {mesh.data * mesh.fsdp * mesh.tensor}.",
+                            hint="use runtime.attention=auto (cuDNN or XLA) on several devices.")
     if name != "auto":
         return name
     return "cudnn" if devices.platform == "gpu" and dtype == "bfloat16" and not pack else "xla"

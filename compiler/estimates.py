@@ -68,6 +68,11 @@ def schedule_steps(lengths: Sequence[int], *, batch_size: int, grad_accum: int, 
 QUANT_BYTES = {"int8": 1.0, "nf4": 0.5 + 4 / 64}
 
 
+# runtime.attention=pallas (runtime/attention.segment_attention): query and key rows per block of its
+# forward kernel; a training row's length must be a multiple.
+PALLAS_BLOCK = 128
+
+
 def attention_blocks(T: int, block: int) -> list[tuple[int, int]]:
     """The query spans [start, end) of causal attention in blocks of `block` rows (runtime/attention.py):
     block 0 (or ≥ T) is the whole row at once."""

@@ -230,7 +230,7 @@ class RuntimeSection:
     mesh: MeshAxes                  # resolved against the devices: no -1 left
     devices: Devices
     remat: str
-    attention: str                  # xla | cudnn (resolved: cudnn for unpacked bf16 rows on NVIDIA GPUs)
+    attention: str                  # xla | cudnn | pallas (auto resolved: cudnn for unpacked bf16 rows on NVIDIA GPUs)
     attention_block: int            # xla attention: query rows per causal block (0 = whole rows)
     pack: bool
     ce_chunk: int

@@ -157,8 +157,9 @@ KEYS: tuple[Key, ...] = (
     _k("runtime.row_length", "int", None, "tokens per packed row (null = data.max_length); longer "
        "rows fit short examples more tightly", nullable=True, low=8, high=1 << 20),
     _k("runtime.attention", "choice", "auto", "attention kernel: xla (everywhere), cudnn (fused, "
-       "NVIDIA GPUs), auto (cudnn for unpacked bfloat16 rows on a GPU, else xla)",
-       choices=("auto", "xla", "cudnn")),
+       "NVIDIA GPUs), pallas (fused, NVIDIA GPUs, packed rows kept apart by segment ids; one device, "
+       "rows a multiple of 128 tokens), auto (cudnn for unpacked bfloat16 rows on a GPU, else xla)",
+       choices=("auto", "xla", "cudnn", "pallas")),
     _k("runtime.attention_block", "int", 128, "xla attention: query rows per block; a block's queries "
        "attend to the keys up to its end only, skipping the causal mask's upper triangle "
        "(0 = whole rows at once)", low=0, high=1 << 20),

@@ -13,13 +13,19 @@ heads shared by G query heads each): the keys and values are never repeated G ti
 
 Measured against jax.nn.dot_product_attention (its XLA implementation) by
 benchmarks/attention_cost.py; the logit tests compare the model with transformers.
+
+`segment_attention` is `runtime.attention=pallas`: one fused kernel (Pallas's flash attention, a
+Triton program on NVIDIA GPUs) that computes the scores block by block in on-chip memory, never
+materialising them, and keeps the examples of a packed row apart by their segment ids — what
+cuDNN's kernel, which takes a dense [T, T] mask, cannot do cheaply. Off a GPU it runs in Pallas's
+interpreter (slowly: that is how the tests check its numbers on a CPU).
 """
 from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
 
-from compiler.estimates import attention_blocks
+from compiler.estimates import PALLAS_BLOCK, attention_blocks
 
 _MASKED = float(jnp.finfo(jnp.float32).min)
 
@@ -47,3 +53,23 @@ def causal_attention(q, k, v, mask, *, scale: float, block: int):
                                preferred_element_type=jnp.float32))
     out = outs[0] if len(outs) == 1 else jnp.concatenate(outs, axis=3)
     return out.transpose(0, 3, 1, 2, 4).reshape(B, T, N, H).astype(q.dtype)
+
+
+def segment_attention(q, k, v, segment_ids, *, scale: float):
+    """q [B,T,N,H], k and v [B,T,K,H] → [B,T,N,H]: causal attention inside each segment
+    (segment_ids [B,T] int32; None: one sequence per row), as Pallas's fused flash-attention
+    kernel with its fused backward pass. T is a multiple of PALLAS_BLOCK (the compiler checks).
+    The kernel has no grouped heads: keys and values are repeated to the N query heads (their
+    gradients are summed back by the repeat's transpose)."""
+    from jax.experimental.pallas.ops.gpu import attention as pallas_mha
+
+    N, K = q.shape[2], k.shape[2]
+    if N != K:
+        k, v = jnp.repeat(k, N // K, axis=2), jnp.repeat(v, N // K, axis=2)
+    if segment_ids is not None:
+        segment_ids = segment_ids.astype(jnp.int32)
+    return pallas_mha.mha(q, k, v, segment_ids, sm_scale=scale, causal=True,
+                          block_sizes=pallas_mha.BlockSizes(
+                              block_q=PALLAS_BLOCK, block_k=PALLAS_BLOCK, block_q_dkv=32,
+                              block_kv_dkv=32, block_q_dq=32, block_kv_dq=32),
+                          interpret=jax.default_backend() != "gpu")

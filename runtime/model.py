@@ -48,10 +48,10 @@ from jax.ad_checkpoint import checkpoint_name
 from compiler.architecture import MODULE_NAMES, ModelConfig, full_module_names, lora_scale
 from compiler.schema import BY_PATH
 from runtime import quant
-from runtime.attention import causal_attention
+from runtime.attention import causal_attention, segment_attention
 
 REMAT_POLICIES = ("none", "dots", "full")
-ATTENTION = ("xla", "cudnn")
+ATTENTION = ("xla", "cudnn", "pallas")
 # query rows per block of runtime/attention.causal_attention: the config's default
 ATTENTION_BLOCK = BY_PATH["runtime.attention_block"].default
 
@@ -330,7 +330,8 @@ class Attention(nnx.Module):
 
     def __call__(self, x, cos, sin, mask, keys, cache=None, attention: str = "xla",
                  block: int = ATTENTION_BLOCK):
-        """x [B,T,D]; mask [B,1,T,S] bool, or None for plain causal attention; keys: 4 dropout keys
+        """x [B,T,D]; mask [B,1,T,S] bool, or None for plain causal attention (for "pallas": the
+        segment ids [B,T], or None); keys: 4 dropout keys
         or None; block: query rows per block of the xla attention (0: the whole row at once).
         cache: None (attend over these T tokens, S = T) or (k [B,S,K,H], v, index): the new keys and
         values are written at slots [index, index+T) and attention runs over all S slots.
@@ -356,6 +357,8 @@ class Attention(nnx.Module):
         scale = cfg.head_dim ** -0.5
         if cache is None and attention == "xla":
             out = causal_attention(q, k, v, mask, scale=scale, block=block)
+        elif cache is None and attention == "pallas":
+            out = segment_attention(q, k, v, mask, scale=scale)
         else:
             out = jax.nn.dot_product_attention(q, k_all.astype(q.dtype), v_all.astype(q.dtype),
                                                mask=mask, scale=scale, is_causal=mask is None,
@@ -498,7 +501,11 @@ class Llama(nnx.Module):
             positions = jnp.broadcast_to(jnp.arange(T, dtype=jnp.int32), (B, T))
         windows = self._windows()
         mask = None
-        if segment_ids is not None or windows is not None:
+        if self.attention == "pallas":      # the kernel takes the segment ids themselves
+            if self.cfg.sliding_windows:
+                raise ValueError("pallas attention has no sliding window; use xla")
+            mask = segment_ids
+        elif segment_ids is not None or windows is not None:
             if segment_ids is None:
                 segment_ids = jnp.ones((B, T), jnp.int32)
             causal = jnp.arange(T)[:, None] >= jnp.arange(T)[None, :]

@@ -83,3 +83,65 @@ def test_blocks_cover_the_row_and_count_the_scores():
     blocked = estimates.memory_per_device(**kw, attention_block=128)["attention"]
     assert blocked / whole == pytest.approx(estimates.scores(1024, 128) / 1024 ** 2, rel=1e-6)
     assert blocked / whole == pytest.approx(9 / 16)
+
+
+# --------------------------------------------------------------- runtime.attention=pallas (fused)
+# Pallas's flash-attention kernel (a Triton program on a GPU) runs here in Pallas's interpreter:
+# the same program, so the same numbers, slowly.
+
+def _segments(T=128):
+    """Row 0: examples of 50 and 60 tokens, then 18 of padding (segment 0); row 1: one of 128."""
+    seg = np.zeros((2, T), np.int32)
+    seg[0, :50], seg[0, 50:110], seg[1] = 1, 2, 1
+    return seg
+
+
+@pytest.mark.parametrize("packed", [False, True])
+def test_pallas_segment_attention_equals_xla(packed):
+    from runtime.attention import segment_attention
+
+    T, Np, Kp, Hp = 128, 4, 2, 16                     # grouped heads: 2 query heads per key head
+    keys = jax.random.split(jax.random.PRNGKey(5), 4)
+    q = jax.random.normal(keys[0], (2, T, Np, Hp))
+    k = jax.random.normal(keys[1], (2, T, Kp, Hp))
+    v = jax.random.normal(keys[2], (2, T, Kp, Hp))
+    w = jax.random.normal(keys[3], (2, T, Np, Hp))
+    seg = _segments(T) if packed else None
+    causal = np.tril(np.ones((T, T), bool))
+    mask = None if seg is None else jnp.asarray((seg[:, :, None] == seg[:, None, :]) & causal)[:, None]
+    scale = Hp ** -0.5
+
+    def xla(q, k, v):
+        return causal_attention(q, k, v, mask, scale=scale, block=64)
+
+    def pallas(q, k, v):
+        return segment_attention(q, k, v, None if seg is None else jnp.asarray(seg), scale=scale)
+
+    np.testing.assert_allclose(pallas(q, k, v), xla(q, k, v), atol=2e-6, rtol=0)
+    ref = jax.grad(_loss(xla, w), argnums=(0, 1, 2))(q, k, v)
+    got = jax.grad(_loss(pallas, w), argnums=(0, 1, 2))(q, k, v)
+    for g, g0 in zip(got, ref):
+        np.testing.assert_allclose(g, g0, atol=2e-5, rtol=0)
+
+
+def test_pallas_model_equals_xla_model_on_packed_rows(hf_tiny):
+    """The whole decoder with runtime.attention=pallas: packed rows, positions restarting in each
+    example, padding at the end — the logits of the xla model (itself tested against
+    transformers)."""
+    from runtime.weights import load_pretrained
+
+    _, path = hf_tiny("llama")
+    seg = _segments()
+    starts = np.concatenate([[True], seg[0, 1:] != seg[0, :-1]])
+    pos0 = np.arange(128) - np.maximum.accumulate(np.where(starts, np.arange(128), 0))
+    positions = jnp.asarray(np.stack([pos0, np.arange(128)]), jnp.int32)
+    ids = jnp.asarray(np.random.default_rng(0).integers(3, 128, (2, 128)), jnp.int32)
+    out = {}
+    for attention in ("xla", "pallas"):
+        model = load_pretrained(path, attention=attention)
+        out[attention] = np.asarray(model.logits(model(ids, positions=positions,
+                                                       segment_ids=jnp.asarray(seg))))
+    np.testing.assert_allclose(out["pallas"], out["xla"], atol=1e-4, rtol=0)
+    with pytest.raises(ValueError, match="sliding window"):
+        model = load_pretrained(hf_tiny("mistral-window")[1], attention="pallas")
+        model(ids[:, :16])

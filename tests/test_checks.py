@@ -496,3 +496,43 @@ def test_the_mesh_counts_the_devices_of_every_process(tune_cli, clf_data, tmp_pa
     rc, out, err = plan(tune_cli, "runtime.mesh.tensor=2", "hydra.run.dir=run3")
     assert rc == 0 and "runtime.mesh.tensor=2 does not divide the model's 9 attention heads " \
         "and 3 key/value heads" in flat(out)            # SmolLM2: a warning, the same numbers
+
+
+# ---------------------------------------------------------------------------- attention kernels
+
+def _gpus(monkeypatch, count: int):
+    """The compiler sees `count` H100s (it finds devices without jax)."""
+    from compiler import estimates
+
+    monkeypatch.setattr(estimates, "detect_devices", lambda: {
+        "platform": "gpu", "kind": "NVIDIA H100 80GB HBM3", "count": count, "local_count": count,
+        "memory": 80 * 2**30, "peak_flops": 989e12})
+
+
+def test_fused_attention_kernels_need_a_gpu(tune_cli, clf_data, tmp_path):
+    clf_data()
+    for kernel in ("cudnn", "pallas"):
+        refused(plan(tune_cli, f"runtime.attention={kernel}"), "runtime.attention",
+                f"{kernel} needs an NVIDIA GPU", "runtime.attention=auto or xla", tmp_path=tmp_path)
+
+
+def test_pallas_attention_on_a_gpu_plan(tune_cli, clf_data, tmp_path, monkeypatch):
+    """Rows a multiple of its 128-token blocks, one device; auto stays xla for packed rows and is
+    cuDNN for unpacked bfloat16 ones."""
+    clf_data()
+    _gpus(monkeypatch, 1)
+    refused(plan(tune_cli, "runtime.attention=pallas", "data.max_length=200"), "runtime.attention",
+            "blocks of 128 tokens", "rows of 200", "e.g. 256", tmp_path=tmp_path)
+    rc, out, err = plan(tune_cli, "runtime.attention=pallas", "data.max_length=256")
+    assert rc == 0, err
+    rt = _plan_json(tmp_path)["runtime"]
+    assert (rt["attention"], rt["dtype"], rt["devices"]["platform"]) == ("pallas", "bfloat16", "gpu")
+    assert _plan_json(tmp_path)["estimates"]["memory"]["attention"] == 0    # no score arrays
+    for pack, kernel in (("true", "xla"), ("false", "cudnn")):
+        rc, out, err = plan(tune_cli, f"runtime.pack={pack}", f"hydra.run.dir=run-{pack}")
+        assert rc == 0, err
+        doc = json.loads((tmp_path / f"run-{pack}" / "plan.json").read_text())
+        assert doc["runtime"]["attention"] == kernel
+    _gpus(monkeypatch, 2)
+    refused(plan(tune_cli, "runtime.attention=pallas", "data.max_length=256", "schedule.batch_size=2",
+                 "hydra.run.dir=run2"), "runtime.attention", "one device for now", "this mesh has 2")

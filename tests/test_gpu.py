@@ -1,4 +1,5 @@
-"""What only a GPU runs: device detection, cuDNN's fused attention against tune's XLA attention,
+"""What only a GPU runs: device detection, the fused attention kernels (cuDNN's; Pallas's, compiled
+by Triton) against tune's XLA attention,
 bfloat16 logits against transformers, and a whole run through the command line (plan → bfloat16
 training → PEFT adapter → evaluation). Skipped without an NVIDIA GPU; the rest of the suite runs
 on a GPU too (jax takes it by default), in float32 where it compares with a reference.
@@ -15,7 +16,7 @@ import numpy as np
 import pytest
 import torch
 
-from runtime.attention import causal_attention
+from runtime.attention import causal_attention, segment_attention
 from runtime.weights import load_pretrained
 
 
@@ -55,22 +56,36 @@ def _qkv(T, *, B=2, N=8, K=2, H=64, dtype=jnp.bfloat16, seed=0):
     return q, k, v, jax.random.normal(ks[3], (B, T, N, H), jnp.float32)
 
 
-def _attention(kind: str, scale: float):
+def _attention(kind: str, scale: float, segments=None):
+    mask = None
+    if segments is not None:
+        T = segments.shape[1]
+        mask = (segments[:, :, None] == segments[:, None, :]) & jnp.tril(jnp.ones((T, T), bool))
+        mask = mask[:, None]
+    if kind == "pallas":
+        return lambda q, k, v: segment_attention(q, k, v, segments, scale=scale)
     if kind == "cudnn":
         return lambda q, k, v: jax.nn.dot_product_attention(q, k, v, scale=scale, is_causal=True,
                                                             implementation="cudnn")
-    return lambda q, k, v: causal_attention(q, k, v, None, scale=scale, block=128)
+    return lambda q, k, v: causal_attention(q, k, v, mask, scale=scale, block=128)
 
 
-@pytest.mark.parametrize("T", [128, 640])
-def test_cudnn_attention_matches_xla_attention(T):
+@pytest.mark.parametrize("T, packed", [(128, False), (640, False), (640, True)])
+def test_fused_attention_matches_xla_attention(T, packed):
     """bfloat16, grouped heads (8 query heads over 2 key/value heads), rows of one block and of
-    five (the last partial): the outputs and the gradients of q, k and v against float32."""
+    five: the outputs and the gradients of q, k and v against float32. Packed: row 0 holds
+    examples of 200, 300 and 100 tokens and 40 of padding, kept apart by segment ids (cuDNN is
+    left out there: tune runs it on rows of one sequence)."""
     q, k, v, dout = _qkv(T)
     scale = 64 ** -0.5
+    segments = None
+    if packed:
+        row = np.concatenate([np.full(n, i, np.int32) for i, n in ((1, 200), (2, 300), (3, 100),
+                                                                   (0, 40))])
+        segments = jnp.asarray(np.stack([row, np.ones(T, np.int32)]))
 
     def run(kind, *xs):
-        fn = _attention(kind, scale)
+        fn = _attention(kind, scale, segments)
         loss = lambda q, k, v: jnp.sum(fn(q, k, v).astype(jnp.float32) * dout)  # noqa: E731
         out = jax.jit(fn)(*xs)
         grads = jax.jit(jax.grad(loss, argnums=(0, 1, 2)))(*xs)
@@ -78,7 +93,7 @@ def test_cudnn_attention_matches_xla_attention(T):
 
     with jax.default_matmul_precision("highest"):
         ref = run("xla", *(x.astype(jnp.float32) for x in (q, k, v)))
-    for kind in ("xla", "cudnn"):
+    for kind in ("xla", "pallas") if packed else ("xla", "cudnn", "pallas"):
         got = run(kind, q, k, v)
         for name, g, r in zip(("out", "dq", "dk", "dv"), got, ref):
             err = np.abs(g - r).max() / np.abs(r).max()
@@ -181,17 +196,21 @@ def gpu_run(tmp_path, monkeypatch, capsys, chat_model_dir):
     return run
 
 
-@pytest.mark.parametrize("pack, attention", [(True, "xla"), (False, "cudnn")])
-def test_run_on_gpu_trains_in_bfloat16_and_exports(gpu_run, chat_model_dir, pack, attention):
-    """A GPU plan resolves to bfloat16 and (rows of one sequence) cuDNN attention; the run learns
-    the task, and its adapter in PEFT (float32, CPU) gives the logits tune gives on the GPU."""
+@pytest.mark.parametrize("attention, overrides", [
+    ("xla", ["runtime.pack=true"]),
+    ("cudnn", ["runtime.pack=false"]),
+    ("pallas", ["runtime.attention=pallas", "data.max_length=128", "schedule.batch_size=1"])])
+def test_run_on_gpu_trains_in_bfloat16_and_exports(gpu_run, chat_model_dir, attention, overrides):
+    """A GPU plan resolves to bfloat16, and to cuDNN attention for rows of one sequence (XLA's for
+    packed rows unless Pallas's kernel is asked for); the run learns the task, and its adapter in
+    PEFT (float32, CPU) gives the logits tune gives on the GPU."""
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
     from compiler.plan import Plan
     from runtime.evaluate import load_model
 
-    run_dir = gpu_run(f"runtime.pack={str(pack).lower()}", name=f"run-{attention}")
+    run_dir = gpu_run(*overrides, name=f"run-{attention}")
     text = (run_dir / "plan.json").read_text()
     rt = json.loads(text)["runtime"]
     assert (rt["devices"]["platform"], rt["dtype"], rt["attention"]) == ("gpu", "bfloat16", attention)
