@@ -32,8 +32,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
-import shlex
 import subprocess
 import sys
 import time
@@ -41,7 +39,9 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
-RESULTS_MD = HERE / "RESULTS.md"
+sys.path.insert(0, str(HERE))
+from throughput import publish  # noqa: E402
+
 BEGIN, END = "<!-- gpu:begin -->", "<!-- gpu:end -->"
 PEAK_BF16 = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "L40S": 362e12, "B200": 2250e12}
 
@@ -296,18 +296,8 @@ def main(argv=None) -> int:
         return 0
     sides = ("tune", "peft") if args.side == "both" else (args.side,)
     rows = [with_rates(child(side, name, args)) for name in args.models.split(",") for side in sides]
-    command = "python benchmarks/gpu.py " + shlex.join(argv if argv is not None else sys.argv[1:])
-    text = markdown(rows, command.strip())
-    print(text)
-    if not args.no_write and not args.tiny:
-        out = HERE / "results" / "gpu.json"
-        out.parent.mkdir(parents=True, exist_ok=True)
-        out.write_text(json.dumps({"command": command, "machine": platform.node(), "rows": rows},
-                                  indent=1) + "\n")
-        doc = RESULTS_MD.read_text()
-        doc = (doc[:doc.index(BEGIN)] + text + doc[doc.index(END) + len(END):]
-               if BEGIN in doc and END in doc else doc.rstrip() + "\n\n" + text + "\n")
-        RESULTS_MD.write_text(doc)
+    publish("gpu", argv, rows, lambda command: markdown(rows, command), BEGIN, END,
+            write=not args.no_write and not args.tiny)
     return 0
 
 

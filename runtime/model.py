@@ -331,8 +331,8 @@ class Attention(nnx.Module):
     def __call__(self, x, cos, sin, mask, keys, cache=None, attention: str = "xla",
                  block: int = ATTENTION_BLOCK):
         """x [B,T,D]; mask [B,1,T,S] bool, or None for plain causal attention (for "pallas": the
-        segment ids [B,T], or None); keys: 4 dropout keys
-        or None; block: query rows per block of the xla attention (0: the whole row at once).
+        segment ids [B,T], or None); keys: 4 dropout keys or None; block: query rows per block of
+        the xla attention (0: the whole row at once).
         cache: None (attend over these T tokens, S = T) or (k [B,S,K,H], v, index): the new keys and
         values are written at slots [index, index+T) and attention runs over all S slots.
         Returns (y [B,T,D], (k, v) of these T tokens, rotated) — the caller stores them."""
@@ -502,7 +502,7 @@ class Llama(nnx.Module):
         windows = self._windows()
         mask = None
         if self.attention == "pallas":      # the kernel takes the segment ids themselves
-            if self.cfg.sliding_windows:
+            if windows is not None:
                 raise ValueError("pallas attention has no sliding window; use xla")
             mask = segment_ids
         elif segment_ids is not None or windows is not None:

@@ -166,9 +166,8 @@ def chat_model_dir(hf_tiny, tiny_chat_dir, tmp_path_factory):
     out = tmp_path_factory.mktemp("gpu-chat")
     for src in (hf_tiny("llama")[1], tiny_chat_dir):
         for f in src.iterdir():
-            if f.suffix == ".json" or f.suffix == ".safetensors":
-                if not (out / f.name).exists():
-                    shutil.copy(f, out / f.name)
+            if f.suffix in (".json", ".safetensors") and not (out / f.name).exists():
+                shutil.copy(f, out / f.name)
     return out
 
 
