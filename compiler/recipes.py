@@ -1,7 +1,8 @@
 """Recipes: shareable YAML files served to Hydra as the config group `recipe` (`+recipe=legal`).
 
 Search order (first match wins): `./recipes/` of the current directory, each directory of
-TUNE_RECIPE_PATH (colon-separated), then the recipes installed with tune. A recipe is NAME.yaml; its
+TUNE_RECIPE_PATH (colon-separated), the `recipe/` folder of each local directory the command line
+adds with `hydra.searchpath=[...]`, then the recipes installed with tune. A recipe is NAME.yaml; its
 first comment line after the `# @package _global_` header is its one-line description. A recipe may
 extend another through its defaults list (`- /recipe/legal` then `- _self_`) and pick options of
 tune's groups (`- override /template: completion`).
@@ -22,7 +23,7 @@ from typing import List, Optional
 from compiler.errors import PlanError, did_you_mean
 from compiler.files import sha256_file
 from compiler.plan import Recipe, RecipeRef
-from compiler.safety import load_recipe_yaml
+from compiler.safety import load_recipe_yaml, package_header
 
 INSTALLED_DIR = Path(__file__).resolve().parent.parent / "recipes"
 GROUP = "recipe"
@@ -32,6 +33,42 @@ _NAME = re.compile(r"[A-Za-z0-9][\w.\-]*")
 
 # ------------------------------------------------------------------------------ discovery
 
+# What one `tune` invocation sees: the command line's hydra.searchpath folders, and the text of every
+# recipe file as first read, so the checks and Hydra's composition read the same bytes.
+_SEARCHPATH: tuple = ()
+_TEXTS: dict = {}
+
+
+def begin(searchpath=()) -> None:
+    """Start an invocation: forget what an earlier one read; `searchpath` is the command line's
+    hydra.searchpath entries (file:// or plain paths become recipe folders; pkg:// ones are left
+    to Hydra, whose composition tune checks all the same)."""
+    global _SEARCHPATH
+    _TEXTS.clear()
+    dirs = []
+    for entry in searchpath or ():
+        entry = str(entry)
+        if entry.startswith("file://"):
+            entry = entry[len("file://"):]
+        elif "://" in entry:
+            continue
+        dirs.append(Path(entry).expanduser() / GROUP)
+    _SEARCHPATH = tuple(dirs)
+
+
+def read_text(path: Path) -> str:
+    """A recipe file's text, read once per invocation."""
+    key = Path(path).resolve()
+    if key not in _TEXTS:
+        try:
+            _TEXTS[key] = Path(path).read_text(encoding="utf-8")
+        except OSError as e:
+            raise PlanError("recipe", f"cannot read {path} ({e.strerror}).", file=str(path)) from None
+        except UnicodeDecodeError:
+            raise PlanError("recipe", "the file is not UTF-8 text.", file=str(path)) from None
+    return _TEXTS[key]
+
+
 def search_dirs(cwd: Path | None = None) -> list[tuple[str, Path]]:
     """(label, absolute dir) in search order, existing or not (errors name them all)."""
     cwd = Path(cwd or Path.cwd())
@@ -39,6 +76,7 @@ def search_dirs(cwd: Path | None = None) -> list[tuple[str, Path]]:
     for entry in os.environ.get("TUNE_RECIPE_PATH", "").split(os.pathsep):
         if entry.strip():
             dirs.append(("$TUNE_RECIPE_PATH", (cwd / Path(entry.strip()).expanduser()).resolve()))
+    dirs += [("hydra.searchpath", (cwd / d).resolve()) for d in _SEARCHPATH]
     dirs.append(("installed", INSTALLED_DIR))
     seen, unique = set(), []
     for label, d in dirs:
@@ -138,49 +176,46 @@ class RecipeFile:
     path: Path
     data: dict                   # the file's mapping (plain YAML, already checked by safety)
     extends: tuple               # names of recipes in its defaults list, in order
+    placed: tuple = ()           # recipes it pulls in under a package (`/recipe@pkg: name`)
 
 
-def _extends(data: dict, file: Path) -> tuple:
-    names = []
+def _extends(data: dict, file: Path) -> tuple[tuple, tuple]:
+    """The recipes a defaults list names: (extended, placed under a package)."""
+    names, placed = [], []
     for entry in data.get("defaults") or []:
-        target = None
+        pairs = []
         if isinstance(entry, str):
             e = entry.strip()
             if e.startswith("/" + GROUP + "/"):
-                target = e[len(GROUP) + 2:]
+                pairs.append(e[len(GROUP) + 2:])
             elif e != "_self_" and "/" not in e and not e.startswith("override"):
-                target = e  # relative to the recipe group
+                pairs.append(e)  # relative to the recipe group
         elif isinstance(entry, dict):
             for key, value in entry.items():
-                k = str(key).strip()
-                if k in ("/" + GROUP, "override /" + GROUP) and isinstance(value, str):
-                    target = value
-        if target:
-            names.append(target.removesuffix(".yaml"))
-    return tuple(names)
+                k = str(key).split()[-1] if str(key).split() else ""
+                if k.partition("@")[0] in ("/" + GROUP, GROUP) and isinstance(value, str):
+                    pairs.append(value + ("@" + k.partition("@")[2] if "@" in k else ""))
+        for target in pairs:
+            name, at, _ = target.partition("@")
+            (placed if at else names).append(name.removesuffix(".yaml"))
+    return tuple(names), tuple(placed)
 
 
 def load_recipe(name: str) -> RecipeFile:
     path = find_recipe(name)
-    data = _in_package(load_recipe_yaml(path), package(path), path)
+    data = _in_package(load_recipe_yaml(path, read_text(path)), package(path), path)
     check_keys(path, data)
-    return RecipeFile(name=path.stem, path=path, data=data, extends=_extends(data, path))
+    extends, placed = _extends(data, path)
+    return RecipeFile(name=path.stem, path=path, data=data, extends=extends, placed=placed)
 
 
 def package(path: Path) -> str:
     """Where Hydra puts a recipe's keys: its `# @package` header (a recipe without one sets keys
     of the whole config, `_global_`)."""
     try:
-        lines = Path(path).read_text(encoding="utf-8").splitlines()
-    except (OSError, UnicodeDecodeError):
+        return package_header(read_text(path)) or "_global_"
+    except PlanError:
         return "_global_"
-    for line in lines:
-        s = line.strip()
-        if s and not s.startswith("#"):
-            break
-        if s.lstrip("#").strip().startswith("@package"):
-            return s.lstrip("#").strip()[len("@package"):].strip() or "_global_"
-    return "_global_"
 
 
 def _in_package(data: dict, pkg: str, path: Path) -> dict:
@@ -237,8 +272,8 @@ def _key_lines(path: Path) -> dict:
 
     out: dict = {}
     try:
-        root = yaml.compose(Path(path).read_text(encoding="utf-8"), Loader=yaml.SafeLoader)
-    except yaml.YAMLError:
+        root = yaml.compose(read_text(path), Loader=yaml.SafeLoader)
+    except (yaml.YAMLError, PlanError):
         return out
 
     def walk(node, prefix):
@@ -264,6 +299,9 @@ def recipe_chain(name: str) -> list[RecipeFile]:
         rf = load_recipe(n)
         for parent in rf.extends:
             visit(parent, stack + (n,))
+        for other in rf.placed:     # not merged as a recipe, but read and checked all the same
+            path = find_recipe(other)
+            load_recipe_yaml(path, read_text(path))
         if all(r.path != rf.path for r in order):
             order.append(rf)
 
@@ -323,6 +361,61 @@ def resolve_data_path(key: str, value: str, info: Recipe | None, cwd: Path | Non
     raise PlanError(key, f"data file `{value}` not found (looked in: {looked}).",
                     hint="relative paths are tried from the current directory, then from the "
                          "directory of the recipe that names them.")
+
+
+def hydra_source(key: str, defaults) -> tuple:
+    """Where the composed change to Hydra's setting `key` comes from: (file, line, how) of the recipe
+    that sets it, given Hydra's defaults list as (config_path, package, parent) triples; (None,
+    None, "") when no recipe file is found to hold it."""
+    for config_path, pkg, parent in defaults:
+        if not config_path.startswith(GROUP + "/"):
+            continue
+        name = config_path[len(GROUP) + 1:]
+        try:
+            path = find_recipe(name)
+        except PlanError:
+            continue
+        if pkg and (key == pkg or pkg.startswith(key + ".") or key.startswith(pkg + ".")):
+            inner = key[len(pkg) + 1:] if key.startswith(pkg + ".") else ""
+            where = _key_lines(path).get(inner) if inner else None
+            via = f" (`{inner or pkg}` of {path}{f', line {where}' if where else ''})"
+            if parent.startswith(GROUP + "/"):
+                try:
+                    parent_path = find_recipe(parent[len(GROUP) + 1:])
+                except PlanError:
+                    parent_path = None
+                if parent_path is not None:
+                    return (str(parent_path), _defaults_line(parent_path, name),
+                            f": its defaults list puts {path.name} under `{pkg}`{via}")
+            return str(path), where, via
+        if not pkg:
+            parts = key.split(".")
+            lines = _key_lines(path)
+            for n in range(len(parts), 0, -1):
+                if ".".join(parts[:n]) in lines:
+                    return str(path), lines[".".join(parts[:n])], ""
+    return None, None, ""
+
+
+def _defaults_line(path: Path, name: str) -> int | None:
+    """The line of the defaults-list entry in `path` that names the config `name`."""
+    import yaml
+
+    try:
+        root = yaml.compose(read_text(path), Loader=yaml.SafeLoader)
+    except (yaml.YAMLError, PlanError):
+        return None
+    if not isinstance(root, yaml.MappingNode):
+        return None
+    for k, v in root.value:
+        if k.value == "defaults" and isinstance(v, yaml.SequenceNode):
+            for item in v.value:
+                texts = ([item.value] if isinstance(item, yaml.ScalarNode) else
+                         [str(x.value) for pair in getattr(item, "value", ()) for x in pair
+                          if isinstance(x, yaml.ScalarNode)])
+                if any(t == name or t.split("@")[0].rstrip("/").endswith(name) for t in texts):
+                    return item.start_mark.line + 1
+    return None
 
 
 # ------------------------------------------------------------------------------ tune recipes
@@ -422,12 +515,12 @@ def _hydra_classes():
             f = self._file(config_path)
             if f is None:
                 raise ConfigLoadError(f"Recipe not found: {config_path}")
-            load_recipe_yaml(f)  # refuses what is not data, with file:line
-            text = f.read_text(encoding="utf-8")
+            text = read_text(f)
+            load_recipe_yaml(f, text)  # refuses what is not data, with file:line
             header = ConfigSource._get_header_dict(text[:512])
             if header.get("package") is None:
                 header["package"] = "_global_"  # recipes set keys of the whole config
-            cfg = OmegaConf.create(OmegaConf.load(f))
+            cfg = OmegaConf.create(text)
             return ConfigResult(config=cfg, path=f"{self.scheme()}://{f.parent}",
                                 provider=self.provider, header=header)
 
@@ -450,8 +543,10 @@ def _hydra_classes():
             return sorted(set(out))
 
     class RecipeSearchPath(SearchPathPlugin):
+        # First, so the group `recipe` is always served (and checked) by this source, hydra.searchpath
+        # folders included; it serves nothing else.
         def manipulate_search_path(self, search_path: ConfigSearchPath) -> None:
-            search_path.append(provider="tune-recipes", path="tune-recipes://")
+            search_path.prepend(provider="tune-recipes", path="tune-recipes://")
 
     RecipeConfigSource.__module__ = RecipeSearchPath.__module__ = __name__
     _CLASSES = (RecipeConfigSource, RecipeSearchPath)

@@ -3,15 +3,20 @@
 Hydra and OmegaConf can run code from a config: `_target_` (and its companions) instantiates any
 importable callable, a resolver interpolation such as `${oc.env:SECRET}` or a user-registered
 `${eval:...}` calls a function with strings from the file, and Hydra's own `hydra.callbacks`,
-`hydra.job_logging` (logging's `()` factories) or launcher/sweeper groups import classes. tune never
-instantiates anything from a config, and refuses all of these before they are composed:
+`hydra.job_logging` (logging's handlers open files, `()` factories import classes), `hydra.searchpath`
+or launcher/sweeper groups import classes. tune never instantiates anything from a config, and
+refuses all of these, twice:
 
-- `scan_recipe_file(path)` reads a recipe with a plain YAML parser (so a syntax error is reported
-  as file:line), and refuses instantiation keys anywhere, resolver calls anywhere (except Hydra's
-  `${now:...}` in the run/sweep directory), any `hydra:` setting beyond the run/sweep directory, and
-  defaults-list entries that select Hydra's own groups.
-- `check_config(cfg)` checks the composed config (interpolations not yet resolved), outside the
-  `hydra` section, for instantiation keys and resolver calls, wherever they came from.
+- `load_recipe_yaml(path)` reads each recipe file with a plain YAML parser (so a syntax error is
+  reported as file:line), and refuses instantiation keys anywhere, resolver calls anywhere (except
+  Hydra's `${now:...}` in the run/sweep directory), any `hydra:` setting beyond the run/sweep
+  directory, a `# @package` header and defaults-list entries that select Hydra's own groups or put a
+  config under the `hydra` package (`/recipe@hydra.job_logging: x`, `x@_global_.hydra`, ...).
+- `hydra_changes(with_recipe, without)` compares the `hydra` section Hydra composes with the recipe
+  against the one tune's conf/ and the user's own command line compose without it, before Hydra
+  configures logging, creates a directory or runs a callback (tune/compose.py makes that dry pass);
+  `check_config(cfg)` checks the rest of the composed config for instantiation keys and resolver
+  calls, wherever they came from.
 
 Plain interpolation (`${data.max_length}`) is a lookup, not a call, and is allowed.
 """
@@ -126,16 +131,10 @@ def _strings(value):
 
 # ------------------------------------------------------------------------------ recipe files
 
-def load_recipe_yaml(path: Path) -> dict:
-    """Parse a recipe file with a plain YAML parser and check it; returns the mapping (no Hydra,
-    no OmegaConf). Raises PlanError with file and line for invalid YAML or anything unsafe."""
+def load_recipe_yaml(path: Path, text: str) -> dict:
+    """Parse a recipe file's text with a plain YAML parser and check it; returns the mapping (no
+    Hydra, no OmegaConf). Raises PlanError with file and line for invalid YAML or anything unsafe."""
     path = Path(path)
-    try:
-        text = path.read_text(encoding="utf-8")
-    except OSError as e:
-        raise PlanError("recipe", f"cannot read {path} ({e.strerror}).", file=str(path)) from None
-    except UnicodeDecodeError:
-        raise PlanError("recipe", "the file is not UTF-8 text.", file=str(path)) from None
     try:
         node = yaml.compose(text, Loader=yaml.SafeLoader)
         data = yaml.load(text, Loader=yaml.SafeLoader)  # noqa: S506 - SafeLoader
@@ -153,8 +152,36 @@ def load_recipe_yaml(path: Path) -> dict:
     if not isinstance(data, dict):
         raise PlanError("recipe", f"a recipe is a YAML mapping of config keys, not a "
                         f"{type(data).__name__}.", file=str(path), line=1)
+    check_package_header(text, str(path))
     _scan_node(node, "", str(path))
     return data
+
+
+def package_header(text: str) -> str | None:
+    """The `# @package X` of a config file's leading comment lines (Hydra reads only those), or None."""
+    for line in text.splitlines():
+        s = line.strip()
+        if s and not s.startswith("#"):
+            return None
+        body = s.lstrip("#").strip()
+        if body.startswith("@package"):
+            return body[len("@package"):].strip()
+    return None
+
+
+def lands_in_hydra(package: str) -> bool:
+    """Whether a package Hydra would place a config at can be Hydra's own `hydra` node. Hydra joins
+    an entry's package onto its parent's and keeps what follows the last `_global_`, so any
+    `hydra` component (`hydra`, `_global_.hydra.x`, `a._global_.hydra`) can land there; none of
+    tune's own keys is called `hydra`, so every such spelling is refused."""
+    return "hydra" in package.replace("_global_", ".").split(".")
+
+
+def check_package_header(text: str, file: str) -> None:
+    header = package_header(text)
+    if header is not None and lands_in_hydra(header):
+        line = next(i for i, l in enumerate(text.splitlines(), 1) if "@package" in l)
+        raise _refuse_hydra(f"# @package {header}", file, line)
 
 
 def _scan_node(node, path: str, file: str) -> None:
@@ -212,11 +239,59 @@ def _scan_defaults(node, file: str) -> None:
             raise PlanError("defaults", "a defaults-list entry is a config name or a "
                             "`group: option` pair.", file=file, line=line)
         for entry in entries:
-            group = entry.removeprefix("override ").removeprefix("optional ").strip().lstrip("/")
-            if group.split("@")[0].split("/")[0] == "hydra":
+            words = entry.split()          # `[optional] [override] group[@package]`
+            target = words[-1] if words else ""
+            group, _, pkg = target.partition("@")
+            if group.lstrip("/").split("/")[0] == "hydra":
                 raise PlanError("defaults", f"the entry `{entry}` selects one of Hydra's own config "
-                                f"groups; {_WHY}", file=file, line=line,
-                                hint="a recipe's defaults list may pick tune's groups (model, data, "
-                                     "template, adapter, schedule, runtime, eval) and other recipes.")
+                                f"groups; {_WHY}", file=file, line=line, hint=_DEFAULTS_HINT)
+            if lands_in_hydra(pkg):
+                raise PlanError("defaults", f"the entry `{entry}` puts a config under Hydra's own "
+                                f"settings (the package `@{pkg}`), where logging, callbacks, the "
+                                f"search path, launcher and sweeper can create files and import "
+                                f"code; {_WHY}", file=file, line=line, hint=_DEFAULTS_HINT)
             if resolver_calls(entry):
                 raise _refuse_resolver("defaults", entry, resolver_calls(entry), file=file, line=line)
+
+
+_DEFAULTS_HINT = ("a recipe's defaults list may pick tune's groups (model, data, template, adapter, "
+                  "schedule, runtime, eval) and other recipes, under tune's own keys; Hydra's "
+                  "settings belong on your own command line.")
+
+
+# ------------------------------------------------------------------------------ the hydra section
+
+# Keys of the composed `hydra` section that Hydra derives from the command line (the recipe's name
+# among the overrides and the group choices), not settings a config file makes.
+DERIVED_HYDRA_KEYS = ("hydra.overrides.task", "hydra.job.override_dirname", "hydra.runtime.choices")
+
+
+def hydra_changes(with_recipe: dict, without: dict) -> list[str]:
+    """Dotted keys where the `hydra` section composed with the recipe differs from the one composed
+    without it (plain unresolved trees), leaving out the run/sweep directory a recipe may set and
+    what Hydra derives from the command line. Empty when the recipe left Hydra alone."""
+    out: list[str] = []
+
+    def walk(a, b, path: str) -> None:
+        if path in RECIPE_HYDRA_KEYS or path.startswith(DERIVED_HYDRA_KEYS):
+            return
+        if isinstance(a, dict) and isinstance(b, dict):
+            for key in list(a) + [k for k in b if k not in a]:
+                walk(a.get(key, _ABSENT), b.get(key, _ABSENT), f"{path}.{key}")
+        elif a != b:
+            out.append(path)
+
+    walk(with_recipe, without, "hydra")
+    return out
+
+
+_ABSENT = object()
+
+
+def refuse_hydra_change(key: str, file: str | None, line: int | None, via: str = "") -> PlanError:
+    return PlanError(key, f"the recipe changes Hydra's own settings{via}; a recipe may set only "
+                     f"{', '.join(RECIPE_HYDRA_KEYS)} of them, since the others (logging "
+                     f"handlers, callbacks, search path, launcher, sweeper, ...) can create files "
+                     f"and import code, and {_WHY}", file=file, line=line,
+                     hint="pass Hydra settings on your own command line instead; nothing was run "
+                          "or written.")

@@ -89,9 +89,14 @@ def run_hydra(command: str, argv: list[str], run_job) -> int:
     if completing and "COMP_LINE" in os.environ:
         os.environ["COMP_LINE"] = _strip_command(os.environ["COMP_LINE"])
     own_conf = bool(args.config_dir or args.config_path or args.config_name)
+    from compiler import recipes
+
+    recipes.begin()
     overrides = [] if completing else precheck(args.overrides, check_groups=not own_conf)
 
     _register()
+    if not completing and not own_conf:
+        check_hydra_section(overrides, multirun=bool(args.multirun))
     started, failures, jobs = time.perf_counter(), [], []
 
     @hydra.main(config_path=str(CONF_DIR), config_name="config", version_base="1.3")
@@ -152,6 +157,7 @@ def precheck(overrides: list[str], *, check_groups: bool = True) -> list:
         parsed = parser.parse_overrides(overrides)
     except OverrideParseException as e:
         raise _parse_error(parser, overrides, e) from None
+    recipes.begin(searchpath(parsed))
     for o in parsed:
         key = o.key_or_group
         if key == "hydra" or key.startswith(("hydra.", "hydra/")):
@@ -181,6 +187,63 @@ def precheck(overrides: list[str], *, check_groups: bool = True) -> list:
             safety.check_override_value(key, v)
             schema.check_override(key, v)
     return parsed
+
+
+def searchpath(parsed: list) -> list[str]:
+    """The entries of a `hydra.searchpath=[...]` the command line gives (its recipe/ folders hold
+    recipes too)."""
+    out: list[str] = []
+    for o in parsed:
+        if o.key_or_group == "hydra.searchpath" and not o.is_sweep_override():
+            value = o.value()
+            out += [str(v) for v in (value if isinstance(value, list) else [value])]
+    return out
+
+
+def check_hydra_section(parsed: list, *, multirun: bool) -> None:
+    """A dry pass of Hydra's composition, before Hydra configures logging, creates a directory or
+    runs a callback: the `hydra` section a recipe gives must equal the one tune's conf/ and the
+    user's own command line give without it (but for the run/sweep directory). A sweep checks its
+    first composition and each recipe it sweeps over, as each of its jobs would compose it."""
+    from hydra._internal.config_loader_impl import ConfigLoaderImpl
+    from hydra._internal.utils import create_config_search_path
+    from hydra.core.utils import JobRuntime
+    from hydra.types import RunMode
+    from omegaconf import OmegaConf
+
+    from compiler import recipes, safety
+
+    chosen = [o for o in parsed if o.key_or_group == recipes.GROUP and not o.is_delete()]
+    if not chosen:
+        return
+    multirun = multirun or any(o.key_or_group == "hydra.mode" and str(o.value()) == "MULTIRUN"
+                               for o in parsed if not o.is_sweep_override())
+    loader = ConfigLoaderImpl(config_search_path=create_config_search_path(f"file://{CONF_DIR}"))
+    JobRuntime().set("name", PROG)
+
+    def hydra_of(lines: list[str], mode) -> dict:
+        cfg = loader.load_configuration(config_name="config", overrides=lines, run_mode=mode)
+        return OmegaConf.to_container(cfg.hydra, resolve=False)
+
+    def compare(lines: list[str], base: dict, mode) -> None:
+        changed = safety.hydra_changes(hydra_of(lines, mode), base)
+        if changed:
+            found = loader.compute_defaults_list("config", lines, mode).defaults
+            triples = [(d.config_path or "", d.package or "", d.parent or "") for d in found]
+            raise safety.refuse_hydra_change(changed[0], *recipes.hydra_source(changed[0], triples))
+
+    lines = [o.input_line for o in parsed]
+    others = [o.input_line for o in parsed if o.key_or_group != recipes.GROUP]
+    mode = RunMode.MULTIRUN if multirun else RunMode.RUN
+    compare(lines, hydra_of(others, mode), mode)
+    if multirun:   # each job composes again in RUN mode, with one value of each sweep
+        fixed = [o.input_line for o in parsed
+                 if o.key_or_group != recipes.GROUP and not o.is_sweep_override()]
+        base = hydra_of(fixed, RunMode.RUN)
+        for o in chosen:
+            prefix = "++" if o.is_force_add() else "+" if o.is_add() else ""
+            for value in _values(o):
+                compare(fixed + [f"{prefix}{recipes.GROUP}={value}"], base, RunMode.RUN)
 
 
 TEMPLATE_TEXT = ("template.prompt", "template.response", "template.system")
