@@ -32,8 +32,8 @@ def main() -> int:
     import jax.numpy as jnp
 
     from runtime.attention import causal_attention
-    from runtime.model import ATTENTION_BLOCK
-    block = ATTENTION_BLOCK if args.block is None else args.block
+    from compiler.schema import BY_PATH
+    block = BY_PATH["runtime.attention_block"].default if args.block is None else args.block
 
     B, T, N, K, H, layers = args.batch, args.seq, 9, 3, 64, 30
     keys = jax.random.split(jax.random.PRNGKey(0), 3)

@@ -69,7 +69,7 @@ RANK, ALPHA = 16, 32.0
 def model_flops_per_token(hf: dict, seq: int) -> tuple[float, int]:
     """(model FLOPs per token of one LoRA step, LoRA parameter count) — see the module docstring."""
     sys.path.insert(0, str(ROOT))
-    from compiler.architecture import ModelConfig
+    from core.architecture import ModelConfig
 
     c = ModelConfig.from_hf(hf)
     shapes = c.linear_shapes()
@@ -95,10 +95,11 @@ def run_tune(name: str, args) -> dict:
     import numpy as np
     from flax import nnx
 
-    from compiler.architecture import MODULE_NAMES, ModelConfig
-    from compiler.plan import ScheduleSection
-    from runtime.model import Llama, LoraConfig
-    from runtime.train import make_optimizer, make_train_step, split_model
+    from core.architecture import MODULE_NAMES, ModelConfig
+    from core.plan import ScheduleSection
+    from runtime.model import EXACT, Llama, LoraConfig
+    from runtime.build import optimizer as make_optimizer
+    from runtime.train import make_train_step, split_model
 
     hf = CONFIGS[name]
     batch, seq = args.batch or DEFAULTS[name]["batch"], args.seq
@@ -110,8 +111,8 @@ def run_tune(name: str, args) -> dict:
         raise SystemExit(f"--seq {seq} does not divide into --pack {args.pack} examples")
     t0 = time.perf_counter()
     model = Llama(ModelConfig.from_hf(hf), lora=LoraConfig(RANK, ALPHA, 0.0, MODULE_NAMES),
-                  dtype=dtype, param_dtype=dtype, remat=remat, attention=attention,
-                  rngs=nnx.Rngs(0))
+                  rngs=nnx.Rngs(0), compute=EXACT.but(dtype=dtype, param_dtype=dtype, remat=remat,
+                                                         attention=attention))
     graphdef, lora, frozen = split_model(model)
     del model
     schedule = ScheduleSection(

@@ -56,7 +56,7 @@ _MEASURE = r"""
 import json, sys, tempfile
 from pathlib import Path
 import jax, jax.numpy as jnp
-from compiler.plan import Plan
+from core.plan import Plan
 from runtime import run
 plan = Plan.load(sys.argv[1])
 s = run.setup(plan, Path(tempfile.mkdtemp()))

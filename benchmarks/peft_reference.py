@@ -97,7 +97,7 @@ def _from_npz(path) -> dict:
 
 def load_token_data(plan: dict) -> TokenData:
     """The examples the compiler tokenised for this plan. Reads the plan's cache file (.npz + .json)
-    directly when it is there; otherwise asks compiler.examples.load_examples (which says how to
+    directly when it is there; otherwise asks core.token_cache.load_examples (which says how to
     rebuild it)."""
     data = _section(plan, "data")
     cache = data.get("cache")
@@ -105,7 +105,7 @@ def load_token_data(plan: dict) -> TokenData:
     if cache and Path(cache).is_file():
         splits = _from_npz(cache)
     else:
-        from compiler.examples import load_examples  # rebuilds the cache from the plan
+        from core.token_cache import load_examples
 
         ex = load_examples(data.get("cache"))
         splits = {}

@@ -57,7 +57,7 @@ def profile(plan_path: Path, trace_dir: Path, steps: int) -> dict:
     import jax
     import jax.numpy as jnp
 
-    from compiler.plan import Plan
+    from core.plan import Plan
     from runtime import run as R
 
     plan = Plan.load(plan_path)

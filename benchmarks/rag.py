@@ -102,7 +102,7 @@ def main(argv=None) -> int:
         f"hydra.run.dir={run_dir}", *(args.override or [])]
     started, t0 = dt.datetime.now().strftime("%Y-%m-%d %H:%M"), time.perf_counter()
     if args.evaluate_only:
-        cmd = [sys.executable, "-c", "import sys; from compiler.plan import Plan; "
+        cmd = [sys.executable, "-c", "import sys; from core.plan import Plan; "
                "from runtime.evaluate import evaluate_before_after; "
                "evaluate_before_after(Plan.load(sys.argv[1] + '/plan.json'), sys.argv[1], "
                "limit=int(sys.argv[2]))", str(run_dir), str(args.limit)]

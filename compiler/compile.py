@@ -16,15 +16,18 @@ from pathlib import Path
 import numpy as np
 
 from compiler import data as data_mod
-from compiler import estimates, packing, safety, schema
-from compiler.errors import PlanError, did_you_mean
-from compiler.files import sha256_file, tune_home
-from compiler.architecture import ATTENTION_MODULES, full_module_names, full_module_params, lora_scale
-from compiler.labels import RARE_CLASS, is_classification, normalise
-from compiler.plan import (PLAN_VERSION, AdapterSection, DataSection, Devices, EvalSection, Estimates,
+from compiler import estimates, safety, schema
+from core import packing
+from core.packing import PALLAS_BLOCK
+from core.processes import processes
+from core.errors import PlanError, did_you_mean
+from core.files import sha256_file, tune_home
+from core.architecture import ATTENTION_MODULES, full_module_names, full_module_params, lora_scale
+from core.labels import RARE_CLASS, is_classification, normalise
+from core.plan import (PLAN_VERSION, AdapterSection, DataSection, Devices, EvalSection, Estimates,
                            Label, MeshAxes, ModelSection, Plan, Recipe, RetrievalSection,
                            RuntimeSection, ScheduleSection, TableStats, TemplateSection, with_hash)
-from compiler.templates import check_fields, placeholders
+from core.templates import check_fields, placeholders
 
 FEW_ROWS = 200                  # fewer usable training rows than this: a warning
 MEMORY_WARN = 0.9               # estimated share of device memory above which we warn
@@ -90,7 +93,7 @@ class _Tables:
 
 
 def _text_policy(d: dict, model: ModelSection) -> data_mod.TextPolicy:
-    from compiler.tokenizer import control_tokens, load_tokenizer
+    from core.tokenizer import control_tokens, load_tokenizer
 
     return data_mod.TextPolicy(normalize=d["normalize"], whitespace=d["whitespace"],
                                control_tokens=d["control_tokens"],
@@ -224,7 +227,7 @@ def _retrieve(config: dict, tables: _Tables, model: ModelSection, policy: data_m
         return tables, None
     from compiler import recipes
     from compiler import retrieval as ret
-    from compiler.tokenizer import load_tokenizer
+    from core.tokenizer import load_tokenizer
 
     query = ret.query_format(r, config["template"]["prompt"])
     for stats in (tables.train, tables.test):
@@ -263,7 +266,8 @@ def _retrieve(config: dict, tables: _Tables, model: ModelSection, policy: data_m
 def _tokenise(config: dict, tables: _Tables, model: ModelSection, warnings: list):
     """The data section (token cache built or reused) and the token data (None without any), which
     the exact step count and the loss buffer are sized from."""
-    from compiler.examples import build_examples, load_examples
+    from compiler.examples import build_examples
+    from core.token_cache import load_examples
 
     d, t = config["data"], config["template"]
     sha = {name: s.sha256 for name, s in (("train", tables.train), ("test", tables.test)) if s}
@@ -356,7 +360,7 @@ def _example_warnings(stats: dict, d: dict) -> list[str]:
 
 
 def _template_section(t: dict, model: ModelSection, data: DataSection) -> TemplateSection:
-    from compiler.examples import load_examples
+    from core.token_cache import load_examples
 
     fields: list[str] = []
     for part in ("prompt", "response", "system"):
@@ -457,7 +461,7 @@ def _devices() -> Devices:
     return Devices(platform=found["platform"], kind=str(found.get("kind") or found["platform"]),
                    count=int(found.get("count") or 1), memory=found.get("memory"),
                    peak_flops=found.get("peak_flops"), cores=found.get("cores"),
-                   processes=estimates.processes()[0])
+                   processes=processes()[0])
 
 
 def _row_length(rt: dict, max_length: int) -> int:
@@ -514,13 +518,13 @@ def _attention(name: str, devices: Devices, dtype: str, pack: bool, *, row_lengt
         raise PlanError("runtime.attention", f"{name} needs an NVIDIA GPU; this plan runs on "
                         f"{devices.platform}.", hint="use runtime.attention=auto or xla.")
     if name == "pallas":
-        if row_length % estimates.PALLAS_BLOCK:
-            rounded = -(-row_length // estimates.PALLAS_BLOCK) * estimates.PALLAS_BLOCK
+        if row_length % PALLAS_BLOCK:
+            rounded = -(-row_length // PALLAS_BLOCK) * PALLAS_BLOCK
             raise PlanError("runtime.attention", f"pallas attention works in blocks of "
-                            f"{estimates.PALLAS_BLOCK} tokens; rows of {row_length} do not divide "
+                            f"{PALLAS_BLOCK} tokens; rows of {row_length} do not divide "
                             "into them.",
                             hint=f"set data.max_length (or runtime.row_length) to a multiple of "
-                                 f"{estimates.PALLAS_BLOCK}, e.g. {rounded}.")
+                                 f"{PALLAS_BLOCK}, e.g. {rounded}.")
         if model.config.sliding_windows:
             raise PlanError("runtime.attention", f"pallas attention has no sliding window, which "
                             f"{model.name} uses.", hint="use runtime.attention=auto or xla.")
@@ -657,7 +661,7 @@ def _estimates(model: ModelSection, adapter: AdapterSection, schedule: ScheduleS
                                embedding_params=0 if c.tie_word_embeddings else head,
                                bf16_matmul=rt.matmul_dtype == "bfloat16",
                                attention_scores=c.num_layers * schedule.global_batch * c.num_heads
-                               * estimates.scores(schedule.seq_len, rt.attention_block),
+                               * packing.scores(schedule.seq_len, rt.attention_block),
                                head_dim=c.head_dim)
     share = None
     available, need = rt.devices.memory, memory["total"]

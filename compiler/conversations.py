@@ -17,8 +17,8 @@ from __future__ import annotations
 
 import json
 
-from compiler.errors import PlanError
-from compiler.templates import render_chat
+from core.errors import PlanError
+from core.templates import render_chat
 
 ROLES = {"system": "system", "user": "user", "human": "user", "assistant": "assistant",
          "gpt": "assistant", "model": "assistant"}

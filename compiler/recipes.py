@@ -20,9 +20,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import List, Optional
 
-from compiler.errors import PlanError, did_you_mean
-from compiler.files import sha256_file
-from compiler.plan import Recipe, RecipeRef
+from core.errors import PlanError, did_you_mean
+from core.files import sha256_file
+from core.plan import Recipe, RecipeRef
 from compiler.safety import load_recipe_yaml, package_header
 
 INSTALLED_DIR = Path(__file__).resolve().parent.parent / "recipes"

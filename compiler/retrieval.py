@@ -14,28 +14,14 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
-import shutil
-import tempfile
-from dataclasses import dataclass
 from pathlib import Path
 
 from compiler import data as data_mod
-from compiler.errors import PlanError
-from compiler.files import sha256_file, tune_home
-from compiler.templates import placeholders, render
-
-PLACEHOLDER = "retrieved"               # the template's placeholder the passages fill
-PLAIN = "(no passages retrieved)"       # what it holds in the test rows scored without retrieval
-INDEX_VERSION = 1
-_STOPWORDS = "en"
-
-
-@dataclass(frozen=True)
-class Passages:
-    ids: list[str]
-    texts: list[str]                    # cleaned, cut to passage_tokens
-
+from core.errors import PlanError
+from core.files import sha256_file, tune_home
+from core.prompting import TextPolicy
+from core.retrieval import _STOPWORDS, INDEX_VERSION, PLACEHOLDER, PLAIN, Index, Passages, query_text
+from core.templates import placeholders
 
 def query_format(r: dict, prompt: str | None) -> str:
     """retrieval.query, or by default every field template.prompt reads (but the passages)."""
@@ -80,7 +66,7 @@ def check_query(fmt: str, fields: list[str], *, file: str) -> None:
                         "of the data.", file=file, hint=f"the fields are: {', '.join(fields)}.")
 
 
-def load_corpus(path: Path, r: dict, policy: data_mod.TextPolicy, tokenizer, *, fmt: str = "auto",
+def load_corpus(path: Path, r: dict, policy: TextPolicy, tokenizer, *, fmt: str = "auto",
                 max_mb: float = 1024) -> tuple[Passages, dict]:
     """The corpus's passages (cleaned, cut) and its stats for the plan. PlanError for a corpus that
     is empty, lacks the id or text field, repeats an id, or has fewer passages than retrieval.k."""
@@ -128,7 +114,7 @@ def load_corpus(path: Path, r: dict, policy: data_mod.TextPolicy, tokenizer, *, 
 def _cut(texts: list[str], tokenizer, limit: int) -> tuple[list[str], int]:
     """Each text cut after `limit` tokens (at a token boundary, never inside an escaped control
     token); how many were cut."""
-    from compiler.tokenizer import ESC_CLOSE, ESC_OPEN
+    from core.tokenizer import ESC_CLOSE, ESC_OPEN
 
     out, cut = [], 0
     for enc, text in zip(tokenizer.encode_batch(texts, add_special_tokens=False), texts):
@@ -143,70 +129,7 @@ def _cut(texts: list[str], tokenizer, limit: int) -> tuple[list[str], int]:
     return out, cut
 
 
-# ------------------------------------------------------------------------------ the index
-
-class Index:
-    """A BM25 index over passages, and the passages; `search(queries)` → the top-k per query."""
-
-    def __init__(self, bm25, passages: Passages, path: Path):
-        self.bm25, self.passages, self.path = bm25, passages, path
-
-    @classmethod
-    def build(cls, passages: Passages, *, key: str, cache_dir: Path) -> "Index":
-        import bm25s
-
-        path = Path(cache_dir) / key
-        if (path / "passages.json").is_file():
-            return cls.load(path)
-        bm25 = bm25s.BM25()
-        bm25.index(bm25s.tokenize(passages.texts, stopwords=_STOPWORDS, show_progress=False),
-                   show_progress=False)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{key}.", dir=path.parent))
-        try:
-            bm25.save(str(tmp), show_progress=False)
-            (tmp / "passages.json").write_text(json.dumps(
-                {"version": INDEX_VERSION, "ids": passages.ids, "texts": passages.texts},
-                ensure_ascii=False), encoding="utf-8")
-            os.replace(tmp, path)            # a directory appears whole, or not at all
-        except OSError:
-            if not (path / "passages.json").is_file():
-                raise
-        finally:
-            shutil.rmtree(tmp, ignore_errors=True)
-        return cls(bm25, passages, path)
-
-    @classmethod
-    def load(cls, path: str | Path) -> "Index":
-        import bm25s
-
-        path = Path(path)
-        try:
-            doc = json.loads((path / "passages.json").read_text(encoding="utf-8"))
-            bm25 = bm25s.BM25.load(str(path), show_progress=False)
-        except (OSError, ValueError) as e:
-            raise FileNotFoundError(f"the retrieval index {path} cannot be read ({e}); compile the "
-                                    "plan again to rebuild it") from None
-        return cls(bm25, Passages(doc["ids"], doc["texts"]), path)
-
-    def search(self, queries: list[str], k: int) -> tuple[list[list[int]], int]:
-        """Passage indices, best first, of each query's top k; and how many queries matched no
-        passage at all (their k passages are arbitrary)."""
-        import bm25s
-
-        if not queries:
-            return [], 0
-        tokens = bm25s.tokenize(queries, stopwords=_STOPWORDS, show_progress=False,
-                                return_ids=False)
-        docs, scores = self.bm25.retrieve(tokens, k=k, show_progress=False, n_threads=1)
-        return docs.tolist(), int((scores.max(axis=1) <= 0).sum())
-
-    def text(self, hits: list[int]) -> str:
-        """The {retrieved} text of some passages: each as [id] text, a blank line between."""
-        return "\n\n".join(f"[{self.passages.ids[j]}] {self.passages.texts[j]}" for j in hits)
-
-
-def index_key(stats: dict, r: dict, policy: data_mod.TextPolicy, tokenizer_hash: str) -> str:
+def index_key(stats: dict, r: dict, policy: TextPolicy, tokenizer_hash: str) -> str:
     import bm25s
 
     material = {"version": INDEX_VERSION, "bm25s": bm25s.__version__, "sha256": stats["sha256"],
@@ -221,15 +144,6 @@ def default_cache_dir() -> Path:
 
 
 # ------------------------------------------------------------------------------ rows
-
-def query_text(values: dict, fmt: str) -> str:
-    """The search text of one row (or of a prompt's fields at generation time: a field the query
-    reads that the prompt did not give is searched for as the prompt's own text)."""
-    needed = placeholders(fmt, key="retrieval.query")
-    if any(f not in values for f in needed):
-        return " ".join(str(v) for k, v in values.items() if k != PLACEHOLDER)
-    return render(values, {"prompt": fmt, "response": "", "system": None})[0]
-
 
 def fill(rows: list[dict], index: Index, *, query: str, k: int, gold: str | None
          ) -> tuple[list[dict], dict]:

@@ -27,7 +27,7 @@ from pathlib import Path
 
 import yaml
 
-from compiler.errors import PlanError
+from core.errors import PlanError
 
 INSTANTIATION_KEYS = ("_target_", "_partial_", "_recursive_", "_convert_", "_args_")
 # The only Hydra settings a recipe may carry: where its runs go.

@@ -12,8 +12,8 @@ import math
 from dataclasses import dataclass
 from typing import Any
 
-from compiler.architecture import MODULE_NAMES
-from compiler.errors import PlanError, did_you_mean
+from core.architecture import MODULE_NAMES
+from core.errors import PlanError, did_you_mean
 
 LR_USUAL = (1e-6, 1e-2)           # outside: a warning
 LR_HINT = "for AdamW-based LoRA the usual range is about 1e-5 to 5e-4"

@@ -10,9 +10,9 @@ from rich.panel import Panel
 from rich.table import Table
 from rich.text import Text
 
-from compiler.estimates import attention_blocks
+from core.packing import attention_blocks
 
-OPEN, CLOSE = "⟦", "⟧"   # compiler.templates marks the supervised span with these
+OPEN, CLOSE = "⟦", "⟧"   # core.templates marks the supervised span with these
 
 
 def print_plan(plan, *, run_dir=None, elapsed: float | None = None, console: Console | None = None

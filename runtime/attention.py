@@ -6,7 +6,7 @@ above the diagonal are computed and then thrown away. This splits the queries in
 upper triangle is skipped in whole blocks and each block's softmax is exact — no running maximum
 is needed, because every key a query can see is in its block's key range. With n blocks the score
 matrices hold T²·(n+1)/2n elements instead of T² (the plan's memory figure counts them so,
-compiler/estimates.attention_blocks), and the products cost as much less.
+core/packing.attention_blocks), and the products cost as much less.
 
 Grouped-query attention is computed on grouped heads ([B, K, G, T, S] scores for K key/value
 heads shared by G query heads each): the keys and values are never repeated G times.
@@ -25,7 +25,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from compiler.estimates import PALLAS_BLOCK, attention_blocks
+from core.packing import PALLAS_BLOCK, attention_blocks
 
 _MASKED = float(jnp.finfo(jnp.float32).min)
 

@@ -7,7 +7,7 @@ never an input that predicts anything of the same example). A target is supervis
 when it lies in the example's response span, end token included. Targets never cross example
 boundaries: attention is limited to the segment, and positions restart at 0 in each segment.
 
-Which examples share a row is compiler/packing.py's rule (best-fit-decreasing; the compiler counts
+Which examples share a row is core/packing.py's rule (best-fit-decreasing; the compiler counts
 the plan's steps with it): the row count depends only on the multiset of lengths, so every epoch has
 the same number of steps. The epoch's randomness (seed + epoch) permutes examples of equal length
 before the stable sort, and permutes the rows. Unpacked mode puts one example per row, shuffled.
@@ -25,7 +25,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from compiler.packing import epoch_rows, example_slots, steps_per_epoch
+from core.packing import epoch_rows, example_slots, steps_per_epoch
 
 FIELDS = ("tokens", "targets", "loss_mask", "segment_ids", "positions")
 

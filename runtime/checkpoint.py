@@ -19,8 +19,8 @@ from pathlib import Path
 import jax
 import numpy as np
 
-from compiler.errors import PlanError
-from compiler.files import write_atomic
+from core.errors import PlanError
+from core.files import write_atomic
 
 KEEP = 2
 _NAME = re.compile(r"^step_(\d+)\.npz$")

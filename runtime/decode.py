@@ -129,8 +129,7 @@ def _greedy_batch(graphdef, state, prompt, valid, active, eos_ids, pad_id, max_n
 
 
 def greedy_generate(model, prompts: Sequence[Sequence[int]], *, max_new_tokens: int,
-                    eos_ids: Sequence[int] = (), pad_id: int = 0, batch_size: int = 8,
-                    progress=None) -> list[list[int]]:
+                    eos_ids: Sequence[int], pad_id: int, batch_size: int, progress=None) -> list[list[int]]:
     """Greedy continuations of token-id prompts, in input order.
 
     Each result holds the generated ids up to (not including) the first end token, at most
@@ -225,9 +224,8 @@ def _classify_batch(graphdef, state, prompt, valid, active, trie_tokens, trie_no
     return labels, _free_loop(model, logits, cache, lengths, active, eos_ids, pad_id, free_tokens)
 
 
-def classify(model, prompts: Sequence[Sequence[int]], trie: LabelTrie, *, batch_size: int = 8,
-             pad_id: int = 0, free_tokens: int = 0, eos_ids: Sequence[int] = (), progress=None
-             ) -> tuple[list[int], list[list[int]] | None]:
+def classify(model, prompts: Sequence[Sequence[int]], trie: LabelTrie, *, batch_size: int,
+             pad_id: int, eos_ids: Sequence[int], free_tokens: int = 0, progress=None) -> tuple[list[int], list[list[int]] | None]:
     """Decode each prompt's answer within the label set: (label index per prompt, and with
     free_tokens > 0 the free greedy answer's tokens up to its end token, from the same prefill —
     so nothing is hidden: how often free generation lands on a label is measured beside it)."""
@@ -265,7 +263,7 @@ def _step_one(graphdef, state, token, position, cache):
 
 
 def stream_greedy(model, prompt: Sequence[int], *, max_new_tokens: int,
-                  eos_ids: Sequence[int] = (), pad_id: int = 0) -> Iterator[int]:
+                  eos_ids: Sequence[int], pad_id: int) -> Iterator[int]:
     """Yield the greedy answer to one prompt token by token (a Python loop over a jitted step), until
     an end token (not yielded) or max_new_tokens. Same tokens as greedy_generate."""
     if max_new_tokens <= 0:
@@ -310,7 +308,7 @@ def _choice_batch(graphdef, state, prompt, valid, choices, choice_valid):
 
 
 def choice_logprobs(model, prompt_ids: Sequence[Sequence[int]], choices_ids: Sequence[Sequence[int]],
-                    *, batch_size: int = 8, pad_id: int = 0, progress=None) -> np.ndarray:
+                    *, batch_size: int, pad_id: int, progress=None) -> np.ndarray:
     """Total log-likelihood [N, K] (float32) of each choice's tokens given each prompt.
 
     Each prompt is prefilled once; each of the K choices then runs over the shared cache. Choices

@@ -1,6 +1,6 @@
 """Score a model on the plan's test split: the base model, or base + a trained LoRA adapter.
 
-The test prompts are the token ids the compiler made (compiler.examples, split "test": the prompt is
+The test prompts are the token ids the compiler made (the token cache's split "test": the prompt is
 ids[:prompt_len], tokenised exactly as in training); the references are the test answers' text.
 `eval.limit` scores N test rows drawn with the plan's seed (in file order; the same rows for base
 and tuned, with and without retrieval): a test file sorted by answer — PubMedQA's is — would make
@@ -21,8 +21,6 @@ eval.json (written by `write_eval`): the headline result at the top level ({"met
 """
 from __future__ import annotations
 
-import dataclasses
-
 import json
 import sys
 import time
@@ -30,38 +28,15 @@ from pathlib import Path
 
 import numpy as np
 
-from compiler.examples import load_examples
-from compiler.files import write_atomic, write_json
-from compiler.plan import Plan
-from compiler.tokenizer import load_tokenizer
+from core.token_cache import load_examples
+from core.files import write_atomic, write_json
+from core.plan import Plan
+from core.tokenizer import load_tokenizer
 from runtime import metrics as M
-from runtime.decode import LabelTrie, choice_logprobs, classify, end_token_ids, greedy_generate
+from runtime import build
+from runtime.decode import LabelTrie, choice_logprobs, classify, greedy_generate
 
 EVAL_FILE = "eval.json"
-
-
-def load_model(plan: Plan, adapter_dir=None, *, adapter_weights: bool = True):
-    """The plan's base model, in the plan's dtypes; with adapter_dir, built with the adapter's LoRA
-    shape and (unless adapter_weights=False) its weights. Without them the LoRA B factors are zero,
-    as freshly initialised, so the model computes exactly the base model."""
-    from flax import nnx
-
-    from runtime.export import load_peft_adapter, read_lora_config
-    from runtime.train import DTYPES
-    from runtime.weights import load_pretrained
-
-    rt = plan.runtime
-    lora = None if adapter_dir is None else read_lora_config(adapter_dir)
-    if lora is not None and plan.adapter.quantize != "none":
-        # the adapter was trained on the quantised base: score it on that base
-        lora = dataclasses.replace(lora, quantize=plan.adapter.quantize)
-    model = load_pretrained(plan.model.dir, config=plan.model.config, lora=lora,
-                            dtype=DTYPES[rt.dtype], param_dtype=DTYPES[rt.param_dtype],
-                            matmul_dtype=DTYPES[rt.matmul_dtype], remat="none",
-                            attention_block=rt.attention_block, rngs=nnx.Rngs(0))
-    if adapter_dir is not None and adapter_weights:
-        load_peft_adapter(model, adapter_dir)
-    return model
 
 
 class TestSet:
@@ -119,7 +94,7 @@ def evaluate(plan: Plan, run_dir=None, adapter_dir=None, *, limit=None, model=No
         raise ValueError("there are no test examples to score: set data.test_path (a held-out file "
                          "with the same fields as data.path)")
     if model is None:
-        model = load_model(plan, adapter_dir)
+        model = build.scoring_model(plan, adapter_dir)
 
     t0 = time.perf_counter()
     log(f"eval ({which}): {len(test)} test rows, {metric}, mode {mode}")
@@ -169,9 +144,8 @@ def _predict(plan: Plan, model, tokenizer, test: TestSet, progress):
     """(predictions, generated tokens, free-generation predictions or None) of the model on the
     test rows, by eval.mode: constrained decoding within the label set (and free decoding from the
     same prefill, to show beside it), free decoding, or the likeliest label."""
-    ev, pad = plan.eval, plan.model.pad_token_id
-    labels = plan.data.labels
-    eos = end_token_ids(plan.model.eos_token_ids, tokenizer)
+    ev, labels = plan.eval, plan.data.labels
+    dec = build.decoding(plan, tokenizer)
 
     def text(ids_list):
         return [t.strip() for t in tokenizer.decode_batch(ids_list, skip_special_tokens=True)]
@@ -180,16 +154,16 @@ def _predict(plan: Plan, model, tokenizer, test: TestSet, progress):
         raise ValueError(f"eval.mode={ev.mode} needs the plan's label set (a classification task)")
     if ev.mode == "constrained":
         picked, free = classify(model, test.prompts, LabelTrie.build([x.ids for x in labels]),
-                                batch_size=ev.batch_size, pad_id=pad, eos_ids=eos,
-                                free_tokens=ev.max_new_tokens, progress=progress)
+                                free_tokens=ev.max_new_tokens, progress=progress, **dec)
         return [labels[k].text for k in picked], sum(len(f) for f in free), text(free)
     if ev.mode == "choices":
         scores = choice_logprobs(model, test.prompts, [list(x.ids) for x in labels],
-                                 batch_size=ev.batch_size, pad_id=pad, progress=progress)
+                                 batch_size=dec["batch_size"], pad_id=dec["pad_id"],
+                                 progress=progress)
         return [labels[k].text for k in np.argmax(scores, axis=1)], 0, None
     if ev.mode == "generate":
-        out = greedy_generate(model, test.prompts, max_new_tokens=ev.max_new_tokens, eos_ids=eos,
-                              pad_id=pad, batch_size=ev.batch_size, progress=progress)
+        out = greedy_generate(model, test.prompts, max_new_tokens=ev.max_new_tokens,
+                              progress=progress, **dec)
         return text(out), sum(len(o) for o in out), None
     raise ValueError(f"unknown eval.mode {ev.mode!r}; expected constrained, generate or choices")
 
@@ -201,14 +175,14 @@ def evaluate_before_after(plan: Plan, run_dir, *, limit=None, verbose: bool = Tr
     One model is loaded, built with the adapter's LoRA shape: its LoRA B factors start at zero, so
     it first IS the base model; then the adapter is loaded into it in place. Base and tuned thus
     share one compiled decoding program."""
-    from runtime.export import load_peft_adapter
+    from runtime.peft import load_peft_adapter
     from runtime.progress import log
 
     if not plan.data.sizes.get("test"):
         log("no test examples (data.test_path not set): skipping the before/after evaluation")
         return None
     adapter_dir = Path(run_dir) / "adapter"
-    model = load_model(plan, adapter_dir, adapter_weights=False)
+    model = build.scoring_model(plan, adapter_dir, adapter_weights=False)
     tokenizer = load_tokenizer(plan.model.dir)
     # with retrieval: each model with and without the passages (fine-tuning vs RAG, and both)
     ways = (True, False) if plan.retrieval is not None else (True,)

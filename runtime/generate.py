@@ -15,108 +15,43 @@ prefix trie, as its evaluation does (eval.mode=generate on the command line answ
 """
 from __future__ import annotations
 
-import json
 import sys
 from pathlib import Path
 
-from compiler.data import TextPolicy, text_cleaner
-from compiler.plan import Plan
-from compiler.retrieval import PLACEHOLDER
-from compiler.tokenizer import control_tokens, load_tokenizer
+from core.plan import Plan
+from core.prompting import Prompter
+from core.tokenizer import load_tokenizer
 from runtime.decode import LabelTrie, classify, end_token_ids, stream_greedy
 
 EXIT_WORDS = ("exit", "quit", ":q")
 
 
 class Chat:
-    """A model, its tokenizer and the recipe's template: turns text into prompt ids, answers back."""
+    """A model, its tokenizer and the plan's Prompter: turns text into prompt ids, answers back."""
 
     def __init__(self, plan: Plan, adapter_dir=None, *, model=None, tokenizer=None,
                  labels: bool = False):
-        from runtime.evaluate import load_model
+        from runtime.build import scoring_model
 
         self.plan = plan
         self.tokenizer = tokenizer or load_tokenizer(plan.model.dir)
-        self.model = model if model is not None else load_model(plan, adapter_dir)
-        self.template = plan.template
-        self.chat = plan.template.chat
-        self.chat_template = plan.template.chat_template
-        self.bos_token, self.eos_token = plan.model.bos_token, plan.model.eos_token
+        self.model = model if model is not None else scoring_model(plan, adapter_dir)
+        self.prompter = Prompter(plan, self.tokenizer)
+        self.chat = self.prompter.chat
         self.eos_ids = end_token_ids(plan.model.eos_token_ids, self.tokenizer)
         self.pad_id = plan.model.pad_token_id
         # A classification run answers with one of its labels (decoding within the label set).
         self.trie = LabelTrie.build([x.ids for x in plan.data.labels]) if labels else None
-        d = plan.data
-        self.clean = text_cleaner(TextPolicy(d.normalize, d.whitespace, d.control_tokens,
-                                             control_tokens(self.tokenizer)))
-        self.retrieval = plan.retrieval
-        self._index = None
-        self.retrieved: list[str] = []      # the ids of the passages the last prompt retrieved
-
-    # -- text → the prompt the model was trained on
 
     def fill(self, text: str, *, raw: bool = False) -> tuple[str, str | None]:
-        """(user message, system message) for one input text, through the recipe's template."""
-        from compiler.templates import placeholders, render
+        return self.prompter.fill(text, raw=raw)
 
-        # what the user typed is cleaned as the training data was (control tokens in it are text)
-        prompt_fmt, system_fmt = self.template.prompt, self.template.system
-        if raw or not prompt_fmt:
-            return self.clean(text), self._system({}, system_fmt)
-        fields = [f for f in placeholders(prompt_fmt, key="template.prompt") if f != PLACEHOLDER]
-        values = None
-        if len(fields) == 1:
-            values = {fields[0]: self.clean(text)}
-        elif fields:
-            try:
-                obj = json.loads(text)
-            except ValueError:
-                obj = None
-            if isinstance(obj, dict) and all(f in obj for f in fields):
-                values = {k: self.clean(v) if isinstance(v, str) else v for k, v in obj.items()}
-        if values is None:
-            return self.clean(text), self._system({}, system_fmt)
-        if self.retrieval is not None:
-            values[PLACEHOLDER] = self.retrieve(values)
-        prompt, _, _ = render(values, {"prompt": prompt_fmt, "response": "", "system": None})
-        return prompt, self._system(values, system_fmt)
-
-    def retrieve(self, values: dict) -> str:
-        """The {retrieved} text for a prompt's fields: the plan's query searched in its index."""
-        from compiler.retrieval import Index, query_text
-
-        r = self.retrieval
-        if self._index is None:
-            self._index = Index.load(r.index)
-        query = query_text(values, r.query)
-        hits = self._index.search([query], r.k)[0][0]
-        self.retrieved = [self._index.passages.ids[j] for j in hits]
-        return self._index.text(hits)
-
-    @staticmethod
-    def _system(values: dict, system_fmt):
-        if not system_fmt:
-            return None
-        from compiler.templates import placeholders, render
-
-        needed = placeholders(system_fmt, key="template.system")
-        if any(f not in values for f in needed):
-            return None if needed else system_fmt
-        return render(values, {"prompt": "", "response": "", "system": system_fmt})[2]
+    @property
+    def retrieved(self) -> list[str]:
+        return self.prompter.retrieved
 
     def prompt_ids(self, messages: list[dict]) -> list[int]:
-        """Token ids of a conversation (system?, user, assistant, ..., user), ready for the answer."""
-        from compiler.templates import render_chat
-        from compiler.tokenizer import encode_prompt
-
-        if self.chat and self.chat_template:
-            text = render_chat(self.chat_template, messages, add_generation_prompt=True,
-                               bos_token=self.bos_token, eos_token=self.eos_token)
-            return encode_prompt(self.tokenizer, text, chat=True).tolist()
-        system = next((m["content"] for m in messages if m["role"] == "system"), None)
-        user = [m["content"] for m in messages if m["role"] == "user"][-1]
-        text = f"{system}\n\n{user}" if system else user
-        return encode_prompt(self.tokenizer, text, chat=False).tolist()
+        return self.prompter.prompt_ids(messages)
 
     # -- answering
 
@@ -141,7 +76,7 @@ class Chat:
     def answer(self, messages: list[dict], *, max_new_tokens: int, out=None) -> str:
         if self.trie is not None:
             (k,), _ = classify(self.model, [self.prompt_ids(messages)], self.trie, batch_size=1,
-                               pad_id=self.pad_id)
+                               pad_id=self.pad_id, eos_ids=self.eos_ids)
             label = self.plan.data.labels[k].text
             if out is not None:
                 out.write(label + "\n")
@@ -190,7 +125,7 @@ def generate(run_dir, prompt: str | None = None, *, max_new_tokens: int, raw: bo
             [{"role": "user", "content": user}]
         return chat.answer(messages, max_new_tokens=max_new_tokens, out=out)
 
-    keep_history = chat.chat and bool(chat.chat_template)
+    keep_history = chat.chat
     log("interactive: type a prompt, Enter to send; EOF (Ctrl-D) or `exit` to leave"
         + ("" if keep_history else " (no chat template: each prompt is answered on its own)"))
     history: list[dict] = []          # user/assistant turns so far

@@ -21,14 +21,12 @@ from pathlib import Path
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 
-from compiler.files import write_atomic, write_json
-from compiler.plan import Plan
-from runtime import run
-from runtime.mesh import make_mesh, put_batch, replicated
+from core.files import write_atomic, write_json
+from core.plan import Plan
+from runtime import build
+from runtime.mesh import make_mesh, put_batch
 from runtime.progress import Progress, log
-from runtime.train import decay_mask, make_train_step
 
 SMOOTHING = 0.9
 LR_FIND_FILE, LR_FIND_PLOT = "lr_find.json", "lr_find.png"
@@ -40,21 +38,16 @@ def lr_find(plan: Plan, run_dir, *, start_lr: float, end_lr: float, steps: int,
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     mesh = make_mesh(plan.runtime.mesh)
-    graphdef, lora, frozen = run._setup_model(plan, mesh)
-    batcher, _ = run._setup_data(plan)
-    s, rt = plan.schedule, plan.runtime
+    graphdef, lora, frozen = build.training_model(plan, mesh)
+    batcher, _ = build.batches(plan)
 
     def lr_fn(step):
         return start_lr * (end_lr / start_lr) ** (jnp.asarray(step, jnp.float32) / max(steps - 1, 1))
 
-    parts = [optax.clip_by_global_norm(s.max_grad_norm)] if s.max_grad_norm else []
-    optimizer = optax.chain(*parts, optax.adamw(lr_fn, b1=s.beta1, b2=s.beta2, eps=s.eps,
-                                                weight_decay=s.weight_decay, mask=decay_mask))
-    opt_state, shardings = run.place_optimizer(mesh, optimizer, lora)
-    step_fn = make_train_step(graphdef, optimizer, lr_fn, ce_chunk=rt.ce_chunk,
-                              dropout=plan.adapter.dropout > 0, loss_tokens=rt.loss_tokens,
-                              packed=rt.pack, state_sharding=shardings + (replicated(mesh),))
-    rng, positions = jax.random.PRNGKey(s.seed), batcher.positions_from(0, 0)
+    optimizer, _ = build.optimizer(plan.schedule, lr_fn)
+    opt_state, shardings = build.place_optimizer(mesh, optimizer, lora)
+    step_fn = build.train_step(plan, graphdef, optimizer, lr_fn, mesh, shardings)
+    rng, positions = jax.random.PRNGKey(plan.schedule.seed), batcher.positions_from(0, 0)
     lrs, losses, smoothed, avg, stopped = [], [], [], 0.0, "reached lr_find.end_lr"
     t0 = time.perf_counter()
     log(f"lr-find: up to {steps} steps, learning rate {start_lr:g} → {end_lr:g}")

@@ -20,19 +20,19 @@ import jax
 import numpy as np
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
 
-from compiler import estimates
-from compiler.errors import PlanError
-from compiler.plan import MeshAxes
+from core.processes import processes
+from core.errors import PlanError
+from core.plan import MeshAxes
 
 AXES = ("data", "fsdp", "tensor")
 BATCH_AXES = ("data", "fsdp")
 
 
 def maybe_initialize_distributed() -> bool:
-    """Join a multi-process job when the environment says there is one (compiler.estimates.
+    """Join a multi-process job when the environment says there is one (core.processes.
     processes: JAX_NUM_PROCESSES / JAX_PROCESS_ID with JAX_COORDINATOR_ADDRESS, SLURM's srun, Open
     MPI, a Cloud TPU pod slice). Returns True if this process is part of one."""
-    count, index = estimates.processes()
+    count, index = processes()
     if count <= 1:
         return False
     if jax.distributed.is_initialized():

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from collections import Counter
 
-from compiler.labels import END_TOKENS, normalise  # noqa: F401 — what counts as the same label
+from core.labels import END_TOKENS, normalise  # noqa: F401 — what counts as the same label
 
 CLASSIFICATION = ("accuracy", "macro_f1")
 METRICS = ("accuracy", "macro_f1", "exact_match", "rouge_l")

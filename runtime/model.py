@@ -1,7 +1,7 @@
 """One NNX decoder for the Llama family: Llama 2/3, Mistral, Qwen2/2.5, Qwen3, SmolLM.
 
 The differences between these models are a handful of switches of the `ModelConfig` the compiler read
-from the Hugging Face config.json (compiler/architecture.py): grouped-query attention, RoPE scaling,
+from the Hugging Face config.json (core/architecture.py): grouped-query attention, RoPE scaling,
 tied embeddings, q/k/v biases (Qwen2), per-head RMSNorm of q and k before RoPE (Qwen3), sliding-window
 attention (some Mistral / Qwen configs). Everything else is one code path, written to match
 `transformers` to ~1e-5 in float32.
@@ -45,15 +45,12 @@ import numpy as np
 from flax import nnx
 from jax.ad_checkpoint import checkpoint_name
 
-from compiler.architecture import MODULE_NAMES, ModelConfig, full_module_names, lora_scale
-from compiler.schema import BY_PATH
+from core.architecture import MODULE_NAMES, ModelConfig, full_module_names, lora_scale
 from runtime import quant
 from runtime.attention import causal_attention, segment_attention
 
 REMAT_POLICIES = ("none", "dots", "full")
 ATTENTION = ("xla", "cudnn", "pallas")
-# query rows per block of runtime/attention.causal_attention: the config's default
-ATTENTION_BLOCK = BY_PATH["runtime.attention_block"].default
 
 # The one trainable variable type. Flax ships it as a subclass of nnx.Param; it is re-exported here so
 # that the model, the trainer and the exporter all name the same class.
@@ -69,6 +66,44 @@ class FullParam(LoRAParam):
 
 
 # ----------------------------------------------------------------------------------------- configs
+
+@dataclass(frozen=True)
+class ComputeSpec:
+    """How the model computes, one frozen value (runtime/build.compute_spec makes it from a plan's
+    runtime section; nothing else does): dtype, the compute dtype; param_dtype, the frozen weights'
+    storage; matmul_dtype, the operand dtype of the frozen weights' products (None: the compute
+    dtype; bfloat16 under float32 compute multiplies in bfloat16 with float32 results —
+    mixed_matmul — while norms, attention, softmax, residuals and LoRA stay float32); remat, the
+    layer's rematerialisation policy; attention, the kernel for training and scoring (decoding with
+    a cache uses XLA's); attention_block, query rows per causal block of the xla kernel (0: whole
+    rows)."""
+    dtype: object
+    param_dtype: object
+    matmul_dtype: object
+    remat: str
+    attention: str
+    attention_block: int
+
+    def __post_init__(self):
+        if self.remat not in REMAT_POLICIES:
+            raise ValueError(f"unknown remat policy {self.remat!r}; expected one of "
+                             f"{', '.join(REMAT_POLICIES)}")
+        if self.attention not in ATTENTION:
+            raise ValueError(f"unknown attention {self.attention!r}; expected one of "
+                             f"{', '.join(ATTENTION)}")
+
+    def but(self, **changes) -> "ComputeSpec":
+        import dataclasses
+
+        return dataclasses.replace(self, **changes)
+
+
+# The exact float32 reference — what the tests compare with transformers and PEFT, and what a model
+# built outside a plan (a test, a benchmark) computes unless told otherwise. Not a plan's default:
+# every plan-driven model is built by runtime/build.py from the plan's own spec.
+EXACT = ComputeSpec(dtype=jnp.float32, param_dtype=jnp.float32, matmul_dtype=None, remat="none",
+                    attention="xla", attention_block=0)
+
 
 @dataclass(frozen=True)
 class LoraConfig:
@@ -311,9 +346,10 @@ def _trained(lora: LoraConfig | None, name: str) -> bool:
 # ---------------------------------------------------------------------------------- decoder block
 
 class Attention(nnx.Module):
-    def __init__(self, cfg: ModelConfig, *, lora, dtype, param_dtype, rngs: nnx.Rngs,
-                 matmul_dtype=None):
+    def __init__(self, cfg: ModelConfig, *, lora, compute: ComputeSpec, rngs: nnx.Rngs):
+        dtype, param_dtype, matmul_dtype = compute.dtype, compute.param_dtype, compute.matmul_dtype
         self.cfg, self.dtype = cfg, dtype
+        self.attention, self.block = compute.attention, compute.attention_block
         D, N, K, H = cfg.hidden_size, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
         common = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs, matmul_dtype=matmul_dtype)
         self.q_proj = Linear(D, N * H, bias=cfg.attention_bias, **_linear_kw(lora, "q_proj"), **common)
@@ -328,11 +364,9 @@ class Attention(nnx.Module):
         else:
             self.q_norm = self.k_norm = None
 
-    def __call__(self, x, cos, sin, mask, keys, cache=None, attention: str = "xla",
-                 block: int = ATTENTION_BLOCK):
+    def __call__(self, x, cos, sin, mask, keys, cache=None):
         """x [B,T,D]; mask [B,1,T,S] bool, or None for plain causal attention (for "pallas": the
-        segment ids [B,T], or None); keys: 4 dropout keys or None; block: query rows per block of
-        the xla attention (0: the whole row at once).
+        segment ids [B,T], or None); keys: 4 dropout keys or None.
         cache: None (attend over these T tokens, S = T) or (k [B,S,K,H], v, index): the new keys and
         values are written at slots [index, index+T) and attention runs over all S slots.
         Returns (y [B,T,D], (k, v) of these T tokens, rotated) — the caller stores them."""
@@ -355,8 +389,9 @@ class Attention(nnx.Module):
         # (a fused flash-attention kernel on NVIDIA GPUs). Decoding with a cache attends over the
         # cache's slots with XLA's dot_product_attention.
         scale = cfg.head_dim ** -0.5
+        attention = "xla" if cache is not None else self.attention
         if cache is None and attention == "xla":
-            out = causal_attention(q, k, v, mask, scale=scale, block=block)
+            out = causal_attention(q, k, v, mask, scale=scale, block=self.block)
         elif cache is None and attention == "pallas":
             out = segment_attention(q, k, v, mask, scale=scale)
         else:
@@ -374,11 +409,10 @@ def _swiglu(gate, up):
 
 
 class MLP(nnx.Module):
-    def __init__(self, cfg: ModelConfig, *, lora, dtype, param_dtype, rngs: nnx.Rngs,
-                 matmul_dtype=None):
+    def __init__(self, cfg: ModelConfig, *, lora, compute: ComputeSpec, rngs: nnx.Rngs):
         D, F = cfg.hidden_size, cfg.intermediate_size
-        common = dict(bias=False, dtype=dtype, param_dtype=param_dtype, rngs=rngs,
-                      matmul_dtype=matmul_dtype)
+        common = dict(bias=False, dtype=compute.dtype, param_dtype=compute.param_dtype, rngs=rngs,
+                      matmul_dtype=compute.matmul_dtype)
         self.gate_proj = Linear(D, F, **_linear_kw(lora, "gate_proj"), **common)
         self.up_proj = Linear(D, F, **_linear_kw(lora, "up_proj"), **common)
         self.down_proj = Linear(F, D, **_linear_kw(lora, "down_proj"), **common)
@@ -391,24 +425,20 @@ class MLP(nnx.Module):
 class Block(nnx.Module):
     """Pre-norm decoder layer: x + attn(norm(x)), then + mlp(norm(x))."""
 
-    def __init__(self, cfg: ModelConfig, *, lora, dtype, param_dtype, rngs: nnx.Rngs,
-                 matmul_dtype=None):
-        norm = dict(dtype=dtype, param_dtype=param_dtype)
+    def __init__(self, cfg: ModelConfig, *, lora, compute: ComputeSpec, rngs: nnx.Rngs):
+        norm = dict(dtype=compute.dtype, param_dtype=compute.param_dtype)
         self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, **norm,
                                        trained=_trained(lora, "input_layernorm"))
-        self.self_attn = Attention(cfg, lora=lora, dtype=dtype, param_dtype=param_dtype, rngs=rngs,
-                                   matmul_dtype=matmul_dtype)
+        self.self_attn = Attention(cfg, lora=lora, compute=compute, rngs=rngs)
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, **norm,
                                                 trained=_trained(lora, "post_attention_layernorm"))
-        self.mlp = MLP(cfg, lora=lora, dtype=dtype, param_dtype=param_dtype, rngs=rngs,
-                       matmul_dtype=matmul_dtype)
+        self.mlp = MLP(cfg, lora=lora, compute=compute, rngs=rngs)
 
-    def __call__(self, x, cos, sin, mask, dropout_key=None, cache=None, attention: str = "xla",
-                 block: int = ATTENTION_BLOCK):
+    def __call__(self, x, cos, sin, mask, dropout_key=None, cache=None):
         # One independent dropout mask per adapted module, as PEFT has one nn.Dropout per module.
         keys = None if dropout_key is None else tuple(jax.random.split(dropout_key, 7))
         h, kv = self.self_attn(self.input_layernorm(x), cos, sin, mask,
-                               None if keys is None else keys[:4], cache, attention, block)
+                               None if keys is None else keys[:4], cache)
         x = x + h
         x = x + self.mlp(self.post_attention_layernorm(x), None if keys is None else keys[4:])
         return x, kv
@@ -448,20 +478,12 @@ def _window_mask(mask, q_pos, k_pos, window):
 
 
 class Llama(nnx.Module):
-    def __init__(self, cfg: ModelConfig, *, lora: LoraConfig | None = None, dtype=jnp.float32,
-                 param_dtype=jnp.float32, remat: str = "none", attention: str = "xla",
-                 attention_block: int = ATTENTION_BLOCK, matmul_dtype=None, rngs: nnx.Rngs):
-        """matmul_dtype: the operand dtype of the frozen linear weights' products (None: the compute
-        dtype); bfloat16 under a float32 compute dtype multiplies in bfloat16 with float32 results
-        (mixed_matmul), everything else — norms, attention, softmax, residuals, LoRA — stays float32."""
-        if remat not in REMAT_POLICIES:
-            raise ValueError(f"unknown remat policy {remat!r}; expected one of {', '.join(REMAT_POLICIES)}")
-        if attention not in ATTENTION:
-            raise ValueError(f"unknown attention {attention!r}; expected one of {', '.join(ATTENTION)}")
-        self.cfg, self.lora, self.dtype, self.remat = cfg, lora, dtype, remat
-        self.param_dtype = param_dtype
-        self.attention = attention      # for training and scoring; decoding with a cache uses xla
-        self.attention_block = attention_block
+    def __init__(self, cfg: ModelConfig, *, lora: LoraConfig | None = None,
+                 compute: ComputeSpec = EXACT, rngs: nnx.Rngs):
+        """compute: the plan's ComputeSpec (runtime/build.py); EXACT, the float32 reference, for a
+        model built outside a plan."""
+        dtype, param_dtype = compute.dtype, compute.param_dtype
+        self.cfg, self.lora, self.compute, self.dtype = cfg, lora, compute, dtype
         if lora is not None:
             unknown = sorted(set(lora.train_modules) - set(full_module_names(cfg)))
             if unknown:
@@ -476,8 +498,7 @@ class Llama(nnx.Module):
         # One Block whose variables are stacked [L, ...]: vmap the constructor over L keys.
         @nnx.vmap(in_axes=0, out_axes=0)
         def make_blocks(key):
-            return Block(cfg, lora=lora, dtype=dtype, param_dtype=param_dtype, rngs=nnx.Rngs(key),
-                         matmul_dtype=matmul_dtype)
+            return Block(cfg, lora=lora, compute=compute, rngs=nnx.Rngs(key))
 
         self.layers = make_blocks(jax.random.split(rngs.params(), cfg.num_layers))
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype=dtype, param_dtype=param_dtype,
@@ -501,7 +522,7 @@ class Llama(nnx.Module):
             positions = jnp.broadcast_to(jnp.arange(T, dtype=jnp.int32), (B, T))
         windows = self._windows()
         mask = None
-        if self.attention == "pallas":      # the kernel takes the segment ids themselves
+        if self.compute.attention == "pallas":      # the kernel takes the segment ids themselves
             if windows is not None:
                 raise ValueError("pallas attention has no sliding window; use xla")
             mask = segment_ids
@@ -526,12 +547,11 @@ class Llama(nnx.Module):
         def layer(x, xs):
             layer_state, key, window = xs
             m = mask if window is None else _window_mask(mask, positions, positions, window)
-            x, _ = nnx.merge(graphdef, layer_state)(x, cos, sin, m, key, None, self.attention,
-                                                     self.attention_block)
+            x, _ = nnx.merge(graphdef, layer_state)(x, cos, sin, m, key)
             return x, None
 
         x = self.embed_tokens(tokens)
-        x, _ = jax.lax.scan(_remat(layer, self.remat), x, (state, keys, windows))
+        x, _ = jax.lax.scan(_remat(layer, self.compute.remat), x, (state, keys, windows))
         return self.norm(x)
 
     def lm_head(self) -> jax.Array:

@@ -551,7 +551,7 @@ def write_sweep_report(sweep_dir, jobs: list[dict]) -> Path:
     criterion = next((j.get("criterion") for j in jobs if j.get("criterion")), "val_loss")
     best = _best(rows, criterion)
     doc = {"criterion": criterion, "best": best["run"] if best else None, "runs": rows}
-    from compiler.files import write_atomic, write_json
+    from core.files import write_atomic, write_json
 
     write_json(sweep_dir / SWEEP_FILE, doc)
     for r in rows:                       # each run's report now links back to the sweep

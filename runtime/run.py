@@ -24,17 +24,14 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from compiler.errors import Diverged
-from compiler.examples import load_examples
-from compiler.files import write_atomic, write_json
-from compiler.plan import Plan
-from runtime import checkpoint
-from runtime.batching import Batcher, BatchShape, Prefetcher
-from runtime.mesh import (is_main_process, make_mesh, maybe_initialize_distributed, param_spec,
-                          put_batch, put_global, replicated, state_shardings, to_host)
-from runtime.model import LoraConfig
+from core.errors import Diverged
+from core.files import write_atomic, write_json
+from core.plan import Plan
+from runtime import build, checkpoint
+from runtime.batching import Batcher, Prefetcher
+from runtime.mesh import (is_main_process, make_mesh, maybe_initialize_distributed, put_batch,
+                          put_global, to_host)
 from runtime.progress import Progress, log
-from runtime.train import DTYPES, make_eval_loss, make_optimizer, make_train_step, split_model
 
 INTERRUPTED_EXIT = 130
 
@@ -85,85 +82,18 @@ def setup(plan: Plan, run_dir: Path) -> Session:
     run_dir.mkdir(parents=True, exist_ok=True)
     maybe_initialize_distributed()
     mesh = make_mesh(plan.runtime.mesh)
-    graphdef, lora, frozen = _setup_model(plan, mesh)
-    batcher, val_batcher = _setup_data(plan)
-    optimizer, lr_fn = make_optimizer(plan.schedule)
-    opt_state, shardings = place_optimizer(mesh, optimizer, lora)
-    rt, dropout = plan.runtime, plan.adapter.dropout > 0
+    graphdef, lora, frozen = build.training_model(plan, mesh)
+    batcher, val_batcher = build.batches(plan)
+    optimizer, lr_fn = build.optimizer(plan.schedule)
+    opt_state, shardings = build.place_optimizer(mesh, optimizer, lora)
     session = Session(
         plan=plan, run_dir=run_dir, mesh=mesh, graphdef=graphdef, lora=lora, opt_state=opt_state,
         frozen=frozen, rng=jax.random.PRNGKey(plan.schedule.seed), batcher=batcher,
         val_batcher=val_batcher,
-        step_fn=make_train_step(graphdef, optimizer, lr_fn, ce_chunk=rt.ce_chunk, dropout=dropout,
-                                loss_tokens=rt.loss_tokens, packed=rt.pack,
-                                state_sharding=shardings + (replicated(mesh),)),
-        eval_fn=make_eval_loss(graphdef, ce_chunk=rt.ce_chunk, loss_tokens=rt.loss_tokens,
-                               packed=rt.pack, state_sharding=replicated(mesh)),
-        started=started, shardings=shardings)
+        step_fn=build.train_step(plan, graphdef, optimizer, lr_fn, mesh, shardings),
+        eval_fn=build.eval_loss(plan, graphdef, mesh), started=started, shardings=shardings)
     _resume(session)
     return session
-
-
-def lora_config(plan: Plan) -> LoraConfig:
-    a = plan.adapter
-    return LoraConfig(rank=a.rank, alpha=float(a.alpha), dropout=float(a.dropout), targets=a.targets,
-                      rslora=a.rslora, kind=a.kind, train_modules=a.train_modules,
-                      quantize=a.quantize)
-
-
-def _setup_model(plan: Plan, mesh):
-    """(graphdef, trained state, frozen state) on the mesh (runtime/mesh.py: frozen weights split
-    over fsdp and tensor, trained ones over tensor). Each base weight goes from the checkpoint
-    straight to its shards."""
-    from runtime.weights import load_pretrained
-
-    rt = plan.runtime
-    fsdp, tensor = mesh.shape["fsdp"], mesh.shape["tensor"]
-
-    def place(names, value, trained, dense):
-        spec = param_spec(names, value.shape, fsdp=1 if trained else fsdp, tensor=tensor,
-                          dense=dense)
-        return put_global(value, jax.sharding.NamedSharding(mesh, spec))
-
-    model = load_pretrained(plan.model.dir, config=plan.model.config, lora=lora_config(plan),
-                            dtype=DTYPES[rt.dtype], param_dtype=DTYPES[rt.param_dtype],
-                            matmul_dtype=DTYPES[rt.matmul_dtype], remat=rt.remat,
-                            attention=rt.attention, attention_block=rt.attention_block,
-                            rngs=nnx.Rngs(plan.schedule.seed), place=place)
-    graphdef, lora, frozen = split_model(model)
-    lora = put_global(to_host(lora), state_shardings(mesh, lora, trained=True))
-    return graphdef, lora, frozen
-
-
-def place_optimizer(mesh, optimizer, trained):
-    """The optimizer state of `trained` laid out like it (AdamW's moments take each parameter's
-    sharding, counters are replicated), and the (trained, optimizer state) shardings the step keeps
-    them in."""
-    import optax
-
-    trained_sh = jax.tree.map(lambda x: x.sharding, trained)
-    state = jax.eval_shape(optimizer.init, trained)
-    state_sh = optax.tree_map_params(optimizer, lambda _, sh: sh, state, trained_sh,
-                                     transform_non_params=lambda _: replicated(mesh))
-    host = jax.tree.map(np.asarray, jax.device_get(optimizer.init(to_host(trained))))
-    return put_global(host, state_sh), (trained_sh, state_sh)
-
-
-def _setup_data(plan: Plan) -> tuple[Batcher, Batcher | None]:
-    s, pack = plan.schedule, plan.runtime.pack
-    examples = load_examples(plan.data.cache)
-    shape = BatchShape(s.grad_accum, s.batch_size, s.seq_len)
-    cap = plan.runtime.loss_tokens
-    batcher = Batcher(*examples.split("train"), shape, pack=pack, seed=s.seed, loss_tokens=cap,
-                      masks=examples.masks("train"))
-    if batcher.steps_per_epoch != s.steps_per_epoch or batcher.rows_per_epoch != s.rows_per_epoch:
-        raise RuntimeError(f"the plan counts {s.steps_per_epoch} steps ({s.rows_per_epoch} rows) per "
-                           f"epoch, its token data gives {batcher.steps_per_epoch} "
-                           f"({batcher.rows_per_epoch} rows): recompile the plan with `tune plan`")
-    val_ids, val_prompt_lens = examples.split("val")
-    val = (Batcher(val_ids, val_prompt_lens, shape, pack=pack, seed=s.seed, loss_tokens=cap,
-                   masks=examples.masks("val")) if len(val_ids) else None)
-    return batcher, val
 
 
 def _resume(s: Session) -> None:
@@ -289,7 +219,7 @@ def save(s: Session) -> None:
 def finish(s: Session) -> dict:
     """A last checkpoint (re-running is then a no-op), the final validation, adapter/ and
     train_summary.json. Returns the summary."""
-    from runtime.export import save_peft_adapter
+    from runtime.peft import save_peft_adapter
 
     if s.resumed_from is None or s.step > s.resumed_from:
         save(s)
@@ -303,7 +233,7 @@ def finish(s: Session) -> dict:
     trained = to_host(s.lora)           # every process: gathering split arrays is a collective
     if is_main_process():
         save_peft_adapter(nnx.merge(s.graphdef, s.frozen, trained), s.run_dir / "adapter",
-                          base_model_name_or_path=s.plan.model.dir, lora=lora_config(s.plan))
+                          base_model_name_or_path=s.plan.model.dir, lora=build.lora_config(s.plan))
     summary = _summary(s, rows, final_val)
     if is_main_process():
         write_json(s.run_dir / "train_summary.json", summary)

@@ -16,12 +16,8 @@ import jax.numpy as jnp
 import optax
 from flax import nnx
 
-from compiler.plan import ScheduleSection
 from runtime.loss import supervised_cross_entropy
 from runtime.model import LoRAParam
-
-DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
-
 
 def split_model(model):
     """(graphdef, lora, frozen): LoRA parameters and all the rest, as pure array trees."""
@@ -29,7 +25,7 @@ def split_model(model):
     return graphdef, nnx.as_pure(lora), nnx.as_pure(frozen)
 
 
-def lr_schedule(lr: float, warmup_steps: int, total_steps: int, kind: str = "cosine") -> Callable:
+def lr_schedule(lr: float, warmup_steps: int, total_steps: int, kind: str) -> Callable:
     """Learning rate of step s (0-based): linear warmup lr·(s+1)/warmup, then decay towards 0 at
     total_steps (cosine or linear), or constant. The first step already learns (lr/warmup), and the last
     one still does."""
@@ -52,16 +48,6 @@ def lr_schedule(lr: float, warmup_steps: int, total_steps: int, kind: str = "cos
     return at
 
 
-def make_optimizer(s: ScheduleSection) -> tuple[optax.GradientTransformation, Callable]:
-    """clip_by_global_norm (unless max_grad_norm is 0 or None) + AdamW with the plan's schedule.
-    Returns (optimizer, lr_fn)."""
-    lr_fn = lr_schedule(s.lr, s.warmup_steps, s.total_steps, s.lr_schedule)
-    parts = [optax.clip_by_global_norm(s.max_grad_norm)] if s.max_grad_norm else []
-    parts.append(optax.adamw(lr_fn, b1=s.beta1, b2=s.beta2, eps=s.eps, weight_decay=s.weight_decay,
-                             mask=decay_mask))
-    return optax.chain(*parts), lr_fn
-
-
 def decay_mask(params):
     """Weight decay applies to every trained tensor except norm weights and biases (modules trained
     in full): decaying an RMSNorm's gain towards 0 is never wanted."""
@@ -72,7 +58,7 @@ def decay_mask(params):
 
 
 def _micro_loss(graphdef, lora, frozen, mb, key, *, ce_chunk: int, loss_tokens: int | None,
-                dropout: bool, packed: bool = True):
+                dropout: bool, packed: bool):
     model = nnx.merge(graphdef, frozen, lora)
     # Unpacked rows hold one example each (padding after it): plain causal attention is exact for
     # every real token and needs no [T, T] mask, which lets a fused attention kernel run.
@@ -86,7 +72,7 @@ def _micro_loss(graphdef, lora, frozen, mb, key, *, ce_chunk: int, loss_tokens: 
 
 
 def accumulate(graphdef, lora, frozen, batch, key, *, ce_chunk: int, dropout: bool,
-               loss_tokens: int | None = None, packed: bool = True):
+               loss_tokens: int | None, packed: bool):
     """Scan the micro-batches of an [accum, B, T] batch: (Σ token CE, Σ supervised tokens, gradients of
     Σ CE w.r.t. the LoRA parameters, accumulated in float32). Micro-batch i draws dropout from
     fold_in(key, i)."""
@@ -110,7 +96,7 @@ def accumulate(graphdef, lora, frozen, batch, key, *, ce_chunk: int, dropout: bo
 
 
 def make_train_step(graphdef, optimizer: optax.GradientTransformation, lr_fn: Callable, *,
-                    ce_chunk: int, dropout: bool, loss_tokens: int | None = None, packed: bool = True,
+                    ce_chunk: int, dropout: bool, loss_tokens: int | None, packed: bool,
                     donate: bool = True, state_sharding=None):
     """step(lora, opt_state, frozen, batch, rng, step) -> (lora, opt_state, metrics), jitted, with the
     LoRA and optimizer states donated. batch: dict of int32 [accum, B, T]; rng: a PRNG key; step: the
@@ -139,7 +125,7 @@ def make_train_step(graphdef, optimizer: optax.GradientTransformation, lr_fn: Ca
     return jax.jit(step_fn, donate_argnums=(0, 1) if donate else (), **kw)
 
 
-def make_eval_loss(graphdef, *, ce_chunk: int, loss_tokens: int | None = None, packed: bool = True,
+def make_eval_loss(graphdef, *, ce_chunk: int, loss_tokens: int | None, packed: bool,
                    state_sharding=None):
     """eval_loss(lora, frozen, batch) -> (loss_sum, n_tokens) over all micro-batches, jitted."""
 

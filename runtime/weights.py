@@ -16,9 +16,9 @@ import numpy as np
 from flax import nnx
 from safetensors import safe_open
 
-from compiler.architecture import ModelConfig, read_config
+from core.architecture import ModelConfig, read_config
 from runtime import quant
-from runtime.model import (ATTENTION_BLOCK, FullParam, Llama, LoraConfig, LoRAParam, lora_a_init,
+from runtime.model import (EXACT, ComputeSpec, FullParam, Llama, LoraConfig, LoRAParam, lora_a_init,
                            row_norms)
 
 # Buffers some checkpoints carry that are recomputed, not loaded.
@@ -67,11 +67,11 @@ class _Checkpoint:
 
 
 def load_pretrained(model_dir, *, config: ModelConfig | None = None, lora: LoraConfig | None = None,
-                    dtype=jnp.float32, param_dtype=jnp.float32, remat: str = "none",
-                    attention: str = "xla", attention_block: int = ATTENTION_BLOCK,
-                    matmul_dtype=None, rngs: nnx.Rngs | None = None, place=None) -> Llama:
+                    compute: ComputeSpec = EXACT, rngs: nnx.Rngs | None = None,
+                    place=None) -> Llama:
     """The model of an HF checkpoint directory (*.safetensors; config.json unless `config`, the
-    plan's, is given), base weights cast to param_dtype (or quantised, lora.quantize), LoRA factors
+    plan's, is given), computing as `compute` says (a plan's spec, from runtime/build.py; EXACT, the
+    float32 reference, outside a plan), base weights cast to its param_dtype (or quantised, lora.quantize), LoRA factors
     (if lora) freshly initialised from rngs (A random, B zero, float32), DoRA magnitudes set to the
     base weight's row norms. Missing or unexpected tensors raise ValueError naming them.
     place(names, value, trained, dense) -> array, if given, puts each base weight (a numpy array in
@@ -83,10 +83,7 @@ def load_pretrained(model_dir, *, config: ModelConfig | None = None, lora: LoraC
     rngs = rngs if rngs is not None else nnx.Rngs(0)
     fmt = "none" if lora is None else lora.quantize
 
-    abstract = nnx.eval_shape(lambda: Llama(cfg, lora=lora, dtype=dtype, param_dtype=param_dtype,
-                                            remat=remat, attention=attention,
-                                            attention_block=attention_block,
-                                            matmul_dtype=matmul_dtype, rngs=nnx.Rngs(0)))
+    abstract = nnx.eval_shape(lambda: Llama(cfg, lora=lora, compute=compute, rngs=nnx.Rngs(0)))
     graphdef, full_abstract, lora_abstract, frozen_abstract = nnx.split(abstract, FullParam,
                                                                         LoRAParam, ...)
     ckpt = _Checkpoint(model_dir)
@@ -184,7 +181,7 @@ def to_hf_state_dict(model: Llama, merged: bool = False) -> dict[str, np.ndarray
         module = path[:-1]
         if module + ("weight_scale",) in weights:
             value = np.asarray(_module_at(model, module).dense_weight(jnp.float32)).astype(
-                np.dtype(model.param_dtype))
+                np.dtype(model.compute.param_dtype))
         else:
             value = np.asarray(var[...])
         if merged and path[-1] == "weight" and module + ("lora_A",) in factors:

@@ -75,9 +75,9 @@ def make_plan(model_dir, *, examples=None, sizes=None, labels=(), plan_hash="tin
     """A typed Plan for a tiny model directory, with the given settings, built the way the compiler
     builds one: steps and the loss buffer sized by the compiler's own rules from `examples` (a
     TinyExamples; none: no training steps). Its `config` is empty: the runtime must not need it."""
-    from compiler.architecture import architecture, read_config
+    from core.architecture import architecture, read_config
     from compiler.estimates import schedule_steps
-    from compiler.plan import (PLAN_VERSION, AdapterSection, DataSection, Devices, EvalSection, Estimates,
+    from core.plan import (PLAN_VERSION, AdapterSection, DataSection, Devices, EvalSection, Estimates,
                                MeshAxes, ModelSection, Plan, RuntimeSection, ScheduleSection,
                                TemplateSection)
     import json
@@ -100,7 +100,7 @@ def make_plan(model_dir, *, examples=None, sizes=None, labels=(), plan_hash="tin
     rt.update(runtime or {})
     train_ids, _ = examples.split("train") if examples else ([], [])
     if "loss_tokens" not in rt:
-        from compiler.packing import supervised_capacity
+        from core.packing import supervised_capacity
 
         ids = [x for split in ("train", "val") for x in examples.split(split)[0]] if examples else []
         plens = [p for split in ("train", "val") for p in examples.split(split)[1]] if examples else []
@@ -145,7 +145,7 @@ def make_plan(model_dir, *, examples=None, sizes=None, labels=(), plan_hash="tin
 
 def schedule(total_steps, **kw):
     """A ScheduleSection for optimizer tests: `total_steps` steps, AdamW's usual settings."""
-    from compiler.plan import ScheduleSection
+    from core.plan import ScheduleSection
 
     s = dict(lr=1e-3, epochs=1, max_steps=None, batch_size=4, grad_accum=1, warmup=0, seed=0,
              lr_schedule="cosine", weight_decay=0.0, max_grad_norm=1.0, beta1=0.9, beta2=0.999,
@@ -180,11 +180,11 @@ def tiny_plan(model_dir, *, plan_hash="tiny-plan-0", n_train=48, n_val=8, seed=0
 
 @pytest.fixture
 def train_on(monkeypatch):
-    """train_on(examples): make runtime.run.train read these examples instead of the plan's."""
-    import runtime.run
+    """train_on(examples): make training read these examples instead of the plan's token cache."""
+    import runtime.build
 
     def apply(examples):
-        monkeypatch.setattr(runtime.run, "load_examples", lambda cache: examples)
+        monkeypatch.setattr(runtime.build, "load_examples", lambda cache: examples)
 
     return apply
 

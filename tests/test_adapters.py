@@ -10,9 +10,9 @@ import pytest
 import torch
 from flax import nnx
 
-from compiler.architecture import MODULE_NAMES
+from core.architecture import MODULE_NAMES
 from runtime import quant
-from runtime.export import load_peft_adapter, read_lora_config, save_peft_adapter
+from runtime.peft import load_peft_adapter, read_lora_config, save_peft_adapter
 from runtime.loss import chunked_cross_entropy
 from runtime.model import FullParam, LoraConfig, LoRAParam
 from runtime.weights import load_pretrained, to_hf_state_dict
@@ -352,7 +352,8 @@ def test_a_short_qlora_run_tracks_plain_lora():
     from compiler.gguf import embedded_model_dir
     from conftest import schedule, synthetic_examples
     from runtime.batching import Batcher, BatchShape
-    from runtime.train import make_optimizer, make_train_step, split_model
+    from runtime.build import optimizer as make_optimizer
+    from runtime.train import make_train_step, split_model
 
     ids, pl = synthetic_examples(16, seed=7, vocab=2000, max_len=32)
     batcher = Batcher(ids, pl, BatchShape(1, 8, 32), pack=False, seed=0)
@@ -364,7 +365,7 @@ def test_a_short_qlora_run_tracks_plain_lora():
         graphdef, trained, frozen = split_model(load_pretrained(embedded_model_dir(), lora=lora,
                                                                 rngs=nnx.Rngs(0)))
         opt, lr_fn = make_optimizer(schedule(10, lr=2e-3, lr_schedule="constant"))
-        step = make_train_step(graphdef, opt, lr_fn, ce_chunk=256, dropout=False)
+        step = make_train_step(graphdef, opt, lr_fn, ce_chunk=256, dropout=False, loss_tokens=None, packed=True)
         opt_state, out = opt.init(trained), []
         for s in range(10):
             trained, opt_state, m = step(trained, opt_state, frozen, batches[s % len(batches)],

@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 
 from compiler import estimates
+from core import packing
 from runtime.attention import causal_attention
 
 B, T, N, K, H = 2, 23, 6, 2, 8
@@ -70,18 +71,18 @@ def test_bfloat16_operands_keep_float32_scores():
 
 
 def test_blocks_cover_the_row_and_count_the_scores():
-    assert estimates.attention_blocks(10, 0) == [(0, 10)]
-    assert estimates.attention_blocks(10, 16) == [(0, 10)]
-    assert estimates.attention_blocks(10, 4) == [(0, 4), (4, 8), (8, 10)]
+    assert packing.attention_blocks(10, 0) == [(0, 10)]
+    assert packing.attention_blocks(10, 16) == [(0, 10)]
+    assert packing.attention_blocks(10, 4) == [(0, 4), (4, 8), (8, 10)]
     # 4·4 + 4·8 + 2·10 score elements instead of 10·10
-    assert estimates.scores(10, 4) == 68 and estimates.scores(10, 0) == 100
+    assert packing.scores(10, 4) == 68 and packing.scores(10, 0) == 100
     # the plan's attention memory shrinks by the same factor
     kw = dict(params=10**6, trainable=10**4, layers=4, hidden=64, intermediate=128, heads=4,
               kv_heads=2, head_dim=16, vocab=100, batch=2, seq_len=1024, param_bytes=4,
               compute_bytes=4, remat="none", ce_chunk=64, devices=1, fsdp=1, tensor=1)
     whole = estimates.memory_per_device(**kw, attention_block=0)["attention"]
     blocked = estimates.memory_per_device(**kw, attention_block=128)["attention"]
-    assert blocked / whole == pytest.approx(estimates.scores(1024, 128) / 1024 ** 2, rel=1e-6)
+    assert blocked / whole == pytest.approx(packing.scores(1024, 128) / 1024 ** 2, rel=1e-6)
     assert blocked / whole == pytest.approx(9 / 16)
 
 
@@ -128,6 +129,7 @@ def test_pallas_model_equals_xla_model_on_packed_rows(hf_tiny):
     """The whole decoder with runtime.attention=pallas: packed rows, positions restarting in each
     example, padding at the end — the logits of the xla model (itself tested against
     transformers)."""
+    from runtime.model import EXACT
     from runtime.weights import load_pretrained
 
     _, path = hf_tiny("llama")
@@ -138,10 +140,10 @@ def test_pallas_model_equals_xla_model_on_packed_rows(hf_tiny):
     ids = jnp.asarray(np.random.default_rng(0).integers(3, 128, (2, 128)), jnp.int32)
     out = {}
     for attention in ("xla", "pallas"):
-        model = load_pretrained(path, attention=attention)
+        model = load_pretrained(path, compute=EXACT.but(attention=attention))
         out[attention] = np.asarray(model.logits(model(ids, positions=positions,
                                                        segment_ids=jnp.asarray(seg))))
     np.testing.assert_allclose(out["pallas"], out["xla"], atol=1e-4, rtol=0)
     with pytest.raises(ValueError, match="sliding window"):
-        model = load_pretrained(hf_tiny("mistral-window")[1], attention="pallas")
+        model = load_pretrained(hf_tiny("mistral-window")[1], compute=EXACT.but(attention="pallas"))
         model(ids[:, :16])

@@ -6,7 +6,7 @@ from collections import Counter
 import numpy as np
 import pytest
 
-from compiler.packing import pack_rows
+from core.packing import pack_rows
 from runtime.batching import Batcher, BatchShape, Prefetcher
 
 

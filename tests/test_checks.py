@@ -309,7 +309,7 @@ def test_classification_is_known_at_compile_time(tune_cli, tmp_path):
     assert d["task"] == "classification" and doc["eval"]["mode"] == "constrained"
     assert [x["text"] for x in d["labels"]] == ["Alpha", "Beta", "Gamma", "Delta"]  # by frequency
     assert [x["count"] for x in d["labels"]] == [100, 100, 100, 3]
-    from compiler.tokenizer import load_tokenizer
+    from core.tokenizer import load_tokenizer
 
     tok = load_tokenizer(doc["model"]["dir"])
     assert all(tok.decode(x["ids"], skip_special_tokens=False) == x["text"] + "<|im_end|>"

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from compiler.plan import Plan
+from core.plan import Plan
 from tune import compose
 
 REPO = Path(__file__).resolve().parents[1]
@@ -344,7 +344,7 @@ def test_console_script_help(tmp_path):
 
 def test_diverged_training_exits_3(tune_cli, tmp_path, monkeypatch):
     import runtime.run
-    from compiler.errors import Diverged
+    from core.errors import Diverged
 
     def diverge(plan, run_dir, **kw):
         raise Diverged(7, float("nan"), float("inf"), 0.02)

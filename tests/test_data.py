@@ -9,8 +9,8 @@ import time
 import pytest
 
 from compiler.data import clean_rows, read_table, sample_rows, split_validation
-from compiler.errors import PlanError
-from compiler.files import sha256_file
+from core.errors import PlanError
+from core.files import sha256_file
 
 
 def write_jsonl(path, rows):

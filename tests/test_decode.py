@@ -17,6 +17,7 @@ PROMPTS = [[1, 5, 9, 33, 60, 7], [1, 80], [1, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 1
 
 
 WIDTH = 32
+NO_END = {"eos_ids": (), "pad_id": 0}     # decode to the token limit, padding with id 0
 
 
 @pytest.fixture(scope="module")
@@ -55,28 +56,28 @@ def test_bucket():
 
 def test_cached_greedy_equals_full_recomputation(tiny, full_logits):
     # batch of 3 with 5 prompts: two batches, the second padded with idle rows
-    out = greedy_generate(tiny, PROMPTS, max_new_tokens=7, batch_size=3)
+    out = greedy_generate(tiny, PROMPTS, max_new_tokens=7, batch_size=3, **NO_END)
     for prompt, got in zip(PROMPTS, out):
         assert got == _greedy_without_cache(full_logits, prompt, 7)
 
 
 def test_end_tokens_stop_rows(tiny):
-    free = greedy_generate(tiny, PROMPTS, max_new_tokens=6, batch_size=8)
+    free = greedy_generate(tiny, PROMPTS, max_new_tokens=6, batch_size=8, **NO_END)
     # make each row's 3rd generated token an end token: that row stops before it
     eos = sorted({row[2] for row in free})
-    out = greedy_generate(tiny, PROMPTS, max_new_tokens=6, eos_ids=eos, batch_size=8)
+    out = greedy_generate(tiny, PROMPTS, max_new_tokens=6, eos_ids=eos, batch_size=8, pad_id=0)
     for row, got in zip(free, out):
         cut = next(i for i, t in enumerate(row) if t in eos)
         assert got == row[:cut]
-    assert greedy_generate(tiny, PROMPTS[:2], max_new_tokens=0) == [[], []]
+    assert greedy_generate(tiny, PROMPTS[:2], max_new_tokens=0, batch_size=8, **NO_END) == [[], []]
 
 
 def test_stream_equals_batch(tiny):
-    out = greedy_generate(tiny, PROMPTS[:2], max_new_tokens=5, batch_size=4)
+    out = greedy_generate(tiny, PROMPTS[:2], max_new_tokens=5, batch_size=4, **NO_END)
     for prompt, want in zip(PROMPTS[:2], out):
-        assert list(stream_greedy(tiny, prompt, max_new_tokens=5)) == want
+        assert list(stream_greedy(tiny, prompt, max_new_tokens=5, **NO_END)) == want
     first = out[0][0]
-    assert list(stream_greedy(tiny, PROMPTS[0], max_new_tokens=5, eos_ids=[first])) == []
+    assert list(stream_greedy(tiny, PROMPTS[0], max_new_tokens=5, eos_ids=[first], pad_id=0)) == []
 
 
 def test_matches_transformers_generate(tiny, tiny_llama_dir):
@@ -84,7 +85,7 @@ def test_matches_transformers_generate(tiny, tiny_llama_dir):
     from transformers import LlamaForCausalLM
 
     ref = LlamaForCausalLM.from_pretrained(tiny_llama_dir, torch_dtype=torch.float32).eval()
-    ours = greedy_generate(tiny, PROMPTS, max_new_tokens=8, eos_ids=[2], batch_size=4)
+    ours = greedy_generate(tiny, PROMPTS, max_new_tokens=8, eos_ids=[2], batch_size=4, pad_id=0)
     for prompt, got in zip(PROMPTS, ours):
         with torch.no_grad():
             gen = ref.generate(torch.tensor([prompt]), max_new_tokens=8, do_sample=False,
@@ -96,7 +97,7 @@ def test_matches_transformers_generate(tiny, tiny_llama_dir):
 
 def test_choice_logprobs_equal_full_forward(tiny, full_logits):
     choices = [[5, 2], [7, 8, 9, 2], [60]]
-    scores = choice_logprobs(tiny, PROMPTS, choices, batch_size=2)
+    scores = choice_logprobs(tiny, PROMPTS, choices, batch_size=2, pad_id=0)
     assert scores.shape == (len(PROMPTS), len(choices))
     for i, prompt in enumerate(PROMPTS):
         for k, choice in enumerate(choices):
@@ -104,7 +105,7 @@ def test_choice_logprobs_equal_full_forward(tiny, full_logits):
             want = sum(float(lp[len(prompt) - 1 + j, t]) for j, t in enumerate(choice))
             assert scores[i, k] == pytest.approx(want, abs=1e-4)
     with pytest.raises(ValueError):
-        choice_logprobs(tiny, PROMPTS, [[]])
+        choice_logprobs(tiny, PROMPTS, [[]], batch_size=8, pad_id=0)
 
 
 def test_end_token_ids():
@@ -154,11 +155,11 @@ def test_constrained_decoding_equals_brute_force(tiny, full_logits):
     from runtime.decode import LabelTrie, classify
 
     picked, free = classify(tiny, PROMPTS, LabelTrie.build(LABELS), batch_size=2, free_tokens=6,
-                            eos_ids=[2])
+                            eos_ids=[2], pad_id=0)
     assert picked == [_constrained_without_cache(full_logits, p, LABELS) for p in PROMPTS]
     # the free answers from the same prefill are plain greedy decoding
-    assert free == greedy_generate(tiny, PROMPTS, max_new_tokens=6, eos_ids=[2], batch_size=3)
+    assert free == greedy_generate(tiny, PROMPTS, max_new_tokens=6, eos_ids=[2], batch_size=3, pad_id=0)
     # every prompt gets a label, even where free decoding says something else entirely
     assert all(0 <= k < len(LABELS) for k in picked)
-    only, none = classify(tiny, PROMPTS[:2], LabelTrie.build([[50, 2]]), batch_size=4)
+    only, none = classify(tiny, PROMPTS[:2], LabelTrie.build([[50, 2]]), batch_size=4, **NO_END)
     assert only == [0, 0] and none is None

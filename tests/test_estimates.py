@@ -60,7 +60,7 @@ def test_schedule_matches_the_runtime_batcher(pack):
 
 
 def test_row_count_does_not_depend_on_the_epochs_randomness():
-    from compiler.packing import count_rows, epoch_rows, example_slots
+    from core.packing import count_rows, epoch_rows, example_slots
 
     rng = np.random.default_rng(1)
     for seq_len in (16, 64, 300):
@@ -240,7 +240,7 @@ def test_detect_devices_honours_jax_platforms_and_hidden_gpus(fake_nvidia_smi, m
 
 
 def test_processes_from_their_launchers(monkeypatch):
-    from compiler.estimates import processes
+    from core.processes import processes
 
     for var in ("JAX_NUM_PROCESSES", "JAX_PROCESS_ID", "SLURM_NTASKS", "SLURM_PROCID",
                 "OMPI_COMM_WORLD_SIZE", "OMPI_COMM_WORLD_RANK", "TPU_WORKER_HOSTNAMES", "TPU_WORKER_ID"):

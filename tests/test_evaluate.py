@@ -17,6 +17,7 @@ from runtime.model import LoraConfig, LoRAParam
 
 LORA = LoraConfig(rank=4, alpha=8.0, dropout=0.0, targets=("q_proj", "v_proj", "down_proj"))
 EOS = 2
+DECODE = {"batch_size": 8, "pad_id": 0}
 N_TEST = 6
 
 
@@ -44,7 +45,7 @@ def use_examples(monkeypatch):
 
 def _labels():
     """The toy label set: w50, w51, w52, each answered by its word then the end token."""
-    from compiler.plan import Label
+    from core.plan import Label
 
     return tuple(Label(f"w{t}", (t, EOS), 3) for t in (50, 51, 52))
 
@@ -76,8 +77,8 @@ def _decode(tokenizer, outs):
 @pytest.fixture(scope="module")
 def setup(tiny_chat_dir, tmp_path_factory):
     """A run directory with a (random, non-zero) adapter, and what base and tuned answer."""
-    from compiler.tokenizer import load_tokenizer
-    from runtime.export import save_peft_adapter
+    from core.tokenizer import load_tokenizer
+    from runtime.peft import save_peft_adapter
     from runtime.weights import load_pretrained
 
     tok = load_tokenizer(tiny_chat_dir)
@@ -91,8 +92,8 @@ def setup(tiny_chat_dir, tmp_path_factory):
 
     prompts = _prompts(N_TEST)
     base = load_pretrained(tiny_chat_dir)
-    base_out = _decode(tok, greedy_generate(base, prompts, max_new_tokens=6, eos_ids=[EOS, 4]))
-    tuned_out = _decode(tok, greedy_generate(model, prompts, max_new_tokens=6, eos_ids=[EOS, 4]))
+    base_out = _decode(tok, greedy_generate(base, prompts, max_new_tokens=6, eos_ids=[EOS, 4], **DECODE))
+    tuned_out = _decode(tok, greedy_generate(model, prompts, max_new_tokens=6, eos_ids=[EOS, 4], **DECODE))
     assert base_out != tuned_out                 # the adapter changes the answers
     # references: the base model's answers for the first half, something else for the rest
     refs = base_out[:N_TEST // 2] + ["w20 w21"] * (N_TEST - N_TEST // 2)
@@ -181,7 +182,7 @@ def test_choices_mode(setup, use_examples):
     finally:
         setup.examples.references = setup.refs
     base = load_pretrained(setup.dir)
-    scores = choice_logprobs(base, setup.prompts, [[50, EOS], [51, EOS], [52, EOS]])
+    scores = choice_logprobs(base, setup.prompts, [[50, EOS], [51, EOS], [52, EOS]], **DECODE)
     want = [["w50", "w51", "w52"][k] for k in scores.argmax(1)]
     assert res["predictions"] == want
     assert res["mode"] == "choices" and set(res["per_class"]) <= {"w50", "w51", "w52"}
@@ -203,7 +204,8 @@ def test_constrained_mode_answers_within_the_label_set(setup, use_examples):
     finally:
         setup.examples.references = setup.refs
     base = load_pretrained(setup.dir)
-    picked, _ = classify(base, setup.prompts, LabelTrie.build([[50, EOS], [51, EOS], [52, EOS]]))
+    picked, _ = classify(base, setup.prompts, LabelTrie.build([[50, EOS], [51, EOS], [52, EOS]]),
+                         eos_ids=(), **DECODE)
     assert res["predictions"] == [["w50", "w51", "w52"][k] for k in picked]
     assert res["mode"] == "constrained" and set(res["predictions"]) <= {"w50", "w51", "w52"}
     # free generation from the same prefill is reported beside it, and is the generate mode's answer
@@ -240,14 +242,14 @@ def _write_plan(run_dir, model_dir, *, chat, system=None):
 def loaded(setup, monkeypatch):
     """generate() gets the already loaded tuned model (no second load and compile), after checking
     it asked for the run's adapter."""
-    import runtime.evaluate
+    import runtime.build
 
     def load(plan, adapter_dir=None, **kw):
         assert adapter_dir is not None and adapter_dir.name == "adapter"
         assert (adapter_dir / "adapter_model.safetensors").is_file()
         return setup.tuned
 
-    monkeypatch.setattr(runtime.evaluate, "load_model", load)
+    monkeypatch.setattr(runtime.build, "scoring_model", load)
 
 
 def test_generate_plain(setup, loaded, tmp_path):
@@ -262,11 +264,11 @@ def test_generate_plain(setup, loaded, tmp_path):
     answer = generate(str(run_dir), "w30 w31", max_new_tokens=6, out=out)
     # the text fills template.prompt, then gets the tokenizer's prefix (none here): Q : w30 w31 A :
     ids = [5, 7, 30, 31, 6, 7]
-    want = _decode(setup.tok, greedy_generate(setup.tuned, [ids], max_new_tokens=6, eos_ids=[EOS, 4]))[0]
+    want = _decode(setup.tok, greedy_generate(setup.tuned, [ids], max_new_tokens=6, eos_ids=[EOS, 4], **DECODE))[0]
     assert answer == want and out.getvalue().strip() == want
     raw = generate(str(run_dir), "w30 w31", max_new_tokens=6, raw=True, out=io.StringIO())
     assert raw == _decode(setup.tok, greedy_generate(setup.tuned, [[30, 31]], max_new_tokens=6,
-                                                     eos_ids=[EOS, 4]))[0]
+                                                     eos_ids=[EOS, 4], **DECODE))[0]
 
 
 def test_generate_chat_and_interactive(setup, loaded, tmp_path, monkeypatch):
@@ -288,7 +290,7 @@ def test_generate_chat_and_interactive(setup, loaded, tmp_path, monkeypatch):
     answer = G.generate(str(run_dir), "w30", max_new_tokens=6, out=io.StringIO())
     # <|im_start|>system w40<|im_end|><|im_start|>user Q : w30 A :<|im_end|><|im_start|>assistant
     assert seen[0] == [3, 10, 40, 4, 3, 8, 5, 7, 30, 6, 7, 4, 3, 9]
-    want = _decode(setup.tok, greedy_generate(setup.tuned, seen[:1], max_new_tokens=6, eos_ids=[EOS, 4]))[0]
+    want = _decode(setup.tok, greedy_generate(setup.tuned, seen[:1], max_new_tokens=6, eos_ids=[EOS, 4], **DECODE))[0]
     assert answer == want
 
     seen.clear()

@@ -9,9 +9,10 @@ import numpy as np
 import pytest
 
 import compiler.examples as ex
-import compiler.tokenizer as tk
-from compiler.errors import PlanError
-from compiler.examples import build_examples, load_examples, truncate
+import core.tokenizer as tk
+from core.errors import PlanError
+from compiler.examples import build_examples, truncate
+from core.token_cache import load_examples
 
 CHAT = {"prompt": "{text}", "response": "{label}", "system": None, "chat": True}
 PLAIN = {"prompt": "{text}\nSentiment:", "response": " {label}", "system": None, "chat": False}
@@ -26,7 +27,7 @@ def rows(n, *, start=0, words=4):
 
 @pytest.fixture(scope="module")
 def smol(smollm2_dir):
-    from compiler.tokenizer import chat_template
+    from core.tokenizer import chat_template
 
     return {"tokenizer_dir": str(smollm2_dir), "chat_template": chat_template(smollm2_dir),
             "eos_token": "<|im_end|>"}
@@ -52,7 +53,7 @@ def test_examples_are_prompt_then_supervised_tokens_tokenised_separately(smol, t
     t = tok(smol)
     ids, plens = data.split("train")
     assert len(ids) == 10 and plens.dtype == np.int32 and all(x.dtype == np.int32 for x in ids)
-    from compiler.templates import render, to_prompt_completion
+    from core.templates import render, to_prompt_completion
     for row, x, p in zip(splits["train"], ids, plens):
         head, tail = to_prompt_completion(*render(row, CHAT), chat=True, chat_template=smol["chat_template"],
                                           eos_token="<|im_end|>")

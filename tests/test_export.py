@@ -12,7 +12,8 @@ import torch
 from flax import nnx
 from safetensors.numpy import load_file, save_file
 
-from runtime.export import load_peft_adapter, read_lora_config, save_merged, save_peft_adapter
+from runtime.export import save_merged
+from runtime.peft import load_peft_adapter, read_lora_config, save_peft_adapter
 from runtime.model import LoraConfig, LoRAParam
 from runtime.weights import load_pretrained
 

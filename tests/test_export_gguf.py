@@ -7,8 +7,10 @@ import torch
 from gguf import GGUFReader
 from safetensors.numpy import load_file
 
-from compiler.errors import PlanError
-from compiler.gguf import embedded_gguf_path, permute_qk, unpermute_qk, write_gguf
+from core.errors import PlanError
+from compiler.gguf import embedded_gguf_path
+from core.gguf import permute_qk, unpermute_qk
+from runtime.gguf import write_gguf
 from runtime.export import save_merged
 from runtime.model import LoraConfig
 from runtime.weights import to_hf_state_dict
@@ -138,7 +140,7 @@ def test_tune_export_command(tune_cli, tmp_path, smollm2_dir):
     from test_export import trained_like
     from transformers import AutoModelForCausalLM
 
-    from runtime.export import save_peft_adapter
+    from runtime.peft import save_peft_adapter
 
     rc, out, err = tune_cli("plan", "+recipe=finance", "hydra.run.dir=trained")
     assert rc == 0, err

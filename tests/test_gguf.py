@@ -14,7 +14,8 @@ import pytest
 from safetensors.numpy import load_file
 
 from compiler import gguf as conv
-from compiler.tokenizer import load_tokenizer
+from core.gguf import unpermute_qk
+from core.tokenizer import load_tokenizer
 
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
@@ -150,7 +151,7 @@ EXPECTED_CHAT = ("<|im_start|>system\nYou are a helpful AI assistant named SmolL
 def test_chat_template_renders(smollm2_dir):
     import jinja2.sandbox
 
-    from compiler.tokenizer import chat_template
+    from core.tokenizer import chat_template
 
     template = chat_template(smollm2_dir)
     env = jinja2.sandbox.ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
@@ -214,14 +215,14 @@ def test_unpermute_direction(our_weights, hf_gguf_model, smollm2_gguf):
     assert np.abs(raw_q - ref_q).max() > 1e-2
     assert np.abs(raw_k - ref_k).max() > 1e-2
     # and un-permuting with the head counts (k with the KV heads) makes them right
-    np.testing.assert_allclose(conv.unpermute_qk(raw_q, 9), ref_q, atol=1e-6, rtol=0)
-    np.testing.assert_allclose(conv.unpermute_qk(raw_k, 3), ref_k, atol=1e-6, rtol=0)
+    np.testing.assert_allclose(unpermute_qk(raw_q, 9), ref_q, atol=1e-6, rtol=0)
+    np.testing.assert_allclose(unpermute_qk(raw_k, 3), ref_k, atol=1e-6, rtol=0)
     # the other direction (applying llama.cpp's permutation once more) would be wrong, and is caught
     assert np.abs(_llama_cpp_permute(raw_q, 9) - ref_q).max() > 1e-2
     assert np.abs(_llama_cpp_permute(raw_k, 3) - ref_k).max() > 1e-2
     # ours inverts llama.cpp's permutation exactly
     w = np.random.default_rng(0).standard_normal((192, 8)).astype(np.float32)
-    np.testing.assert_array_equal(conv.unpermute_qk(_llama_cpp_permute(w, 3), 3), w)
+    np.testing.assert_array_equal(unpermute_qk(_llama_cpp_permute(w, 3), 3), w)
 
 
 def test_logits_equal_transformers_gguf(smollm2_dir, hf_gguf_model):

@@ -17,6 +17,7 @@ import pytest
 import torch
 
 from runtime.attention import causal_attention, segment_attention
+from runtime.model import EXACT
 from runtime.weights import load_pretrained
 
 
@@ -130,8 +131,8 @@ def test_bfloat16_logits_with_either_attention_match_transformers(hf_tiny, kind)
     ref = _torch_logits(ref_model, ids)
     got = {}
     for attention in ("xla", "cudnn"):
-        model = load_pretrained(path, dtype=jnp.bfloat16, param_dtype=jnp.bfloat16,
-                                attention=attention)
+        model = load_pretrained(path, compute=EXACT.but(dtype=jnp.bfloat16, param_dtype=jnp.bfloat16,
+                                                          attention=attention))
         got[attention] = np.asarray(model.logits(model(jnp.asarray(ids))), np.float32)
     scale = np.abs(ref).max()
     for attention, logits in got.items():
@@ -206,8 +207,8 @@ def test_run_on_gpu_trains_in_bfloat16_and_exports(gpu_run, chat_model_dir, atte
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
-    from compiler.plan import Plan
-    from runtime.evaluate import load_model
+    from core.plan import Plan
+    from runtime.build import scoring_model as load_model
 
     run_dir = gpu_run(*overrides, name=f"run-{attention}")
     text = (run_dir / "plan.json").read_text()

@@ -8,9 +8,9 @@ import pytest
 import torch
 from flax import nnx
 
-from runtime.export import load_peft_adapter, read_lora_config
+from runtime.peft import load_peft_adapter, read_lora_config
 from runtime.loss import chunked_cross_entropy
-from compiler.architecture import MODULE_NAMES
+from core.architecture import MODULE_NAMES
 from runtime.model import LoraConfig, LoRAParam
 from runtime.weights import load_pretrained
 
@@ -76,7 +76,7 @@ def test_rslora_logits_equal_peft_both_ways(hf_tiny, tmp_path):
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
-    from runtime.export import save_peft_adapter
+    from runtime.peft import save_peft_adapter
 
     _, path = hf_tiny("llama")
     peft = peft_llama(path, tmp_path / "peft", seed=3, rslora=True)
@@ -273,7 +273,7 @@ def test_supervised_ce_equals_naive_and_computes_only_the_supervised_logits(capa
 
 
 def test_supervised_capacity_bounds_every_packing():
-    from compiler.packing import epoch_rows, example_slots, supervised_capacity
+    from core.packing import epoch_rows, example_slots, supervised_capacity
 
     rng = np.random.default_rng(0)
     for trial in range(100):

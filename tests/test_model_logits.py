@@ -9,8 +9,8 @@ import pytest
 import torch
 from flax import nnx
 
-from compiler.architecture import ModelConfig
-from runtime.model import Llama
+from core.architecture import ModelConfig
+from runtime.model import EXACT, Llama
 from runtime.weights import load_pretrained, to_hf_state_dict
 
 KINDS = ["llama", "llama-bias", "llama3-rope", "linear-rope", "mqa", "mha", "smollm-tied", "mistral",
@@ -49,7 +49,7 @@ def test_logits_in_attention_blocks_match_transformers(hf_tiny, kind):
     """17 tokens in causal blocks of 4 query rows (the last block partial): grouped, multi-query and
     sliding-window attention, and q/k norms."""
     ref_model, path = hf_tiny(kind)
-    model = load_pretrained(path, attention_block=4)
+    model = load_pretrained(path, compute=EXACT.but(attention_block=4))
     ids = tokens()
     np.testing.assert_allclose(tune_logits(model, ids), torch_logits(ref_model, ids), atol=1e-4, rtol=0)
 
@@ -84,7 +84,7 @@ def test_config_old_style_and_refusals():
 @pytest.mark.parametrize("block", [0, 5])     # segments that cross attention blocks' boundaries
 def test_packed_rows_equal_separate_runs(hf_tiny, block):
     _, path = hf_tiny("qwen3")
-    model = load_pretrained(path, attention_block=block)
+    model = load_pretrained(path, compute=EXACT.but(attention_block=block))
     a, b = tokens(1, 7, seed=1)[0], tokens(1, 6, seed=2)[0]
     T = 16
     packed = np.zeros((1, T), np.int32)
@@ -102,7 +102,7 @@ def test_remat_policies_same_values_and_grads(hf_tiny):
     ids = jnp.asarray(tokens())
     results = []
     for remat in ("none", "dots", "full"):
-        model = load_pretrained(path, remat=remat)
+        model = load_pretrained(path, compute=EXACT.but(remat=remat))
         graphdef, state = nnx.split(model)
 
         @jax.jit
@@ -228,7 +228,7 @@ def test_missing_and_unexpected_tensors_are_named(hf_tiny, tmp_path):
 
 def test_bfloat16_params_and_compute(hf_tiny):
     ref_model, path = hf_tiny("llama")
-    model = load_pretrained(path, dtype=jnp.bfloat16, param_dtype=jnp.bfloat16)
+    model = load_pretrained(path, compute=EXACT.but(dtype=jnp.bfloat16, param_dtype=jnp.bfloat16))
     hidden = model(jnp.asarray(tokens()))
     assert hidden.dtype == jnp.bfloat16
     assert model.layers.self_attn.q_proj.weight[...].dtype == jnp.bfloat16
@@ -288,7 +288,7 @@ def test_bfloat16_matmuls_under_float32_compute(hf_tiny):
     lora = LoraConfig(rank=4, alpha=8, dropout=0.0, targets=("q_proj", "v_proj", "down_proj"),
                       train_modules=("o_proj",))
     exact = load_pretrained(path, lora=lora, rngs=nnx.Rngs(1))
-    mixed = load_pretrained(path, lora=lora, rngs=nnx.Rngs(1), matmul_dtype=jnp.bfloat16)
+    mixed = load_pretrained(path, lora=lora, rngs=nnx.Rngs(1), compute=EXACT.but(matmul_dtype=jnp.bfloat16))
     assert mixed.layers.self_attn.q_proj.mixed and mixed.layers.mlp.up_proj.mixed
     assert not mixed.layers.self_attn.o_proj.mixed and not exact.layers.self_attn.q_proj.mixed
     ids = jnp.asarray(tokens())
@@ -324,7 +324,7 @@ def test_remat_dots_keeps_the_bfloat16_products():
     ids = jnp.asarray(tokens(2, 9, vocab=64))
 
     def loss_and_residuals(matmul_dtype, remat):
-        model = Llama(cfg, lora=lora, remat=remat, matmul_dtype=matmul_dtype, rngs=nnx.Rngs(0))
+        model = Llama(cfg, lora=lora, rngs=nnx.Rngs(0), compute=EXACT.but(remat=remat, matmul_dtype=matmul_dtype))
         g, trained, frozen = split_model(model)
         loss = lambda p: jnp.sum(nnx.merge(g, frozen, p)(ids) ** 2)
         kept = sorted(r.shape for r, _ in saved_residuals(loss, trained))

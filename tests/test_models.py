@@ -11,11 +11,11 @@ from pathlib import Path
 
 import pytest
 
-from compiler.errors import PlanError
-from compiler.architecture import ARCHITECTURES, MODULE_NAMES, ModelConfig
+from core.errors import PlanError
+from core.architecture import ARCHITECTURES, MODULE_NAMES, ModelConfig
 from compiler.models import config_hash, resolve_model
-from compiler.plan import ModelSection
-from compiler.tokenizer import chat_template, load_tokenizer
+from core.plan import ModelSection
+from core.tokenizer import chat_template, load_tokenizer
 
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")

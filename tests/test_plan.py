@@ -13,9 +13,9 @@ import yaml
 from compiler import compile as compile_mod
 from compiler import safety, schema
 from compiler.compile import compile_plan
-from compiler.errors import PlanError
-from compiler.files import write_atomic
-from compiler.plan import Plan
+from core.errors import PlanError
+from core.files import write_atomic
+from core.plan import Plan
 from tests.conftest import clf_rows, write_jsonl
 
 CONF = Path(__file__).resolve().parents[1] / "conf"
@@ -369,8 +369,8 @@ def test_row_length_packs_short_examples_tighter(data_file, smollm2_dir):
     """Examples just over half a row take a row each; the plan says how full its rows are, and
     longer rows (runtime.row_length) hold several examples (fewer rows, fuller), every example still
     in exactly one row."""
-    from compiler.examples import load_examples
-    from compiler.packing import epoch_rows, example_slots
+    from core.token_cache import load_examples
+    from core.packing import epoch_rows, example_slots
 
     first = compile_plan(base_config(data_file), recipe_info=None)
     lengths = [len(x) for x in load_examples(first.data.cache).split("train")[0]]

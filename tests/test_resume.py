@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from safetensors.numpy import load_file
 
-from compiler.errors import PlanError
+from core.errors import PlanError
 from conftest import tiny_plan
 from runtime import checkpoint
 from runtime.run import train
@@ -113,7 +113,7 @@ def test_divergence_is_a_clean_stop(tiny_llama_dir, tmp_path, train_on, monkeypa
     """A step with a non-finite loss (here: made so at step 5) stops the run there, keeps the
     metrics up to it and the last good checkpoint, writes no adapter, and says what to do."""
     import runtime.run
-    from compiler.errors import Diverged
+    from core.errors import Diverged
 
     plan, examples = tiny_plan(tiny_llama_dir, **dict(SETUP, checkpoint_every=2))
     train_on(examples)

@@ -10,9 +10,10 @@ import pytest
 from test_checks import refused
 from test_conversations import compiled, write_jsonl
 
-from compiler.examples import load_examples
-from compiler.plan import Plan
-from compiler.retrieval import PLAIN, Index, Passages, _cut
+from core.token_cache import load_examples
+from core.plan import Plan
+from compiler.retrieval import _cut
+from core.retrieval import PLAIN, Index, Passages
 
 # made-up topic words: a question shares exactly one with its passage and none with the others
 TOPICS = ["zorblax", "quintrel", "mavocide", "plinthor", "drusket", "velomorph", "carbinex",
@@ -41,7 +42,7 @@ def rag_data(tmp_path):
 
 
 def prompts(plan, split):
-    from compiler.tokenizer import load_tokenizer
+    from core.tokenizer import load_tokenizer
 
     tok = load_tokenizer(plan.model.dir)
     ids, plens = load_examples(plan.data.cache).split(split)
@@ -64,7 +65,7 @@ def test_index_finds_the_passage_that_shares_the_words(tmp_path):
 
 
 def test_long_passages_are_cut_at_a_token_boundary_and_counted(smollm2_dir):
-    from compiler.tokenizer import ESC_CLOSE, ESC_OPEN, load_tokenizer
+    from core.tokenizer import ESC_CLOSE, ESC_OPEN, load_tokenizer
 
     tok = load_tokenizer(smollm2_dir)
     long = " ".join(f"word{i}" for i in range(200))

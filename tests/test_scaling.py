@@ -23,8 +23,8 @@ import json, sys
 from pathlib import Path
 import numpy as np
 from conftest import tiny_plan
-import runtime.run
-from compiler.plan import MeshAxes
+import runtime.build, runtime.run
+from core.plan import MeshAxes
 from runtime.mesh import maybe_initialize_distributed
 maybe_initialize_distributed()
 import jax
@@ -35,10 +35,10 @@ for spec in sys.argv[4:]:
                                checkpoint_every=2, targets=("q_proj", "v_proj", "o_proj",
                                                             "gate_proj", "down_proj"),
                                mesh=MeshAxes(d, f, t))
-    runtime.run.load_examples = lambda cache: examples
+    runtime.build.load_examples = lambda cache: examples
     if f > 1 or t > 1:      # the weights arrive split: each device holds its slice, nothing whole
         from runtime.mesh import make_mesh
-        _, trained, frozen = runtime.run._setup_model(plan, make_mesh(plan.runtime.mesh))
+        _, trained, frozen = runtime.build.training_model(plan, make_mesh(plan.runtime.mesh))
         w = frozen["layers"]["mlp"]["up_proj"]["weight"]
         want = {"1,8,1": (2, 8, 32), "2,2,2": (2, 32, 16), "4,1,2": (2, 32, 32)}[spec]
         assert {s.data.shape for s in w.addressable_shards} == {want}, \

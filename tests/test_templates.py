@@ -1,10 +1,10 @@
-"""compiler/templates.py: format strings as data, chat templates in a sandbox, the supervised split."""
+"""core/templates.py: format strings as data, chat templates in a sandbox, the supervised split."""
 from __future__ import annotations
 
 import pytest
 
-from compiler.errors import PlanError
-from compiler.templates import (check_fields, mark_example, placeholders, render, render_chat,
+from core.errors import PlanError
+from core.templates import (check_fields, mark_example, placeholders, render, render_chat,
                                 to_prompt_completion)
 
 TEMPLATE = {"prompt": "Clause: {text}\nCategory:", "response": " {label}", "system": None, "chat": False}

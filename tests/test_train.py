@@ -10,8 +10,9 @@ from flax import nnx
 
 from conftest import schedule, synthetic_examples
 from runtime.batching import Batcher, BatchShape
-from runtime.model import LoraConfig
-from runtime.train import accumulate, lr_schedule, make_optimizer, make_train_step, split_model
+from runtime.model import EXACT, LoraConfig
+from runtime.build import optimizer as make_optimizer
+from runtime.train import accumulate, lr_schedule, make_train_step, split_model
 from runtime.weights import load_pretrained
 
 LORA = LoraConfig(rank=4, alpha=8.0, dropout=0.0, targets=("q_proj", "k_proj", "v_proj", "o_proj"))
@@ -22,8 +23,7 @@ CHUNK = 16
 def split(tiny_llama_dir):
     """(graphdef, lora, frozen) of the tiny model, LoRA B made non-zero so every LoRA leaf has a
     gradient (B starts at zero, which leaves A's gradient zero)."""
-    model = load_pretrained(tiny_llama_dir, lora=LORA, dtype=jnp.float32, param_dtype=jnp.float32,
-                            remat="none", rngs=nnx.Rngs(0))
+    model = load_pretrained(tiny_llama_dir, lora=LORA, rngs=nnx.Rngs(0), compute=EXACT)
     graphdef, lora, frozen = split_model(model)
     keys = iter(jax.random.split(jax.random.key(1), len(jax.tree.leaves(lora))))
     lora = jax.tree.map(lambda p: p + 0.05 * jax.random.normal(next(keys), p.shape, p.dtype), lora)
@@ -34,7 +34,8 @@ def split(tiny_llama_dir):
 def acc(split):
     graphdef = split[0]
     return jax.jit(lambda lora, frozen, batch: accumulate(graphdef, lora, frozen, batch, None,
-                                                          ce_chunk=CHUNK, dropout=False))
+                                                          ce_chunk=CHUNK, dropout=False,
+                                                          loss_tokens=None, packed=True))
 
 
 def _batch(ids, prompt_lens, shape, pack=False, seed=0):
@@ -82,7 +83,7 @@ def test_packed_loss_equals_unpacked(split, acc):
     graphdef = split[0]
     causal = jax.jit(lambda lora, frozen, batch: accumulate(graphdef, lora, frozen, batch, None,
                                                             ce_chunk=CHUNK, dropout=False,
-                                                            packed=False))
+                                                            loss_tokens=None, packed=False))
     lc, nc, gc = causal(lora, frozen, unpacked)
     assert float(nc) == float(nu)
     np.testing.assert_allclose(float(lc), float(lu), rtol=1e-6)
@@ -117,8 +118,7 @@ def test_only_the_response_is_supervised(split, acc):
 
 
 def _fresh(tiny_llama_dir):
-    model = load_pretrained(tiny_llama_dir, lora=LORA, dtype=jnp.float32, param_dtype=jnp.float32,
-                            remat="none", rngs=nnx.Rngs(0))
+    model = load_pretrained(tiny_llama_dir, lora=LORA, rngs=nnx.Rngs(0), compute=EXACT)
     return split_model(model)
 
 
@@ -137,7 +137,7 @@ def test_steps_lower_the_loss_and_train_only_lora(tiny_llama_dir):
     assert n_opt < 2 * sum(x.size for x in jax.tree.leaves(lora)) + 8 < n_frozen
     assert all("lora" in jax.tree_util.keystr(p).lower() for p, _ in lora_leaves)
 
-    step = make_train_step(graphdef, opt, lr_fn, ce_chunk=CHUNK, dropout=False)
+    step = make_train_step(graphdef, opt, lr_fn, ce_chunk=CHUNK, dropout=False, loss_tokens=None, packed=True)
     ids, pl = synthetic_examples(8, seed=6)
     batch = _batch(ids, pl, BatchShape(2, 4, 32))
     rng = jax.random.PRNGKey(0)
@@ -153,12 +153,12 @@ def test_steps_lower_the_loss_and_train_only_lora(tiny_llama_dir):
 
 def test_dropout_is_a_function_of_the_step(tiny_llama_dir):
     lora_cfg = LoraConfig(rank=4, alpha=8.0, dropout=0.3, targets=("q_proj", "v_proj"))
-    model = load_pretrained(tiny_llama_dir, lora=lora_cfg, dtype=jnp.float32, param_dtype=jnp.float32,
-                            remat="none", rngs=nnx.Rngs(0))
+    model = load_pretrained(tiny_llama_dir, lora=lora_cfg, rngs=nnx.Rngs(0), compute=EXACT)
     graphdef, lora, frozen = split_model(model)
     lora = jax.tree.map(lambda p: p + 0.1, lora)
     opt, lr_fn = make_optimizer(schedule(4))
-    step = make_train_step(graphdef, opt, lr_fn, ce_chunk=CHUNK, dropout=True, donate=False)
+    step = make_train_step(graphdef, opt, lr_fn, ce_chunk=CHUNK, dropout=True, donate=False,
+                           loss_tokens=None, packed=True)
     batch = _batch(*synthetic_examples(4, seed=7), BatchShape(1, 4, 32))
     rng = jax.random.PRNGKey(3)
     s = opt.init(lora)
@@ -180,8 +180,8 @@ def test_lr_schedule():
 
 
 def test_mesh_from_the_plan():
-    from compiler.errors import PlanError
-    from compiler.plan import MeshAxes
+    from core.errors import PlanError
+    from core.plan import MeshAxes
     from runtime.mesh import frozen_spec, make_mesh
 
     assert dict(make_mesh(MeshAxes(1, 1, 1)).shape) == {"data": 1, "fsdp": 1, "tensor": 1}
@@ -199,11 +199,12 @@ os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=4"
 import jax, jax.numpy as jnp, numpy as np
 from flax import nnx
 from conftest import schedule, synthetic_examples
-from compiler.plan import MeshAxes
+from core.plan import MeshAxes
 from runtime.batching import Batcher, BatchShape
 from runtime.mesh import frozen_shardings, make_mesh, put_batch, replicated
-from runtime.model import LoraConfig
-from runtime.train import make_optimizer, make_train_step, split_model
+from runtime.model import EXACT, LoraConfig
+from runtime.build import optimizer as make_optimizer
+from runtime.train import make_train_step, split_model
 from runtime.weights import load_pretrained
 
 assert jax.device_count() == 4
@@ -219,7 +220,8 @@ for spec, devices in ((MeshAxes(1, 1, 1), jax.devices()[:1]), (MeshAxes(2, 2, 1)
     lora = jax.device_put(lora, replicated(mesh))
     opt, lr_fn = make_optimizer(schedule(10, lr=1e-2))
     state = jax.device_put(opt.init(lora), replicated(mesh))
-    step = make_train_step(g, opt, lr_fn, ce_chunk=16, dropout=False, state_sharding=replicated(mesh))
+    step = make_train_step(g, opt, lr_fn, ce_chunk=16, dropout=False, loss_tokens=None, packed=True,
+                           state_sharding=replicated(mesh))
     for i in range(2):
         lora, state, m = step(lora, state, frozen, put_batch(host, mesh), jax.random.PRNGKey(0), jnp.int32(i))
     out.append((float(m["loss"]), [np.asarray(x) for x in jax.tree.leaves(lora)]))

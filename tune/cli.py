@@ -20,7 +20,7 @@ import os
 import sys
 import traceback
 
-from compiler.errors import Diverged, PlanError, did_you_mean
+from core.errors import Diverged, PlanError, did_you_mean
 from tune import commands, compose
 
 COMMANDS = compose.COMMANDS

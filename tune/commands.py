@@ -11,10 +11,10 @@ from pathlib import Path
 
 from compiler import recipes as recipes_mod
 from compiler.compile import compile_plan
-from compiler.estimates import is_main_process
-from compiler.errors import PlanError, did_you_mean
-from compiler.files import sha256_file
-from compiler.plan import Plan
+from core.processes import is_main_process
+from core.errors import PlanError, did_you_mean
+from core.files import sha256_file
+from core.plan import Plan
 from compiler.summary import print_plan
 
 

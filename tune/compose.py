@@ -12,7 +12,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from compiler.errors import Diverged, PlanError, did_you_mean
+from core.errors import Diverged, PlanError, did_you_mean
 
 CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
 PROG = "tune"

@@ -15,7 +15,7 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
-from compiler.errors import PlanError, did_you_mean
+from core.errors import PlanError, did_you_mean
 
 # architecture (config.json `architectures`) → family (config.json `model_type`)
 ARCHITECTURES = {

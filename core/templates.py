@@ -13,7 +13,7 @@ import string
 from collections.abc import Iterable
 from functools import lru_cache
 
-from compiler.errors import PlanError, did_you_mean
+from core.errors import PlanError, did_you_mean
 
 PARTS = ("prompt", "response", "system")
 MAX_CHAT_TEXT = 1 << 20       # characters a chat template may render for one example

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import numpy as np
 
-from compiler.errors import PlanError
+from core.errors import PlanError
 
 TOKENIZER_FILE = "tokenizer.json"
 # Control-token text that comes from the data (a customer writing "<|im_end|>") is marked with these

@@ -111,3 +111,23 @@ def supervised_capacity(lengths: Sequence[int], supervised: Sequence[int], seq_l
             room = full - (int(cum[k - 1]) if k else 0)
             bound += sup[order][k] * room / slots[order][k]
     return int(min(full, multiple * math.ceil(bound / multiple)))
+
+
+# ------------------------------------------------------------------------------ attention blocks
+
+# runtime.attention=pallas (runtime/attention.segment_attention): query and key rows per block of its
+# forward kernel; a training row's length must be a multiple.
+PALLAS_BLOCK = 128
+
+
+def attention_blocks(T: int, block: int) -> list[tuple[int, int]]:
+    """The query spans [start, end) of causal attention in blocks of `block` rows (runtime/attention.py):
+    block 0 (or ≥ T) is the whole row at once."""
+    if block <= 0 or block >= T:
+        return [(0, T)]
+    return [(s, min(s + block, T)) for s in range(0, T, block)]
+
+
+def scores(T: int, block: int) -> int:
+    """Score elements of one head of one row: each block's queries × the keys up to its end."""
+    return sum((e - s) * e for s, e in attention_blocks(T, block))

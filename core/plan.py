@@ -26,9 +26,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from compiler.architecture import MODULE_NAMES, ModelConfig
-from compiler.errors import PlanError
-from compiler.files import write_atomic
+from core.architecture import MODULE_NAMES, ModelConfig
+from core.errors import PlanError
+from core.files import write_atomic
 
 PLAN_VERSION = 4
 
@@ -41,7 +41,7 @@ class ModelSection:
     source: str                     # embedded | local | hub
     dir: str                        # absolute path of the Hugging Face-layout directory
     architecture: str               # e.g. LlamaForCausalLM
-    config: ModelConfig             # config.json, read once (compiler/architecture.py)
+    config: ModelConfig             # config.json, read once (core/architecture.py)
     params: int
     chat_template: str | None
     bos_token_id: int | None

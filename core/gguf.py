@@ -1,0 +1,46 @@
+"""llama.cpp's GGUF layout of a Llama-architecture model, the facts both directions need: its tensor
+names against Hugging Face's, and its rope permutation of the q/k rows (the embedded model's
+conversion undoes it, compiler/gguf.py; `tune export format=gguf` applies it, runtime/gguf.py).
+"""
+from __future__ import annotations
+
+import numpy as np
+
+# llama.cpp tensor names -> HF names (per layer, after "model.layers.{i}.")
+LAYER_NAMES = {
+    "attn_q": "self_attn.q_proj", "attn_k": "self_attn.k_proj", "attn_v": "self_attn.v_proj",
+    "attn_output": "self_attn.o_proj", "ffn_gate": "mlp.gate_proj", "ffn_up": "mlp.up_proj",
+    "ffn_down": "mlp.down_proj", "attn_norm": "input_layernorm",
+    "ffn_norm": "post_attention_layernorm",
+}
+GLOBAL_NAMES = {"token_embd": "model.embed_tokens", "output_norm": "model.norm",
+                 "output": "lm_head"}
+
+
+def unpermute_qk(w: np.ndarray, n_heads: int) -> np.ndarray:
+    """Undo llama.cpp's rope permutation of q/k rows: per head, [pairs interleaved] -> [halves]."""
+    out_dim, in_dim = w.shape
+    head_dim = out_dim // n_heads
+    return w.reshape(n_heads, head_dim // 2, 2, in_dim).swapaxes(1, 2).reshape(out_dim, in_dim)
+
+
+GGUF_TYPES = ("f32", "f16", "bf16", "q8_0")
+_HF_TO_GGUF = {hf: gg for gg, hf in LAYER_NAMES.items()}
+_HF_GLOBAL_TO_GGUF = {hf: gg for gg, hf in GLOBAL_NAMES.items()}
+
+
+def permute_qk(w: np.ndarray, n_heads: int) -> np.ndarray:
+    """llama.cpp's rope layout of q/k rows (the inverse of unpermute_qk): per head, halves → pairs.
+    `w` is a weight [out, in] or a bias [out]."""
+    head_dim = w.shape[0] // n_heads
+    return w.reshape(n_heads, 2, head_dim // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
+
+
+def gguf_name(hf_name: str) -> str:
+    """llama.cpp's tensor name for a Hugging Face one (model.layers.3.self_attn.q_proj.weight →
+    blk.3.attn_q.weight)."""
+    parts = hf_name.split(".")
+    if parts[0] == "model" and parts[1] == "layers":
+        module = ".".join(parts[3:-1])
+        return f"blk.{parts[2]}.{_HF_TO_GGUF[module]}.{parts[-1]}"
+    return f"{_HF_GLOBAL_TO_GGUF['.'.join(parts[:-1])]}.{parts[-1]}"

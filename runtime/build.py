@@ -1,0 +1,176 @@
+"""One construction site for everything the runtime makes from a Plan, used by training, evaluation,
+generation, lr-find, export and the benchmarks alike:
+
+- compute_spec / lora_config: the model's compute spec and adapter, from plan.runtime and plan.adapter;
+- training_model: the model on the plan's mesh, split into trained and frozen state;
+- scoring_model: the model for evaluation and generation, with a trained adapter or without;
+- optimizer / place_optimizer: AdamW with the plan's schedule (or a given learning-rate curve), its
+  state laid out like the parameters;
+- batches: the training and validation batchers over the plan's token data;
+- train_step / eval_loss: the jitted step and validation loss with the plan's runtime settings;
+- decoding: what every decoder call takes from the plan (batch, end and padding tokens).
+
+Nothing here has a default that stands for a plan field: every value is read from the plan.
+"""
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from core.plan import Plan, ScheduleSection
+from core.token_cache import load_examples
+
+DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+
+
+# ------------------------------------------------------------------------------ the model
+
+def compute_spec(plan: Plan, *, training: bool):
+    """The plan's ComputeSpec. Scoring and decoding run no backward pass, so they take no remat."""
+    from runtime.model import ComputeSpec
+
+    rt = plan.runtime
+    return ComputeSpec(dtype=DTYPES[rt.dtype], param_dtype=DTYPES[rt.param_dtype],
+                       matmul_dtype=DTYPES[rt.matmul_dtype], remat=rt.remat if training else "none",
+                       attention=rt.attention, attention_block=rt.attention_block)
+
+
+def lora_config(plan: Plan):
+    from runtime.model import LoraConfig
+
+    a = plan.adapter
+    return LoraConfig(rank=a.rank, alpha=float(a.alpha), dropout=float(a.dropout), targets=a.targets,
+                      rslora=a.rslora, kind=a.kind, train_modules=a.train_modules,
+                      quantize=a.quantize)
+
+
+def training_model(plan: Plan, mesh):
+    """(graphdef, trained state, frozen state) on the mesh (runtime/mesh.py: frozen weights split
+    over fsdp and tensor, trained ones over tensor). Each base weight goes from the checkpoint
+    straight to its shards."""
+    from runtime.mesh import param_spec, put_global, state_shardings, to_host
+    from runtime.train import split_model
+    from runtime.weights import load_pretrained
+
+    fsdp, tensor = mesh.shape["fsdp"], mesh.shape["tensor"]
+
+    def place(names, value, trained, dense):
+        spec = param_spec(names, value.shape, fsdp=1 if trained else fsdp, tensor=tensor,
+                          dense=dense)
+        return put_global(value, jax.sharding.NamedSharding(mesh, spec))
+
+    model = load_pretrained(plan.model.dir, config=plan.model.config, lora=lora_config(plan),
+                            compute=compute_spec(plan, training=True),
+                            rngs=nnx.Rngs(plan.schedule.seed), place=place)
+    graphdef, trained, frozen = split_model(model)
+    trained = put_global(to_host(trained), state_shardings(mesh, trained, trained=True))
+    return graphdef, trained, frozen
+
+
+def scoring_model(plan: Plan, adapter_dir=None, *, adapter_weights: bool = True):
+    """The plan's base model for evaluation and generation; with adapter_dir, built with the
+    adapter's LoRA shape and (unless adapter_weights=False) its weights. Without them the LoRA B
+    factors are zero, as freshly initialised, so the model computes exactly the base model."""
+    from runtime.peft import load_peft_adapter, read_lora_config
+    from runtime.weights import load_pretrained
+
+    lora = None if adapter_dir is None else read_lora_config(adapter_dir)
+    if lora is not None and plan.adapter.quantize != "none":
+        # the adapter was trained on the quantised base: score it on that base
+        lora = dataclasses.replace(lora, quantize=plan.adapter.quantize)
+    model = load_pretrained(plan.model.dir, config=plan.model.config, lora=lora,
+                            compute=compute_spec(plan, training=False), rngs=nnx.Rngs(0))
+    if adapter_dir is not None and adapter_weights:
+        load_peft_adapter(model, adapter_dir)
+    return model
+
+
+# ------------------------------------------------------------------------------ optimisation
+
+def optimizer(s: ScheduleSection, lr_fn: Callable | None = None):
+    """(optimizer, lr_fn): gradient clipping (unless schedule.max_grad_norm is 0 or None) + AdamW
+    with the plan's betas, eps and weight decay, driven by the plan's schedule — or by `lr_fn`
+    (step → learning rate) when one is given (the lr range test)."""
+    import optax
+
+    from runtime.train import decay_mask, lr_schedule
+
+    if lr_fn is None:
+        lr_fn = lr_schedule(s.lr, s.warmup_steps, s.total_steps, s.lr_schedule)
+    parts = [optax.clip_by_global_norm(s.max_grad_norm)] if s.max_grad_norm else []
+    parts.append(optax.adamw(lr_fn, b1=s.beta1, b2=s.beta2, eps=s.eps, weight_decay=s.weight_decay,
+                             mask=decay_mask))
+    return optax.chain(*parts), lr_fn
+
+
+def place_optimizer(mesh, optimizer, trained):
+    """The optimizer state of `trained` laid out like it (AdamW's moments take each parameter's
+    sharding, counters are replicated), and the (trained, optimizer state) shardings the step keeps
+    them in."""
+    import optax
+
+    from runtime.mesh import put_global, replicated, to_host
+
+    trained_sh = jax.tree.map(lambda x: x.sharding, trained)
+    state = jax.eval_shape(optimizer.init, trained)
+    state_sh = optax.tree_map_params(optimizer, lambda _, sh: sh, state, trained_sh,
+                                     transform_non_params=lambda _: replicated(mesh))
+    host = jax.tree.map(np.asarray, jax.device_get(optimizer.init(to_host(trained))))
+    return put_global(host, state_sh), (trained_sh, state_sh)
+
+
+def train_step(plan: Plan, graphdef, optimizer, lr_fn, mesh, shardings):
+    from runtime.mesh import replicated
+    from runtime.train import make_train_step
+
+    rt = plan.runtime
+    return make_train_step(graphdef, optimizer, lr_fn, ce_chunk=rt.ce_chunk,
+                           dropout=plan.adapter.dropout > 0, loss_tokens=rt.loss_tokens,
+                           packed=rt.pack, state_sharding=shardings + (replicated(mesh),))
+
+
+def eval_loss(plan: Plan, graphdef, mesh):
+    from runtime.mesh import replicated
+    from runtime.train import make_eval_loss
+
+    rt = plan.runtime
+    return make_eval_loss(graphdef, ce_chunk=rt.ce_chunk, loss_tokens=rt.loss_tokens,
+                          packed=rt.pack, state_sharding=replicated(mesh))
+
+
+# ------------------------------------------------------------------------------ data
+
+def batches(plan: Plan, examples=None):
+    """(training Batcher, validation Batcher or None) over the plan's token data (`examples`, as
+    core.token_cache.load_examples gives it, read from plan.data.cache unless given). Refuses token
+    data whose step count is not the plan's."""
+    from runtime.batching import Batcher, BatchShape
+
+    s, pack = plan.schedule, plan.runtime.pack
+    examples = examples if examples is not None else load_examples(plan.data.cache)
+    shape = BatchShape(s.grad_accum, s.batch_size, s.seq_len)
+    cap = plan.runtime.loss_tokens
+    batcher = Batcher(*examples.split("train"), shape, pack=pack, seed=s.seed, loss_tokens=cap,
+                      masks=examples.masks("train"))
+    if batcher.steps_per_epoch != s.steps_per_epoch or batcher.rows_per_epoch != s.rows_per_epoch:
+        raise RuntimeError(f"the plan counts {s.steps_per_epoch} steps ({s.rows_per_epoch} rows) per "
+                           f"epoch, its token data gives {batcher.steps_per_epoch} "
+                           f"({batcher.rows_per_epoch} rows): recompile the plan with `tune plan`")
+    val_ids, val_prompt_lens = examples.split("val")
+    val = (Batcher(val_ids, val_prompt_lens, shape, pack=pack, seed=s.seed, loss_tokens=cap,
+                   masks=examples.masks("val")) if len(val_ids) else None)
+    return batcher, val
+
+
+def decoding(plan: Plan, tokenizer) -> dict:
+    """The keyword arguments every decoder call takes from the plan: the evaluation batch, the
+    model's end tokens (as the tokenizer knows them) and its padding token."""
+    from runtime.decode import end_token_ids
+
+    return {"batch_size": plan.eval.batch_size, "pad_id": plan.model.pad_token_id,
+            "eos_ids": end_token_ids(plan.model.eos_token_ids, tokenizer)}
