@@ -22,32 +22,13 @@ import traceback
 
 from core.errors import Diverged, PlanError, did_you_mean
 from tune import commands, compose
+from tune.console import print_error, print_failure
 
 COMMANDS = compose.COMMANDS
 OTHER_COMMANDS = ("run", "recipes")
 USAGE = """usage: tune [train|plan|eval|generate|lr-find|export] [OVERRIDES...] [--help] [--cfg job] [-m]
        tune run PATH/plan.json [RUN_DIR]
        tune recipes [list | show NAME | cp NAME DEST]"""
-
-
-# ------------------------------------------------------------------------------ output
-
-def console(stderr: bool = False):
-    from rich.console import Console
-
-    return Console(stderr=stderr, soft_wrap=True, highlight=False)
-
-
-def print_error(err: PlanError) -> None:
-    from rich.text import Text
-
-    console(stderr=True).print(Text("error: " + err.render(), style="bold red"))
-
-
-def print_failure(message: str) -> None:
-    from rich.text import Text
-
-    console(stderr=True).print(Text(message, style="red"))
 
 
 # ------------------------------------------------------------------------------ entry point

@@ -19,7 +19,7 @@ from compiler.summary import print_plan
 
 
 def _console():
-    from tune.cli import console
+    from tune.console import console
 
     return console()
 

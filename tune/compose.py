@@ -123,7 +123,7 @@ def run_hydra(command: str, argv: list[str], run_job) -> int:
         from runtime.report import write_sweep_report
 
         path = write_sweep_report(jobs[0]["dir"].parent, jobs)
-        from tune.cli import console
+        from tune.console import console
 
         console(stderr=True).print(f"[dim]sweep report:[/dim] {path}")
     if not failures:
@@ -386,7 +386,7 @@ def _task(make_job, run_job, failures: list, jobs: list) -> float | None:
         record["status"] = "diverged" if isinstance(e, Diverged) else "failed"
         record["error"] = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         if hc.mode == RunMode.MULTIRUN:
-            from tune.cli import print_error, print_failure
+            from tune.console import print_error, print_failure
 
             job = f"job {hc.job.num} ({' '.join(hc.overrides.task)})"
             err = config_error(e)
