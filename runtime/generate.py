@@ -11,7 +11,8 @@ With no prompt, an interactive loop reads prompts from stdin until EOF or "exit"
 template the conversation history is kept (each turn sees the earlier ones).
 
 A run of a classification task answers with one of its labels: decoding follows the label set's
-prefix trie, as its evaluation does (eval.mode=generate on the command line answers freely).
+prefix trie, as its evaluation does — unless the run's plan says eval.mode=generate, or the command
+line does.
 """
 from __future__ import annotations
 
@@ -104,17 +105,21 @@ def _load_plan(run):
 
 
 def generate(run_dir, prompt: str | None = None, *, max_new_tokens: int, raw: bool = False,
-             free: bool = False, out=None, input_fn=input) -> str | None:
+             free: bool | None = None, out=None, input_fn=input) -> str | None:
     """Answer `prompt` with the run's model (base + run_dir/adapter) and print it as it is generated;
     return the answer. prompt None: an interactive loop until EOF or "exit"; returns None.
-    `run_dir` may also be a Plan (then the base model answers). A classification plan answers
-    with one of its labels (decoding within the label set, as its evaluation does) unless `free`."""
+    `run_dir` may also be a Plan (then the base model answers). The plan decides how to answer, as
+    its evaluation does: a classification plan scored within its label set answers with one of its
+    labels, a plan with eval.mode=generate answers freely; `free` (the command line's own
+    eval.mode) overrides it when given."""
     from runtime.progress import log
 
     out = sys.stdout if out is None else out
     plan, adapter = _load_plan(run_dir)
     if adapter is None and not isinstance(run_dir, Plan):
         log(f"{run_dir} has no trained adapter yet: answering with the base model")
+    if free is None:
+        free = plan.eval.mode == "generate"
     chat = Chat(plan, adapter, labels=plan.data.task == "classification" and not free)
 
     if prompt is not None:

@@ -309,3 +309,29 @@ def test_generate_chat_and_interactive(setup, loaded, tmp_path, monkeypatch):
             raise EOFError from None
 
     assert G.generate(str(run_dir), None, max_new_tokens=2, out=io.StringIO(), input_fn=eof) is None
+
+
+@pytest.mark.parametrize("mode, labelled", [("constrained", True), ("generate", False)])
+def test_generate_answers_as_the_runs_plan_says(setup, loaded, tmp_path, monkeypatch, mode, labelled):
+    """A classification run answers within its label set, unless its own plan (its recipe) set
+    eval.mode=generate: the decision is read from the run, not re-derived from this command line."""
+    import shutil
+
+    import runtime.generate as G
+
+    run_dir = tmp_path / "run"
+    shutil.copytree(setup.run_dir, run_dir)
+    _plan(setup.dir, chat=False, mode=mode, metric="accuracy", labels=_labels()).write(
+        run_dir / "plan.json")
+    calls = []
+    monkeypatch.setattr(G, "classify", lambda *a, **kw: calls.append("labels") or ([1], None))
+    real = G.stream_greedy
+    monkeypatch.setattr(G, "stream_greedy",
+                        lambda *a, **kw: calls.append("free") or real(*a, **kw))
+    answer = G.generate(str(run_dir), "w30", max_new_tokens=4, out=io.StringIO())
+    assert calls == (["labels"] if labelled else ["free"])
+    if labelled:
+        assert answer == "w51"
+    calls.clear()           # the command line's own eval.mode wins over the plan's
+    G.generate(str(run_dir), "w30", max_new_tokens=4, out=io.StringIO(), free=labelled)
+    assert calls == (["free"] if labelled else ["labels"])

@@ -146,14 +146,16 @@ def generate(job) -> None:
     from runtime.generate import generate as answer
 
     prompt, max_new = job.config.get("prompt"), job.config["max_new_tokens"]
-    free = job.config["eval"]["mode"] == "generate"        # else: a classification run's labels
+    # how to answer is the run's plan's decision (its eval.mode), unless this command line says
+    given = [o for o in job.overrides if o.key_or_group == "eval.mode" and not o.is_delete()]
+    free = (job.config["eval"]["mode"] == "generate") if given else None
     if job.config.get("run"):
         answer(_existing_run(job.config["run"], need_adapter=False), prompt, max_new_tokens=max_new,
                free=free)
         return
     plan = compile_plan(job.config, recipe_info=recipes_mod.recipe_info(job.recipe),
                         command="generate")
-    answer(plan, prompt, max_new_tokens=max_new, free=free)
+    answer(plan, prompt, max_new_tokens=max_new, free=None)
 
 
 def _existing_run(run_dir, *, need_adapter: bool) -> Path:
