@@ -4,7 +4,10 @@
 config (types coerced, defaults filled, targets as a list or "all-linear") with the warnings it
 raised; the first error is a PlanError naming the key, what is wrong and what would be right.
 `check_override(key, value)` does the same for one command-line override before Hydra runs.
-The defaults here are the ones conf/ ships (a test keeps them equal).
+
+This table is the one place a default is declared: `defaults(group)` is what Hydra composes as each
+group's default option (tune/compose.py registers it; DEFAULT_OPTIONS names it), and the option
+files in conf/ carry only what differs from it.
 """
 from __future__ import annotations
 
@@ -208,6 +211,23 @@ BY_PATH = {k.path: k for k in KEYS}
 GROUPS = ("model", "data", "template", "adapter", "schedule", "runtime", "eval", "sweep",
           "lr_find", "retrieval")
 SECTIONS = {p.rsplit(".", 1)[0] for p in BY_PATH if "." in p} | set(GROUPS)
+# The option of each group the primary config (conf/config.yaml) picks: the schema's defaults.
+DEFAULT_OPTIONS = {g: {"model": "smollm2-135m", "adapter": "lora"}.get(g, "default") for g in GROUPS}
+
+
+def defaults(section: str | None = None) -> dict:
+    """The defaults as a nested config: the whole config (None), one group's section, or (section
+    "") the top-level keys (run, prompt, format, ...)."""
+    import copy
+
+    full = _nest({k.path: copy.deepcopy(k.default) for k in KEYS})
+    if section is None:
+        return full
+    if section == "":
+        return {k: v for k, v in full.items() if k not in SECTIONS}
+    return full[section]
+
+
 # Names people bring from other tools → ours.
 ALIASES = {
     "learning_rate": "schedule.lr", "lr_scheduler": "schedule.lr_schedule",

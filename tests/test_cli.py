@@ -258,10 +258,13 @@ def test_generate_with_run_dir(tune_cli, tmp_path, runtime_calls):
     rc, out, err = tune_cli("generate", "run=trained", "prompt=Shares fall 12%", "max_new_tokens=9")
     assert rc == 0, err
     assert runtime_calls == [("generate", ((tmp_path / "trained").resolve(), "Shares fall 12%"),
-                              {"max_new_tokens": 9, "free": False})]
+                              {"max_new_tokens": 9, "free": None})]    # the run's plan decides
     runtime_calls.clear()
     rc, out, err = tune_cli("generate", "run=trained", "prompt=x", "eval.mode=generate")
     assert rc == 0 and runtime_calls[0][2]["free"] is True
+    runtime_calls.clear()
+    rc, out, err = tune_cli("generate", "run=trained", "prompt=x", "eval.mode=constrained")
+    assert rc == 0 and runtime_calls[0][2]["free"] is False
     assert no_run_dirs(tmp_path)
 
 

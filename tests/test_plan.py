@@ -22,12 +22,9 @@ CONF = Path(__file__).resolve().parents[1] / "conf"
 
 
 def base_config(data_path, **sections) -> dict:
-    """The composed default config (conf/ defaults) with data.path set, as compile_plan takes it."""
-    cfg = {"run": None, "prompt": None}
-    for group, option in (("model", "smollm2-135m"), ("data", "default"), ("template", "default"),
-                          ("adapter", "lora"), ("schedule", "default"), ("runtime", "default"),
-                          ("eval", "default")):
-        cfg[group] = yaml.safe_load((CONF / group / f"{option}.yaml").read_text())
+    """The composed default config (the schema's defaults) with data.path set, as compile_plan
+    takes it."""
+    cfg = schema.defaults()
     cfg["data"]["path"] = str(data_path)
     for section, values in sections.items():
         cfg[section].update(values)
@@ -195,35 +192,59 @@ def test_test_rows_seen_in_training_warn(tmp_path, smollm2_dir):
 
 # ------------------------------------------------------------------------------ schema
 
-def test_schema_defaults_match_conf():
-    for group in schema.GROUPS:
-        option = {"model": "smollm2-135m", "adapter": "lora"}.get(group, "default")
-        values = yaml.safe_load((CONF / group / f"{option}.yaml").read_text())
-        flat = {}
+def test_conf_declares_no_default_twice():
+    """The schema is the one source of defaults: the primary config picks the groups' default
+    options (the schema's, registered with Hydra), and every option file in conf/ carries only keys
+    whose value differs from that default, each a key of the schema; each one validates."""
+    primary = yaml.safe_load((CONF / "config.yaml").read_text())
+    picks = {k: v for e in primary["defaults"] if isinstance(e, dict) for k, v in e.items()
+             if "/" not in k and not k.startswith("override")}
+    assert picks == schema.DEFAULT_OPTIONS
+    assert "command_keys" in primary["defaults"]
+    assert set(primary) == {"defaults", "hydra"}          # no key of tune's own restated
+    files = [f for group in schema.GROUPS for f in sorted((CONF / group).glob("*.yaml"))]
+    assert len(files) >= 9
+    for f in files:
+        group, body = f.parent.name, yaml.safe_load(f.read_text())
+        assert body.pop("defaults") == [schema.DEFAULT_OPTIONS[group], "_self_"], f
+        assert f.stem != schema.DEFAULT_OPTIONS[group], f
+        default = schema.defaults(group)
+        for key, value in body.items():
+            path = f"{group}.{key}"
+            assert path in schema.BY_PATH or isinstance(value, dict), (f, key)
+            if isinstance(value, dict):
+                for k, v in value.items():
+                    assert v != default[key][k], (f, f"{key}.{k} restates its default")
+            else:
+                assert schema.coerce(schema.BY_PATH[path], value) != default[key], \
+                    (f, f"{key} restates its default")
+        merged = {**default, **{k: ({**default[k], **v} if isinstance(v, dict) else v)
+                                for k, v in body.items()}}
+        schema.validate({group: merged})
 
-        def walk(node, prefix):
-            for k, v in node.items():
-                path = f"{prefix}.{k}"
-                if isinstance(v, dict):
-                    walk(v, path)
-                else:
-                    flat[path] = v
 
-        walk(values, group)
-        keys = {p for p in schema.BY_PATH if p.startswith(group + ".")}
-        assert set(flat) == keys, group
-        for path, value in flat.items():
-            assert schema.coerce(schema.BY_PATH[path], value) == schema.BY_PATH[path].default, path
-    for group in schema.GROUPS:
-        for f in (CONF / group).glob("*.yaml"):       # every option validates
-            cfg = {group: yaml.safe_load(f.read_text())}
-            schema.validate(cfg)
-    # the primary config's own keys (run, prompt, ...) too
-    top = {k: v for k, v in yaml.safe_load((CONF / "config.yaml").read_text()).items()
-           if k not in ("defaults", "hydra")}
-    assert set(top) == {p for p in schema.BY_PATH if "." not in p}
-    for path, value in top.items():
-        assert schema.coerce(schema.BY_PATH[path], value) == schema.BY_PATH[path].default, path
+def test_allowed_values_in_conf_comments_are_the_schemas():
+    """A comment in conf/ that lists a key's values (`xla | cudnn | ...`) lists the schema's."""
+    import re
+
+    for f in CONF.rglob("*.yaml"):
+        group = f.parent.name
+        for line in f.read_text().splitlines():
+            m = re.match(r"\s*(\w+):[^#]*#\s*([\w\-]+(?:\s*\|\s*[\w\-]+)+)", line)
+            if not m:
+                continue
+            key = schema.BY_PATH[f"{group}.{m.group(1)}"]
+            listed = [w.strip() for w in m.group(2).split("|")]
+            assert set(listed) == set(key.choices), (f, line)
+
+
+def test_help_lists_every_key_with_its_default_and_values(tune_cli):
+    rc, out, err = tune_cli("--help")
+    assert rc == 0, err
+    text = " ".join(out.split())
+    for path, allowed, doc in schema.describe_keys():
+        assert f"{path} " in text and f"{allowed}: " in text, path
+    assert "runtime.attention auto auto|xla|cudnn|pallas:" in text
 
 
 def test_schema_normalises():

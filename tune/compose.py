@@ -50,15 +50,40 @@ def config_error(e: BaseException) -> PlanError | None:
 # ------------------------------------------------------------------------------ Hydra
 
 def _register() -> None:
+    from hydra.core.config_store import ConfigStore
     from omegaconf import OmegaConf
 
-    from compiler import recipes
+    from compiler import recipes, schema
 
     recipes.register_with_hydra()
-    if not OmegaConf.has_resolver("tune_recipes"):
-        # Used only by hydra.help.template: the recipes found, one line each (never by a user key:
-        # compiler.safety refuses resolver calls outside the hydra section).
-        OmegaConf.register_new_resolver("tune_recipes", _recipes_help, use_cache=False)
+    # Each group's default option, and the commands' own keys, are the schema's defaults: declared
+    # there once, composed from here; conf/'s option files carry only what differs.
+    store = ConfigStore.instance()
+    store.store(name="command_keys", node=schema.defaults(""))
+    for group, option in schema.DEFAULT_OPTIONS.items():
+        store.store(group=group, name=option, node=schema.defaults(group))
+    for name, fn in (("tune_recipes", _recipes_help), ("tune_keys", _keys_help)):
+        if not OmegaConf.has_resolver(name):
+            # Used only by hydra.help.template (never by a user key: compiler.safety refuses
+            # resolver calls outside the hydra section).
+            OmegaConf.register_new_resolver(name, fn, use_cache=False)
+
+
+def _keys_help() -> str:
+    """Every key of the schema: its default, allowed values and meaning, one line each."""
+    from compiler import schema
+
+    rows = [(path, _plain(schema.BY_PATH[path].default), allowed, doc)
+            for path, allowed, doc in schema.describe_keys()]
+    w0, w1 = max(len(r[0]) for r in rows), min(24, max(len(r[1]) for r in rows))
+    text = "\n".join(f"  {p.ljust(w0)}  {d.ljust(w1)}  {a}: {doc}" for p, d, a, doc in rows)
+    return text.replace("$", "$$")  # the help template is a string.Template
+
+
+def _plain(value) -> str:
+    import json
+
+    return json.dumps(value) if not isinstance(value, str) else value
 
 
 def _recipes_help() -> str:
@@ -315,8 +340,13 @@ def _values(o) -> list:
 
 
 def group_options(group: str) -> list[str]:
+    """The options of a group: its default (the schema's) and the option files of conf/."""
+    from compiler import schema
+
     d = CONF_DIR / group
-    return sorted(p.stem for p in d.glob("*.yaml")) if d.is_dir() else []
+    files = {p.stem for p in d.glob("*.yaml")} if d.is_dir() else set()
+    default = {schema.DEFAULT_OPTIONS[group]} if group in schema.DEFAULT_OPTIONS else set()
+    return sorted(files | default)
 
 
 def _check_group_option(group: str, option: str) -> None:
