@@ -42,15 +42,17 @@ def run(recipe: str, variant: str, steps: int, work: Path) -> dict:
     done = subprocess.run(cmd, capture_output=True, text=True)
     if done.returncode != 0:
         raise SystemExit(f"{shlex.join(cmd)} failed ({done.returncode}):\n{done.stderr[-3000:]}")
-    summary = json.loads((run_dir / "train_summary.json").read_text())
-    ev = json.loads((run_dir / "eval.json").read_text())
-    plan = json.loads((run_dir / "plan.json").read_text())
+    from core.plan import Plan
+    from core.records import EvalFile, TrainSummary
+
+    summary, ev = TrainSummary.read(run_dir), EvalFile.read(run_dir)
+    plan = Plan.load(run_dir / "plan.json")
     return {"variant": variant, "command": shlex.join(cmd[len(tune_command()):]),
-            "final_loss": summary["final_loss"], "final_val_loss": summary["final_val_loss"],
-            "step_s": summary["step_time_s_mean"], "metric": ev["metric"],
-            "base": ev["base"]["value"], "tuned": ev["tuned"]["value"], "rows": ev["n"],
-            "weights_mib": plan["estimates"]["memory"]["weights"] / 2**20,
-            "trainable": plan["adapter"]["trainable_params"]}
+            "final_loss": summary.final_loss, "final_val_loss": summary.final_val_loss,
+            "step_s": summary.step_time_s_mean, "metric": ev.headline.metric,
+            "base": ev.entries["base"].value, "tuned": ev.entries["tuned"].value,
+            "rows": ev.headline.n, "weights_mib": plan.estimates.memory["weights"] / 2**20,
+            "trainable": plan.adapter.trainable_params}
 
 
 def markdown(rows: list[dict], recipe: str, steps: int, command: str) -> str:

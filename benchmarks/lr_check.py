@@ -31,6 +31,8 @@ sys.path.insert(0, str(HERE))
 
 from throughput import run_logged, tune_command, write_results_section  # noqa: E402
 
+from core.records import TrainSummary  # noqa: E402
+
 RECIPES = ("legal", "finance", "medical", "customer_support")
 BEGIN, END = "<!-- lr-check:begin -->", "<!-- lr-check:end -->"
 
@@ -78,9 +80,10 @@ def check(recipe: str, args, work: Path) -> dict:
                                         "data.test_path=null", f"schedule.epochs={args.epochs}",
                                         "runtime.checkpoint_every=0", f"hydra.run.dir={run_dir}"]
                 rc, wall = run_logged(cmd + extra, work / recipe / f"{prefix}{factor:g}.log")
-            s = json.loads(summary.read_text()) if summary.is_file() else {}
-            runs.append({"factor": factor, "lr": value, "exit": rc, "steps": s.get("steps"),
-                         "final_loss": s.get("final_loss"), "val_loss": s.get("final_val_loss"),
+            s = TrainSummary.read(run_dir)
+            runs.append({"factor": factor, "lr": value, "exit": rc,
+                         "steps": s.steps if s else None, "final_loss": s.final_loss if s else None,
+                         "val_loss": s.final_val_loss if s else None,
                          "wall_s": None if wall is None else round(wall, 1)})
         result["rules"][rule] = {"lr": lr, "runs": runs}
     result["wall_s"] = round(time.perf_counter() - t0, 1)

@@ -87,26 +87,16 @@ def common_overrides(args, ds: str) -> list[str]:
     return o + list(args.tune_override or [])
 
 
-def read_eval(path: Path) -> dict:
-    """{"base": value, "tuned": value, "metric", "n"} from whatever eval.json shape is there:
-    {"base": {...}, "tuned": {...}} or a single {"metric", "value", "n"} (returned under "value")."""
-    if not path.is_file():
+def read_eval(run_dir: Path) -> dict:
+    """{"base": value, "tuned": value, "value" (the headline), "metric", "n"} of a run directory's
+    eval.json (core.records.EvalFile); {} when there is none."""
+    from core.records import EvalFile
+
+    ev = EvalFile.read(run_dir)
+    if ev is None:
         return {}
-    d = json.loads(path.read_text())
-    out = {}
-    for key in ("base", "tuned"):
-        part = d.get(key)
-        if isinstance(part, dict) and "value" in part:
-            out[key] = part["value"]
-            out.setdefault("metric", part.get("metric"))
-            out.setdefault("n", part.get("n"))
-        elif isinstance(part, (int, float)):
-            out[key] = float(part)
-    if "value" in d:
-        out["value"] = d["value"]
-        out.setdefault("metric", d.get("metric"))
-        out.setdefault("n", d.get("n"))
-    return out
+    out = {name: ev.entries[name].value for name in ("base", "tuned") if name in ev.entries}
+    return {**out, "value": ev.headline.value, "metric": ev.headline.metric, "n": ev.headline.n}
 
 
 def tune_eval(args, ds: str, work: Path, run: Path | None, name: str) -> tuple[dict, float]:
@@ -118,13 +108,15 @@ def tune_eval(args, ds: str, work: Path, run: Path | None, name: str) -> tuple[d
     rc, wall = run_logged(cmd, work / f"{name}.log")
     if rc != 0:
         return {"error": f"tune eval exited {rc} (log {work / f'{name}.log'})"}, wall
-    found = read_eval(out_dir / "eval.json")
+    found = read_eval(out_dir)
     if not found and run is not None:
-        found = read_eval(run / "eval.json")
+        found = read_eval(run)
     return found, wall
 
 
 def run_tune(args, ds: str, work: Path) -> dict:
+    from core.records import TrainSummary
+
     run_dir = work / "tune"
     cmd = tune_command() + common_overrides(args, ds) + [f"hydra.run.dir={run_dir}",
                                                         "runtime.checkpoint_every=0"]
@@ -134,15 +126,14 @@ def run_tune(args, ds: str, work: Path) -> dict:
     if rc != 0:
         res["error"] = f"tune exited {rc} (log {work / 'tune.log'})"
         return res
-    summary = run_dir / "train_summary.json"
-    if summary.is_file():
-        s = json.loads(summary.read_text())
-        res.update(steps=s.get("steps"), train_wall_s=s.get("wall_s"), final_loss=s.get("final_loss"),
-                   compile_s=s.get("compile_s"))
+    s = TrainSummary.read(run_dir)
+    if s is not None:
+        res.update(steps=s.steps, train_wall_s=s.wall_s, final_loss=s.final_loss,
+                   compile_s=s.compile_s)
     elif (run_dir / "metrics.jsonl").is_file():
         rows = [r for r in read_jsonl(run_dir / "metrics.jsonl") if "loss" in r]
         res.update(steps=len(rows), final_loss=rows[-1]["loss"] if rows else None)
-    ev = read_eval(run_dir / "eval.json")
+    ev = read_eval(run_dir)
     res["base"], res["tuned"] = ev.get("base"), ev.get("tuned")
     res["metric"], res["n"] = ev.get("metric"), ev.get("n")
     res["eval_source"] = "end of training" if ev else None

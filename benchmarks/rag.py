@@ -111,17 +111,19 @@ def main(argv=None) -> int:
     if rc:
         print(f"tune exited {rc}: see {args.work / 'run.log'}", file=sys.stderr)
         return rc
-    ev = json.loads((run_dir / "eval.json").read_text())
-    plan = json.loads((run_dir / "plan.json").read_text())
-    summary = json.loads((run_dir / "train_summary.json").read_text())
+    from core.plan import Plan
+    from core.records import EvalFile, TrainSummary
+
+    ev, summary = EvalFile.read(run_dir), TrainSummary.read(run_dir)
+    plan = Plan.load(run_dir / "plan.json")
     command = "python benchmarks/rag.py " + shlex.join(argv if argv is not None else sys.argv[1:])
     doc = {"command": command.strip(), "started": started, "wall_s": time.perf_counter() - t0,
-           "tune": cmd, "four_way": ev["four_way"], "retrieval": plan["retrieval"],
-           "eval": {k: ev.get(k) for k in ("metric", "n", "majority_baseline")},
-           "macro_f1": {k: (ev.get(k) or {}).get("macro_f1") for k in
+           "tune": cmd, "four_way": ev.four_way, "retrieval": plan.to_dict()["retrieval"],
+           "eval": {k: ev.headline.get(k) for k in ("metric", "n", "majority_baseline")},
+           "macro_f1": {k: ev.entries[k].get("macro_f1") if k in ev.entries else None for k in
                         ("base", "tuned", "base_no_retrieval", "tuned_no_retrieval")},
-           "steps": summary.get("steps"), "train_rows": plan["data"]["sizes"]["train"],
-           "val_loss": summary.get("final_val_loss")}
+           "steps": summary.steps, "train_rows": plan.data.sizes["train"],
+           "val_loss": summary.final_val_loss}
     text = markdown(doc)
     print(text)
     out = HERE / "results" / "rag.json"

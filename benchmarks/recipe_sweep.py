@@ -71,16 +71,17 @@ def run_point(args, recipe: str, point: dict, work: Path) -> dict:
     print(f"[{recipe}] {shlex.join(cmd)}", file=sys.stderr, flush=True)
     rc, wall = run_logged(cmd, work / recipe / f"{name}.log")
     out = {"recipe": recipe, "point": point, "command": cmd, "wall_s": wall, "rc": rc}
-    try:
-        ev = json.loads((run_dir / "eval.json").read_text())
-        summary = json.loads((run_dir / "train_summary.json").read_text())
-    except (OSError, ValueError):
+    from core.records import EvalFile, TrainSummary
+
+    ev, summary = EvalFile.read(run_dir), TrainSummary.read(run_dir)
+    if ev is None or summary is None:
         return out
-    out.update(metric=ev.get("metric"), tuned=ev.get("value"), base=(ev.get("base") or {}).get("value"),
-               n=ev.get("n"), macro_f1=ev.get("macro_f1"),
-               free=(ev.get("free") or {}).get("accuracy"),
-               majority=ev.get("majority_baseline"), steps=summary.get("steps"),
-               final_loss=summary.get("final_loss"), val_loss=summary.get("final_val_loss"))
+    top = ev.headline
+    out.update(metric=top.metric, tuned=top.value,
+               base=ev.entries["base"].value if "base" in ev.entries else None,
+               n=top.n, macro_f1=top.get("macro_f1"), free=(top.free or {}).get("accuracy"),
+               majority=top.majority_baseline, steps=summary.steps,
+               final_loss=summary.final_loss, val_loss=summary.final_val_loss)
     done.write_text(json.dumps(out) + "\n")
     return out
 

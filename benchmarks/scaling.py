@@ -44,12 +44,15 @@ def train(recipe: str, mesh: str, devices: int, steps: int, work: Path) -> dict:
     if done.returncode != 0:
         raise SystemExit(f"{shlex.join(cmd)} failed ({done.returncode}):\n{done.stderr[-3000:]}")
     rows = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
-    summary = json.loads((run_dir / "train_summary.json").read_text())
     from safetensors.numpy import load_file
+
+    from core.records import TrainSummary
+
+    summary = TrainSummary.read(run_dir)
 
     adapter = load_file(str(run_dir / "adapter" / "adapter_model.safetensors"))
     return {"mesh": mesh, "devices": devices, "losses": [r["loss"] for r in rows if "loss" in r],
-            "step_s": summary["step_time_s_mean"], "adapter": adapter}
+            "step_s": summary.step_time_s_mean, "adapter": adapter}
 
 
 def compare(one: dict, other: dict) -> dict:

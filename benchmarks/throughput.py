@@ -179,8 +179,9 @@ def run_tune(args, work: Path) -> dict:
     rows = read_jsonl(run_dir / "metrics.jsonl")
     steps = [r for r in rows if "loss" in r and "step_time_s" in r]
     compile_s = next((r["compile_s"] for r in rows if "compile_s" in r), None)
-    summary_path = run_dir / "train_summary.json"
-    summary = json.loads(summary_path.read_text()) if summary_path.exists() else {}
+    from core.records import TrainSummary
+
+    summary = TrainSummary.read(run_dir)
     counts = tune_step_counts(plan, len(steps))
     records = []
     for k, r in enumerate(steps):
@@ -197,7 +198,7 @@ def run_tune(args, work: Path) -> dict:
                 if "rebuilt_tokens" in r and (r["rebuilt_tokens"] != r["tokens"]
                                               or r["rebuilt_supervised_tokens"] != r["supervised_tokens"])]
     return {"command": cmd, "wall_s": wall, "compile_s": compile_s, "records": records, "plan": plan,
-            "summary": summary, "count_mismatch_steps": mismatch, "run_dir": str(run_dir)}
+            "summary": summary.to_dict() if summary else {}, "count_mismatch_steps": mismatch, "run_dir": str(run_dir)}
 
 
 # ----------------------------------------------------------------------------------------- PEFT

@@ -15,9 +15,10 @@ Three modes (eval.mode, resolved by the compiler):
 - choices (classification): no generation; every label is scored by its total log-likelihood after
   the prompt, and the most likely one is the prediction.
 
-eval.json (written by `write_eval`): the headline result at the top level ({"metric", "value", "n",
-"per_class", "worst", ...} of the tuned model when there is one, else of the base model), plus
-"base" and "tuned" entries with the full results of each model evaluated on the same rows.
+eval.json (written by `write_eval`, a core.records.EvalFile): the headline result at the top level
+({"metric", "value", "n", "per_class", "worst", ...} of the tuned model when there is one, else of
+the base model), plus "base" and "tuned" entries with the full results of each model evaluated on
+the same rows.
 """
 from __future__ import annotations
 
@@ -29,8 +30,9 @@ from pathlib import Path
 import numpy as np
 
 from core.token_cache import load_examples
-from core.files import write_atomic, write_json
+from core.files import write_atomic
 from core.plan import Plan
+from core.records import ENTRIES, NO_RETRIEVAL, EvalFile, EvalResult
 from core.tokenizer import load_tokenizer
 from runtime import metrics as M
 from runtime import build
@@ -134,9 +136,9 @@ def evaluate(plan: Plan, run_dir=None, adapter_dir=None, *, limit=None, model=No
     if write is None:
         write = run_dir is not None
     if write:
-        path = write_eval(run_dir, result)
+        write_eval(run_dir, result)
         if verbose:
-            print_results(json.loads(path.read_text()))
+            print_results(EvalFile.read(run_dir))
     return result
 
 
@@ -170,7 +172,7 @@ def _predict(plan: Plan, model, tokenizer, test: TestSet, progress):
 
 def evaluate_before_after(plan: Plan, run_dir, *, limit=None, verbose: bool = True) -> dict | None:
     """Score base and tuned (run_dir/adapter) on the same test rows; write run_dir/eval.json with both.
-    Returns the eval.json content, or None when the plan has no test examples.
+    Returns the EvalFile, or None when the plan has no test examples.
 
     One model is loaded, built with the adapter's LoRA shape: its LoRA B factors start at zero, so
     it first IS the base model; then the adapter is loaded into it in place. Base and tuned thus
@@ -196,8 +198,8 @@ def evaluate_before_after(plan: Plan, run_dir, *, limit=None, verbose: bool = Tr
         r = evaluate(plan, adapter_dir=adapter_dir, limit=limit, model=model, tokenizer=tokenizer,
                      which="tuned", write=False, retrieval=retrieval)
         results[r["model"]] = r
-    path = write_eval(run_dir, results)
-    out = json.loads(path.read_text())
+    write_eval(run_dir, results)
+    out = EvalFile.read(run_dir)
     if verbose:
         print_results(out)
     return out
@@ -206,11 +208,6 @@ def evaluate_before_after(plan: Plan, run_dir, *, limit=None, verbose: bool = Tr
 # --- eval.json --------------------------------------------------------------------------------
 
 _PER_EXAMPLE = ("predictions", "references", "free_predictions", "rows")
-NO_RETRIEVAL = "_no_retrieval"
-ENTRIES = ("base", "tuned", "base" + NO_RETRIEVAL, "tuned" + NO_RETRIEVAL)
-# eval.json's four-way comparison of a retrieval plan: name → entry
-FOUR_WAY = {"base": "base" + NO_RETRIEVAL, "base + retrieval": "base",
-            "tuned": "tuned" + NO_RETRIEVAL, "tuned + retrieval": "tuned"}
 
 
 def _summary(result: dict) -> dict:
@@ -218,45 +215,29 @@ def _summary(result: dict) -> dict:
 
 
 def write_eval(run_dir, results: dict) -> Path:
-    """Write run_dir/eval.json and run_dir/eval_predictions.jsonl.
+    """Write run_dir/eval.json (an EvalFile) and run_dir/eval_predictions.jsonl.
 
     `results` is one result of `evaluate` (its "model" says base or tuned, or either _no_retrieval)
     or {"base": ..., "tuned": ..., ...}. A single result is merged with the other entries of an
     existing eval.json that scored the same rows with the same metric (same data key, n and
-    metric); otherwise it replaces the file. The top level repeats the tuned result (else the base
-    one) in full; with all four entries of a retrieval plan, `four_way` compares them."""
+    metric); otherwise it replaces the file."""
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
-    path = run_dir / EVAL_FILE
-    if any(k in results for k in ENTRIES):
-        entries = {k: results[k] for k in ENTRIES if results.get(k)}
-    else:
-        entries = {results.get("model") or "tuned": results}
-        try:
-            old = json.loads(path.read_text())
-        except (OSError, ValueError):
-            old = {}
-        for name in ENTRIES:
-            prev = old.get(name)
-            if name in entries or not isinstance(prev, dict):
-                continue
-            new = next(iter(entries.values()))
-            if all(prev.get(k) == new.get(k) for k in ("metric", "n", "data_key", "mode")):
+    single = not any(k in results for k in ENTRIES)
+    full = {results.get("model") or "tuned": results} if single else \
+        {k: results[k] for k in ENTRIES if results.get(k)}
+    entries = {name: EvalResult.from_dict(_summary(r)) for name, r in full.items()}
+    old = EvalFile.read(run_dir) if single else None
+    if old is not None:
+        new = next(iter(entries.values()))
+        for name, prev in old.entries.items():
+            if name not in entries and prev.same_rows(new):
                 entries[name] = prev
-    headline = entries.get("tuned") or entries.get("base") or next(iter(entries.values()))
-    doc = {**_summary(headline)}
-    for name in ENTRIES:
-        if name in entries:
-            doc[name] = _summary(entries[name])
-    if "base" in entries and "tuned" in entries:
-        doc["delta"] = entries["tuned"]["value"] - entries["base"]["value"]
-    if all(name in entries for name in FOUR_WAY.values()):
-        doc["four_way"] = {label: entries[name]["value"] for label, name in FOUR_WAY.items()}
-    write_json(path, doc)
+    path = EvalFile({k: entries[k] for k in ENTRIES if k in entries} or entries).write(run_dir)
 
     # per-example predictions, one line per (model, row), for anyone who wants to look closer
     rows = []
-    for name, r in entries.items():
+    for name, r in full.items():
         if "predictions" not in r:
             continue
         index = r.get("rows") or range(len(r["predictions"]))
@@ -268,16 +249,17 @@ def write_eval(run_dir, results: dict) -> Path:
     return path
 
 
-def format_results(doc: dict) -> str:
+def format_results(ev: EvalFile) -> str:
     """eval.json as a few lines of text."""
-    rag = " + retrieval" if doc.get("retrieval") else ""     # the plan's prompts hold passages
-    entries = [(n + rag, doc[n]) for n in ("base", "tuned") if isinstance(doc.get(n), dict)] or \
-        [(doc.get("model", "model"), doc)]
-    metric = entries[-1][1].get("metric")
-    lines = [f"{metric} on {entries[-1][1].get('n')} test rows: " + ", ".join(
-        f"{n} {r.get('value', float('nan')):.4f}" for n, r in entries)
-        + (f" (change {doc['delta']:+.4f})" if "delta" in doc else "")]
-    pcs = [(n.removesuffix(rag), r["per_class"]) for n, r in entries if r.get("per_class")]
+    rag = " + retrieval" if ev.headline.retrieval else ""     # the plan's prompts hold passages
+    entries = [(n + rag, ev.entries[n]) for n in ("base", "tuned") if n in ev.entries] or \
+        [(ev.headline.model, ev.headline)]
+    metric = entries[-1][1].metric
+    delta = ev.delta
+    lines = [f"{metric} on {entries[-1][1].n} test rows: " + ", ".join(
+        f"{n} {r.value:.4f}" for n, r in entries)
+        + (f" (change {delta:+.4f})" if delta is not None else "")]
+    pcs = [(n.removesuffix(rag), r.get("per_class")) for n, r in entries if r.get("per_class")]
     if pcs and len(pcs[-1][1]) <= 30:
         classes = sorted({c for _, pc in pcs for c in pc},
                          key=lambda c: -max(pc.get(c, {}).get("support", 0) for _, pc in pcs))
@@ -287,11 +269,11 @@ def format_results(doc: dict) -> str:
             support = max(pc.get(c, {}).get("support", 0) for _, pc in pcs)
             f1s = "  ".join(f"{pc[c]['f1']:8.3f}" if c in pc else f"{'—':>8}" for _, pc in pcs)
             lines.append(f"  {c[:width]:<{width}}  {support:7d}  {f1s}")
-    if doc.get("four_way"):
+    if ev.four_way:
         lines.append("  with and without retrieval: " + ", ".join(
-            f"{label} {value:.4f}" for label, value in doc["four_way"].items()))
+            f"{label} {value:.4f}" for label, value in ev.four_way.items()))
     return "\n".join(lines)
 
 
-def print_results(doc: dict) -> None:
-    print(format_results(doc), file=sys.stdout, flush=True)
+def print_results(ev: EvalFile) -> None:
+    print(format_results(ev), file=sys.stdout, flush=True)

@@ -19,17 +19,14 @@ from pathlib import Path
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
+from core.errors import PlanError
+from core.plan import Plan
+from core.records import EvalFile, SweepFile, SweepRun, TrainSummary
+
 _BLUE, _ORANGE, _GREEN, _GREY = "#1f77b4", "#ff7f0e", "#2ca02c", "#9a9a9a"
 
 
 # --- reading a run directory ------------------------------------------------------------------
-
-def _read_json(path: Path):
-    try:
-        return json.loads(path.read_text())
-    except (OSError, ValueError):
-        return None
-
 
 def read_metrics(path) -> list[dict]:
     """metrics.jsonl as a list of dicts; unreadable lines (a run killed mid-write) are skipped."""
@@ -143,11 +140,11 @@ def plot_throughput(rows, mean) -> bytes | None:
     return _png(fig)
 
 
-def plot_confusion(ev) -> bytes | None:
+def plot_confusion(ev: EvalFile) -> bytes | None:
     """The tuned model's (else the only model's) confusion matrix: reference rows, predicted
     columns, counts in the cells."""
-    r = ev.get("tuned") if isinstance(ev.get("tuned"), dict) else ev
-    conf = r.get("confusion") if isinstance(r, dict) else None
+    r = ev.headline
+    conf = r.get("confusion")
     if not conf or not conf.get("labels") or len(conf["labels"]) > 40:
         return None
     import numpy as np
@@ -169,17 +166,15 @@ def plot_confusion(ev) -> bytes | None:
     ax.set_yticks(range(len(keep_rows)), [labels[i] for i in keep_rows])
     ax.set_xlabel("predicted")
     ax.set_ylabel("reference")
-    ax.set_title(f"Confusion matrix ({'tuned' if r is not ev else ev.get('model', 'model')})")
+    ax.set_title(f"Confusion matrix ({r.model})")
     ax.grid(False)
     return _png(fig)
 
 
-def plot_per_class(ev) -> bytes | None:
+def plot_per_class(ev: EvalFile) -> bytes | None:
     """Horizontal bars of per-class F1, base next to tuned where both were evaluated."""
-    runs = [(name, ev[name]) for name in ("base", "tuned") if isinstance(ev.get(name), dict)]
-    if not runs:
-        runs = [("model", ev)]
-    runs = [(name, r["per_class"]) for name, r in runs if r.get("per_class")]
+    runs = _compared(ev, "model")
+    runs = [(name, r.get("per_class")) for name, r in runs if r.get("per_class")]
     if not runs:
         return None
     classes = sorted({c for _, pc in runs for c in pc},
@@ -315,9 +310,9 @@ def _per_class_table(runs) -> str:
     return f'<h3>Per class</h3><table class="grid">{head}{"".join(body)}</table>'
 
 
-def _four_way(ev: dict, metric: str) -> str:
+def _four_way(ev: EvalFile, metric: str) -> str:
     """Fine-tuning vs retrieval, and both: the same test rows scored four ways."""
-    four = ev["four_way"]
+    four = ev.four_way
     best = max(v for v in four.values() if isinstance(v, (int, float)))
     cell = {k: f"<td>{'<b>' if v == best else ''}{_fmt(v)}{'</b>' if v == best else ''}</td>"
             for k, v in four.items()}
@@ -329,38 +324,43 @@ def _four_way(ev: dict, metric: str) -> str:
             "(the adapter was trained with them)</p>")
 
 
-def _eval_section(ev) -> str:
-    if not isinstance(ev, dict) or ("value" not in ev and "base" not in ev and "tuned" not in ev):
+def _compared(ev: EvalFile, single: str | None = None) -> list:
+    """(name, EvalResult) of base and tuned where they were scored, else the one model scored
+    (named `single`, or by its own name)."""
+    runs = [(name, ev.entries[name]) for name in ("base", "tuned") if name in ev.entries]
+    return runs or [(single or ev.headline.model, ev.headline)]
+
+
+def _eval_section(ev: EvalFile | None) -> str:
+    if ev is None:
         return '<p class="muted">not evaluated (set data.test_path, or run <code>tune eval run=DIR</code>)</p>'
-    metric = ev.get("metric") or (ev.get("tuned") or ev.get("base") or {}).get("metric", "metric")
-    rag = " + retrieval" if ev.get("retrieval") else ""      # the plan's prompts hold passages
-    runs = [(name, ev[name]) for name in ("base", "tuned") if isinstance(ev.get(name), dict)]
-    if not runs:
-        runs = [(ev.get("model", "model"), ev)]
+    metric = ev.headline.metric
+    rag = " + retrieval" if ev.headline.retrieval else ""      # the plan's prompts hold passages
+    runs = _compared(ev)
     head = "<tr><th></th>" + "".join(f"<th>{_esc(n + rag)}</th>" for n, _ in runs)
     vals = "<tr><th>" + _esc(metric) + "</th>" + "".join(
         f"<td><b>{_metric_value(r)}</b></td>" for _, r in runs)
     ns = "<tr><th>examples scored</th>" + "".join(f"<td>{_fmt(r.get('n'))}</td>" for _, r in runs)
-    if len(runs) == 2 and all(isinstance(r.get("value"), (int, float)) for _, r in runs):
-        delta = runs[1][1]["value"] - runs[0][1]["value"]
+    if len(runs) == 2 and ev.delta is not None:
+        delta = ev.delta
         head += "<th>change</th>"
         cls = "good" if delta > 0 else "bad" if delta < 0 else ""
         vals += f'<td class="{cls}"><b>{delta:+.4f}</b></td>'
         ns += "<td></td>"
     rows = [head + "</tr>", vals + "</tr>"] + _classification_rows(runs, metric) + [ns + "</tr>"]
     parts = [f'<table class="grid">{"".join(rows)}</table>']
-    if isinstance(ev.get("four_way"), dict):
+    if ev.four_way:
         parts.append(_four_way(ev, metric))
     how = []
     for name, r in runs:
-        bits = [f"mode {r['mode']}"] if r.get("mode") else []
+        bits = [f"mode {r.mode}"] if r.mode else []
         if r.get("mode") == "constrained":
             bits.append("greedy within the label set; free generation beside it: up to "
                         f"{r.get('max_new_tokens')} new tokens")
-        elif r.get("max_new_tokens"):
-            bits.append(f"up to {r['max_new_tokens']} new tokens, greedy")
-        if isinstance(r.get("seconds"), (int, float)):
-            bits.append(f"{r['seconds']:.1f} s")
+        elif r.max_new_tokens:
+            bits.append(f"up to {r.max_new_tokens} new tokens, greedy")
+        if isinstance(r.seconds, (int, float)):
+            bits.append(f"{r.seconds:.1f} s")
         if bits:
             how.append(f"{name}: " + ", ".join(bits))
     if how:
@@ -402,37 +402,36 @@ table.wide{width:100%} img{max-width:100%} .stats span{margin-right:2em}
 def write_report(run_dir) -> Path:
     """Write run_dir/report.html (and run_dir/plots/*.png); return the report's path."""
     run_dir = Path(run_dir)
-    plan = _read_json(run_dir / "plan.json") or {}
+    plan = _load_plan(run_dir)
     rows = read_metrics(run_dir / "metrics.jsonl")
-    summary = _read_json(run_dir / "train_summary.json") or {}
-    ev = _read_json(run_dir / "eval.json")
+    summary = TrainSummary.read(run_dir)
+    ev = EvalFile.read(run_dir)
 
     # Throughput: the first logged interval includes compilation, so it is left out of the mean.
     _, tps = _series(rows, "tokens_per_s")
     steady = tps[1:] if len(tps) > 1 else tps
-    mean_tps = summary.get("tokens_per_s_mean")
+    mean_tps = summary.tokens_per_s_mean if summary is not None else None
     if not isinstance(mean_tps, (int, float)):
         mean_tps = sum(steady) / len(steady) if steady else None
     plots = {
         "loss": plot_loss(rows),
         "lr": plot_lr(rows),
         "throughput": plot_throughput(rows, mean_tps),
-        "per_class_f1": plot_per_class(ev) if isinstance(ev, dict) else None,
-        "confusion": plot_confusion(ev) if isinstance(ev, dict) else None,
+        "per_class_f1": plot_per_class(ev) if ev is not None else None,
+        "confusion": plot_confusion(ev) if ev is not None else None,
     }
     for name, png in plots.items():
         if png is not None:
             (run_dir / "plots").mkdir(parents=True, exist_ok=True)
             (run_dir / "plots" / f"{name}.png").write_bytes(png)
 
-    recipe = plan.get("recipe")
-    title = (recipe.get("name") if isinstance(recipe, dict) else None) or run_dir.resolve().name
+    title = (plan.recipe.name if plan is not None and plan.recipe else None) or run_dir.resolve().name
     _, vlosses = _series(rows, "val_loss")
     doc = f"""<!doctype html>
 <html lang="en"><head><meta charset="utf-8"><title>tune report — {_esc(title)}</title>
 <style>{_CSS}</style></head><body>
 <h1>tune report — {_esc(title)}</h1>
-<p class="muted">run directory <code>{_esc(run_dir.resolve())}</code> · plan {_esc(str(plan.get('hash', '—'))[:16])}
+<p class="muted">run directory <code>{_esc(run_dir.resolve())}</code> · plan {_esc((plan.hash if plan is not None else '—')[:16])}
  · written {_esc(_dt.datetime.now().strftime('%Y-%m-%d %H:%M'))}{_sweep_link(run_dir)}</p>
 
 <h2>Evaluation</h2>
@@ -451,7 +450,7 @@ def write_report(run_dir) -> Path:
 {_img(plots['throughput'], 'throughput', 'no throughput logged')}
 
 <h2>Plan</h2>
-{_plan_section(plan)}
+{_plan_section(plan) if plan is not None else '<p class="muted">no plan.json</p>'}
 </body></html>
 """
     out = run_dir / "report.html"
@@ -461,12 +460,19 @@ def write_report(run_dir) -> Path:
 
 def _sweep_link(run_dir: Path) -> str:
     """A link back to the sweep this run belongs to (its parent holds sweep.json), if any."""
-    if (run_dir.parent / "sweep.json").is_file() or (run_dir.parent / "multirun.yaml").is_file():
+    if (run_dir.parent / SweepFile.FILE).is_file() or (run_dir.parent / "multirun.yaml").is_file():
         return ' · part of <a href="../sweep.html">a sweep</a>'
     return ""
 
 
-def _training_facts(plan: dict, rows: list[dict]) -> str:
+def _load_plan(run_dir: Path) -> Plan | None:
+    try:
+        return Plan.load(run_dir / "plan.json")
+    except (OSError, ValueError, TypeError, KeyError, PlanError):
+        return None
+
+
+def _training_facts(plan: Plan | None, rows: list[dict]) -> str:
     _, losses = _series(rows, "loss")
     _, vlosses = _series(rows, "val_loss")
     steps_done = max((r["step"] for r in rows if isinstance(r.get("step"), (int, float))), default=None)
@@ -477,14 +483,14 @@ def _training_facts(plan: dict, rows: list[dict]) -> str:
         facts.append(f"<span>validation loss <b>{vlosses[0]:.4f}</b> → <b>{vlosses[-1]:.4f}</b> "
                      f"(best {min(vlosses):.4f})</span>")
     if steps_done is not None:
-        total = (plan.get("schedule") or {}).get("total_steps")
+        total = plan.schedule.total_steps if plan is not None else None
         facts.append(f"<span>steps <b>{_fmt(steps_done)}</b>"
                      + (f" / {_fmt(total)}" if total else "") + "</span>")
     return "".join(facts)
 
 
-def _throughput_facts(summary: dict, rows: list[dict], mean_tps) -> str:
-    compile_s = summary.get("compile_s")
+def _throughput_facts(summary: TrainSummary | None, rows: list[dict], mean_tps) -> str:
+    compile_s = summary.compile_s if summary is not None else None
     if not isinstance(compile_s, (int, float)):
         compile_s = next((r["compile_s"] for r in rows if isinstance(r.get("compile_s"), (int, float))),
                          None)
@@ -493,13 +499,14 @@ def _throughput_facts(summary: dict, rows: list[dict], mean_tps) -> str:
         facts.append(f"<span>mean <b>{mean_tps:,.0f}</b> tokens/s (first logged interval excluded)</span>")
     if compile_s is not None:
         facts.append(f"<span>compile <b>{compile_s:.1f}</b> s</span>")
-    if isinstance(summary.get("wall_s"), (int, float)):
-        facts.append(f"<span>wall time <b>{summary['wall_s']:.1f}</b> s</span>")
+    if summary is not None:
+        facts.append(f"<span>wall time <b>{summary.wall_s:.1f}</b> s</span>")
     return "".join(facts)
 
 
-def _plan_section(plan: dict) -> str:
+def _plan_section(typed: Plan) -> str:
     """The plan's sections as tables: what was trained, on what, how."""
+    plan = typed.to_dict()
     model = plan.get("model") or {}
     model_summary = {k: model.get(k) for k in ("name", "source", "architecture", "params", "dir")
                      if model.get(k) is not None}
@@ -534,7 +541,7 @@ def _plan_section(plan: dict) -> str:
 
 # --- a sweep's report (tune -m) ---------------------------------------------------------------
 
-SWEEP_FILE, SWEEP_HTML = "sweep.json", "sweep.html"
+SWEEP_HTML = "sweep.html"
 
 
 def write_sweep_report(sweep_dir, jobs: list[dict]) -> Path:
@@ -543,34 +550,35 @@ def write_sweep_report(sweep_dir, jobs: list[dict]) -> Path:
     the sweep's criterion (sweep.metric), and every run's loss curve in one plot. `jobs`: the runs
     as tune/compose.py records them ({"dir", "overrides", "status", "error", "wall_s",
     "criterion"})."""
+    import dataclasses
+
+    from core.files import write_atomic
+
     sweep_dir = Path(sweep_dir)
     rows = [_sweep_row(j) for j in jobs]
     varying = _varying(rows)
-    for r in rows:
-        r["differs"] = {k: v for k, v in r["overrides"].items() if k in varying}
+    rows = [dataclasses.replace(r, differs={k: v for k, v in r.overrides.items() if k in varying})
+            for r in rows]
     criterion = next((j.get("criterion") for j in jobs if j.get("criterion")), "val_loss")
     best = _best(rows, criterion)
-    doc = {"criterion": criterion, "best": best["run"] if best else None, "runs": rows}
-    from core.files import write_atomic, write_json
-
-    write_json(sweep_dir / SWEEP_FILE, doc)
+    SweepFile(criterion=criterion, best=best.run if best else None, runs=tuple(rows)).write(sweep_dir)
     for r in rows:                       # each run's report now links back to the sweep
-        if (sweep_dir / r["run"] / "report.html").is_file():
-            write_report(sweep_dir / r["run"])
+        if (sweep_dir / r.run / "report.html").is_file():
+            write_report(sweep_dir / r.run)
     curves = plot_sweep(rows)
     head = "".join(f"<th>{_esc(k)}</th>" for k in varying)
     body = []
     for r in rows:
-        cells = "".join(f"<td>{_esc(r['differs'].get(k, ''))}</td>" for k in varying)
-        status = r["status"] + (f": {_short(r['error'], 120)}" if r.get("error") else "")
-        link = f'<a href="{_esc(r["run"])}/report.html">{_esc(r["run"])}</a>' \
-            if (sweep_dir / r["run"] / "report.html").is_file() else _esc(r["run"])
+        cells = "".join(f"<td>{_esc(r.differs.get(k, ''))}</td>" for k in varying)
+        status = r.status + (f": {_short(r.error, 120)}" if r.error else "")
+        link = f'<a href="{_esc(r.run)}/report.html">{_esc(r.run)}</a>' \
+            if (sweep_dir / r.run / "report.html").is_file() else _esc(r.run)
         mark = " ★" if best is r else ""
-        nums = "".join(f"<td>{'—' if r[k] is None else _fmt(r[k])}</td>"
-                       for k in ("loss", "val_loss", "metric_value", "wall_s"))
+        nums = "".join(f"<td>{'—' if v is None else _fmt(v)}</td>"
+                       for v in (r.loss, r.val_loss, r.metric_value, r.wall_s))
         body.append(f"<tr><td>{link}{mark}</td>{cells}{nums}"
-                    f"<td class=\"{'bad' if r['status'] != 'ok' else ''}\">{_esc(status)}</td></tr>")
-    metric = next((r["metric"] for r in rows if r.get("metric")), "metric")
+                    f"<td class=\"{'bad' if r.status != 'ok' else ''}\">{_esc(status)}</td></tr>")
+    metric = next((r.metric for r in rows if r.metric), "metric")
     html_doc = f"""<!doctype html>
 <html lang="en"><head><meta charset="utf-8"><title>tune sweep — {_esc(sweep_dir.name)}</title>
 <style>{_CSS}</style></head><body>
@@ -585,19 +593,21 @@ def write_sweep_report(sweep_dir, jobs: list[dict]) -> Path:
     return write_atomic(sweep_dir / SWEEP_HTML, html_doc)
 
 
-def _sweep_row(job: dict) -> dict:
+def _sweep_row(job: dict) -> SweepRun:
     run_dir = Path(job["dir"])
-    summary = _read_json(run_dir / "train_summary.json") or {}
-    ev = _read_json(run_dir / "eval.json") or {}
+    summary = TrainSummary.read(run_dir)
+    ev = EvalFile.read(run_dir)
     metrics = read_metrics(run_dir / "metrics.jsonl")
-    _, losses = _series(metrics, "loss")
+    steps, losses = _series(metrics, "loss")
     _, vlosses = _series(metrics, "val_loss")
     overrides = dict(o.split("=", 1) for o in job.get("overrides") or [] if "=" in o)
-    return {"run": run_dir.name, "overrides": overrides, "status": job.get("status", "ok"),
-            "error": job.get("error"), "wall_s": job.get("wall_s"),
-            "loss": losses[-1] if losses else None, "val_loss": vlosses[-1] if vlosses else None,
-            "metric": ev.get("metric"), "metric_value": ev.get("value"),
-            "steps": summary.get("steps"), "curve": [[s, v] for s, v in zip(*_series(metrics, "loss"))]}
+    return SweepRun(run=run_dir.name, overrides=overrides, status=job.get("status", "ok"),
+                    error=job.get("error"), wall_s=job.get("wall_s"),
+                    loss=losses[-1] if losses else None, val_loss=vlosses[-1] if vlosses else None,
+                    metric=ev.headline.metric if ev else None,
+                    metric_value=ev.headline.value if ev else None,
+                    steps=summary.steps if summary else None,
+                    curve=[[s, v] for s, v in zip(steps, losses)])
 
 
 def sweep_objective(job: dict) -> float:
@@ -607,35 +617,35 @@ def sweep_objective(job: dict) -> float:
     metric), so a search steers away from it and goes on."""
     criterion = job.get("criterion") or "val_loss"
     row = _sweep_row(job)
-    value = row.get({"val_loss": "val_loss", "loss": "loss", "metric": "metric_value"}[criterion])
-    if row["status"] == "ok" and isinstance(value, (int, float)) and math.isfinite(value):
+    value = row.score(criterion)
+    if row.status == "ok" and isinstance(value, (int, float)) and math.isfinite(value):
         return float(value)
     return float("-inf") if criterion == "metric" else float("inf")
 
 
-def _varying(rows: list[dict]) -> list[str]:
-    keys = list(dict.fromkeys(k for r in rows for k in r["overrides"]))
-    return [k for k in keys if len({r["overrides"].get(k) for r in rows}) > 1] or keys[:1]
+def _varying(rows: list[SweepRun]) -> list[str]:
+    keys = list(dict.fromkeys(k for r in rows for k in r.overrides))
+    return [k for k in keys if len({r.overrides.get(k) for r in rows}) > 1] or keys[:1]
 
 
-def _best(rows: list[dict], criterion: str):
-    key = {"val_loss": "val_loss", "loss": "loss", "metric": "metric_value"}[criterion]
-    ok = [r for r in rows if r["status"] == "ok" and isinstance(r.get(key), (int, float))]
+def _best(rows: list[SweepRun], criterion: str) -> SweepRun | None:
+    ok = [r for r in rows if r.status == "ok" and isinstance(r.score(criterion), (int, float))]
     if not ok:
         return None
-    return max(ok, key=lambda r: r[key]) if criterion == "metric" else min(ok, key=lambda r: r[key])
+    pick = max if criterion == "metric" else min
+    return pick(ok, key=lambda r: r.score(criterion))
 
 
-def plot_sweep(rows: list[dict]) -> bytes | None:
+def plot_sweep(rows: list[SweepRun]) -> bytes | None:
     """Every run's training loss against the step, one line per run, labelled by what differs."""
-    runs = [r for r in rows if r.get("curve")]
+    runs = [r for r in rows if r.curve]
     if not runs:
         return None
     fig, ax = _figure(7.5, 4.0)
     for r in runs:
-        steps, values = zip(*r["curve"])
-        label = ", ".join(f"{k}={v}" for k, v in r["differs"].items()) or r["run"]
-        ax.plot(steps, values, lw=1.4, label=_short(label + (f" ({r['status']})" if r["status"] != "ok"
+        steps, values = zip(*r.curve)
+        label = ", ".join(f"{k}={v}" for k, v in r.differs.items()) or r.run
+        ax.plot(steps, values, lw=1.4, label=_short(label + (f" ({r.status})" if r.status != "ok"
                                                              else ""), 60))
     ax.set_xlabel("step")
     ax.set_ylabel("training loss")

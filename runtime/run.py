@@ -25,8 +25,9 @@ import numpy as np
 from flax import nnx
 
 from core.errors import Diverged
-from core.files import write_atomic, write_json
+from core.files import write_atomic
 from core.plan import Plan
+from core.records import TrainSummary
 from runtime import build, checkpoint
 from runtime.batching import Batcher, Prefetcher
 from runtime.mesh import (is_main_process, make_mesh, maybe_initialize_distributed, put_batch,
@@ -64,7 +65,7 @@ class Session:
         return put_batch(batch, self.mesh)
 
 
-def train(plan: Plan, run_dir, *, on_step=None) -> dict:
+def train(plan: Plan, run_dir, *, on_step=None) -> TrainSummary:
     """Train the plan's LoRA adapter into run_dir; resume from run_dir/checkpoints/ when present.
 
     Writes metrics.jsonl, checkpoints/, adapter/ and train_summary.json; returns the summary. Ctrl-C
@@ -216,7 +217,7 @@ def save(s: Session) -> None:
 
 # ------------------------------------------------------------------------------ finish
 
-def finish(s: Session) -> dict:
+def finish(s: Session) -> TrainSummary:
     """A last checkpoint (re-running is then a no-op), the final validation, adapter/ and
     train_summary.json. Returns the summary."""
     from runtime.peft import save_peft_adapter
@@ -236,37 +237,30 @@ def finish(s: Session) -> dict:
                           base_model_name_or_path=s.plan.model.dir, lora=build.lora_config(s.plan))
     summary = _summary(s, rows, final_val)
     if is_main_process():
-        write_json(s.run_dir / "train_summary.json", summary)
-    first, final = summary["first_loss"], summary["final_loss"]
+        summary.write(s.run_dir)
+    first, final = summary.first_loss, summary.final_loss
     losses = f"loss {first:.4f} → {final:.4f}" if first is not None and final is not None else "no loss"
     val_text = f", val_loss {final_val:.4f}" if final_val is not None else ""
     log(f"done: {s.step} steps, {losses}{val_text}; adapter in {s.run_dir / 'adapter'}")
     return summary
 
 
-def _summary(s: Session, rows: list[dict], final_val) -> dict:
+def _summary(s: Session, rows: list[dict], final_val) -> TrainSummary:
     losses = [r["loss"] for r in rows if "loss" in r]
     tps = [r["tokens_per_s"] for r in rows if r.get("tokens_per_s")]
     compiles = [r["compile_s"] for r in rows if "compile_s" in r]
     steady = s.step_times[1:] if len(s.step_times) > 1 else s.step_times
-    return {
-        "steps": s.step,
-        "total_steps": s.plan.schedule.total_steps,
-        "steps_per_epoch": s.plan.schedule.steps_per_epoch,
-        "first_loss": losses[0] if losses else None,
-        "final_loss": losses[-1] if losses else None,
-        "final_val_loss": final_val,
-        "tokens_seen": s.tokens_seen,
-        "tokens_per_s_mean": float(np.mean(tps[1:] if len(tps) > 1 else tps)) if tps else None,
-        "step_time_s_mean": float(np.mean(steady)) if steady else None,
-        "compile_s": compiles[0] if compiles else s.compile_s,
-        "wall_s": time.perf_counter() - s.started,
-        "resumed_from": s.resumed_from,
-        "devices": jax.device_count(),
-        "backend": jax.default_backend(),
-        "dtype": s.plan.runtime.dtype,
-        "plan_hash": s.plan.hash,
-    }
+    return TrainSummary(
+        steps=s.step, total_steps=s.plan.schedule.total_steps,
+        steps_per_epoch=s.plan.schedule.steps_per_epoch,
+        first_loss=losses[0] if losses else None, final_loss=losses[-1] if losses else None,
+        final_val_loss=final_val, tokens_seen=s.tokens_seen,
+        tokens_per_s_mean=float(np.mean(tps[1:] if len(tps) > 1 else tps)) if tps else None,
+        step_time_s_mean=float(np.mean(steady)) if steady else None,
+        compile_s=compiles[0] if compiles else s.compile_s,
+        wall_s=time.perf_counter() - s.started, resumed_from=s.resumed_from,
+        devices=jax.device_count(), backend=jax.default_backend(), dtype=s.plan.runtime.dtype,
+        plan_hash=s.plan.hash)
 
 
 # ------------------------------------------------------------------------------ pieces

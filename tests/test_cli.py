@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 
+from core.records import SweepFile
 from core.plan import Plan
 from tune import compose
 
@@ -368,6 +369,7 @@ def test_a_training_sweep_compares_its_runs_and_resumes(tune_cli, tmp_path):
     rc, out, err = tune_cli(*args)
     assert rc == 0, err
     doc = json.loads((tmp_path / "sweep" / "sweep.json").read_text())
+    assert SweepFile.from_dict(doc).to_dict() == doc == SweepFile.read(tmp_path / "sweep").to_dict()
     assert doc["criterion"] == "val_loss" and len(doc["runs"]) == 2
     assert [r["differs"] for r in doc["runs"]] == [{"schedule.lr": "0.0001"}, {"schedule.lr": "0.003"}]
     assert all(r["status"] == "ok" and r["val_loss"] > 0 and len(r["curve"]) == 2

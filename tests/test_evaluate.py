@@ -12,6 +12,7 @@ import pytest
 from flax import nnx
 
 from runtime.decode import greedy_generate
+from core.records import EvalFile
 from runtime.evaluate import evaluate, evaluate_before_after, format_results, write_eval
 from runtime.model import LoraConfig, LoRAParam
 
@@ -140,7 +141,7 @@ def test_before_after_writes_eval_json(setup, use_examples, tmp_path):
     plan = _plan(setup.dir)
     doc = evaluate_before_after(plan, run_dir, verbose=False)
     on_disk = json.loads((run_dir / "eval.json").read_text())
-    assert doc == on_disk
+    assert doc.to_dict() == on_disk and EvalFile.from_dict(on_disk) == doc
     assert on_disk["metric"] == "exact_match" and on_disk["n"] == N_TEST
     assert on_disk["base"]["value"] == pytest.approx(0.5)
     tuned_value = np.mean([p == r for p, r in zip(setup.tuned_out, setup.refs)])
@@ -159,7 +160,7 @@ def test_before_after_writes_eval_json(setup, use_examples, tmp_path):
     # ... but a different row count does not mix with it
     evaluate(plan, str(run_dir), str(run_dir / "adapter"), limit=2, verbose=False)
     assert "base" not in json.loads((run_dir / "eval.json").read_text())
-    assert "exact_match on 2 test rows: tuned" in format_results(json.loads((run_dir / "eval.json").read_text()))
+    assert "exact_match on 2 test rows: tuned" in format_results(EvalFile.read(run_dir))
 
 
 def test_no_test_rows(setup, use_examples, tmp_path):
@@ -229,7 +230,8 @@ def test_write_eval_single_and_pair(tmp_path):
     write_eval(tmp_path, dict(r, model="tuned", value=0.75))
     doc = json.loads((tmp_path / "eval.json").read_text())
     assert doc["value"] == 0.75 and doc["base"]["value"] == 0.25 and doc["delta"] == 0.5
-    assert "base 0.2500, tuned 0.7500 (change +0.5000)" in format_results(doc)
+    assert "base 0.2500, tuned 0.7500 (change +0.5000)" in format_results(EvalFile.from_dict(doc))
+    assert EvalFile.read(tmp_path).entries["tuned"].get("worst") == []
 
 
 # --- generate -----------------------------------------------------------------------------------

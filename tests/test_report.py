@@ -4,32 +4,30 @@ import json
 import math
 import re
 
+from core.records import TrainSummary
 from runtime.report import write_report
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
 
-def _plan():
-    """A plan.json as the compiler writes it (the sections the report shows)."""
-    return {
-        "version": 4, "hash": "abc123def4567890",
-        "config": {"eval": {"metric": "macro_f1", "max_new_tokens": 8}},
-        "recipe": {"name": "legal", "path": "/r/legal.yaml", "description": "Legal", "chain": [],
-                   "data_sources": {}},
-        "model": {"name": "smollm2-135m", "dir": "/m", "architecture": "LlamaForCausalLM",
-                  "params": 134515008, "config": {"family": "llama", "hidden_size": 576}},
-        "data": {"cache": "/x.npz", "key": "k", "sizes": {"train": 900, "val": 100, "test": 40},
-                 "train": {"file": "/d/train.jsonl", "sha256": "s", "fields": ["text", "label"],
-                           "read": 1000, "kept": 1000}, "tokens": {"p50": 81, "p95": 120, "max": 200}},
-        "template": {"prompt": "Clause: {text}\nCategory:", "examples": ["Clause: x ⟦Indemnification⟧"]},
-        "adapter": {"rank": 16, "alpha": 32, "dropout": 0.05, "targets": ["q_proj", "v_proj"]},
-        "schedule": {"lr": 2e-4, "total_steps": 60, "warmup_steps": 6, "batch_size": 8},
-        "runtime": {"dtype": "float32", "mesh": {"data": 1, "fsdp": 1, "tensor": 1},
-                    "devices": {"count": 1, "kind": "cpu"}},
-        "estimates": {"memory": {"total": 1825361100}, "step_time_s": 0.4},
-        "eval": {"metric": "macro_f1", "mode": "generate"},
-        "warnings": ["only 900 usable rows"],
-    }
+def _plan(model_dir):
+    """A Plan as the compiler writes one, with the sections the report shows filled in."""
+    import dataclasses
+
+    from conftest import make_plan
+    from core.plan import Recipe
+
+    plan = make_plan(model_dir, plan_hash="abc123def4567890",
+                     template=dict(prompt="Clause: {text}\nCategory:",
+                                   examples=("Clause: x ⟦Indemnification⟧",)),
+                     adapter=dict(rank=16, alpha=32, targets=("q_proj", "v_proj")),
+                     evaluation=dict(metric="macro_f1"))
+    return dataclasses.replace(
+        plan, recipe=Recipe(name="legal", path="/r/legal.yaml", description="Legal", chain=(),
+                            data_sources={}),
+        estimates=dataclasses.replace(plan.estimates, memory={"total": 1825361100},
+                                      step_time_s=0.4),
+        warnings=("only 900 usable rows",))
 
 
 def _metrics(with_val=True):
@@ -43,13 +41,16 @@ def _metrics(with_val=True):
     return rows
 
 
-def _write_run(tmp_path, *, with_eval=True, with_val=True):
-    (tmp_path / "plan.json").write_text(json.dumps(_plan()))
+def _write_run(tmp_path, model_dir, *, with_eval=True, with_val=True):
+    _plan(model_dir).write(tmp_path / "plan.json")
     with open(tmp_path / "metrics.jsonl", "w") as f:
         for r in _metrics(with_val):
             f.write(json.dumps(r) + "\n")
         f.write('{"step": 61, "loss": 0.')  # a run killed mid-line must not break the report
-    (tmp_path / "train_summary.json").write_text(json.dumps({"compile_s": 12.5, "wall_s": 40.0}))
+    TrainSummary(steps=60, total_steps=60, steps_per_epoch=60, first_loss=2.67, final_loss=0.42,
+                 final_val_loss=1.02, tokens_seen=122880, tokens_per_s_mean=None,
+                 step_time_s_mean=0.4, compile_s=12.5, wall_s=40.0, resumed_from=None, devices=1,
+                 backend="cpu", dtype="float32", plan_hash="abc123def4567890").write(tmp_path)
     if with_eval:
         base = {"metric": "macro_f1", "value": 0.1234, "n": 40, "worst": [],
                 "per_class": {"indemnification": {"precision": .2, "recall": .1, "f1": .1333,
@@ -70,8 +71,8 @@ def _embedded_pngs(doc):
     return [base64.b64decode(m) for m in re.findall(r'src="data:image/png;base64,([^"]+)"', doc)]
 
 
-def test_report_full(tmp_path):
-    _write_run(tmp_path)
+def test_report_full(tmp_path, tiny_llama_dir):
+    _write_run(tmp_path, tiny_llama_dir)
     out = write_report(tmp_path)
     assert out == tmp_path / "report.html"
     doc = out.read_text()
@@ -91,8 +92,8 @@ def test_report_full(tmp_path):
     assert "5,031" in doc
 
 
-def test_report_without_eval_or_validation(tmp_path):
-    _write_run(tmp_path, with_eval=False, with_val=False)
+def test_report_without_eval_or_validation(tmp_path, tiny_llama_dir):
+    _write_run(tmp_path, tiny_llama_dir, with_eval=False, with_val=False)
     doc = write_report(tmp_path).read_text()
     assert "not evaluated" in doc and "validation loss: not evaluated" in doc
     assert len(_embedded_pngs(doc)) == 3
@@ -105,8 +106,8 @@ def test_report_empty_run_dir(tmp_path):
     assert _embedded_pngs(doc) == []
 
 
-def test_report_single_eval(tmp_path):
-    _write_run(tmp_path, with_eval=False)
+def test_report_single_eval(tmp_path, tiny_llama_dir):
+    _write_run(tmp_path, tiny_llama_dir, with_eval=False)
     (tmp_path / "eval.json").write_text(json.dumps(
         {"metric": "rouge_l", "value": 0.4321, "n": 7, "worst": [], "model": "tuned"}))
     doc = write_report(tmp_path).read_text()

@@ -12,6 +12,7 @@ from safetensors.numpy import load_file
 
 from core.errors import PlanError
 from conftest import tiny_plan
+from core.records import TrainSummary
 from runtime import checkpoint
 from runtime.run import train
 
@@ -33,9 +34,9 @@ def test_interrupted_and_resumed_equals_uninterrupted(tiny_llama_dir, tmp_path, 
     train_on(examples)
 
     whole = train(plan, tmp_path / "whole")
-    total = whole["steps"]
-    assert total == whole["total_steps"] >= 7
-    assert np.isfinite(whole["final_loss"]) and np.isfinite(whole["final_val_loss"])
+    total = whole.steps
+    assert total == whole.total_steps >= 7
+    assert np.isfinite(whole.final_loss) and np.isfinite(whole.final_val_loss)
     rows = _rows(tmp_path / "whole")
     steps = [r for r in rows if "loss" in r]
     assert [r["step"] for r in steps] == list(range(1, total + 1))
@@ -46,6 +47,7 @@ def test_interrupted_and_resumed_equals_uninterrupted(tiny_llama_dir, tmp_path, 
     assert [r["step"] for r in rows if "val_loss" in r] == [s for s in range(3, total, 3)] + [total]
     summary = json.loads((tmp_path / "whole" / "train_summary.json").read_text())
     assert summary["steps"] == total and summary["compile_s"] > 0
+    assert TrainSummary.read(tmp_path / "whole") == whole
 
     # Ctrl-C after step 3: the step completes, a checkpoint is written, exit code 130
     run_dir = tmp_path / "resumed"
@@ -74,7 +76,7 @@ def test_interrupted_and_resumed_equals_uninterrupted(tiny_llama_dir, tmp_path, 
 
     resumed = train(plan, run_dir)
     assert "resuming from step 4" in capsys.readouterr().err
-    assert resumed["steps"] == total and resumed["resumed_from"] == 4
+    assert resumed.steps == total and resumed.resumed_from == 4
     a, b = _adapter(tmp_path / "whole"), _adapter(run_dir)
     assert a.keys() == b.keys() and len(a) > 0
     for k in a:
@@ -89,7 +91,7 @@ def test_interrupted_and_resumed_equals_uninterrupted(tiny_llama_dir, tmp_path, 
 
     # running the finished plan again is a no-op that rewrites the same adapter
     done = train(plan, run_dir)
-    assert done["steps"] == total
+    assert done.steps == total
     assert all(np.array_equal(_adapter(run_dir)[k], b[k]) for k in b)
 
 

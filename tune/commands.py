@@ -111,15 +111,14 @@ def train(plan: Plan, run_dir: Path) -> None:
 def _finished(plan: Plan, run_dir: Path) -> bool:
     """Whether run_dir already holds this plan's finished training, evaluation and report (a sweep
     run again resumes: finished runs are skipped, interrupted ones resume from their checkpoint)."""
-    import json
+    from core.records import EvalFile, TrainSummary
 
-    try:
-        summary = json.loads((Path(run_dir) / "train_summary.json").read_text())
-    except (OSError, ValueError):
+    summary = TrainSummary.read(run_dir)
+    if summary is None:
         return False
-    return (summary.get("plan_hash") == plan.hash and summary.get("steps") == plan.schedule.total_steps
+    return (summary.plan_hash == plan.hash and summary.steps == plan.schedule.total_steps
             and (Path(run_dir) / "report.html").is_file()
-            and ((Path(run_dir) / "eval.json").is_file() or not plan.data.sizes.get("test")))
+            and (EvalFile.read(run_dir) is not None or not plan.data.sizes.get("test")))
 
 
 def evaluate_run(job) -> None:
