@@ -1,6 +1,8 @@
 """Shared fixtures."""
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 
 
@@ -42,8 +44,9 @@ def tiny_llama_dir(tmp_path_factory):
     return out
 
 
-def synthetic_examples(n, *, seed=0, vocab=96, max_len=24):
-    """(ids, prompt_lens): a learnable toy task — the response repeats the prompt's first tokens."""
+def synthetic_examples(n, *, seed=0, vocab=96, max_len=24, low=3):
+    """(ids, prompt_lens): a learnable toy task — the response repeats the prompt's first tokens
+    (ids from `low` up, then the end token 2)."""
     import numpy as np
 
     rng = np.random.default_rng(seed)
@@ -51,142 +54,48 @@ def synthetic_examples(n, *, seed=0, vocab=96, max_len=24):
     for _ in range(n):
         p = int(rng.integers(3, max_len // 2))
         r = int(rng.integers(2, max(3, min(p, max_len - p))))
-        prompt = rng.integers(3, vocab, size=p)
+        prompt = rng.integers(low, vocab, size=p)
         x = np.concatenate([prompt, prompt[:r - 1], [2]]).astype(np.int32)   # ends with eos = 2
         ids.append(x)
         prompt_lens.append(p)
     return ids, prompt_lens
 
 
-class TinyExamples:
-    def __init__(self, splits):
-        self._splits = splits
+def tiny_plan(model_dir, workdir, *, n_train=48, n_val=8, seed=0, batch_size=4, grad_accum=2,
+              seq_len=64, epochs=2, max_steps=None, lr=3e-3, warmup_steps=2, dropout=0.0, rank=4,
+              pack=True, checkpoint_every=0, eval_every=0, log_every=1, ce_chunk=32,
+              targets=("q_proj", "k_proj", "v_proj", "o_proj"), mesh=None):
+    """A Plan compiled by the compiler, as `tune plan` would, for the tiny word-level model
+    (tiny_chat_dir) and a learnable toy task written to workdir/data.jsonl: each answer repeats
+    the first words of its prompt (synthetic_examples, in words). n_val rows are held out for
+    validation by data.val_fraction."""
+    from compiler import schema
+    from compiler.compile import compile_plan
 
-    def split(self, name):
-        return self._splits.get(name, ([], []))
-
-    def masks(self, name):  # single-turn rows: every token after the prompt is supervised
-        return None
-
-
-def make_plan(model_dir, *, examples=None, sizes=None, labels=(), plan_hash="tiny-plan-0", eos=2, pad=0,
-              template=None, schedule=None, runtime=None, adapter=None, evaluation=None,
-              chat_template=None):
-    """A typed Plan for a tiny model directory, with the given settings, built the way the compiler
-    builds one: steps and the loss buffer sized by the compiler's own rules from `examples` (a
-    TinyExamples; none: no training steps). Its `config` is empty: the runtime must not need it."""
-    from core.architecture import architecture, read_config
-    from compiler.estimates import schedule_steps
-    from core.plan import (PLAN_VERSION, AdapterSection, DataSection, Devices, EvalSection, Estimates,
-                               MeshAxes, ModelSection, Plan, RuntimeSection, ScheduleSection,
-                               TemplateSection)
+    ids, prompt_lens = synthetic_examples(n_train + n_val, seed=seed, low=11)
+    rows = [{"text": " ".join(f"w{t}" for t in x[:p]), "label": " ".join(f"w{t}" for t in x[p:-1])}
+            for x, p in zip(ids, prompt_lens)]
     import json
 
-    cfg = read_config(model_dir)
-    hf = json.loads((model_dir / "config.json").read_text())
-    model = ModelSection(name="tiny", source="local", dir=str(model_dir), architecture=architecture(hf),
-                         config=cfg, params=cfg.param_count(), chat_template=chat_template,
-                         bos_token_id=1, eos_token_id=eos, eos_token_ids=(eos,), pad_token_id=pad,
-                         bos_token="", eos_token="", config_hash="tiny", tokenizer_hash="tiny")
-    s = dict(lr=3e-3, epochs=2, max_steps=None, batch_size=4, grad_accum=2, warmup=2, seed=0,
-             lr_schedule="cosine", weight_decay=0.0, max_grad_norm=1.0, beta1=0.9, beta2=0.999,
-             eps=1e-8, seq_len=64)
-    s.update(schedule or {})
-    rt = dict(dtype="float32", param_dtype="float32", matmul_dtype="float32",
-              mesh=MeshAxes(1, 1, 1),
-              devices=Devices("cpu", "cpu", 1, None, None), remat="none", attention="xla",
-              attention_block=128, pack=True, ce_chunk=32,
-              log_every=1, checkpoint_every=0)
-    rt.update(runtime or {})
-    train_ids, _ = examples.split("train") if examples else ([], [])
-    if "loss_tokens" not in rt:
-        from core.packing import supervised_capacity
+    from core.files import write_atomic
 
-        ids = [x for split in ("train", "val") for x in examples.split(split)[0]] if examples else []
-        plens = [p for split in ("train", "val") for p in examples.split(split)[1]] if examples else []
-        sup = [len(x) - max(int(p), 1) for x, p in zip(ids, plens)]
-        rt["loss_tokens"] = supervised_capacity([len(x) for x in ids], sup, s["seq_len"],
-                                                s["batch_size"], pack=rt["pack"])
-    steps = {"rows_per_epoch": 0, "steps_per_epoch": 0, "total_steps": 0, "warmup_steps": 0}
-    if len(train_ids):
-        steps = schedule_steps([len(x) for x in train_ids], batch_size=s["batch_size"],
-                               grad_accum=s["grad_accum"], epochs=s["epochs"], max_steps=s["max_steps"],
-                               warmup=s["warmup"], pack=rt["pack"], seq_len=s["seq_len"])
-    gb = s["batch_size"] * s["grad_accum"]
-    a = dict(rank=4, alpha=8.0, dropout=0.0, targets=("q_proj", "k_proj", "v_proj", "o_proj"))
-    a.update(adapter or {})
-    a["targets"] = tuple(a["targets"])
-    a.setdefault("rslora", False)
-    t = dict(prompt="{text}", response="{label}", system=None, chat=False, fields=("text", "label"),
-             chat_template=None, examples=())
-    t.update(template or {})
-    ev = dict(metric="accuracy", mode="generate", max_new_tokens=8, limit=None, every=0, batch_size=8)
-    ev.update(evaluation or {})
-    sizes = dict(sizes or {"train": len(train_ids), "val": 0, "test": 0})
-    return Plan(
-        version=PLAN_VERSION, hash=plan_hash, model=model,
-        data=DataSection(format="auto", max_rows=None, val_fraction=0.0, max_length=s["seq_len"],
-                         overlength="truncate", dedupe=True, train=None, test=None, cache="tiny",
-                         key="tiny", sizes=sizes, tokens={}, truncate_fields=(), truncated=0,
-                         truncated_fields={}, dropped_too_long=0, no_supervised=0, supervised={},
-                         per_split={}, n_labels=len(labels), task="classification" if labels else
-                         "generation", labels=tuple(labels), majority_baseline=None,
-                         unseen_test_labels=()),
-        template=TemplateSection(**t),
-        adapter=AdapterSection(**a, scale=a["alpha"] / (a["rank"] ** 0.5 if a["rslora"] else a["rank"]),
-                               trainable_params=0, per_target={},
-                               share=0.0),
-        schedule=ScheduleSection(**s, global_batch=gb, **steps, tokens_per_step=gb * s["seq_len"]),
-        runtime=RuntimeSection(**rt), eval=EvalSection(**ev),
-        estimates=Estimates(memory={}, memory_share=None, step_time_s=None, total_time_s=None,
-                            eval_memory=None),
-        recipe=None, config={}, warnings=())
-
-
-def schedule(total_steps, **kw):
-    """A ScheduleSection for optimizer tests: `total_steps` steps, AdamW's usual settings."""
-    from core.plan import ScheduleSection
-
-    s = dict(lr=1e-3, epochs=1, max_steps=None, batch_size=4, grad_accum=1, warmup=0, seed=0,
-             lr_schedule="cosine", weight_decay=0.0, max_grad_norm=1.0, beta1=0.9, beta2=0.999,
-             eps=1e-8, seq_len=32, global_batch=4, rows_per_epoch=4 * total_steps,
-             steps_per_epoch=total_steps, total_steps=total_steps, warmup_steps=0, tokens_per_step=128)
-    s.update(kw)
-    return ScheduleSection(**s)
-
-
-def tiny_plan(model_dir, *, plan_hash="tiny-plan-0", n_train=48, n_val=8, seed=0, batch_size=4,
-              grad_accum=2, seq_len=64, epochs=2, max_steps=None, lr=3e-3, warmup_steps=2,
-              dropout=0.0, rank=4, pack=True, checkpoint_every=0, eval_every=0, log_every=1,
-              ce_chunk=32, targets=("q_proj", "k_proj", "v_proj", "o_proj"), mesh=None):
-    """A Plan for the tiny model and the token examples it trains on (synthetic, learnable).
-
-    Returns (plan, examples); the `train_on` fixture makes train() read `examples`."""
-    train = synthetic_examples(n_train, seed=seed)
-    val = synthetic_examples(n_val, seed=seed + 1000)
-    examples = TinyExamples({"train": train, "val": val})
-    plan = make_plan(
-        model_dir, plan_hash=plan_hash, examples=examples,
-        sizes={"train": n_train, "val": n_val, "test": 0},
-        schedule=dict(lr=lr, batch_size=batch_size, grad_accum=grad_accum, epochs=epochs,
-                      max_steps=max_steps, warmup=warmup_steps, seed=seed, seq_len=seq_len),
-        runtime=dict(pack=pack, ce_chunk=ce_chunk, log_every=log_every,
-                     checkpoint_every=checkpoint_every,
-                     **({"mesh": mesh} if mesh is not None else {})),
-        adapter=dict(rank=rank, alpha=2.0 * rank, dropout=dropout, targets=targets),
-        evaluation=dict(every=eval_every))
-    return plan, examples
-
-
-@pytest.fixture
-def train_on(monkeypatch):
-    """train_on(examples): make training read these examples instead of the plan's token cache."""
-    import runtime.build
-
-    def apply(examples):
-        monkeypatch.setattr(runtime.build, "load_examples", lambda cache: examples)
-
-    return apply
+    # atomically: the processes of a multi-process test each compile the plan from this file
+    data = write_atomic(Path(workdir) / "data.jsonl", "".join(json.dumps(r) + "\n" for r in rows))
+    cfg = schema.defaults()
+    cfg["model"]["path"] = str(model_dir)
+    cfg["data"].update(path=str(data), val_fraction=n_val / (n_train + n_val), max_length=seq_len,
+                       dedupe=False, task="generation")
+    cfg["template"].update(prompt="{text}", response="{label}", chat=False)
+    cfg["adapter"].update(rank=rank, alpha=2.0 * rank, dropout=dropout, targets=list(targets))
+    cfg["schedule"].update(lr=lr, batch_size=batch_size, grad_accum=grad_accum, epochs=epochs,
+                           max_steps=max_steps, warmup=warmup_steps, seed=seed)
+    cfg["runtime"].update(pack=pack, ce_chunk=ce_chunk, log_every=log_every,
+                          checkpoint_every=checkpoint_every, dtype="float32",
+                          matmul_dtype="float32")
+    if mesh is not None:
+        cfg["runtime"]["mesh"] = {"data": mesh.data, "fsdp": mesh.fsdp, "tensor": mesh.tensor}
+    cfg["eval"]["every"] = eval_every
+    return compile_plan(cfg, recipe_info=None, command="train")
 
 
 # --- tiny random models of every supported family, saved by transformers -------------------------

@@ -58,9 +58,7 @@ def _plan(model_dir, *, n_test=N_TEST, chat=False, system=None, labels=(), seed=
     ev = dict(metric="exact_match", max_new_tokens=6, limit=None, batch_size=8, mode="generate")
     ev.update(eval_cfg)
     return make_plan(model_dir, sizes={"train": 9, "val": 0, "test": n_test}, evaluation=ev,
-                     labels=labels, schedule={"seed": seed},
-                     adapter=dict(rank=4, alpha=8.0, targets=LORA.targets), eos=EOS,
-                     chat_template=TINY_CHAT_TEMPLATE,
+                     labels=labels, seed=seed, adapter=dict(rank=4, targets=LORA.targets),
                      template=dict(prompt="Q : {text} A :", response="{label}", chat=chat,
                                    system=system, chat_template=TINY_CHAT_TEMPLATE if chat else None))
 

@@ -17,13 +17,12 @@ def _plan(model_dir):
     from conftest import make_plan
     from core.plan import Recipe
 
-    plan = make_plan(model_dir, plan_hash="abc123def4567890",
-                     template=dict(prompt="Clause: {text}\nCategory:",
-                                   examples=("Clause: x ⟦Indemnification⟧",)),
-                     adapter=dict(rank=16, alpha=32, targets=("q_proj", "v_proj")),
+    plan = make_plan(model_dir, template=dict(prompt="Clause: {text}\nCategory:",
+                                              examples=("Clause: x ⟦Indemnification⟧",)),
+                     adapter=dict(rank=16, targets=("q_proj", "v_proj")),
                      evaluation=dict(metric="macro_f1"))
     return dataclasses.replace(
-        plan, recipe=Recipe(name="legal", path="/r/legal.yaml", description="Legal", chain=(),
+        plan, hash="abc123def4567890", recipe=Recipe(name="legal", path="/r/legal.yaml", description="Legal", chain=(),
                             data_sources={}),
         estimates=dataclasses.replace(plan.estimates, memory={"total": 1825361100},
                                       step_time_s=0.4),
@@ -71,14 +70,17 @@ def _embedded_pngs(doc):
     return [base64.b64decode(m) for m in re.findall(r'src="data:image/png;base64,([^"]+)"', doc)]
 
 
-def test_report_full(tmp_path, tiny_llama_dir):
-    _write_run(tmp_path, tiny_llama_dir)
+def test_report_full(tmp_path, tiny_chat_dir):
+    _write_run(tmp_path, tiny_chat_dir)
     out = write_report(tmp_path)
     assert out == tmp_path / "report.html"
     doc = out.read_text()
+    from core.plan import Plan
+
+    devices = Plan.load(tmp_path / "plan.json").runtime.devices
     for text in ("0.8765", "0.1234", "+0.7531", "macro_f1", "indemnification", "governing law",
                  "0.874", "12.5", "legal", "rank", "only 900 usable rows", "q_proj, v_proj",
-                 "1 × cpu", "1.70 GiB", "LlamaForCausalLM", "⟦Indemnification⟧"):
+                 f"1 × {devices.kind}", "1.70 GiB", "LlamaForCausalLM", "⟦Indemnification⟧"):
         assert text in doc, text
     assert "&lt;b&gt;x&lt;/b&gt;" in doc               # examples are escaped, not injected
     assert "not evaluated" not in doc
@@ -92,8 +94,8 @@ def test_report_full(tmp_path, tiny_llama_dir):
     assert "5,031" in doc
 
 
-def test_report_without_eval_or_validation(tmp_path, tiny_llama_dir):
-    _write_run(tmp_path, tiny_llama_dir, with_eval=False, with_val=False)
+def test_report_without_eval_or_validation(tmp_path, tiny_chat_dir):
+    _write_run(tmp_path, tiny_chat_dir, with_eval=False, with_val=False)
     doc = write_report(tmp_path).read_text()
     assert "not evaluated" in doc and "validation loss: not evaluated" in doc
     assert len(_embedded_pngs(doc)) == 3
@@ -106,8 +108,8 @@ def test_report_empty_run_dir(tmp_path):
     assert _embedded_pngs(doc) == []
 
 
-def test_report_single_eval(tmp_path, tiny_llama_dir):
-    _write_run(tmp_path, tiny_llama_dir, with_eval=False)
+def test_report_single_eval(tmp_path, tiny_chat_dir):
+    _write_run(tmp_path, tiny_chat_dir, with_eval=False)
     (tmp_path / "eval.json").write_text(json.dumps(
         {"metric": "rouge_l", "value": 0.4321, "n": 7, "worst": [], "model": "tuned"}))
     doc = write_report(tmp_path).read_text()

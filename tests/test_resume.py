@@ -29,9 +29,8 @@ def _rows(run_dir):
     return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
 
 
-def test_interrupted_and_resumed_equals_uninterrupted(tiny_llama_dir, tmp_path, train_on, capsys):
-    plan, examples = tiny_plan(tiny_llama_dir, **SETUP)
-    train_on(examples)
+def test_interrupted_and_resumed_equals_uninterrupted(tiny_chat_dir, tmp_path, capsys):
+    plan = tiny_plan(tiny_chat_dir, tmp_path, **SETUP)
 
     whole = train(plan, tmp_path / "whole")
     total = whole.steps
@@ -95,30 +94,29 @@ def test_interrupted_and_resumed_equals_uninterrupted(tiny_llama_dir, tmp_path, 
     assert all(np.array_equal(_adapter(run_dir)[k], b[k]) for k in b)
 
 
-def test_other_plan_refuses_the_checkpoints(tiny_llama_dir, tmp_path, train_on):
-    plan, examples = tiny_plan(tiny_llama_dir, **dict(SETUP, epochs=1, checkpoint_every=1))
-    train_on(examples)
+def test_other_plan_refuses_the_checkpoints(tiny_chat_dir, tmp_path):
+    plan = tiny_plan(tiny_chat_dir, tmp_path, **dict(SETUP, epochs=1, checkpoint_every=1))
 
     def stop(step):
         if step == 2:
             raise RuntimeError("stop")
 
     with pytest.raises(RuntimeError):
-        train(plan, tmp_path, on_step=stop)
-    other, _ = tiny_plan(tiny_llama_dir, plan_hash="another-plan", **dict(SETUP, epochs=1))
+        train(plan, tmp_path / "run", on_step=stop)
+    other = tiny_plan(tiny_chat_dir, tmp_path, **dict(SETUP, epochs=1, lr=2e-3))
+    assert other.hash != plan.hash
     with pytest.raises(PlanError, match="another plan") as err:
-        train(other, tmp_path)
+        train(other, tmp_path / "run")
     assert "fresh run directory" in str(err.value) and "checkpoints/" in str(err.value)
 
 
-def test_divergence_is_a_clean_stop(tiny_llama_dir, tmp_path, train_on, monkeypatch):
+def test_divergence_is_a_clean_stop(tiny_chat_dir, tmp_path, monkeypatch):
     """A step with a non-finite loss (here: made so at step 5) stops the run there, keeps the
     metrics up to it and the last good checkpoint, writes no adapter, and says what to do."""
     import runtime.run
     from core.errors import Diverged
 
-    plan, examples = tiny_plan(tiny_llama_dir, **dict(SETUP, checkpoint_every=2))
-    train_on(examples)
+    plan = tiny_plan(tiny_chat_dir, tmp_path / "data", **dict(SETUP, checkpoint_every=2))
     real = runtime.run._step
 
     def step(s, *a):

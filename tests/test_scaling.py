@@ -23,19 +23,17 @@ import json, sys
 from pathlib import Path
 import numpy as np
 from conftest import tiny_plan
-import runtime.build, runtime.run
-from core.plan import MeshAxes
+import runtime.run
+from core.plan import MeshAxes, Plan
 from runtime.mesh import maybe_initialize_distributed
 maybe_initialize_distributed()
 import jax
 model_dir, run_root, steps = Path(sys.argv[1]), Path(sys.argv[2]), int(sys.argv[3])
 for spec in sys.argv[4:]:
     d, f, t = map(int, spec.split(","))
-    plan, examples = tiny_plan(model_dir, batch_size=8, grad_accum=2, epochs=1, max_steps=steps,
-                               checkpoint_every=2, targets=("q_proj", "v_proj", "o_proj",
-                                                            "gate_proj", "down_proj"),
-                               mesh=MeshAxes(d, f, t))
-    runtime.build.load_examples = lambda cache: examples
+    plan = tiny_plan(model_dir, run_root, batch_size=8, grad_accum=2, epochs=1, max_steps=steps,
+                     checkpoint_every=2, targets=("q_proj", "v_proj", "o_proj", "gate_proj",
+                                                  "down_proj"), mesh=MeshAxes(d, f, t))
     if f > 1 or t > 1:      # the weights arrive split: each device holds its slice, nothing whole
         from runtime.mesh import make_mesh
         _, trained, frozen = runtime.build.training_model(plan, make_mesh(plan.runtime.mesh))
@@ -44,6 +42,12 @@ for spec in sys.argv[4:]:
         assert {s.data.shape for s in w.addressable_shards} == {want}, \
             (spec, {s.data.shape for s in w.addressable_shards})
     run_dir = run_root / spec.replace(",", "-")
+    # as `tune run DIR/plan.json`: a run directory's own plan is re-run as compiled (a plan
+    # compiled by two processes resumes on one)
+    if (run_dir / "plan.json").is_file():
+        plan = Plan.load(run_dir / "plan.json")
+    elif jax.process_index() == 0:
+        plan.write(run_dir / "plan.json")
     runtime.run.train(plan, run_dir)
     if jax.process_index() == 0:
         rows = [json.loads(l) for l in (run_dir / "metrics.jsonl").read_text().splitlines()]
@@ -88,17 +92,17 @@ MESHES = ("8,1,1", "1,8,1", "2,2,2", "4,1,2")
 
 
 @pytest.fixture(scope="module")
-def one_device(tiny_llama_dir, tmp_path_factory):
+def one_device(tiny_chat_dir, tmp_path_factory):
     """(result, run dir) of the 4 steps on one device: what every mesh must reproduce."""
     root = tmp_path_factory.mktemp("one-device")
-    return _train(tiny_llama_dir, root, 4, "1,1,1", devices=1)["1,1,1"], root / "1-1-1"
+    return _train(tiny_chat_dir, root, 4, "1,1,1", devices=1)["1,1,1"], root / "1-1-1"
 
 
-def test_every_mesh_trains_as_one_device(tiny_llama_dir, tmp_path, one_device):
+def test_every_mesh_trains_as_one_device(tiny_chat_dir, tmp_path, one_device):
     """data 8, fsdp 8, data 2 × fsdp 2 × tensor 2, data 4 × tensor 2: the one-device losses to 1e-5
     at every step, and the same adapter."""
     one, one_dir = one_device
-    many = _train(tiny_llama_dir, tmp_path, 4, *MESHES)
+    many = _train(tiny_chat_dir, tmp_path, 4, *MESHES)
     assert len(one["losses"]) == 4
     for mesh in MESHES:
         assert many[mesh]["devices"] == 8
@@ -106,7 +110,7 @@ def test_every_mesh_trains_as_one_device(tiny_llama_dir, tmp_path, one_device):
         _same_adapter(one_dir, tmp_path / mesh.replace(",", "-"))
 
 
-def test_tensor_axis_splits_heads_mlp_and_lora(tiny_llama_dir):
+def test_tensor_axis_splits_heads_mlp_and_lora(tiny_chat_dir):
     """Megatron layout: column-parallel q/k/v/gate/up split their output features (and LoRA B),
     row-parallel o/down their input features (and LoRA A); fsdp takes another axis."""
     from jax.sharding import PartitionSpec as P
@@ -138,7 +142,7 @@ def _free_port() -> int:
 
 
 @pytest.mark.slow
-def test_two_processes_train_as_one_and_resume_on_one(tiny_llama_dir, tmp_path, one_device):
+def test_two_processes_train_as_one_and_resume_on_one(tiny_chat_dir, tmp_path, one_device):
     """Two processes × 4 devices (jax.distributed on localhost, the coordinator and the process
     count and id from the environment): the one-device losses; only process 0 writes; its
     checkpoint at step 2 resumes on one process of 8 devices and ends with the same adapter."""
@@ -146,7 +150,7 @@ def test_two_processes_train_as_one_and_resume_on_one(tiny_llama_dir, tmp_path, 
     one, one_dir = one_device
     port = _free_port()
     procs = [subprocess.Popen(
-        [sys.executable, "-c", _TRAIN, str(tiny_llama_dir), str(tmp_path / "two"), "4", mesh],
+        [sys.executable, "-c", _TRAIN, str(tiny_chat_dir), str(tmp_path / "two"), "4", mesh],
         env=_env(4, JAX_NUM_PROCESSES="2", JAX_PROCESS_ID=str(i),
                  JAX_COORDINATOR_ADDRESS=f"localhost:{port}"),
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for i in range(2)]
@@ -169,7 +173,7 @@ def test_two_processes_train_as_one_and_resume_on_one(tiny_llama_dir, tmp_path, 
     final = _adapter(run)
     ckpts[-1].unlink()
     (run / "train_summary.json").unlink()
-    resumed = _train(tiny_llama_dir, tmp_path / "two", 4, mesh)[mesh]
+    resumed = _train(tiny_chat_dir, tmp_path / "two", 4, mesh)[mesh]
     np.testing.assert_allclose(resumed["losses"], one["losses"], rtol=1e-5, atol=0)
     for k, v in _adapter(run).items():
         assert np.abs(v - final[k]).max() <= 1e-5 * max(1.0, float(np.abs(v).max())), k
