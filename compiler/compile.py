@@ -494,7 +494,8 @@ def _runtime_section(rt: dict, devices: Devices, model: ModelSection, s: dict, r
                              model=model, mesh=mesh),
         attention_block=rt["attention_block"],
         loss_tokens=_loss_tokens(examples, s["batch_size"], row_length, rt["pack"]),
-        log_every=rt["log_every"], checkpoint_every=rt["checkpoint_every"])
+        log_every=rt["log_every"], checkpoint_every=rt["checkpoint_every"],
+        progress_every=float(rt["progress_every"]))
 
 
 def _loss_tokens(examples, batch_size: int, row_length: int, pack: bool) -> int:

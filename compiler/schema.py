@@ -168,6 +168,9 @@ KEYS: tuple[Key, ...] = (
        "(0 = whole rows at once)", low=0, high=1 << 20),
     _k("runtime.ce_chunk", "int", 2048, "tokens per cross-entropy chunk", low=1, high=1 << 20),
     _k("runtime.log_every", "int", 1, "steps between metrics lines", low=1),
+    _k("runtime.progress_every", "number", 30, "seconds between plain progress lines (step/total, "
+       "loss, tokens/s, elapsed, ETA) when stderr is not a terminal: a log file, nohup, SLURM, CI "
+       "(a terminal shows a live bar instead)", low=0.0, low_open=True, high=86400),
     _k("runtime.checkpoint_every", "int", 50, "steps between checkpoints (0 = at the end only)",
        low=0),
     # eval

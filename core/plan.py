@@ -238,6 +238,8 @@ class RuntimeSection:
                                     # data): the output head runs on these only
     log_every: int
     checkpoint_every: int
+    progress_every: float = 30.0    # seconds between plain progress lines off a terminal (a plan of
+                                    # format 4 written before the key existed reads the default)
 
 
 @dataclass(frozen=True)

@@ -129,7 +129,8 @@ def _greedy_batch(graphdef, state, prompt, valid, active, eos_ids, pad_id, max_n
 
 
 def greedy_generate(model, prompts: Sequence[Sequence[int]], *, max_new_tokens: int,
-                    eos_ids: Sequence[int], pad_id: int, batch_size: int, progress=None) -> list[list[int]]:
+                    eos_ids: Sequence[int], pad_id: int, batch_size: int,
+                    progress=None) -> list[list[int]]:
     """Greedy continuations of token-id prompts, in input order.
 
     Each result holds the generated ids up to (not including) the first end token, at most
@@ -225,7 +226,8 @@ def _classify_batch(graphdef, state, prompt, valid, active, trie_tokens, trie_no
 
 
 def classify(model, prompts: Sequence[Sequence[int]], trie: LabelTrie, *, batch_size: int,
-             pad_id: int, eos_ids: Sequence[int], free_tokens: int = 0, progress=None) -> tuple[list[int], list[list[int]] | None]:
+             pad_id: int, eos_ids: Sequence[int], free_tokens: int = 0, progress=None
+             ) -> tuple[list[int], list[list[int]] | None]:
     """Decode each prompt's answer within the label set: (label index per prompt, and with
     free_tokens > 0 the free greedy answer's tokens up to its end token, from the same prefill —
     so nothing is hidden: how often free generation lands on a label is measured beside it)."""

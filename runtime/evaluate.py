@@ -100,7 +100,8 @@ def evaluate(plan: Plan, run_dir=None, adapter_dir=None, *, limit=None, model=No
 
     t0 = time.perf_counter()
     log(f"eval ({which}): {len(test)} test rows, {metric}, mode {mode}")
-    with Progress(len(test), description=f"eval {which}") as bar:
+    with Progress(len(test), description=f"eval {which}",
+                  every=plan.runtime.progress_every) as bar:
         predictions, generated_tokens, free = _predict(plan, model, tokenizer, test, bar.update)
     seconds = time.perf_counter() - t0
 

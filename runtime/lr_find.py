@@ -51,7 +51,7 @@ def lr_find(plan: Plan, run_dir, *, start_lr: float, end_lr: float, steps: int,
     lrs, losses, smoothed, avg, stopped = [], [], [], 0.0, "reached lr_find.end_lr"
     t0 = time.perf_counter()
     log(f"lr-find: up to {steps} steps, learning rate {start_lr:g} → {end_lr:g}")
-    with Progress(steps) as bar:
+    with Progress(steps, description="lr-find", every=plan.runtime.progress_every) as bar:
         for k in range(steps):
             e, i = next(positions)
             lora, opt_state, m = step_fn(lora, opt_state, frozen, put_batch(batcher.batch(e, i), mesh),

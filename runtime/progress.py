@@ -1,10 +1,12 @@
-"""What a person watching the run sees: one progress bar (step/total, loss, tokens/s, ETA) and a few
-messages. The bar shows only on a terminal; TUNE_QUIET=1 silences the messages too. Everything a
-program needs is in metrics.jsonl, not here."""
+"""What a person watching the run sees: progress (step/total, loss, tokens/s, elapsed, ETA) and a
+few messages. On a terminal the progress is one live bar; elsewhere (a log file, nohup, SLURM, CI)
+it is a plain line at the first update, then at least every runtime.progress_every seconds, and at
+the end. TUNE_QUIET=1 silences both. Everything a program needs is in metrics.jsonl, not here."""
 from __future__ import annotations
 
 import os
 import sys
+import time
 
 import jax
 
@@ -20,15 +22,28 @@ def log(message: str) -> None:
     print(f"tune: {message}", file=sys.stderr, flush=True)
 
 
-class Progress:
-    """Context manager; update() after every step. A no-op when not on a terminal or when quiet."""
+def _clock(seconds: float) -> str:
+    seconds = int(round(seconds))
+    h, m, s = seconds // 3600, seconds // 60 % 60, seconds % 60
+    return f"{h}:{m:02d}:{s:02d}" if h else f"{m}:{s:02d}"
 
-    def __init__(self, total: int, start: int = 0, description: str = "train"):
-        self.total, self.start, self.description = total, start, description
-        self.enabled = sys.stderr.isatty() and not quiet() and jax.process_index() == 0
+
+class Progress:
+    """Context manager; update() after every step (or row). `every`: seconds between the plain
+    lines written where there is no terminal (the plan's runtime.progress_every)."""
+
+    def __init__(self, total: int, *, every: float, start: int = 0, description: str = "train"):
+        self.total, self.start, self.description, self.every = total, start, description, every
+        shown = not quiet() and jax.process_index() == 0
+        self.enabled = shown and sys.stderr.isatty()
+        self.plain = shown and not self.enabled
         self._bar = None
+        self._t0 = self._last = self._printed = self._origin = None
+        self._state = (start, None, None)           # step, loss, tokens/s: the latest known
 
     def __enter__(self):
+        if self.plain:
+            self._t0 = time.monotonic()
         if self.enabled:
             from rich.console import Console
             from rich.progress import (BarColumn, MofNCompleteColumn, Progress as Bar, TextColumn,
@@ -45,6 +60,8 @@ class Progress:
 
     def update(self, step: int, *, loss: float | None = None, tokens_per_s: float | None = None,
                note: str | None = None) -> None:
+        if self.plain:
+            self._line(step, loss, tokens_per_s)
         if self._bar is None:
             return
         fields = {}
@@ -62,7 +79,32 @@ class Progress:
         else:
             log(message)
 
+    def _line(self, step: int, loss, tokens_per_s, *, final: bool = False) -> None:
+        now = time.monotonic()
+        if self._origin is None:        # the rate is measured from the first update (after compiling)
+            self._origin = (now, step)
+        self._state = (step, loss if loss is not None else self._state[1],
+                       tokens_per_s if tokens_per_s is not None else self._state[2])
+        if not final and self._last is not None and now - self._last < self.every:
+            return
+        self._last = now
+        step, loss, tps = self._state
+        self._printed = step
+        elapsed = now - self._t0
+        t1, step1 = self._origin
+        parts = [f"{self.description} {step}/{self.total}"]
+        if loss is not None:
+            parts.append(f"loss {loss:.4f}")
+        if tps is not None:
+            parts.append(f"{tps:,.0f} tok/s")
+        parts.append(f"elapsed {_clock(elapsed)}")
+        if step > step1 and step < self.total:
+            parts.append(f"eta {_clock((now - t1) / (step - step1) * (self.total - step))}")
+        print("tune: " + ", ".join(parts), file=sys.stderr, flush=True)
+
     def __exit__(self, *exc):
+        if self.plain and self._origin is not None and self._state[0] != self._printed:
+            self._line(self._state[0], None, None, final=True)     # where it ended
         if self._bar is not None:
             self._bar.__exit__(*exc)
             self._bar = None

@@ -124,7 +124,7 @@ def loop(s: Session, *, on_step=None) -> None:
         f"{jax.default_backend()} device(s)")
     compiled, interrupted = None, False
     try:
-        with _Interrupt() as stop, Progress(total, start=s.step) as bar, \
+        with _Interrupt() as stop, Progress(total, start=s.step, every=rt.progress_every) as bar, \
                 Prefetcher(s.batcher, s.position, total - s.step, s.place) as batches:
             t_prev = time.perf_counter()
             for e, i, batch in batches:

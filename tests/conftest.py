@@ -98,6 +98,38 @@ def tiny_plan(model_dir, workdir, *, n_train=48, n_val=8, seed=0, batch_size=4, 
     return compile_plan(cfg, recipe_info=None, command="train")
 
 
+def make_plan(model_dir, *, sizes=None, labels=(), template=None, adapter=None, evaluation=None,
+              seed=0):
+    """A Plan compiled by the compiler (tiny_plan, for the tiny word-level model), with the parts
+    a test decides replaced: the split sizes and label set of the examples it scores, its
+    evaluation settings and its template."""
+    import dataclasses
+    import tempfile
+
+    a = dict(rank=4, targets=("q_proj", "k_proj", "v_proj", "o_proj"))
+    a.update(adapter or {})
+    plan = tiny_plan(model_dir, tempfile.mkdtemp(prefix="tune-plan-"), rank=a["rank"],
+                     targets=tuple(a["targets"]), seed=seed)
+    data = dataclasses.replace(plan.data, sizes=dict(sizes or plan.data.sizes), labels=tuple(labels),
+                               n_labels=len(labels),
+                               task="classification" if labels else "generation")
+    return dataclasses.replace(plan, data=data,
+                               eval=dataclasses.replace(plan.eval, **(evaluation or {})),
+                               template=dataclasses.replace(plan.template, **(template or {})))
+
+
+def schedule(total_steps, **kw):
+    """A ScheduleSection for optimizer tests: `total_steps` steps, AdamW's usual settings."""
+    from core.plan import ScheduleSection
+
+    s = dict(lr=1e-3, epochs=1, max_steps=None, batch_size=4, grad_accum=1, warmup=0, seed=0,
+             lr_schedule="cosine", weight_decay=0.0, max_grad_norm=1.0, beta1=0.9, beta2=0.999,
+             eps=1e-8, seq_len=32, global_batch=4, rows_per_epoch=4 * total_steps,
+             steps_per_epoch=total_steps, total_steps=total_steps, warmup_steps=0, tokens_per_step=128)
+    s.update(kw)
+    return ScheduleSection(**s)
+
+
 # --- tiny random models of every supported family, saved by transformers -------------------------
 
 HF_TINY_BASE = dict(vocab_size=128, hidden_size=64, intermediate_size=96, num_hidden_layers=2,

@@ -35,6 +35,8 @@ def test_interrupted_and_resumed_equals_uninterrupted(tiny_chat_dir, tmp_path, c
     whole = train(plan, tmp_path / "whole")
     total = whole.steps
     assert total == whole.total_steps >= 7
+    err = capsys.readouterr().err          # no terminal here: plain progress lines, first and last
+    assert f"tune: train 1/{total}, loss " in err and f"tune: train {total}/{total}, loss " in err
     assert np.isfinite(whole.final_loss) and np.isfinite(whole.final_val_loss)
     rows = _rows(tmp_path / "whole")
     steps = [r for r in rows if "loss" in r]

@@ -1,0 +1,46 @@
+"""Progress where there is no terminal: a plain line at the first update, then at least every
+runtime.progress_every seconds, and one where it ended — step/total, loss, tokens/s, elapsed, ETA."""
+from __future__ import annotations
+
+import re
+
+from runtime import progress as P
+
+
+def lines(err: str) -> list[str]:
+    return [x for x in err.splitlines() if x.startswith("tune: ")]
+
+
+def test_plain_lines_off_a_terminal(capsys, monkeypatch):
+    monkeypatch.delenv("TUNE_QUIET", raising=False)
+    clock = iter(float(t) for t in range(100))
+    monkeypatch.setattr(P.time, "monotonic", lambda: next(clock))
+    with P.Progress(10, every=3.0) as bar:
+        assert bar.plain and not bar.enabled           # pytest's stderr is not a terminal
+        for step in range(1, 11):
+            bar.update(step, loss=2.0 / step, tokens_per_s=1000.0 * step)
+    out = lines(capsys.readouterr().err)
+    # started at t = 0; the first update (t = 1), then 3, 6, 9 seconds after it
+    assert [int(re.search(r"train (\d+)/10", x).group(1)) for x in out] == [1, 4, 7, 10]
+    assert out[0] == "tune: train 1/10, loss 2.0000, 1,000 tok/s, elapsed 0:01"   # no rate yet
+    # the rate from the first update on (one step a second: it leaves compiling out): 6 steps left
+    assert "loss 0.5000, 4,000 tok/s, elapsed 0:04, eta 0:06" in out[1]
+    assert "eta" not in out[-1]
+
+
+def test_the_end_is_always_shown(capsys, monkeypatch):
+    monkeypatch.delenv("TUNE_QUIET", raising=False)
+    clock = iter(float(t) for t in range(100))
+    monkeypatch.setattr(P.time, "monotonic", lambda: next(clock))
+    with P.Progress(5, every=1000.0, description="eval base") as bar:
+        for row in range(1, 5):
+            bar.update(row)
+    out = lines(capsys.readouterr().err)
+    assert [x.split(",")[0] for x in out] == ["tune: eval base 1/5", "tune: eval base 4/5"]
+
+
+def test_quiet_is_quiet(capsys, monkeypatch):
+    monkeypatch.setenv("TUNE_QUIET", "1")
+    with P.Progress(3, every=0.0) as bar:
+        bar.update(1)
+    assert lines(capsys.readouterr().err) == []
