@@ -139,21 +139,15 @@ def tune_batch(args) -> int:
     return max(1, args.batch_size * args.max_length // args.row_length)
 
 
-def tune_step_counts(plan: dict, steps: int) -> list[dict] | None:
+def tune_step_counts(run_dir: Path, steps: int) -> list[dict] | None:
     """Examples, input and supervised tokens of each of tune's first `steps` steps, rebuilt with
-    tune's own batcher from the plan (pure numpy): examples/s, which metrics.jsonl does not log, and
-    a check of the logged token counts."""
-    try:
-        from runtime.batching import Batcher, BatchShape
-    except ImportError:
-        return None
-    from peft_reference import load_token_data
+    tune's own batches from the run's plan (runtime/build.py): examples/s, which metrics.jsonl does
+    not log, and a check of the logged token counts."""
+    from core.plan import Plan
+    from runtime.build import batches
 
-    data = load_token_data(plan)
-    s, rt = plan["schedule"], plan.get("runtime") or {}
-    shape = BatchShape(int(s.get("grad_accum") or 1), int(s["batch_size"]), int(s["seq_len"]))
-    ids, plens = data.split("train")
-    batcher = Batcher(ids, plens, shape, pack=bool(rt.get("pack", True)), seed=int(s.get("seed") or 0))
+    batcher, _ = batches(Plan.load(run_dir / "plan.json"))
+    shape = batcher.shape
     out = []
     positions = batcher.positions_from(0, 0)
     for _ in range(steps):
@@ -182,7 +176,7 @@ def run_tune(args, work: Path) -> dict:
     from core.records import TrainSummary
 
     summary = TrainSummary.read(run_dir)
-    counts = tune_step_counts(plan, len(steps))
+    counts = tune_step_counts(run_dir, len(steps))
     records = []
     for k, r in enumerate(steps):
         rec = {"step": r["step"], "loss": r["loss"], "lr": r.get("lr"), "step_time_s": r["step_time_s"],
