@@ -210,3 +210,21 @@ def test_hydra_changes_ignore_what_hydra_derives():
     same["job_logging"]["handlers"] = {"x": {"filename": "/tmp/x"}}
     same["job"]["chdir"] = True
     assert safety.hydra_changes(same, base) == ["hydra.job.chdir", "hydra.job_logging.handlers"]
+
+
+def test_checked_with_the_users_own_config_dir_too(tune_cli, tmp_path, monkeypatch):
+    """--config-dir adds the user's own option files to the search path; a recipe still cannot
+    reach Hydra's config through it (the dry pass composes with the same search path)."""
+    monkeypatch.setattr(safety, "lands_in_hydra", lambda package: False)
+    target = tmp_path / "written-by-logging.txt"
+    files, _, _ = cases(target)["defaults package hydra.job_logging"]
+    folder, _ = place(tmp_path, "./recipes", files, monkeypatch)
+    (tmp_path / "mine" / "template").mkdir(parents=True)
+    (tmp_path / "mine" / "template" / "terse.yaml").write_text(
+        "defaults:\n  - default\n  - _self_\nprompt: \"{text} ->\"\nchat: false\n")
+    assert_refused(tune_cli("plan", "--config-dir", "mine", "+recipe=evil", "hydra.run.dir=run"),
+                   tmp_path, target, folder, ["hydra.job_logging"], ("evil", 3))
+    rc, out, err = tune_cli("plan", "--config-dir", "mine", "+recipe=legal", "template=terse",
+                            "hydra.run.dir=run")
+    assert rc == 0, err                     # the user's own option is composed as usual
+    assert json.loads((tmp_path / "run" / "plan.json").read_text())["recipe"]["name"] == "legal"

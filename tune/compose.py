@@ -120,8 +120,8 @@ def run_hydra(command: str, argv: list[str], run_job) -> int:
     overrides = [] if completing else precheck(args.overrides, check_groups=not own_conf)
 
     _register()
-    if not completing and not own_conf:
-        check_hydra_section(overrides, multirun=bool(args.multirun))
+    if not completing:
+        check_hydra_section(overrides, multirun=bool(args.multirun), args=args)
     started, failures, jobs = time.perf_counter(), [], []
 
     @hydra.main(config_path=str(CONF_DIR), config_name="config", version_base="1.3")
@@ -225,13 +225,14 @@ def searchpath(parsed: list) -> list[str]:
     return out
 
 
-def check_hydra_section(parsed: list, *, multirun: bool) -> None:
+def check_hydra_section(parsed: list, *, multirun: bool, args=None) -> None:
     """A dry pass of Hydra's composition, before Hydra configures logging, creates a directory or
     runs a callback: the `hydra` section a recipe gives must equal the one tune's conf/ and the
     user's own command line give without it (but for the run/sweep directory). A sweep checks its
     first composition and each recipe it sweeps over, as each of its jobs would compose it."""
     from hydra._internal.config_loader_impl import ConfigLoaderImpl
-    from hydra._internal.utils import create_config_search_path
+    from hydra._internal.utils import create_automatic_config_search_path
+    from hydra.core.config_search_path import SearchPathQuery
     from hydra.core.utils import JobRuntime
     from hydra.types import RunMode
     from omegaconf import OmegaConf
@@ -243,17 +244,24 @@ def check_hydra_section(parsed: list, *, multirun: bool) -> None:
         return
     multirun = multirun or any(o.key_or_group == "hydra.mode" and str(o.value()) == "MULTIRUN"
                                for o in parsed if not o.is_sweep_override())
-    loader = ConfigLoaderImpl(config_search_path=create_config_search_path(f"file://{CONF_DIR}"))
+    # the search path and primary config hydra.main will use (--config-path/-name/-dir included)
+    search = create_automatic_config_search_path(
+        __file__, None, getattr(args, "config_path", None) or str(CONF_DIR))
+    if getattr(args, "config_dir", None):
+        search.prepend(provider="command-line", path=f"file://{os.path.abspath(args.config_dir)}",
+                       anchor=SearchPathQuery(provider="schema"))
+    name = getattr(args, "config_name", None) or "config"
+    loader = ConfigLoaderImpl(config_search_path=search)
     JobRuntime().set("name", PROG)
 
     def hydra_of(lines: list[str], mode) -> dict:
-        cfg = loader.load_configuration(config_name="config", overrides=lines, run_mode=mode)
+        cfg = loader.load_configuration(config_name=name, overrides=lines, run_mode=mode)
         return OmegaConf.to_container(cfg.hydra, resolve=False)
 
     def compare(lines: list[str], base: dict, mode) -> None:
         changed = safety.hydra_changes(hydra_of(lines, mode), base)
         if changed:
-            found = loader.compute_defaults_list("config", lines, mode).defaults
+            found = loader.compute_defaults_list(name, lines, mode).defaults
             triples = [(d.config_path or "", d.package or "", d.parent or "") for d in found]
             raise safety.refuse_hydra_change(changed[0], *recipes.hydra_source(changed[0], triples))
 
