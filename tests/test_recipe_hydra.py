@@ -181,11 +181,14 @@ def test_run_directory_still_allowed(tune_cli, tmp_path, monkeypatch):
     assert doc["recipe"]["name"] == "team" and doc["adapter"]["rank"] == 4
 
 
-def test_the_users_own_command_line_keeps_hydra(tune_cli, tmp_path, monkeypatch):
-    """Hydra settings typed by the user are theirs: a logging handler on the command line works."""
+def test_the_users_own_command_line_keeps_hydra(tmp_path, smollm2_dir):
+    """Hydra settings typed by the user are theirs: a logging handler on the command line works.
+    (In a subprocess: Hydra's logging configuration is global to the process it runs in.)"""
+    from test_cli import run_tune
+
     target = tmp_path / "my.log"
-    rc, out, err = tune_cli("plan", "+recipe=legal", "hydra.run.dir=run",
-                            "hydra/job_logging=default", f"hydra.job_logging.handlers.file.filename={target}")
+    rc, out, err = run_tune(["plan", "+recipe=legal", "hydra.run.dir=run", "hydra/job_logging=default",
+                             f"hydra.job_logging.handlers.file.filename={target}"], tmp_path)
     assert rc == 0, err
     assert target.exists()
 
