@@ -27,10 +27,27 @@ def _known(cls, doc: dict) -> dict:
     return {k: v for k, v in doc.items() if k in names}
 
 
+class _File:
+    """A record kept as one JSON file, FILE, in a directory: write(dir) and read(dir) → the record,
+    or None when the file is missing, unreadable or of another shape."""
+    FILE: str
+
+    def write(self, directory) -> Path:
+        return write_json(Path(directory) / self.FILE, self.to_dict())
+
+    @classmethod
+    def read(cls, directory):
+        doc = _read(Path(directory) / cls.FILE)
+        try:
+            return None if doc is None else cls.from_dict(doc)
+        except (TypeError, KeyError):
+            return None
+
+
 # ------------------------------------------------------------------------------ train_summary.json
 
 @dataclass(frozen=True)
-class TrainSummary:
+class TrainSummary(_File):
     """What a finished training wrote: its steps, losses, speed and where it ran."""
     steps: int
     total_steps: int
@@ -58,16 +75,6 @@ class TrainSummary:
     def from_dict(cls, doc: dict) -> "TrainSummary":
         return cls(**_known(cls, doc))
 
-    def write(self, run_dir) -> Path:
-        return write_json(Path(run_dir) / self.FILE, self.to_dict())
-
-    @classmethod
-    def read(cls, run_dir) -> "TrainSummary | None":
-        doc = _read(Path(run_dir) / cls.FILE)
-        try:
-            return None if doc is None else cls.from_dict(doc)
-        except TypeError:                   # a file of another shape
-            return None
 
 
 # ------------------------------------------------------------------------------ eval.json
@@ -123,7 +130,7 @@ FOUR_WAY = {"base": "base" + NO_RETRIEVAL, "base + retrieval": "base",
 
 
 @dataclass(frozen=True)
-class EvalFile:
+class EvalFile(_File):
     """eval.json: the results of the models scored on the same rows (base, tuned, and each without
     retrieval), the headline (tuned, else base) repeated at the top level, the change base → tuned
     and, with all four of a retrieval plan, the four-way comparison."""
@@ -167,16 +174,6 @@ class EvalFile:
                 {k: v for k, v in doc.items() if k not in ("delta", "four_way")})}
         return cls(entries)
 
-    def write(self, run_dir) -> Path:
-        return write_json(Path(run_dir) / self.FILE, self.to_dict())
-
-    @classmethod
-    def read(cls, run_dir) -> "EvalFile | None":
-        doc = _read(Path(run_dir) / cls.FILE)
-        try:
-            return None if doc is None else cls.from_dict(doc)
-        except (TypeError, KeyError):
-            return None
 
 
 # ------------------------------------------------------------------------------ sweep.json
@@ -204,7 +201,7 @@ class SweepRun:
 
 
 @dataclass(frozen=True)
-class SweepFile:
+class SweepFile(_File):
     criterion: str
     best: str | None
     runs: tuple
@@ -220,13 +217,3 @@ class SweepFile:
         return cls(criterion=doc["criterion"], best=doc.get("best"),
                    runs=tuple(SweepRun(**_known(SweepRun, r)) for r in doc.get("runs") or ()))
 
-    def write(self, sweep_dir) -> Path:
-        return write_json(Path(sweep_dir) / self.FILE, self.to_dict())
-
-    @classmethod
-    def read(cls, sweep_dir) -> "SweepFile | None":
-        doc = _read(Path(sweep_dir) / cls.FILE)
-        try:
-            return None if doc is None else cls.from_dict(doc)
-        except (TypeError, KeyError):
-            return None
