@@ -38,7 +38,7 @@ class Progress:
         self.enabled = shown and sys.stderr.isatty()
         self.plain = shown and not self.enabled
         self._bar = None
-        self._t0 = self._last = self._printed = self._origin = None
+        self._t0 = self._last = self._printed = self._origin = self._previous = None
         self._state = (start, None, None)           # step, loss, tokens/s: the latest known
 
     def __enter__(self):
@@ -83,9 +83,12 @@ class Progress:
         now = time.monotonic()
         if self._origin is None:        # the rate is measured from the first update (after compiling)
             self._origin = (now, step)
+        gap = now - (self._previous if self._previous is not None else now)
+        self._previous = now
         self._state = (step, loss if loss is not None else self._state[1],
                        tokens_per_s if tokens_per_s is not None else self._state[2])
-        if not final and self._last is not None and now - self._last < self.every:
+        # print now when waiting for the next update (about `gap` away) would overrun `every`
+        if not final and self._last is not None and now - self._last + gap < self.every:
             return
         self._last = now
         step, loss, tps = self._state
