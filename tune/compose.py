@@ -225,7 +225,7 @@ def searchpath(parsed: list) -> list[str]:
     return out
 
 
-def check_hydra_section(parsed: list, *, multirun: bool, args=None) -> None:
+def check_hydra_section(parsed: list, *, multirun: bool, args) -> None:
     """A dry pass of Hydra's composition, before Hydra configures logging, creates a directory or
     runs a callback: the `hydra` section a recipe gives must equal the one tune's conf/ and the
     user's own command line give without it (but for the run/sweep directory). A sweep checks its
@@ -246,11 +246,11 @@ def check_hydra_section(parsed: list, *, multirun: bool, args=None) -> None:
                                for o in parsed if not o.is_sweep_override())
     # the search path and primary config hydra.main will use (--config-path/-name/-dir included)
     search = create_automatic_config_search_path(
-        __file__, None, getattr(args, "config_path", None) or str(CONF_DIR))
-    if getattr(args, "config_dir", None):
+        __file__, None, args.config_path or str(CONF_DIR))
+    if args.config_dir:
         search.prepend(provider="command-line", path=f"file://{os.path.abspath(args.config_dir)}",
                        anchor=SearchPathQuery(provider="schema"))
-    name = getattr(args, "config_name", None) or "config"
+    name = args.config_name or "config"
     loader = ConfigLoaderImpl(config_search_path=search)
     JobRuntime().set("name", PROG)
 
