@@ -26,7 +26,8 @@ from core.architecture import ATTENTION_MODULES, full_module_names, full_module_
 from core.labels import RARE_CLASS, is_classification, normalise
 from core.plan import (PLAN_VERSION, AdapterSection, DataSection, Devices, EvalSection, Estimates,
                            Label, MeshAxes, ModelSection, Plan, Recipe, RetrievalSection,
-                           RuntimeSection, ScheduleSection, TableStats, TemplateSection, with_hash)
+                           RuntimeSection, ScheduleSection, TableStats, TemplateSection,
+                           TrackingSection, with_hash)
 from core.templates import check_fields, placeholders
 
 FEW_ROWS = 200                  # fewer usable training rows than this: a warning
@@ -78,7 +79,8 @@ def compile_plan(cfg: dict, *, recipe_info: Recipe | None, command: str = "plan"
                 adapter=adapter, schedule=schedule, runtime=runtime,
                 eval=evaluation, estimates=estimates_,
                 recipe=recipe_info, config=_with_files(config, tables, retrieval),
-                warnings=tuple(dict.fromkeys(warnings)), retrieval=retrieval)
+                warnings=tuple(dict.fromkeys(warnings)), retrieval=retrieval,
+                tracking=_tracking_section(config["tracking"], recipe_info))
     return with_hash(plan)
 
 
@@ -496,6 +498,30 @@ def _runtime_section(rt: dict, devices: Devices, model: ModelSection, s: dict, r
         loss_tokens=_loss_tokens(examples, s["batch_size"], row_length, rt["pack"]),
         log_every=rt["log_every"], checkpoint_every=rt["checkpoint_every"],
         progress_every=float(rt["progress_every"]))
+
+
+TRACKER_PACKAGES = {"tensorboard": ("tensorboard", "tensorboard"),
+                    "mlflow": ("mlflow", "mlflow-skinny"), "wandb": ("wandb", "wandb")}
+
+
+def _tracking_section(t: dict, recipe_info: Recipe | None) -> TrackingSection | None:
+    """The trackers a run reports to; each one's library must be installed (checked here, not an
+    hour into the run)."""
+    import importlib.util
+
+    if not t["backends"]:
+        return None
+    for name in t["backends"]:
+        module, package = TRACKER_PACKAGES[name]
+        if importlib.util.find_spec(module) is None:
+            raise PlanError("tracking.backends", f"the {name} tracker needs the `{package}` "
+                            "package, which is not installed.",
+                            hint=f"pip install 'tune[{name}]' (or pip install {package}), or "
+                                 f"leave {name} out of tracking.backends.")
+    experiment = t["experiment"] or (recipe_info.name if recipe_info is not None else "tune")
+    return TrackingSection(backends=tuple(t["backends"]), experiment=experiment,
+                           run_name=t["run_name"], group=t["group"], mlflow_uri=t["mlflow_uri"],
+                           wandb_project=t["wandb_project"], wandb_entity=t["wandb_entity"])
 
 
 def _loss_tokens(examples, batch_size: int, row_length: int, pack: bool) -> int:

@@ -56,6 +56,18 @@ KEYS: tuple[Key, ...] = (
     _k("recipe_sha256", "str", None, "pin the recipe file: refuse to run when its sha256 does not "
        "start with this", nullable=True),
     _k("max_new_tokens", "int", 256, "`tune generate`: tokens per answer at most", low=1, high=1 << 20),
+    _k("temperature", "number", 0.0, "`tune generate`: sampling temperature (0 = greedy, the "
+       "likeliest token each step)", low=0.0, high=100.0),
+    _k("top_p", "number", 1.0, "`tune generate`: nucleus sampling, from the fewest tokens whose "
+       "probabilities reach top_p (1 = all)", low=0.0, low_open=True, high=1.0),
+    _k("seed", "int", None, "`tune generate`: the sampling seed (null = a fresh one each time)",
+       nullable=True, low=0, high=2**32 - 1, hint="a seed is a 32-bit unsigned integer."),
+    _k("runs", "paths", [], "`tune serve`: run directories served together over one base model "
+       "(a request's `model` picks one by name); run= serves one"),
+    _k("host", "str", "127.0.0.1", "`tune serve`: the address to listen on (0.0.0.0: every "
+       "interface — anyone who reaches this machine can use the model)"),
+    _k("port", "int", 8000, "`tune serve`: the port to listen on (0 = any free port)", low=0,
+       high=65535),
     # model
     _k("model.name", "str", None, "display name (null = derived from the model)", nullable=True),
     _k("model.path", "str", None, "local HF checkpoint dir, Hub id `org/name`, or null = embedded "
@@ -204,6 +216,27 @@ KEYS: tuple[Key, ...] = (
     _k("sweep.metric", "choice", "val_loss", "how `tune -m` marks a sweep's best run: lowest "
        "val_loss or loss, or highest task metric (the value in eval.json)",
        choices=("val_loss", "loss", "metric")),
+    _k("serve.batch_size", "int", 16, "`tune serve`: requests decoded together at most (one "
+       "batch through the KV-cache decoder)", low=1, high=1024),
+    _k("serve.batch_wait_ms", "number", 5, "`tune serve`: how long a batch waits for more "
+       "requests before it starts", low=0.0, high=10000.0),
+    _k("serve.max_tokens", "int", 512, "`tune serve`: tokens per answer when a request gives no "
+       "max_tokens, and the most it may ask for", low=1, high=1 << 20),
+    _k("tracking.backends", "backends", [], "experiment trackers each training run reports to: any "
+       "of tensorboard, mlflow, wandb ([] = none; metrics.jsonl is always written)"),
+    _k("tracking.experiment", "str", None, "the tracker's experiment (MLflow) or project (W&B, "
+       "unless tracking.wandb_project) name (null = the recipe's name, or tune)", nullable=True),
+    _k("tracking.run_name", "str", None, "the tracker's run name (null = the run directory's "
+       "name)", nullable=True),
+    _k("tracking.group", "str", None, "runs grouped together in the tracker (null = none, or in a "
+       "sweep (-m) the sweep's directory)", nullable=True),
+    _k("tracking.mlflow_uri", "str", None, "MLflow tracking URI (http://..., sqlite:///..., "
+       "databricks; null = $MLFLOW_TRACKING_URI, else a local store in the run directory: "
+       "sqlite:///<run dir>/mlflow.db)", nullable=True),
+    _k("tracking.wandb_project", "str", None, "W&B project (null = tracking.experiment); "
+       "WANDB_MODE=offline writes the run locally, `wandb sync` uploads it later", nullable=True),
+    _k("tracking.wandb_entity", "str", None, "W&B entity: a team or user (null = the API key's "
+       "default)", nullable=True),
     _k("eval.mode", "choice", "auto", "constrained: decode within the label set (classification); "
        "generate: free greedy decoding; choices: score every label, take the likeliest; auto: "
        "constrained for classification, else generate",
@@ -212,7 +245,8 @@ KEYS: tuple[Key, ...] = (
 
 BY_PATH = {k.path: k for k in KEYS}
 GROUPS = ("model", "data", "template", "adapter", "schedule", "runtime", "eval", "sweep",
-          "lr_find", "retrieval")
+          "lr_find", "retrieval", "serve", "tracking")
+TRACKERS = ("tensorboard", "mlflow", "wandb")
 SECTIONS = {p.rsplit(".", 1)[0] for p in BY_PATH if "." in p} | set(GROUPS)
 # The option of each group the primary config (conf/config.yaml) picks: the schema's defaults.
 DEFAULT_OPTIONS = {g: {"model": "smollm2-135m", "adapter": "lora"}.get(g, "default") for g in GROUPS}
@@ -336,6 +370,10 @@ def coerce(key: Key, value):
         return _fields(path, value)
     elif key.kind == "modules":
         return _modules(path, value)
+    elif key.kind == "paths":
+        return _paths(path, value)
+    elif key.kind == "backends":
+        return _backends(path, value)
     _range(key, value)
     return value
 
@@ -411,6 +449,29 @@ def _modules(path: str, value) -> list[str]:
             not all(isinstance(v, str) and v.strip() for v in value):
         raise _err(path, f"must be a list of module names (or []), got {_show(value)}.",
                    hint="e.g. [lm_head, norm].")
+    return list(dict.fromkeys(v.strip() for v in value))
+
+
+def _paths(path: str, value) -> list[str]:
+    if isinstance(value, str):
+        value = [p.strip() for p in value.split(",") if p.strip()]
+    if not isinstance(value, (list, tuple)) or \
+            not all(isinstance(v, str) and v.strip() for v in value):
+        raise _err(path, f"must be a list of directories (or []), got {_show(value)}.",
+                   hint="e.g. runs=[runs/legal,runs/finance].")
+    return list(dict.fromkeys(v.strip() for v in value))
+
+
+def _backends(path: str, value) -> list[str]:
+    if isinstance(value, str):
+        value = [p.strip() for p in value.split(",") if p.strip()]
+    if not isinstance(value, (list, tuple)) or not all(isinstance(v, str) for v in value):
+        raise _err(path, f"must be a list of trackers (or []), got {_show(value)}.",
+                   hint=f"any of {', '.join(TRACKERS)}, e.g. {path}=[tensorboard,mlflow].")
+    for v in value:
+        if v.strip() not in TRACKERS:
+            raise _err(path, f"unknown tracker {_show(v)}.{did_you_mean(v.strip(), TRACKERS)}",
+                       hint=f"trackers: {', '.join(TRACKERS)}.")
     return list(dict.fromkeys(v.strip() for v in value))
 
 

@@ -253,6 +253,18 @@ class EvalSection:
 
 
 @dataclass(frozen=True)
+class TrackingSection:
+    """Where a run reports its metrics besides metrics.jsonl (not hashed: it changes no result)."""
+    backends: tuple[str, ...]       # tensorboard | mlflow | wandb
+    experiment: str                 # MLflow experiment; W&B project unless wandb_project
+    run_name: str | None            # None: the run directory's name
+    group: str | None               # runs shown together (a sweep's jobs)
+    mlflow_uri: str | None          # None: $MLFLOW_TRACKING_URI, else sqlite in the run directory
+    wandb_project: str | None
+    wandb_entity: str | None
+
+
+@dataclass(frozen=True)
 class Estimates:
     memory: dict[str, int]          # bytes per device: weights, adapter_optimizer, activations, logits, total
     memory_share: float | None      # of one device's memory
@@ -293,6 +305,7 @@ class Plan:
     config: dict                    # the validated config it was compiled from; the runtime never reads it
     warnings: tuple[str, ...] = field(default_factory=tuple)
     retrieval: RetrievalSection | None = None   # None: no retrieval
+    tracking: TrackingSection | None = None     # None: metrics.jsonl only (a plan written before)
 
     # -- JSON -----------------------------------------------------------------------------------
     def to_dict(self) -> dict:
@@ -361,7 +374,9 @@ class Plan:
 _UNHASHED = (("hash",), ("estimates",), ("warnings",), ("recipe",), ("config", "run"),
              ("config", "prompt"), ("config", "max_new_tokens"), ("config", "sweep"),
              ("config", "recipe_sha256"), ("config", "lr_find"), ("config", "format"),
-             ("config", "out"), ("config", "gguf_type"), ("config", "data", "path"), ("config", "data", "test_path"),
+             ("config", "out"), ("config", "gguf_type"), ("config", "temperature"),
+             ("config", "top_p"), ("config", "seed"), ("config", "runs"), ("config", "host"),
+             ("config", "port"), ("config", "serve"), ("config", "tracking"), ("tracking",), ("config", "data", "path"), ("config", "data", "test_path"),
              ("config", "model", "path"), ("config", "model", "name"), ("model", "dir"),
              ("model", "name"), ("model", "source"), ("data", "cache"), ("data", "train", "file"),
              ("data", "test", "file"), ("runtime", "devices", "kind"),
