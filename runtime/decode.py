@@ -248,40 +248,125 @@ def classify(model, prompts: Sequence[Sequence[int]], trie: LabelTrie, *, batch_
     return labels, (free if free_tokens else None)
 
 
-# --- streaming one answer (tune generate) ------------------------------------------------------
+# --- sampling -----------------------------------------------------------------------------------
 
-@partial(jax.jit, static_argnames=("graphdef", "cache_len"))
-def _prefill_one(graphdef, state, prompt, valid, cache_len: int):
+def nucleus_logits(logits, temperature, top_p):
+    """The logits a sampler draws from: [B, V] scaled by 1/temperature [B], with every token outside
+    the nucleus (the fewest likeliest tokens whose probabilities reach top_p [B]) set to -inf —
+    what transformers' TemperatureLogitsWarper then TopPLogitsWarper compute. The likeliest token
+    is always kept. Rows with temperature 0 are left for the caller's greedy choice."""
+    logits = logits.astype(jnp.float32)
+    scaled = logits / jnp.maximum(temperature, 1e-6)[:, None]
+    ordered = -jnp.sort(-scaled, axis=-1)                               # descending
+    probs = jax.nn.softmax(ordered, axis=-1)
+    before = jnp.cumsum(probs, axis=-1) - probs                         # mass of the likelier ones
+    kept = jnp.maximum(jnp.sum(before < top_p[:, None], axis=-1), 1)
+    cutoff = jnp.take_along_axis(ordered, (kept - 1)[:, None], axis=-1)
+    return jnp.where(scaled >= cutoff, scaled, -jnp.inf)
+
+
+def sample(logits, temperature, top_p, keys, step):
+    """One token per row [B] from logits [B, V]: greedy where temperature is 0, else drawn from
+    nucleus_logits with the row's own key [B, 2] folded with the step — a row's draws depend on its
+    seed and step only, not on the other rows of its batch."""
+    greedy = jnp.argmax(logits, axis=-1).astype(jnp.int32)
+    if temperature is None:
+        return greedy
+    masked = nucleus_logits(logits, temperature, top_p)
+    step_keys = jax.vmap(jax.random.fold_in, in_axes=(0, None))(keys, step)
+    drawn = jax.vmap(jax.random.categorical)(step_keys, masked).astype(jnp.int32)
+    return jnp.where(temperature > 0, drawn, greedy)
+
+
+@dataclass(frozen=True)
+class Sampling:
+    """How each answer's tokens are chosen: temperature 0 is greedy (the default everywhere)."""
+    temperature: float = 0.0
+    top_p: float = 1.0
+    seed: int | None = None          # None: a fresh seed per answer
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0
+
+
+GREEDY = Sampling()
+
+
+def _row_keys(sampling: Sequence[Sampling]) -> np.ndarray:
+    """[B, 2] uint32 PRNG keys, one per row: from its seed, or fresh entropy."""
+    import secrets
+
+    seeds = [s.seed if s.seed is not None else secrets.randbits(32) for s in sampling]
+    return np.stack([np.asarray(jax.random.key_data(jax.random.key(x))) for x in seeds]).astype(np.uint32)
+
+
+# --- streaming answers (tune generate, tune serve) ---------------------------------------------
+
+@partial(jax.jit, static_argnames=("graphdef", "cache_len", "sampled"))
+def _prefill_next(graphdef, state, prompt, valid, temperature, top_p, keys, cache_len: int,
+                  sampled: bool):
     model = nnx.merge(graphdef, state)
     logits, cache, lengths = _prefill(model, prompt, valid, cache_len)
-    return jnp.argmax(logits, axis=-1).astype(jnp.int32), cache, lengths
+    token = sample(logits, temperature if sampled else None, top_p, keys, 0)
+    return token, cache, lengths
 
 
-@partial(jax.jit, static_argnames=("graphdef",), donate_argnames=("cache",))
-def _step_one(graphdef, state, token, position, cache):
+@partial(jax.jit, static_argnames=("graphdef", "sampled"), donate_argnames=("cache",))
+def _step_next(graphdef, state, token, position, cache, temperature, top_p, keys, step,
+               sampled: bool):
     model = nnx.merge(graphdef, state)
     logits, cache = model.decode(token[:, None], position[:, None], cache)
-    return jnp.argmax(logits[:, 0], axis=-1).astype(jnp.int32), cache
+    return sample(logits[:, 0], temperature if sampled else None, top_p, keys, step), cache
 
 
-def stream_greedy(model, prompt: Sequence[int], *, max_new_tokens: int,
-                  eos_ids: Sequence[int], pad_id: int) -> Iterator[int]:
-    """Yield the greedy answer to one prompt token by token (a Python loop over a jitted step), until
-    an end token (not yielded) or max_new_tokens. Same tokens as greedy_generate."""
-    if max_new_tokens <= 0:
+def batch_bucket(n: int) -> int:
+    """The static batch a number of rows is padded to: 1, 2, 4, 8, ... (a few programs)."""
+    return 1 << max(0, (n - 1).bit_length())
+
+
+def stream_batch(model, prompts: Sequence[Sequence[int]], *, max_new_tokens: int,
+                 sampling: Sequence[Sampling] | None = None, pad_id: int,
+                 split=None) -> Iterator[np.ndarray]:
+    """Decode several prompts together, one step at a time: yields each step's tokens [len(prompts)]
+    (int32), max_new_tokens steps at most. The caller decides when a row is done (an end token, a
+    stop string, its own token limit) and stops iterating once every row is: nothing here ends a
+    row. One left-padded prefill, then one jitted single-token step per token over the shared KV
+    cache; rows are padded to a batch of 1, 2, 4, 8, ... and the prompt to a length bucket, so a
+    server meets a few compiled shapes. `split`: (graphdef, state) already split from the model
+    (several runs' adapters over one base share the base's arrays)."""
+    if max_new_tokens <= 0 or not prompts:
         return
-    graphdef, state = nnx.split(model)
-    P = bucket(len(prompt))
-    tokens, valid = _left_pad([list(prompt)], P, 1, pad_id)
-    token, cache, lengths = _prefill_one(graphdef, state, tokens, valid, bucket(P + max_new_tokens))
-    end = set(int(e) for e in eos_ids)
+    graphdef, state = split if split is not None else nnx.split(model)
+    sampling = list(sampling) if sampling is not None else [GREEDY] * len(prompts)
+    n, B = len(prompts), batch_bucket(len(prompts))
+    padded = sampling + [GREEDY] * (B - n)
+    sampled = not all(s.greedy for s in sampling)
+    temperature = np.asarray([s.temperature for s in padded], np.float32)
+    top_p = np.asarray([s.top_p for s in padded], np.float32)
+    keys = _row_keys(padded) if sampled else np.zeros((B, 2), np.uint32)
+    P = bucket(max(len(p) for p in prompts))
+    tokens, valid = _left_pad([list(p) for p in prompts], P, B, pad_id)
+    token, cache, lengths = _prefill_next(graphdef, state, tokens, valid, temperature, top_p, keys,
+                                          bucket(P + max_new_tokens), sampled)
     for i in range(max_new_tokens):
-        t = int(token[0])
+        yield np.asarray(token)[:n]
+        if i + 1 < max_new_tokens:
+            token, cache = _step_next(graphdef, state, token, lengths + i, cache, temperature,
+                                      top_p, keys, jnp.int32(i + 1), sampled)
+
+
+def stream_tokens(model, prompt: Sequence[int], *, max_new_tokens: int, eos_ids: Sequence[int],
+                  pad_id: int, sampling: Sampling = GREEDY) -> Iterator[int]:
+    """Yield the answer to one prompt token by token until an end token (not yielded) or
+    max_new_tokens. Greedy by default: the same tokens as greedy_generate."""
+    end = set(int(e) for e in eos_ids)
+    for step in stream_batch(model, [prompt], max_new_tokens=max_new_tokens, sampling=[sampling],
+                             pad_id=pad_id):
+        t = int(step[0])
         if t in end:
             return
         yield t
-        if i + 1 < max_new_tokens:
-            token, cache = _step_one(graphdef, state, token, lengths + i, cache)
 
 
 # --- scoring fixed answers (eval.mode=choices) --------------------------------------------------

@@ -5,7 +5,8 @@ has one placeholder (e.g. "Clause: {text}\\nCategory:"), the text fills it; when
 JSON object with those fields fills them (`prompt='{"question": "...", "context": "..."}'`); any
 other text, or raw=True, is sent as it is. Then, as in training, the model's own chat template wraps
 it (template.chat, with template.system as the system message) or the plain prompt gets the
-tokenizer's usual prefix. The answer is streamed token by token (greedy) until an end token.
+tokenizer's usual prefix. The answer is streamed token by token until an end token: greedy, or
+sampled with temperature / top_p / seed.
 
 With no prompt, an interactive loop reads prompts from stdin until EOF or "exit"; with a chat
 template the conversation history is kept (each turn sees the earlier ones).
@@ -22,7 +23,7 @@ from pathlib import Path
 from core.plan import Plan
 from core.prompting import Prompter
 from core.tokenizer import load_tokenizer
-from runtime.decode import LabelTrie, classify, end_token_ids, stream_greedy
+from runtime.decode import GREEDY, LabelTrie, Sampling, classify, end_token_ids, stream_tokens
 
 EXIT_WORDS = ("exit", "quit", ":q")
 
@@ -56,12 +57,12 @@ class Chat:
 
     # -- answering
 
-    def stream(self, ids: list[int], *, max_new_tokens: int):
+    def stream(self, ids: list[int], *, max_new_tokens: int, sampling: Sampling = GREEDY):
         """Yield the answer as text pieces, as the tokens come."""
         out: list[int] = []
         shown = ""
-        for t in stream_greedy(self.model, ids, max_new_tokens=max_new_tokens, eos_ids=self.eos_ids,
-                               pad_id=self.pad_id):
+        for t in stream_tokens(self.model, ids, max_new_tokens=max_new_tokens, eos_ids=self.eos_ids,
+                               pad_id=self.pad_id, sampling=sampling):
             out.append(t)
             text = self.tokenizer.decode(out, skip_special_tokens=True)
             # A multi-byte character split over tokens decodes to U+FFFD until it is complete.
@@ -74,7 +75,8 @@ class Chat:
         if text != shown and text.startswith(shown):
             yield text[len(shown):]
 
-    def answer(self, messages: list[dict], *, max_new_tokens: int, out=None) -> str:
+    def answer(self, messages: list[dict], *, max_new_tokens: int, out=None,
+               sampling: Sampling = GREEDY) -> str:
         if self.trie is not None:
             (k,), _ = classify(self.model, [self.prompt_ids(messages)], self.trie, batch_size=1,
                                pad_id=self.pad_id, eos_ids=self.eos_ids)
@@ -84,7 +86,8 @@ class Chat:
                 out.flush()
             return label
         pieces = []
-        for piece in self.stream(self.prompt_ids(messages), max_new_tokens=max_new_tokens):
+        for piece in self.stream(self.prompt_ids(messages), max_new_tokens=max_new_tokens,
+                                 sampling=sampling):
             pieces.append(piece)
             if out is not None:
                 out.write(piece)
@@ -93,6 +96,14 @@ class Chat:
             out.write("\n")
             out.flush()
         return "".join(pieces).strip()
+
+
+def turn_sampling(sampling: Sampling, turn: int) -> Sampling:
+    """The sampling of one turn of a conversation: a given seed moves on each turn (turn 0 keeps
+    it), so the conversation as a whole is reproducible without every turn drawing alike."""
+    if sampling.seed is None or turn == 0:
+        return sampling
+    return Sampling(sampling.temperature, sampling.top_p, (sampling.seed + turn) % 2**32)
 
 
 def _load_plan(run):
@@ -105,13 +116,15 @@ def _load_plan(run):
 
 
 def generate(run_dir, prompt: str | None = None, *, max_new_tokens: int, raw: bool = False,
-             free: bool | None = None, out=None, input_fn=input) -> str | None:
+             free: bool | None = None, out=None, input_fn=input,
+             sampling: Sampling = GREEDY) -> str | None:
     """Answer `prompt` with the run's model (base + run_dir/adapter) and print it as it is generated;
     return the answer. prompt None: an interactive loop until EOF or "exit"; returns None.
     `run_dir` may also be a Plan (then the base model answers). The plan decides how to answer, as
     its evaluation does: a classification plan scored within its label set answers with one of its
     labels, a plan with eval.mode=generate answers freely; `free` (the command line's own
-    eval.mode) overrides it when given."""
+    eval.mode) overrides it when given. `sampling`: greedy unless a temperature is given (a
+    label is always the likeliest: decoding within a label set does not sample)."""
     from runtime.progress import log
 
     out = sys.stdout if out is None else out
@@ -128,12 +141,13 @@ def generate(run_dir, prompt: str | None = None, *, max_new_tokens: int, raw: bo
             log(f"retrieved: {', '.join(chat.retrieved)}")
         messages = ([{"role": "system", "content": system}] if system else []) + \
             [{"role": "user", "content": user}]
-        return chat.answer(messages, max_new_tokens=max_new_tokens, out=out)
+        return chat.answer(messages, max_new_tokens=max_new_tokens, out=out, sampling=sampling)
 
     keep_history = chat.chat
     log("interactive: type a prompt, Enter to send; EOF (Ctrl-D) or `exit` to leave"
         + ("" if keep_history else " (no chat template: each prompt is answered on its own)"))
     history: list[dict] = []          # user/assistant turns so far
+    turn = 0
     system = None
     limit = plan.model.config.max_position_embeddings
     while True:
@@ -155,6 +169,8 @@ def generate(run_dir, prompt: str | None = None, *, max_new_tokens: int, raw: bo
         # Forget the oldest turns once the conversation would outgrow the model's context.
         while len(turns) > 1 and len(chat.prompt_ids(head + turns)) + max_new_tokens > limit:
             turns = turns[2:]
-        reply = chat.answer(head + turns, max_new_tokens=max_new_tokens, out=out)
+        reply = chat.answer(head + turns, max_new_tokens=max_new_tokens, out=out,
+                            sampling=turn_sampling(sampling, turn))
+        turn += 1
         if keep_history:
             history = turns + [{"role": "assistant", "content": reply}]

@@ -2,7 +2,7 @@
 import numpy as np
 import pytest
 
-from runtime.decode import (bucket, choice_logprobs, end_token_ids, greedy_generate, stream_greedy)
+from runtime.decode import (bucket, choice_logprobs, end_token_ids, greedy_generate, stream_tokens)
 
 
 @pytest.fixture(scope="module")
@@ -75,9 +75,9 @@ def test_end_tokens_stop_rows(tiny):
 def test_stream_equals_batch(tiny):
     out = greedy_generate(tiny, PROMPTS[:2], max_new_tokens=5, batch_size=4, **NO_END)
     for prompt, want in zip(PROMPTS[:2], out):
-        assert list(stream_greedy(tiny, prompt, max_new_tokens=5, **NO_END)) == want
+        assert list(stream_tokens(tiny, prompt, max_new_tokens=5, **NO_END)) == want
     first = out[0][0]
-    assert list(stream_greedy(tiny, PROMPTS[0], max_new_tokens=5, eos_ids=[first], pad_id=0)) == []
+    assert list(stream_tokens(tiny, PROMPTS[0], max_new_tokens=5, eos_ids=[first], pad_id=0)) == []
 
 
 def test_matches_transformers_generate(tiny, tiny_llama_dir):
@@ -163,3 +163,70 @@ def test_constrained_decoding_equals_brute_force(tiny, full_logits):
     assert all(0 <= k < len(LABELS) for k in picked)
     only, none = classify(tiny, PROMPTS[:2], LabelTrie.build([[50, 2]]), batch_size=4, **NO_END)
     assert only == [0, 0] and none is None
+
+
+# --- sampling -----------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("temperature, top_p", [(1.0, 0.9), (0.7, 0.5), (1.3, 1.0), (0.5, 0.05)])
+def test_nucleus_equals_transformers_warpers(temperature, top_p):
+    import jax.numpy as jnp
+    import torch
+    from transformers.generation.logits_process import TemperatureLogitsWarper, TopPLogitsWarper
+
+    from runtime.decode import nucleus_logits
+
+    logits = np.random.default_rng(0).normal(size=(6, 300)).astype(np.float32) * 3
+    ours = np.asarray(nucleus_logits(jnp.asarray(logits), jnp.full((6,), temperature),
+                                     jnp.full((6,), top_p)))
+    ref = TopPLogitsWarper(top_p)(None, TemperatureLogitsWarper(temperature)(
+        None, torch.tensor(logits))).numpy()
+    assert np.array_equal(np.isfinite(ours), np.isfinite(ref))          # the same nucleus
+    kept = np.isfinite(ref)
+    np.testing.assert_allclose(ours[kept], ref[kept], rtol=1e-6)
+
+
+def test_sampling_draws_from_the_nucleus_distribution():
+    import jax
+    import jax.numpy as jnp
+
+    from runtime.decode import nucleus_logits, sample
+
+    logits = jnp.asarray([[2.0, 1.5, 1.0, 0.0, -1.0, -3.0]])
+    n = 20000
+    t, p = jnp.full((n,), 0.8), jnp.full((n,), 0.9)
+    keys = jax.random.key_data(jax.random.split(jax.random.key(1), n))
+    drawn = np.asarray(sample(jnp.broadcast_to(logits, (n, 6)), t, p, keys, 0))
+    want = np.asarray(jax.nn.softmax(nucleus_logits(logits, t[:1], p[:1]), axis=-1))[0]
+    freq = np.bincount(drawn, minlength=6) / n
+    assert want[-1] == 0 and freq[-1] == 0                              # outside the nucleus
+    np.testing.assert_allclose(freq, want, atol=0.015)
+    greedy = np.asarray(sample(jnp.broadcast_to(logits, (n, 6)), jnp.zeros((n,)), p, keys, 0))
+    assert (greedy == 0).all()
+
+
+def test_stream_batch_greedy_equals_greedy_generate(tiny):
+    from runtime.decode import stream_batch
+
+    want = greedy_generate(tiny, PROMPTS[:3], max_new_tokens=6, batch_size=4, **NO_END)
+    steps = list(stream_batch(tiny, PROMPTS[:3], max_new_tokens=6, pad_id=0))
+    assert [list(map(int, col)) for col in np.stack(steps, axis=1)] == want
+
+
+def test_seeded_sampling_is_reproducible_and_per_row(tiny):
+    from runtime.decode import Sampling, stream_batch
+
+    hot = Sampling(temperature=1.5, top_p=0.95, seed=7)
+
+    def draw(prompts, sampling):
+        return np.stack(list(stream_batch(tiny, prompts, max_new_tokens=12, sampling=sampling,
+                                          pad_id=0)), axis=1)
+
+    alone = draw([PROMPTS[0]], [hot])[0]
+    assert (draw([PROMPTS[0]], [hot])[0] == alone).all()               # same seed, same answer
+    # the same row beside another (greedy) row draws the same tokens: its key is its own
+    pair = draw([PROMPTS[0], PROMPTS[3]], [hot, Sampling()])
+    assert (pair[0] == alone).all()
+    assert list(pair[1]) == greedy_generate(tiny, [PROMPTS[3]], max_new_tokens=12, batch_size=1,
+                                            **NO_END)[0]
+    others = [draw([PROMPTS[0]], [Sampling(1.5, 0.95, seed)])[0] for seed in (8, 9, 10)]
+    assert any((o != alone).any() for o in others)                    # other seeds, other draws

@@ -280,13 +280,13 @@ def test_generate_chat_and_interactive(setup, loaded, tmp_path, monkeypatch):
     shutil.copytree(setup.run_dir, run_dir)
     _write_plan(run_dir, setup.dir, chat=True, system="w40")
     seen = []
-    real = G.stream_greedy
+    real = G.stream_tokens
 
     def spy(model, ids, **kw):
         seen.append(list(ids))
         return real(model, ids, **kw)
 
-    monkeypatch.setattr(G, "stream_greedy", spy)
+    monkeypatch.setattr(G, "stream_tokens", spy)
     answer = G.generate(str(run_dir), "w30", max_new_tokens=6, out=io.StringIO())
     # <|im_start|>system w40<|im_end|><|im_start|>user Q : w30 A :<|im_end|><|im_start|>assistant
     assert seen[0] == [3, 10, 40, 4, 3, 8, 5, 7, 30, 6, 7, 4, 3, 9]
@@ -325,8 +325,8 @@ def test_generate_answers_as_the_runs_plan_says(setup, loaded, tmp_path, monkeyp
         run_dir / "plan.json")
     calls = []
     monkeypatch.setattr(G, "classify", lambda *a, **kw: calls.append("labels") or ([1], None))
-    real = G.stream_greedy
-    monkeypatch.setattr(G, "stream_greedy",
+    real = G.stream_tokens
+    monkeypatch.setattr(G, "stream_tokens",
                         lambda *a, **kw: calls.append("free") or real(*a, **kw))
     answer = G.generate(str(run_dir), "w30", max_new_tokens=4, out=io.StringIO())
     assert calls == (["labels"] if labelled else ["free"])
