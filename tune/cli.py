@@ -3,6 +3,7 @@
     tune [OVERRIDES]                 compile, then train (same as `tune train ...`)
     tune plan|train|eval|generate|lr-find [OVERRIDES]
     tune export run=DIR format=peft|merged|gguf [out=PATH]
+    tune serve run=DIR | runs=[DIR,...] [host=127.0.0.1] [port=8000]   an OpenAI-compatible API
     tune run PATH/plan.json [DIR]    re-run a compiled plan exactly (no Hydra)
     tune recipes [list | show NAME | cp NAME DEST]
 
@@ -26,7 +27,7 @@ from tune.console import print_error, print_failure
 
 COMMANDS = compose.COMMANDS
 OTHER_COMMANDS = ("run", "recipes")
-USAGE = """usage: tune [train|plan|eval|generate|lr-find|export] [OVERRIDES...] [--help] [--cfg job] [-m]
+USAGE = """usage: tune [train|plan|eval|generate|lr-find|export|serve] [OVERRIDES...] [--help] [--cfg job] [-m]
        tune run PATH/plan.json [RUN_DIR]
        tune recipes [list | show NAME | cp NAME DEST]"""
 
