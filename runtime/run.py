@@ -4,6 +4,7 @@
   the optimizer and the jitted step, then the newest checkpoint of this plan if there is one;
 - loop: the steps, with metrics.jsonl, validation, checkpoints and Ctrl-C;
 - finish: a last checkpoint and validation, adapter/ and train_summary.json.
+Every metrics.jsonl row also goes to the plan's experiment trackers (runtime/tracking.py), if any.
 Every number comes from the plan (plan.schedule, plan.runtime, plan.eval); nothing here has a default
 of its own. Evaluating the adapter and writing the report are the command's next steps
 (tune/commands.py), not part of training.
@@ -16,6 +17,7 @@ import signal
 import sys
 import threading
 import time
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -33,6 +35,7 @@ from runtime.batching import Batcher, Prefetcher
 from runtime.mesh import (is_main_process, make_mesh, maybe_initialize_distributed, put_batch,
                           put_global, to_host)
 from runtime.progress import Progress, log
+from runtime.tracking import Tracker
 
 INTERRUPTED_EXIT = 130
 
@@ -60,20 +63,27 @@ class Session:
     compile_s: float | None = None
     step_times: list = field(default_factory=list)
     shardings: tuple = ()           # (trained, optimizer state): where the step keeps them
+    tracker: Tracker | None = None  # where metrics.jsonl's rows are reported besides
 
     def place(self, batch):
         return put_batch(batch, self.mesh)
 
 
-def train(plan: Plan, run_dir, *, on_step=None) -> TrainSummary:
+def train(plan: Plan, run_dir, *, on_step=None, tracker: Tracker | None = None) -> TrainSummary:
     """Train the plan's LoRA adapter into run_dir; resume from run_dir/checkpoints/ when present.
 
     Writes metrics.jsonl, checkpoints/, adapter/ and train_summary.json; returns the summary. Ctrl-C
     finishes the current step, writes a checkpoint and exits with code 130. `on_step(step)` is called
-    after every completed step (a hook for tests and tools)."""
+    after every completed step (a hook for tests and tools). `tracker`: the run's Tracker, started
+    here and left open for the caller to report the evaluation and close; without one, training
+    opens the plan's trackers itself and closes them when it ends."""
     session = setup(plan, Path(run_dir))
-    loop(session, on_step=on_step)
-    return finish(session)
+    own = Tracker(plan, run_dir) if tracker is None else None
+    session.tracker = tracker or own
+    with own if own is not None else nullcontext():
+        session.tracker.start(resumed_from=session.resumed_from)
+        loop(session, on_step=on_step)
+        return finish(session)
 
 
 # ------------------------------------------------------------------------------ setup
@@ -117,7 +127,8 @@ def loop(s: Session, *, on_step=None) -> None:
     sched, rt = s.plan.schedule, s.plan.runtime
     total, start = sched.total_steps, s.step
     metrics = Metrics(s.run_dir / "metrics.jsonl",
-                      keep_through_step=s.step if s.resumed_from is not None else None)
+                      keep_through_step=s.step if s.resumed_from is not None else None,
+                      tracker=s.tracker)
     shape = s.batcher.shape
     log(f"training {total} steps ({sched.steps_per_epoch} per epoch), batch {shape.grad_accum}×"
         f"{shape.batch_size}×{shape.seq_len}, mesh {dict(s.mesh.shape)}, {jax.device_count()} "
@@ -224,7 +235,7 @@ def finish(s: Session) -> TrainSummary:
 
     if s.resumed_from is None or s.step > s.resumed_from:
         save(s)
-    metrics = Metrics(s.run_dir / "metrics.jsonl", keep_through_step=s.step)
+    metrics = Metrics(s.run_dir / "metrics.jsonl", keep_through_step=s.step, tracker=s.tracker)
     try:
         logged = [r for r in metrics.rows if "val_loss" in r and r.get("step") == s.step]
         final_val = logged[-1]["val_loss"] if logged else validate(s, metrics)
@@ -268,10 +279,10 @@ def _summary(s: Session, rows: list[dict], final_val) -> TrainSummary:
 class Metrics:
     """metrics.jsonl, appended one flushed line at a time (a kill leaves whole lines). Opened with
     keep_through_step, the file is first cut back to the rows of steps up to it (a resumed run
-    rewrites what came after its checkpoint)."""
+    rewrites what came after its checkpoint). Each row written is also handed to `tracker`."""
 
-    def __init__(self, path: Path, keep_through_step: int | None):
-        self.path = path
+    def __init__(self, path: Path, keep_through_step: int | None, tracker: Tracker | None = None):
+        self.path, self.tracker = path, tracker
         self.enabled = is_main_process()
         self.rows: list[dict] = []
         if not self.enabled:
@@ -293,6 +304,8 @@ class Metrics:
         self.rows.append(row)
         self._f.write(json.dumps(row) + "\n")
         self._f.flush()
+        if self.tracker is not None:
+            self.tracker.log(row)
 
     def close(self):
         if self.enabled:

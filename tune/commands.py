@@ -36,8 +36,8 @@ def run_job(job) -> None:
         return export(job)
     if job.command == "eval" and job.config.get("run"):
         return evaluate_run(job)
-    plan = compile_plan(job.config, recipe_info=recipes_mod.recipe_info(job.recipe),
-                        command=job.command)
+    plan = _in_sweep(compile_plan(job.config, recipe_info=recipes_mod.recipe_info(job.recipe),
+                                  command=job.command), job)
     if is_main_process():           # the other processes of a multi-process job only compute
         path = plan.write(job.out_dir / "plan.json")
         print_plan(plan, run_dir=job.out_dir, elapsed=time.perf_counter() - job.started)
@@ -49,7 +49,7 @@ def run_job(job) -> None:
             evaluate(plan, job.out_dir, None, retrieval=False, verbose=False)
         evaluate(plan, job.out_dir, None)
     elif job.command != "plan":
-        train(plan, job.out_dir)
+        train(plan, job.out_dir, sweep_dir=job.sweep_dir)
 
 
 def export(job) -> None:
@@ -88,24 +88,43 @@ def lr_find(job) -> None:
                stop_factor=f["stop_factor"])
 
 
-def train(plan: Plan, run_dir: Path) -> None:
+def _in_sweep(plan: Plan, job) -> Plan:
+    """A sweep's job reports to its trackers as one of the sweep: grouped by the sweep directory's
+    name (unless tracking.group says), named by its directory and the values it sweeps (unless
+    tracking.run_name says). Tracking is not hashed: the plan stays the same plan."""
+    t = plan.tracking
+    if t is None or job.sweep_dir is None:
+        return plan
+    name = f"{job.out_dir.name} {job.sweep_point}".strip()
+    return dataclasses.replace(plan, tracking=dataclasses.replace(
+        t, group=t.group or job.sweep_dir.name, run_name=t.run_name or name))
+
+
+def train(plan: Plan, run_dir: Path, *, sweep_dir: Path | None = None) -> None:
     """`tune` and `tune run`: train, then (on the main process) score base and tuned on the test
-    rows, then write the report."""
+    rows, then write the report; the plan's trackers get every step, then the evaluation and the
+    run's files, and are closed FINISHED (FAILED or KILLED when this stops on the way). A sweep's
+    jobs keep a local MLflow store in `sweep_dir`, together."""
     from runtime.evaluate import evaluate_before_after
     from runtime.mesh import is_main_process
     from runtime.progress import log
     from runtime.report import write_report
     from runtime.run import train as train_adapter
+    from runtime.tracking import Tracker
 
     if _finished(plan, run_dir):
         log(f"{run_dir} already holds this plan's trained adapter and its report: nothing to do "
             "(remove train_summary.json to train again)")
         return
-    train_adapter(plan, run_dir)
-    if is_main_process():
-        if plan.data.sizes.get("test"):
-            evaluate_before_after(plan, run_dir)
-        log(f"report: {write_report(run_dir)}")
+    with Tracker(plan, run_dir, store_dir=sweep_dir) as tracker:
+        train_adapter(plan, run_dir, tracker=tracker)
+        if is_main_process():
+            ev = evaluate_before_after(plan, run_dir) if plan.data.sizes.get("test") else None
+            report = write_report(run_dir)
+            rd = Path(run_dir)
+            tracker.finish_run(ev, [rd / "adapter", rd / "eval.json", rd / "report.html",
+                                    rd / "plots"])
+            log(f"report: {report}")
 
 
 def _finished(plan: Plan, run_dir: Path) -> bool:

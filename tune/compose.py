@@ -126,9 +126,10 @@ def run_hydra(command: str, argv: list[str], run_job) -> int:
 
     @hydra.main(config_path=str(CONF_DIR), config_name="config", version_base="1.3")
     def task(cfg) -> float | None:
-        return _task(lambda out_dir, recipe: Job(
+        return _task(lambda out_dir, recipe, sweep_dir, swept: Job(
             command=command, config=command_line_escapes(resolve_config(cfg), overrides),
-            out_dir=out_dir, recipe=recipe, started=started, overrides=overrides),
+            out_dir=out_dir, recipe=recipe, started=started, overrides=overrides,
+            sweep_dir=sweep_dir, sweep_point=_sweep_point(swept, overrides)),
             run_job, failures, jobs)
 
     saved_argv, saved_env = sys.argv, os.environ.get("HYDRA_FULL_ERROR")
@@ -378,6 +379,8 @@ class Job:
     recipe: str | None          # the +recipe= choice, if any
     started: float
     overrides: list             # this command line's parsed overrides
+    sweep_dir: Path | None = None   # a multirun's job: the sweep's directory
+    sweep_point: str = ""       # ... and the values it sweeps, as `key=value ...` (its overrides)
 
     def apply_overrides(self, config: dict) -> dict:
         """`config` (e.g. a trained run's) with this command line's key=value overrides applied
@@ -416,7 +419,9 @@ def _task(make_job, run_job, failures: list, jobs: list) -> float | None:
     jobs.append(record)
     t0 = time.perf_counter()
     try:
-        job = make_job(out_dir, hc.runtime.choices.get("recipe"))
+        multirun = hc.mode == RunMode.MULTIRUN
+        job = make_job(out_dir, hc.runtime.choices.get("recipe"),
+                       Path(hc.sweep.dir) if multirun else None, list(hc.overrides.task))
         record["criterion"] = job.config.get("sweep", {}).get("metric")
         run_job(job)
     except Exception as e:  # noqa: BLE001 - reported by main() with the right exit code
@@ -443,6 +448,12 @@ def _task(make_job, run_job, failures: list, jobs: list) -> float | None:
 
         return sweep_objective(record)
     return None
+
+
+def _sweep_point(task_overrides: list[str], overrides: list) -> str:
+    """This job's values of the keys the command line sweeps (`schedule.lr=0.001 adapter.rank=8`)."""
+    swept = {o.key_or_group for o in overrides if o.is_sweep_override()}
+    return " ".join(t for t in task_overrides if t.split("=", 1)[0].lstrip("+~") in swept)
 
 
 def resolve_config(cfg) -> dict:
