@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import time
 from collections import Counter
 
 from itertools import chain
@@ -35,6 +36,7 @@ import numpy as np
 from core.errors import PlanError, did_you_mean
 from core.files import sha256_file, write_atomic
 from core.labels import answer_set
+from core.processes import note
 from core.token_cache import remember, to_examples
 from core.templates import CLOSE, OPEN, mark_example, placeholders, render, to_prompt_completion
 from core.tokenizer import (TOKENIZER_FILE, encode_texts, escape_controls, load_tokenizer,
@@ -46,6 +48,7 @@ SPLITS = ("train", "val", "test", "test_plain")
 COUNTS = ("truncated", "dropped_too_long", "no_supervised")
 MAX_LABELS = 1000      # more distinct answers than this is generation, not classification: no label set
 POLICIES = ("truncate", "drop")
+LARGE_SPLITS = 20_000  # rows from which tokenising says that it is (seconds, on a CPU)
 
 
 # ------------------------------------------------------------------------------ build
@@ -84,6 +87,10 @@ def build_examples(splits: dict[str, list[dict]], *, template: dict, tokenizer_d
 
     tokenizer = load_tokenizer(tokenizer_dir)
     chat_args = dict(chat_template=chat_template, eos_token=eos_token, bos_token=bos_token)
+    rows = sum(len(v) for v in splits.values())
+    started = time.perf_counter()
+    if rows >= LARGE_SPLITS:
+        note(f"tokenising {rows:,} rows (once: the token cache keeps them) ...")
     if conversation:
         out = _conversation_splits(splits, tmpl, tokenizer, max_length=max_length,
                                    overlength=overlength, **chat_args)
@@ -96,6 +103,8 @@ def build_examples(splits: dict[str, list[dict]], *, template: dict, tokenizer_d
                                    out[name].get("masks")))
     stats = _stats(out, tokenizer, max_length=max_length, overlength=overlength)
     labels = stats.pop("_labels")
+    if rows >= LARGE_SPLITS:
+        note(f"tokenised in {time.perf_counter() - started:.1f} s")
     meta = {"version": CACHE_VERSION, "key": key, "stats": stats,
             "test": {"references": out["test"]["responses"]},
             "test_plain": {"references": out["test_plain"]["responses"]}, "labels": labels}

@@ -13,13 +13,14 @@ import importlib.util
 import json
 import os
 import shutil
-import sys
 import tempfile
+import time
 from pathlib import Path
 
 import numpy as np
 
 from core.errors import PlanError
+from core.processes import note
 from core.files import sha256_file, tune_home, write_json
 from core.gguf import GLOBAL_NAMES, LAYER_NAMES, unpermute_qk
 
@@ -98,8 +99,8 @@ def ensure_converted(gguf_path: Path, target: Path) -> Path:
             return target
         for leftover in target.parent.glob(f".{target.name}.*-*"):  # from a killed conversion:
             shutil.rmtree(leftover, ignore_errors=True)             # we hold the lock, none is live
-        print(f"converting the embedded SmolLM2-135M-Instruct (one time) into {target} ...",
-              file=sys.stderr, flush=True)
+        note(f"converting the embedded SmolLM2-135M-Instruct (one time) into {target} ...")
+        started = time.perf_counter()
         tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
         try:
             convert_gguf(gguf_path, tmp)
@@ -111,6 +112,7 @@ def ensure_converted(gguf_path: Path, target: Path) -> Path:
             os.replace(tmp, target)
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
+        note(f"converted in {time.perf_counter() - started:.1f} s")
     return target
 
 

@@ -35,3 +35,13 @@ def processes() -> tuple[int, int]:
 def is_main_process() -> bool:
     """Process 0 writes the run directory; the others compute."""
     return processes()[1] == 0
+
+
+def note(message: str) -> None:
+    """A line for a person on stderr (process 0 only, unless TUNE_QUIET=1): what the compiler does
+    that takes a while (converting a model, tokenising a large file), with no JAX imported."""
+    import sys
+
+    if os.environ.get("TUNE_QUIET", "") not in ("", "0", "false", "False") or not is_main_process():
+        return
+    print(f"tune: {message}", file=sys.stderr, flush=True)

@@ -46,3 +46,20 @@ def test_quiet_is_quiet(capsys, monkeypatch):
     with P.Progress(3, every=0.0) as bar:
         bar.update(1)
     assert lines(capsys.readouterr().err) == []
+
+
+def test_tokenising_a_large_file_says_so(tiny_chat_dir, tmp_path, capsys, monkeypatch):
+    """The compiler's slow first steps report too: tokenising a large file (here any file) into
+    the token cache says how many rows and how long; a second compile reads the cache, silently."""
+    from compiler import examples
+    from conftest import tiny_plan
+
+    monkeypatch.delenv("TUNE_QUIET", raising=False)
+    monkeypatch.setenv("TUNE_HOME", str(tmp_path / "home"))
+    monkeypatch.setattr(examples, "LARGE_SPLITS", 10)
+    tiny_plan(tiny_chat_dir, tmp_path, n_train=40, n_val=8)
+    out = lines(capsys.readouterr().err)
+    assert out[0] == "tune: tokenising 48 rows (once: the token cache keeps them) ..."
+    assert re.fullmatch(r"tune: tokenised in \d+\.\d s", out[1])
+    tiny_plan(tiny_chat_dir, tmp_path, n_train=40, n_val=8)
+    assert not lines(capsys.readouterr().err)
