@@ -258,8 +258,17 @@ def test_generate_with_run_dir(tune_cli, tmp_path, runtime_calls):
     rc, out, err = tune_cli("plan", "+recipe=finance", "hydra.run.dir=trained")
     rc, out, err = tune_cli("generate", "run=trained", "prompt=Shares fall 12%", "max_new_tokens=9")
     assert rc == 0, err
+    from runtime.decode import Sampling
+
     assert runtime_calls == [("generate", ((tmp_path / "trained").resolve(), "Shares fall 12%"),
-                              {"max_new_tokens": 9, "free": None})]    # the run's plan decides
+                              {"max_new_tokens": 9, "free": None,      # the run's plan decides
+                               "sampling": Sampling()})]               # greedy
+    runtime_calls.clear()
+    rc, out, err = tune_cli("generate", "run=trained", "prompt=x", "temperature=0.8", "top_p=0.9",
+                            "seed=4")
+    assert rc == 0 and runtime_calls[0][2]["sampling"] == Sampling(0.8, 0.9, 4)
+    rc, out, err = tune_cli("generate", "run=trained", "prompt=x", "temperature=-1")
+    assert rc == 2 and "temperature" in err
     runtime_calls.clear()
     rc, out, err = tune_cli("generate", "run=trained", "prompt=x", "eval.mode=generate")
     assert rc == 0 and runtime_calls[0][2]["free"] is True

@@ -335,3 +335,28 @@ def test_generate_answers_as_the_runs_plan_says(setup, loaded, tmp_path, monkeyp
     calls.clear()           # the command line's own eval.mode wins over the plan's
     G.generate(str(run_dir), "w30", max_new_tokens=4, out=io.StringIO(), free=labelled)
     assert calls == (["free"] if labelled else ["labels"])
+
+
+def test_generate_samples_with_a_seed(setup, loaded, tmp_path):
+    """temperature / top_p / seed: the answer is drawn (not the greedy one), and the same seed
+    draws the same answer — the tokens of the decoder's own sampling for that prompt."""
+    import shutil
+
+    from runtime.decode import Sampling, stream_tokens
+    from runtime.generate import generate
+
+    run_dir = tmp_path / "run"
+    shutil.copytree(setup.run_dir, run_dir)
+    _write_plan(run_dir, setup.dir, chat=False)
+    ids = [5, 7, 30, 31, 6, 7]                      # Q : w30 w31 A :  (see test_generate_plain)
+    hot = [Sampling(temperature=2.0, top_p=0.98, seed=s) for s in range(4)]
+    answers = [generate(str(run_dir), "w30 w31", max_new_tokens=8, out=io.StringIO(), sampling=h)
+               for h in hot]
+    for h, a in zip(hot, answers):
+        want = list(stream_tokens(setup.tuned, ids, max_new_tokens=8, eos_ids=[EOS, 4], pad_id=0,
+                                  sampling=h))
+        assert a == _decode(setup.tok, [want])[0]
+        assert generate(str(run_dir), "w30 w31", max_new_tokens=8, out=io.StringIO(),
+                        sampling=h) == a
+    greedy = generate(str(run_dir), "w30 w31", max_new_tokens=8, out=io.StringIO())
+    assert len(set(answers + [greedy])) > 1

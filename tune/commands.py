@@ -34,6 +34,8 @@ def run_job(job) -> None:
         return lr_find(job)
     if job.command == "export":
         return export(job)
+    if job.command == "serve":
+        return serve(job)
     if job.command == "eval" and job.config.get("run"):
         return evaluate_run(job)
     plan = _in_sweep(compile_plan(job.config, recipe_info=recipes_mod.recipe_info(job.recipe),
@@ -161,19 +163,43 @@ def evaluate_run(job) -> None:
 
 def generate(job) -> None:
     """`tune generate [run=DIR] [prompt=TEXT]`: answer with a run's tuned model, or the base."""
+    from runtime.decode import Sampling
     from runtime.generate import generate as answer
 
     prompt, max_new = job.config.get("prompt"), job.config["max_new_tokens"]
+    sampling = Sampling(temperature=job.config["temperature"], top_p=job.config["top_p"],
+                        seed=job.config["seed"])
     # how to answer is the run's plan's decision (its eval.mode), unless this command line says
     given = [o for o in job.overrides if o.key_or_group == "eval.mode" and not o.is_delete()]
     free = (job.config["eval"]["mode"] == "generate") if given else None
     if job.config.get("run"):
         answer(_existing_run(job.config["run"], need_adapter=False), prompt, max_new_tokens=max_new,
-               free=free)
+               free=free, sampling=sampling)
         return
     plan = compile_plan(job.config, recipe_info=recipes_mod.recipe_info(job.recipe),
                         command="generate")
-    answer(plan, prompt, max_new_tokens=max_new, free=None)
+    answer(plan, prompt, max_new_tokens=max_new, free=None, sampling=sampling)
+
+
+def serve(job) -> None:
+    """`tune serve run=DIR | runs=[DIR,...] [host=127.0.0.1] [port=8000]`: the runs' models behind
+    an OpenAI-compatible HTTP API."""
+    from runtime.serve import serve as run_server
+
+    given = ([job.config["run"]] if job.config.get("run") else []) + list(job.config["runs"])
+    if not given:
+        raise PlanError("run", "`tune serve` needs the run directory (or directories) to serve.",
+                        hint="tune serve run=DIR, or runs=[DIR1,DIR2] for several adapters over "
+                             "one base.")
+    dirs = list(dict.fromkeys(_existing_run(d, need_adapter=False) for d in given))
+    bases = {Plan.load(d / "plan.json").model.config_hash for d in dirs}
+    if len(bases) > 1:
+        from runtime.progress import log
+
+        log(f"the runs are over {len(bases)} different base models: each is loaded on its own")
+    s = job.config["serve"]
+    run_server(dirs, host=job.config["host"], port=job.config["port"], batch_size=s["batch_size"],
+               batch_wait_ms=s["batch_wait_ms"], max_tokens=s["max_tokens"])
 
 
 def _existing_run(run_dir, *, need_adapter: bool) -> Path:

@@ -16,7 +16,7 @@ from core.errors import Diverged, PlanError, did_you_mean
 
 CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
 PROG = "tune"
-COMMANDS = ("train", "plan", "eval", "generate", "lr-find", "export")
+COMMANDS = ("train", "plan", "eval", "generate", "lr-find", "export", "serve")
 
 
 def config_error(e: BaseException) -> PlanError | None:
