@@ -369,6 +369,134 @@ def stream_tokens(model, prompt: Sequence[int], *, max_new_tokens: int, eos_ids:
         yield t
 
 
+# --- a running batch that takes new rows (tune serve) -----------------------------------------
+
+def sample_rows(logits, temperature, top_p, keys, steps):
+    """sample() with each row at its own step [B] (rows that joined a running batch later)."""
+    greedy = jnp.argmax(logits, axis=-1).astype(jnp.int32)
+    masked = nucleus_logits(logits, temperature, top_p)
+    step_keys = jax.vmap(jax.random.fold_in)(keys, steps)
+    drawn = jax.vmap(jax.random.categorical)(step_keys, masked).astype(jnp.int32)
+    return jnp.where(temperature > 0, drawn, greedy)
+
+
+@partial(jax.jit, static_argnames=("graphdef",), donate_argnames=("cache",))
+def _join(graphdef, state, cache, slot, prompt, valid, temperature, top_p, key):
+    """Prefill one prompt [1, P] (left-padded) into row `slot` of a running cache so that it ends
+    just before the batch's next slot: the row's old keys and values are marked invalid, its prompt
+    is written to the P slots before cache.index, and its first token is sampled (step 0)."""
+    model = nnx.merge(graphdef, state)
+    P, S = prompt.shape[1], cache.k.shape[2]
+    row = model.init_cache(1, S)._replace(index=cache.index - P)
+    positions = jnp.maximum(jnp.cumsum(valid, axis=1) - 1, 0).astype(jnp.int32)
+    logits, row = model.decode(prompt, positions, row, valid=valid,
+                               last=jnp.full((1,), P - 1, jnp.int32))
+    cache = cache._replace(k=cache.k.at[:, slot].set(row.k[:, 0]),
+                           v=cache.v.at[:, slot].set(row.v[:, 0]),
+                           positions=cache.positions.at[slot].set(row.positions[0]),
+                           valid=cache.valid.at[slot].set(row.valid[0]))
+    token = sample_rows(logits, temperature[None], top_p[None], key[None],
+                        jnp.zeros((1,), jnp.int32))[0]
+    return token, cache, jnp.sum(valid).astype(jnp.int32)
+
+
+@partial(jax.jit, static_argnames=("graphdef",), donate_argnames=("cache",))
+def _step_rows(graphdef, state, token, position, cache, temperature, top_p, keys, steps):
+    model = nnx.merge(graphdef, state)
+    logits, cache = model.decode(token[:, None], position[:, None], cache)
+    return sample_rows(logits[:, 0], temperature, top_p, keys, steps), cache
+
+
+@partial(jax.jit, static_argnames=("rows",))
+def _widen(cache, rows: int):
+    """The cache with `rows` rows (the new ones empty: nothing valid)."""
+    extra = rows - cache.positions.shape[0]
+    pad = lambda x, axis: jnp.pad(x, [(0, extra) if a == axis else (0, 0) for a in range(x.ndim)])
+    return cache._replace(k=pad(cache.k, 1), v=pad(cache.v, 1), positions=pad(cache.positions, 0),
+                          valid=pad(cache.valid, 0))
+
+
+class RunningBatch:
+    """Rows decoded together over one KV cache, where a new row can join while others run
+    (continuous batching): when a row is done its slot takes a new prompt, prefilled into that row
+    alone so that it ends where the batch writes next; the batch widens (1, 2, 4, ... rows) when
+    more rows wait than slots are free. All rows write the same cache slot per step, so a prompt
+    can join once the batch has written at least its (bucketed) length, and only if its token
+    budget fits in the slots left. Each row samples with its own key at its own step: a row's
+    tokens are the same whether it started the batch or joined it later."""
+
+    def __init__(self, split, *, cache_len: int, pad_id: int, max_rows: int):
+        self.graphdef, self.state = split
+        self.cache_len, self.pad_id, self.max_rows = cache_len, pad_id, max_rows
+        self.cache = None
+        self.rows = 0
+
+    def start(self, prompts: Sequence[Sequence[int]], sampling: Sequence[Sampling]) -> np.ndarray:
+        """Prefill the first rows together; their first tokens [len(prompts)]."""
+        n = len(prompts)
+        self.rows = min(batch_bucket(n), max(self.max_rows, n))
+        padded = list(sampling) + [GREEDY] * (self.rows - n)
+        self._set_sampling(padded)
+        P = bucket(max(len(p) for p in prompts))
+        tokens, valid = _left_pad([list(p) for p in prompts], P, self.rows, self.pad_id)
+        token, self.cache, lengths = _prefill_next(
+            self.graphdef, self.state, tokens, valid, self.temperature, self.top_p, self.keys,
+            self.cache_len, True)
+        self.token, self.lengths = np.array(token), np.array(lengths)
+        self.steps = np.zeros((self.rows,), np.int32)
+        self.index = P
+        return self.token[:n].copy()
+
+    def _set_sampling(self, sampling):
+        self.temperature = np.asarray([s.temperature for s in sampling], np.float32)
+        self.top_p = np.asarray([s.top_p for s in sampling], np.float32)
+        self.keys = _row_keys(sampling)
+
+    def fits(self, prompt_len: int, max_new_tokens: int) -> bool:
+        """Whether a prompt can join now and still have room for its tokens."""
+        return bucket(prompt_len) <= self.index and self.index + max_new_tokens <= self.cache_len
+
+    def widen(self, rows: int) -> None:
+        rows = min(batch_bucket(rows), self.max_rows)
+        if rows <= self.rows:
+            return
+        extra = rows - self.rows
+        self.cache = _widen(self.cache, rows)
+        self.token = np.concatenate([self.token, np.full((extra,), self.pad_id, np.int32)])
+        self.lengths = np.concatenate([self.lengths, np.zeros((extra,), np.int32)])
+        self.steps = np.concatenate([self.steps, np.zeros((extra,), np.int32)])
+        self.temperature = np.concatenate([self.temperature, np.zeros((extra,), np.float32)])
+        self.top_p = np.concatenate([self.top_p, np.ones((extra,), np.float32)])
+        self.keys = np.concatenate([self.keys, np.zeros((extra, 2), np.uint32)])
+        self.rows = rows
+
+    def join(self, slot: int, prompt: Sequence[int], sampling: Sampling) -> int:
+        """Put a prompt in row `slot` (free: its old row is done); its first token."""
+        P = bucket(len(prompt))
+        tokens, valid = _left_pad([list(prompt)], P, 1, self.pad_id)
+        self.temperature[slot], self.top_p[slot] = sampling.temperature, sampling.top_p
+        self.keys[slot] = _row_keys([sampling])[0]
+        token, self.cache, length = _join(self.graphdef, self.state, self.cache, jnp.int32(slot),
+                                          tokens, valid, self.temperature[slot],
+                                          self.top_p[slot], self.keys[slot])
+        self.token[slot], self.lengths[slot], self.steps[slot] = int(token), int(length), 0
+        return int(token)
+
+    def step(self) -> np.ndarray:
+        """One token for every row [rows] (rows that are done or empty compute and are ignored)."""
+        self.steps = self.steps + 1
+        token, self.cache = _step_rows(self.graphdef, self.state, self.token,
+                                       self.lengths + self.steps - 1, self.cache,
+                                       self.temperature, self.top_p, self.keys, self.steps)
+        self.token = np.array(token)
+        self.index += 1
+        return self.token.copy()
+
+    @property
+    def full(self) -> bool:
+        return self.index >= self.cache_len
+
+
 # --- scoring fixed answers (eval.mode=choices) --------------------------------------------------
 
 @partial(jax.jit, static_argnames=("graphdef",))

@@ -10,9 +10,11 @@ Three parts:
 - `Engine` is one worker thread that owns the accelerator. Requests queue; the worker takes the
   oldest, waits up to serve.batch_wait_ms for more for the same run (serve.batch_size rows at most,
   each `n` choice a row), and decodes them as ONE batch through the KV-cache decoder
-  (runtime.decode.stream_batch): one prefill, then one jitted step per token for every row at once.
-  Each row ends on its own (an end token, a stop string, its max_tokens); the batch ends when all
-  have. Tokens reach each request as they come (server-sent events with stream=true).
+  (runtime.decode.RunningBatch): one prefill, then one jitted step per token for every row at once.
+  Each row ends on its own (an end token, a stop string, its max_tokens). Between steps, requests
+  that arrived meanwhile join the batch (continuous batching): a finished row's slot takes a new
+  prompt, or the batch widens, up to serve.batch_size rows. Tokens reach each request as they come
+  (server-sent events with stream=true).
 - `make_app` is the FastAPI app: it checks a request (a bad one is a 400 with an OpenAI-style error
   body, never an exception that stops the server), builds the prompt with the run's Prompter — the
   user's text through the recipe's template and the model's chat template, as `tune generate`
@@ -35,7 +37,8 @@ from fastapi import Request
 
 from core.errors import PlanError
 from core.plan import Plan
-from runtime.decode import LabelTrie, Sampling, classify, end_token_ids, stream_batch
+from runtime.decode import (LabelTrie, RunningBatch, Sampling, bucket, classify,
+                            end_token_ids)
 
 MAX_N = 16                       # choices per request at most
 MAX_STOP = 4                     # stop strings per request at most (as OpenAI)
@@ -172,6 +175,7 @@ class Engine:
         self.served, self.batch_size, self.batch_wait_s = served, batch_size, batch_wait_s
         self.max_tokens = max_tokens
         self.batches: list[int] = []              # rows of each batch decoded (for tests, stats)
+        self.joined = 0                           # rows that joined a running batch
         self._pending: list[Job] = []
         self._cv = threading.Condition()
         self._closed = False
@@ -253,37 +257,81 @@ class Engine:
                     j.sink(("done", i, "stop", len(label.ids)))
 
     def _generate(self, batch: list[Job]) -> None:
+        """Decode the batch's rows; between steps, jobs queued for the same run join the rows that
+        are done (or a wider batch) when their prompt and tokens fit the running cache."""
         s = batch[0].served
-        rows: list[_Row] = []
-        for j in batch:
-            for p, ids in enumerate(j.prompts):
-                for c in range(j.n):
-                    seed = None if j.sampling.seed is None else (j.sampling.seed + c) % 2**32
-                    rows.append(_Row(j, p * j.n + c, ids, Sampling(j.sampling.temperature,
-                                                                   j.sampling.top_p, seed)))
-        self.batches.append(len(rows))
+        rows = [r for j in batch for r in _rows(j)]
+        longest = max(r.job.max_tokens for r in rows)
+        # room for rows that join later: as many tokens again as the first rows may write
+        cache_len = bucket(bucket(max(len(r.ids) for r in rows)) + 2 * longest)
+        running = RunningBatch(s.split, cache_len=cache_len, pad_id=s.pad_id,
+                               max_rows=max(self.batch_size, len(rows)))
+        first = running.start([r.ids for r in rows], [r.sampling for r in rows])
+        slots: list[_Row | None] = rows + [None] * (running.rows - len(rows))
         end = set(s.eos_ids)
-        steps = stream_batch(None, [r.ids for r in rows],
-                             max_new_tokens=max(r.job.max_tokens for r in rows),
-                             sampling=[r.sampling for r in rows], pad_id=s.pad_id, split=s.split)
-        try:
-            for tokens in steps:
-                for r, t in zip(rows, tokens.tolist()):
-                    if r.done:
-                        continue
-                    if r.job.cancelled:
-                        r.done = True
-                    elif t in end:
-                        r.finish(s.tokenizer, "stop")
-                    else:
-                        r.add(s.tokenizer, t)
-                if all(r.done for r in rows):
-                    break
-        finally:
-            steps.close()
-        for r in rows:
-            if not r.done:
+        self.batches.append(len(rows))
+        fresh = list(zip(range(len(rows)), first.tolist()))        # (slot, token) to deliver
+        while True:
+            for k, t in fresh:
+                r = slots[k]
+                if r is None or r.done:
+                    continue
+                if r.job.cancelled:
+                    r.done = True
+                elif t in end:
+                    r.finish(s.tokenizer, "stop")
+                else:
+                    r.add(s.tokenizer, t)
+            fresh = self._join(running, slots, batch[0].key())
+            if all(r is None or r.done for r in slots):
+                break
+            if running.full:                # cannot happen: every row's budget fits the cache
+                break
+            tokens = running.step()
+            fresh += [(k, t) for k, t in enumerate(tokens.tolist()) if slots[k] is not None]
+        for r in slots:
+            if r is not None and not r.done:
                 r.finish(s.tokenizer, "length")
+
+    def _join(self, running: "RunningBatch", slots: list, key) -> list[tuple[int, int]]:
+        """Queued jobs for this run that fit the running batch take its free rows (widening it up
+        to batch_size rows): [(slot, first token)] of the rows that joined."""
+        with self._cv:
+            waiting = [j for j in self._pending if j.key() == key and not j.cancelled
+                       and all(running.fits(len(p), j.max_tokens) for p in j.prompts)]
+            free = [k for k, r in enumerate(slots) if r is None or r.done]
+            joining = []
+            for j in waiting:
+                busy = len(slots) - len(free) + sum(x.rows for x in joining)
+                if busy + j.rows > self.batch_size:
+                    break
+                joining.append(j)
+                self._pending.remove(j)
+        if not joining:
+            return []
+        new_rows = [r for j in joining for r in _rows(j)]
+        if len(new_rows) > len(free):
+            running.widen(len(slots) - len(free) + len(new_rows))
+            free += list(range(len(slots), running.rows))
+            slots.extend([None] * (running.rows - len(slots)))
+        self.batches[-1] += len(new_rows)
+        self.joined += len(new_rows)
+        out = []
+        for k, r in zip(free, new_rows):
+            slots[k] = r
+            out.append((k, running.join(k, r.ids, r.sampling)))
+        return out
+
+
+def _rows(job: "Job") -> list["_Row"]:
+    """A job's rows: each prompt × each of its n choices (choice c samples with seed + c)."""
+    out = []
+    for p, ids in enumerate(job.prompts):
+        for c in range(job.n):
+            seed = None if job.sampling.seed is None else (job.sampling.seed + c) % 2**32
+            out.append(_Row(job, p * job.n + c, ids, Sampling(job.sampling.temperature,
+                                                            job.sampling.top_p, seed)))
+    return out
 
 
 class _Row:

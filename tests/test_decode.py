@@ -230,3 +230,48 @@ def test_seeded_sampling_is_reproducible_and_per_row(tiny):
                                             **NO_END)[0]
     others = [draw([PROMPTS[0]], [Sampling(1.5, 0.95, seed)])[0] for seed in (8, 9, 10)]
     assert any((o != alone).any() for o in others)                    # other seeds, other draws
+
+
+def test_rows_joining_a_running_batch_decode_as_alone(tiny):
+    """Continuous batching: prompts that join a running batch (into a finished row's slot, or a
+    wider batch) get the tokens they get alone — greedy, and seeded sampling — and the rows already
+    running are not disturbed."""
+    from flax import nnx
+
+    from runtime.decode import RunningBatch, Sampling, stream_batch
+
+    hot = Sampling(temperature=1.3, top_p=0.9, seed=5)
+    n = 8
+
+    def alone(prompt, sampling):
+        return [int(s[0]) for s in stream_batch(tiny, [prompt], max_new_tokens=n,
+                                                sampling=[sampling], pad_id=0)]
+
+    rb = RunningBatch(nnx.split(tiny), cache_len=64, pad_id=0, max_rows=4)
+    got = {0: [], 1: []}
+    first = rb.start([PROMPTS[0], PROMPTS[4]], [Sampling(), hot])
+    got[0].append(int(first[0]))
+    got[1].append(int(first[1]))
+    assert rb.rows == 2
+    for _ in range(3):
+        t = rb.step()
+        got[0].append(int(t[0]))
+        got[1].append(int(t[1]))
+    # two more join after 3 steps: the batch widens to 4 rows
+    assert rb.fits(len(PROMPTS[1]), n) and not rb.fits(len(PROMPTS[2]), n)   # 18 tokens: bucket 24
+    rb.widen(4)
+    got[2] = [rb.join(2, PROMPTS[1], Sampling())]
+    got[3] = [rb.join(3, PROMPTS[3], hot)]
+    for _ in range(n - 1):
+        t = rb.step()
+        for k in got:
+            got[k].append(int(t[k]))
+    assert got[0][:n] == alone(PROMPTS[0], Sampling())
+    assert got[1][:n] == alone(PROMPTS[4], hot)
+    assert got[2] == alone(PROMPTS[1], Sampling())
+    assert got[3] == alone(PROMPTS[3], hot)
+    # a row that is done gives its slot to a new prompt
+    got[0] = [rb.join(0, PROMPTS[3], Sampling())]
+    for _ in range(n - 1):
+        got[0].append(int(rb.step()[0]))
+    assert got[0] == alone(PROMPTS[3], Sampling())

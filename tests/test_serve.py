@@ -189,6 +189,39 @@ def test_sixteen_concurrent_clients_are_batched(client, server):
     assert sum(batches) == 16 and max(batches) > 1, batches
 
 
+def test_a_request_joins_a_running_batch(server):
+    """Continuous batching: a request that arrives while a batch decodes joins it between two steps
+    (here: submitted as soon as the first request's first piece of text is out) and gets the
+    answer it gets alone."""
+    import queue
+
+    from runtime.decode import Sampling
+    from runtime.serve import Job, chat_prompt
+
+    engine, s = server.engine, server.engine.served["plain"]
+    first, second = _talkative(server), PROMPTS[1]
+    events = {0: queue.Queue(), 1: queue.Queue()}
+
+    def job(k, text, sink):
+        return Job(s, [chat_prompt(s, _user(text))], 1, 24, Sampling(), (), False, sink)
+
+    def sink_first(ev):
+        events[0].put(ev)
+        if ev[0] == "delta" and not hasattr(sink_first, "sent"):
+            sink_first.sent = True
+            engine.submit(job(1, second, events[1].put))
+
+    joined = engine.joined
+    engine.submit(job(0, first, sink_first))
+    for k, text in ((0, first), (1, second)):
+        pieces = []
+        while (ev := events[k].get(timeout=120))[0] != "done":
+            assert ev[0] == "delta", ev
+            pieces.append(ev[2])
+        assert "".join(pieces) == _want(server, "plain", _user(text))[0]
+    assert engine.joined == joined + 1
+
+
 def test_sampling_seed_n_and_temperature(client):
     ask = dict(model="plain", messages=_user("w30 w31"), temperature=1.5, top_p=0.95, seed=11,
                n=4, max_tokens=10)
@@ -298,12 +331,14 @@ def test_runs_over_one_base_share_its_weights(server):
 def test_a_failing_batch_answers_500_and_the_server_goes_on(client, server, monkeypatch):
     import runtime.serve as S
 
-    real = S.stream_batch
-    monkeypatch.setattr(S, "stream_batch", lambda *a, **k: (_ for _ in ()).throw(RuntimeError("boom")))
-    with pytest.raises(openai.InternalServerError) as e:
-        client.chat.completions.create(model="plain", messages=_user("w30"))
+    def boom(*a, **k):
+        raise RuntimeError("boom")
+
+    with monkeypatch.context() as m:
+        m.setattr(S.RunningBatch, "start", boom)
+        with pytest.raises(openai.InternalServerError) as e:
+            client.chat.completions.create(model="plain", messages=_user("w30"))
     assert "boom" in e.value.body["message"]
-    monkeypatch.setattr(S, "stream_batch", real)
     assert client.chat.completions.create(model="plain", messages=_user("w30")).choices
 
 
