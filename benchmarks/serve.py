@@ -177,9 +177,12 @@ def main(argv=None) -> int:
     try:
         for c in args.clients:
             tune_level(server.url, texts, c, args.max_tokens)           # compiles its shapes
+            before = len(engine.batches)
             tune[c] = tune_level(server.url, texts, c, args.max_tokens)
+            tune[c]["batches"] = engine.batches[before:]                 # rows of each batch
             print(f"tune, {c} clients: {tune[c]['requests_per_s']:.2f} req/s, "
-                  f"{tune[c]['tokens_per_s']:.1f} tok/s", file=sys.stderr)
+                  f"{tune[c]['tokens_per_s']:.1f} tok/s, batches of {tune[c]['batches']} rows",
+                  file=sys.stderr)
     finally:
         server.stop()
     s = served["run"]

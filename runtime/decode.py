@@ -371,17 +371,20 @@ def stream_tokens(model, prompt: Sequence[int], *, max_new_tokens: int, eos_ids:
 
 # --- a running batch that takes new rows (tune serve) -----------------------------------------
 
-def sample_rows(logits, temperature, top_p, keys, steps):
-    """sample() with each row at its own step [B] (rows that joined a running batch later)."""
+def sample_rows(logits, temperature, top_p, keys, steps, sampled: bool = True):
+    """sample() with each row at its own step [B] (rows that joined a running batch later);
+    sampled=False: every row is greedy (no sort over the vocabulary)."""
     greedy = jnp.argmax(logits, axis=-1).astype(jnp.int32)
+    if not sampled:
+        return greedy
     masked = nucleus_logits(logits, temperature, top_p)
     step_keys = jax.vmap(jax.random.fold_in)(keys, steps)
     drawn = jax.vmap(jax.random.categorical)(step_keys, masked).astype(jnp.int32)
     return jnp.where(temperature > 0, drawn, greedy)
 
 
-@partial(jax.jit, static_argnames=("graphdef",), donate_argnames=("cache",))
-def _join(graphdef, state, cache, slot, prompt, valid, temperature, top_p, key):
+@partial(jax.jit, static_argnames=("graphdef", "sampled"), donate_argnames=("cache",))
+def _join(graphdef, state, cache, slot, prompt, valid, temperature, top_p, key, sampled: bool):
     """Prefill one prompt [1, P] (left-padded) into row `slot` of a running cache so that it ends
     just before the batch's next slot: the row's old keys and values are marked invalid, its prompt
     is written to the P slots before cache.index, and its first token is sampled (step 0)."""
@@ -396,15 +399,16 @@ def _join(graphdef, state, cache, slot, prompt, valid, temperature, top_p, key):
                            positions=cache.positions.at[slot].set(row.positions[0]),
                            valid=cache.valid.at[slot].set(row.valid[0]))
     token = sample_rows(logits, temperature[None], top_p[None], key[None],
-                        jnp.zeros((1,), jnp.int32))[0]
+                        jnp.zeros((1,), jnp.int32), sampled)[0]
     return token, cache, jnp.sum(valid).astype(jnp.int32)
 
 
-@partial(jax.jit, static_argnames=("graphdef",), donate_argnames=("cache",))
-def _step_rows(graphdef, state, token, position, cache, temperature, top_p, keys, steps):
+@partial(jax.jit, static_argnames=("graphdef", "sampled"), donate_argnames=("cache",))
+def _step_rows(graphdef, state, token, position, cache, temperature, top_p, keys, steps,
+               sampled: bool):
     model = nnx.merge(graphdef, state)
     logits, cache = model.decode(token[:, None], position[:, None], cache)
-    return sample_rows(logits[:, 0], temperature, top_p, keys, steps), cache
+    return sample_rows(logits[:, 0], temperature, top_p, keys, steps, sampled), cache
 
 
 @partial(jax.jit, static_argnames=("rows",))
@@ -441,7 +445,7 @@ class RunningBatch:
         tokens, valid = _left_pad([list(p) for p in prompts], P, self.rows, self.pad_id)
         token, self.cache, lengths = _prefill_next(
             self.graphdef, self.state, tokens, valid, self.temperature, self.top_p, self.keys,
-            self.cache_len, True)
+            self.cache_len, self.sampled)
         self.token, self.lengths = np.array(token), np.array(lengths)
         self.steps = np.zeros((self.rows,), np.int32)
         self.index = P
@@ -478,7 +482,7 @@ class RunningBatch:
         self.keys[slot] = _row_keys([sampling])[0]
         token, self.cache, length = _join(self.graphdef, self.state, self.cache, jnp.int32(slot),
                                           tokens, valid, self.temperature[slot],
-                                          self.top_p[slot], self.keys[slot])
+                                          self.top_p[slot], self.keys[slot], not sampling.greedy)
         self.token[slot], self.lengths[slot], self.steps[slot] = int(token), int(length), 0
         return int(token)
 
@@ -487,10 +491,20 @@ class RunningBatch:
         self.steps = self.steps + 1
         token, self.cache = _step_rows(self.graphdef, self.state, self.token,
                                        self.lengths + self.steps - 1, self.cache,
-                                       self.temperature, self.top_p, self.keys, self.steps)
+                                       self.temperature, self.top_p, self.keys, self.steps,
+                                       self.sampled)
         self.token = np.array(token)
         self.index += 1
         return self.token.copy()
+
+    def release(self, slot: int) -> None:
+        """Row `slot` is done: it computes greedily (and costs no sampling) until a prompt joins."""
+        self.temperature[slot] = 0.0
+
+    @property
+    def sampled(self) -> bool:
+        """Whether any row samples (else every step is a plain argmax)."""
+        return bool((self.temperature > 0).any())
 
     @property
     def full(self) -> bool:

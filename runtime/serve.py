@@ -282,6 +282,9 @@ class Engine:
                     r.finish(s.tokenizer, "stop")
                 else:
                     r.add(s.tokenizer, t)
+            for k, r in enumerate(slots):
+                if r is not None and r.done:
+                    running.release(k)
             fresh = self._join(running, slots, batch[0].key())
             if all(r is None or r.done for r in slots):
                 break
