@@ -161,8 +161,10 @@ class Tracker:
                     _quietly(opened.close, "FAILED")
                 self._live.clear()
                 why = _first_line(e).rstrip(".")
+                hint = f"pip install 'tune[{backend}]', or leave {backend} out of " \
+                    "tracking.backends." if isinstance(e, ImportError) else b.hint
                 raise PlanError(b.key(t), f"the {backend} tracker could not start: {why}.",
-                                hint=b.hint) from None
+                                hint=hint) from None
             self._live[backend] = b
             if reopened:                        # its run holds what the interrupted attempt sent
                 self._sent[backend] = resumed_from if b.forgets else max(sent_before, resumed_from)
@@ -173,7 +175,8 @@ class Tracker:
             log(f"tracking: {backend} → {b.where()}")
         write_json(self.run_dir / TRACKING_FILE, {**read_tracking(self.run_dir), **refs})
         self._queue = queue.Queue()
-        self._thread = threading.Thread(target=self._work, name="tune-tracking", daemon=True)
+        self._thread = threading.Thread(target=self._work, args=(self._queue,),
+                                        name="tune-tracking", daemon=True)
         self._thread.start()
         for backend, rows in backfill.items():
             for row in rows:
@@ -224,9 +227,9 @@ class Tracker:
             self.close("FAILED")
 
     # -- the sending thread --------------------------------------------------------------------
-    def _work(self) -> None:
+    def _work(self, work: queue.Queue) -> None:
         while True:
-            op, only, step, payload = self._queue.get()
+            op, only, step, payload = work.get()
             for name, b in list(self._live.items()):
                 if only is not None and name != only:
                     continue
@@ -286,7 +289,8 @@ class TensorBoard:
     torch.utils.tensorboard does; no TensorFlow). Every (re)start writes SessionLog.START at its
     first step, so readers drop what an interrupted attempt wrote after the checkpoint."""
     forgets = True
-    hint = "pip install 'tune[tensorboard]', or leave tensorboard out of tracking.backends."
+    hint = "check that the run directory can be written, or leave tensorboard out of " \
+        "tracking.backends."
 
     def key(self, t) -> str:
         return "tracking.backends"
@@ -475,7 +479,7 @@ class WandB:
                       tags=[x for x in (plan.recipe.name if plan.recipe else None,
                                         f"plan-{plan.hash[:12]}") if x],
                       settings=wandb.Settings(console="off", silent=True))
-        if "WANDB_DIR" not in os.environ:
+        if not os.environ.get("WANDB_DIR"):
             kwargs["dir"] = str(ctx.run_dir)
         if same:
             kwargs.update(id=prev["id"], resume="allow")

@@ -347,6 +347,19 @@ def test_a_tracker_that_cannot_start_stops_the_run_first(tiny_chat_dir, tmp_path
     assert not (tmp_path / "run" / "metrics.jsonl").exists()
 
 
+def test_a_tracker_whose_library_is_gone_names_the_package(tiny_chat_dir, tmp_path, monkeypatch):
+    """A plan compiled where W&B was installed, run (`tune run`) where it is not."""
+    import sys
+
+    from runtime.tracking import Tracker
+
+    monkeypatch.setitem(sys.modules, "wandb", None)          # `import wandb` raises ImportError
+    with pytest.raises(PlanError) as e:
+        Tracker(tracked(tiny_chat_dir, tmp_path, backends=("wandb",)), tmp_path / "run").start(
+            resumed_from=None)
+    assert e.value.key == "tracking.backends" and "pip install 'tune[wandb]'" in e.value.hint
+
+
 def test_only_the_main_process_reports(tiny_chat_dir, tmp_path, monkeypatch):
     from runtime import tracking
 
