@@ -433,33 +433,28 @@ def _num(x) -> str:
     return f"{x:g}" if isinstance(x, float) else str(x)
 
 
-def _fields(path: str, value) -> list[str]:
+def _names(path: str, value, *, what: str, hint: str | None = None,
+           empty: bool = True) -> list[str]:
+    """A list of non-empty names (a comma-separated string too), stripped, each once."""
     if isinstance(value, str):
         value = [p.strip() for p in value.split(",") if p.strip()]
-    if not isinstance(value, (list, tuple)) or not value or \
+    if not isinstance(value, (list, tuple)) or (not value and not empty) or \
             not all(isinstance(v, str) and v.strip() for v in value):
-        raise _err(path, f"must be a list of field names (or null), got {_show(value)}.")
+        raise _err(path, f"must be a list of {what}, got {_show(value)}.", hint=hint)
     return list(dict.fromkeys(v.strip() for v in value))
+
+
+def _fields(path: str, value) -> list[str]:
+    return _names(path, value, what="field names (or null)", empty=False)
 
 
 def _modules(path: str, value) -> list[str]:
-    if isinstance(value, str):
-        value = [p.strip() for p in value.split(",") if p.strip()]
-    if not isinstance(value, (list, tuple)) or \
-            not all(isinstance(v, str) and v.strip() for v in value):
-        raise _err(path, f"must be a list of module names (or []), got {_show(value)}.",
-                   hint="e.g. [lm_head, norm].")
-    return list(dict.fromkeys(v.strip() for v in value))
+    return _names(path, value, what="module names (or [])", hint="e.g. [lm_head, norm].")
 
 
 def _paths(path: str, value) -> list[str]:
-    if isinstance(value, str):
-        value = [p.strip() for p in value.split(",") if p.strip()]
-    if not isinstance(value, (list, tuple)) or \
-            not all(isinstance(v, str) and v.strip() for v in value):
-        raise _err(path, f"must be a list of directories (or []), got {_show(value)}.",
-                   hint="e.g. runs=[runs/legal,runs/finance].")
-    return list(dict.fromkeys(v.strip() for v in value))
+    return _names(path, value, what="directories (or [])",
+                  hint="e.g. runs=[runs/legal,runs/finance].")
 
 
 def _backends(path: str, value) -> list[str]:
