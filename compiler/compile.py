@@ -25,18 +25,21 @@ from core.files import sha256_file, tune_home
 from core.architecture import ATTENTION_MODULES, full_module_names, full_module_params, lora_scale
 from core.labels import RARE_CLASS, is_classification, normalise
 from core.plan import (PLAN_VERSION, AdapterSection, DataSection, Devices, EvalSection, Estimates,
-                           Label, MeshAxes, ModelSection, Plan, Recipe, RetrievalSection,
+                           Label, MeshAxes, ModelSection, ObjectiveSection, Plan, Recipe,
+                           RetrievalSection,
                            RuntimeSection, ScheduleSection, TableStats, TemplateSection,
                            TrackingSection, with_hash)
-from core.templates import check_fields, placeholders
+from core.templates import check_fields, placeholders, prompt_fields
 
 FEW_ROWS = 200                  # fewer usable training rows than this: a warning
 MEMORY_WARN = 0.9               # estimated share of device memory above which we warn
 MEMORY_ERROR = 1.25             # ... and above which it clearly does not fit (estimates are rough)
+REFERENCE_COST = 4 / 3          # a step with a reference forward pass: forward + backward (≈ 3
+                                # forwards) + one more forward
 TRAIN_COMMANDS = ("train", "plan", "run")
 DTYPE_BYTES = {"float32": 4, "bfloat16": 2}
 _REASONS = {"missing_field": "missing a field", "empty_field": "an empty field",
-            "duplicate": "duplicates"}
+            "duplicate": "duplicates", "identical": "with chosen identical to rejected"}
 
 
 def compile_plan(cfg: dict, *, recipe_info: Recipe | None, command: str = "plan",
@@ -53,6 +56,10 @@ def compile_plan(cfg: dict, *, recipe_info: Recipe | None, command: str = "plan"
     config, warnings = schema.validate(cfg)
     check_pin(config["recipe_sha256"], recipe_info)
     need_train = command in TRAIN_COMMANDS
+    if config["objective"]["kind"] != "sft":
+        from compiler.preference import resolve_template
+
+        config = resolve_template(config)
     model = resolve_model(config["model"])
     if config["template"]["chat"] and not model.chat_template:
         raise PlanError("template.chat", f"{model.name} has no chat template.",
@@ -64,23 +71,25 @@ def compile_plan(cfg: dict, *, recipe_info: Recipe | None, command: str = "plan"
     data, examples = _tokenise(config, tables, model, warnings)
     template = _template_section(config["template"], model, data)
     adapter = _adapter_section(config["adapter"], model)
+    objective = _objective_section(config, model, adapter, need_train=need_train)
     if need_train:
         _check_row_count(data, config["schedule"], warnings)
-    row_length = _row_length(config["runtime"], config["data"]["max_length"])
+    row_length = _row_length(config["runtime"], config["data"]["max_length"],
+                             units=objective.preference)
     runtime = _runtime_section(config["runtime"], _devices(), model, config["schedule"],
-                               row_length, examples)
-    lengths = examples.lengths("train") if examples else np.zeros(0, dtype=np.int64)
+                               row_length, examples, segments=objective.preference)
+    lengths = examples.unit_lengths("train") if examples else np.zeros(0, dtype=np.int64)
     schedule = _schedule_section(config["schedule"], runtime, lengths, row_length)
-    evaluation = _eval_section(config["eval"], data)
+    evaluation = _eval_section(config["eval"], data, objective)
     estimates_ = _estimates(model, adapter, schedule, runtime, data, evaluation, warnings,
-                            need_train=need_train)
+                            need_train=need_train, objective=objective)
     warnings += _schedule_warnings(schedule, estimates_) + _mesh_warnings(runtime.mesh, model)
     plan = Plan(version=PLAN_VERSION, hash="", model=model, data=data, template=template,
                 adapter=adapter, schedule=schedule, runtime=runtime,
                 eval=evaluation, estimates=estimates_,
                 recipe=recipe_info, config=_with_files(config, tables, retrieval),
                 warnings=tuple(dict.fromkeys(warnings)), retrieval=retrieval,
-                tracking=_tracking_section(config["tracking"], recipe_info))
+                tracking=_tracking_section(config["tracking"], recipe_info), objective=objective)
     return with_hash(plan)
 
 
@@ -118,21 +127,33 @@ def _read_tables(config: dict, recipe_info, cwd: Path, command: str, warnings: l
     splits = {"train": [], "val": [], "test": []}
     train = test = None
     train_sig: set = set()
+    objective = config["objective"]["kind"]
+    if objective != "sft":
+        from compiler import preference
+
+        def read(key, path, *, dedupe, extra):
+            return preference.read_file(key, path, d, t, objective, policy, dedupe=dedupe,
+                                        extra=extra, test=key == "data.test_path")
+
+        signature = lambda row: (preference.signature(row),)          # noqa: E731
+    else:
+        def read(key, path, *, dedupe, extra):
+            return _read_file(key, path, d, t, policy, dedupe=dedupe, extra=extra)
+
+        signature = lambda row: _prompt_signature(row, t)             # noqa: E731
     if train_file:
-        kept, train = _read_file("data.path", train_file, d, t, policy, dedupe=d["dedupe"],
-                                 extra=extra)
+        kept, train = read("data.path", train_file, dedupe=d["dedupe"], extra=extra)
         sampled = data_mod.sample_rows(kept, d["max_rows"], seed)
         splits["train"], splits["val"] = data_mod.split_validation(sampled, d["val_fraction"], seed)
         train = replace(train, sampled=len(sampled), train=len(splits["train"]),
                         val=len(splits["val"]))
-        train_sig = {_prompt_signature(r, t) for r in kept}
+        train_sig = {signature(r) for r in kept}
     if test_file:
-        splits["test"], test = _read_file("data.test_path", test_file, d, t, policy, dedupe=False,
-                                          extra=extra)
-        leaked = sum(_prompt_signature(r, t) in train_sig for r in splits["test"])
+        splits["test"], test = read("data.test_path", test_file, dedupe=False, extra=extra)
+        leaked = sum(signature(r) in train_sig for r in splits["test"])
         if leaked:
             warnings.append(f"{leaked} of {len(splits['test'])} test rows also appear in data.path "
-                            f"(same {', '.join(_prompt_fields(t)) or 'conversation'}): the "
+                            f"(same {', '.join(prompt_fields(t)) or 'conversation'}): the "
                             "held-out score will flatter the adapter.")
     for name, stats in (("train", train), ("test", test)):
         if stats is not None and any(stats.dropped.values()):
@@ -146,7 +167,7 @@ def _read_file(key: str, path: Path, d: dict, t: dict, policy: data_mod.TextPoli
     and non-empty; duplicates dropped when asked) and its stats. `extra`: fields the compiler adds
     later (the retrieved passages), which the template may read but the file need not have."""
     rows = data_mod.read_table(path, key=key, fmt=d["format"], max_mb=d["max_file_mb"])
-    fields = _fields(rows)
+    fields = data_mod.table_fields(rows)
     used = [f for f in check_fields(t, fields + [f for f in extra if f not in fields],
                                     file=str(path)) if f not in extra]
     rows, cleaning = data_mod.prepare_rows(
@@ -177,20 +198,6 @@ def _data_file(key, value, recipe_info, cwd, *, required: bool, command: str):
     return recipes.resolve_data_path(key, value, recipe_info, cwd=cwd)
 
 
-def _fields(rows: list[dict]) -> list[str]:
-    seen: dict[str, None] = {}
-    for r in rows[:1000]:
-        for k in r:
-            seen.setdefault(str(k), None)
-    return list(seen)
-
-
-def _prompt_fields(t: dict) -> list[str]:
-    out: list[str] = []
-    for part in ("prompt", "system"):
-        if t.get(part) is not None:
-            out += [f for f in placeholders(t[part], key=f"template.{part}") if f not in out]
-    return out
 
 
 def _prompt_signature(row: dict, t: dict) -> tuple:
@@ -198,7 +205,7 @@ def _prompt_signature(row: dict, t: dict) -> tuple:
         from compiler.conversations import last_exchange
 
         return (json.dumps(last_exchange(row[t["messages"]])[0], sort_keys=True),)
-    return tuple(str(row.get(f)) for f in _prompt_fields(t))
+    return tuple(str(row.get(f)) for f in prompt_fields(t))
 
 
 def _reasons(dropped: dict) -> str:
@@ -278,12 +285,17 @@ def _tokenise(config: dict, tables: _Tables, model: ModelSection, warnings: list
                    "supervised": {}, "per_split": {}, "n_labels": 0, "answers": [], "examples": [],
                    "truncated_fields": {}}
     examples = None
+    preference = None
+    if config["objective"]["kind"] != "sft":
+        preference = {"prompt_field": d["fields"]["prompt"], "seed": config["schedule"]["seed"],
+                      "objective": config["objective"]["kind"]}
     if any(tables.splits.values()):
         stats = build_examples(
             tables.splits, template=t, tokenizer_dir=model.dir,
             chat_template=model.chat_template if t["chat"] else None, eos_token=model.eos_token,
             bos_token=model.bos_token, max_length=d["max_length"], overlength=d["overlength"],
             truncate_fields=d["truncate_fields"], cache_dir=tune_home() / "cache" / "examples",
+            preference=preference,
             key_material={"sha256": sha, "max_rows": d["max_rows"],
                           "val_fraction": d["val_fraction"], "seed": config["schedule"]["seed"],
                           "dedupe": d["dedupe"], "tokenizer_hash": model.tokenizer_hash,
@@ -301,7 +313,10 @@ def _tokenise(config: dict, tables: _Tables, model: ModelSection, warnings: list
         supervised=dict(stats["supervised"]), per_split=dict(stats["per_split"]),
         n_labels=stats["n_labels"], turns_dropped=stats.get("turns_dropped", 0),
         normalize=d["normalize"], whitespace=d["whitespace"], control_tokens=d["control_tokens"],
-        **_label_set(d["task"], stats, examples.references if examples else [], warnings))
+        unit=2 if preference else 1,
+        pairs={k: stats[k] for k in ("units", "pair_tokens", "labels") if k in stats},
+        **(_label_set("generation", stats, [], warnings) if preference else
+           _label_set(d["task"], stats, examples.references if examples else [], warnings)))
     return section, examples
 
 
@@ -377,9 +392,12 @@ def _template_section(t: dict, model: ModelSection, data: DataSection) -> Templa
                            examples=tuple(examples), messages=t["messages"])
 
 
-def _eval_section(ev: dict, data: DataSection) -> EvalSection:
+def _eval_section(ev: dict, data: DataSection, objective: ObjectiveSection) -> EvalSection:
     """eval.mode resolved: auto is constrained decoding for classification, else free generation;
-    constrained and choices need the closed label set of a classification task."""
+    constrained and choices need the closed label set of a classification task. A preference
+    objective scores held-out pairs (mode and metric preference / preference_accuracy)."""
+    if objective.preference:
+        return EvalSection(**{**ev, "mode": "preference", "metric": "preference_accuracy"})
     mode = ev["mode"]
     if mode == "auto":
         mode = "constrained" if data.task == "classification" else "generate"
@@ -402,6 +420,68 @@ def _check_row_count(data: DataSection, s: dict, warnings: list) -> None:
     if n_train < FEW_ROWS:
         warnings.append(f"only {n_train} usable training rows (fewer than {FEW_ROWS}): expect a "
                         "noisy adapter; a few hundred or more rows are usual.")
+
+
+# ------------------------------------------------------------------------------ objective
+
+def _objective_section(config: dict, model: ModelSection, adapter: AdapterSection, *,
+                       need_train: bool) -> ObjectiveSection:
+    """objective.* resolved: the loss and its settings, and what the reference model is — the base
+    (the adapter switched off: fresh LoRA factors compute the base exactly), the model init.run
+    trained (training starts from it), or none (orpo, simpo)."""
+    o, init = config["objective"], config["init"]["run"]
+    kind = o["kind"]
+    reference = "base" if kind in ("dpo", "ipo", "kto") else "none"
+    run, sha = None, None
+    if init is not None:
+        run, sha = _init_run(init, model, adapter, need_train=need_train)
+        if run is not None and reference == "base":
+            reference = "init"
+    return ObjectiveSection(kind=kind, beta=o["beta"], label_smoothing=o["label_smoothing"],
+                            gamma=o["gamma"], orpo_lambda=o["orpo_lambda"],
+                            desirable_weight=o["desirable_weight"],
+                            undesirable_weight=o["undesirable_weight"], reference=reference,
+                            init_run=run, init_sha256=sha)
+
+
+ADAPTER_SHAPE = ("kind", "rank", "alpha", "targets", "rslora", "train_modules", "quantize")
+
+
+def _init_run(value: str, model: ModelSection, adapter: AdapterSection, *, need_train: bool
+              ) -> tuple[str | None, str | None]:
+    """(the run directory, its adapter weights' sha256) that init.run names, checked: a finished
+    run of this base model with this plan's adapter shape. Outside training a missing run is not
+    an error (the plan only scores): (None, None)."""
+    from core.plan import Plan
+
+    rd = Path(value).expanduser().resolve()
+    weights = rd / "adapter" / "adapter_model.safetensors"
+    if not (rd / "plan.json").is_file() or not weights.is_file():
+        if not need_train:
+            return None, None
+        raise PlanError("init.run", f"{rd} is not a finished run: it has no "
+                        + ("plan.json" if not (rd / "plan.json").is_file() else
+                           "adapter/adapter_model.safetensors") + ".",
+                        hint="name the hydra.run.dir of a finished `tune` run (its adapter is where "
+                             "this run starts).")
+    start = Plan.load(rd / "plan.json")
+    if start.model.config_hash != model.config_hash:
+        raise PlanError("init.run", f"{rd} trained an adapter for {start.model.name}, not for "
+                        f"{model.name}.", hint="use the same base model (model.path) as that run.")
+    differ = [(k, getattr(start.adapter, k), getattr(adapter, k)) for k in ADAPTER_SHAPE
+              if getattr(start.adapter, k) != getattr(adapter, k)]
+    if differ:
+        listing = "; ".join(f"adapter.{k}: {_plain(a)} there, {_plain(b)} here" for k, a, b in differ)
+        raise PlanError("init.run", f"{rd}'s adapter has another shape than this plan's ({listing}).",
+                        hint="set " + " ".join(f"adapter.{k}={_plain(a)}" for k, a, _ in differ)
+                             + " (the adapter training starts from).")
+    return str(rd), sha256_file(weights)
+
+
+def _plain(v) -> str:
+    if isinstance(v, (tuple, list)):
+        return "[" + ",".join(map(str, v)) + "]"
+    return str(v).lower() if isinstance(v, bool) else str(v)
 
 
 # ------------------------------------------------------------------------------ adapter
@@ -466,11 +546,17 @@ def _devices() -> Devices:
                    processes=processes()[0])
 
 
-def _row_length(rt: dict, max_length: int) -> int:
-    """Tokens per training row: runtime.row_length, or data.max_length when it is null."""
+def _row_length(rt: dict, max_length: int, *, units: bool = False) -> int:
+    """Tokens per training row: runtime.row_length, or data.max_length when it is null (twice it for
+    preference data, whose pairs — each side up to max_length — share a row)."""
     row = rt.get("row_length")
     if row is None:
-        return max_length
+        return 2 * max_length if units else max_length
+    if units and row < 2 * max_length:
+        raise PlanError("runtime.row_length", f"{row} tokens per row cannot hold a preference pair "
+                        f"(chosen and rejected side by side, each up to data.max_length="
+                        f"{max_length} tokens).",
+                        hint=f"use runtime.row_length={2 * max_length} or more, or null.")
     if row < max_length:
         raise PlanError("runtime.row_length", f"{row} tokens per row cannot hold an example of "
                         f"data.max_length={max_length} tokens.",
@@ -485,15 +571,17 @@ def _row_length(rt: dict, max_length: int) -> int:
 
 
 def _runtime_section(rt: dict, devices: Devices, model: ModelSection, s: dict, row_length: int,
-                     examples) -> RuntimeSection:
+                     examples, *, segments: bool = False) -> RuntimeSection:
+    """segments: every row holds several examples even unpacked (preference pairs), so attention
+    always keeps them apart by their segment ids."""
     dtype = _dtype(rt["dtype"], devices)
     mesh = _mesh(rt["mesh"], devices, model, s["batch_size"])
     return RuntimeSection(
         dtype=dtype, param_dtype=dtype if rt["param_dtype"] == "auto" else rt["param_dtype"],
         matmul_dtype=_matmul_dtype(rt["matmul_dtype"], devices, dtype),
         mesh=mesh, devices=devices, remat=rt["remat"], pack=rt["pack"], ce_chunk=rt["ce_chunk"],
-        attention=_attention(rt["attention"], devices, dtype, rt["pack"], row_length=row_length,
-                             model=model, mesh=mesh),
+        attention=_attention(rt["attention"], devices, dtype, rt["pack"] or segments,
+                             row_length=row_length, model=model, mesh=mesh),
         attention_block=rt["attention_block"],
         loss_tokens=_loss_tokens(examples, s["batch_size"], row_length, rt["pack"]),
         log_every=rt["log_every"], checkpoint_every=rt["checkpoint_every"],
@@ -530,8 +618,8 @@ def _loss_tokens(examples, batch_size: int, row_length: int, pack: bool) -> int:
         return batch_size * row_length
     lengths, supervised = [], []
     for split in ("train", "val"):
-        lengths.append(examples.lengths(split))
-        supervised.append(examples.supervised_counts(split))
+        lengths.append(examples.unit_lengths(split))
+        supervised.append(examples.unit_supervised(split))
     return packing.supervised_capacity(np.concatenate(lengths), np.concatenate(supervised),
                                        row_length, batch_size, pack=pack)
 
@@ -666,7 +754,7 @@ def _schedule_warnings(s: ScheduleSection, est: Estimates) -> list[str]:
 
 def _estimates(model: ModelSection, adapter: AdapterSection, schedule: ScheduleSection,
                rt: RuntimeSection, data: DataSection, ev: EvalSection, warnings: list, *,
-               need_train: bool) -> Estimates:
+               need_train: bool, objective: ObjectiveSection) -> Estimates:
     c, mesh = model.config, rt.mesh
     memory = estimates.memory_per_device(
         params=model.params, trainable=adapter.trainable_params, layers=c.num_layers,
@@ -690,6 +778,8 @@ def _estimates(model: ModelSection, adapter: AdapterSection, schedule: ScheduleS
                                attention_scores=c.num_layers * schedule.global_batch * c.num_heads
                                * packing.scores(schedule.seq_len, rt.attention_block),
                                head_dim=c.head_dim)
+    if step is not None and objective.reference != "none":
+        step *= REFERENCE_COST      # the reference model's forward pass in every step
     share = None
     available, need = rt.devices.memory, memory["total"]
     if need_train and available:

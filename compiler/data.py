@@ -73,6 +73,15 @@ def read_table(path: str | Path, *, key: str, fmt: str = "auto",
     return rows
 
 
+def table_fields(rows: list[dict]) -> list[str]:
+    """The fields of a table, in order of first appearance (over its first 1,000 rows)."""
+    seen: dict[str, None] = {}
+    for r in rows[:1000]:
+        for k in r:
+            seen.setdefault(str(k), None)
+    return list(seen)
+
+
 def check_file(path: Path, key: str, max_mb: float) -> None:
     """A regular file of a size worth reading, or a PlanError that says what the path is."""
     import stat

@@ -41,6 +41,7 @@ from core.token_cache import remember, to_examples
 from core.templates import CLOSE, OPEN, mark_example, placeholders, render, to_prompt_completion
 from core.tokenizer import (TOKENIZER_FILE, encode_texts, escape_controls, load_tokenizer,
                                 special_prefix_ids, special_token, unescape)
+from core.tokenizer import encode_unique as _encode_unique
 
 CACHE_VERSION = 4
 # test_plain: the test rows without retrieved passages (compiler/retrieval.py), scored beside them
@@ -56,7 +57,8 @@ LARGE_SPLITS = 20_000  # rows from which tokenising says that it is (seconds, on
 def build_examples(splits: dict[str, list[dict]], *, template: dict, tokenizer_dir: str,
                    chat_template: str | None, eos_token: str, max_length: int, overlength: str,
                    cache_dir: Path, key_material: dict, bos_token: str | None = None,
-                   truncate_fields: list[str] | None = None) -> dict:
+                   truncate_fields: list[str] | None = None, preference: dict | None = None
+                   ) -> dict:
     """Tokenise the rows of each split (train, val, test; missing = empty) and write the cache, or
     load it when the same inputs were built before. Returns the data stats for the plan, with the
     cache's path (`cache`) and content key (`key`); `load_examples(stats["cache"])` then costs no
@@ -67,6 +69,8 @@ def build_examples(splits: dict[str, list[dict]], *, template: dict, tokenizer_d
         bos_token = special_token(tokenizer_dir, "bos_token")
     splits = {name: list(splits.get(name) or []) for name in SPLITS}
     tmpl = {k: template.get(k) for k in ("prompt", "response", "system", "chat", "messages")}
+    if preference is not None:
+        tmpl["preference"] = dict(preference)
     conversation = tmpl["messages"] is not None
     if conversation and truncate_fields:
         raise PlanError("data.truncate_fields", "does not apply to conversations "
@@ -91,7 +95,13 @@ def build_examples(splits: dict[str, list[dict]], *, template: dict, tokenizer_d
     started = time.perf_counter()
     if rows >= LARGE_SPLITS:
         note(f"tokenising {rows:,} rows (once: the token cache keeps them) ...")
-    if conversation:
+    if preference is not None:
+        from compiler.preference import tokenise_splits
+
+        out = tokenise_splits(splits, tmpl, tokenizer, prompt_field=preference["prompt_field"],
+                              seed=preference["seed"], max_length=max_length,
+                              overlength=overlength, chat=chat, **chat_args)
+    elif conversation:
         out = _conversation_splits(splits, tmpl, tokenizer, max_length=max_length,
                                    overlength=overlength, **chat_args)
     else:
@@ -101,8 +111,16 @@ def build_examples(splits: dict[str, list[dict]], *, template: dict, tokenizer_d
     for name in SPLITS:
         arrays.update(_pack_arrays(name, out[name]["seqs"], out[name]["plens"],
                                    out[name].get("masks")))
+        if "unit_labels" in out[name]:
+            arrays[f"{name}_unit_labels"] = np.asarray(out[name]["unit_labels"], dtype=np.int32)
     stats = _stats(out, tokenizer, max_length=max_length, overlength=overlength)
     labels = stats.pop("_labels")
+    if preference is not None:      # pairs: no label set; sizes count units (pairs, KTO rows)
+        from compiler.preference import pair_stats
+
+        stats.update(pair_stats(out), answers=[], n_labels=0)
+        stats["sizes"] = dict(stats["units"])
+        labels = []
     if rows >= LARGE_SPLITS:
         note(f"tokenised in {time.perf_counter() - started:.1f} s")
     meta = {"version": CACHE_VERSION, "key": key, "stats": stats,
@@ -459,14 +477,6 @@ def truncate(p_ids: list[int], s_ids: list[int], max_length: int) -> tuple[list[
     return p_ids[len(p_ids) - keep:], s_ids[:max_length - keep]
 
 
-def _encode_unique(tokenizer, texts: list[str]) -> list[list[int]]:
-    index: dict[str, int] = {}
-    for t in texts:
-        index.setdefault(t, len(index))
-    ids = encode_texts(tokenizer, list(index))
-    return [ids[index[t]] for t in texts]
-
-
 def _percentiles(lengths: np.ndarray) -> dict:
     if not len(lengths):
         return {"p50": 0, "p95": 0, "max": 0}
@@ -480,6 +490,8 @@ def _cache_key(splits: dict, *, tmpl: dict, chat_template, tokenizer_hash: str, 
     # changes them — the file, max_rows, dedupe, the split seed — changes the key even if
     # key_material forgets it.
     used = [tmpl["messages"]] if tmpl.get("messages") is not None else []
+    if tmpl.get("preference") is not None:
+        used += ["prompt", "chosen", "rejected", "completion", "label"]
     for part in ("prompt", "response", "system"):
         if tmpl.get(part) is not None:
             used += [f for f in placeholders(tmpl[part], key=f"template.{part}") if f not in used]

@@ -18,6 +18,7 @@ from typing import Any
 from core.architecture import MODULE_NAMES
 from core.errors import PlanError, did_you_mean
 
+OBJECTIVES = ("sft", "dpo", "ipo", "orpo", "simpo", "kto")
 LR_USUAL = (1e-6, 1e-2)           # outside: a warning
 LR_HINT = "for AdamW-based LoRA the usual range is about 1e-5 to 5e-4"
 
@@ -133,6 +134,34 @@ KEYS: tuple[Key, ...] = (
     _k("adapter.train_modules", "modules", [], "existing modules trained in full beside the "
        "adapter (embed_tokens, lm_head, norm, input_layernorm, post_attention_layernorm, a linear "
        "layer that is not a target); exported as PEFT modules_to_save"),
+    # objective
+    _k("objective.kind", "choice", "sft", "what training minimises: sft (cross-entropy on the "
+       "answers) or a preference loss over chosen/rejected pairs: dpo, ipo, orpo, simpo; kto also "
+       "takes unpaired completions with a boolean label", choices=OBJECTIVES),
+    _k("objective.beta", "number", 0.1, "dpo/ipo/kto: how far the tuned model may move from the "
+       "reference (higher = closer); simpo: the reward scale", low=0.0, low_open=True, high=100.0,
+       hint="0.1 is usual for dpo and kto, 2.0 for simpo."),
+    _k("objective.label_smoothing", "number", 0.0, "dpo: the share of pairs assumed to be "
+       "mislabelled (conservative DPO); simpo too", low=0.0, high=0.5, high_open=True),
+    _k("objective.gamma", "number", 0.5, "simpo: the target margin between the chosen and rejected "
+       "rewards", low=0.0, high=100.0),
+    _k("objective.orpo_lambda", "number", 0.1, "orpo: the weight of the odds-ratio term beside the "
+       "cross-entropy on the chosen reply", low=0.0, low_open=True, high=100.0),
+    _k("objective.desirable_weight", "number", 1.0, "kto: the weight of desirable (label true) "
+       "examples", low=0.0, low_open=True, high=100.0),
+    _k("objective.undesirable_weight", "number", 1.0, "kto: the weight of undesirable (label "
+       "false) examples", low=0.0, low_open=True, high=100.0),
+    _k("data.fields.prompt", "str", "prompt", "preference data: the field holding the prompt (text, "
+       "or OpenAI-style messages)"),
+    _k("data.fields.chosen", "str", "chosen", "preference data: the preferred reply's field (text, "
+       "or a final assistant message)"),
+    _k("data.fields.rejected", "str", "rejected", "preference data: the rejected reply's field"),
+    _k("data.fields.completion", "str", "completion", "kto's unpaired data: the completion's field"),
+    _k("data.fields.label", "str", "label", "kto's unpaired data: the field saying whether the "
+       "completion is desirable (a boolean)"),
+    _k("init.run", "str", None, "a finished run directory whose adapter this run starts from (SFT, "
+       "then a preference objective: the reference is then that model); null = a fresh adapter",
+       nullable=True),
     # schedule
     _k("schedule.lr", "number", 2e-4, "peak learning rate (AdamW)", low=0.0, low_open=True,
        high=1.0, high_open=True, hint=LR_HINT + "."),
@@ -244,8 +273,8 @@ KEYS: tuple[Key, ...] = (
 )
 
 BY_PATH = {k.path: k for k in KEYS}
-GROUPS = ("model", "data", "template", "adapter", "schedule", "runtime", "eval", "sweep",
-          "lr_find", "retrieval", "serve", "tracking")
+GROUPS = ("model", "data", "template", "adapter", "objective", "schedule", "runtime", "eval",
+          "sweep", "lr_find", "retrieval", "serve", "tracking", "init")
 TRACKERS = ("tensorboard", "mlflow", "wandb")
 SECTIONS = {p.rsplit(".", 1)[0] for p in BY_PATH if "." in p} | set(GROUPS)
 # The option of each group the primary config (conf/config.yaml) picks: the schema's defaults.

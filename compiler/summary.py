@@ -24,7 +24,7 @@ def print_plan(plan, *, run_dir=None, elapsed: float | None = None, console: Con
 
 def render(plan, *, run_dir=None, elapsed: float | None = None) -> list:
     parts = [_header(plan, run_dir, elapsed), _model(plan), _data(plan), _template(plan),
-             _retrieval(plan), _adapter(plan), _schedule(plan), _resources(plan)]
+             _retrieval(plan), _adapter(plan), _objective(plan), _schedule(plan), _resources(plan)]
     if plan.warnings:
         parts.append(_warnings(plan))
     return [p for p in parts if p is not None]
@@ -128,19 +128,26 @@ def _data(plan) -> Panel:
     tr, te = d.train, d.test
     if not tr and not te:
         return _panel("data", Text("no data (generation only)", style="dim"))
+    pref = d.unit > 1
     t = Table(box=box.SIMPLE_HEAD, pad_edge=False, show_edge=False)
     t.add_column("split", style="bold")
-    for col in ("rows read", "kept", "missing field", "empty field", "duplicate", "examples"):
+    cols = (("read", "kept", "missing", "empty", "identical", "duplicate", "units") if pref else
+            ("rows read", "kept", "missing field", "empty field", "duplicate", "examples"))
+    for col in cols:
         t.add_column(col, justify="right")
     if tr:
         dr = tr.dropped
+        same = (_n(dr.get("identical", 0)),) if pref else ()
         t.add_row("train", _n(tr.read), _n(tr.kept), _n(dr.get("missing_field", 0)),
-                  _n(dr.get("empty_field", 0)), _n(dr.get("duplicate", 0)), _n(d.sizes.get("train")))
-        t.add_row("val", "", _n(tr.val), "", "", "", _n(d.sizes.get("val")))
+                  _n(dr.get("empty_field", 0)), *same, _n(dr.get("duplicate", 0)),
+                  _n(d.sizes.get("train")))
+        t.add_row("val", "", _n(tr.val), "", "", *(("",) if pref else ()), "",
+                  _n(d.sizes.get("val")))
     if te:
         dr = te.dropped
+        same = (_n(dr.get("identical", 0)),) if pref else ()
         t.add_row("test", _n(te.read), _n(te.kept), _n(dr.get("missing_field", 0)),
-                  _n(dr.get("empty_field", 0)), "–", _n(d.sizes.get("test")))
+                  _n(dr.get("empty_field", 0)), *same, "–", _n(d.sizes.get("test")))
     tok, sup = d.tokens, d.supervised
     extra = [
         ("train file", tr.file if tr else None),
@@ -162,10 +169,56 @@ def _data(plan) -> Panel:
         ("clean text", _cleaning(d)),
         ("supervised", f"min {_n(sup.get('min'))} · mean {_n(sup.get('mean'))} tokens per example · "
                        f"{_n(d.no_supervised)} examples without any" if sup else None),
-        ("task", _task(d) if tok else None),
+        ("task", _task(d) if tok and not pref else None),
+        ("pairs", _pairs(d) if pref and tok else None),
         ("token cache", d.cache),
     ]
     return _panel("data", Group(t, _kv(extra)))
+
+
+def _pairs(d) -> str:
+    p = d.pairs
+    tokens = p.get("pair_tokens") or {}
+    labels = (p.get("labels") or {}).get("train")
+    return ("units: " + " · ".join(f"{name} {_n(n)}" for name, n in (p.get("units") or {}).items())
+            + (f" · tokens per unit (both sides) mean {tokens.get('mean')} · p95 "
+               f"{_n(tokens.get('p95'))} · max {_n(tokens.get('max'))}" if tokens else "")
+            + (f" · KTO rows: {_n(labels['desirable'])} desirable, {_n(labels['undesirable'])} "
+               "undesirable" if labels else "")
+            + " · over length: the prompt is cut, never a reply")
+
+
+OBJECTIVES = {"dpo": "DPO: −log σ(β·(chosen − rejected log-ratio against the reference))",
+              "ipo": "IPO: (per-token log-ratio margin − 1/(2β))²",
+              "orpo": "ORPO: cross-entropy on the chosen reply − λ·log σ(log odds ratio)",
+              "simpo": "SimPO: −log σ(β·(mean log p chosen − mean log p rejected) − γ)",
+              "kto": "KTO: 1 − σ(β·(log-ratio − KL)) for desirable, σ-mirrored for undesirable"}
+
+
+def _objective(plan) -> Panel | None:
+    o = plan.objective
+    if not o.preference and o.init_run is None:
+        return None
+    settings = {"dpo": f"β {o.beta:g}" + (f" · label smoothing {o.label_smoothing:g} (robust DPO)"
+                                           if o.label_smoothing else ""),
+                "ipo": f"β {o.beta:g}", "orpo": f"λ {o.orpo_lambda:g}",
+                "simpo": f"β {o.beta:g} · γ {o.gamma:g}"
+                         + (f" · label smoothing {o.label_smoothing:g}" if o.label_smoothing else ""),
+                "kto": f"β {o.beta:g} · desirable weight {o.desirable_weight:g} · undesirable "
+                       f"weight {o.undesirable_weight:g}"}.get(o.kind, "")
+    reference = {"base": "the base model (the adapter switched off: no second copy of the "
+                         "weights), its forward pass in every step",
+                 "init": f"the model of init.run ({o.init_run}), its forward pass in every step",
+                 "none": "none (reference-free)"}[o.reference]
+    return _panel("objective", _kv([
+        ("loss", OBJECTIVES.get(o.kind, "cross-entropy on the supervised tokens")),
+        ("settings", settings or None),
+        ("reference", reference if o.preference else None),
+        ("starts from", f"the adapter of {o.init_run}" if o.init_run else None),
+        ("evaluation", "preference accuracy on the test pairs: the share whose chosen reply the "
+                       "model scores above the rejected one, base and tuned" if o.preference
+         else None),
+    ]))
 
 
 def _cleaning(d) -> str | None:

@@ -122,6 +122,11 @@ class DataSection:
     normalize: str = "NFC"          # how the text was cleaned (compiler/data.TextPolicy): a prompt
     whitespace: str = "strip"       # at generation time is cleaned the same way
     control_tokens: str = "escape"
+    unit: int = 1                   # examples that share a row as one: 2 for preference data
+                                    # (chosen, rejected; KTO: completion, KL completion); sizes
+                                    # then count units (pairs, KTO rows)
+    pairs: dict = field(default_factory=dict)   # preference data: units per split, tokens per
+                                    # pair (mean, p95, max), KTO's desirable/undesirable rows
 
 
 @dataclass(frozen=True)
@@ -170,6 +175,27 @@ class AdapterSection:
     train_modules: tuple[str, ...] = ()     # existing modules trained in full
     full_params: dict[str, int] = field(default_factory=dict)  # their parameters (a tied pair once)
     quantized_params: int = 0       # base weights stored quantised
+
+
+@dataclass(frozen=True)
+class ObjectiveSection:
+    """objective.*: what the step minimises (runtime/preference.py). sft: cross-entropy on the
+    supervised tokens; dpo, ipo, orpo, simpo, kto: a preference loss over (chosen, rejected) pairs or,
+    for kto, labelled completions."""
+    kind: str = "sft"               # sft | dpo | ipo | orpo | simpo | kto
+    beta: float = 0.1               # dpo/ipo/kto: the KL strength; simpo: the reward scale
+    label_smoothing: float = 0.0    # dpo: the share of pairs assumed mislabelled (cDPO)
+    gamma: float = 0.5              # simpo: the target reward margin
+    orpo_lambda: float = 0.1        # orpo: the weight of the odds-ratio term
+    desirable_weight: float = 1.0   # kto: the weight of desirable / undesirable examples
+    undesirable_weight: float = 1.0
+    reference: str = "none"         # base (adapter switched off), init (init.run's model), none
+    init_run: str | None = None     # init.run: the finished run whose adapter training starts from
+    init_sha256: str | None = None  # its adapter weights' sha256
+
+    @property
+    def preference(self) -> bool:
+        return self.kind != "sft"
 
 
 @dataclass(frozen=True)
@@ -306,6 +332,7 @@ class Plan:
     warnings: tuple[str, ...] = field(default_factory=tuple)
     retrieval: RetrievalSection | None = None   # None: no retrieval
     tracking: TrackingSection | None = None     # None: metrics.jsonl only (a plan written before)
+    objective: ObjectiveSection = field(default_factory=ObjectiveSection)
 
     # -- JSON -----------------------------------------------------------------------------------
     def to_dict(self) -> dict:
@@ -382,12 +409,30 @@ _UNHASHED = (("hash",), ("estimates",), ("warnings",), ("recipe",), ("config", "
              ("data", "test", "file"), ("runtime", "devices", "kind"),
              ("retrieval", "corpus"), ("retrieval", "index"), ("config", "retrieval", "corpus"),
              ("runtime", "devices", "memory"), ("runtime", "devices", "peak_flops"),
-             ("runtime", "devices", "cores"))
+             ("runtime", "devices", "cores"), ("objective", "init_run"),
+             ("config", "init", "run"))
+
+
+def _drop_unused(doc: dict) -> None:
+    """Supervised plans hash as they did before preference objectives existed: the sections and
+    keys those added are left out where they hold their supervised defaults."""
+    if doc.get("objective") == to_jsonable(ObjectiveSection()):
+        doc.pop("objective")
+    data, config = doc.get("data") or {}, doc.get("config") or {}
+    if data.get("unit", 1) == 1 and not data.get("pairs"):
+        data.pop("unit", None)
+        data.pop("pairs", None)
+    if (config.get("objective") or {}).get("kind", "sft") == "sft":
+        config.pop("objective", None)
+        (config.get("data") or {}).pop("fields", None)
+    if (config.get("init") or {}).get("run") is None:
+        config.pop("init", None)
 
 
 def content_hash(plan: Plan) -> str:
     doc = plan.to_dict()
     doc["version"] = PLAN_VERSION
+    _drop_unused(doc)
     for path in _UNHASHED:
         node = doc
         for key in path[:-1]:

@@ -57,6 +57,15 @@ def _placeholders(fmt: str, key: str) -> tuple[str, ...]:
     return tuple(names)
 
 
+def prompt_fields(template: dict) -> list[str]:
+    """The fields template.prompt and template.system read, in order of first use."""
+    out: list[str] = []
+    for part in ("prompt", "system"):
+        if template.get(part) is not None:
+            out += [f for f in placeholders(template[part], key=f"template.{part}") if f not in out]
+    return out
+
+
 def check_fields(template: dict, fields: Iterable[str], *, file: str) -> list[str]:
     """Every placeholder of template.prompt/response/system must be a field of the data in `file`.
     Returns the fields the template uses, in order of first use."""

@@ -58,6 +58,30 @@ class Examples:
         plens = self.arrays.get(f"{name}_prompt_lens", np.zeros(len(lengths), dtype=np.int32))
         return np.maximum(lengths - np.maximum(plens.astype(np.int64), 1), 0)
 
+    @property
+    def unit(self) -> int:
+        """Examples that always share a row: 1, or 2 for preference data (chosen, rejected; KTO:
+        completion, KL completion), consecutive in every split."""
+        return int(self.stats.get("unit", 1))
+
+    def unit_labels(self, name: str) -> np.ndarray | None:
+        """KTO: per unit, 1 for a desirable completion, 0 for an undesirable one; else None."""
+        return self.arrays.get(f"{name}_unit_labels")
+
+    def unit_lengths(self, name: str) -> np.ndarray:
+        """Per unit, the token count of one example that takes as many row slots as the unit's
+        examples together (what the packing rule and the step count see)."""
+        lengths = self.lengths(name)
+        if self.unit == 1 or not len(lengths):
+            return lengths
+        return lengths.reshape(-1, self.unit).sum(axis=1) - (self.unit - 1)
+
+    def unit_supervised(self, name: str) -> np.ndarray:
+        counts = self.supervised_counts(name)
+        if self.unit == 1 or not len(counts):
+            return counts
+        return counts.reshape(-1, self.unit).sum(axis=1)
+
     def lengths(self, name: str) -> np.ndarray:
         offsets = self.arrays.get(f"{name}_offsets")
         return np.diff(offsets) if offsets is not None else np.zeros(0, dtype=np.int64)

@@ -153,3 +153,13 @@ def encode_prompt(tokenizer, prompt_part: str, *, chat: bool) -> np.ndarray:
     ids = encode_texts(tokenizer, [prompt_part])[0]
     prefix = [] if chat else special_prefix_ids(tokenizer)
     return np.asarray(prefix + list(ids), dtype=np.int32)
+
+
+def encode_unique(tokenizer, texts: list[str]) -> list[list[int]]:
+    """Token ids of each text, every distinct text encoded once (data repeats its prompts and
+    answers)."""
+    index: dict[str, int] = {}
+    for t in texts:
+        index.setdefault(t, len(index))
+    ids = encode_texts(tokenizer, list(index))
+    return [ids[index[t]] for t in texts]

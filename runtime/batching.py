@@ -63,18 +63,27 @@ class Batcher:
 
     def __init__(self, ids: Sequence[np.ndarray], prompt_lens: Sequence[int], shape: BatchShape, *,
                  pack: bool, seed: int, loss_tokens: int | None = None,
-                 masks: Sequence[np.ndarray] | None = None):
+                 masks: Sequence[np.ndarray] | None = None, unit: int = 1,
+                 labels: Sequence[int] | None = None):
+        """unit: examples that always share a row, side by side (2 for a preference pair: chosen,
+        rejected); rows are packed by unit. labels: one int per unit, written to every token of
+        the unit as the batch's `unit_label` (KTO's desirable/undesirable)."""
         self.ids = [np.asarray(x, dtype=np.int32) for x in ids]
         self.prompt_lens = [int(p) for p in prompt_lens]
         self.masks = None if masks is None else [np.asarray(m, dtype=bool) for m in masks]
         self.shape, self.pack, self.seed = shape, pack, int(seed)
         self.loss_tokens = loss_tokens      # supervised targets a micro-batch may hold (None: any)
-        self.lengths = np.array([example_slots(len(x)) for x in self.ids], dtype=np.int64)
+        self.unit = int(unit)
+        self.labels = None if labels is None else np.asarray(labels, dtype=np.int32)
+        if len(self.ids) % self.unit:
+            raise ValueError(f"{len(self.ids)} examples do not form units of {self.unit}")
+        slots = np.array([example_slots(len(x)) for x in self.ids], dtype=np.int64)
+        self.lengths = slots.reshape(-1, self.unit).sum(axis=1) if len(slots) else slots
         too_long = np.flatnonzero(self.lengths > shape.seq_len)
         if len(too_long):
             i = int(too_long[0])
-            raise ValueError(f"example {i} has {len(self.ids[i])} tokens; rows hold seq_len+1="
-                             f"{shape.seq_len + 1} (the compiler truncates to data.max_length)")
+            raise ValueError(f"example {i} takes {int(self.lengths[i])} row slots; rows hold "
+                             f"seq_len={shape.seq_len} (the compiler truncates to data.max_length)")
         self._rows_cache: dict[int, list[list[int]]] = {}
         self.rows_per_epoch = len(self.epoch_rows(0))
 
@@ -99,10 +108,19 @@ class Batcher:
         """Step `index` of `epoch`: int32 arrays [grad_accum, batch_size, seq_len]."""
         a, b, t = self.shape.grad_accum, self.shape.batch_size, self.shape.seq_len
         rows = self.epoch_rows(epoch)[index * a * b:(index + 1) * a * b]
-        out = {k: np.zeros((a * b, t), dtype=np.int32) for k in FIELDS}
+        fields = FIELDS + (("unit_label",) if self.labels is not None else ())
+        out = {k: np.zeros((a * b, t), dtype=np.int32) for k in fields}
+        u = self.unit
         for r, row in enumerate(rows):
+            members = [j for i in row for j in range(i * u, (i + 1) * u)]
             fill_row(out, r, [(self.ids[i], self.prompt_lens[i],
-                               None if self.masks is None else self.masks[i]) for i in row])
+                               None if self.masks is None else self.masks[i]) for i in members])
+            if self.labels is not None:
+                t0 = 0
+                for i in row:
+                    n = sum(len(self.ids[j]) - 1 for j in range(i * u, (i + 1) * u))
+                    out["unit_label"][r, t0:t0 + n] = self.labels[i]
+                    t0 += n
         batch = {k: v.reshape(a, b, t) for k, v in out.items()}
         if self.loss_tokens is not None:
             most = int(batch["loss_mask"].sum(axis=(1, 2)).max())

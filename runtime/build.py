@@ -67,9 +67,40 @@ def training_model(plan: Plan, mesh):
     model = load_pretrained(plan.model.dir, config=plan.model.config, lora=lora_config(plan),
                             compute=compute_spec(plan, training=True),
                             rngs=nnx.Rngs(plan.schedule.seed), place=place)
+    if plan.objective.init_run is not None:
+        _start_from(model, plan)
     graphdef, trained, frozen = split_model(model)
     trained = put_global(to_host(trained), state_shardings(mesh, trained, trained=True))
     return graphdef, trained, frozen
+
+
+def _start_from(model, plan: Plan) -> None:
+    """The adapter of init.run loaded into the model's trained state (where training starts), if it
+    is still the adapter the plan was compiled against."""
+    from pathlib import Path
+
+    from core.files import sha256_file
+    from runtime.peft import load_peft_adapter
+
+    adapter = Path(plan.objective.init_run) / "adapter"
+    weights = adapter / "adapter_model.safetensors"
+    if not weights.is_file() or sha256_file(weights) != plan.objective.init_sha256:
+        raise RuntimeError(f"init.run's adapter ({weights}) is gone or changed since the plan was "
+                           "compiled: recompile the plan with `tune plan`")
+    load_peft_adapter(model, adapter)
+
+
+def fixed_inputs(plan: Plan, frozen, trained):
+    """What the train step and the validation loss take besides the trained state: the frozen
+    weights, or for a preference objective (frozen weights, reference state) — the reference a
+    copy of the trained state as training starts (fresh LoRA factors compute the base model
+    exactly; with init.run, that run's adapter), None for objectives without one. A copy: the
+    trained state is donated to every step."""
+    if not plan.objective.preference:
+        return frozen
+    if plan.objective.reference == "none":
+        return frozen, None
+    return frozen, jax.tree.map(jnp.copy, trained)
 
 
 def scoring_model(plan: Plan, adapter_dir=None, *, adapter_weights: bool = True):
@@ -124,21 +155,43 @@ def place_optimizer(mesh, optimizer, trained):
     return put_global(host, state_sh), (trained_sh, state_sh)
 
 
+def objective(plan: Plan):
+    """The preference loss's settings (runtime/preference.Objective), or None for sft."""
+    from runtime.preference import Objective
+
+    return Objective.of(plan.objective) if plan.objective.preference else None
+
+
 def train_step(plan: Plan, graphdef, optimizer, lr_fn, mesh, shardings):
+    """step(trained, opt_state, fixed, batch, rng, step) → (trained, opt_state, metrics), jitted;
+    `fixed` as fixed_inputs gives it. Cross-entropy (runtime/train.py), or the plan's preference
+    loss (runtime/preference.py)."""
     from runtime.mesh import replicated
+    from runtime.preference import make_preference_step
     from runtime.train import make_train_step
 
     rt = plan.runtime
+    sharding = shardings + (replicated(mesh),)
+    if plan.objective.preference:
+        return make_preference_step(objective(plan), graphdef, optimizer, lr_fn,
+                                    ce_chunk=rt.ce_chunk, loss_tokens=rt.loss_tokens,
+                                    state_sharding=sharding)
     return make_train_step(graphdef, optimizer, lr_fn, ce_chunk=rt.ce_chunk,
                            dropout=plan.adapter.dropout > 0, loss_tokens=rt.loss_tokens,
-                           packed=rt.pack, state_sharding=shardings + (replicated(mesh),))
+                           packed=rt.pack, state_sharding=sharding)
 
 
 def eval_loss(plan: Plan, graphdef, mesh):
+    """eval_loss(trained, fixed, batch) → (loss sum, count): Σ token cross-entropy and supervised
+    tokens, or for a preference objective Σ unit losses and units."""
     from runtime.mesh import replicated
+    from runtime.preference import make_preference_eval
     from runtime.train import make_eval_loss
 
     rt = plan.runtime
+    if plan.objective.preference:
+        return make_preference_eval(objective(plan), graphdef, ce_chunk=rt.ce_chunk,
+                                    loss_tokens=rt.loss_tokens, state_sharding=replicated(mesh))
     return make_eval_loss(graphdef, ce_chunk=rt.ce_chunk, loss_tokens=rt.loss_tokens,
                           packed=rt.pack, state_sharding=replicated(mesh))
 
@@ -155,15 +208,17 @@ def batches(plan: Plan, examples=None):
     examples = examples if examples is not None else load_examples(plan.data.cache)
     shape = BatchShape(s.grad_accum, s.batch_size, s.seq_len)
     cap = plan.runtime.loss_tokens
+    unit = examples.unit
     batcher = Batcher(*examples.split("train"), shape, pack=pack, seed=s.seed, loss_tokens=cap,
-                      masks=examples.masks("train"))
+                      masks=examples.masks("train"), unit=unit, labels=examples.unit_labels("train"))
     if batcher.steps_per_epoch != s.steps_per_epoch or batcher.rows_per_epoch != s.rows_per_epoch:
         raise RuntimeError(f"the plan counts {s.steps_per_epoch} steps ({s.rows_per_epoch} rows) per "
                            f"epoch, its token data gives {batcher.steps_per_epoch} "
                            f"({batcher.rows_per_epoch} rows): recompile the plan with `tune plan`")
     val_ids, val_prompt_lens = examples.split("val")
     val = (Batcher(val_ids, val_prompt_lens, shape, pack=pack, seed=s.seed, loss_tokens=cap,
-                   masks=examples.masks("val")) if len(val_ids) else None)
+                   masks=examples.masks("val"), unit=unit, labels=examples.unit_labels("val"))
+           if len(val_ids) else None)
     return batcher, val
 
 

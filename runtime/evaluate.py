@@ -35,6 +35,7 @@ from core.plan import Plan
 from core.records import ENTRIES, NO_RETRIEVAL, EvalFile, EvalResult
 from core.tokenizer import load_tokenizer
 from runtime import metrics as M
+from runtime.metrics import sample_rows
 from runtime import build
 from runtime.decode import LabelTrie, choice_logprobs, classify, greedy_generate
 
@@ -62,14 +63,6 @@ class TestSet:
         return self.tokenizer.decode_batch(self.prompts, skip_special_tokens=True)
 
 
-def sample_rows(n: int, limit, seed: int) -> list[int]:
-    """Which of n test rows eval.limit scores: all of them, or `limit` drawn with the seed, in
-    order."""
-    if limit is None or int(limit) <= 0 or int(limit) >= n:
-        return list(range(n))
-    return sorted(np.random.default_rng(seed).permutation(n)[:int(limit)].tolist())
-
-
 def evaluate(plan: Plan, run_dir=None, adapter_dir=None, *, limit=None, model=None, tokenizer=None,
              which: str | None = None, write: bool | None = None, verbose: bool = True,
              retrieval: bool = True) -> dict:
@@ -84,6 +77,12 @@ def evaluate(plan: Plan, run_dir=None, adapter_dir=None, *, limit=None, model=No
     "<which>_no_retrieval")."""
     from runtime.progress import Progress, log
 
+    if plan.eval.mode == "preference":          # held-out pairs: base and tuned together
+        from runtime.preference_eval import evaluate_pairs
+
+        results = evaluate_pairs(plan, adapter_dir, limit=limit)
+        _keep(run_dir, results, write=write, verbose=verbose)
+        return results["tuned" if adapter_dir is not None else "base"]
     metric, mode, max_new = plan.eval.metric, plan.eval.mode, plan.eval.max_new_tokens
     limit = plan.eval.limit if limit is None else limit
     which = which or ("base" if adapter_dir is None else "tuned")
@@ -134,13 +133,18 @@ def evaluate(plan: Plan, run_dir=None, adapter_dir=None, *, limit=None, model=No
     })
     if free is not None:
         result["free_predictions"] = free
+    _keep(run_dir, result, write=write, verbose=verbose)
+    return result
+
+
+def _keep(run_dir, results: dict, *, write: bool | None, verbose: bool) -> None:
+    """Write results to run_dir/eval.json (write=None: when there is a run_dir) and print it."""
     if write is None:
         write = run_dir is not None
     if write:
-        write_eval(run_dir, result)
+        write_eval(run_dir, results)
         if verbose:
             print_results(EvalFile.read(run_dir))
-    return result
 
 
 def _predict(plan: Plan, model, tokenizer, test: TestSet, progress):
@@ -185,6 +189,9 @@ def evaluate_before_after(plan: Plan, run_dir, *, limit=None, verbose: bool = Tr
         log("no test examples (data.test_path not set): skipping the before/after evaluation")
         return None
     adapter_dir = Path(run_dir) / "adapter"
+    if plan.eval.mode == "preference":
+        evaluate(plan, run_dir, adapter_dir, limit=limit, verbose=verbose)
+        return EvalFile.read(run_dir)
     model = build.scoring_model(plan, adapter_dir, adapter_weights=False)
     tokenizer = load_tokenizer(plan.model.dir)
     # with retrieval: each model with and without the passages (fine-tuning vs RAG, and both)
@@ -270,6 +277,11 @@ def format_results(ev: EvalFile) -> str:
             support = max(pc.get(c, {}).get("support", 0) for _, pc in pcs)
             f1s = "  ".join(f"{pc[c]['f1']:8.3f}" if c in pc else f"{'—':>8}" for _, pc in pcs)
             lines.append(f"  {c[:width]:<{width}}  {support:7d}  {f1s}")
+    tuned = ev.entries.get("tuned")
+    if tuned is not None and tuned.get("reward_accuracy") is not None:
+        lines.append(f"  implicit reward (β·log-ratio to the reference): accuracy "
+                     f"{tuned.get('reward_accuracy'):.4f}, mean margin "
+                     f"{tuned.get('reward_margin'):+.4f}")
     if ev.four_way:
         lines.append("  with and without retrieval: " + ", ".join(
             f"{label} {value:.4f}" for label, value in ev.four_way.items()))

@@ -47,6 +47,7 @@ def lr_find(plan: Plan, run_dir, *, start_lr: float, end_lr: float, steps: int,
     optimizer, _ = build.optimizer(plan.schedule, lr_fn)
     opt_state, shardings = build.place_optimizer(mesh, optimizer, lora)
     step_fn = build.train_step(plan, graphdef, optimizer, lr_fn, mesh, shardings)
+    fixed = build.fixed_inputs(plan, frozen, lora)
     rng, positions = jax.random.PRNGKey(plan.schedule.seed), batcher.positions_from(0, 0)
     lrs, losses, smoothed, avg, stopped = [], [], [], 0.0, "reached lr_find.end_lr"
     t0 = time.perf_counter()
@@ -54,7 +55,7 @@ def lr_find(plan: Plan, run_dir, *, start_lr: float, end_lr: float, steps: int,
     with Progress(steps, description="lr-find", every=plan.runtime.progress_every) as bar:
         for k in range(steps):
             e, i = next(positions)
-            lora, opt_state, m = step_fn(lora, opt_state, frozen, put_batch(batcher.batch(e, i), mesh),
+            lora, opt_state, m = step_fn(lora, opt_state, fixed, put_batch(batcher.batch(e, i), mesh),
                                          rng, jnp.int32(k))
             loss, lr = float(m["loss"]), float(m["lr"])
             bar.update(k + 1, loss=loss)

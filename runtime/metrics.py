@@ -10,6 +10,8 @@ from __future__ import annotations
 
 from collections import Counter
 
+import numpy as np
+
 from core.labels import END_TOKENS, normalise  # noqa: F401 — what counts as the same label
 
 CLASSIFICATION = ("accuracy", "macro_f1")
@@ -185,3 +187,11 @@ def confusion(predictions, references, labels) -> dict:
     for p, r in _label_pairs(predictions, references):
         matrix[index.get(r, other)][index.get(p, other)] += 1
     return {"labels": keys, "matrix": matrix}
+
+
+def sample_rows(n: int, limit, seed: int) -> list[int]:
+    """Which of n test rows eval.limit scores: all of them, or `limit` drawn with the seed, in
+    order."""
+    if limit is None or int(limit) <= 0 or int(limit) >= n:
+        return list(range(n))
+    return sorted(np.random.default_rng(seed).permutation(n)[:int(limit)].tolist())

@@ -50,6 +50,8 @@ class Session:
     lora: object                    # trained parameters (LoRA, ...); updated every step
     opt_state: object
     frozen: object                  # the frozen weights (never donated)
+    fixed: object                   # what the step takes besides the trained state: the frozen
+                                    # weights, or (frozen, reference) for a preference objective
     rng: jax.Array
     batcher: Batcher
     val_batcher: Batcher | None
@@ -99,7 +101,8 @@ def setup(plan: Plan, run_dir: Path) -> Session:
     opt_state, shardings = build.place_optimizer(mesh, optimizer, lora)
     session = Session(
         plan=plan, run_dir=run_dir, mesh=mesh, graphdef=graphdef, lora=lora, opt_state=opt_state,
-        frozen=frozen, rng=jax.random.PRNGKey(plan.schedule.seed), batcher=batcher,
+        frozen=frozen, fixed=build.fixed_inputs(plan, frozen, lora),    # before any resume
+        rng=jax.random.PRNGKey(plan.schedule.seed), batcher=batcher,
         val_batcher=val_batcher,
         step_fn=build.train_step(plan, graphdef, optimizer, lr_fn, mesh, shardings),
         eval_fn=build.eval_loss(plan, graphdef, mesh), started=started, shardings=shardings)
@@ -156,7 +159,7 @@ def loop(s: Session, *, on_step=None) -> None:
                                    "grad_norm": m["grad_norm"], "tokens": m["n_tokens"],
                                    "tokens_seen": s.tokens_seen, "input_tokens": m["n_inputs"],
                                    "tokens_per_s": tps, "step_time_s": dt,
-                                   "elapsed_s": time.perf_counter() - s.started})
+                                   "elapsed_s": time.perf_counter() - s.started, **m["extra"]})
                 bar.update(s.step, loss=m["loss"], tokens_per_s=tps)
                 if s.plan.eval.every and s.step % s.plan.eval.every == 0 and s.step < total:
                     val = validate(s, metrics)
@@ -183,7 +186,7 @@ def _compile(s: Session, batch, metrics) -> object:
     """The step compiled ahead of time for this batch shape (so its time is known and logged)."""
     t0 = time.perf_counter()
     try:
-        compiled = s.step_fn.lower(s.lora, s.opt_state, s.frozen, batch, s.rng,
+        compiled = s.step_fn.lower(s.lora, s.opt_state, s.fixed, batch, s.rng,
                                    jnp.asarray(s.step, dtype=jnp.int32)).compile()
     except Exception:             # noqa: BLE001 — AOT is only for timing; jit works
         compiled = s.step_fn
@@ -194,7 +197,7 @@ def _compile(s: Session, batch, metrics) -> object:
 
 def _step(s: Session, compiled, batch, at: tuple[int, int]) -> dict:
     """One optimizer step; advances the session. Returns its metrics as Python numbers."""
-    s.lora, s.opt_state, m = compiled(s.lora, s.opt_state, s.frozen, batch, s.rng,
+    s.lora, s.opt_state, m = compiled(s.lora, s.opt_state, s.fixed, batch, s.rng,
                                       jnp.asarray(s.step, dtype=jnp.int32))
     m = jax.device_get(m)                  # waits for the step: its time is honest
     s.step += 1
@@ -202,17 +205,20 @@ def _step(s: Session, compiled, batch, at: tuple[int, int]) -> dict:
     s.position = (e, i + 1) if i + 1 < s.batcher.steps_per_epoch else (e + 1, 0)
     out = {"loss": float(m["loss"]), "lr": float(m["lr"]), "grad_norm": float(m["grad_norm"]),
            "n_tokens": int(m["n_tokens"]), "n_inputs": int(m["n_inputs"])}
+    # a preference objective's own metrics, under TRL's names (rewards/chosen, logps/rejected, ...)
+    out["extra"] = {k: float(v) for k, v in m.items() if k not in out and k != "n_units"}
     s.tokens_seen += out["n_tokens"]
     return out
 
 
 def validate(s: Session, metrics) -> float | None:
-    """Validation loss (Σ token CE / Σ supervised tokens over the val split); logged at s.step."""
+    """Validation loss (Σ token CE / Σ supervised tokens over the val split; for a preference
+    objective the mean loss of its pairs); logged at s.step."""
     if s.val_batcher is None:
         return None
     loss_sum, n = 0.0, 0.0
     for batch in s.val_batcher.epoch_batches(0):
-        l, c = s.eval_fn(s.lora, s.frozen, s.place(batch))
+        l, c = s.eval_fn(s.lora, s.fixed, s.place(batch))
         loss_sum += float(np.asarray(jax.device_get(l)))
         n += float(np.asarray(jax.device_get(c)))
     val = loss_sum / n if n else None
