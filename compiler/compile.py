@@ -301,7 +301,7 @@ def _tokenise(config: dict, tables: _Tables, model: ModelSection, warnings: list
                           "dedupe": d["dedupe"], "tokenizer_hash": model.tokenizer_hash,
                           "text": [d["normalize"], d["whitespace"], d["control_tokens"]]})
         examples = load_examples(stats["cache"])
-        warnings += _example_warnings(stats, d)
+        warnings += _pair_warnings(stats, d) if preference else _example_warnings(stats, d)
     section = DataSection(
         format=d["format"], max_rows=d["max_rows"], val_fraction=d["val_fraction"],
         max_length=d["max_length"], overlength=d["overlength"], dedupe=d["dedupe"],
@@ -352,6 +352,24 @@ def _label_set(task: str, stats: dict, references: list[str], warnings: list) ->
 
 def _listing(items: list[str], most: int = 10) -> str:
     return ", ".join(items[:most]) + (f" and {len(items) - most} more" if len(items) > most else "")
+
+
+def _pair_warnings(stats: dict, d: dict) -> list[str]:
+    """What over-length did to preference units: prompts cut (the replies stay whole), units
+    dropped (data.overlength=drop, or a reply that alone needs data.max_length tokens)."""
+    out = []
+    total = sum(int(v) for v in stats["sizes"].values()) + int(stats["dropped_too_long"]) + \
+        int(stats["no_supervised"])
+    if stats["truncated"]:
+        out.append(f"{stats['truncated']} of {total} pairs (KTO: rows) have a prompt and reply "
+                   f"longer than data.max_length={d['max_length']} tokens: their prompts were cut "
+                   "from the start, the replies kept whole.")
+    if stats["dropped_too_long"]:
+        why = ("data.overlength=drop" if d["overlength"] == "drop" else
+               "a reply alone needs data.max_length tokens or more")
+        out.append(f"{stats['dropped_too_long']} of {total} pairs (KTO: rows) were dropped as too "
+                   f"long ({why}); raise data.max_length to keep them.")
+    return out
 
 
 def _example_warnings(stats: dict, d: dict) -> list[str]:
@@ -449,32 +467,38 @@ ADAPTER_SHAPE = ("kind", "rank", "alpha", "targets", "rslora", "train_modules", 
 
 def _init_run(value: str, model: ModelSection, adapter: AdapterSection, *, need_train: bool
               ) -> tuple[str | None, str | None]:
-    """(the run directory, its adapter weights' sha256) that init.run names, checked: a finished
+    """(the run directory, its trained weights' sha256) that init.run names, checked: a finished
     run of this base model with this plan's adapter shape. Outside training a missing run is not
     an error (the plan only scores): (None, None)."""
     from core.plan import Plan
+    from core.records import trained_file
 
     rd = Path(value).expanduser().resolve()
-    weights = rd / "adapter" / "adapter_model.safetensors"
-    if not (rd / "plan.json").is_file() or not weights.is_file():
+    if not (rd / "plan.json").is_file():
         if not need_train:
             return None, None
-        raise PlanError("init.run", f"{rd} is not a finished run: it has no "
-                        + ("plan.json" if not (rd / "plan.json").is_file() else
-                           "adapter/adapter_model.safetensors") + ".",
+        raise PlanError("init.run", f"{rd} is not a run directory: it has no plan.json.",
                         hint="name the hydra.run.dir of a finished `tune` run (its adapter is where "
                              "this run starts).")
     start = Plan.load(rd / "plan.json")
     if start.model.config_hash != model.config_hash:
-        raise PlanError("init.run", f"{rd} trained an adapter for {start.model.name}, not for "
-                        f"{model.name}.", hint="use the same base model (model.path) as that run.")
-    differ = [(k, getattr(start.adapter, k), getattr(adapter, k)) for k in ADAPTER_SHAPE
+        raise PlanError("init.run", f"{rd} trained {start.model.name}, not {model.name}.",
+                        hint="use the same base model (model.path) as that run.")
+    keys = ("kind",) if "full" in (start.adapter.kind, adapter.kind) else ADAPTER_SHAPE
+    differ = [(k, getattr(start.adapter, k), getattr(adapter, k)) for k in keys
               if getattr(start.adapter, k) != getattr(adapter, k)]
     if differ:
         listing = "; ".join(f"adapter.{k}: {_plain(a)} there, {_plain(b)} here" for k, a, b in differ)
         raise PlanError("init.run", f"{rd}'s adapter has another shape than this plan's ({listing}).",
                         hint="set " + " ".join(f"adapter.{k}={_plain(a)}" for k, a, _ in differ)
                              + " (the adapter training starts from).")
+    weights = trained_file(rd, adapter.kind)
+    if not weights.is_file():
+        if not need_train:
+            return None, None
+        raise PlanError("init.run", f"{rd} has not finished training: it has no "
+                        f"{weights.relative_to(rd)}.",
+                        hint="let that run finish (run its command again to resume it) first.")
     return str(rd), sha256_file(weights)
 
 
@@ -487,6 +511,8 @@ def _plain(v) -> str:
 # ------------------------------------------------------------------------------ adapter
 
 def _adapter_section(a: dict, model: ModelSection) -> AdapterSection:
+    if a["kind"] == "full":
+        return _full_section(a, model)
     valid = list(model.module_names)
     if a["targets"] == "all-linear":
         targets = valid
@@ -516,6 +542,23 @@ def _adapter_section(a: dict, model: ModelSection) -> AdapterSection:
                           share=trainable / model.params if model.params else 0.0,
                           kind=a["kind"], quantize=a["quantize"], train_modules=tuple(full),
                           full_params=full_params, quantized_params=quantized)
+
+
+def _full_section(a: dict, model: ModelSection) -> AdapterSection:
+    """adapter.kind=full: every module trained in full (optimizer state for every weight), no LoRA
+    factors. Quantised base weights cannot be trained."""
+    if a["quantize"] != "none":
+        raise PlanError("adapter.quantize", f"is {a['quantize']}, but adapter.kind=full trains "
+                        "every weight: quantised weights cannot be trained.",
+                        hint="use adapter.quantize=none, or adapter.kind=lora for QLoRA.")
+    full = list(full_module_names(model.config))
+    full_params = full_module_params(model.config, full)
+    trainable = sum(full_params.values())
+    return AdapterSection(rank=a["rank"], alpha=a["alpha"], dropout=0.0, targets=(),
+                          rslora=a["rslora"], scale=0.0, trainable_params=trainable, per_target={},
+                          share=trainable / model.params if model.params else 0.0, kind="full",
+                          quantize="none", train_modules=tuple(full), full_params=full_params,
+                          quantized_params=0)
 
 
 def _train_modules(names: list[str], targets: list[str], model: ModelSection) -> list[str]:

@@ -126,8 +126,10 @@ KEYS: tuple[Key, ...] = (
        "alpha / rank (steadier as the rank grows)"),
     _k("adapter.targets", "targets", ["q_proj", "k_proj", "v_proj", "o_proj"],
        "module names to adapt, or all-linear"),
-    _k("adapter.kind", "choice", "lora", "lora, or dora (weight-decomposed LoRA: a trained "
-       "magnitude per output row on top of LoRA's direction)", choices=("lora", "dora")),
+    _k("adapter.kind", "choice", "lora", "lora, dora (weight-decomposed LoRA: a trained "
+       "magnitude per output row on top of LoRA's direction), or full (every weight trained, "
+       "no adapter: the run writes a whole model; rank, alpha, targets do not apply)",
+       choices=("lora", "dora", "full")),
     _k("adapter.quantize", "choice", "none", "store the frozen linear weights quantised: int8 (per "
        "output channel) or nf4 (4-bit NormalFloat, blocks of 64: QLoRA); the adapter stays float32",
        choices=("none", "int8", "nf4")),

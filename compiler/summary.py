@@ -307,6 +307,13 @@ def _retrieval(plan) -> Panel | None:
 
 def _adapter(plan) -> Panel:
     a = plan.adapter
+    if a.kind == "full":
+        return _panel("adapter", _kv([
+            ("full", "every weight trained (no adapter): the run writes model/, a transformers "
+                     "checkpoint; AdamW's state for every weight"),
+            ("trainable", f"{_n(a.trainable_params)} parameters ({100 * a.share:.2f}% of the "
+                          "model)"),
+        ]))
     kind = {"lora": "LoRA", "dora": "DoRA"}[a.kind]
     tied = plan.model.config.tie_word_embeddings and {"lm_head", "embed_tokens"} & set(a.train_modules)
     full = ", ".join(f"{m} ({_n(n)})" for m, n in a.full_params.items() if n) + \

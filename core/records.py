@@ -14,6 +14,22 @@ from pathlib import Path
 from core.files import write_json
 
 
+# ------------------------------------------------------------------------------ trained weights
+
+ADAPTER = ("adapter", "adapter_model.safetensors")     # a PEFT adapter (LoRA, DoRA)
+MODEL = ("model", "model.safetensors")                 # adapter.kind=full: a transformers checkpoint
+
+
+def trained_dir(run_dir, kind: str) -> Path:
+    """Where a run of adapter.kind `kind` keeps what it trained: adapter/, or model/ (full)."""
+    return Path(run_dir) / (MODEL if kind == "full" else ADAPTER)[0]
+
+
+def trained_file(run_dir, kind: str) -> Path:
+    """The weights file training writes last into trained_dir: its presence means it finished."""
+    return trained_dir(run_dir, kind) / (MODEL if kind == "full" else ADAPTER)[1]
+
+
 def _read(path: Path) -> dict | None:
     try:
         doc = json.loads(Path(path).read_text(encoding="utf-8"))

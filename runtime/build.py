@@ -16,12 +16,14 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Callable
+from pathlib import Path
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from core import records
 from core.plan import Plan, ScheduleSection
 from core.token_cache import load_examples
 
@@ -64,30 +66,43 @@ def training_model(plan: Plan, mesh):
                           dense=dense)
         return put_global(value, jax.sharding.NamedSharding(mesh, spec))
 
-    model = load_pretrained(plan.model.dir, config=plan.model.config, lora=lora_config(plan),
+    full_start = plan.adapter.kind == "full" and plan.objective.init_run is not None
+    model = load_pretrained(_start_from(plan) if full_start else plan.model.dir,
+                            config=plan.model.config, lora=lora_config(plan),
                             compute=compute_spec(plan, training=True),
                             rngs=nnx.Rngs(plan.schedule.seed), place=place)
-    if plan.objective.init_run is not None:
-        _start_from(model, plan)
+    if plan.objective.init_run is not None and not full_start:
+        from runtime.peft import load_peft_adapter
+
+        load_peft_adapter(model, _start_from(plan))
     graphdef, trained, frozen = split_model(model)
     trained = put_global(to_host(trained), state_shardings(mesh, trained, trained=True))
     return graphdef, trained, frozen
 
 
-def _start_from(model, plan: Plan) -> None:
-    """The adapter of init.run loaded into the model's trained state (where training starts), if it
-    is still the adapter the plan was compiled against."""
-    from pathlib import Path
+def trained_dir(plan: Plan, run_dir) -> Path:
+    """Where a run keeps what it trained: adapter/ (PEFT), or for adapter.kind=full model/ (a
+    transformers checkpoint)."""
+    return records.trained_dir(run_dir, plan.adapter.kind)
 
+
+def trained_weights(plan: Plan, run_dir) -> Path | None:
+    """trained_dir, once training has written its weights there; else None."""
+    return trained_dir(plan, run_dir) if records.trained_file(run_dir, plan.adapter.kind).is_file() \
+        else None
+
+
+def _start_from(plan: Plan) -> Path:
+    """init.run's trained weights (its adapter, or its whole model), where training starts, if they
+    are still those the plan was compiled against."""
     from core.files import sha256_file
-    from runtime.peft import load_peft_adapter
 
-    adapter = Path(plan.objective.init_run) / "adapter"
-    weights = adapter / "adapter_model.safetensors"
+    d = trained_dir(plan, plan.objective.init_run)
+    weights = records.trained_file(plan.objective.init_run, plan.adapter.kind)
     if not weights.is_file() or sha256_file(weights) != plan.objective.init_sha256:
-        raise RuntimeError(f"init.run's adapter ({weights}) is gone or changed since the plan was "
-                           "compiled: recompile the plan with `tune plan`")
-    load_peft_adapter(model, adapter)
+        raise RuntimeError(f"init.run's trained weights ({weights}) are gone or changed since the "
+                           "plan was compiled: recompile the plan with `tune plan`")
+    return d
 
 
 def fixed_inputs(plan: Plan, frozen, trained):
@@ -110,6 +125,10 @@ def scoring_model(plan: Plan, adapter_dir=None, *, adapter_weights: bool = True)
     from runtime.peft import load_peft_adapter, read_lora_config
     from runtime.weights import load_pretrained
 
+    if plan.adapter.kind == "full":     # a whole trained model (model/), or the base
+        source = adapter_dir if adapter_dir is not None and adapter_weights else plan.model.dir
+        return load_pretrained(source, config=plan.model.config,
+                               compute=compute_spec(plan, training=False), rngs=nnx.Rngs(0))
     lora = None if adapter_dir is None else read_lora_config(adapter_dir)
     if lora is not None and plan.adapter.quantize != "none":
         # the adapter was trained on the quantised base: score it on that base

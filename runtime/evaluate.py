@@ -176,7 +176,8 @@ def _predict(plan: Plan, model, tokenizer, test: TestSet, progress):
 
 
 def evaluate_before_after(plan: Plan, run_dir, *, limit=None, verbose: bool = True) -> dict | None:
-    """Score base and tuned (run_dir/adapter) on the same test rows; write run_dir/eval.json with both.
+    """Score base and tuned (run_dir/adapter, or run_dir/model after adapter.kind=full) on the same
+    test rows; write run_dir/eval.json with both.
     Returns the EvalFile, or None when the plan has no test examples.
 
     One model is loaded, built with the adapter's LoRA shape: its LoRA B factors start at zero, so
@@ -188,7 +189,7 @@ def evaluate_before_after(plan: Plan, run_dir, *, limit=None, verbose: bool = Tr
     if not plan.data.sizes.get("test"):
         log("no test examples (data.test_path not set): skipping the before/after evaluation")
         return None
-    adapter_dir = Path(run_dir) / "adapter"
+    adapter_dir = build.trained_dir(plan, run_dir)
     if plan.eval.mode == "preference":
         evaluate(plan, run_dir, adapter_dir, limit=limit, verbose=verbose)
         return EvalFile.read(run_dir)
@@ -201,7 +202,10 @@ def evaluate_before_after(plan: Plan, run_dir, *, limit=None, verbose: bool = Tr
         r = evaluate(plan, limit=limit, model=model, tokenizer=tokenizer, which="base",
                      write=False, retrieval=retrieval)
         results[r["model"]] = r
-    load_peft_adapter(model, adapter_dir)
+    if plan.adapter.kind == "full":         # a whole model: the tuned one is another model
+        model = build.scoring_model(plan, adapter_dir)
+    else:
+        load_peft_adapter(model, adapter_dir)
     for retrieval in ways:
         r = evaluate(plan, adapter_dir=adapter_dir, limit=limit, model=model, tokenizer=tokenizer,
                      which="tuned", write=False, retrieval=retrieval)

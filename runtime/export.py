@@ -42,7 +42,7 @@ def export_run(plan, run_dir, out, *, fmt: str, gguf_type: str) -> Path:
     import os
     import tempfile
 
-    from runtime.build import scoring_model
+    from runtime.build import scoring_model, trained_dir
     from runtime.gguf import write_gguf
 
     run_dir, out = Path(run_dir), Path(out)
@@ -50,9 +50,9 @@ def export_run(plan, run_dir, out, *, fmt: str, gguf_type: str) -> Path:
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
     try:
         if fmt == "peft":
-            shutil.copytree(run_dir / "adapter", tmp / "x")
+            shutil.copytree(trained_dir(plan, run_dir), tmp / "x")
         else:
-            model = scoring_model(plan, run_dir / "adapter")
+            model = scoring_model(plan, trained_dir(plan, run_dir))
             if fmt == "merged":
                 save_merged(model, tmp / "x", plan.model.dir)
             else:

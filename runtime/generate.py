@@ -109,10 +109,11 @@ def turn_sampling(sampling: Sampling, turn: int) -> Sampling:
 def _load_plan(run):
     if isinstance(run, Plan):                                    # the base model, no run dir
         return run, None
+    from runtime.build import trained_weights
+
     run_dir = Path(run)
     plan = Plan.load(run_dir / "plan.json")
-    adapter = run_dir / "adapter"
-    return plan, adapter if (adapter / "adapter_model.safetensors").is_file() else None
+    return plan, trained_weights(plan, run_dir)
 
 
 def generate(run_dir, prompt: str | None = None, *, max_new_tokens: int, raw: bool = False,

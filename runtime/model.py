@@ -55,7 +55,7 @@ ATTENTION = ("xla", "cudnn", "pallas")
 # The one trainable variable type. Flax ships it as a subclass of nnx.Param; it is re-exported here so
 # that the model, the trainer and the exporter all name the same class.
 LoRAParam = nnx.LoRAParam
-ADAPTER_KINDS = ("lora", "dora")
+ADAPTER_KINDS = ("lora", "dora", "full")    # full: no LoRA targets, every module in train_modules
 QUANTIZE = ("none",) + quant.FORMATS
 
 

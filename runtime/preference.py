@@ -19,7 +19,9 @@ reference log-probability sums πc, πr, ρc, ρr over the chosen and rejected t
          (−(1−ε)·logσ(β·Δ) + ε·logσ(−β·Δ)) / (1−2ε)
 - ipo:   (Δ̄ − 1/(2β))²,  Δ̄ = (πc−ρc)/nc − (πr−ρr)/nr
 - simpo: −(1−ε)·logσ(β·(πc/nc − πr/nr) − γ) − ε·logσ(−(…))
-- orpo:  CE on the chosen tokens (mean over them) − λ·logσ(log odds(πc/nc) − log odds(πr/nr))
+- orpo:  CE on the chosen reply's tokens (mean over them) − λ·logσ(log odds(πc/nc) − log odds(πr/nr));
+         as the ORPO paper's SFT term, on the reply only (TRL's ORPOTrainer also counts the prompt's
+         tokens in it: the tests compare the two where they agree)
 - kto:   w⁺·(1 − σ(β·((π−ρ) − z))) for a desirable completion, w⁻·(1 − σ(β·(z − (π−ρ)))) for an
          undesirable one; z = max(0, mean over the micro-batch of the mismatched pairs' π−ρ),
          without gradient (TRL estimates it per batch; here per micro-batch).
@@ -246,11 +248,15 @@ def micro_loss(obj: Objective, graphdef, trained, frozen, ref, mb, counts, *, ce
         return loss, sums
     losses, rew_c, rew_r = unit_losses(obj, pc, pr, nc, nr, rc, rr)
     loss = jnp.sum(jnp.where(on, losses, 0.0)) / units
+    # logps/*: what TRL logs, the log-probabilities the loss is made of — per-token means for simpo
+    # and orpo (CPOTrainer, ORPOTrainer), sums otherwise (DPOTrainer, ipo included)
+    lc, lr = ((pc / jnp.maximum(nc, 1.0), pr / jnp.maximum(nr, 1.0))
+              if obj.kind in ("simpo", "orpo") else (pc, pr))
     sums = {"rewards/chosen": jnp.sum(jnp.where(on, rew_c, 0.0)),
             "rewards/rejected": jnp.sum(jnp.where(on, rew_r, 0.0)),
             "rewards/accuracies": jnp.sum(jnp.where(on, (rew_c > rew_r).astype(jnp.float32), 0.0)),
-            "logps/chosen": jnp.sum(jnp.where(on, pc, 0.0)),
-            "logps/rejected": jnp.sum(jnp.where(on, pr, 0.0))}
+            "logps/chosen": jnp.sum(jnp.where(on, lc, 0.0)),
+            "logps/rejected": jnp.sum(jnp.where(on, lr, 0.0))}
     if obj.kind == "orpo":
         nll = -jnp.sum(jnp.where(on, pc, 0.0)) / jnp.maximum(counts["chosen_tokens"], 1.0)
         sums["nll_loss"] = nll * units

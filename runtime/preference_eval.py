@@ -115,9 +115,14 @@ def start_model(plan: Plan, adapter_dir):
     or init.run's adapter loaded."""
     from runtime.peft import load_peft_adapter
 
+    start = None
+    if plan.objective.init_run is not None and plan.objective.reference != "none":
+        start = build.trained_dir(plan, plan.objective.init_run)
+    if plan.adapter.kind == "full":
+        return build.scoring_model(plan, start)
     model = build.scoring_model(plan, adapter_dir, adapter_weights=False)
-    if plan.objective.init_run is not None and plan.objective.reference == "init":
-        load_peft_adapter(model, Path(plan.objective.init_run) / "adapter")
+    if start is not None:
+        load_peft_adapter(model, start)
     return model
 
 
@@ -146,7 +151,10 @@ def evaluate_pairs(plan: Plan, adapter_dir=None, *, limit=None, samples: int = S
                               seconds=time.perf_counter() - t0)}
     if adapter_dir is None:
         return results
-    load_peft_adapter(model, adapter_dir)
+    if plan.adapter.kind == "full":
+        model = build.scoring_model(plan, adapter_dir)
+    else:
+        load_peft_adapter(model, adapter_dir)
     t0 = time.perf_counter()
     tuned_scores = score(plan, model, pairs)
     tuned_text = greedy_generate(model, shown, max_new_tokens=plan.eval.max_new_tokens, **dec)

@@ -62,14 +62,16 @@ def _series(rows, key):
 
 # --- plots ------------------------------------------------------------------------------------
 
-def _figure(width=7.0, height=3.6):
+def _figure(width=7.0, height=3.6, rows: int = 1):
+    """(figure, axes): one plot, or `rows` of them sharing the x axis (a tuple of axes)."""
     fig = Figure(figsize=(width, height), dpi=110, layout="constrained")
     FigureCanvasAgg(fig)
-    ax = fig.add_subplot()
-    ax.grid(True, alpha=0.3)
-    for side in ("top", "right"):
-        ax.spines[side].set_visible(False)
-    return fig, ax
+    axes = fig.subplots(rows, 1, sharex=True, squeeze=False)[:, 0]
+    for ax in axes:
+        ax.grid(True, alpha=0.3)
+        for side in ("top", "right"):
+            ax.spines[side].set_visible(False)
+    return fig, (axes[0] if rows == 1 else tuple(axes))
 
 
 def _smooth(values):
@@ -88,7 +90,7 @@ def _png(fig) -> bytes:
     return buf.getvalue()
 
 
-def plot_loss(rows) -> bytes | None:
+def plot_loss(rows, ylabel: str = "cross-entropy (nats / token)") -> bytes | None:
     steps, loss = _series(rows, "loss")
     vsteps, vloss = _series(rows, "val_loss")
     if not steps and not vsteps:
@@ -104,9 +106,41 @@ def plot_loss(rows) -> bytes | None:
     if vsteps:
         ax.plot(vsteps, vloss, color=_ORANGE, linewidth=2, marker="o", label="validation loss")
     ax.set_xlabel("step")
-    ax.set_ylabel("cross-entropy (nats / token)")
+    ax.set_ylabel(ylabel)
     ax.set_title("Loss")
     ax.legend(frameon=False)
+    return _png(fig)
+
+
+def plot_rewards(rows) -> bytes | None:
+    """A preference objective's rewards per step (TRL's names): chosen, rejected and their margin,
+    and the share of pairs ranked right."""
+    steps, chosen = _series(rows, "rewards/chosen")
+    if not steps:
+        return None
+    _, rejected = _series(rows, "rewards/rejected")
+    fig, (ax, acc_ax) = _figure(7.0, 5.2, rows=2)
+    for values, color, label in ((chosen, _GREEN, "rewards/chosen"),
+                                 (rejected, _ORANGE, "rewards/rejected")):
+        if len(values) == len(steps):
+            smooth = _smooth(values) if len(values) >= 20 else values
+            if len(values) >= 20:
+                ax.plot(steps, values, color=color, alpha=0.25, linewidth=1)
+            ax.plot(steps, smooth, color=color, linewidth=2, label=label)
+    msteps, margins = _series(rows, "rewards/margins")
+    if msteps:
+        ax.plot(msteps, _smooth(margins) if len(margins) >= 20 else margins, color=_BLUE,
+                linewidth=2, label="rewards/margins")
+    ax.axhline(0, color=_GREY, linewidth=0.8)
+    ax.set_ylabel("reward")
+    ax.set_title("Rewards (β · log-ratio to the reference; smoothed)")
+    ax.legend(frameon=False)
+    asteps, acc = _series(rows, "rewards/accuracies")
+    if asteps:
+        acc_ax.plot(asteps, _smooth(acc) if len(acc) >= 20 else acc, color=_BLUE, linewidth=2)
+        acc_ax.set_ylim(-0.02, 1.02)
+    acc_ax.set_xlabel("step")
+    acc_ax.set_ylabel("rewards/accuracies")
     return _png(fig)
 
 
@@ -367,6 +401,7 @@ def _eval_section(ev: EvalFile | None) -> str:
         parts.append(f'<p class="muted">{_esc(" · ".join(how))}</p>')
 
     parts.append(_per_class_table(runs))
+    parts.append(_preference_table(runs))
 
     # where the tuned model (or the only one) goes wrong
     _, last = runs[-1]
@@ -381,6 +416,41 @@ def _eval_section(ev: EvalFile | None) -> str:
                      "<table class=\"grid wide\"><tr><th>prompt (tail)</th><th>reference</th>"
                      f"<th>prediction</th></tr>{rows}</table>")
     return "\n".join(parts)
+
+
+def _preference_table(runs) -> str:
+    """Held-out pairs: each model's mean margin and log-probabilities, the tuned model's implicit
+    reward against the reference, and a few prompts answered by both models side by side."""
+    if not runs or runs[-1][1].get("mode") != "preference":
+        return ""
+    keys = (("mean_margin", "mean margin (chosen − rejected score)"),
+            ("logps_chosen", "log p chosen (mean)"), ("logps_rejected", "log p rejected (mean)"),
+            ("reward_accuracy", "reward accuracy (β·log-ratio to the reference)"),
+            ("reward_margin", "reward margin"))
+    rows = ["<tr><th></th>" + "".join(f"<th>{_esc(n)}</th>" for n, _ in runs) + "</tr>"]
+    for key, label in keys:
+        values = [r.get(key) for _, r in runs]
+        if any(isinstance(v, (int, float)) for v in values):
+            rows.append(f"<tr><th>{_esc(label)}</th>" + "".join(
+                f"<td>{v:+.4f}</td>" if isinstance(v, (int, float)) else "<td>—</td>"
+                for v in values) + "</tr>")
+    score = runs[-1][1].get("score")
+    out = [f'<table class="grid">{"".join(rows)}</table>',
+           f'<p class="muted">a reply\'s score: its {_esc(score)} under the model; '
+           "accuracy: the share of pairs whose chosen reply scores higher</p>" if score else ""]
+    samples = runs[-1][1].get("samples") or []
+    if samples:
+        body = "".join(
+            f"<tr><td class=\"pre\">{_esc(_short(x.get('prompt', ''), 400))}</td>"
+            f"<td class=\"pre\">{_esc(_short(x.get('chosen', ''), 300))}</td>"
+            f"<td class=\"pre\">{_esc(_short(x.get('rejected', ''), 300))}</td>"
+            f"<td class=\"pre\">{_esc(_short(x.get('base', ''), 400))}</td>"
+            f"<td class=\"pre\">{_esc(_short(x.get('tuned', ''), 400))}</td></tr>"
+            for x in samples)
+        out.append("<h3>Answers side by side</h3><table class=\"grid wide\"><tr><th>prompt</th>"
+                   "<th>chosen</th><th>rejected</th><th>base</th><th>tuned</th></tr>"
+                   f"{body}</table>")
+    return "\n".join(out)
 
 
 _CSS = """
@@ -414,11 +484,13 @@ def write_report(run_dir) -> Path:
     if not isinstance(mean_tps, (int, float)):
         mean_tps = sum(steady) / len(steady) if steady else None
     plots = {
-        "loss": plot_loss(rows),
+        "loss": plot_loss(rows, *(() if plan is None or not plan.objective.preference else
+                                  (f"{plan.objective.kind.upper()} loss (mean per pair)",))),
         "lr": plot_lr(rows),
         "throughput": plot_throughput(rows, mean_tps),
         "per_class_f1": plot_per_class(ev) if ev is not None else None,
         "confusion": plot_confusion(ev) if ev is not None else None,
+        "rewards": plot_rewards(rows),
     }
     for name, png in plots.items():
         if png is not None:
@@ -443,6 +515,7 @@ def write_report(run_dir) -> Path:
 <p class="stats">{_training_facts(plan, rows) or '<span class="muted">no training steps logged</span>'}</p>
 {_img(plots['loss'], 'loss curve', 'no loss logged')}
 {'' if vlosses else '<p class="muted">validation loss: not evaluated</p>'}
+{_img(plots['rewards'], 'rewards', '') if plots['rewards'] else ''}
 {_img(plots['lr'], 'learning rate', 'no learning rate logged')}
 
 <h2>Throughput</h2>

@@ -250,15 +250,24 @@ def finish(s: Session) -> TrainSummary:
         metrics.close()
     trained = to_host(s.lora)           # every process: gathering split arrays is a collective
     if is_main_process():
-        save_peft_adapter(nnx.merge(s.graphdef, s.frozen, trained), s.run_dir / "adapter",
-                          base_model_name_or_path=s.plan.model.dir, lora=build.lora_config(s.plan))
+        model = nnx.merge(s.graphdef, s.frozen, trained)
+        if s.plan.adapter.kind == "full":   # every weight trained: a whole transformers checkpoint
+            from runtime.export import save_merged
+
+            save_merged(model, build.trained_dir(s.plan, s.run_dir), s.plan.model.dir)
+        else:
+            save_peft_adapter(model, build.trained_dir(s.plan, s.run_dir),
+                              base_model_name_or_path=s.plan.model.dir,
+                              lora=build.lora_config(s.plan))
     summary = _summary(s, rows, final_val)
     if is_main_process():
         summary.write(s.run_dir)
     first, final = summary.first_loss, summary.final_loss
     losses = f"loss {first:.4f} → {final:.4f}" if first is not None and final is not None else "no loss"
     val_text = f", val_loss {final_val:.4f}" if final_val is not None else ""
-    log(f"done: {s.step} steps, {losses}{val_text}; adapter in {s.run_dir / 'adapter'}")
+    log(f"done: {s.step} steps, {losses}{val_text}; "
+        f"{'model' if s.plan.adapter.kind == 'full' else 'adapter'} in "
+        f"{build.trained_dir(s.plan, s.run_dir)}")
     return summary
 
 

@@ -82,7 +82,7 @@ def load_runs(run_dirs) -> dict[str, Served]:
 
     from core.prompting import Prompter
     from core.tokenizer import load_tokenizer
-    from runtime.build import scoring_model
+    from runtime.build import scoring_model, trained_weights
     from runtime.progress import log
 
     served: dict[str, Served] = {}
@@ -94,11 +94,10 @@ def load_runs(run_dirs) -> dict[str, Served]:
     for name, run_dir in zip(names, run_dirs):
         rd = Path(run_dir).resolve()
         plan = Plan.load(rd / "plan.json")
-        adapter = rd / "adapter"
-        has_adapter = (adapter / "adapter_model.safetensors").is_file()
-        if not has_adapter:
+        adapter = trained_weights(plan, rd)
+        if adapter is None:
             log(f"{rd} has no trained adapter yet: `{name}` answers with the base model")
-        graphdef, state = nnx.split(scoring_model(plan, adapter if has_adapter else None))
+        graphdef, state = nnx.split(scoring_model(plan, adapter))
         shared = 0
 
         def share(path, leaf):

@@ -286,3 +286,62 @@ def clf_data(tmp_path):
         return write_jsonl(tmp_path / "data" / name, clf_rows(n, seed=seed))
 
     return make
+
+
+# --- preference data for the tiny word-level model ------------------------------------------------
+
+def pref_rows(n, *, seed=0, vocab=96, low=11):
+    """n preference pairs of a learnable toy task, in the tiny model's words: the chosen reply
+    repeats the prompt's first words (tiny_plan's answers), the rejected reply is as many other
+    words — so a reply's length tells nothing."""
+    import numpy as np
+
+    ids, prompt_lens = synthetic_examples(n, seed=seed, low=low)
+    rng = np.random.default_rng(seed + 1000)
+    rows = []
+    for x, p in zip(ids, prompt_lens):
+        chosen = x[p:-1]
+        rejected = rng.integers(low, vocab, size=len(chosen))
+        while np.array_equal(rejected, chosen):
+            rejected = rng.integers(low, vocab, size=len(chosen))
+        words = lambda xs: " ".join(f"w{t}" for t in xs)                # noqa: E731
+        rows.append({"prompt": words(x[:p]), "chosen": words(chosen), "rejected": words(rejected)})
+    return rows
+
+
+def pref_plan(model_dir, workdir, *, objective="dpo", n_train=32, n_val=4, n_test=8, seed=0,
+              batch_size=2, grad_accum=1, max_length=32, epochs=1, max_steps=None, lr=1e-2,
+              rank=4, checkpoint_every=0, eval_every=0, init_run=None, kind="lora", rows=None,
+              mesh=None, pack=True, **settings):
+    """A preference Plan compiled by the compiler for the tiny word-level model (tiny_chat_dir):
+    pref_rows (or `rows`) written to workdir/pairs.jsonl (n_train + n_val rows, n_val held out)
+    and workdir/pairs_test.jsonl (n_test rows). `settings`: objective.* (beta, gamma, ...)."""
+    import json
+
+    from compiler import schema
+    from compiler.compile import compile_plan
+    from core.files import write_atomic
+
+    rows = rows if rows is not None else pref_rows(n_train + n_val + n_test, seed=seed)
+    train_rows, test_rows = rows[:len(rows) - n_test], rows[len(rows) - n_test:]
+    data = write_atomic(Path(workdir) / "pairs.jsonl",
+                        "".join(json.dumps(r) + "\n" for r in train_rows))
+    test = write_atomic(Path(workdir) / "pairs_test.jsonl",
+                        "".join(json.dumps(r) + "\n" for r in test_rows)) if test_rows else None
+    cfg = schema.defaults()
+    cfg["model"]["path"] = str(model_dir)
+    cfg["data"].update(path=str(data), test_path=str(test) if test else None,
+                       val_fraction=n_val / len(train_rows), max_length=max_length, dedupe=False)
+    cfg["template"].update(chat=False)
+    cfg["adapter"].update(rank=rank, alpha=2.0 * rank, dropout=0.0, kind=kind,
+                          targets=["q_proj", "k_proj", "v_proj", "o_proj"])
+    cfg["objective"].update(kind=objective, **settings)
+    cfg["init"]["run"] = None if init_run is None else str(init_run)
+    cfg["schedule"].update(lr=lr, batch_size=batch_size, grad_accum=grad_accum, epochs=epochs,
+                           max_steps=max_steps, warmup=0, seed=seed)
+    cfg["runtime"].update(pack=pack, ce_chunk=32, checkpoint_every=checkpoint_every,
+                          dtype="float32", matmul_dtype="float32")
+    if mesh is not None:
+        cfg["runtime"]["mesh"] = {"data": mesh.data, "fsdp": mesh.fsdp, "tensor": mesh.tensor}
+    cfg["eval"].update(every=eval_every, max_new_tokens=4)
+    return compile_plan(cfg, recipe_info=None, command="train")

@@ -15,6 +15,7 @@ from core.processes import is_main_process
 from core.errors import PlanError, did_you_mean
 from core.files import sha256_file
 from core.plan import Plan
+from core.records import trained_dir, trained_file
 from compiler.summary import print_plan
 
 
@@ -66,6 +67,10 @@ def export(job) -> None:
     rd = _existing_run(job.config["run"], need_adapter=True)
     plan = Plan.load(rd / "plan.json")
     fmt, kind = job.config["format"], job.config["gguf_type"]
+    if fmt == "peft" and plan.adapter.kind == "full":
+        raise PlanError("format", f"{rd} trained every weight (adapter.kind=full): there is no "
+                        "PEFT adapter to export.",
+                        hint="use format=merged (a transformers checkpoint) or format=gguf.")
     default = rd / "export" / (f"{rd.name}-{kind}.gguf" if fmt == "gguf" else fmt)
     out = Path(job.config["out"]).expanduser() if job.config.get("out") else default
     if out.exists():
@@ -124,8 +129,8 @@ def train(plan: Plan, run_dir: Path, *, sweep_dir: Path | None = None) -> None:
             ev = evaluate_before_after(plan, run_dir) if plan.data.sizes.get("test") else None
             report = write_report(run_dir)
             rd = Path(run_dir)
-            tracker.finish_run(ev, [rd / "adapter", rd / "eval.json", rd / "report.html",
-                                    rd / "plots"])
+            tracker.finish_run(ev, [trained_dir(rd, plan.adapter.kind), rd / "eval.json",
+                                    rd / "report.html", rd / "plots"])
             log(f"report: {report}")
 
 
@@ -155,9 +160,10 @@ def evaluate_run(job) -> None:
     plan = compile_plan(config, recipe_info=recipe, command="eval")
     _check_same_model(plan, trained, rd)
     print_plan(plan, run_dir=rd)
+    weights = trained_dir(rd, trained.adapter.kind)
     if plan.retrieval is not None:      # the same rows without the passages too
-        evaluate(plan, rd, rd / "adapter", retrieval=False, verbose=False)
-    evaluate(plan, rd, rd / "adapter")
+        evaluate(plan, rd, weights, retrieval=False, verbose=False)
+    evaluate(plan, rd, weights)
     write_report(rd)
 
 
@@ -207,8 +213,9 @@ def _existing_run(run_dir, *, need_adapter: bool) -> Path:
     if not (rd / "plan.json").is_file():
         raise PlanError("run", f"{rd} is not a run directory (it has no plan.json).",
                         hint="give the hydra.run.dir of a `tune` or `tune plan` run.")
-    if need_adapter and not (rd / "adapter" / "adapter_model.safetensors").is_file():
-        raise PlanError("run", f"{rd} has no trained adapter (adapter/adapter_model.safetensors).",
+    if need_adapter and not any(trained_file(rd, kind).is_file() for kind in ("lora", "full")):
+        raise PlanError("run", f"{rd} has no trained adapter (adapter/adapter_model.safetensors), "
+                        "nor a fully trained model (model/model.safetensors).",
                         hint="train it first (`tune ... hydra.run.dir=DIR`), or leave out run= to "
                              "score the base model.")
     return rd
@@ -220,7 +227,10 @@ def _check_same_model(plan: Plan, trained: Plan, rd: Path) -> None:
                         f"({trained.model.dir}), not on {plan.model.name} ({plan.model.dir}).",
                         hint="evaluate with the model the run was trained on.")
     a, b = trained.adapter, plan.adapter
-    if (a.targets, a.rank) != (b.targets, b.rank):
+    if (a.kind == "full") != (b.kind == "full"):
+        raise PlanError("adapter.kind", f"the run in {rd} trained with adapter.kind={a.kind}; "
+                        f"this config says {b.kind}.", hint="leave adapter.kind as the run had it.")
+    if (a.targets, a.rank) != (b.targets, b.rank) and a.kind != "full":
         raise PlanError("adapter", f"the adapter in {rd} has rank {a.rank} on {', '.join(a.targets)}; "
                         f"this config says rank {b.rank} on {', '.join(b.targets)}.",
                         hint="leave the adapter settings as the run had them.")
