@@ -26,7 +26,7 @@ from core.architecture import ATTENTION_MODULES, full_module_names, full_module_
 from core.labels import RARE_CLASS, is_classification, normalise
 from core.plan import (PLAN_VERSION, AdapterSection, DataSection, Devices, EvalSection, Estimates,
                            Label, MeshAxes, ModelSection, ObjectiveSection, Plan, Recipe,
-                           RetrievalSection,
+                           RetrievalSection, WITH_REFERENCE,
                            RuntimeSection, ScheduleSection, TableStats, TemplateSection,
                            TrackingSection, with_hash)
 from core.templates import check_fields, placeholders, prompt_fields
@@ -449,7 +449,7 @@ def _objective_section(config: dict, model: ModelSection, adapter: AdapterSectio
     trained (training starts from it), or none (orpo, simpo)."""
     o, init = config["objective"], config["init"]["run"]
     kind = o["kind"]
-    reference = "base" if kind in ("dpo", "ipo", "kto") else "none"
+    reference = "base" if kind in WITH_REFERENCE else "none"
     run, sha = None, None
     if init is not None:
         run, sha = _init_run(init, model, adapter, need_train=need_train)
@@ -821,8 +821,15 @@ def _estimates(model: ModelSection, adapter: AdapterSection, schedule: ScheduleS
                                attention_scores=c.num_layers * schedule.global_batch * c.num_heads
                                * packing.scores(schedule.seq_len, rt.attention_block),
                                head_dim=c.head_dim)
-    if step is not None and objective.reference != "none":
-        step *= REFERENCE_COST      # the reference model's forward pass in every step
+    if objective.reference != "none":
+        # the reference is a copy of the trained state as training starts (the frozen weights
+        # serve both): LoRA's factors in float32, or a whole model's weights under adapter.kind=full
+        full = sum(adapter.full_params.values())
+        memory["reference"] = (adapter.trainable_params - full) * 4 + \
+            full * DTYPE_BYTES[rt.param_dtype]
+        memory["total"] += memory["reference"]
+        if step is not None:
+            step *= REFERENCE_COST  # the reference model's forward pass in every step
     share = None
     available, need = rt.devices.memory, memory["total"]
     if need_train and available:

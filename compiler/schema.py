@@ -17,8 +17,9 @@ from typing import Any
 
 from core.architecture import MODULE_NAMES
 from core.errors import PlanError, did_you_mean
+from core.plan import PREFERENCE
 
-OBJECTIVES = ("sft", "dpo", "ipo", "orpo", "simpo", "kto")
+OBJECTIVES = ("sft",) + PREFERENCE
 LR_USUAL = (1e-6, 1e-2)           # outside: a warning
 LR_HINT = "for AdamW-based LoRA the usual range is about 1e-5 to 5e-4"
 
@@ -280,7 +281,8 @@ GROUPS = ("model", "data", "template", "adapter", "objective", "schedule", "runt
 TRACKERS = ("tensorboard", "mlflow", "wandb")
 SECTIONS = {p.rsplit(".", 1)[0] for p in BY_PATH if "." in p} | set(GROUPS)
 # The option of each group the primary config (conf/config.yaml) picks: the schema's defaults.
-DEFAULT_OPTIONS = {g: {"model": "smollm2-135m", "adapter": "lora"}.get(g, "default") for g in GROUPS}
+DEFAULT_OPTIONS = {g: {"model": "smollm2-135m", "adapter": "lora", "objective": "sft"}.get(g, "default")
+                   for g in GROUPS}
 
 
 def defaults(section: str | None = None) -> dict:

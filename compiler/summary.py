@@ -362,9 +362,12 @@ def _resources(plan) -> Panel:
     t = Table(box=box.SIMPLE_HEAD, pad_edge=False, show_edge=False)
     t.add_column("memory per device")
     t.add_column("", justify="right")
-    for k in ("weights", "adapter_optimizer", "activations", "attention", "logits"):
+    for k in ("weights", "adapter_optimizer", "reference", "activations", "attention", "logits"):
         if k in mem:
-            t.add_row(k.replace("_", " + "), _bytes(mem[k]))
+            t.add_row({"adapter_optimizer": "trained + optimizer" if plan.adapter.kind == "full"
+                       else "adapter + optimizer",
+                       "reference": "reference (a copy of the trained state)"}.get(k, k),
+                      _bytes(mem[k]))
     if "total" in mem:
         share = est.memory_share
         t.add_row(Text("total", style="bold"),

@@ -177,6 +177,11 @@ class AdapterSection:
     quantized_params: int = 0       # base weights stored quantised
 
 
+PREFERENCE = ("dpo", "ipo", "orpo", "simpo", "kto")     # objectives over (chosen, rejected) pairs
+WITH_REFERENCE = ("dpo", "ipo", "kto")                 # ... whose loss reads a reference model
+LENGTH_NORMALISED = ("ipo", "orpo", "simpo")           # ... that score a reply per token, not summed
+
+
 @dataclass(frozen=True)
 class ObjectiveSection:
     """objective.*: what the step minimises (runtime/preference.py). sft: cross-entropy on the

