@@ -198,8 +198,6 @@ def _data_file(key, value, recipe_info, cwd, *, required: bool, command: str):
     return recipes.resolve_data_path(key, value, recipe_info, cwd=cwd)
 
 
-
-
 def _prompt_signature(row: dict, t: dict) -> tuple:
     if t["messages"] is not None:            # a conversation's prompt: the turns before its answer
         from compiler.conversations import last_exchange

@@ -347,7 +347,8 @@ def _schedule(plan) -> Panel:
         ("steps", f"{_n(s.steps_per_epoch)} per epoch × {s.epochs:g} epochs → "
                   f"{_n(s.total_steps)} steps"
                   + (f" (capped by schedule.max_steps={s.max_steps})" if s.max_steps else "")
-                  + (f" · about {s.examples_per_step:.0f} examples a step"
+                  + (f" · about {s.examples_per_step:.0f} "
+                     f"{'pairs' if plan.data.unit > 1 else 'examples'} a step"
                      + (f" (unpacked: {_n(s.unpacked_total_steps)} steps)"
                         if s.unpacked_total_steps != s.total_steps else "")
                      if plan.runtime.pack and s.examples_per_step else "")),

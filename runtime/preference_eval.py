@@ -1,9 +1,9 @@
 """Held-out preference pairs scored: the share the model ranks right, base against tuned.
 
-Each test pair (prompt + chosen, prompt + rejected: the token cache's test units) takes one row,
-the two replies side by side as in training. A model's score of a reply is the objective's own
-measure of it: the reply's log-probability — its sum for dpo and kto, its mean per token for ipo,
-orpo and simpo, which normalise by length. `preference_accuracy` is the share of pairs whose chosen
+The test pairs (prompt + chosen, prompt + rejected: the token cache's test units) are packed into
+rows as in training, the two replies of a pair side by side, each sequence attending to itself. A
+model's score of a reply is the objective's own measure of it: the reply's log-probability — its
+sum for dpo and kto, its mean per token for ipo, orpo and simpo, which normalise by length. `preference_accuracy` is the share of pairs whose chosen
 reply scores higher than the rejected one; `mean_margin` the mean difference. Tuned under an
 objective with a reference model (dpo, ipo, kto), the implicit reward β·(log π − log π_ref) is
 reported too: `reward_accuracy` (TRL's rewards/accuracies on held-out pairs) and `reward_margin`.
@@ -58,8 +58,9 @@ class Pairs:
 
 @functools.lru_cache(maxsize=4)
 def _scorer(graphdef, chunk: int):
-    """sums(state, batch) → per row (one pair a row): the chosen and rejected replies'
-    log-probability sums and token counts. One compiled program for base and tuned alike."""
+    """sums(state, batch) → per unit slot (row · U + k: the k-th pair of a row) the chosen and
+    rejected replies' log-probability sums and token counts. One compiled program for base and
+    tuned alike."""
 
     @jax.jit
     def sums(state, b):
@@ -68,29 +69,42 @@ def _scorer(graphdef, chunk: int):
         B, T = b["tokens"].shape
         lp, idx, valid = token_logps(hidden, m.lm_head(), b["targets"], b["loss_mask"],
                                      capacity=B * T, chunk=chunk)
-        pc, pr, nc, nr = unit_sums(lp, idx, valid, b["segment_ids"])
-        U = T // 2 + 1
-        return pc[::U], pr[::U], nc[::U], nr[::U]
+        return unit_sums(lp, idx, valid, b["segment_ids"])
 
     return sums
 
 
 def score(plan: Plan, model, pairs: Pairs) -> dict:
-    """Per pair: log-probability sums and token counts of the chosen and rejected replies."""
+    """Per pair: log-probability sums and token counts of the chosen and rejected replies. Pairs
+    are packed into rows as in training (several short pairs a row; each sequence attends to
+    itself only), so scoring runs over as few rows as hold them."""
+    from core.packing import example_slots, pack_rows
+
     seq_len, batch = plan.schedule.seq_len, plan.eval.batch_size
     graphdef, state = nnx.split(model)
     sums = _scorer(graphdef, plan.runtime.ce_chunk)
-    out = {k: [] for k in ("chosen", "rejected", "n_chosen", "n_rejected")}
-    for start in range(0, len(pairs), batch):
-        rows = range(start, min(start + batch, len(pairs)))
+    U = seq_len // 2 + 1
+    slots = [example_slots(len(c)) + example_slots(len(r))
+             for c, r in zip(pairs.chosen, pairs.rejected)]
+    rows = sorted(pack_rows(slots, seq_len, np.random.default_rng(0)))
+    keys = ("chosen", "rejected", "n_chosen", "n_rejected")
+    out = {k: np.zeros(len(pairs), np.float64) for k in keys}
+    for start in range(0, len(rows), batch):
         arrays = {k: np.zeros((batch, seq_len), np.int32) for k in FIELDS}
-        for r, i in enumerate(rows):
-            p = pairs.prompt_lens[i]
-            fill_row(arrays, r, [(pairs.chosen[i], p), (pairs.rejected[i], p)])
+        where = []                                  # (unit slot, pair)
+        for r, row in enumerate(rows[start:start + batch]):
+            members = []
+            for k, i in enumerate(row):
+                p = pairs.prompt_lens[i]
+                members += [(pairs.chosen[i], p), (pairs.rejected[i], p)]
+                where.append((r * U + k, i))
+            fill_row(arrays, r, members)
         got = jax.device_get(sums(state, {k: jnp.asarray(v) for k, v in arrays.items()}))
-        for key, values in zip(out, got):
-            out[key].extend(np.asarray(values)[:len(rows)].tolist())
-    return {k: np.asarray(v, np.float64) for k, v in out.items()}
+        for key, values in zip(keys, got):
+            values = np.asarray(values)
+            for slot, i in where:
+                out[key][i] = values[slot]
+    return out
 
 
 def result(plan: Plan, scores: dict, *, which: str, reference: dict | None = None,

@@ -81,6 +81,21 @@ def test_held_out_pairs_scored_base_and_tuned(tiny_chat_dir, tmp_path):
     samples = tuned.get("samples")
     assert len(samples) == 4 and all({"prompt", "chosen", "rejected", "base", "tuned"} <= set(x)
                                      for x in samples)
+    # the packed scoring gives each reply's log-probability as a forward pass over it alone does
+    import jax
+
+    from runtime import build
+    from runtime.preference_eval import Pairs, score
+
+    pairs, model = Pairs(plan), build.scoring_model(plan)
+    got = score(plan, model, pairs)
+    for i in range(len(pairs)):
+        for side, seq in (("chosen", pairs.chosen[i]), ("rejected", pairs.rejected[i])):
+            logp = jax.nn.log_softmax(model.logits(model(seq[None, :-1])))[0]
+            p = pairs.prompt_lens[i]
+            want = float(sum(logp[t - 1, seq[t]] for t in range(p, len(seq))))
+            assert got[side][i] == pytest.approx(want, abs=1e-4)
+            assert got[f"n_{side}"][i] == len(seq) - p
     doc = json.loads((tmp_path / "run" / "eval.json").read_text())
     assert doc["metric"] == "preference_accuracy" and doc["delta"] == tuned.value - base.value
     html = write_report(tmp_path / "run").read_text()
