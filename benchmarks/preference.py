@@ -6,7 +6,8 @@ preference step costs against a supervised one, and full fine-tuning against LoR
    token ids (the plan's token cache: its train split, prompt cut as tune cut it), LoRA, β,
    optimizer, schedule, pairs a step and epochs, its reference the adapter switched off as tune's.
    Both adapters are scored by `tune eval` on the same held-out pairs (preference accuracy, the
-   implicit reward's accuracy); wall times are the training's own.
+   implicit reward's accuracy); wall times are the training's own. dpo-all: tune alone on every
+   training pair.
 2. steps — the same pairs trained 8 steps each as SFT (each pair's chosen and rejected as two
    supervised examples, rows of the same length), DPO and SimPO (no reference model): the median
    step time and tokens/s, so DPO / SFT is the cost of a preference step on the same tokens and
@@ -16,7 +17,7 @@ preference step costs against a supervised one, and full fine-tuning against LoR
    estimate and the process's peak RSS.
 
     python benchmarks/preference.py                         # all three (about an hour on 2 CPU cores)
-    python benchmarks/preference.py --only steps,full --pairs 128
+    python benchmarks/preference.py --only steps,full --work runs/pref   # keeps runs/pref's dpo part
 
 Writes its table into benchmarks/RESULTS.md (between the preference markers, with the command) and
 the raw figures into benchmarks/results/preference.json.
@@ -46,7 +47,7 @@ DATA = ROOT.parent / "shared" / "data"
 HH = DATA / "preference" / "hh_rlhf_harmless"
 FINANCE = DATA / "financial" / "twitter_financial_news_sentiment"
 BEGIN, END = "<!-- preference:begin -->", "<!-- preference:end -->"
-PARTS = ("dpo", "steps", "full")
+PARTS = ("dpo", "dpo-all", "steps", "full")
 
 
 def run(cmd: list[str], log: Path, *, env=None) -> dict:
@@ -85,6 +86,15 @@ def median_step(run_dir: Path) -> tuple[float, float]:
     rows = steps_of(run_dir)[1:]
     return (statistics.median(r["step_time_s"] for r in rows),
             statistics.median(r["tokens_per_s"] for r in rows))
+
+
+def step_figures(run_dir: Path) -> dict:
+    """Median step time, tokens/s, input tokens and supervised tokens a step (after the first)."""
+    step_s, tps = median_step(run_dir)
+    rows = steps_of(run_dir)[1:]
+    return {"step_s": step_s, "tokens_per_s": tps,
+            "tokens_per_step": statistics.median(x["input_tokens"] for x in rows),
+            "supervised_per_step": statistics.median(x["tokens"] for x in rows)}
 
 
 def evaluation(run_dir: Path) -> dict:
@@ -126,6 +136,24 @@ def dpo(args, work: Path) -> dict:
             "tune_train_s": summary["wall_s"], "trl_train_s": trl_info["train_s"],
             "tune_final_loss": summary["final_loss"], "trl_final_loss": trl_info["final_loss"],
             "tune_peak_rss_gib": ours["peak_rss_gib"], "trl_peak_rss_gib": trl["peak_rss_gib"]}
+
+
+def dpo_all(args, work: Path) -> dict:
+    """tune alone on every training pair (TRL on all of them takes hours on a CPU)."""
+    o = [x for x in hh_overrides(args) if not x.startswith("data.max_rows=")] + \
+        ["objective=dpo", f"schedule.lr={args.lr}", "schedule.epochs=1",
+         f"schedule.batch_size={args.batch}", "adapter.rank=16", "adapter.alpha=32",
+         "adapter.dropout=0.05"]
+    ours = tune(args, work, "tune-dpo-all", *o)
+    summary = json.loads((ours["run"] / "train_summary.json").read_text())
+    ev = evaluation(ours["run"])
+    plan = json.loads((ours["run"] / "plan.json").read_text())
+    return {"pairs": plan["data"]["sizes"]["train"], "test_pairs": ev["n"],
+            "steps": summary["steps"], "base": ev["base"]["value"], "tune": ev["tuned"]["value"],
+            "reward_accuracy": ev["tuned"].get("reward_accuracy"),
+            "margin_base": ev["base"].get("mean_margin"),
+            "margin_tuned": ev["tuned"].get("mean_margin"), "train_s": summary["wall_s"],
+            "final_loss": summary["final_loss"], "peak_rss_gib": ours["peak_rss_gib"]}
 
 
 def trl_train(run_dir: Path, out: Path, batch: int) -> None:
@@ -194,9 +222,7 @@ def step_cost(args, work: Path) -> dict:
                         ("simpo", ["objective=simpo", f"data.path={pair_file}"])):
         r = tune(args, work, f"steps-{name}", *common, *extra)
         step_s, tps = median_step(r["run"])
-        out[name] = {"step_s": step_s, "tokens_per_s": tps,
-                     "tokens_per_step": statistics.median(
-                         x["input_tokens"] for x in steps_of(r["run"])[1:])}
+        out[name] = step_figures(r["run"])
     return out
 
 
@@ -237,6 +263,7 @@ def markdown(results: dict, args, started: str, wall: float):
         if d:
             lines += [
                 "### DPO on HH-RLHF harmless-base: tune against TRL's DPOTrainer", "",
+                f"`{d['command']}`", "",
                 f"{d['pairs']} training pairs (data.max_rows={args.pairs}, 5% held out for "
                 f"validation), data.max_length={args.max_length}, β 0.1, lr {args.lr}, one epoch, "
                 f"LoRA r 16 on q/k/v/o; TRL trained the plan's own token ids, {d['trl_batch']} "
@@ -253,19 +280,32 @@ def markdown(results: dict, args, started: str, wall: float):
                 f"{d['trl_train_s']:.0f} | {f(d['trl_final_loss'])} | {d['trl_peak_rss_gib']:.2f} |",
                 "", "tune's train s is the whole `tune` process up to the end of training (model "
                 "load, compilation, validation); TRL's the `trainer.train()` call alone.", ""]
+        a = results.get("dpo-all")
+        if a:
+            lines += [
+                "#### tune on every training pair", "", f"`{a['command']}`", "",
+                f"{a['pairs']} pairs, the same settings otherwise, {a['steps']} steps: "
+                f"preference accuracy {f(a['base'])} → {f(a['tune'])} on "
+                f"{a['test_pairs']} held-out pairs (mean margin {a['margin_base']:+.2f} → "
+                f"{a['margin_tuned']:+.2f} nats), reward accuracy {f(a['reward_accuracy'])}, final "
+                f"loss {f(a['final_loss'])}.", ""]
         s = results.get("steps")
         if s:
             lines += [
                 "### A preference step against a supervised one, on the same tokens", "",
+                f"`{s['command']}`", "",
                 f"{args.step_pairs} pairs; rows of {2 * args.max_length} tokens, {args.batch} a "
                 "step; median of steps 2–8. SFT trains each pair's chosen and rejected reply as two "
-                "examples (the same tokens); SimPO has no reference model.", "",
-                "| objective | step s | tokens/s | tokens a step | step / SFT |",
-                "|---|---|---|---|---|"]
+                "conversations (the same tokens; it also supervises the earlier assistant turns of "
+                "HH-RLHF's multi-turn prompts, hence more supervised tokens); SimPO has no "
+                "reference model.", "",
+                "| objective | step s | tokens/s | tokens a step | supervised a step | step / SFT |",
+                "|---|---|---|---|---|---|"]
             for name in ("sft", "dpo", "simpo"):
                 x = s[name]
+                sup = x.get("supervised_per_step")
                 lines.append(f"| {name} | {x['step_s']:.2f} | {x['tokens_per_s']:.0f} | "
-                             f"{x['tokens_per_step']:.0f} | "
+                             f"{x['tokens_per_step']:.0f} | {'—' if sup is None else f'{sup:.0f}'} | "
                              f"{x['step_s'] / s['sft']['step_s']:.2f} |")
             ref = s["dpo"]["step_s"] - s["simpo"]["step_s"]
             lines += ["", f"The reference model's forward pass: DPO − SimPO = {ref:.2f} s a step "
@@ -274,6 +314,7 @@ def markdown(results: dict, args, started: str, wall: float):
         if fl:
             lines += [
                 "### Full fine-tuning against LoRA (finance: twitter financial news sentiment)", "",
+                f"`{fl['command']}`", "",
                 f"The finance recipe on {args.finance_rows} training rows, accuracy on "
                 f"{fl['lora']['n']} test rows; LoRA at the recipe's lr, full at "
                 f"{args.full_lr}.", "",
@@ -294,7 +335,7 @@ def markdown(results: dict, args, started: str, wall: float):
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], epilog=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--only", default=",".join(PARTS), help="any of dpo,steps,full")
+    ap.add_argument("--only", default=",".join(PARTS), help="any of " + ",".join(PARTS))
     ap.add_argument("--pairs", type=int, default=256, help="HH-RLHF training pairs (data.max_rows)")
     ap.add_argument("--limit", type=int, default=200, help="test pairs / rows scored (eval.limit)")
     ap.add_argument("--max-length", type=int, default=256, help="data.max_length")
@@ -314,13 +355,19 @@ def main(argv=None) -> int:
     work = args.work or Path(tempfile.mkdtemp(prefix="tune-preference-"))
     work.mkdir(parents=True, exist_ok=True)
     started, t0 = dt.datetime.now().strftime("%Y-%m-%d %H:%M"), time.perf_counter()
-    results = {}
+    # with --work, parts measured by an earlier run there are kept (and reported) unless run again
+    saved = work / "results.json"
+    results = json.loads(saved.read_text()) if args.work is not None and saved.is_file() else {}
     try:
-        for part, fn in (("dpo", dpo), ("steps", step_cost), ("full", full_vs_lora)):
+        for part, fn in (("dpo", dpo), ("dpo-all", dpo_all), ("steps", step_cost),
+                         ("full", full_vs_lora)):
             if part in parts:
                 print(f"== {part}", flush=True)
-                results[part] = fn(args, work / part)
+                (work / part).mkdir(parents=True, exist_ok=True)
+                results[part] = {**fn(args, work / part), "command": "python benchmarks/preference.py "
+                                 + " ".join(sys.argv[1:] if argv is None else argv)}
                 print(json.dumps(results[part], default=str), flush=True)
+                saved.write_text(json.dumps(results, default=str))
     finally:
         if args.work is None:
             shutil.rmtree(work, ignore_errors=True)
