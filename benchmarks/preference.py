@@ -257,8 +257,9 @@ def f(x, digits=3):
 def markdown(results: dict, args, started: str, wall: float):
     def text(command: str) -> str:
         lines = [BEGIN, "## Preference tuning and full fine-tuning", "",
-                 f"`{command}` — {started}, {wall / 60:.0f} min, {os.cpu_count()} CPU cores, "
-                 "SmolLM2-135M-Instruct, float32.", ""]
+                 f"SmolLM2-135M-Instruct, float32, {os.cpu_count()} CPU cores (an AVX2-only EPYC: "
+                 "no bfloat16 products); each part names the command that measured it (published "
+                 f"by `{command}`, {started}).", ""]
         d = results.get("dpo")
         if d:
             lines += [
