@@ -3,7 +3,8 @@ each objective trains from a reference equal to the policy (its first step is th
 margin) and logs TRL's metrics; held-out pairs are scored base vs tuned into eval.json and the
 report; SFT → preference with init.run (the SFT model is both the start and the reference, also
 after a resume); an interrupted preference run resumes to the uninterrupted adapter; adapter.kind=full
-trains every weight and writes a transformers checkpoint; a mesh of 8 devices trains as one."""
+trains every weight and writes a transformers checkpoint; a diverging step stops a preference run
+cleanly; a sweep ranks its runs by preference accuracy; a mesh of 8 devices trains as one."""
 from __future__ import annotations
 
 import json
@@ -195,6 +196,57 @@ def test_export_of_a_full_run(tune_cli, tiny_chat_dir, tmp_path):
     a = load_file(str(tmp_path / "merged" / "model.safetensors"))
     b = load_file(str(tmp_path / "run" / "model" / "model.safetensors"))
     assert set(a) == set(b) and all(np.array_equal(a[k], b[k]) for k in a)
+
+
+def test_a_diverging_preference_run_stops_cleanly(tiny_chat_dir, tmp_path, monkeypatch):
+    """The divergence stop holds for a preference objective: a DPO step whose loss is not finite
+    (made so at step 4) stops the run there with exit code 3, keeps the metrics and the checkpoint
+    before it and writes no adapter."""
+    import runtime.run
+    from core.errors import Diverged
+    from runtime import checkpoint
+
+    plan = pref_plan(tiny_chat_dir, tmp_path, max_steps=6, epochs=20, lr=3e-2, checkpoint_every=2)
+    real = runtime.run._step
+
+    def step(s, *a):
+        m = real(s, *a)
+        return dict(m, loss=float("nan")) if s.step == 4 else m
+
+    monkeypatch.setattr(runtime.run, "_step", step)
+    with pytest.raises(Diverged) as err:
+        train(plan, tmp_path / "run")
+    assert err.value.exit_code == 3 and err.value.step == 4
+    rows = _steps(tmp_path / "run")
+    assert [r["step"] for r in rows if r.get("loss") is not None] == [1, 2, 3]
+    assert all(math.isfinite(r["rewards/margins"]) for r in rows if r.get("loss") is not None)
+    assert [p.name for p in checkpoint.list_checkpoints(tmp_path / "run")] == ["step_00000002.npz"]
+    assert not (tmp_path / "run" / "adapter").exists()
+
+
+@pytest.mark.slow
+def test_a_preference_sweep_ranks_its_runs_by_preference_accuracy(tune_cli, tiny_chat_dir,
+                                                                  tmp_path):
+    """`tune -m` over DPO learning rates with sweep.metric=metric: each run scored on the held-out
+    pairs, sweep.json ranking them by preference accuracy."""
+    from core.records import EvalFile, SweepFile
+
+    pref_plan(tiny_chat_dir, tmp_path / "data", n_train=24, n_val=4, n_test=8)   # writes the pairs
+    rc, out, err = tune_cli(
+        "-m", f"model.path={tiny_chat_dir}", f"data.path={tmp_path / 'data' / 'pairs.jsonl'}",
+        f"data.test_path={tmp_path / 'data' / 'pairs_test.jsonl'}", "objective=dpo",
+        "data.max_length=32", "data.dedupe=false", "template.chat=false", "schedule.max_steps=3",
+        "schedule.batch_size=2", "schedule.warmup=0", "schedule.lr=1e-4,3e-2",
+        "adapter.targets=[q_proj,v_proj]", "eval.max_new_tokens=2", "runtime.checkpoint_every=0",
+        "runtime.dtype=float32", "sweep.metric=metric", "hydra.sweep.dir=sweep")
+    assert rc == 0, err
+    doc = SweepFile.read(tmp_path / "sweep")
+    assert doc.criterion == "metric" and len(doc.runs) == 2
+    for r in doc.runs:
+        ev = EvalFile.read(tmp_path / "sweep" / r.run)
+        assert r.status == "ok" and r.metric == "preference_accuracy" and r.steps == 3
+        assert r.metric_value == ev.entries["tuned"].value and r.val_loss > 0
+    assert doc.best == max(doc.runs, key=lambda r: r.metric_value).run
 
 
 # Trains the tiny DPO plan on one mesh ("data,fsdp,tensor") into RUN_ROOT and prints its losses.
