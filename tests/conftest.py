@@ -346,3 +346,17 @@ def pref_plan(model_dir, workdir, *, objective="dpo", n_train=32, n_val=4, n_tes
         cfg["runtime"]["mesh"] = {"data": mesh.data, "fsdp": mesh.fsdp, "tensor": mesh.tensor}
     cfg["eval"].update(every=eval_every, max_new_tokens=4)
     return compile_plan(cfg, recipe_info=None, command="train")
+
+
+def diverge_at(monkeypatch, step: int) -> None:
+    """Make the training loop see a non-finite loss at optimizer step `step` (the step itself runs;
+    its metrics say NaN), as a diverging run would."""
+    import runtime.run
+
+    real = runtime.run._step
+
+    def patched(s, *a):
+        m = real(s, *a)
+        return dict(m, loss=float("nan")) if s.step == step else m
+
+    monkeypatch.setattr(runtime.run, "_step", patched)

@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 from safetensors.numpy import load_file
 
-from conftest import pref_plan, tiny_plan
+from conftest import diverge_at, pref_plan, tiny_plan
 from core.records import EvalFile
 from runtime.run import train
 
@@ -202,18 +202,11 @@ def test_a_diverging_preference_run_stops_cleanly(tiny_chat_dir, tmp_path, monke
     """The divergence stop holds for a preference objective: a DPO step whose loss is not finite
     (made so at step 4) stops the run there with exit code 3, keeps the metrics and the checkpoint
     before it and writes no adapter."""
-    import runtime.run
     from core.errors import Diverged
     from runtime import checkpoint
 
     plan = pref_plan(tiny_chat_dir, tmp_path, max_steps=6, epochs=20, lr=3e-2, checkpoint_every=2)
-    real = runtime.run._step
-
-    def step(s, *a):
-        m = real(s, *a)
-        return dict(m, loss=float("nan")) if s.step == 4 else m
-
-    monkeypatch.setattr(runtime.run, "_step", step)
+    diverge_at(monkeypatch, 4)
     with pytest.raises(Diverged) as err:
         train(plan, tmp_path / "run")
     assert err.value.exit_code == 3 and err.value.step == 4

@@ -11,7 +11,7 @@ import pytest
 from safetensors.numpy import load_file
 
 from core.errors import PlanError
-from conftest import tiny_plan
+from conftest import diverge_at, tiny_plan
 from core.records import TrainSummary
 from runtime import checkpoint
 from runtime.run import train
@@ -115,17 +115,10 @@ def test_other_plan_refuses_the_checkpoints(tiny_chat_dir, tmp_path):
 def test_divergence_is_a_clean_stop(tiny_chat_dir, tmp_path, monkeypatch):
     """A step with a non-finite loss (here: made so at step 5) stops the run there, keeps the
     metrics up to it and the last good checkpoint, writes no adapter, and says what to do."""
-    import runtime.run
     from core.errors import Diverged
 
     plan = tiny_plan(tiny_chat_dir, tmp_path / "data", **dict(SETUP, checkpoint_every=2))
-    real = runtime.run._step
-
-    def step(s, *a):
-        m = real(s, *a)
-        return dict(m, loss=float("nan")) if s.step == 5 else m
-
-    monkeypatch.setattr(runtime.run, "_step", step)
+    diverge_at(monkeypatch, 5)
     with pytest.raises(Diverged) as err:
         train(plan, tmp_path)
     e = err.value
