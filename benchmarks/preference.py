@@ -153,7 +153,8 @@ def dpo_all(args, work: Path) -> dict:
             "reward_accuracy": ev["tuned"].get("reward_accuracy"),
             "margin_base": ev["base"].get("mean_margin"),
             "margin_tuned": ev["tuned"].get("mean_margin"), "train_s": summary["wall_s"],
-            "final_loss": summary["final_loss"], "peak_rss_gib": ours["peak_rss_gib"]}
+            "final_loss": summary["final_loss"], "val_loss": summary.get("final_val_loss"),
+            "peak_rss_gib": ours["peak_rss_gib"]}
 
 
 def trl_train(run_dir: Path, out: Path, batch: int) -> None:
@@ -288,8 +289,10 @@ def markdown(results: dict, args, started: str, wall: float):
                 f"{a['pairs']} pairs, the same settings otherwise, {a['steps']} steps: "
                 f"preference accuracy {f(a['base'])} → {f(a['tune'])} on "
                 f"{a['test_pairs']} held-out pairs (mean margin {a['margin_base']:+.2f} → "
-                f"{a['margin_tuned']:+.2f} nats), reward accuracy {f(a['reward_accuracy'])}, final "
-                f"loss {f(a['final_loss'])}.", ""]
+                f"{a['margin_tuned']:+.2f} nats), reward accuracy {f(a['reward_accuracy'])}; "
+                f"training {a['train_s']:.0f} s, last step's loss {f(a['final_loss'])}"
+                + (f", validation loss {f(a['val_loss'])} (ln 2 = 0.693 at zero margin)"
+                   if a.get("val_loss") is not None else "") + ".", ""]
         s = results.get("steps")
         if s:
             lines += [
