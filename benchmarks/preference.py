@@ -101,19 +101,21 @@ def evaluation(run_dir: Path) -> dict:
     return json.loads((run_dir / "eval.json").read_text())
 
 
-def hh_overrides(args) -> list[str]:
+def hh_overrides(args, *, all_pairs: bool = False) -> list[str]:
+    """DPO on HH-RLHF as parts dpo and dpo-all train it: the data (the first args.pairs pairs, or
+    every pair), the objective, the schedule and the adapter."""
     return [f"data.path={HH / 'train.jsonl'}", f"data.test_path={HH / 'test.jsonl'}",
-            f"data.max_rows={args.pairs}", f"data.max_length={args.max_length}",
-            f"eval.limit={args.limit}", "data.val_fraction=0.05", "schedule.seed=0"]
+            *([] if all_pairs else [f"data.max_rows={args.pairs}"]),
+            f"data.max_length={args.max_length}", f"eval.limit={args.limit}",
+            "data.val_fraction=0.05", "schedule.seed=0", "objective=dpo", f"schedule.lr={args.lr}",
+            "schedule.epochs=1", f"schedule.batch_size={args.batch}", "adapter.rank=16",
+            "adapter.alpha=32", "adapter.dropout=0.05"]
 
 
 # ------------------------------------------------------------------------------ 1. DPO vs TRL
 
 def dpo(args, work: Path) -> dict:
-    o = hh_overrides(args) + ["objective=dpo", f"schedule.lr={args.lr}", "schedule.epochs=1",
-                              f"schedule.batch_size={args.batch}", "adapter.rank=16",
-                              "adapter.alpha=32", "adapter.dropout=0.05"]
-    ours = tune(args, work, "tune-dpo", *o)
+    ours = tune(args, work, "tune-dpo", *hh_overrides(args))
     summary = json.loads((ours["run"] / "train_summary.json").read_text())
     ev = evaluation(ours["run"])
     plan = json.loads((ours["run"] / "plan.json").read_text())
@@ -140,11 +142,7 @@ def dpo(args, work: Path) -> dict:
 
 def dpo_all(args, work: Path) -> dict:
     """tune alone on every training pair (TRL on all of them takes hours on a CPU)."""
-    o = [x for x in hh_overrides(args) if not x.startswith("data.max_rows=")] + \
-        ["objective=dpo", f"schedule.lr={args.lr}", "schedule.epochs=1",
-         f"schedule.batch_size={args.batch}", "adapter.rank=16", "adapter.alpha=32",
-         "adapter.dropout=0.05"]
-    ours = tune(args, work, "tune-dpo-all", *o)
+    ours = tune(args, work, "tune-dpo-all", *hh_overrides(args, all_pairs=True))
     summary = json.loads((ours["run"] / "train_summary.json").read_text())
     ev = evaluation(ours["run"])
     plan = json.loads((ours["run"] / "plan.json").read_text())
@@ -222,7 +220,6 @@ def step_cost(args, work: Path) -> dict:
                         ("dpo", ["objective=dpo", f"data.path={pair_file}"]),
                         ("simpo", ["objective=simpo", f"data.path={pair_file}"])):
         r = tune(args, work, f"steps-{name}", *common, *extra)
-        step_s, tps = median_step(r["run"])
         out[name] = step_figures(r["run"])
     return out
 

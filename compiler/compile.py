@@ -26,9 +26,8 @@ from core.architecture import ATTENTION_MODULES, full_module_names, full_module_
 from core.labels import RARE_CLASS, is_classification, normalise
 from core.plan import (PLAN_VERSION, AdapterSection, DataSection, Devices, EvalSection, Estimates,
                            Label, MeshAxes, ModelSection, ObjectiveSection, Plan, Recipe,
-                           RetrievalSection, WITH_REFERENCE,
-                           RuntimeSection, ScheduleSection, TableStats, TemplateSection,
-                           TrackingSection, with_hash)
+                           RetrievalSection, RuntimeSection, ScheduleSection, TableStats,
+                           TemplateSection, TrackingSection, WITH_REFERENCE, with_hash)
 from core.templates import check_fields, placeholders, prompt_fields
 
 FEW_ROWS = 200                  # fewer usable training rows than this: a warning

@@ -3,10 +3,11 @@
 The test pairs (prompt + chosen, prompt + rejected: the token cache's test units) are packed into
 rows as in training, the two replies of a pair side by side, each sequence attending to itself. A
 model's score of a reply is the objective's own measure of it: the reply's log-probability — its
-sum for dpo and kto, its mean per token for ipo, orpo and simpo, which normalise by length. `preference_accuracy` is the share of pairs whose chosen
-reply scores higher than the rejected one; `mean_margin` the mean difference. Tuned under an
-objective with a reference model (dpo, ipo, kto), the implicit reward β·(log π − log π_ref) is
-reported too: `reward_accuracy` (TRL's rewards/accuracies on held-out pairs) and `reward_margin`.
+sum for dpo and kto, its mean per token for ipo, orpo and simpo, which normalise by length.
+`preference_accuracy` is the share of pairs whose chosen reply scores higher than the rejected
+one; `mean_margin` the mean difference. Tuned under an objective with a reference model (dpo, ipo,
+kto), the implicit reward β·(log π − log π_ref) is reported too: `reward_accuracy` (TRL's
+rewards/accuracies on held-out pairs) and `reward_margin`.
 The "base" entry is the model training started from: the base model, or init.run's adapter.
 
 A few test prompts are answered by both models, side by side (`samples` in the tuned entry).
@@ -22,12 +23,12 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from core.plan import Plan
+from core.packing import example_slots, pack_rows
+from core.plan import LENGTH_NORMALISED, WITH_REFERENCE, Plan
 from core.token_cache import load_examples
 from core.tokenizer import load_tokenizer
 from runtime import build
 from runtime.batching import FIELDS, fill_row
-from core.plan import LENGTH_NORMALISED, WITH_REFERENCE
 from runtime.preference import token_logps, unit_sums
 
 METRIC = "preference_accuracy"
@@ -78,8 +79,6 @@ def score(plan: Plan, model, pairs: Pairs) -> dict:
     """Per pair: log-probability sums and token counts of the chosen and rejected replies. Pairs
     are packed into rows as in training (several short pairs a row; each sequence attends to
     itself only), so scoring runs over as few rows as hold them."""
-    from core.packing import example_slots, pack_rows
-
     seq_len, batch = plan.schedule.seq_len, plan.eval.batch_size
     graphdef, state = nnx.split(model)
     sums = _scorer(graphdef, plan.runtime.ce_chunk)
