@@ -23,7 +23,7 @@ from typing import List, Optional
 from core.errors import PlanError, did_you_mean
 from core.files import sha256_file
 from core.plan import Recipe, RecipeRef
-from compiler.safety import load_recipe_yaml, package_header
+from compiler.safety import MAX_RECIPE_CHARS, load_recipe_yaml, package_header
 
 INSTALLED_DIR = Path(__file__).resolve().parent.parent / "recipes"
 GROUP = "recipe"
@@ -61,6 +61,11 @@ def read_text(path: Path) -> str:
     key = Path(path).resolve()
     if key not in _TEXTS:
         try:
+            if Path(path).stat().st_size > 4 * MAX_RECIPE_CHARS:   # UTF-8: up to 4 bytes a character
+                raise PlanError("recipe", f"the file is {Path(path).stat().st_size:,} bytes long; "
+                                f"a recipe is at most {MAX_RECIPE_CHARS:,} characters.",
+                                file=str(path), hint="a recipe is a short YAML mapping of config "
+                                                     "keys; data belongs in data files.")
             _TEXTS[key] = Path(path).read_text(encoding="utf-8")
         except OSError as e:
             raise PlanError("recipe", f"cannot read {path} ({e.strerror}).", file=str(path)) from None
@@ -152,7 +157,8 @@ def _contained(path: Path, directory: Path) -> Path:
 def description(path: Path) -> str:
     """The recipe's first comment line after the `# @package` header (one line)."""
     try:
-        lines = Path(path).read_text(encoding="utf-8").splitlines()
+        with open(path, encoding="utf-8") as f:
+            lines = f.read(1 << 16).splitlines()      # the head is enough, however long the file
     except (OSError, UnicodeDecodeError):
         return ""
     for line in lines:

@@ -19,6 +19,11 @@ refuses all of these, twice:
   calls, wherever they came from.
 
 Plain interpolation (`${data.max_length}`) is a lookup, not a call, and is allowed.
+
+Reading a recipe or an override also takes bounded time and memory, whatever it holds: a recipe's
+size, nesting, values (YAML aliases expanded: no "billion laughs"), texts and numbers are checked
+from YAML's event stream before a tree is built (`check_shape`), an override's length, brackets,
+list items and digits before Hydra's parser reads it (`check_override_size`).
 """
 from __future__ import annotations
 
@@ -135,9 +140,20 @@ def load_recipe_yaml(path: Path, text: str) -> dict:
     """Parse a recipe file's text with a plain YAML parser and check it; returns the mapping (no
     Hydra, no OmegaConf). Raises PlanError with file and line for invalid YAML or anything unsafe."""
     path = Path(path)
+    if len(text) > MAX_RECIPE_CHARS:
+        raise PlanError("recipe", f"the file is {len(text):,} characters long; a recipe is at "
+                        f"most {MAX_RECIPE_CHARS:,} characters.", file=str(path), hint=_BOUNDS_HINT)
+    node = None
     try:
+        check_shape(text, str(path))     # bounded before anything walks the tree
         node = yaml.compose(text, Loader=yaml.SafeLoader)
         data = yaml.load(text, Loader=yaml.SafeLoader)  # noqa: S506 - SafeLoader
+    except PlanError:
+        raise
+    except (ValueError, OverflowError) as e:     # a value YAML reads but cannot build (2024-13-45)
+        raise PlanError("recipe", f"YAML cannot build the value on this line ({e}).",
+                        file=str(path), line=_unbuildable_line(node),
+                        hint="quote the value to keep it as text.") from None
     except yaml.MarkedYAMLError as e:
         mark = e.problem_mark or e.context_mark
         line = mark.line + 1 if mark is not None else None
@@ -155,6 +171,144 @@ def load_recipe_yaml(path: Path, text: str) -> dict:
     check_package_header(text, str(path))
     _scan_node(node, "", str(path))
     return data
+
+
+# ------------------------------------------------------------------------------ bounds
+
+# A recipe or an override may come from a careless or hostile colleague: whatever it holds, reading
+# and checking it takes bounded time and memory. Each limit is far beyond any real recipe.
+MAX_RECIPE_CHARS = 1 << 18      # characters of a recipe file
+MAX_DEPTH = 64                  # levels of nested mappings and lists
+MAX_VALUES = 5_000              # values (keys, scalars, lists, mappings) of a recipe, aliases expanded
+MAX_TEXT = 1 << 16              # characters of one value (a template, a path)
+MAX_ITEMS = 256                 # items of one list value, or one override's list or sweep
+MAX_NUMBER_CHARS = 100          # characters of a number (Python refuses to read > 4,300 digits)
+MAX_OVERRIDE_CHARS = 1 << 17    # characters of one command-line override
+MAX_SWEEP = 1_000               # values of one swept key (`-m key=range(...)`)
+_BOUNDS_HINT = "a recipe is a short YAML mapping of config keys; data belongs in data files."
+_INT_TAG, _FLOAT_TAG = "tag:yaml.org,2002:int", "tag:yaml.org,2002:float"
+
+
+def check_shape(text: str, file: str) -> None:
+    """Refuse a recipe nested deeper than MAX_DEPTH, holding more than MAX_VALUES values once its
+    aliases are expanded (`b: &b [*a, *a, ...]` over a few levels is a "billion laughs"), an alias
+    to a value that contains it, a value over MAX_TEXT characters or a number over MAX_NUMBER_CHARS
+    — from YAML's event stream, in time linear in the text, before any tree is built or walked."""
+    resolver = yaml.SafeLoader("")       # types a plain scalar as the loader will
+    total, opened, sizes = 0, [], {}     # opened: (anchor, total before it) of each open collection
+    for event in yaml.parse(text, Loader=yaml.SafeLoader):
+        line = event.start_mark.line + 1
+        if isinstance(event, yaml.CollectionEndEvent):
+            anchor, before = opened.pop()
+            if anchor is not None:
+                sizes[anchor] = total - before
+            continue
+        if isinstance(event, yaml.AliasEvent):
+            if any(anchor == event.anchor for anchor, _ in opened):
+                raise PlanError("recipe", f"the alias *{event.anchor} refers to a value that "
+                                "contains it: the recipe would be infinitely deep.", file=file,
+                                line=line, hint=_BOUNDS_HINT)
+            total += sizes.get(event.anchor, 1)
+        elif isinstance(event, yaml.CollectionStartEvent):
+            if len(opened) >= MAX_DEPTH:
+                raise PlanError("recipe", f"nested more than {MAX_DEPTH} levels deep.", file=file,
+                                line=line, hint=_BOUNDS_HINT)
+            opened.append((event.anchor, total))
+            total += 1
+        elif isinstance(event, yaml.ScalarEvent):
+            _check_scalar(event, resolver, file, line)
+            if event.anchor is not None:
+                sizes[event.anchor] = 1
+            total += 1
+        else:
+            continue
+        if total > MAX_VALUES:
+            expanded = (f"once the alias *{event.anchor} is expanded (aliases that repeat "
+                        "aliases grow exponentially)" if isinstance(event, yaml.AliasEvent)
+                        else "")
+            raise PlanError("recipe", f"the recipe holds more than {MAX_VALUES:,} values"
+                            f"{' ' + expanded if expanded else ''}.", file=file, line=line,
+                            hint=_BOUNDS_HINT)
+
+
+def _check_scalar(event, resolver, file: str, line: int) -> None:
+    value = event.value
+    if len(value) > MAX_TEXT:
+        raise PlanError("recipe", f"a value of {len(value):,} characters; a recipe's values are "
+                        f"at most {MAX_TEXT:,} characters.", file=file, line=line,
+                        hint=_BOUNDS_HINT)
+    tag = event.tag
+    if tag in (None, "!"):
+        tag = resolver.resolve(yaml.ScalarNode, value, event.implicit)
+    if tag in (_INT_TAG, _FLOAT_TAG) and len(value) > MAX_NUMBER_CHARS:
+        raise PlanError("recipe", f"the number {value[:12]}... is {len(value):,} characters long; "
+                        f"tune reads numbers of at most {MAX_NUMBER_CHARS} characters.",
+                        file=file, line=line,
+                        hint="write the number in plain decimal or with an exponent (1e-4).")
+
+
+def check_override_size(line: str) -> None:
+    """One command-line override, before Hydra's parser reads it (its time grows with the square
+    of a list's length, and it recurses into brackets and reads numbers whole): at most
+    MAX_OVERRIDE_CHARS characters, MAX_DEPTH levels of brackets, MAX_ITEMS values and numbers of at
+    most MAX_NUMBER_CHARS digits, counted outside quotes."""
+    key, _, value = line.partition("=")
+    key = key.lstrip("+~") or "override"
+    if len(line) > MAX_OVERRIDE_CHARS:
+        raise PlanError(key, f"the override is {len(line):,} characters long; tune reads "
+                        f"overrides of at most {MAX_OVERRIDE_CHARS:,}.",
+                        hint="a text or a list this long belongs in the data, not in the config.")
+    depth = commas = digits = 0
+    quote, escaped = None, False
+    for ch in value:
+        if quote:
+            if escaped:
+                escaped = False
+            elif ch == "\\":
+                escaped = True
+            elif ch == quote:
+                quote = None
+            continue
+        if ch in "'\"":
+            quote = ch
+        elif ch in "[{(":
+            depth += 1
+            if depth > MAX_DEPTH:
+                raise PlanError(key, f"the override nests brackets more than {MAX_DEPTH} levels "
+                                "deep.", hint="a config value is a name, a number, a text or a "
+                                              "short list.")
+        elif ch in "]})":
+            depth -= 1
+        elif ch == ",":
+            commas += 1
+            if commas >= MAX_ITEMS:
+                raise PlanError(key, f"the override lists more than {MAX_ITEMS} values; a list or "
+                                f"a sweep is at most {MAX_ITEMS}.",
+                                hint="`all-linear` adapts every linear layer."
+                                if key == "adapter.targets" else None)
+        digits = digits + 1 if ch in "0123456789" else digits if ch == "_" else 0
+        if digits > MAX_NUMBER_CHARS:
+            raise PlanError(key, f"the override has a number of more than {MAX_NUMBER_CHARS} "
+                            "digits.", hint="write the number with an exponent (1e-4), or quote "
+                                            "it to keep it as text.")
+
+
+def _unbuildable_line(node) -> int | None:
+    """The line of the first scalar YAML cannot build a value from (a date like 2024-13-45), or
+    None. `node` is the composed (and bounded) tree."""
+    loader, stack = yaml.SafeLoader(""), [node] if node is not None else []
+    while stack:
+        n = stack.pop()
+        if isinstance(n, yaml.ScalarNode):
+            try:
+                loader.construct_object(n)
+            except (ValueError, OverflowError, yaml.YAMLError):
+                return n.start_mark.line + 1
+        elif isinstance(n, yaml.SequenceNode):
+            stack.extend(reversed(n.value))
+        elif isinstance(n, yaml.MappingNode):
+            stack.extend(v for pair in reversed(n.value) for v in reversed(pair))
+    return None
 
 
 def package_header(text: str) -> str | None:
@@ -207,11 +361,34 @@ def _scan_node(node, path: str, file: str) -> None:
         for i, item in enumerate(node.value):
             _scan_node(item, f"{path}[{i}]", file)
     elif isinstance(node, yaml.ScalarNode) and isinstance(node.value, str):
+        _check_number(node, path, file, line)
         names = resolver_calls(node.value)
         if path in RECIPE_HYDRA_KEYS:      # a run directory may name the time (${now:...}), no more
             names = [n for n in names if n != "now"]
         if names:
             raise _refuse_resolver(path, node.value, names, file=file, line=line)
+
+
+_NUMBER_TAGS = ("tag:yaml.org,2002:int", "tag:yaml.org,2002:float")
+# Numbers as a recipe or the command line may write them: plain decimal only (no 1_6, 010, 0x10).
+INT_TEXT = re.compile(r"[+-]?(0|[1-9][0-9]*)")
+FLOAT_TEXT = re.compile(r"[+-]?([0-9]+(\.[0-9]*)?|\.[0-9]+)([eE][+-]?[0-9]+)?")
+
+
+def _check_number(node, path: str, file: str, line: int) -> None:
+    """A plain scalar YAML reads as a number is written in plain decimal: YAML 1.1 also reads 1_6
+    as 16, 010 as 8, 0x10 as 16 and 1:30 as 90, which no one means in a recipe."""
+    if node.tag not in _NUMBER_TAGS or node.style is not None:
+        return
+    if (INT_TEXT if node.tag == _NUMBER_TAGS[0] else FLOAT_TEXT).fullmatch(node.value):
+        return
+    if node.value.lstrip("+-").lower() in (".inf", ".nan"):
+        return                      # not a number at all: the key's own check says so
+    number = yaml.safe_load(node.value)
+    raise PlanError(path, f"`{node.value}` is read by YAML as the number {number}; tune takes "
+                    "numbers only in plain decimal.", file=file, line=line,
+                    hint="write the number you mean in plain decimal digits, or quote it to keep "
+                         f"it as text: '{node.value}'.")
 
 
 def _refuse_hydra(key: str, file: str, line: int) -> PlanError:

@@ -11,10 +11,13 @@ files in conf/ carry only what differs from it.
 """
 from __future__ import annotations
 
+import decimal
 import math
+import re
 from dataclasses import dataclass
 from typing import Any
 
+from compiler.safety import FLOAT_TEXT, INT_TEXT, MAX_ITEMS, MAX_NUMBER_CHARS, MAX_TEXT
 from core.architecture import MODULE_NAMES
 from core.errors import PlanError, did_you_mean
 from core.plan import PREFERENCE
@@ -81,15 +84,17 @@ KEYS: tuple[Key, ...] = (
     _k("data.format", "choice", "auto", "file format", choices=("auto", "jsonl", "json", "csv",
                                                                   "parquet")),
     _k("data.max_file_mb", "number", 1024, "data files larger than this are refused before being "
-       "read", low=0.0, low_open=True),
+       "read", low=0.0, low_open=True, high=1 << 20),
     _k("data.max_rows", "int", None, "cap on rows read from data.path (fixed-seed sample)",
-       nullable=True, low=1),
+       nullable=True, low=1, high=10**12),
     _k("data.val_fraction", "number", 0.05, "share of training rows held out for validation",
        low=0.0, high=0.5, hint="0 disables validation; 0.05–0.1 is usual."),
     _k("data.max_length", "int", 512, "tokens per example (prompt + response), the packed row length",
        low=16, high=131072),
-    _k("data.overlength", "choice", "truncate", "policy for examples over max_length",
-       choices=("truncate", "drop")),
+    _k("data.overlength", "choice", "truncate", "examples over max_length: truncate (cut the "
+       "prompt, never the answer: an answer that does not fit is an error naming its rows), drop "
+       "(counted), or truncate_answer (also cut answers at their end, counted and warned about)",
+       choices=("truncate", "drop", "truncate_answer")),
     _k("data.dedupe", "bool", True, "drop exact duplicate rows"),
     _k("data.truncate_fields", "fields", None, "fields of template.prompt an over-length example is "
        "cut inside, longest first (null = all of them)", nullable=True),
@@ -120,7 +125,7 @@ KEYS: tuple[Key, ...] = (
     _k("adapter.rank", "int", 16, "LoRA rank r", low=1, high=1024,
        hint="the adapter's inner dimension; 4 to 64 is usual."),
     _k("adapter.alpha", "number", 32, "LoRA alpha (scale = alpha / rank)", low=0.0, low_open=True,
-       hint="alpha = 2 × rank is a common choice."),
+       high=1e6, hint="alpha = 2 × rank is a common choice."),
     _k("adapter.dropout", "number", 0.05, "dropout on the LoRA input", low=0.0, high=1.0,
        high_open=True, hint="0 to 0.1 is usual."),
     _k("adapter.rslora", "bool", False, "rank-stabilised LoRA: scale alpha / sqrt(rank) instead of "
@@ -175,14 +180,14 @@ KEYS: tuple[Key, ...] = (
     _k("schedule.batch_size", "int", 8, "rows per micro-batch over all devices", low=1, high=65536),
     _k("schedule.grad_accum", "int", 1, "micro-batches per optimizer step", low=1, high=4096),
     _k("schedule.warmup", "number", 0.05, "warmup: a fraction of the steps (< 1) or a step count",
-       low=0.0),
+       low=0.0, high=10_000_000),
     _k("schedule.seed", "int", 0, "seed for the split, shuffling, dropout and LoRA init", low=0,
        high=2**32 - 1, hint="a seed is a 32-bit unsigned integer."),
     _k("schedule.lr_schedule", "choice", "cosine", "decay after warmup",
        choices=("cosine", "linear", "constant")),
     _k("schedule.weight_decay", "number", 0.0, "AdamW weight decay", low=0.0, high=1.0),
     _k("schedule.max_grad_norm", "number", 1.0, "gradient-norm clip (0 or null: none)",
-       nullable=True, low=0.0),
+       nullable=True, low=0.0, high=1e6),
     _k("schedule.beta1", "number", 0.9, "AdamW's first-moment decay", low=0.0, high=1.0,
        high_open=True),
     _k("schedule.beta2", "number", 0.999, "AdamW's second-moment decay", low=0.0, high=1.0,
@@ -195,9 +200,12 @@ KEYS: tuple[Key, ...] = (
     _k("runtime.matmul_dtype", "choice", "auto", "operand dtype of the frozen weights' matmuls, "
        "products in the compute dtype (auto: bfloat16 where the compute dtype is, or on a CPU with "
        "native bfloat16 dot products; else float32)", choices=("auto", "float32", "bfloat16")),
-    _k("runtime.mesh.data", "axis", -1, "data-parallel axis (-1 = all remaining devices)"),
-    _k("runtime.mesh.fsdp", "axis", 1, "fully-sharded axis (-1 = all remaining devices)"),
-    _k("runtime.mesh.tensor", "axis", 1, "tensor-parallel axis (-1 = all remaining devices)"),
+    _k("runtime.mesh.data", "axis", -1, "data-parallel axis (-1 = all remaining devices)", low=-1,
+       high=1 << 20),
+    _k("runtime.mesh.fsdp", "axis", 1, "fully-sharded axis (-1 = all remaining devices)", low=-1,
+       high=1 << 20),
+    _k("runtime.mesh.tensor", "axis", 1, "tensor-parallel axis (-1 = all remaining devices)",
+       low=-1, high=1 << 20),
     _k("runtime.remat", "choice", "none", "activation recomputation",
        choices=("none", "dots", "full")),
     _k("runtime.pack", "bool", True, "pack several examples per row"),
@@ -211,28 +219,29 @@ KEYS: tuple[Key, ...] = (
        "attend to the keys up to its end only, skipping the causal mask's upper triangle "
        "(0 = whole rows at once)", low=0, high=1 << 20),
     _k("runtime.ce_chunk", "int", 2048, "tokens per cross-entropy chunk", low=1, high=1 << 20),
-    _k("runtime.log_every", "int", 1, "steps between metrics lines", low=1),
+    _k("runtime.log_every", "int", 1, "steps between metrics lines", low=1, high=10_000_000),
     _k("runtime.progress_every", "number", 30, "seconds between plain progress lines (step/total, "
        "loss, tokens/s, elapsed, ETA) when stderr is not a terminal: a log file, nohup, SLURM, CI "
        "(a terminal shows a live bar instead)", low=0.0, low_open=True, high=86400),
     _k("runtime.checkpoint_every", "int", 50, "steps between checkpoints (0 = at the end only)",
-       low=0),
+       low=0, high=10_000_000),
     # eval
     _k("eval.metric", "choice", "accuracy", "held-out metric",
        choices=("accuracy", "macro_f1", "exact_match", "rouge_l")),
     _k("eval.max_new_tokens", "int", 16, "tokens generated per answer", low=1, high=8192),
     _k("eval.limit", "int", None, "test rows scored, drawn with schedule.seed (null = all)",
-       nullable=True, low=1),
-    _k("eval.every", "int", 0, "steps between evaluations while training (0 = at the end)", low=0),
+       nullable=True, low=1, high=10**12),
+    _k("eval.every", "int", 0, "steps between evaluations while training (0 = at the end)", low=0,
+       high=10_000_000),
     _k("eval.batch_size", "int", 16, "rows generated at once", low=1, high=4096),
     _k("lr_find.start_lr", "number", 1e-7, "`tune lr-find`: the first learning rate", low=0.0,
-       low_open=True),
+       low_open=True, high=100.0),
     _k("lr_find.end_lr", "number", 1.0, "`tune lr-find`: the last learning rate", low=0.0,
-       low_open=True),
+       low_open=True, high=100.0),
     _k("lr_find.steps", "int", 100, "`tune lr-find`: steps from start_lr to end_lr at most", low=5,
        high=100_000),
     _k("lr_find.stop_factor", "number", 4.0, "`tune lr-find`: stop once the smoothed loss passes "
-       "this many times its minimum", low=1.0, low_open=True),
+       "this many times its minimum", low=1.0, low_open=True, high=1e6),
     _k("retrieval.corpus", "str", None, "passages to retrieve from (jsonl, json, csv, parquet; an "
        "id and a text field): BM25 fills the template's {retrieved}; null = no retrieval",
        nullable=True),
@@ -356,7 +365,15 @@ def unknown_key(path: str) -> PlanError:
 # ------------------------------------------------------------------------------ values
 
 def _show(value) -> str:
-    return repr(value) if isinstance(value, str) else str(value)
+    """The value as an error message shows it: cut short, however long it is."""
+    if isinstance(value, (list, tuple, dict)) and len(value) > SHOW_ITEMS:
+        return f"a {type(value).__name__} of {len(value):,} items"
+    text = repr(value) if isinstance(value, str) else _num(value) if isinstance(value, int) \
+        else str(value)
+    return text if len(text) <= SHOW_CHARS else text[:SHOW_CHARS - 1] + "…"
+
+
+SHOW_CHARS, SHOW_ITEMS = 80, 16
 
 
 def _is_interp(value) -> bool:
@@ -372,19 +389,19 @@ def coerce(key: Key, value):
         if key.kind == "targets":
             raise _err(path, "must be a list of module names or `all-linear`, got null.")
         raise _err(path, f"must be {_expect(key)}, got null.", key.hint)
+    _check_size(path, value)
     if key.kind == "int":
         value = _to_int(path, value, "an integer")
     elif key.kind == "axis":
         value = _to_int(path, value, "an integer (a mesh axis size, or -1)")
         if value == 0 or value < -1:
             raise _err(path, f"must be a positive axis size or -1 (all remaining devices), "
-                       f"got {value}.")
-        return value
+                       f"got {_num(value)}.")
     elif key.kind == "number":
         value = _to_float(path, value)
     elif key.kind == "bool":
-        if isinstance(value, str) and value.strip().lower() in ("true", "false"):
-            value = value.strip().lower() == "true"
+        if isinstance(value, str) and value.lower() in ("true", "false"):
+            value = value.lower() == "true"
         if not isinstance(value, bool):
             raise _err(path, f"must be true or false, got {_show(value)}.")
         return value
@@ -411,9 +428,38 @@ def coerce(key: Key, value):
     return value
 
 
+def _check_size(path: str, value) -> None:
+    """A value of any key holds at most MAX_TEXT characters (a list: MAX_ITEMS items, each a
+    short value), so that checking it, and all that follows, takes bounded time."""
+    if isinstance(value, str) and len(value) > MAX_TEXT:
+        raise _err(path, f"is {len(value):,} characters long; a value is at most {MAX_TEXT:,}.",
+                   hint="a text this long belongs in the data, not in the config.")
+    if isinstance(value, (list, tuple, dict)):
+        if len(value) > MAX_ITEMS:
+            raise _err(path, f"has {len(value):,} items; a list is at most {MAX_ITEMS}.",
+                       hint="name each item once; `all-linear` adapts every linear layer."
+                       if path == "adapter.targets" else None)
+        for item in (value.values() if isinstance(value, dict) else value):
+            _check_size(path, item)
+
+
 def _expect(key: Key) -> str:
     return {"int": "an integer", "number": "a number", "bool": "true or false", "str": "a string",
             "choice": "one of " + ", ".join(key.choices), "axis": "an integer"}.get(key.kind, "a value")
+
+
+# Numbers written as text are read only in plain decimal (ASCII digits, a sign, a point, an
+# exponent): Python's int() and float() also take underscores (1_6 → 16), surrounding whitespace
+# and other scripts' digits, and YAML 1.1 reads 010 as 8 and 0x10 as 16 — all of them surprises.
+INT_HINT = ("write it in plain decimal digits, e.g. 16 (no underscores, spaces, leading zeros "
+            "or hexadecimal).")
+NUMBER_HINT = ("write it in plain decimal, e.g. 0.05 or 2e-4 (no underscores, spaces or "
+               "hexadecimal).")
+
+
+def plain_number(text: str) -> bool:
+    """Whether `text` is a number in plain decimal (see INT_TEXT, FLOAT_TEXT)."""
+    return bool(INT_TEXT.fullmatch(text) or FLOAT_TEXT.fullmatch(text))
 
 
 def _to_int(path: str, value, what: str) -> int:
@@ -424,10 +470,9 @@ def _to_int(path: str, value, what: str) -> int:
     if isinstance(value, float) and math.isfinite(value) and value.is_integer():
         return int(value)
     if isinstance(value, str):
-        try:
-            return int(value.strip())
-        except ValueError:
-            pass
+        if INT_TEXT.fullmatch(value) and len(value) <= MAX_NUMBER_CHARS:
+            return int(value)
+        raise _err(path, f"must be {what}, got {_show(value)}.", INT_HINT)
     raise _err(path, f"must be {what}, got {_show(value)}.")
 
 
@@ -439,10 +484,11 @@ def _to_float(path: str, value) -> float:
     if isinstance(value, float):
         out = value
     elif isinstance(value, str):
-        try:
-            out = float(value.strip())
-        except ValueError:
-            raise _err(path, f"must be a number, got {_show(value)}.") from None
+        if not plain_number(value) or len(value) > MAX_NUMBER_CHARS:
+            if value.strip().lstrip("+-").lower() in ("nan", "inf", "infinity"):
+                raise _err(path, f"must be a finite number, got {_show(value)}.")
+            raise _err(path, f"must be a number, got {_show(value)}.", NUMBER_HINT)
+        out = float(value)
     else:
         raise _err(path, f"must be a number, got {_show(value)}.")
     if not math.isfinite(out):
@@ -463,6 +509,11 @@ def _range(key: Key, value) -> None:
 def _num(x) -> str:
     if isinstance(x, float) and x.is_integer() and abs(x) < 1e6:
         return str(int(x))
+    if isinstance(x, int) and not isinstance(x, bool) and abs(x) >= 10**15:
+        # an integer too long to read whole (or too large for a float): its magnitude
+        if x.bit_length() > 13_000:
+            return f"an integer of {x.bit_length():,} bits"
+        return format(decimal.Decimal(x), ".3e")
     return f"{x:g}" if isinstance(x, float) else str(x)
 
 
@@ -471,6 +522,7 @@ def _names(path: str, value, *, what: str, hint: str | None = None,
     """A list of non-empty names (a comma-separated string too), stripped, each once."""
     if isinstance(value, str):
         value = [p.strip() for p in value.split(",") if p.strip()]
+        _check_size(path, value)
     if not isinstance(value, (list, tuple)) or (not value and not empty) or \
             not all(isinstance(v, str) and v.strip() for v in value):
         raise _err(path, f"must be a list of {what}, got {_show(value)}.", hint=hint)
@@ -493,6 +545,7 @@ def _paths(path: str, value) -> list[str]:
 def _backends(path: str, value) -> list[str]:
     if isinstance(value, str):
         value = [p.strip() for p in value.split(",") if p.strip()]
+        _check_size(path, value)
     if not isinstance(value, (list, tuple)) or not all(isinstance(v, str) for v in value):
         raise _err(path, f"must be a list of trackers (or []), got {_show(value)}.",
                    hint=f"any of {', '.join(TRACKERS)}, e.g. {path}=[tensorboard,mlflow].")
@@ -511,6 +564,7 @@ def _targets(path: str, value):
         if not v:
             raise _err(path, "must name at least one module, or be `all-linear`.")
         value = [p.strip() for p in v.split(",") if p.strip()]
+        _check_size(path, value)
     if isinstance(value, (list, tuple)):
         names = []
         for item in value:
@@ -631,6 +685,36 @@ def check_override(path: str, value) -> None:
             return  # a group option (`model=NAME`): Hydra resolves it
         raise _err(path, f"is a section; set one of its keys ({path}.KEY=VALUE) or give a mapping.")
     raise unknown_key(path)
+
+
+_QUOTED = re.compile(r"'[^']*'|\"[^\"]*\"")
+_GROUPED = re.compile(r"[+-]?[0-9][0-9_]*_[0-9][0-9_]*(\.[0-9_]*)?([eE][+-]?[0-9_]+)?")
+
+
+def check_override_text(path: str, text: str, values: list) -> None:
+    """A command-line override whose value Hydra read as a number from digits grouped with
+    underscores (`adapter.rank=1_6` → 16; Hydra's grammar allows them) is refused: tune reads
+    numbers only in plain decimal (INT_TEXT), and a text with an underscore must be quoted."""
+    def numbers(v) -> bool:
+        if isinstance(v, (list, tuple)):
+            return any(numbers(x) for x in v)
+        if isinstance(v, dict):
+            return any(numbers(x) for x in v.values())
+        return isinstance(v, (int, float)) and not isinstance(v, bool)
+
+    if "${" in text or not numbers(values):
+        return
+    grouped = _GROUPED.search(_QUOTED.sub("", text.partition("=")[2]))
+    if grouped:
+        word = grouped.group(0)
+        digits = word.replace("_", "")
+        number = int(digits) if INT_TEXT.fullmatch(digits) else float(digits)
+        key = BY_PATH.get(path)
+        numeric = key is None or key.kind in ("int", "number", "axis")
+        raise _err(path, f"`{word}` groups digits with underscores, which Hydra reads as the "
+                   f"number {number}; tune takes numbers only in plain decimal.",
+                   hint=f"write {number}." if numeric else
+                   f"quote it to keep it as text: {path}='{word}'.")
 
 
 def describe_keys() -> list[tuple[str, str, str]]:

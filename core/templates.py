@@ -8,7 +8,6 @@ immutable sandbox, as transformers does.
 """
 from __future__ import annotations
 
-import json
 import string
 from collections.abc import Iterable
 from functools import lru_cache
@@ -16,7 +15,6 @@ from functools import lru_cache
 from core.errors import PlanError, did_you_mean
 
 PARTS = ("prompt", "response", "system")
-MAX_CHAT_TEXT = 1 << 20       # characters a chat template may render for one example
 OPEN, CLOSE = "⟦", "⟧"   # marks the supervised span in the plan's rendered examples
 
 
@@ -157,102 +155,53 @@ def render(row: dict, template: dict) -> tuple[str, str, str | None]:
 @lru_cache(maxsize=16)
 def _compile_chat(template_src: str):
     import jinja2
-    import jinja2.ext
-    from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+    from core import chat_sandbox
 
     version = tuple(int(x) for x in jinja2.__version__.split(".")[:3] if x.isdigit())
     if version < (3, 1, 6):   # older sandboxes have known escapes; a chat template is untrusted input
         raise PlanError("template.chat", f"jinja2 {jinja2.__version__} is too old to render a chat "
                         "template safely.", hint="pip install 'jinja2>=3.1.6'.")
-
-    class Generation(jinja2.ext.Extension):
-        # {% generation %}...{% endgeneration %} marks assistant text for transformers' masks;
-        # here it renders its body unchanged.
-        tags = {"generation"}
-
-        def parse(self, parser):
-            lineno = next(parser.stream).lineno
-            body = parser.parse_statements(("name:endgeneration",), drop_needle=True)
-            return jinja2.nodes.CallBlock(self.call_method("_body"), [], [], body).set_lineno(lineno)
-
-        def _body(self, caller):
-            return caller()
-
-    class Namespace(jinja2.utils.Namespace):
-        # no underscore attributes on namespaces (the door to Python internals)
-        def __init__(*args, **kwargs):
-            self, args = args[0], args[1:]
-            attrs = dict(*args, **kwargs)
-            for name in attrs:
-                Namespace._check(name)
-            jinja2.utils.Namespace.__init__(self, attrs)
-
-        def __setitem__(self, name, value):
-            Namespace._check(name)
-            jinja2.utils.Namespace.__setitem__(self, name, value)
-
-        @staticmethod
-        def _check(name):
-            if isinstance(name, str) and name.startswith("_"):
-                raise jinja2.exceptions.SecurityError(f"namespace attribute {name!r} is not allowed")
-
-    def raise_exception(message):
-        raise jinja2.exceptions.TemplateError(message)
-
-    def tojson(x, ensure_ascii=False, indent=None, separators=None, sort_keys=False):
-        # like transformers: no HTML escaping
-        return json.dumps(x, ensure_ascii=ensure_ascii, indent=indent, separators=separators,
-                          sort_keys=sort_keys)
-
-    class Bounded(ImmutableSandboxedEnvironment):
-        # A chat template is untrusted input: ranges are bounded by the sandbox (MAX_RANGE); the
-        # arithmetic that builds huge values in one step is bounded here.
-        intercepted_binops = frozenset(("*", "**"))
-
-        def call_binop(self, context, operator, left, right):
-            if operator == "**" and isinstance(right, int) and abs(right) > 256:
-                raise jinja2.exceptions.SecurityError("exponent too large in a chat template")
-            if operator == "*":
-                for seq, n in ((left, right), (right, left)):
-                    if isinstance(seq, (str, list, tuple)) and isinstance(n, int) and \
-                            len(seq) * n > MAX_CHAT_TEXT:
-                        raise jinja2.exceptions.SecurityError("a chat template built a value "
-                                                              "larger than 1 MB")
-            return super().call_binop(context, operator, left, right)
-
-    env = Bounded(trim_blocks=True, lstrip_blocks=True,
-                  extensions=[Generation, jinja2.ext.loopcontrols])
-    env.filters["tojson"] = tojson
-    env.globals["raise_exception"] = raise_exception
-    env.globals["namespace"] = Namespace
-    # No strftime_now: templates that print today's date (Llama 3.1) fall back to their fixed date,
-    # so the rendered training data, and its cache key, do not change with the calendar.
+    if len(template_src) > chat_sandbox.MAX_SOURCE:
+        raise PlanError("template.chat", f"the model's chat template is {len(template_src):,} "
+                        f"characters long; tune renders templates of at most "
+                        f"{chat_sandbox.MAX_SOURCE:,}.", hint=_CHAT_HINT)
     try:
-        return env.from_string(template_src)
+        return chat_sandbox.environment().from_string(template_src)
     except jinja2.TemplateSyntaxError as e:
         raise PlanError("template.chat", f"the model's chat template does not parse: {e.message} "
                         f"(template line {e.lineno}).") from None
+    except (jinja2.TemplateError, SyntaxError, RecursionError, MemoryError, ArithmeticError,
+            LookupError, ValueError, TypeError) as e:   # e.g. nesting too deep for a compiler
+        raise PlanError("template.chat", f"the model's chat template cannot be compiled: "
+                        f"{type(e).__name__}: {e}.", hint=_CHAT_HINT) from None
+
+
+_CHAT_HINT = "set template.chat=false to use the plain prompt and response."
 
 
 def render_chat(template_src: str, messages: list[dict], *, add_generation_prompt: bool,
                 bos_token: str = "", eos_token: str = "") -> str:
-    """The chat template rendered over `messages`, in a sandbox, as transformers renders it."""
-    import jinja2
+    """The chat template rendered over `messages`, in a sandbox, as transformers renders it; its
+    work, the values it builds and its output are bounded (core/chat_sandbox.py)."""
+    from core import chat_sandbox
 
     compiled = _compile_chat(template_src)
     try:
-        text = compiled.render(messages=messages, add_generation_prompt=add_generation_prompt,
-                               bos_token=bos_token, eos_token=eos_token)
-    except (jinja2.TemplateError, OverflowError, RecursionError, MemoryError, TypeError,
-            ValueError) as e:
+        return chat_sandbox.render(compiled, messages=messages,
+                                   add_generation_prompt=add_generation_prompt,
+                                   bos_token=bos_token, eos_token=eos_token)
+    except chat_sandbox.Exceeded as e:
+        raise PlanError("template.chat", f"the model's chat template {e} for one example; tune "
+                        "stopped it there.",
+                        hint="a chat template renders a conversation with a little work; "
+                             + _CHAT_HINT) from None
+    except Exception as e:  # noqa: BLE001 - whatever the template's code raises (1/0, a bad
+        # argument, a missing key) is the template's failure, not tune's
+        text = " ".join(str(e).split())
         raise PlanError("template.chat", f"the model's chat template failed: {type(e).__name__}: "
-                        f"{e}.", hint="set template.chat=false to use the plain prompt and "
-                                      "response.") from None
-    if len(text) > MAX_CHAT_TEXT:
-        raise PlanError("template.chat", f"the model's chat template rendered {len(text):,} "
-                        "characters for one example.", hint="set template.chat=false to use the "
-                                                            "plain prompt and response.")
-    return text
+                        f"{text[:300] + '…' if len(text) > 300 else text}.",
+                        hint=_CHAT_HINT) from None
 
 
 def chat_messages(prompt: str, system: str | None) -> list[dict]:
