@@ -169,9 +169,11 @@ def _read_file(key: str, path: Path, d: dict, t: dict, policy: data_mod.TextPoli
     fields = data_mod.table_fields(rows)
     used = [f for f in check_fields(t, fields + [f for f in extra if f not in fields],
                                     file=str(path)) if f not in extra]
+    locate = data_mod.row_locator(path, fmt=d["format"])
+    rows = data_mod.with_origins(rows, str(path), locate)     # the token checks name lines
     rows, cleaning = data_mod.prepare_rows(
         rows, fields=[f for f in used if f != t["messages"]], messages=t["messages"], policy=policy,
-        key=key, file=str(path), locate=data_mod.row_locator(path, fmt=d["format"]))
+        key=key, file=str(path), locate=locate)
     kept, dropped = data_mod.clean_rows(rows, fields=used, dedupe=dedupe)
     if not kept:
         raise PlanError(key, f"no usable rows: all {len(rows)} rows were dropped "
@@ -280,7 +282,7 @@ def _tokenise(config: dict, tables: _Tables, model: ModelSection, warnings: list
     stats: dict = {"cache": None, "key": None, "sizes": {"train": 0, "val": 0, "test": 0},
                    "tokens": {}, "truncated": 0, "dropped_too_long": 0, "no_supervised": 0,
                    "supervised": {}, "per_split": {}, "n_labels": 0, "answers": [], "examples": [],
-                   "truncated_fields": {}}
+                   "truncated_fields": {}, "answers_cut": 0}
     examples = None
     preference = None
     if config["objective"]["kind"] != "sft":
@@ -299,6 +301,7 @@ def _tokenise(config: dict, tables: _Tables, model: ModelSection, warnings: list
                           "text": [d["normalize"], d["whitespace"], d["control_tokens"]]})
         examples = load_examples(stats["cache"])
         warnings += _pair_warnings(stats, d) if preference else _example_warnings(stats, d)
+        warnings += _answer_cut_warnings(stats, d, tables.splits, preference is not None)
     section = DataSection(
         format=d["format"], max_rows=d["max_rows"], val_fraction=d["val_fraction"],
         max_length=d["max_length"], overlength=d["overlength"], dedupe=d["dedupe"],
@@ -307,7 +310,8 @@ def _tokenise(config: dict, tables: _Tables, model: ModelSection, warnings: list
         truncate_fields=tuple(d["truncate_fields"] or ()),
         truncated_fields=dict(stats["truncated_fields"]),
         dropped_too_long=stats["dropped_too_long"], no_supervised=stats["no_supervised"],
-        supervised=dict(stats["supervised"]), per_split=dict(stats["per_split"]),
+        answers_cut=stats["answers_cut"], supervised=dict(stats["supervised"]),
+        per_split=dict(stats["per_split"]),
         n_labels=stats["n_labels"], turns_dropped=stats.get("turns_dropped", 0),
         normalize=d["normalize"], whitespace=d["whitespace"], control_tokens=d["control_tokens"],
         unit=2 if preference else 1,
@@ -351,21 +355,40 @@ def _listing(items: list[str], most: int = 10) -> str:
     return ", ".join(items[:most]) + (f" and {len(items) - most} more" if len(items) > most else "")
 
 
+def _answer_cut_warnings(stats: dict, d: dict, splits: dict, pairs: bool) -> list[str]:
+    """data.overlength=truncate_answer: how many answers were cut, and where the first are."""
+    from compiler.examples import cut_answer_places
+
+    n = int(stats.get("answers_cut") or 0)
+    if not n:
+        return []
+    places = cut_answer_places(splits, stats.get("answers_cut_rows") or [],
+                               stats.get("answers_cut_in_rows") or n)
+    longest = stats.get("longest_cut_answer") or 0
+    what = ("reply", "replies") if pairs else ("answer", "answers")
+    return [f"{n} {what[n != 1]} {'was' if n == 1 else 'were'} cut at their end to fit "
+            f"data.max_length={d['max_length']} tokens "
+            f"(data.overlength=truncate_answer): the model learns them clipped, without their end "
+            f"token: {places}"
+            + f"; the longest is {longest} tokens: data.max_length={longest + 1} keeps them whole."]
+
+
 def _pair_warnings(stats: dict, d: dict) -> list[str]:
-    """What over-length did to preference units: prompts cut (the replies stay whole), units
-    dropped (data.overlength=drop, or a reply that alone needs data.max_length tokens)."""
+    """What over-length did to preference units: prompts cut (the replies stay whole, unless
+    data.overlength=truncate_answer cut them: _answer_cut_warnings), units dropped
+    (data.overlength=drop)."""
     out = []
     total = sum(int(v) for v in stats["sizes"].values()) + int(stats["dropped_too_long"]) + \
         int(stats["no_supervised"])
     if stats["truncated"]:
         out.append(f"{stats['truncated']} of {total} pairs (KTO: rows) have a prompt and reply "
                    f"longer than data.max_length={d['max_length']} tokens: their prompts were cut "
-                   "from the start, the replies kept whole.")
+                   "from the start, " + (f"and {stats['answers_cut']} replies at their end."
+                                         if stats.get("answers_cut") else
+                                         "the replies kept whole."))
     if stats["dropped_too_long"]:
-        why = ("data.overlength=drop" if d["overlength"] == "drop" else
-               "a reply alone needs data.max_length tokens or more")
         out.append(f"{stats['dropped_too_long']} of {total} pairs (KTO: rows) were dropped as too "
-                   f"long ({why}); raise data.max_length to keep them.")
+                   "long (data.overlength=drop); raise data.max_length to keep them.")
     return out
 
 
@@ -381,7 +404,9 @@ def _example_warnings(stats: dict, d: dict) -> list[str]:
                    f"{d['max_length']} tokens (train p95 = {p95}) and were truncated: cut "
                    + (f"inside their fields ({where})" if fields else "from the prompt's start")
                    + ("; the rest from the prompt's start" if fields and
-                      sum(fields.values()) < stats["truncated"] else "") + ".")
+                      sum(fields.values()) < stats["truncated"] else "")
+                   + (f"; {stats['answers_cut']} of them also at their answer's end"
+                      if stats.get("answers_cut") else "") + ".")
     if stats["dropped_too_long"]:
         out.append(f"{stats['dropped_too_long']} of {total} examples are longer than "
                    f"data.max_length={d['max_length']} tokens and were dropped (data.overlength=drop; "

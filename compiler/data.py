@@ -9,9 +9,11 @@ from __future__ import annotations
 import csv
 import io
 import json
+import math
 import os
 import random
 from pathlib import Path
+from typing import NamedTuple
 
 from core.errors import PlanError
 from core.prompting import CLEANING, Refused, TextPolicy, cleaner
@@ -19,6 +21,8 @@ from core.prompting import CLEANING, Refused, TextPolicy, cleaner
 FORMATS = {".jsonl": "jsonl", ".ndjson": "jsonl", ".json": "json", ".csv": "csv",
            ".parquet": "parquet", ".pq": "parquet"}
 REASONS = ("missing_field", "empty_field", "duplicate")
+# A row's key for where it was read (with_origins); never a field's name, which is always a string.
+ORIGIN = ("tune", "origin")
 
 
 # ------------------------------------------------------------------------------ reading
@@ -78,7 +82,8 @@ def table_fields(rows: list[dict]) -> list[str]:
     seen: dict[str, None] = {}
     for r in rows[:1000]:
         for k in r:
-            seen.setdefault(str(k), None)
+            if k != ORIGIN:
+                seen.setdefault(str(k), None)
     return list(seen)
 
 
@@ -234,8 +239,9 @@ def _json_type(value) -> str:
 def prepare_rows(rows: list[dict], *, fields: list[str], messages: str | None, policy: TextPolicy,
                  key: str, file: str, locate) -> tuple[list[dict], dict[str, int]]:
     """The rows with the fields the template reads checked and cleaned: a template field must hold
-    text or a number (a list, object or boolean is an error naming file and line — it would be
-    trained as its Python repr), a conversation field a conversation (compiler/conversations.py);
+    text or a finite number (a list, object, boolean, NaN or Infinity is an error naming file and
+    line — it would be trained as its Python repr; null drops the row, counted by clean_rows), a
+    conversation field a conversation (compiler/conversations.py);
     every text is Unicode-normalised, its whitespace treated, and the model's control tokens in it
     escaped (encoded as plain text) or refused. `locate(i)` → (line or None, where) of row i.
     Returns (rows, {what: texts changed}) for the plan."""
@@ -257,6 +263,13 @@ def prepare_rows(rows: list[dict], *, fields: list[str], messages: str | None, p
                                 line=line, hint=("a conversation? use template=conversation "
                                                  f"(template.messages={f})." if isinstance(v, list)
                                                  else "write the value as text, e.g. \"yes\"."))
+            if isinstance(v, float) and not math.isfinite(v):
+                line, where = locate(i)
+                raise PlanError(key, f"field `{f}` of {where} is {json_number(v)}, not a finite "
+                                f"number; it would be trained as the text {str(v)!r}.", file=file,
+                                line=line, hint=f"write it as text (\"{json_number(v)}\") if that "
+                                "is the answer, or null for a missing value (the row is then "
+                                "dropped and counted).")
             try:
                 new[f] = clean(v if isinstance(v, str) else str(v))
             except Refused as e:
@@ -280,6 +293,40 @@ def prepare_rows(rows: list[dict], *, fields: list[str], messages: str | None, p
                                 "(ShareGPT).") from None
         out.append(new)
     return out, counts
+
+
+def json_number(v: float) -> str:
+    """A non-finite float as JSON readers write it: NaN, Infinity, -Infinity."""
+    return "NaN" if v != v else "Infinity" if v > 0 else "-Infinity"
+
+
+def with_origins(rows: list[dict], file: str, locate) -> list[dict]:
+    """The rows read_table returned from `file`, each remembering where it was read (`origin(row)`;
+    `locate` is the file's row_locator), so that a check made after cleaning, sampling and
+    splitting have reordered them still names the file and line."""
+    for i, row in enumerate(rows):
+        row[ORIGIN] = (file, i, locate)
+    return rows
+
+
+class Origin(NamedTuple):
+    """Where a row was read."""
+    file: str
+    index: int                      # its place among the file's rows (read_table's order)
+    line: int | None                # 1-based line (JSONL, CSV), else None
+    where: str                      # "line N", "item i of the list" (JSON), "row i" (Parquet)
+
+    def __str__(self) -> str:
+        return f"{self.file}:{self.line}" if self.line else f"{self.file} ({self.where})"
+
+
+def origin(row: dict) -> Origin | None:
+    """Where a row read with with_origins was read, or None for a row made otherwise."""
+    found = row.get(ORIGIN)
+    if found is None:
+        return None
+    file, i, locate = found
+    return Origin(file, i, *locate(i))
 
 
 def row_locator(path: str | Path, *, fmt: str = "auto"):

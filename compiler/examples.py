@@ -6,13 +6,23 @@ tokenises exactly as it did in training. The runtime reads the cache through cor
 
 Over-length examples (prompt + answer > data.max_length tokens):
 - overlength=drop: the example is dropped and counted.
-- overlength=truncate: the prompt's fields are cut inside — the longest first, down to a common
-  length, each keeping its start (data.truncate_fields names which; default every field of the
-  prompt) — and the example re-rendered, so the template's own words, the system prompt and the
-  answer stay whole; the plan counts the rows cut per field. Only a row its fields cannot absorb
-  is cut from the prompt's LEFT (keeping its end and the whole answer); if the answer alone needs
-  max_length tokens or more, the last prompt token is kept and the answer is cut at its end to
-  max_length - 1 tokens (it then lacks its end token). Both count as truncated.
+- overlength=truncate (the default): the prompt's fields are cut inside — the longest first, down
+  to a common length, each keeping its start (data.truncate_fields names which; default every
+  field of the prompt) — and the example re-rendered, so the template's own words, the system
+  prompt and the answer stay whole; the plan counts the rows cut per field. Only a row its fields
+  cannot absorb is cut from the prompt's LEFT (keeping its end and the whole answer). Both count as
+  truncated. The answer is never cut: an example whose answer does not fit is refused (a PlanError
+  naming data.max_length, the first rows' file:line, how many there are and the longest answer).
+- overlength=truncate_answer: as truncate, but an answer that does not fit is cut at its end (it
+  then lacks its end token) behind the prompt's last token; counted as truncated and as
+  answers_cut, which the plan warns about.
+An answer "does not fit" when it is longer than max_length - 1 tokens: an example keeps at least
+one prompt token, since a sequence's first token is never predicted and an answer with no context
+teaches nothing. So an answer of exactly max_length tokens counts as cut too (its end token is
+what would go). Conversations apply the same rule to the one assistant turn they must keep (the
+first, when no run of whole turns fits), preference data (compiler/preference.py) to the longer
+reply of a pair. The rows are named through compiler/data.origin, which every row read from a
+file carries.
 Examples with no supervised token are dropped and counted (no_supervised).
 
 Cache: `<cache_dir>/<key>.npz` — per split (train, val, test) `{split}_ids` (int32, all examples'
@@ -33,6 +43,7 @@ from pathlib import Path
 
 import numpy as np
 
+from compiler.data import origin
 from core.errors import PlanError, did_you_mean
 from core.files import sha256_file, write_atomic
 from core.labels import answer_set
@@ -43,13 +54,14 @@ from core.tokenizer import (TOKENIZER_FILE, encode_texts, escape_controls, load_
                                 special_prefix_ids, special_token, unescape)
 from core.tokenizer import encode_unique as _encode_unique
 
-CACHE_VERSION = 4
+CACHE_VERSION = 6
 # test_plain: the test rows without retrieved passages (compiler/retrieval.py), scored beside them
 SPLITS = ("train", "val", "test", "test_plain")
-COUNTS = ("truncated", "dropped_too_long", "no_supervised")
+COUNTS = ("truncated", "dropped_too_long", "no_supervised", "answers_cut")
 MAX_LABELS = 1000      # more distinct answers than this is generation, not classification: no label set
-POLICIES = ("truncate", "drop")
+POLICIES = ("truncate", "drop", "truncate_answer")
 LARGE_SPLITS = 20_000  # rows from which tokenising says that it is (seconds, on a CPU)
+SHOWN_CUTS = 5         # rows whose answer does not fit that a refusal or warning names
 
 
 # ------------------------------------------------------------------------------ build
@@ -76,7 +88,7 @@ def build_examples(splits: dict[str, list[dict]], *, template: dict, tokenizer_d
         raise PlanError("data.truncate_fields", "does not apply to conversations "
                         "(template.messages): an over-length conversation loses its last turns.",
                         hint="leave data.truncate_fields null.")
-    cut = cuttable_fields(tmpl, truncate_fields) if overlength == "truncate" and not conversation \
+    cut = cuttable_fields(tmpl, truncate_fields) if overlength != "drop" and not conversation \
         else []
 
     key = _cache_key(splits, tmpl=tmpl, chat_template=chat_template if chat else None,
@@ -107,6 +119,10 @@ def build_examples(splits: dict[str, list[dict]], *, template: dict, tokenizer_d
     else:
         out = _single_turn_splits(splits, tmpl, tokenizer, cut, max_length=max_length,
                                   overlength=overlength, chat=chat, **chat_args)
+    cuts = _answer_cuts(splits, out)
+    if cuts and overlength == "truncate":
+        raise _refuse_cut_answers(cuts, max_length, "pairs" if preference is not None else
+                                  "conversations" if conversation else "examples")
     arrays: dict[str, np.ndarray] = {}
     for name in SPLITS:
         arrays.update(_pack_arrays(name, out[name]["seqs"], out[name]["plens"],
@@ -114,6 +130,9 @@ def build_examples(splits: dict[str, list[dict]], *, template: dict, tokenizer_d
         if "unit_labels" in out[name]:
             arrays[f"{name}_unit_labels"] = np.asarray(out[name]["unit_labels"], dtype=np.int32)
     stats = _stats(out, tokenizer, max_length=max_length, overlength=overlength)
+    stats["answers_cut_rows"] = [[name, j] for _, _, name, j, _ in cuts[:SHOWN_CUTS]]
+    stats["answers_cut_in_rows"] = len(cuts)          # a KTO pair's two rows are one here
+    stats["longest_cut_answer"] = max((n for *_, n in cuts), default=0)
     labels = stats.pop("_labels")
     if preference is not None:      # pairs: no label set; sizes count units (pairs, KTO rows)
         from compiler.preference import pair_stats
@@ -135,7 +154,8 @@ def build_examples(splits: dict[str, list[dict]], *, template: dict, tokenizer_d
 def _checked(overlength: str, max_length, tokenizer_dir) -> tuple[int, Path]:
     if overlength not in POLICIES:
         raise PlanError("data.overlength", f"unknown policy `{overlength}`.",
-                        hint="truncate (cut inside the prompt's fields, keep the answer) or drop.")
+                        hint="truncate (cut inside the prompt's fields, keep the answer), drop, "
+                             "or truncate_answer (also cut answers that do not fit).")
     max_length = int(max_length)
     if max_length < 2:
         raise PlanError("data.max_length", f"must be at least 2 tokens, got {max_length}.",
@@ -223,11 +243,13 @@ def _tokenise_turns(pieces, encoded, responses, tokenizer, *, max_length: int, o
     """One split of conversations as token sequences with per-token supervision masks, after the
     over-length policy: `truncate` keeps the longest run of whole turns that ends with an answer
     and fits (later turns are dropped and counted); when even the first answer does not fit, the
-    context before it is cut from the left as for single turns."""
+    context before it is cut from the left as for single turns — and the answer itself only with
+    `truncate_answer` (otherwise build_examples refuses it)."""
     counts = {**dict.fromkeys(COUNTS, 0), "turns_dropped": 0, "field_cuts": {}}
     seqs, masks, plens, lengths, supervised, kept_responses, answer_ids, shown = \
         [], [], [], [], [], [], [], []
-    for segs, enc, response in zip(pieces, encoded, responses):
+    answer_cuts = []                        # (conversation, answer tokens): answers that do not fit
+    for j, (segs, enc, response) in enumerate(zip(pieces, encoded, responses)):
         lengths.append(sum(len(ids) for ids, _ in enc))
         if not any(ids for ids, sup in enc if sup):
             counts["no_supervised"] += 1
@@ -237,6 +259,12 @@ def _tokenise_turns(pieces, encoded, responses, tokenizer, *, max_length: int, o
             if overlength == "drop":
                 counts["dropped_too_long"] += 1
                 continue
+            n = _first_answer_cut(enc, max_length)
+            if n:
+                answer_cuts.append((j, n))
+                counts["answers_cut"] += 1
+                if overlength != "truncate_answer":
+                    continue                # refused once every split is counted
             enc, dropped = _fit_turns(enc, max_length)
             counts["truncated"] += 1
             counts["turns_dropped"] += dropped
@@ -259,7 +287,15 @@ def _tokenise_turns(pieces, encoded, responses, tokenizer, *, max_length: int, o
     shown = sorted(shown, key=lambda x: x[0] < 2)[:2]      # stable: multi-turn first
     return {"seqs": seqs, "masks": masks, "plens": plens, "lengths": lengths,
             "supervised": supervised, "responses": kept_responses, "answer_ids": answer_ids,
-            "shown": [text for _, text in shown], "counts": counts}
+            "shown": [text for _, text in shown], "counts": counts, "answer_cuts": answer_cuts}
+
+
+def _first_answer_cut(enc: list[tuple[list[int], bool]], max_length: int) -> int:
+    """The first answer's tokens when _fit_turns would cut it (no run of whole turns fits and it
+    does not fit behind one token of its context), else 0."""
+    first = next(k for k, (_, sup) in enumerate(enc) if sup)
+    before, n = sum(len(ids) for ids, _ in enc[:first]), len(enc[first][0])
+    return n if before + n > max_length and cuts_answer(before, n, max_length) else 0
 
 
 def _fit_turns(enc: list[tuple[list[int], bool]], max_length: int
@@ -361,8 +397,9 @@ class _FieldFitter:
         self.fitted = 0
         for j, (row, head_ids, tail_ids) in enumerate(zip(rows, heads, tails)):
             over = len(self.prefix) + len(head_ids) + len(tail_ids) - self.max_length
-            if over <= 0 or not self.fields or not tail_ids:
-                continue
+            if over <= 0 or not self.fields or not tail_ids or \
+                    cuts_answer(len(self.prefix) + len(head_ids), len(tail_ids), self.max_length):
+                continue          # its answer does not fit: _tokenise_split refuses or cuts it
             fitted = self.fit(row, over, len(tail_ids))
             if fitted is None:
                 continue
@@ -429,7 +466,8 @@ def _tokenise_split(rendered, heads, tails, tokenizer, *, max_length: int, overl
     """One split's token sequences after the over-length policy, with what the stats need."""
     counts = dict.fromkeys(COUNTS, 0)
     seqs, plens, lengths, supervised, responses, answer_ids, shown = [], [], [], [], [], [], []
-    for (head, tail, response), p_ids, s_ids in zip(rendered, heads, tails):
+    answer_cuts = []                        # (row, answer tokens) of answers that do not fit
+    for j, ((head, tail, response), p_ids, s_ids) in enumerate(zip(rendered, heads, tails)):
         lengths.append(len(p_ids) + len(s_ids))
         if not s_ids:
             counts["no_supervised"] += 1
@@ -439,6 +477,11 @@ def _tokenise_split(rendered, heads, tails, tokenizer, *, max_length: int, overl
             if overlength == "drop":
                 counts["dropped_too_long"] += 1
                 continue
+            if cuts_answer(len(p_ids), len(s_ids), max_length):
+                answer_cuts.append((j, len(s_ids)))
+                counts["answers_cut"] += 1
+                if overlength != "truncate_answer":
+                    continue                # refused once every split is counted
             p_ids, s_ids = truncate(p_ids, s_ids, max_length)
             counts["truncated"] += 1
         seqs.append(p_ids + s_ids)
@@ -451,7 +494,8 @@ def _tokenise_split(rendered, heads, tails, tokenizer, *, max_length: int, overl
                                       tokenizer.decode(s_ids, skip_special_tokens=False))
                          if cut else mark_example(unescape(head), unescape(tail)))
     return {"seqs": seqs, "plens": plens, "lengths": lengths, "supervised": supervised,
-            "responses": responses, "answer_ids": answer_ids, "shown": shown, "counts": counts}
+            "responses": responses, "answer_ids": answer_ids, "shown": shown, "counts": counts,
+            "answer_cuts": answer_cuts}
 
 
 def _pack_arrays(name: str, seqs: list[list[int]], plens: list[int], masks=None
@@ -469,8 +513,83 @@ def _pack_arrays(name: str, seqs: list[list[int]], plens: list[int], masks=None
     return out
 
 
+def cuts_answer(n_prompt: int, n_answer: int, max_length: int) -> bool:
+    """Whether fitting an example into max_length tokens cuts its answer: it keeps at least one
+    prompt token when it has one (see the module docstring)."""
+    return n_answer > max_length - min(n_prompt, 1)
+
+
+def _answer_cuts(splits: dict, out: dict) -> list[tuple]:
+    """The rows whose answer does not fit (each split's `answer_cuts`, taken out of `out`), once
+    each, in file order: (sort key, origin or None, split, index in the split, answer tokens)."""
+    found: dict = {}
+    files: dict = {}                            # file (or split) → its rank: train's file first
+    for name in SPLITS:
+        cuts = out[name].pop("answer_cuts", None) or []
+        if name == "test_plain":                # its rows are test's
+            continue
+        for j, n in cuts:
+            where = origin(splits[name][j])
+            file, index = (where.file, where.index) if where else (name, j)
+            key = (files.setdefault(file, len(files)), index)
+            if key not in found or found[key][-1] < n:      # KTO: a pair gives two rows
+                found[key] = (key, where, name, j, n)
+    return [found[k] for k in sorted(found)]
+
+
+def _places(rows: list[tuple], more: int = 0) -> str:
+    """Rows named by file, each file once: `a.jsonl lines 7, 30; b.jsonl line 4 and 3 more`.
+    rows: (origin or None, split, index in the split)."""
+    groups: dict[str, list[str]] = {}
+    for where, name, j in rows:
+        file, at = (where.file, where.where) if where else (f"{name} split", f"row {j + 1}")
+        groups.setdefault(file, []).append(at)
+    parts = []
+    for file, ats in groups.items():
+        if all(a.startswith("line ") for a in ats) and len(ats) > 1:
+            ats = ["lines " + ", ".join(a.removeprefix("line ") for a in ats)]
+        parts.append(f"{file} {', '.join(ats)}")
+    return "; ".join(parts) + (f" and {more} more" if more > 0 else "")
+
+
+def cut_answer_places(splits: dict, refs: list, total: int) -> str:
+    """The rows the stats' `answers_cut_rows` names (of `total`), by file and line."""
+    rows = []
+    for name, j in refs:
+        split = splits.get(name) or []
+        rows.append((origin(split[j]) if j < len(split) else None, name, j))
+    return _places(rows, total - len(rows))
+
+
+# kind → (one, several, what does not fit)
+_CUT_TEXT = {"examples": ("example", "examples", "an answer"),
+             "conversations": ("conversation", "conversations",
+                               "an assistant turn it must keep (its first)"),
+             "pairs": ("pair (KTO: row)", "pairs (KTO: rows)", "a reply")}
+
+
+def _refuse_cut_answers(cuts: list[tuple], max_length: int, kind: str) -> PlanError:
+    """overlength=truncate cuts prompts only: the rows whose answer does not fit, named."""
+    one, several, what = _CUT_TEXT[kind]
+    n, longest = len(cuts), max(c[-1] for c in cuts)
+    places = _places([(where, name, j) for _, where, name, j, _ in cuts[:SHOWN_CUTS]],
+                     n - SHOWN_CUTS)
+    first = cuts[0][1]
+    return PlanError(
+        "data.max_length", f"{n} {one if n == 1 else several} {'has' if n == 1 else 'have'} "
+        f"{what} longer than the {max_length - 1} tokens data.max_length={max_length} leaves it "
+        f"after one prompt token: {places}. The longest is {longest} tokens (its end token "
+        "included). data.overlength=truncate cuts prompts, never answers.",
+        file=first.file if first else None, line=first.line if first else None,
+        hint=f"raise data.max_length to {longest + 1}, or set data.overlength=drop (they are "
+             "dropped, counted in the plan), or data.overlength=truncate_answer (their answers "
+             "are cut at the end, at your own risk; counted in the plan).")
+
+
 def truncate(p_ids: list[int], s_ids: list[int], max_length: int) -> tuple[list[int], list[int]]:
-    """Fit prompt + supervised ids into max_length tokens (see the module docstring for the rule)."""
+    """Fit prompt + supervised ids into max_length tokens (see the module docstring for the rule):
+    the prompt is cut from its start; with overlength=truncate_answer the answer (cuts_answer)
+    from its end."""
     if len(s_ids) < max_length:                  # the whole answer fits with ≥ 1 prompt token
         return p_ids[len(p_ids) - (max_length - len(s_ids)):], s_ids
     keep = min(len(p_ids), 1)

@@ -18,7 +18,9 @@ row in unpaired data), a KTO label that is not a boolean, a turn list that does 
 must. Counted and dropped: rows missing a side, with an empty side, with identical chosen and
 rejected, duplicates. A pair longer than data.max_length (prompt + the longer reply) keeps both
 replies whole: the prompt is cut from its start (counted), or the pair dropped
-(data.overlength=drop, or a reply that alone needs max_length tokens).
+(data.overlength=drop). A reply that does not fit behind one prompt token (compiler/examples.py's
+rule) is refused with its file and line, or with data.overlength=truncate_answer cut at its end
+(counted as answers_cut).
 
 Token cache layout: every split holds units of two examples side by side — (chosen, rejected) for
 pairs; for KTO's training and validation rows (completion, KL completion): the same prompt with
@@ -29,6 +31,7 @@ split always holds pairs (preference accuracy ranks chosen against rejected).
 from __future__ import annotations
 
 import json
+import math
 from collections import Counter
 from pathlib import Path
 
@@ -46,7 +49,7 @@ PAIRED = ("chosen", "rejected")
 UNPAIRED = ("completion", "label")
 REASONS = ("missing_field", "empty_field", "identical", "duplicate")
 REASON_TEXT = {"identical": "chosen identical to rejected"}
-COUNTS = ("truncated", "dropped_too_long", "no_supervised")
+COUNTS = ("truncated", "dropped_too_long", "no_supervised", "answers_cut")
 
 
 def names(config: dict) -> dict:
@@ -84,6 +87,7 @@ def read_file(key: str, path: Path, d: dict, t: dict, objective: str, policy, *,
     rows = data_mod.read_table(path, key=key, fmt=d["format"], max_mb=d["max_file_mb"])
     fields = data_mod.table_fields(rows)
     locate = data_mod.row_locator(path, fmt=d["format"])
+    rows = data_mod.with_origins(rows, str(path), locate)     # the token checks name lines
     paired = _layout(key, path, fields, f, objective, test)
     counts = dict.fromkeys(CLEANING, 0)
     clean = cleaner(policy, counts)
@@ -118,6 +122,7 @@ def read_file(key: str, path: Path, d: dict, t: dict, objective: str, policy, *,
                 v = out.get(name)
                 if v is not None and (isinstance(v, bool) or not isinstance(v, (str, int, float))):
                     raise _Bad(f"field `{name}` is a JSON {type(v).__name__}, not text or a number")
+                _finite(v, name)
                 if v is not None:
                     out[name] = clean(str(v))
             if paired:
@@ -139,6 +144,7 @@ def read_file(key: str, path: Path, d: dict, t: dict, objective: str, policy, *,
                 raise _Bad(f"field `{f['prompt']}` is a JSON {type(prompt).__name__}, not text or "
                            "a list of turns")
             else:
+                _finite(prompt, f["prompt"])
                 out["prompt"] = out[f["prompt"]] = clean(str(prompt))   # the template reads it
         except (_Bad, ValueError, Refused) as e:
             line, at = where()
@@ -161,7 +167,7 @@ def read_file(key: str, path: Path, d: dict, t: dict, objective: str, policy, *,
             dropped["duplicate"] += 1
             continue
         seen.add(sig)
-        out["line"] = i
+        out[data_mod.ORIGIN] = row[data_mod.ORIGIN]
         kept.append(out)
     if not kept:
         raise PlanError(key, f"no usable rows: all {len(rows)} rows were dropped "
@@ -252,7 +258,17 @@ def _reply(value, name: str, clean) -> str:
         return clean(content)
     if isinstance(value, bool) or not isinstance(value, (str, int, float)):
         raise _Bad(f"field `{name}` is a JSON {type(value).__name__}, not text or a list of turns")
+    _finite(value, name)
     return clean(str(value))
+
+
+def _finite(value, name: str) -> None:
+    """A number is finite: NaN or Infinity would be trained as the text `nan` / `inf`."""
+    from compiler.data import json_number
+
+    if isinstance(value, float) and not math.isfinite(value):
+        raise _Bad(f"field `{name}` is {json_number(value)}, not text or a finite number (it would "
+                   f"be trained as the text {str(value)!r})")
 
 
 def _implicit_prompt(chosen, rejected, f: dict):
@@ -394,6 +410,7 @@ def _units(rows, rendered, heads, tails, tokenizer, *, kto: bool, seed: int, max
     counts = {**dict.fromkeys(COUNTS, 0), "field_cuts": {}}
     seqs, plens, lengths, supervised, responses, answer_ids, shown, labels = \
         [], [], [], [], [], [], [], []
+    answer_cuts = []                        # (row, reply tokens) of replies that do not fit
     kl = mismatched(len(rows), [signature(r) for r in rows], seed) if kto else None
     for i, (row, (head, texts), p_ids, t_ids) in enumerate(zip(rows, rendered, heads, tails)):
         replies = list(t_ids)
@@ -405,10 +422,19 @@ def _units(rows, rendered, heads, tails, tokenizer, *, kto: bool, seed: int, max
             counts["no_supervised"] += 1
             continue
         cut = len(p_ids) + longest > max_length
+        # compiler/examples.py's rule (cuts_answer): a reply fits behind at least one prompt token
+        answer_cut = cut and overlength != "drop" and longest > max_length - min(len(p_ids), 1)
         if cut:
-            if overlength == "drop" or longest >= max_length:
+            if overlength == "drop":
                 counts["dropped_too_long"] += 1
                 continue
+            if answer_cut:
+                answer_cuts.append((i, longest))
+                counts["answers_cut"] += 1
+                if overlength != "truncate_answer":
+                    continue                # refused once every split is counted
+                longest = max_length - min(len(p_ids), 1)
+                replies = [x[:longest] for x in replies]
             p_ids = p_ids[len(p_ids) - (max_length - longest):]
             counts["truncated"] += 1
         if kto:                          # the KL completion is cut to fit (it only estimates KL)
@@ -424,9 +450,12 @@ def _units(rows, rendered, heads, tails, tokenizer, *, kto: bool, seed: int, max
         if len(shown) < 2:
             prompt_text = tokenizer.decode(p_ids, skip_special_tokens=False) if cut else \
                 unescape(head)
-            shown.append(_shown(prompt_text, [unescape(x) for x in texts], kto, row))
+            shown_replies = ([tokenizer.decode(x, skip_special_tokens=False) for x in replies]
+                             if answer_cut else [unescape(x) for x in texts])
+            shown.append(_shown(prompt_text, shown_replies, kto, row))
     out = {"seqs": seqs, "plens": plens, "lengths": lengths, "supervised": supervised,
-           "responses": responses, "answer_ids": answer_ids, "shown": shown, "counts": counts}
+           "responses": responses, "answer_ids": answer_ids, "shown": shown, "counts": counts,
+           "answer_cuts": answer_cuts}
     if kto:
         out["unit_labels"] = labels
     return out

@@ -165,6 +165,8 @@ def _data(plan) -> Panel:
                         + (f" (later turns dropped: {_n(d.turns_dropped)} answers)"
                            if d.turns_dropped else "")
                         + f" · {_n(d.dropped_too_long)} dropped (data.overlength={d.overlength})"
+                        + (f" · {_n(d.answers_cut)} answers cut at their end"
+                           if d.answers_cut else "")
          if tok else None),
         ("clean text", _cleaning(d)),
         ("supervised", f"min {_n(sup.get('min'))} · mean {_n(sup.get('mean'))} tokens per example · "
@@ -185,7 +187,9 @@ def _pairs(d) -> str:
                f"{_n(tokens.get('p95'))} · max {_n(tokens.get('max'))}" if tokens else "")
             + (f" · KTO rows: {_n(labels['desirable'])} desirable, {_n(labels['undesirable'])} "
                "undesirable" if labels else "")
-            + " · over length: the prompt is cut, never a reply")
+            + (" · over length: the prompt is cut, never a reply" if not d.answers_cut else
+               f" · over length: the prompt is cut, and {_n(d.answers_cut)} replies at their end "
+               "(data.overlength=truncate_answer)"))
 
 
 OBJECTIVES = {"dpo": "DPO: −log σ(β·(chosen − rejected log-ratio against the reference))",

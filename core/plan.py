@@ -127,6 +127,8 @@ class DataSection:
                                     # then count units (pairs, KTO rows)
     pairs: dict = field(default_factory=dict)   # preference data: units per split, tokens per
                                     # pair (mean, p95, max), KTO's desirable/undesirable rows
+    answers_cut: int = 0            # data.overlength=truncate_answer: examples whose answer (a
+                                    # reply) was cut at its end to fit max_length
 
 
 @dataclass(frozen=True)
@@ -420,17 +422,23 @@ _UNHASHED = (("hash",), ("estimates",), ("warnings",), ("recipe",), ("config", "
 
 def _drop_unused(doc: dict) -> None:
     """Supervised plans hash as they did before preference objectives existed: the sections and
-    keys those added are left out where they hold their supervised defaults."""
+    keys those added are left out where they hold their supervised defaults (and data.answers_cut
+    where it is 0)."""
+    def obj(x) -> dict:                     # a malformed plan.json may hold anything there
+        return x if isinstance(x, dict) else {}
+
     if doc.get("objective") == to_jsonable(ObjectiveSection()):
         doc.pop("objective")
-    data, config = doc.get("data") or {}, doc.get("config") or {}
+    data, config = obj(doc.get("data")), obj(doc.get("config"))
     if data.get("unit", 1) == 1 and not data.get("pairs"):
         data.pop("unit", None)
         data.pop("pairs", None)
-    if (config.get("objective") or {}).get("kind", "sft") == "sft":
+    if not data.get("answers_cut"):         # added later; 0 unless data.overlength=truncate_answer
+        data.pop("answers_cut", None)
+    if obj(config.get("objective")).get("kind", "sft") == "sft":
         config.pop("objective", None)
-        (config.get("data") or {}).pop("fields", None)
-    if (config.get("init") or {}).get("run") is None:
+        obj(config.get("data")).pop("fields", None)
+    if obj(config.get("init")).get("run") is None:
         config.pop("init", None)
 
 

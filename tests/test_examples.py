@@ -149,11 +149,16 @@ def test_truncate_and_drop_policies(smol, tmp_path):
     assert stats["sizes"] == {"train": 5, "val": 0, "test": 0}
     assert load_examples(stats["cache"]).references == []
 
-    # the answer alone is longer than max_length: one prompt token, the answer's start
+    # the answer alone is longer than max_length: refused under truncate; truncate_answer keeps
+    # one prompt token and the answer's start
     long_answer = {"text": "q", "label": " ".join(["yes"] * 50)}
-    stats = build(smol, tmp_path, {"train": [long_answer]}, max_length=16)
+    with pytest.raises(PlanError, match="data.max_length") as e:
+        build(smol, tmp_path, {"train": [long_answer]}, max_length=16)
+    assert "train split row 1" in str(e.value) and "data.overlength=truncate_answer" in str(e.value)
+    stats = build(smol, tmp_path, {"train": [long_answer]}, max_length=16,
+                  overlength="truncate_answer")
     ids, plens = load_examples(stats["cache"]).split("train")
-    assert plens.tolist() == [1] and len(ids[0]) == 16
+    assert plens.tolist() == [1] and len(ids[0]) == 16 and stats["answers_cut"] == 1
     assert "⟦yes yes" in stats["examples"][0]
 
 

@@ -163,17 +163,20 @@ def test_identical_empty_and_duplicate_pairs_are_counted_and_dropped(tiny_chat_d
 
 def test_over_length_cuts_the_prompt_never_a_reply(tiny_chat_dir, tmp_path):
     long_prompt = " ".join(f"w{11 + i % 80}" for i in range(40))
-    rows = [{"prompt": long_prompt, "chosen": "w20 w21 w22", "rejected": "w30 w31"},
-            {"prompt": "w12", "chosen": " ".join(["w40"] * 40), "rejected": "w41"}] + pref_rows(6)
+    rows = [{"prompt": long_prompt, "chosen": "w20 w21 w22", "rejected": "w30 w31"}] + pref_rows(6)
     plan = _chat_plan(tiny_chat_dir, tmp_path, rows, **{"template.chat": False})
-    assert plan.data.truncated == 1 and plan.data.dropped_too_long == 1   # the 40-word reply
+    assert plan.data.truncated == 1 and plan.data.dropped_too_long == 0
     (p_c, chosen), (p_r, rejected) = _units(plan)[:2]
     assert len(p_c) + len(chosen) == plan.data.max_length                   # the longer side fits
     assert _words(tiny_chat_dir, chosen) == "w20 w21 w22 </s>"               # whole
     assert _words(tiny_chat_dir, rejected) == "w30 w31 </s>"
     assert _words(tiny_chat_dir, p_c) == " ".join(long_prompt.split()[-len(p_c):])  # its end kept
     assert any("prompts were cut from the start" in w for w in plan.warnings)
-    assert any("a reply alone needs data.max_length" in w for w in plan.warnings)
+    # a reply that alone does not fit is refused, naming its line (tests/test_overlength.py)
+    long_reply = {"prompt": "w12", "chosen": " ".join(["w40"] * 40), "rejected": "w41"}
+    with pytest.raises(PlanError) as e:
+        _chat_plan(tiny_chat_dir, tmp_path, rows + [long_reply], **{"template.chat": False})
+    assert e.value.key == "data.max_length" and e.value.line == len(rows) + 1
 
 
 # ------------------------------------------------------------------------------ KTO
