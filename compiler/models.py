@@ -11,11 +11,12 @@ import json
 import re
 from pathlib import Path
 
-from core.architecture import ModelConfig, architecture
+from core.architecture import ModelConfig, architecture, check_token_ids
 from core.errors import PlanError
 from core.plan import ModelSection
 from core.tokenizer import (TOKENIZER_FILE, chat_template, load_tokenizer, read_tokenizer_config,
                                 special_token)
+from core.weight_files import INDEX_FILE, index_shards, read_header
 
 HUB_PATTERNS = ["*.json", "*.safetensors", "tokenizer*", "*.txt", "*.model", "*.jinja"]
 _HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[A-Za-z0-9][\w.-]*")
@@ -60,12 +61,18 @@ def config_hash(hf: dict) -> str:
 def _describe(model_dir: Path, *, source: str, name: str) -> ModelSection:
     model_dir = Path(model_dir).resolve()
     hf = _read_json(model_dir / "config.json", required=True)
-    config = ModelConfig.from_hf(hf)
-    arch = architecture(hf)
+    config = ModelConfig.from_hf(hf, source=model_dir / "config.json")
+    arch = architecture(hf, source=model_dir / "config.json")
     _check_weights(model_dir, config)
     tokenizer = load_tokenizer(model_dir)
     template = chat_template(model_dir)
-    gen_cfg = _read_json(model_dir / "generation_config.json", required=False)
+    gen_path = model_dir / "generation_config.json"
+    gen_cfg = _read_json(gen_path, required=False)
+    if not isinstance(gen_cfg, dict):
+        raise PlanError("model.path", f"generation_config.json must hold a JSON object, got "
+                        f"{type(gen_cfg).__name__}.", file=str(gen_path),
+                        hint="fix it, or remove it: it is optional.")
+    check_token_ids(gen_cfg, config.vocab_size, gen_path)
     ids = _special_ids(hf, gen_cfg, read_tokenizer_config(model_dir), tokenizer)
     eos_text = tokenizer.id_to_token(ids["eos_token_id"]) or ""
 
@@ -79,14 +86,15 @@ def _describe(model_dir: Path, *, source: str, name: str) -> ModelSection:
 
 
 def _check_weights(model_dir: Path, config: ModelConfig) -> None:
-    index = model_dir / "model.safetensors.index.json"
-    if index.is_file():
-        shards = set(_read_json(index, required=True).get("weight_map", {}).values())
-        missing = sorted(s for s in shards if not (model_dir / s).is_file())
+    weight_map = index_shards(model_dir, key="model.path")      # None: no index
+    if weight_map is not None:
+        shards = sorted(set(weight_map.values()))
+        missing = sorted(str(s.relative_to(model_dir)) for s in shards if not s.is_file())
         if missing:
-            raise PlanError("model.path", f"{index} lists shards that are missing: "
-                            f"{', '.join(missing)}.", hint="finish downloading the checkpoint.")
-        _check_tensors([model_dir / s for s in sorted(shards)], config)
+            raise PlanError("model.path", f"{INDEX_FILE} lists shards that are missing: "
+                            f"{', '.join(missing)}.", file=str(model_dir / INDEX_FILE),
+                            hint="finish downloading the checkpoint.")
+        _check_tensors(shards, config)
         return
     files = sorted(model_dir.glob("*.safetensors"))
     if files:
@@ -107,16 +115,17 @@ _IGNORED = ("rotary_emb.inv_freq",)          # buffers some checkpoints carry; r
 
 
 def _check_tensors(files: list[Path], config: ModelConfig) -> None:
-    """The safetensors headers (read alone: no weights) against what config.json implies: every
-    tensor there, none unexpected, the right shapes, float dtypes."""
+    """The safetensors headers (read alone: no weights; each file's size checked against them)
+    against what config.json implies: every tensor there, none unexpected, the right shapes, float
+    dtypes."""
     found: dict[str, tuple] = {}
     for f in files:
-        for name, (dtype, shape) in _safetensors_header(f).items():
-            if dtype not in FLOAT_DTYPES:
-                raise PlanError("model.path", f"{f.name} stores {name} as {dtype}; tune loads "
+        for name, info in read_header(f, key="model.path").items():
+            if info.dtype not in FLOAT_DTYPES:
+                raise PlanError("model.path", f"{f.name} stores {name} as {info.dtype}; tune loads "
                                 f"{', '.join(FLOAT_DTYPES)} weights.", file=str(f),
                                 hint="use the original (unquantized) checkpoint.")
-            found[name] = tuple(shape)
+            found[name] = info.shape
     want = config.tensor_shapes()
     missing = [n for n in want if n not in found]
     extra = [n for n in found if n not in want and not n.endswith(_IGNORED)
@@ -129,40 +138,6 @@ def _check_tensors(files: list[Path], config: ModelConfig) -> None:
             raise PlanError("model.path", f"the checkpoint {what} {', '.join(names[:3])}"
                             + (f" and {len(names) - 3} more" if len(names) > 3 else "") + ".",
                             hint="are config.json and the weights of the same model?")
-
-
-def _safetensors_header(path: Path) -> dict:
-    """name → (dtype, shape) from a safetensors file's header; PlanError if it is not one."""
-    import struct
-
-    def bad(why: str) -> PlanError:
-        return PlanError("model.path", f"{path.name} is not a safetensors file ({why}).",
-                         file=str(path), hint="re-download or re-save the weights with safetensors.")
-
-    try:
-        with open(path, "rb") as f:
-            raw = f.read(8)
-            if len(raw) < 8:
-                raise bad("shorter than a header")
-            (n,) = struct.unpack("<Q", raw)
-            size = path.stat().st_size
-            if n < 2 or 8 + n > size or n > 100 * 2**20:
-                raise bad(f"a header of {n} bytes in a file of {size}")
-            header = json.loads(f.read(n).decode("utf-8"))
-    except (OSError, UnicodeDecodeError, ValueError) as e:
-        if isinstance(e, PlanError):
-            raise
-        raise bad(str(e)) from None
-    if not isinstance(header, dict):
-        raise bad("its header is not a JSON object")
-    out = {}
-    for name, info in header.items():
-        if name == "__metadata__":
-            continue
-        if not isinstance(info, dict) or not isinstance(info.get("shape"), list):
-            raise bad(f"no shape for {name}")
-        out[name] = (info.get("dtype"), info["shape"])
-    return out
 
 
 def _special_ids(hf: dict, gen: dict, tok_cfg: dict, tokenizer) -> dict:
@@ -187,7 +162,7 @@ def _special_ids(hf: dict, gen: dict, tok_cfg: dict, tokenizer) -> dict:
         eos = config_eos[0]
     eos_ids = tuple(dict.fromkeys([eos, *config_eos]))
     pad = next((v for v in (token_id("pad_token"), *as_list(hf.get("pad_token_id")),
-                            *as_list(gen.get("pad_token_id"))) if v is not None), eos)
+                            *as_list(gen.get("pad_token_id"))) if v is not None and v >= 0), eos)
     bos = next((v for v in (*as_list(hf.get("bos_token_id")), token_id("bos_token"))
                 if v is not None), None)
     return {"bos_token_id": bos, "eos_token_id": eos, "eos_token_ids": eos_ids, "pad_token_id": pad}
@@ -200,8 +175,9 @@ def _read_json(path: Path, *, required: bool) -> dict:
         return {}
     try:
         return json.loads(path.read_text(encoding="utf-8"))
-    except ValueError as e:
-        raise PlanError("model.path", f"{path} is not valid JSON ({e}).", file=str(path)) from None
+    except (ValueError, RecursionError) as e:
+        raise PlanError("model.path", f"{path} is not valid JSON ({e}).", file=str(path),
+                        hint="fix the file, or download the checkpoint again.") from None
 
 
 def _download(repo_id: str, revision: str | None) -> Path:

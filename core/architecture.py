@@ -12,6 +12,7 @@ key `model.path`, before anything heavy runs.
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -32,6 +33,63 @@ MODULE_NAMES = ATTENTION_MODULES + MLP_MODULES
 ROPE_TYPES = ("default", "linear", "llama3")
 _ROPE_KEYS = ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings")
 _HINT = "pick a checkpoint of the Llama family (Llama 2/3, Mistral, Qwen2/2.5/3, SmolLM)."
+_CONFIG_HINT = ("is this a complete Hugging Face causal-LM checkpoint? Fix config.json, or use the "
+                "checkpoint as published.")
+_RANGE_HINT = ("every published model of the Llama family lies within these bounds: fix config.json, "
+               "or use the checkpoint as published.")
+_REQUIRED = object()
+
+
+@dataclass(frozen=True)
+class _Field:
+    """What one config.json field may hold. A field with a default may be left out or null."""
+    kind: str                   # int | float | bool | ids (a token id, or a list of them)
+    low: float = 0
+    high: float = 0
+    default: object = _REQUIRED
+
+    def describe(self, vocab: int | None = None) -> str:
+        if self.kind == "int":
+            return f"an integer from {self.low:,} to {self.high:,}"
+        if self.kind == "float":
+            return f"a number from {self.low:g} to {self.high:g}"
+        if self.kind == "bool":
+            return "true or false"
+        return f"a token id from 0 to {(vocab or 1) - 1:,}, or a list of them"
+
+
+# Every config.json field tune reads, with its type and range, checked before anything is sized by
+# it (a config.json with num_hidden_layers=100000000 is refused at once, not after a loop over its
+# layers). The upper bounds are far above any published model of the family (the largest have 126
+# layers, a hidden size of 16,384, about 256k tokens of vocabulary, 128 heads, a 53,248-wide MLP and
+# a few million positions) and low enough that nothing sized by them runs away.
+CONFIG_FIELDS: dict[str, _Field] = {
+    "vocab_size": _Field("int", 1, 2**22),
+    "hidden_size": _Field("int", 1, 2**16),
+    "intermediate_size": _Field("int", 1, 2**20),
+    "num_hidden_layers": _Field("int", 1, 1024),
+    "num_attention_heads": _Field("int", 1, 1024),
+    "num_key_value_heads": _Field("int", 1, 1024, None),        # None: num_attention_heads
+    "head_dim": _Field("int", 1, 1024, None),                   # None: derived (see from_hf)
+    "max_position_embeddings": _Field("int", 1, 2**24, 2048),
+    "rms_norm_eps": _Field("float", 1e-12, 1.0, 1e-6),
+    "rope_theta": _Field("float", 1.0, 1e10, 10000.0),
+    "sliding_window": _Field("int", 0, 2**24, None),            # 0 or None: no window
+    "max_window_layers": _Field("int", 0, 1024, None),
+    "use_sliding_window": _Field("bool", default=False),
+    "tie_word_embeddings": _Field("bool", default=False),
+    "attention_bias": _Field("bool", default=False),
+    "mlp_bias": _Field("bool", default=False),
+    "bos_token_id": _Field("ids", default=None),
+    "eos_token_id": _Field("ids", default=None),
+    "pad_token_id": _Field("ids", default=None),
+}
+TOKEN_ID_FIELDS = ("bos_token_id", "eos_token_id", "pad_token_id")
+# ModelConfig attribute → the config.json field it holds (ModelConfig.check bounds them alike)
+_SIZE_ATTRS = {"vocab_size": "vocab_size", "hidden_size": "hidden_size",
+               "intermediate_size": "intermediate_size", "num_layers": "num_hidden_layers",
+               "num_heads": "num_attention_heads", "num_kv_heads": "num_key_value_heads",
+               "head_dim": "head_dim", "max_position_embeddings": "max_position_embeddings"}
 
 
 @dataclass(frozen=True)
@@ -57,59 +115,55 @@ class ModelConfig:
     sliding_windows: tuple = ()         # per layer, 0 = full; () = no layer slides
 
     @classmethod
-    def from_hf(cls, hf: dict) -> "ModelConfig":
-        """Read a config.json (as a dict); PlanError (a ValueError) for anything unsupported."""
+    def from_hf(cls, hf: dict, *, source: str | Path = "config.json") -> "ModelConfig":
+        """Read a config.json (as a dict; `source`: its path, named in messages). PlanError (a
+        ValueError) for anything unsupported, of the wrong type or out of range (CONFIG_FIELDS),
+        raised before anything sized by these numbers runs."""
         if not isinstance(hf, dict):
             raise PlanError("model.path", f"config.json must hold a JSON object, got "
-                            f"{type(hf).__name__}.", hint=_HINT)
-        family = ARCHITECTURES[architecture(hf)]
-        _check_supported(hf)
-        theta, scaling = _rope(hf)
-        try:
-            heads, layers = int(hf["num_attention_heads"]), int(hf["num_hidden_layers"])
-            hidden = int(hf["hidden_size"])
-            head_dim = hf.get("head_dim")
-            if not head_dim:        # transformers' Qwen3Config defaults to 128; the others derive it
-                head_dim = 128 if family == "qwen3" else hidden // heads
-            bias = bool(hf.get("attention_bias", False))
-            config = cls(
-                family=family, vocab_size=int(hf["vocab_size"]), hidden_size=hidden,
-                intermediate_size=int(hf["intermediate_size"]), num_layers=layers,
-                num_heads=heads, num_kv_heads=int(hf.get("num_key_value_heads") or heads),
-                head_dim=int(head_dim), rms_norm_eps=float(hf.get("rms_norm_eps", 1e-6)),
-                rope_theta=theta, rope_scaling=scaling,
-                max_position_embeddings=int(hf.get("max_position_embeddings", 2048)),
-                tie_word_embeddings=bool(hf.get("tie_word_embeddings", False)),
-                attention_bias=True if family == "qwen2" else (bias and family != "mistral"),
-                o_bias=bias and family in ("llama", "qwen3"), qk_norm=family == "qwen3",
-                sliding_windows=_sliding_windows(hf, family, layers))
-        except KeyError as e:
-            raise PlanError("model.path", f"config.json lacks `{e.args[0]}`.",
-                            hint="is this a complete Hugging Face causal-LM checkpoint?") from None
-        except (TypeError, ValueError) as e:
-            raise PlanError("model.path", f"config.json has a value of the wrong type ({e}).",
-                            hint="is this a complete Hugging Face causal-LM checkpoint?") from None
-        except ZeroDivisionError:
-            raise PlanError("model.path", "config.json gives num_attention_heads=0.",
-                            hint="is this a complete Hugging Face causal-LM checkpoint?") from None
-        config.check()
+                            f"{type(hf).__name__}.", file=str(source), hint=_HINT)
+        family = ARCHITECTURES[architecture(hf, source=source)]
+        v = _check_fields(hf, source)
+        _check_supported(hf, source)
+        theta, scaling = _rope(hf, source)
+        heads, layers, hidden = v["num_attention_heads"], v["num_hidden_layers"], v["hidden_size"]
+        head_dim = v["head_dim"]
+        if head_dim is None:        # transformers' Qwen3Config defaults to 128; the others derive it
+            if family != "qwen3" and hidden % heads:
+                raise _field_error(source, f"hidden_size={hidden} is not divisible by "
+                                   f"num_attention_heads={heads}, and config.json gives no head_dim "
+                                   "to size the heads otherwise.")
+            head_dim = 128 if family == "qwen3" else hidden // heads
+        bias = v["attention_bias"]
+        config = cls(
+            family=family, vocab_size=v["vocab_size"], hidden_size=hidden,
+            intermediate_size=v["intermediate_size"], num_layers=layers, num_heads=heads,
+            num_kv_heads=v["num_key_value_heads"] or heads, head_dim=head_dim,
+            rms_norm_eps=v["rms_norm_eps"], rope_theta=theta, rope_scaling=scaling,
+            max_position_embeddings=v["max_position_embeddings"],
+            tie_word_embeddings=v["tie_word_embeddings"],
+            attention_bias=True if family == "qwen2" else (bias and family != "mistral"),
+            o_bias=bias and family in ("llama", "qwen3"), qk_norm=family == "qwen3",
+            sliding_windows=_sliding_windows(hf, v, family, layers, source))
+        config.check(source=source)
         return config
 
-    def check(self) -> None:
-        """Sizes a decoder can be built from: positive, heads grouping evenly."""
-        sizes = {"vocab_size": self.vocab_size, "hidden_size": self.hidden_size,
-                 "intermediate_size": self.intermediate_size, "num_hidden_layers": self.num_layers,
-                 "num_attention_heads": self.num_heads, "num_key_value_heads": self.num_kv_heads,
-                 "head_dim": self.head_dim}
-        bad = [f"{k}={v}" for k, v in sizes.items() if v < 1]
-        if bad:
-            raise PlanError("model.path", f"config.json gives sizes no model can have: "
-                            f"{', '.join(bad)}.", hint="is this a complete Hugging Face causal-LM "
-                            "checkpoint?")
+    def check(self, *, source: str | Path = "config.json") -> None:
+        """Sizes a decoder can be built from: each within CONFIG_FIELDS' range, heads grouping
+        evenly, an even head size (RoPE turns pairs of dimensions), a window per layer."""
+        for attr, name in _SIZE_ATTRS.items():
+            _checked(name, getattr(self, attr), CONFIG_FIELDS[name], source)
         if self.num_heads % self.num_kv_heads:
-            raise PlanError("model.path", f"config.json's {self.num_heads} attention heads do not "
-                            f"group evenly over {self.num_kv_heads} key/value heads.",
-                            hint="is this a complete Hugging Face causal-LM checkpoint?")
+            raise _field_error(source, f"config.json's {self.num_heads} attention heads do not group "
+                               f"evenly over {self.num_kv_heads} key/value heads "
+                               f"(num_attention_heads={self.num_heads} must be a multiple of "
+                               f"num_key_value_heads={self.num_kv_heads}).")
+        if self.head_dim % 2:
+            raise _field_error(source, f"head_dim={self.head_dim} is odd; rotary position "
+                               "embeddings need an even head size.")
+        if self.sliding_windows and len(self.sliding_windows) != self.num_layers:
+            raise _field_error(source, f"layer_types gives {len(self.sliding_windows)} layer "
+                               f"types for {self.num_layers} layers.")
 
     # -- shapes the compiler sizes a plan with
 
@@ -201,80 +255,196 @@ def lora_scale(alpha: float, rank: int, rslora: bool) -> float:
     return alpha / rank ** 0.5 if rslora else alpha / rank
 
 
+def _check_fields(hf: dict, source) -> dict:
+    """CONFIG_FIELDS' values of a config.json, each checked (type, then range) and defaulted."""
+    out: dict = {}
+    for name, field in CONFIG_FIELDS.items():
+        value = hf.get(name)
+        if name == "pad_token_id" and value == -1:
+            value = None                # older Llama configs' way of saying "no pad token"
+        if value is None and field.default is _REQUIRED:
+            what = f"gives {name}=null" if name in hf else f"lacks `{name}`"
+            raise _field_error(source, f"config.json {what}; it must be {field.describe()}.")
+        out[name] = field.default if value is None else \
+            _checked(name, value, field, source, vocab=out.get("vocab_size"))
+    return out
+
+
+def check_token_ids(doc: dict, vocab_size: int, source) -> None:
+    """The bos/eos/pad token ids of a config.json or generation_config.json: null, a token id of
+    the vocabulary, or a list of them."""
+    for name in TOKEN_ID_FIELDS:
+        if name == "pad_token_id" and doc.get(name) == -1:
+            continue                    # older Llama configs' way of saying "no pad token"
+        if doc.get(name) is not None:
+            _checked(name, doc[name], CONFIG_FIELDS[name], source, vocab=vocab_size)
+
+
+def _checked(name: str, value, field: _Field, source, *, vocab: int | None = None):
+    """`value` of config field `name` as its kind's Python type; PlanError naming both if it has
+    the wrong type or lies outside the field's range."""
+    shown = _show(value)
+
+    def wrong(why: str, hint: str = _CONFIG_HINT) -> PlanError:
+        return _field_error(source, f"{name}={shown} {why}; it must be "
+                            f"{field.describe(vocab)}.", hint=hint)
+
+    number = isinstance(value, (int, float)) and not isinstance(value, bool)
+    if field.kind == "bool":
+        if not isinstance(value, bool):
+            raise wrong(f"has the wrong type ({_json_type(value)})")
+        return value
+    if field.kind == "ids":
+        ids = value if isinstance(value, list) else [value]
+        if not ids or not all(isinstance(i, int) and not isinstance(i, bool) for i in ids):
+            raise wrong(f"has the wrong type ({_json_type(value)})")
+        if not all(0 <= i < (vocab or 0) for i in ids):
+            raise wrong("is not a token id of the vocabulary", _RANGE_HINT)
+        return value
+    if not number:
+        raise wrong(f"has the wrong type ({_json_type(value)})")
+    if isinstance(value, float) and not math.isfinite(value):
+        raise wrong("is not a finite number")
+    if not field.low <= value <= field.high:     # before float(): an int may be beyond a float
+        raise wrong("is out of range", _RANGE_HINT)
+    if field.kind == "int":
+        if isinstance(value, float) and not value.is_integer():
+            raise wrong("has the wrong type (a fraction)")
+        return int(value)
+    return float(value)
+
+
+def _field_error(source, message: str, *, hint: str = _CONFIG_HINT) -> PlanError:
+    return PlanError("model.path", message, file=str(source), hint=hint)
+
+
+def _show(value) -> str:
+    text = json.dumps(value)
+    return text if len(text) <= 40 else text[:37] + "..."
+
+
+def _json_type(value) -> str:
+    return {bool: "a boolean", int: "an integer", float: "a number", str: "a string",
+            list: "a list", dict: "an object", type(None): "null"}.get(type(value),
+                                                                      type(value).__name__)
+
+
 def read_config(model_dir: str | Path) -> ModelConfig:
     """The ModelConfig of a checkpoint directory's config.json."""
     path = Path(model_dir) / "config.json"
     try:
         hf = json.loads(path.read_text(encoding="utf-8"))
     except FileNotFoundError:
-        raise PlanError("model.path", f"{Path(model_dir)} has no config.json.", file=str(path)) from None
-    except ValueError as e:
-        raise PlanError("model.path", f"{path} is not valid JSON ({e}).", file=str(path)) from None
-    return ModelConfig.from_hf(hf)
+        raise PlanError("model.path", f"{Path(model_dir)} has no config.json.", file=str(path),
+                        hint=_CONFIG_HINT) from None
+    except (ValueError, RecursionError) as e:
+        raise PlanError("model.path", f"{path} is not valid JSON ({e}).", file=str(path),
+                        hint=_CONFIG_HINT) from None
+    except OSError as e:
+        raise PlanError("model.path", f"{path} cannot be read ({e.strerror or e}).",
+                        file=str(path), hint=_CONFIG_HINT) from None
+    return ModelConfig.from_hf(hf, source=path)
 
 
-def architecture(hf: dict) -> str:
-    """The supported architecture a config.json names (or implies by its model_type)."""
+def architecture(hf: dict, *, source: str | Path = "config.json") -> str:
+    """The supported architecture a config.json (`source`, named in messages) names, or implies by
+    its model_type."""
     archs = hf.get("architectures") or []
     if not isinstance(archs, list):
         archs = [archs]
     by_type = {family: arch for arch, family in ARCHITECTURES.items()}
-    if not archs and hf.get("model_type") in by_type:
-        archs = [by_type[hf["model_type"]]]
+    model_type = hf.get("model_type")
+    if not archs and isinstance(model_type, str) and model_type in by_type:
+        archs = [by_type[model_type]]
     for arch in archs:
-        if arch in ARCHITECTURES:
+        if isinstance(arch, str) and arch in ARCHITECTURES:
             return arch
     found = ", ".join(map(str, archs)) or f"model_type {hf.get('model_type')!r}"
     raise PlanError("model.path", f"architecture {found} is not supported; tune trains "
-                    f"{', '.join(ARCHITECTURES)}.{did_you_mean(found, ARCHITECTURES)}", hint=_HINT)
+                    f"{', '.join(ARCHITECTURES)}.{did_you_mean(found, ARCHITECTURES)}",
+                    file=str(source), hint=_HINT)
 
 
-def _check_supported(hf: dict) -> None:
+def _check_supported(hf: dict, source) -> None:
     quant = hf.get("quantization_config")
     if quant:
         method = quant.get("quant_method", "?") if isinstance(quant, dict) else quant
         raise PlanError("model.path", f"the checkpoint is quantized ({method}); tune loads "
-                        "unquantized safetensors weights.",
+                        "unquantized safetensors weights.", file=str(source),
                         hint="use the original bf16/fp16/fp32 checkpoint.")
     if hf.get("hidden_act", "silu") != "silu":
         raise PlanError("model.path", f"hidden_act {hf.get('hidden_act')!r} is not supported; the "
-                        "Llama family uses silu.", hint=_HINT)
+                        "Llama family uses silu.", file=str(source), hint=_HINT)
     if hf.get("mlp_bias"):
         raise PlanError("model.path", "mlp_bias=true (biases on the MLP projections) is not "
-                        "supported.", hint=_HINT)
+                        "supported.", file=str(source), hint=_HINT)
 
 
-def _rope(hf: dict) -> tuple[float, tuple | None]:
+# The RoPE scaling parameters each supported type needs (rope_scaling / rope_parameters), bounded as
+# CONFIG_FIELDS are.
+_ROPE_FIELDS = {"factor": _Field("float", 1e-6, 1e6), "low_freq_factor": _Field("float", 1e-6, 1e6),
+                "high_freq_factor": _Field("float", 1e-6, 1e6),
+                "original_max_position_embeddings": _Field("int", 1, 2**24)}
+_ROPE_NEEDS = {"linear": ("factor",), "llama3": _ROPE_KEYS}
+
+
+def _rope(hf: dict, source) -> tuple[float, tuple | None]:
     """(rope_theta, rope_scaling) from either config style: transformers<5 writes `rope_theta` and
     `rope_scaling` ({"type"|"rope_type": ...}); transformers 5 writes `rope_parameters`."""
     params = hf.get("rope_parameters") or {}
     scaling = hf.get("rope_scaling") or params
     if not isinstance(params, dict) or not isinstance(scaling, dict):
         raise PlanError("model.path", "config.json's rope_scaling / rope_parameters must be an "
-                        "object.", hint=_HINT)
-    theta = float(params.get("rope_theta", hf.get("rope_theta", 10000.0)))
+                        "object.", file=str(source), hint=_HINT)
+    field = CONFIG_FIELDS["rope_theta"]
+    if params.get("rope_theta") is not None:
+        theta = _checked("rope_parameters.rope_theta", params["rope_theta"], field, source)
+    elif hf.get("rope_theta") is not None:
+        theta = _checked("rope_theta", hf["rope_theta"], field, source)
+    else:
+        theta = field.default
     scaling = dict(scaling)
     rope_type = scaling.pop("rope_type", None) or scaling.pop("type", None) or "default"
-    if rope_type not in ROPE_TYPES:
+    if not isinstance(rope_type, str) or rope_type not in ROPE_TYPES:
         raise PlanError("model.path", f"RoPE scaling type {rope_type!r} is not supported; "
-                        f"supported: {', '.join(ROPE_TYPES)}.", hint=_HINT)
-    if float(scaling.get("partial_rotary_factor", 1.0)) != 1.0:
-        raise PlanError("model.path", "partial_rotary_factor != 1 is not supported.", hint=_HINT)
+                        f"supported: {', '.join(ROPE_TYPES)}.", file=str(source), hint=_HINT)
+    partial = scaling.get("partial_rotary_factor", 1.0)
+    if partial != 1.0 or isinstance(partial, bool):
+        raise PlanError("model.path", f"partial_rotary_factor={_show(partial)}: only 1 (RoPE over "
+                        "the whole head) is supported.", file=str(source), hint=_HINT)
     if rope_type == "default":
         return theta, None
+    for key in _ROPE_KEYS:
+        if scaling.get(key) is not None:
+            scaling[key] = _checked(f"rope_scaling.{key}", scaling[key], _ROPE_FIELDS[key], source)
+        elif key in _ROPE_NEEDS[rope_type]:
+            raise _field_error(source, f"RoPE scaling {rope_type!r} needs `{key}`, which "
+                               "config.json does not give.", hint=_HINT)
+    if rope_type == "llama3" and scaling["high_freq_factor"] <= scaling["low_freq_factor"]:
+        raise _field_error(source, "llama3 RoPE scaling needs high_freq_factor "
+                           f"({scaling['high_freq_factor']:g}) above low_freq_factor "
+                           f"({scaling['low_freq_factor']:g}).")
     return theta, tuple(sorted([("rope_type", rope_type)] +
                                [(k, v) for k, v in scaling.items() if k in _ROPE_KEYS]))
 
 
-def _sliding_windows(hf: dict, family: str, num_layers: int) -> tuple[int, ...]:
-    """Per-layer attention window in tokens, 0 = full causal attention (the usual case)."""
-    window = hf.get("sliding_window")
+def _sliding_windows(hf: dict, v: dict, family: str, num_layers: int,
+                     source) -> tuple[int, ...]:
+    """Per-layer attention window in tokens, 0 = full causal attention (the usual case). `v`: the
+    checked CONFIG_FIELDS values."""
+    window = v["sliding_window"]
     if family == "mistral" and window:
-        return (int(window),) * num_layers
-    if family in ("qwen2", "qwen3") and hf.get("use_sliding_window") and window:
-        types = hf.get("layer_types") or [
-            "sliding_attention" if i >= hf.get("max_window_layers", num_layers) else "full_attention"
-            for i in range(num_layers)]
-        windows = tuple(int(window) if t == "sliding_attention" else 0 for t in types)
+        return (window,) * num_layers
+    if family in ("qwen2", "qwen3") and v["use_sliding_window"] and window:
+        types = hf.get("layer_types")
+        kinds = ("sliding_attention", "full_attention")
+        if types is None:
+            first = num_layers if v["max_window_layers"] is None else v["max_window_layers"]
+            types = [kinds[0] if i >= first else kinds[1] for i in range(num_layers)]
+        elif not (isinstance(types, list) and len(types) == num_layers
+                  and all(isinstance(t, str) and t in kinds for t in types)):
+            raise _field_error(source, f"layer_types must list one of {' / '.join(kinds)} "
+                               f"for each of the {num_layers} layers.")
+        windows = tuple(window if t == kinds[0] else 0 for t in types)
         return windows if any(windows) else ()
     return ()

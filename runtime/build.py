@@ -74,7 +74,7 @@ def training_model(plan: Plan, mesh):
     if plan.objective.init_run is not None and not full_start:
         from runtime.peft import load_peft_adapter
 
-        load_peft_adapter(model, _start_from(plan))
+        load_peft_adapter(model, _start_from(plan), key="init.run")
     graphdef, trained, frozen = split_model(model)
     trained = put_global(to_host(trained), state_shardings(mesh, trained, trained=True))
     return graphdef, trained, frozen

@@ -38,7 +38,9 @@ EXPORT_FORMATS = ("peft", "merged", "gguf")
 def export_run(plan, run_dir, out, *, fmt: str, gguf_type: str) -> Path:
     """A finished run's adapter as `fmt`: peft (the adapter directory as it is), merged (a
     transformers checkpoint with the adapter folded in) or gguf (a GGUF file of the merged model,
-    weights in gguf_type). Written beside `out` and renamed into place: never half a result."""
+    weights in gguf_type). The adapter is checked whole first (check_adapter): a damaged one is
+    refused before anything is written. Written beside `out` and renamed into place: never half a
+    result."""
     import os
     import tempfile
 
@@ -46,6 +48,8 @@ def export_run(plan, run_dir, out, *, fmt: str, gguf_type: str) -> Path:
     from runtime.gguf import write_gguf
 
     run_dir, out = Path(run_dir), Path(out)
+    if plan.adapter.kind != "full":
+        check_adapter(plan, trained_dir(plan, run_dir))
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
     try:
@@ -62,3 +66,20 @@ def export_run(plan, run_dir, out, *, fmt: str, gguf_type: str) -> Path:
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return out
+
+
+def check_adapter(plan, adapter_dir) -> None:
+    """The run's adapter/, checked whole before it is exported: adapter_config.json a LoRA config
+    tune reads, adapter_model.safetensors complete and holding exactly the tensors that config
+    gives the plan's model (names, shapes), all finite (runtime/peft.verify_adapter). PlanError
+    (key `run`) naming the file otherwise. The adapter's own config, not the plan's adapter
+    section, says what it is: that is how PEFT and `tune eval run=` read it too."""
+    from flax import nnx
+
+    from runtime.model import EXACT
+    from runtime.peft import read_lora_config, verify_adapter
+
+    lora = read_lora_config(adapter_dir)
+    abstract = nnx.eval_shape(lambda: Llama(plan.model.config, lora=lora, compute=EXACT,
+                                            rngs=nnx.Rngs(0)))
+    verify_adapter(adapter_dir, abstract)

@@ -5,6 +5,7 @@ directory back (ours or PEFT's).
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 import jax.numpy as jnp
@@ -14,8 +15,10 @@ from safetensors import safe_open
 from safetensors.numpy import save_file
 
 from core.architecture import MODULE_NAMES, WHOLE_MODULES, peft_module_name
+from core.errors import PlanError
+from core.weight_files import read_header
 from runtime.model import FullParam, Llama, LoraConfig, LoRAParam
-from runtime.weights import adapter_state_dict, hf_names
+from runtime.weights import adapter_shapes, adapter_state_dict, hf_names
 
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
 ADAPTER_CONFIG = "adapter_config.json"
@@ -64,76 +67,143 @@ def save_peft_adapter(model: Llama, out_dir, *, base_model_name_or_path: str | N
     return out
 
 
-def read_lora_config(adapter_dir) -> LoraConfig:
-    """The LoraConfig of a PEFT adapter directory (to build the model that load_peft_adapter fills)."""
-    cfg = json.loads((Path(adapter_dir) / ADAPTER_CONFIG).read_text())
+_DAMAGED_HINT = ("the adapter is damaged or is not this run's: train the run again, or copy its "
+                 "adapter/ folder again from where it was trained.")
+
+
+def read_lora_config(adapter_dir, *, key: str = "run") -> LoraConfig:
+    """The LoraConfig of a PEFT adapter directory (to build the model that load_peft_adapter fills).
+    PlanError(key, file=adapter_config.json) when it is unreadable or not a LoRA config tune reads."""
+    path = Path(adapter_dir) / ADAPTER_CONFIG
+
+    def bad(message: str, hint: str = _DAMAGED_HINT) -> PlanError:
+        return PlanError(key, f"{ADAPTER_CONFIG}: {message}", file=str(path), hint=hint)
+
+    try:
+        cfg = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise bad("missing.") from None
+    except (OSError, ValueError, RecursionError) as e:
+        raise bad(f"not readable as JSON ({e}).") from None
+    if not isinstance(cfg, dict):
+        raise bad(f"must hold a JSON object, got {type(cfg).__name__}.")
     if cfg.get("peft_type", "LORA") != "LORA":
-        raise ValueError(f"{adapter_dir}: peft_type {cfg.get('peft_type')!r}, only LORA adapters are supported")
+        raise bad(f"peft_type {cfg.get('peft_type')!r}: only LORA adapters are supported.",
+                  hint="use a LoRA (or DoRA) adapter.")
     if cfg.get("rank_pattern") or cfg.get("alpha_pattern"):
-        raise ValueError(f"{adapter_dir}: per-module rank/alpha patterns are not supported")
+        raise bad("per-module rank/alpha patterns are not supported.",
+                  hint="use an adapter with one rank and alpha.")
     full = []
-    for name in cfg.get("modules_to_save") or ():
+    modules = cfg.get("modules_to_save") or []
+    if not isinstance(modules, list) or not all(isinstance(m, str) for m in modules):
+        raise bad(f"modules_to_save must be a list of module names, got {modules!r}.")
+    for name in modules:
         short = "norm" if name == "model.norm" else name.rsplit(".", 1)[-1]
         if short not in WHOLE_MODULES + ("q_norm", "k_norm") + MODULE_NAMES:
-            raise ValueError(f"{adapter_dir}: modules_to_save names {name!r}, which is not a "
-                             f"module of the Llama family")
+            raise bad(f"modules_to_save names {name!r}, which is not a module of the Llama family.")
         if short not in full:
             full.append(short)
-    targets = cfg["target_modules"]
+    targets = cfg.get("target_modules")
     if targets == "all-linear":
         targets = list(MODULE_NAMES)
     if isinstance(targets, str):
-        raise ValueError(f"{adapter_dir}: target_modules as a regex ({targets!r}) is not supported")
-    return LoraConfig(rank=int(cfg["r"]), alpha=float(cfg["lora_alpha"]),
-                      dropout=float(cfg.get("lora_dropout", 0.0)), targets=tuple(sorted(targets)),
-                      rslora=bool(cfg.get("use_rslora", False)),
+        raise bad(f"target_modules as a regex ({targets!r}) is not supported.",
+                  hint="list the target modules by name.")
+    if not isinstance(targets, list) or not targets or \
+            not all(isinstance(t, str) and t in MODULE_NAMES for t in targets):
+        raise bad(f"target_modules must list modules of {', '.join(MODULE_NAMES)}; got "
+                  f"{targets!r}.")
+    rank, alpha, dropout = cfg.get("r"), cfg.get("lora_alpha"), cfg.get("lora_dropout", 0.0)
+    if not (isinstance(rank, int) and not isinstance(rank, bool) and 1 <= rank <= 2**16):
+        raise bad(f"r must be a positive integer rank, got {rank!r}.")
+    for name, value in (("lora_alpha", alpha), ("lora_dropout", dropout)):
+        if not (isinstance(value, (int, float)) and not isinstance(value, bool)
+                and math.isfinite(value)):
+            raise bad(f"{name} must be a number, got {value!r}.")
+    return LoraConfig(rank=rank, alpha=float(alpha), dropout=float(dropout),
+                      targets=tuple(sorted(targets)), rslora=bool(cfg.get("use_rslora", False)),
                       kind="dora" if cfg.get("use_dora") else "lora", train_modules=tuple(full))
 
 
-def load_peft_adapter(model: Llama, adapter_dir) -> Llama:
+def verify_adapter(adapter_dir, model: Llama, *, key: str = "run") -> dict[str, np.ndarray]:
+    """The tensors of adapter_dir/adapter_model.safetensors (PEFT's prefix and adapter name taken
+    off), checked whole against what `model` (built with the adapter's LoraConfig; an abstract
+    `nnx.eval_shape` model will do) has a place for: a complete safetensors file
+    (core/weight_files.py), no tensor missing or unexpected, the right shapes, floats, every value
+    finite. PlanError(key, file=the weights file) naming what is wrong otherwise, before anything
+    is loaded or copied."""
+    path = Path(adapter_dir) / ADAPTER_WEIGHTS
+
+    def bad(message: str) -> PlanError:
+        return PlanError(key, f"{ADAPTER_WEIGHTS} {message}", file=str(path), hint=_DAMAGED_HINT)
+
+    if not path.is_file():
+        raise bad("is missing.")
+    header = read_header(path, key=key, hint=_DAMAGED_HINT)
+    # PEFT checkpoints saved with an explicit adapter name carry it: `lora_A.default.weight`.
+    names = {k.removeprefix(PEFT_PREFIX).replace(".default.weight", ".weight"): k for k in header}
+    want = adapter_shapes(model)
+    optional = {"lm_head.weight"} if model.cfg.tie_word_embeddings else set()
+    problems = (
+        ("lacks", [n for n in want if n not in names and n not in optional]),
+        ("holds tensors this model has no place for:", [n for n in names if n not in want]),
+        ("holds tensors of the wrong shape:",
+         [f"{n} {list(header[k].shape)} (expected {list(want[n])})" for n, k in names.items()
+          if n in want and header[k].shape != want[n]]),
+        ("holds tensors that are not floats:",
+         [f"{n} ({header[k].dtype})" for n, k in names.items() if header[k].dtype not in
+          ("F32", "F16", "BF16")]))
+    said = [f"{what} {', '.join(found[:3])}" + (f" and {len(found) - 3} more" if len(found) > 3
+                                                  else "") for what, found in problems if found]
+    if said:
+        raise bad("; ".join(said) + ".")
+    tensors = {}
+    try:
+        with safe_open(str(path), framework="np") as f:
+            for n, k in names.items():
+                tensors[n] = f.get_tensor(k)
+    except Exception as e:  # noqa: BLE001 - whatever the reader finds wrong, the file is unusable
+        raise bad(f"cannot be read ({type(e).__name__}: {e}).") from None
+    broken = [n for n, a in tensors.items() if not np.isfinite(a).all()]
+    if broken:
+        raise bad(f"holds values that are not finite in {', '.join(broken[:3])}.")
+    return tensors
+
+
+def load_peft_adapter(model: Llama, adapter_dir, *, key: str = "run") -> Llama:
     """Overwrite the model's LoRA factors with those of a PEFT adapter directory (in place; the model is
     also returned). The model must have been built with the adapter's rank and targets — see
-    read_lora_config. Missing or unexpected adapter tensors raise ValueError."""
+    read_lora_config. A damaged adapter, or one of another shape, raises PlanError(key) naming its
+    file (verify_adapter)."""
     adapter_dir = Path(adapter_dir)
-    want = read_lora_config(adapter_dir)
+    want = read_lora_config(adapter_dir, key=key)
     have = model.lora
+    config = str(adapter_dir / ADAPTER_CONFIG)
     if have is None or have.rank != want.rank or set(have.targets) != set(want.targets) or \
             have.kind != want.kind or _full_set(have, model) != _full_set(want, model):
         shape = lambda c: (c.kind, c.rank, sorted(c.targets), sorted(_full_set(c, model)))  # noqa: E731
-        raise ValueError(f"{adapter_dir}: adapter is {shape(want)} (kind, rank, targets, trained "
-                         f"modules); the model was built with {None if have is None else shape(have)}")
+        raise PlanError(key, f"the adapter is {shape(want)} (kind, rank, targets, trained modules); "
+                        f"the model was built with {None if have is None else shape(have)}.",
+                        file=config, hint=_DAMAGED_HINT)
     if have.alpha != want.alpha:
-        raise ValueError(f"{adapter_dir}: adapter lora_alpha {want.alpha} != the model's {have.alpha}")
-    with safe_open(str(adapter_dir / ADAPTER_WEIGHTS), framework="np") as f:
-        tensors = {k.removeprefix(PEFT_PREFIX): f.get_tensor(k) for k in f.keys()}
-    # PEFT checkpoints saved with an explicit adapter name carry it: `lora_A.default.weight`.
-    tensors = {k.replace(".default.weight", ".weight"): v for k, v in tensors.items()}
+        raise PlanError(key, f"the adapter's lora_alpha {want.alpha} != the model's {have.alpha}.",
+                        file=config, hint=_DAMAGED_HINT)
+    tensors = verify_adapter(adapter_dir, model, key=key)
 
-    used, new = set(), []
+    new = []
     for path, var in nnx.to_flat_state(nnx.state(model, LoRAParam)):
         names = hf_names(path, model.cfg.num_layers)
         if not isinstance(var, FullParam) and str(path[-1]) != "lora_magnitude_vector":
             names = [n + ".weight" for n in names]
-        missing = [n for n in names if n not in tensors]
-        if missing:
-            raise ValueError(f"{adapter_dir}: adapter lacks {missing[:3]}")
         stacked = str(path[0]) == "layers"
         value = np.stack([tensors[n] for n in names]) if stacked else tensors[names[0]]
-        if value.shape != var.shape:
-            raise ValueError(f"{adapter_dir}: {names[0]} has shape {value.shape[1:] if stacked else value.shape}, "
-                             f"expected {var.shape[1:] if stacked else var.shape}")
         new.append((path, var.copy(jnp.asarray(value, var.dtype))))
-        used.update(names)
     if model.cfg.tie_word_embeddings and "lm_head.weight" in tensors:
         # a tied head saved beside its embedding: one matrix here, so the two copies must agree
-        if "model.embed_tokens.weight" not in used or not np.array_equal(
-                tensors["lm_head.weight"], tensors["model.embed_tokens.weight"]):
-            raise ValueError(f"{adapter_dir}: the adapter holds an output head that differs from "
-                             "the embedding, but this model ties them")
-        used.add("lm_head.weight")
-    unexpected = set(tensors) - used
-    if unexpected:
-        raise ValueError(f"{adapter_dir}: adapter has tensors this model has no place for: {sorted(unexpected)[:3]}")
+        if not np.array_equal(tensors["lm_head.weight"], tensors["model.embed_tokens.weight"]):
+            raise PlanError(key, f"{ADAPTER_WEIGHTS} holds an output head that differs from the "
+                            "embedding, but this model ties them.",
+                            file=str(adapter_dir / ADAPTER_WEIGHTS), hint=_DAMAGED_HINT)
     nnx.update(model, nnx.from_flat_state(new))
     return model
 

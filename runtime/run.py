@@ -111,8 +111,10 @@ def setup(plan: Plan, run_dir: Path) -> Session:
 
 
 def _resume(s: Session) -> None:
-    ckpt = checkpoint.load_latest(s.run_dir, plan_hash=s.plan.hash, lora_template=s.lora,
-                                  opt_template=s.opt_state)
+    ckpt = checkpoint.load_latest(s.run_dir, plan_hash=s.plan.hash,
+                                  total_steps=s.plan.schedule.total_steps,
+                                  steps_per_epoch=s.batcher.steps_per_epoch, rng_template=s.rng,
+                                  lora_template=s.lora, opt_template=s.opt_state)
     if ckpt is None:
         return
     s.step, s.position, s.resumed_from = ckpt.step, (ckpt.epoch, ckpt.index), ckpt.step

@@ -7,7 +7,6 @@ weights), then every frozen variable is filled from the checkpoint — layer i o
 """
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import jax
@@ -17,12 +16,15 @@ from flax import nnx
 from safetensors import safe_open
 
 from core.architecture import ModelConfig, read_config
+from core.errors import PlanError
+from core.weight_files import index_shards, read_header
 from runtime import quant
 from runtime.model import (EXACT, ComputeSpec, FullParam, Llama, LoraConfig, LoRAParam, lora_a_init,
                            row_norms)
 
 # Buffers some checkpoints carry that are recomputed, not loaded.
 _IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)
+_WEIGHTS_HINT = "are config.json and the weights of the same model, and the weights complete?"
 
 
 def hf_names(path: tuple, num_layers: int) -> list[str]:
@@ -37,19 +39,28 @@ def hf_names(path: tuple, num_layers: int) -> list[str]:
 
 
 class _Checkpoint:
-    """name → numpy array over one or many safetensors files (model.safetensors.index.json)."""
+    """name → numpy array over one or many safetensors files (model.safetensors.index.json).
+
+    The compiler checked the files; they are checked again here (the index's shards inside the
+    directory, each header against its file's size), since weights may change between a plan and
+    its run: a bad file ends in a PlanError naming it, and a shard outside the directory is never
+    opened."""
 
     def __init__(self, model_dir: Path):
-        index = model_dir / "model.safetensors.index.json"
-        if index.exists():
-            weight_map = json.loads(index.read_text())["weight_map"]
+        weight_map = index_shards(model_dir, key="model.path")
+        if weight_map is not None:
             files = sorted(set(weight_map.values()))
         else:
-            files = sorted(p.name for p in model_dir.glob("*.safetensors"))
+            files = sorted(model_dir.glob("*.safetensors"))
             if not files:
-                raise FileNotFoundError(f"no *.safetensors in {model_dir} (weights load from safetensors only)")
-            weight_map = None
-        self.handles = {f: safe_open(str(model_dir / f), framework="np") for f in files}
+                raise PlanError("model.path", f"{model_dir} has no *.safetensors (weights load from "
+                                "safetensors only).", file=str(model_dir), hint=_WEIGHTS_HINT)
+        for f in files:
+            if not f.is_file():
+                raise PlanError("model.path", f"{f.name} is missing.", file=str(f),
+                                hint="finish downloading the checkpoint.")
+            read_header(f, key="model.path")
+        self.handles = {str(f): safe_open(str(f), framework="np") for f in files}
         self.where = {}
         for f, h in self.handles.items():
             for name in h.keys():
@@ -57,7 +68,9 @@ class _Checkpoint:
         if weight_map is not None:
             missing_files = {n: f for n, f in weight_map.items() if n not in self.where}
             if missing_files:
-                raise FileNotFoundError(f"index lists tensors absent from the shards: {sorted(missing_files)[:5]}")
+                raise PlanError("model.path", f"the index lists tensors absent from the shards: "
+                                f"{sorted(missing_files)[:5]}.", file=str(model_dir),
+                                hint=_WEIGHTS_HINT)
 
     def names(self) -> set[str]:
         return {n for n in self.where if not n.endswith(_IGNORED_SUFFIXES)}
@@ -73,7 +86,8 @@ def load_pretrained(model_dir, *, config: ModelConfig | None = None, lora: LoraC
     plan's, is given), computing as `compute` says (a plan's spec, from runtime/build.py; EXACT, the
     float32 reference, outside a plan), base weights cast to its param_dtype (or quantised, lora.quantize), LoRA factors
     (if lora) freshly initialised from rngs (A random, B zero, float32), DoRA magnitudes set to the
-    base weight's row norms. Missing or unexpected tensors raise ValueError naming them.
+    base weight's row norms. Damaged files, missing or unexpected tensors raise PlanError (a
+    ValueError) naming them.
     place(names, value, trained, dense) -> array, if given, puts each base weight (a numpy array in
     its stored dtype; names = its state path; trained: a module trained in full; dense: False for
     flat nf4 codes and their scales) where it belongs — straight to its devices' shards, so a model
@@ -98,8 +112,8 @@ def load_pretrained(model_dir, *, config: ModelConfig | None = None, lora: LoraC
         expected.update(names)
         missing = [n for n in names if n not in ckpt.where]
         if missing:
-            raise ValueError(f"{model_dir}: checkpoint lacks {len(missing)} tensor(s) the model needs, "
-                             f"e.g. {missing[:3]}")
+            raise PlanError("model.path", f"the checkpoint lacks {len(missing)} tensor(s) the model "
+                            f"needs, e.g. {missing[:3]}.", file=str(model_dir), hint=_WEIGHTS_HINT)
         arrays = [ckpt.get(n) for n in names]
         value = np.stack(arrays) if path[0] == "layers" else arrays[0]
         scale_path = path[:-1] + ("weight_scale",)
@@ -107,8 +121,11 @@ def load_pretrained(model_dir, *, config: ModelConfig | None = None, lora: LoraC
         if scale_path in stored:            # stored quantised: codes [L, ...] from float [L, out, in]
             want = var.shape[:1] + _module_at(abstract, path[:-1]).shape
         if value.shape != want:
-            raise ValueError(f"{model_dir}: {names[0]} has shape {value.shape[1:] if path[0] == 'layers' else value.shape}, "
-                             f"the config implies {want[1:] if path[0] == 'layers' else want}")
+            layered = path[0] == "layers"
+            raise PlanError("model.path", f"{names[0]} has shape "
+                            f"{value.shape[1:] if layered else value.shape}, the config implies "
+                            f"{want[1:] if layered else want}.", file=str(model_dir),
+                            hint=_WEIGHTS_HINT)
         if scale_path in stored:
             codes, scales = quant.quantize(value, fmt)
             loaded[scale_path] = scales
@@ -118,8 +135,9 @@ def load_pretrained(model_dir, *, config: ModelConfig | None = None, lora: LoraC
     if cfg.tie_word_embeddings:
         unexpected.discard("lm_head.weight")      # tied checkpoints sometimes store the copy anyway
     if unexpected:
-        raise ValueError(f"{model_dir}: checkpoint has {len(unexpected)} tensor(s) this model does not use, "
-                         f"e.g. {sorted(unexpected)[:3]} — is it really a {cfg.family} model?")
+        raise PlanError("model.path", f"the checkpoint has {len(unexpected)} tensor(s) this model "
+                        f"does not use, e.g. {sorted(unexpected)[:3]} — is it really a {cfg.family} "
+                        "model?", file=str(model_dir), hint=_WEIGHTS_HINT)
 
     if place is None:
         def place(names, value, trained, dense):
@@ -208,19 +226,31 @@ def adapter_state_dict(model: Llama) -> dict[str, np.ndarray]:
     full under its own name, in its param dtype (`model.norm.weight`, `lm_head.weight`, ...). A tied
     output head trained through its embedding is written under both names: PEFT keeps one copy per
     name in `modules_to_save`, and both must hold the trained matrix."""
-    _, full_state, factor_state, _ = nnx.split(model, FullParam, LoRAParam, ...)
     out = {}
+    for var, names, stacked, factor in _adapter_variables(model):
+        value = np.asarray(var[...], np.float32) if factor else np.asarray(var[...])
+        for i, n in enumerate(names):
+            out[n] = np.ascontiguousarray(value[i] if stacked else value)
+    return out
+
+
+def adapter_shapes(model: Llama) -> dict[str, tuple[int, ...]]:
+    """adapter_state_dict's names → shapes, read from the model's variables alone (an abstract
+    model, `nnx.eval_shape`, will do): what a PEFT adapter of this model must hold."""
+    return {n: tuple(var.shape[1:] if stacked else var.shape)
+            for var, names, stacked, _ in _adapter_variables(model) for n in names}
+
+
+def _adapter_variables(model: Llama):
+    """(variable, its PEFT names, stacked over layers, LoRA factor) of each trained variable."""
+    _, full_state, factor_state, _ = nnx.split(model, FullParam, LoRAParam, ...)
     for path, var in nnx.to_flat_state(factor_state):
         path = tuple(map(str, path))
-        value = np.asarray(var[...], np.float32)
         suffix = "" if path[-1] == "lora_magnitude_vector" else ".weight"
-        for i, n in enumerate(hf_names(path, model.cfg.num_layers)):
-            out[n + suffix] = np.ascontiguousarray(value[i])
+        yield var, [n + suffix for n in hf_names(path, model.cfg.num_layers)], True, True
     for path, var in nnx.to_flat_state(full_state):
         path = tuple(map(str, path))
-        value = np.asarray(var[...])
-        for i, n in enumerate(hf_names(path, model.cfg.num_layers)):
-            out[n] = np.ascontiguousarray(value[i] if path[0] == "layers" else value)
+        names = hf_names(path, model.cfg.num_layers)
         if path == ("embed_tokens", "weight") and model.cfg.tie_word_embeddings:
-            out["lm_head.weight"] = out["model.embed_tokens.weight"]
-    return out
+            names = names + ["lm_head.weight"]
+        yield var, names, path[0] == "layers", False
