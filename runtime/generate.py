@@ -20,6 +20,7 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
+from core.errors import PlanError
 from core.plan import Plan
 from core.prompting import Prompter
 from core.tokenizer import load_tokenizer
@@ -85,9 +86,15 @@ class Chat:
                 out.write(label + "\n")
                 out.flush()
             return label
+        ids = self.prompt_ids(messages)
+        limit = self.plan.model.config.max_position_embeddings
+        if len(ids) + max_new_tokens > limit:
+            raise PlanError("prompt", f"the prompt is {len(ids)} tokens; with max_new_tokens="
+                            f"{max_new_tokens} it does not fit the model's context of {limit} "
+                            "tokens.", hint=f"shorten the prompt, or give max_new_tokens="
+                                            f"{max(1, limit - len(ids))} or less.")
         pieces = []
-        for piece in self.stream(self.prompt_ids(messages), max_new_tokens=max_new_tokens,
-                                 sampling=sampling):
+        for piece in self.stream(ids, max_new_tokens=max_new_tokens, sampling=sampling):
             pieces.append(piece)
             if out is not None:
                 out.write(piece)
@@ -170,8 +177,12 @@ def generate(run_dir, prompt: str | None = None, *, max_new_tokens: int, raw: bo
         # Forget the oldest turns once the conversation would outgrow the model's context.
         while len(turns) > 1 and len(chat.prompt_ids(head + turns)) + max_new_tokens > limit:
             turns = turns[2:]
-        reply = chat.answer(head + turns, max_new_tokens=max_new_tokens, out=out,
-                            sampling=turn_sampling(sampling, turn))
+        try:
+            reply = chat.answer(head + turns, max_new_tokens=max_new_tokens, out=out,
+                                sampling=turn_sampling(sampling, turn))
+        except PlanError as e:          # this prompt alone is too long: say so, take the next
+            log(f"{e.message} {e.hint or ''}".strip())
+            continue
         turn += 1
         if keep_history:
             history = turns + [{"role": "assistant", "content": reply}]

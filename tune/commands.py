@@ -7,6 +7,7 @@ from __future__ import annotations
 import dataclasses
 import sys
 import time
+from contextlib import contextmanager
 from pathlib import Path
 
 from compiler import recipes as recipes_mod
@@ -16,6 +17,7 @@ from core.errors import PlanError, did_you_mean
 from core.files import sha256_file
 from core.plan import Plan
 from core.records import trained_dir, trained_file
+from core.rundir import RunDirLock, check_writable, claim
 from compiler.summary import print_plan
 
 
@@ -41,18 +43,32 @@ def run_job(job) -> None:
         return evaluate_run(job)
     plan = _in_sweep(compile_plan(job.config, recipe_info=recipes_mod.recipe_info(job.recipe),
                                   command=job.command), job)
-    if is_main_process():           # the other processes of a multi-process job only compute
-        path = plan.write(job.out_dir / "plan.json")
-        print_plan(plan, run_dir=job.out_dir, elapsed=time.perf_counter() - job.started)
-        _console().print(f"[dim]plan written to[/dim] {path}")
-    if job.command == "eval":
-        from runtime.evaluate import evaluate
+    with writing(job.out_dir, job.command, plan.hash):
+        if is_main_process():           # the other processes of a multi-process job only compute
+            path = plan.write(job.out_dir / "plan.json")
+            print_plan(plan, run_dir=job.out_dir, elapsed=time.perf_counter() - job.started)
+            _console().print(f"[dim]plan written to[/dim] {path}")
+        if job.command == "eval":
+            from runtime.evaluate import evaluate
 
-        if plan.retrieval is not None:      # the base model without the passages too
-            evaluate(plan, job.out_dir, None, retrieval=False, verbose=False)
-        evaluate(plan, job.out_dir, None)
-    elif job.command != "plan":
-        train(plan, job.out_dir, sweep_dir=job.sweep_dir)
+            if plan.retrieval is not None:      # the base model without the passages too
+                evaluate(plan, job.out_dir, None, retrieval=False, verbose=False)
+            evaluate(plan, job.out_dir, None)
+        elif job.command != "plan":
+            train(plan, job.out_dir, sweep_dir=job.sweep_dir)
+
+
+@contextmanager
+def writing(run_dir, command: str, plan_hash: str | None = None, *, key: str = "hydra.run.dir"):
+    """Hold run_dir's writer lock (the main process; the others only compute) for the block, after
+    refusing a plan that is not the one the directory's results were made from (core/rundir.py)."""
+    if not is_main_process():
+        yield
+        return
+    with RunDirLock(run_dir, command, key=key):
+        if plan_hash is not None:
+            claim(run_dir, plan_hash, key=key)
+        yield
 
 
 def export(job) -> None:
@@ -76,7 +92,9 @@ def export(job) -> None:
     if out.exists():
         raise PlanError("out", f"{out} exists; not overwriting it.",
                         hint="give another out=PATH, or remove it first.")
-    out = export_run(plan, rd, out, fmt=fmt, gguf_type=kind)
+    check_writable(out, "out", directory=fmt != "gguf")
+    with writing(rd, "export", key="run"):
+        out = export_run(plan, rd, out, fmt=fmt, gguf_type=kind)
     use = {"peft": f"PeftModel.from_pretrained(base_model, '{out}')",
            "merged": f"AutoModelForCausalLM.from_pretrained('{out}')",
            "gguf": f"llama-cli -m {out}   (Ollama: FROM {out})"}[fmt]
@@ -88,11 +106,12 @@ def lr_find(job) -> None:
     from runtime.lr_find import lr_find as range_test
 
     plan = compile_plan(job.config, recipe_info=recipes_mod.recipe_info(job.recipe), command="plan")
-    if is_main_process():
-        plan.write(job.out_dir / "plan.json")
     f = job.config["lr_find"]
-    range_test(plan, job.out_dir, start_lr=f["start_lr"], end_lr=f["end_lr"], steps=f["steps"],
-               stop_factor=f["stop_factor"])
+    with writing(job.out_dir, "lr-find", plan.hash):
+        if is_main_process():
+            plan.write(job.out_dir / "plan.json")
+        range_test(plan, job.out_dir, start_lr=f["start_lr"], end_lr=f["end_lr"], steps=f["steps"],
+                   stop_factor=f["stop_factor"])
 
 
 def _in_sweep(plan: Plan, job) -> Plan:
@@ -161,10 +180,11 @@ def evaluate_run(job) -> None:
     _check_same_model(plan, trained, rd)
     print_plan(plan, run_dir=rd)
     weights = trained_dir(rd, trained.adapter.kind)
-    if plan.retrieval is not None:      # the same rows without the passages too
-        evaluate(plan, rd, weights, retrieval=False, verbose=False)
-    evaluate(plan, rd, weights)
-    write_report(rd)
+    with writing(rd, "eval", key="run"):
+        if plan.retrieval is not None:      # the same rows without the passages too
+            evaluate(plan, rd, weights, retrieval=False, verbose=False)
+        evaluate(plan, rd, weights)
+        write_report(rd)
 
 
 def generate(job) -> None:
@@ -178,13 +198,52 @@ def generate(job) -> None:
     # how to answer is the run's plan's decision (its eval.mode), unless this command line says
     given = [o for o in job.overrides if o.key_or_group == "eval.mode" and not o.is_delete()]
     free = (job.config["eval"]["mode"] == "generate") if given else None
+    given_max = any(o.key_or_group == "max_new_tokens" for o in job.overrides)
+
+    def fitted(plan: Plan) -> int:      # the default leaves half the model's context to the prompt
+        n = max_new if given_max else min(max_new, plan.model.config.max_position_embeddings // 2)
+        check_decoding(plan, "max_new_tokens", n)
+        return n
+
     if job.config.get("run"):
-        answer(_existing_run(job.config["run"], need_adapter=False), prompt, max_new_tokens=max_new,
-               free=free, sampling=sampling)
+        rd = _existing_run(job.config["run"], need_adapter=False)
+        answer(rd, prompt, max_new_tokens=fitted(Plan.load(rd / "plan.json")), free=free,
+               sampling=sampling)
         return
     plan = compile_plan(job.config, recipe_info=recipes_mod.recipe_info(job.recipe),
                         command="generate")
-    answer(plan, prompt, max_new_tokens=max_new, free=None, sampling=sampling)
+    answer(plan, prompt, max_new_tokens=fitted(plan), free=None, sampling=sampling)
+
+
+def check_decoding(plan: Plan, key: str, new_tokens: int, rows: int = 1, *,
+                   per_request: bool = False) -> None:
+    """Refuse, before any weight is loaded, a decoding that cannot fit: more new tokens than the
+    model's context holds (unless `per_request`: a server checks each request's prompt and
+    max_tokens against the context itself), or a KV cache (`rows` answers at once, the longest
+    prompt the context leaves, rounded up as the decoder's length buckets are) with the weights
+    beyond this machine's memory."""
+    from compiler.compile import DTYPE_BYTES, MEMORY_ERROR, _gib
+    from compiler.estimates import detect_devices
+
+    c = plan.model.config
+    limit = c.max_position_embeddings
+    if new_tokens >= limit and not per_request:
+        raise PlanError(key, f"{new_tokens} new tokens do not fit {plan.model.name}'s context of "
+                        f"{limit} tokens (max_position_embeddings), which holds the prompt too.",
+                        hint=f"give {key}={min(limit // 2, 512)} or less (at most {limit - 1}).")
+    cache_len = 1 << max(0, (limit - 1).bit_length())       # the decoder's bucket of the longest
+    rows_bucket = 1 << max(0, (rows - 1).bit_length())
+    rt = plan.runtime
+    need = (plan.model.params * DTYPE_BYTES[rt.param_dtype]
+            + c.num_layers * 2 * rows_bucket * cache_len * c.num_kv_heads * c.head_dim
+            * DTYPE_BYTES[rt.dtype] + rows_bucket * c.vocab_size * 4 * 2)
+    available = detect_devices().get("memory")
+    if available and need > MEMORY_ERROR * available:
+        raise PlanError(key, f"decoding {rows} answer(s) at once with {plan.model.name}'s context "
+                        f"of {limit} tokens needs about {_gib(need)} (weights and KV cache), more "
+                        f"than this machine's {_gib(available)}.",
+                        hint="serve fewer answers at once (serve.batch_size), or use a machine "
+                             "with more memory.")
 
 
 def serve(job) -> None:
@@ -204,6 +263,9 @@ def serve(job) -> None:
 
         log(f"the runs are over {len(bases)} different base models: each is loaded on its own")
     s = job.config["serve"]
+    for d in dirs:
+        check_decoding(Plan.load(d / "plan.json"), "serve.batch_size", s["max_tokens"],
+                       rows=s["batch_size"], per_request=True)
     run_server(dirs, host=job.config["host"], port=job.config["port"], batch_size=s["batch_size"],
                batch_wait_ms=s["batch_wait_ms"], max_tokens=s["max_tokens"])
 
@@ -218,7 +280,32 @@ def _existing_run(run_dir, *, need_adapter: bool) -> Path:
                         "nor a fully trained model (model/model.safetensors).",
                         hint="train it first (`tune ... hydra.run.dir=DIR`), or leave out run= to "
                              "score the base model.")
+    run_plan(rd)
     return rd
+
+
+def run_plan(rd: Path) -> Plan:
+    """A run directory's plan, checked before it is used: its hash matches its content, and its
+    model directory (which the hash leaves out: it depends on where things are) still holds the
+    model the plan names — the same config.json and tokenizer, weights that pass the compiler's
+    checks."""
+    from compiler.models import resolve_model
+
+    path = rd / "plan.json"
+    plan = Plan.load(path)
+    if not plan.is_consistent():
+        raise PlanError("plan", "the plan's hash does not match its content (was it edited?).",
+                        file=str(path), hint="recompile it with `tune plan`, or train the run again.")
+    if not Path(plan.model.dir).is_dir():
+        raise PlanError("model.path", f"the model directory {plan.model.dir} of the run in {rd} is "
+                        "gone.", file=str(path), hint="restore it, or train the run again.")
+    found = resolve_model({"path": plan.model.dir})
+    if (found.config_hash, found.tokenizer_hash) != (plan.model.config_hash, plan.model.tokenizer_hash):
+        raise PlanError("model.dir", f"{plan.model.dir} no longer holds the model the run in {rd} "
+                        "was trained on (its config.json or tokenizer differs).", file=str(path),
+                        hint="point the run at its own model: restore that directory, or train "
+                             "the run again.")
+    return plan
 
 
 def _check_same_model(plan: Plan, trained: Plan, rd: Path) -> None:
@@ -255,17 +342,22 @@ def run_plan_file(args: list[str]) -> int:
         raise PlanError("plan", f"{path} not found.", hint="give the plan.json that `tune plan` wrote.")
     plan = _checked_plan(Plan.load(path), path)
     run_dir = Path(args[1]) if len(args) == 2 else path.parent
-    if run_dir.resolve() != path.parent.resolve() and is_main_process():
-        plan.write(run_dir / "plan.json")
-    if is_main_process():
-        print_plan(plan, run_dir=run_dir)
-    train(plan, run_dir)
+    with writing(run_dir, "run", plan.hash, key="RUN_DIR"):
+        if run_dir.resolve() != path.parent.resolve() and is_main_process():
+            plan.write(run_dir / "plan.json")
+        if is_main_process():
+            print_plan(plan, run_dir=run_dir)
+        train(plan, run_dir)
     return 0
 
 
 def _checked_plan(plan: Plan, path: Path) -> Plan:
-    """The plan, if what it was compiled from is still there and unchanged; its token cache rebuilt
-    when only that is missing (derived data: deleted, or another machine)."""
+    """The plan as its own config compiles today, if that is the plan the file holds: the compiler's
+    checks (types, ranges, cross-field rules, files, model) run again on a plan read from a file, and
+    every value that changes what runs — the model directory and the token cache included, which the
+    hash leaves out because they depend only on where things are — comes from the compiler, not from
+    the file. A plan whose values were edited (its hash recomputed or not) is refused; a missing
+    token cache (derived data: deleted, or another machine) is rebuilt."""
     if not plan.is_consistent():
         raise PlanError("plan", "the plan's hash does not match its content (was it edited?).",
                         file=str(path), hint="change the config and recompile with `tune plan`.")
@@ -281,17 +373,38 @@ def _checked_plan(plan: Plan, path: Path) -> Plan:
     if not Path(plan.model.dir).is_dir():
         raise PlanError("model.path", f"the model directory {plan.model.dir} is gone.",
                         hint="recompile with `tune plan`.")
-    cache = plan.data.cache
-    if cache and not Path(cache).is_file():
-        rebuilt = compile_plan(plan.config, recipe_info=plan.recipe, command="plan")
-        if rebuilt.data.key != plan.data.key:
-            raise PlanError("plan", "the token cache is missing and rebuilding it gave different "
-                            "tokens (another tokenizer or tune version?).", file=str(path),
-                            hint="recompile with `tune plan`.")
-        if rebuilt.data.cache != cache:          # another $TUNE_HOME: same tokens, other place
-            plan = dataclasses.replace(plan, data=dataclasses.replace(plan.data,
-                                                                      cache=rebuilt.data.cache))
-    return plan
+    rebuilt = compile_plan(plan.config, recipe_info=plan.recipe, command="plan")
+    if rebuilt.hash == plan.hash:
+        return dataclasses.replace(rebuilt, tracking=plan.tracking)
+    if plan.data.cache and not Path(plan.data.cache).is_file() and rebuilt.data.key != plan.data.key:
+        raise PlanError("plan", "the token cache is missing and rebuilding it gave different "
+                        "tokens (another tokenizer or tune version?).", file=str(path),
+                        hint="recompile with `tune plan`.")
+    changed = _differences(plan, rebuilt)
+    raise PlanError("plan", "its values are not what its own config compiles to"
+                    + (f" ({', '.join(changed[:4])}{', ...' if len(changed) > 4 else ''})"
+                       if changed else "")
+                    + ": it was edited, or the model or tune changed since it was compiled. A "
+                    "plan's hash shows a change, it does not prove who made it.", file=str(path),
+                    hint="change the config (or the command line) and recompile with `tune plan`.")
+
+
+def _differences(plan: Plan, rebuilt: Plan) -> list[str]:
+    """The dotted paths where two plans' hashed sections differ (for the message)."""
+    out: list[str] = []
+
+    def walk(a, b, where: str) -> None:
+        if isinstance(a, dict) and isinstance(b, dict):
+            for k in sorted(set(a) | set(b)):
+                walk(a.get(k), b.get(k), f"{where}.{k}" if where else str(k))
+        elif a != b:
+            out.append(where)
+
+    skip = {"hash", "estimates", "warnings", "recipe", "tracking"}
+    a, b = plan.to_dict(), rebuilt.to_dict()
+    walk({k: v for k, v in a.items() if k not in skip}, {k: v for k, v in b.items() if k not in skip},
+         "")
+    return out
 
 
 # ------------------------------------------------------------------------------ tune recipes

@@ -122,7 +122,7 @@ def run_hydra(command: str, argv: list[str], run_job) -> int:
     _register()
     if not completing:
         check_hydra_section(overrides, multirun=bool(args.multirun), args=args)
-    started, failures, jobs = time.perf_counter(), [], []
+    started, failures, jobs, held = time.perf_counter(), [], [], []
 
     @hydra.main(config_path=str(CONF_DIR), config_name="config", version_base="1.3")
     def task(cfg) -> float | None:
@@ -130,28 +130,40 @@ def run_hydra(command: str, argv: list[str], run_job) -> int:
             command=command, config=command_line_escapes(resolve_config(cfg), overrides),
             out_dir=out_dir, recipe=recipe, started=started, overrides=overrides,
             sweep_dir=sweep_dir, sweep_point=_sweep_point(swept, overrides)),
-            run_job, failures, jobs)
+            run_job, failures, jobs, held)
 
     saved_argv, saved_env = sys.argv, os.environ.get("HYDRA_FULL_ERROR")
     sys.argv = [PROG, *argv]
     os.environ["HYDRA_FULL_ERROR"] = "1"  # exceptions reach main(), which prints them tune's way
+    multirun = bool(args.multirun) or any(o.key_or_group == "hydra.mode" and str(o.value()) == "MULTIRUN"
+                                          for o in overrides if not o.is_sweep_override())
     try:
         GlobalHydra.instance().clear()
-        task()
+        try:
+            task()
+        except OSError as e:    # Hydra's own run/sweep directory (the jobs' errors are caught in _task)
+            key = "hydra.sweep.dir" if multirun else "hydra.run.dir"
+            raise PlanError(key, f"cannot create {e.filename or 'the run directory'}: "
+                            f"{e.strerror or e}.",
+                            hint=f"choose a directory you can write ({key}=...).") from None
+        if multirun and jobs:
+            _drop_hydra_files(jobs[0]["dir"].parent)
+        if multirun and command == "train" and jobs:
+            from runtime.report import write_sweep_report
+
+            path = write_sweep_report(jobs[0]["dir"].parent, jobs)
+            from tune.console import console
+
+            console(stderr=True).print(f"[dim]sweep report:[/dim] {path}")
     finally:
+        for lock in held:
+            lock.release()
         sys.argv = saved_argv
         if saved_env is None:
             os.environ.pop("HYDRA_FULL_ERROR", None)
         else:
             os.environ["HYDRA_FULL_ERROR"] = saved_env
         GlobalHydra.instance().clear()
-    if args.multirun and command == "train" and jobs:
-        from runtime.report import write_sweep_report
-
-        path = write_sweep_report(jobs[0]["dir"].parent, jobs)
-        from tune.console import console
-
-        console(stderr=True).print(f"[dim]sweep report:[/dim] {path}")
     if not failures:
         return 0
     if len(failures) == 1 and not args.multirun:
@@ -179,6 +191,8 @@ def precheck(overrides: list[str], *, check_groups: bool = True) -> list:
     from compiler import recipes, safety, schema
 
     parser = OverridesParser.create()
+    for line in overrides:
+        safety.check_override_size(line)    # bounded before Hydra's parser reads it
     try:
         parsed = parser.parse_overrides(overrides)
     except OverrideParseException as e:
@@ -209,6 +223,7 @@ def precheck(overrides: list[str], *, check_groups: bool = True) -> list:
                             f"{', '.join(repr(v) for v in values)}. Options: "
                             f"{', '.join(group_options(key))}.",
                             hint=f"to set one key write `{key}.KEY=VALUE`.")
+        schema.check_override_text(key, o.input_line, values)
         for v in values:
             safety.check_override_value(key, v)
             schema.check_override(key, v)
@@ -340,12 +355,23 @@ def _unescape(text: str) -> str:
 
 
 def _values(o) -> list:
+    """An override's value, or a sweep's values (at most safety.MAX_SWEEP: a `range(...)` may
+    name any number)."""
+    import itertools
+
+    from compiler.safety import MAX_SWEEP
+
     if not o.is_sweep_override():
         return [o.value()]
     try:
-        return list(o.sweep_iterator())
+        values = list(itertools.islice(o.sweep_iterator(), MAX_SWEEP + 1))
     except Exception:  # noqa: BLE001 - glob sweeps need the group's options; Hydra expands them
         return []
+    if len(values) > MAX_SWEEP:
+        raise PlanError(o.key_or_group, f"the sweep `{o.input_line}` has more than {MAX_SWEEP:,} "
+                        "values, a run each.", hint="sweep over a few values, e.g. "
+                                                    f"{o.key_or_group}=range(0,8).")
+    return values
 
 
 def group_options(group: str) -> list[str]:
@@ -405,16 +431,23 @@ class Job:
         return out
 
 
-def _task(make_job, run_job, failures: list, jobs: list) -> float | None:
+def _task(make_job, run_job, failures: list, jobs: list, held: list) -> float | None:
     """One Hydra job. Failures are recorded, not raised, so Hydra adds nothing to the message and
     a sweep goes on with its other jobs; main() reports them. Each job's outcome goes to `jobs`
     (for a sweep's report). A run directory the job left empty is removed. Returns the job's
-    sweep.metric value in a multirun (what a sweeper plugin such as Optuna optimises)."""
+    sweep.metric value in a multirun (what a sweeper plugin such as Optuna optimises). A sweep's
+    first job locks the sweep directory for the whole sweep (`held`; a second sweep there stops)."""
     from hydra.core.hydra_config import HydraConfig
     from hydra.types import RunMode
 
     hc = HydraConfig.get()
     out_dir = Path(hc.runtime.output_dir)
+    if hc.mode == RunMode.MULTIRUN and not held:
+        from core.processes import is_main_process
+        from core.rundir import RunDirLock
+
+        if is_main_process():
+            held.append(RunDirLock(Path(hc.sweep.dir), "sweep", key="hydra.sweep.dir").acquire())
     record = {"dir": out_dir, "overrides": list(hc.overrides.task), "status": "ok", "error": None}
     jobs.append(record)
     t0 = time.perf_counter()
@@ -454,6 +487,15 @@ def _sweep_point(task_overrides: list[str], overrides: list) -> str:
     """This job's values of the keys the command line sweeps (`schedule.lr=0.001 adapter.rank=8`)."""
     swept = {o.key_or_group for o in overrides if o.is_sweep_override()}
     return " ".join(t for t in task_overrides if t.split("=", 1)[0].lstrip("+~") in swept)
+
+
+def _drop_hydra_files(sweep_dir: Path) -> None:
+    """Hydra's sweeper saves the composed config as multirun.yaml in the sweep directory; tune's
+    sweep directory holds its own record (sweep.json, sweep.html) and the runs, nothing of Hydra's."""
+    try:
+        (Path(sweep_dir) / "multirun.yaml").unlink()
+    except OSError:
+        pass
 
 
 def resolve_config(cfg) -> dict:
