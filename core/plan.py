@@ -379,6 +379,9 @@ class Plan:
         except ValueError as e:
             raise PlanError("plan", f"is not valid JSON ({e}).", file=file,
                             hint="recompile it with `tune plan ...`.") from None
+        except RecursionError:
+            raise PlanError("plan", "is not valid JSON (nested too deeply).", file=file,
+                            hint="recompile it with `tune plan ...`.") from None
         return cls.from_dict(doc, file=file)
 
     @classmethod

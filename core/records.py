@@ -33,7 +33,7 @@ def trained_file(run_dir, kind: str) -> Path:
 def _read(path: Path) -> dict | None:
     try:
         doc = json.loads(Path(path).read_text(encoding="utf-8"))
-    except (OSError, ValueError):
+    except (OSError, ValueError, RecursionError):
         return None
     return doc if isinstance(doc, dict) else None
 

@@ -140,7 +140,7 @@ def _read_holder(fd: int) -> dict:
         os.lseek(fd, 0, os.SEEK_SET)
         doc = json.loads(os.read(fd, 4096).decode() or "{}")
         return doc if isinstance(doc, dict) else {}
-    except (OSError, ValueError):
+    except (OSError, ValueError, RecursionError):
         return {}
 
 
@@ -182,7 +182,7 @@ def claim(run_dir: str | Path, plan_hash: str, *, key: str = "hydra.run.dir") ->
 def _plan_hash(path: Path) -> str | None:
     try:
         doc = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError):
+    except (OSError, ValueError, RecursionError):
         return None
     h = doc.get("hash") if isinstance(doc, dict) else None
     return h if isinstance(h, str) else None

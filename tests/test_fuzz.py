@@ -142,7 +142,8 @@ def test_fuzz_plan_json(plan_doc):
         text = dumps(doc)
         if data.draw(st.booleans()):         # or the file itself damaged
             cut = data.draw(st.integers(0, len(text)))
-            text = text[:cut] + data.draw(st.text(max_size=8)) + text[cut:][:len(text)]
+            text = text[:cut] + data.draw(st.one_of(st.text(max_size=8), st.just("[" * 100_000))) \
+                + text[cut:][:len(text)]
         plan = answers(Plan.from_json, text, file="plan.json")
         if isinstance(plan, Plan):
             answers(plan.is_consistent)

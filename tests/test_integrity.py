@@ -259,3 +259,12 @@ def test_decoding_beyond_memory_is_refused(tune_cli, tmp_path, monkeypatch):
     monkeypatch.setattr(compiler.estimates, "detect_devices", lambda: {"memory": 1 << 30})
     rc, out, err = tune_cli("serve", "run=run", "serve.batch_size=256")
     assert rc == 2 and "serve.batch_size" in flat(err) and "more than this machine's" in flat(err)
+
+
+def test_a_plan_json_nested_too_deeply_is_a_plan_error(tune_cli, tmp_path):
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / "plan.json").write_text("[" * 100_000)
+    with pytest.raises(PlanError, match="nested too deeply"):
+        Plan.load(tmp_path / "run" / "plan.json")
+    rc, out, err = tune_cli("run", "run/plan.json")
+    assert rc == 2 and "plan.json" in flat(err) and "nested too deeply" in flat(err)
