@@ -80,8 +80,7 @@ def export(job) -> None:
     if not job.config.get("run"):
         raise PlanError("run", "`tune export` needs the run directory to export.",
                         hint="tune export run=DIR format=peft|merged|gguf [out=PATH]")
-    rd = _existing_run(job.config["run"], need_adapter=True)
-    plan = Plan.load(rd / "plan.json")
+    rd, plan = _existing_run(job.config["run"], need_adapter=True)
     fmt, kind = job.config["format"], job.config["gguf_type"]
     if fmt == "peft" and plan.adapter.kind == "full":
         raise PlanError("format", f"{rd} trained every weight (adapter.kind=full): there is no "
@@ -172,8 +171,7 @@ def evaluate_run(job) -> None:
     from runtime.evaluate import evaluate
     from runtime.report import write_report
 
-    rd = _existing_run(job.config["run"], need_adapter=True)
-    trained = Plan.load(rd / "plan.json")
+    rd, trained = _existing_run(job.config["run"], need_adapter=True)
     config = job.config if job.recipe else job.apply_overrides(trained.config)
     recipe = recipes_mod.recipe_info(job.recipe) if job.recipe else trained.recipe
     plan = compile_plan(config, recipe_info=recipe, command="eval")
@@ -206,8 +204,8 @@ def generate(job) -> None:
         return n
 
     if job.config.get("run"):
-        rd = _existing_run(job.config["run"], need_adapter=False)
-        answer(rd, prompt, max_new_tokens=fitted(Plan.load(rd / "plan.json")), free=free,
+        rd, trained = _existing_run(job.config["run"], need_adapter=False)
+        answer(rd, prompt, max_new_tokens=fitted(trained), free=free,
                sampling=sampling)
         return
     plan = compile_plan(job.config, recipe_info=recipes_mod.recipe_info(job.recipe),
@@ -256,21 +254,23 @@ def serve(job) -> None:
         raise PlanError("run", "`tune serve` needs the run directory (or directories) to serve.",
                         hint="tune serve run=DIR, or runs=[DIR1,DIR2] for several adapters over "
                              "one base.")
-    dirs = list(dict.fromkeys(_existing_run(d, need_adapter=False) for d in given))
-    bases = {Plan.load(d / "plan.json").model.config_hash for d in dirs}
+    runs = dict(_existing_run(d, need_adapter=False) for d in given)    # run dir → its plan
+    dirs = list(runs)
+    bases = {plan.model.config_hash for plan in runs.values()}
     if len(bases) > 1:
         from runtime.progress import log
 
         log(f"the runs are over {len(bases)} different base models: each is loaded on its own")
     s = job.config["serve"]
-    for d in dirs:
-        check_decoding(Plan.load(d / "plan.json"), "serve.batch_size", s["max_tokens"],
-                       rows=s["batch_size"], per_request=True)
+    for plan in runs.values():
+        check_decoding(plan, "serve.batch_size", s["max_tokens"], rows=s["batch_size"],
+                       per_request=True)
     run_server(dirs, host=job.config["host"], port=job.config["port"], batch_size=s["batch_size"],
                batch_wait_ms=s["batch_wait_ms"], max_tokens=s["max_tokens"])
 
 
-def _existing_run(run_dir, *, need_adapter: bool) -> Path:
+def _existing_run(run_dir, *, need_adapter: bool) -> tuple[Path, Plan]:
+    """The run directory `run_dir` names, resolved, and its plan, checked (run_plan)."""
     rd = Path(str(run_dir)).expanduser().resolve()
     if not (rd / "plan.json").is_file():
         raise PlanError("run", f"{rd} is not a run directory (it has no plan.json).",
@@ -280,8 +280,7 @@ def _existing_run(run_dir, *, need_adapter: bool) -> Path:
                         "nor a fully trained model (model/model.safetensors).",
                         hint="train it first (`tune ... hydra.run.dir=DIR`), or leave out run= to "
                              "score the base model.")
-    run_plan(rd)
-    return rd
+    return rd, run_plan(rd)
 
 
 def run_plan(rd: Path) -> Plan:
