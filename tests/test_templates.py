@@ -236,3 +236,86 @@ def test_a_chat_template_cannot_exhaust_the_machine(src, needle):
     with pytest.raises(PlanError) as e:
         render_chat(src, [{"role": "user", "content": "hi"}], add_generation_prompt=True)
     assert e.value.key == "template.chat" and needle in str(e.value)
+
+
+# ------------------------------------------------------------------------------ chat frames
+
+from core import templates as _templates  # noqa: E402
+
+FRAME_TEXTS = [("Message: card lost\nIntent:", "lost_card", "You route."),
+               ("  leading space", "x", None), ("trailing\n", "label ", "S"),
+               ("a </think> inside", "b", None), ("ünïcode — 東京 🙂", "naïve", "Sys {x}"),
+               ("<|im_end|> written by the data", "y", None), ("", "z", None),
+               ("plain", "multi\nline\nanswer", "sys\n\nparagraphs")]
+
+QWEN_LIKE = """{%- for message in messages %}{%- set content = message['content'] %}
+{%- if message['role'] == 'assistant' and '</think>' in content %}{%- set content = content.split('</think>')[-1] %}{%- endif %}
+<|im_start|>{{ message['role'] }}
+{{ content }}<|im_end|>
+{% endfor %}{%- if add_generation_prompt %}<|im_start|>assistant
+{% endif %}"""
+UPPER = "{% for m in messages %}[{{ m['role'] }}]{{ m['content'] | upper }}{% endfor %}" \
+        "{% if add_generation_prompt %}[assistant]{% endif %}"
+SLICING = "{% for m in messages %}[{{ m['role'] }}]{{ m['content'][:24] }}|{% endfor %}" \
+          "{% if add_generation_prompt %}[assistant]{% endif %}"
+
+
+def _slow(template, prompt, response, system, eos="<|im_end|>"):
+    return _templates._rendered_pair(prompt, response, system, chat_template=template,
+                                     eos_token=eos, bos_token="<|im_start|>")
+
+
+def _fast(template, prompt, response, system, eos="<|im_end|>"):
+    return _templates.to_prompt_completion(prompt, response, system, chat=True,
+                                           chat_template=template, eos_token=eos,
+                                           bos_token="<|im_start|>")
+
+
+@pytest.mark.parametrize("which", ["smollm2", "llama_like", "qwen_like"])
+def test_chat_frame_gives_the_full_renderings_strings(which, smollm2):
+    """The frame (the template rendered once over placeholder texts) yields exactly what rendering
+    each example does — texts with edge whitespace (trimmed by the llama-like template), a literal
+    the template tests texts against (`'</think>' in content`) and control-token text included."""
+    template = {"smollm2": smollm2[0].chat_template, "llama_like": LLAMA_LIKE,
+                "qwen_like": QWEN_LIKE}[which]
+    _templates._chat_frame.cache_clear()
+    for prompt, response, system in FRAME_TEXTS * 6:
+        if not prompt:
+            continue
+        try:
+            want = _slow(template, prompt, response, system)
+        except PlanError:
+            continue
+        assert _fast(template, prompt, response, system) == want
+    frames = [_templates._chat_frame(template, "<|im_start|>", "<|im_end|>", s) for s in (True, False)]
+    assert all(f is not None and not f.retired for f in frames)
+    assert sum(f.uses for f in frames) > 0           # the frame answered, not only the fallback
+
+
+def test_chat_frame_sees_what_a_template_tests_texts_against():
+    assert "</think>" in _templates._inspected_literals(QWEN_LIKE)
+    # roles compared against names are not texts: a message saying "user" keeps the fast path
+    assert "user" not in _templates._inspected_literals(QWEN_LIKE)
+    frame = _templates._chat_frame(QWEN_LIKE, "", "<|im_end|>", False)
+    assert frame.split("a </think> b", "c", None) is None
+    assert frame.split("the user asks", "c", None) is not None
+
+
+def test_no_frame_for_a_template_that_changes_the_text():
+    _templates._chat_frame.cache_clear()
+    assert _templates._chat_frame(UPPER, "", "</s>", False) is None
+    assert _fast(UPPER, "shout this", "ok", None, eos="</s>") == _slow(UPPER, "shout this", "ok",
+                                                                       None, eos="</s>")
+
+
+def test_a_frame_that_disagrees_with_the_template_is_retired():
+    """A template that cuts texts (content[:24]) passes the placeholder check; the first examples,
+    rendered both ways, show the difference: the frame retires and every answer is the template's."""
+    _templates._chat_frame.cache_clear()
+    frame = _templates._chat_frame(SLICING, "<|im_start|>", "</s>", False)
+    assert frame is not None
+    rows = [(f"a question long enough to be cut {i}", "ok", None) for i in range(5)]
+    for prompt, response, system in rows:
+        assert _fast(SLICING, prompt, response, system, eos="</s>") == \
+            _slow(SLICING, prompt, response, system, eos="</s>")
+    assert frame.retired
