@@ -157,9 +157,229 @@ def encode_prompt(tokenizer, prompt_part: str, *, chat: bool) -> np.ndarray:
 
 def encode_unique(tokenizer, texts: list[str]) -> list[list[int]]:
     """Token ids of each text, every distinct text encoded once (data repeats its prompts and
-    answers)."""
+    answers) — and, where the tokenizer allows it (_pieces), every distinct piece between its
+    control tokens encoded once: a chat template's system prompt and role headers are then
+    encoded once for all examples rather than once each."""
     index: dict[str, int] = {}
     for t in texts:
         index.setdefault(t, len(index))
-    ids = encode_texts(tokenizer, list(index))
+    distinct = list(index)
+    pieces = _pieces(tokenizer)
+    ids = None
+    if pieces is not None and len(distinct) > 1:
+        ids = _encode_by_pieces(tokenizer, distinct, *pieces)
+    if ids is None:
+        ids = encode_texts(tokenizer, distinct)
     return [ids[index[t]] for t in texts]
+
+
+_PIECE_CHECKS = 64     # texts encoded both ways before pieces are trusted for a tokenizer
+
+
+def _encode_by_pieces(tokenizer, texts: list[str], pattern, control_ids: dict) -> list | None:
+    """Each text cut at its control tokens, the distinct plain pieces encoded once, the ids put
+    back together; None (encode whole) when a text holds escaped control text or the first texts
+    do not encode to the same ids whole."""
+    if any(ESC_OPEN in t for t in texts):
+        return None
+    cut = [pattern.split(t) for t in texts]          # [plain, control, plain, control, ..., plain]
+    index: dict[str, int] = {}
+    for parts in cut:
+        for k in range(0, len(parts), 2):
+            if parts[k]:
+                index.setdefault(parts[k], len(index))
+    words = _words(tokenizer)
+    encoded = (words.encode(list(index)) if words is not None else None) or \
+        encode_texts(tokenizer, list(index))
+    out = []
+    for parts in cut:
+        ids: list[int] = []
+        for k, part in enumerate(parts):
+            if k % 2:
+                ids.append(control_ids[part])
+            elif part:
+                ids += encoded[index[part]]
+        out.append(ids)
+    key = id(tokenizer)
+    if _CHECKED.get(key) is not tokenizer:
+        whole = encode_texts(tokenizer, texts[:_PIECE_CHECKS])
+        if whole != out[:_PIECE_CHECKS]:
+            _UNFIT.add(key)
+            return whole + encode_texts(tokenizer, texts[_PIECE_CHECKS:])
+        _CHECKED[key] = tokenizer
+    return out
+
+
+_CHECKED: dict = {}    # id(tokenizer) → tokenizer, for tokenizers whose pieces were checked
+_UNFIT: set = set()    # id of tokenizers whose pieces do not encode as the whole text
+
+
+def _pieces(tokenizer):
+    """(pattern cutting text at control tokens, control text → id), or None where encoding the
+    pieces between control tokens separately could differ from encoding the text whole: control
+    tokens that strip whitespace around them, are normalised, or match single words only; a
+    Metaspace pre-tokenizer (it marks a text's first word differently)."""
+    if id(tokenizer) in _UNFIT:
+        return None
+    try:
+        added = tokenizer.get_added_tokens_decoder()
+        model = json.loads(tokenizer.to_str()) if id(tokenizer) not in _CHECKED else None
+    except Exception:  # noqa: BLE001 - a tokenizer without these accessors: encode whole
+        return None
+    if model is not None and "Metaspace" in json.dumps(model.get("pre_tokenizer")):
+        _UNFIT.add(id(tokenizer))
+        return None
+    controls = {}
+    for tid, t in added.items():
+        if not t.special or not t.content:
+            continue
+        if t.lstrip or t.rstrip or t.normalized or t.single_word:
+            _UNFIT.add(id(tokenizer))
+            return None
+        controls[t.content] = tid
+    if not controls:
+        return None
+    pattern = _piece_pattern(tuple(sorted(controls, key=lambda c: (-len(c), c))))
+    return pattern, controls
+
+
+@lru_cache(maxsize=8)
+def _piece_pattern(controls: tuple[str, ...]):
+    return re.compile("(" + "|".join(map(re.escape, controls)) + ")")
+
+
+# ------------------------------------------------------------------------------ word by word
+
+# GPT-2's pre-tokenizer pattern (tokenizers' ByteLevel with use_regex)
+GPT2_SPLIT = r"""'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"""
+
+
+class WordEncoder:
+    """Plain text (no control token in it) encoded word by word, each distinct word once, for a
+    byte-level BPE tokenizer whose pre-tokenizer is reproduced here exactly (Digits, Split with a
+    regex, ByteLevel — as SmolLM2, Llama 3, Qwen and GPT-2 have them): BPE never merges across the
+    pre-tokenizer's words, so a text's ids are its words' ids end to end. Data repeats its words,
+    and a dictionary lookup is far cheaper than the tokenizer's per-text work (it dominated
+    compiling 10⁶ rows).
+
+    Checked like ChatFrame: the first CHECKS texts and every CHECK_EVERY-th after are encoded by the
+    tokenizer too; one difference and this tokenizer is encoded by the tokenizer from then on."""
+
+    CHECKS, CHECK_EVERY, MAX_WORDS = 256, 1000, 1_000_000
+
+    def __init__(self, tokenizer, steps: list):
+        self.tokenizer, self.steps = tokenizer, steps
+        self.cache: dict[str, list[int]] = {}
+        self.seen, self.unfit = 0, False
+        self.bytes = _byte_chars()
+
+    def split(self, text: str) -> list[str]:
+        """The pre-tokenizer's words of `text`: each step isolates its pattern's matches (and the
+        text between them) inside the previous step's pieces."""
+        pieces = [text]
+        for pattern in self.steps:
+            out: list[str] = []
+            for piece in pieces:
+                out += [p for p in pattern.split(piece) if p]
+            pieces = out
+        return pieces
+
+    def encode(self, texts: list[str]) -> list[list[int]] | None:
+        """Ids of each text, or None when this tokenizer turned out not to fit."""
+        if self.unfit:
+            return None
+        model, cache, chars = self.tokenizer.model, self.cache, self.bytes
+        if len(cache) > self.MAX_WORDS:
+            cache.clear()
+        out = []
+        for text in texts:
+            ids: list[int] = []
+            for word in self.split(text):
+                got = cache.get(word)
+                if got is None:
+                    mapped = "".join(chars[b] for b in word.encode("utf-8"))
+                    got = cache[word] = [t.id for t in model.tokenize(mapped)]
+                ids += got
+            out.append(ids)
+        n = len(texts)
+        check = [i for i in range(n) if self.seen + i < self.CHECKS
+                 or (self.seen + i) % self.CHECK_EVERY == 0]
+        self.seen += n
+        if check:
+            whole = self.tokenizer.encode_batch([texts[i] for i in check], add_special_tokens=False)
+            if any(out[i] != e.ids for i, e in zip(check, whole)):
+                self.unfit = True
+                return None
+        return out
+
+
+@lru_cache(maxsize=1)
+def _byte_chars() -> list[str]:
+    """GPT-2's byte → printable character table (the ByteLevel pre-tokenizer's alphabet)."""
+    bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + \
+        list(range(ord("®"), ord("ÿ") + 1))
+    cs, n = bs[:], 0
+    for b in range(256):
+        if b not in bs:
+            bs.append(b)
+            cs.append(256 + n)
+            n += 1
+    table = dict(zip(bs, cs))
+    return [chr(table[b]) for b in range(256)]
+
+
+_WORDS: dict = {}      # id(tokenizer) → (tokenizer, WordEncoder or None)
+
+
+def _words(tokenizer) -> WordEncoder | None:
+    """The tokenizer's WordEncoder, or None where its pipeline is not one reproduced here."""
+    hit = _WORDS.get(id(tokenizer))
+    if hit is not None and hit[0] is tokenizer:
+        return hit[1]
+    encoder = None
+    try:
+        steps = _word_steps(tokenizer)
+        if steps is not None:
+            encoder = WordEncoder(tokenizer, steps)
+    except Exception:  # noqa: BLE001 - anything unexpected in the tokenizer: encode whole
+        encoder = None
+    _WORDS[id(tokenizer)] = (tokenizer, encoder)
+    return encoder
+
+
+def _word_steps(tokenizer) -> list | None:
+    import regex
+
+    doc = json.loads(tokenizer.to_str())
+    model = doc.get("model") or {}
+    if doc.get("normalizer") is not None or model.get("type") != "BPE" or model.get("dropout"):
+        return None
+    if any(not t.get("special") for t in doc.get("added_tokens") or []):
+        return None                        # plain added tokens are matched inside the text
+    pre = doc.get("pre_tokenizer")
+    parts = pre.get("pretokenizers") if pre and pre.get("type") == "Sequence" else [pre]
+    steps, byte_level = [], False
+    for part in parts:
+        kind = (part or {}).get("type")
+        if kind == "Digits":
+            steps.append(regex.compile(r"\p{N}" if part.get("individual_digits") else r"\p{N}+"))
+        elif kind == "Split" and part.get("behavior") == "Isolated" and not part.get("invert"):
+            pattern = part.get("pattern") or {}
+            if "Regex" in pattern:
+                steps.append(regex.compile(pattern["Regex"]))
+            elif "String" in pattern:
+                steps.append(regex.compile(regex.escape(pattern["String"])))
+            else:
+                return None
+        elif kind == "ByteLevel" and not part.get("add_prefix_space") and not byte_level:
+            if part.get("use_regex", True):
+                steps.append(regex.compile(GPT2_SPLIT))
+            byte_level = True
+        else:
+            return None
+    # each step as one C call per piece: split on the pattern wrapped in a group keeps both the
+    # matches and the text between them (Isolated); a pattern with groups of its own does not fit
+    if any(step.groups for step in steps):
+        return None
+    return [regex.compile(f"({step.pattern})", step.flags) for step in steps] if byte_level \
+        else None
