@@ -54,7 +54,7 @@ from core.tokenizer import (TOKENIZER_FILE, encode_texts, escape_controls, load_
                                 special_prefix_ids, special_token, unescape)
 from core.tokenizer import encode_unique as _encode_unique
 
-CACHE_VERSION = 6
+CACHE_VERSION = 7
 # test_plain: the test rows without retrieved passages (compiler/retrieval.py), scored beside them
 SPLITS = ("train", "val", "test", "test_plain")
 COUNTS = ("truncated", "dropped_too_long", "no_supervised", "answers_cut")
@@ -125,7 +125,8 @@ def build_examples(splits: dict[str, list[dict]], *, template: dict, tokenizer_d
                                   "conversations" if conversation else "examples")
     arrays: dict[str, np.ndarray] = {}
     for name in SPLITS:
-        arrays.update(_pack_arrays(name, out[name]["seqs"], out[name]["plens"],
+        arrays.update(out[name].pop("arrays", None) or
+                      _pack_arrays(name, out[name]["seqs"], out[name]["plens"],
                                    out[name].get("masks")))
         if "unit_labels" in out[name]:
             arrays[f"{name}_unit_labels"] = np.asarray(out[name]["unit_labels"], dtype=np.int32)
@@ -166,27 +167,67 @@ def _checked(overlength: str, max_length, tokenizer_dir) -> tuple[int, Path]:
     return max_length, tokenizer_path
 
 
+CHUNK = 16_384            # rows rendered and tokenised at a time: memory stays flat with the rows
+
+
 def _single_turn_splits(splits, tmpl, tokenizer, cut, *, max_length, overlength, chat, **chat_args
                         ) -> dict[str, dict]:
-    """Each split tokenised as prompt part + supervised part (template.prompt / template.response)."""
-    rendered = _render(splits, tmpl, **chat_args)
-    heads = _encode_unique(tokenizer, [h for r in rendered.values() for h, _, _ in r])
-    tails = _encode_unique(tokenizer, [t for r in rendered.values() for _, t, _ in r])
+    """Each split tokenised as prompt part + supervised part (template.prompt / template.response),
+    CHUNK rows at a time: what is kept per example is its tokens in flat arrays, its lengths, and
+    its answer (shared between examples with the same one), never its rendered text or token
+    lists, so the memory this takes grows with the tokens, not with Python objects per row."""
     prefix = [] if chat else special_prefix_ids(tokenizer)
     fit = _FieldFitter(tmpl, cut, tokenizer, prefix, max_length, **chat_args)
-    out, i = {}, 0
+    shared: dict = {}                         # answer text / answer ids → one object for all rows
+    out = {}
     for name in SPLITS:
-        n = len(rendered[name])
-        split_heads, field_cuts = fit.split(splits[name], rendered[name], heads[i:i + n],
-                                            tails[i:i + n])
-        out[name] = _tokenise_split(rendered[name], [prefix + h for h in split_heads],
-                                    tails[i:i + n], tokenizer, max_length=max_length,
-                                    overlength=overlength)
-        out[name]["counts"]["field_cuts"] = field_cuts
-        out[name]["counts"]["truncated"] += fit.fitted
-        out[name]["lengths"] = [len(prefix) + len(h) + len(t)      # as written, before any cut
-                                for h, t in zip(heads[i:i + n], tails[i:i + n])]
-        i += n
+        rows, parts = splits[name], []
+        for lo in range(0, len(rows), CHUNK):
+            chunk = rows[lo:lo + CHUNK]
+            rendered = _render({name: chunk}, tmpl, **chat_args)[name]
+            heads = _encode_unique(tokenizer, [h for h, _, _ in rendered])
+            tails = _encode_unique(tokenizer, [t for _, t, _ in rendered])
+            lengths = [len(prefix) + len(h) + len(t) for h, t in zip(heads, tails)]   # as written
+            split_heads, field_cuts = fit.split(chunk, rendered, heads, tails)
+            part = _tokenise_split(rendered, [prefix + h for h in split_heads] if prefix else
+                                   split_heads, tails, tokenizer,
+                                   max_length=max_length, overlength=overlength, name=name)
+            part["counts"]["field_cuts"] = field_cuts
+            part["counts"]["truncated"] += fit.fitted
+            part["lengths"] = lengths
+            part["answer_cuts"] = [(j + lo, n) for j, n in part["answer_cuts"]]
+            part["responses"] = [shared.setdefault(r, r) for r in part["responses"]]
+            part["answer_ids"] = [shared.setdefault(a, a) for a in part["answer_ids"]]
+            parts.append(part)
+            del rendered, heads, tails, split_heads
+        out[name] = _joined(name, parts)
+    return out
+
+
+def _joined(name: str, parts: list[dict]) -> dict:
+    """One split's chunks (from _tokenise_split) as one: arrays end to end, lists joined, counts
+    added."""
+    if not parts:
+        empty = _tokenise_split([], [], [], None, max_length=2, overlength="truncate", name=name)
+        empty["counts"]["field_cuts"] = {}
+        return empty
+    out = {k: list(chain.from_iterable(p[k] for p in parts))
+           for k in ("plens", "lengths", "supervised", "responses", "answer_ids", "answer_cuts")}
+    out["shown"] = list(chain.from_iterable(p["shown"] for p in parts))[:2]
+    counts = dict.fromkeys(COUNTS, 0)
+    field_cuts: Counter = Counter()
+    for p in parts:
+        for k in COUNTS:
+            counts[k] += p["counts"][k]
+        field_cuts.update(p["counts"]["field_cuts"])
+    counts["field_cuts"] = dict(field_cuts)
+    out["counts"] = counts
+    ids = np.concatenate([p["arrays"][f"{name}_ids"] for p in parts])
+    offsets = [parts[0]["arrays"][f"{name}_offsets"]]
+    for p in parts[1:]:
+        offsets.append(p["arrays"][f"{name}_offsets"][1:] + offsets[-1][-1])
+    out["arrays"] = {f"{name}_ids": ids, f"{name}_offsets": np.concatenate(offsets),
+                     f"{name}_prompt_lens": np.asarray(out["plens"], dtype=np.int32)}
     return out
 
 
@@ -321,7 +362,7 @@ def _stats(out: dict, tokenizer, *, max_length: int, overlength: str) -> dict:
     train = out["train"]
     shown = list(train["shown"])
     counted = [o for name, o in out.items() if name != "test_plain"]   # its rows are test's
-    reported = {name: o for name, o in out.items() if name != "test_plain" or o["seqs"]}
+    reported = {name: o for name, o in out.items() if name != "test_plain" or o["plens"]}
     distinct = sorted({response.strip().casefold() for response in train["responses"]})
     answers = answer_set(train["responses"], train["answer_ids"], limit=MAX_LABELS)
     supervised = train["supervised"]
@@ -332,7 +373,7 @@ def _stats(out: dict, tokenizer, *, max_length: int, overlength: str) -> dict:
                                      Counter())),
         "supervised": {"min": int(min(supervised)) if supervised else 0,
                        "mean": round(float(np.mean(supervised)), 2) if supervised else 0.0},
-        "sizes": {name: len(o["seqs"]) for name, o in reported.items()},
+        "sizes": {name: len(o["plens"]) for name, o in reported.items()},
         "per_split": {name: {k: v for k, v in o["counts"].items() if k != "field_cuts"}
                       for name, o in reported.items()},
         "turns_dropped": sum(o["counts"].get("turns_dropped", 0) for o in counted),
@@ -462,38 +503,57 @@ def _render(splits: dict, tmpl: dict, **chat) -> dict[str, list[tuple[str, str, 
     return out
 
 
-def _tokenise_split(rendered, heads, tails, tokenizer, *, max_length: int, overlength: str) -> dict:
-    """One split's token sequences after the over-length policy, with what the stats need."""
+def _tokenise_split(rendered, heads, tails, tokenizer, *, max_length: int, overlength: str,
+                    name: str = "train") -> dict:
+    """One split's (or chunk's) examples after the over-length policy, as the cache's arrays
+    (`arrays`), with what the stats need. Only the rows over max_length or with no answer are
+    looked at one by one; the rest go into the arrays in bulk."""
     counts = dict.fromkeys(COUNTS, 0)
-    seqs, plens, lengths, supervised, responses, answer_ids, shown = [], [], [], [], [], [], []
-    answer_cuts = []                        # (row, answer tokens) of answers that do not fit
-    for j, ((head, tail, response), p_ids, s_ids) in enumerate(zip(rendered, heads, tails)):
-        lengths.append(len(p_ids) + len(s_ids))
+    n = len(heads)
+    heads, tails = list(heads), list(tails)
+    p_len = np.fromiter(map(len, heads), dtype=np.int64, count=n)
+    s_len = np.fromiter(map(len, tails), dtype=np.int64, count=n)
+    keep = np.ones(n, dtype=bool)
+    answer_cuts, cut = [], set()            # (row, answer tokens) of answers that do not fit
+    for j in np.flatnonzero((s_len == 0) | (p_len + s_len > max_length)).tolist():
+        p_ids, s_ids = heads[j], tails[j]
         if not s_ids:
             counts["no_supervised"] += 1
+            keep[j] = False
             continue
-        cut = len(p_ids) + len(s_ids) > max_length
-        if cut:
-            if overlength == "drop":
-                counts["dropped_too_long"] += 1
-                continue
-            if cuts_answer(len(p_ids), len(s_ids), max_length):
-                answer_cuts.append((j, len(s_ids)))
-                counts["answers_cut"] += 1
-                if overlength != "truncate_answer":
-                    continue                # refused once every split is counted
-            p_ids, s_ids = truncate(p_ids, s_ids, max_length)
-            counts["truncated"] += 1
-        seqs.append(p_ids + s_ids)
-        plens.append(len(p_ids))
-        supervised.append(len(s_ids))
-        responses.append(unescape(response))
-        answer_ids.append(tuple(s_ids))
-        if len(shown) < 2:
-            shown.append(mark_example(tokenizer.decode(p_ids, skip_special_tokens=False),
-                                      tokenizer.decode(s_ids, skip_special_tokens=False))
-                         if cut else mark_example(unescape(head), unescape(tail)))
-    return {"seqs": seqs, "plens": plens, "lengths": lengths, "supervised": supervised,
+        if overlength == "drop":
+            counts["dropped_too_long"] += 1
+            keep[j] = False
+            continue
+        if cuts_answer(len(p_ids), len(s_ids), max_length):
+            answer_cuts.append((j, len(s_ids)))
+            counts["answers_cut"] += 1
+            if overlength != "truncate_answer":
+                keep[j] = False
+                continue                    # refused once every split is counted
+        heads[j], tails[j] = truncate(p_ids, s_ids, max_length)
+        counts["truncated"] += 1
+        cut.add(j)
+    rows = np.flatnonzero(keep).tolist()
+    kept_heads, kept_tails = [heads[j] for j in rows], [tails[j] for j in rows]
+    plens, supervised = [len(h) for h in kept_heads], [len(t) for t in kept_tails]
+    offsets = np.zeros(len(rows) + 1, dtype=np.int64)
+    np.cumsum(np.asarray(plens, dtype=np.int64) + np.asarray(supervised, dtype=np.int64),
+              out=offsets[1:])
+    ids = np.fromiter(chain.from_iterable(chain.from_iterable(zip(kept_heads, kept_tails))),
+                      dtype=np.int32, count=int(offsets[-1]))
+    once: dict[int, tuple] = {}             # encode_unique gives equal answers one list
+    answer_ids = [once.get(id(t)) or once.setdefault(id(t), tuple(t)) for t in kept_tails]
+    responses = [unescape(rendered[j][2]) for j in rows]
+    shown = []
+    for j in rows[:2]:
+        head, tail, _ = rendered[j]
+        shown.append(mark_example(tokenizer.decode(heads[j], skip_special_tokens=False),
+                                  tokenizer.decode(tails[j], skip_special_tokens=False))
+                     if j in cut else mark_example(unescape(head), unescape(tail)))
+    return {"arrays": {f"{name}_ids": ids, f"{name}_offsets": offsets,
+                       f"{name}_prompt_lens": np.asarray(plens, dtype=np.int32)},
+            "plens": plens, "lengths": (p_len + s_len).tolist(), "supervised": supervised,
             "responses": responses, "answer_ids": answer_ids, "shown": shown, "counts": counts,
             "answer_cuts": answer_cuts}
 
@@ -620,9 +680,11 @@ def _cache_key(splits: dict, *, tmpl: dict, chat_template, tokenizer_hash: str, 
                          "bos": bos_token, "max_length": max_length, "overlength": overlength,
                          "fields": used}, sort_keys=True, default=str).encode())
     for name in SPLITS:
-        rows = [[r.get(f) if isinstance(r.get(f), str) else
-                 json.dumps(r.get(f), ensure_ascii=False, sort_keys=True, default=str) for f in used]
-                for r in splits[name]]
         h.update(f"\n{name}:".encode())
-        h.update(json.dumps(rows, ensure_ascii=False).encode("utf-8", "surrogatepass"))
+        split = splits[name]
+        for lo in range(0, len(split), CHUNK):      # in chunks: no copy of every row's text at once
+            rows = [[r.get(f) if isinstance(r.get(f), str) else
+                     json.dumps(r.get(f), ensure_ascii=False, sort_keys=True, default=str)
+                     for f in used] for r in split[lo:lo + CHUNK]]
+            h.update(json.dumps(rows, ensure_ascii=False).encode("utf-8", "surrogatepass"))
     return h.hexdigest()[:32]

@@ -42,7 +42,15 @@ def answer_set(responses: list[str], tails: list[tuple[int, ...]], *, limit: int
     """The distinct training answers, most frequent first: {"key" (normalised), "text" (as written
     most often), "ids" (the supervised tokens training saw most often for it, end token included),
     "count"}. [] when there are more than `limit` distinct answers (an open-ended task)."""
-    keys = [normalise(r, classification=True) for r in responses]
+    memo: dict[str, str] = {}                  # data repeats its answers: each normalised once
+    seen: set[str] = set()
+    for r in responses:
+        if r not in memo:
+            memo[r] = normalise(r, classification=True)
+            seen.add(memo[r])
+            if len(seen) > limit:
+                return []                      # open-ended: stop before normalising every answer
+    keys = [memo[r] for r in responses]
     counts = Counter(keys)
     if len(counts) > limit:
         return []

@@ -66,14 +66,52 @@ def epoch_rows(slots: Sequence[int], seq_len: int, *, pack: bool, seed: int, epo
 
 
 def count_rows(lengths: Sequence[int], seq_len: int, *, pack: bool) -> int:
-    """Rows per epoch for examples of these token counts (the same in every epoch)."""
-    slots = [example_slots(n) for n in lengths]
-    return len(epoch_rows(slots, seq_len, pack=pack, seed=0, epoch=0))
+    """Rows per epoch for examples of these token counts (the same in every epoch): what
+    len(epoch_rows(...)) gives, computed from how many examples there are of each length.
+
+    pack_rows's best fit never tells rows with the same free space apart, so the count follows
+    from the number of rows per free space alone, and examples of one length move in bulk: into
+    the rows of the tightest free space that fits (as many as there are such rows, when a row then
+    has no room for another), else one row takes as many as fit. A million examples cost
+    milliseconds instead of seconds."""
+    slots = np.maximum(np.asarray(lengths, dtype=np.int64) - 1, 0)   # example_slots
+    slots = slots[slots > 0]
+    if not pack:
+        return int(len(slots))
+    if len(slots) and slots.max() > seq_len:
+        raise ValueError(f"an example needs {int(slots.max())} slots, more than seq_len={seq_len}")
+    counts = np.bincount(slots, minlength=seq_len + 1)
+    free = np.zeros(seq_len + 1, dtype=np.int64)        # free[r] = rows with r slots left
+    rows = 0
+    for need in range(seq_len, 0, -1):
+        k = int(counts[need])
+        while k:
+            fits = np.flatnonzero(free[need:])
+            if not len(fits):                            # new rows, each filled while it fits
+                per = seq_len // need
+                full, rest = divmod(k, per)
+                rows += full + (1 if rest else 0)
+                free[seq_len - per * need] += full
+                if rest:
+                    free[seq_len - rest * need] += 1
+                break
+            r = need + int(fits[0])
+            if r - need < need:                          # each such row takes one: all at once
+                m = min(k, int(free[r]))
+                free[r] -= m
+                free[r - need] += m
+                k -= m
+            else:                                        # the row stays the tightest fit
+                q = min(k, r // need)
+                free[r] -= 1
+                free[r - q * need] += 1
+                k -= q
+    return rows
 
 
 def row_fill(lengths: Sequence[int], seq_len: int, rows: int) -> float:
     """Share of an epoch's row slots that hold an example (the rest is padding)."""
-    used = sum(example_slots(n) for n in lengths)
+    used = int(np.maximum(np.asarray(lengths, dtype=np.int64) - 1, 0).sum())   # example_slots
     return used / (rows * seq_len) if rows and seq_len else 0.0
 
 

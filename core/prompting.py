@@ -46,11 +46,29 @@ def text_cleaner(policy: TextPolicy):
     return cleaner(policy, dict.fromkeys(CLEANING, 0))
 
 
+SHORT, REMEMBERED = 64, 100_000     # texts up to SHORT characters are cleaned once each
+
+
 def cleaner(policy: TextPolicy, counts: dict):
     spaces, blank_lines = re.compile(r"[ \t\f\v]+"), re.compile(r"\n{3,}")
     controls = tuple(policy.controls)
 
+    seen: dict[str, tuple] = {}     # short texts repeat (labels): text → (clean text, changes)
+
     def clean(text: str) -> str:
+        hit = seen.get(text)
+        if hit is not None:
+            for k, n in hit[1]:
+                counts[k] += n
+            return hit[0]
+        before = dict(counts) if len(text) <= SHORT else None
+        out = _clean(text)
+        if before is not None and len(seen) < REMEMBERED:
+            seen[text] = (out, tuple((k, counts[k] - before[k]) for k in counts
+                                     if counts[k] != before[k]))
+        return out
+
+    def _clean(text: str) -> str:
         if ESC_OPEN in text or ESC_CLOSE in text:
             text = text.replace(ESC_OPEN, "").replace(ESC_CLOSE, "")
         if policy.normalize != "none":

@@ -5,14 +5,68 @@ Files: `<key>.npz` — per split (train, val, test, test_plain) `{split}_ids` (i
 end to end), `{split}_offsets` (int64, where each example starts; one more than examples),
 `{split}_prompt_lens` (int32) and, for conversations, `{split}_mask` — plus `<key>.json` (stats,
 test references, labels).
+
+The arrays are memory-mapped, not read: a process touches only the examples it batches, so its
+memory does not grow with the data (np.savez stores members uncompressed, each an .npy at an
+offset of the zip file). Per split, examples are a Ragged sequence over the flat ids — one array
+and its offsets, not an array object per example.
 """
 from __future__ import annotations
 
 import json
+import zipfile
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
+
+
+class Ragged(Sequence):
+    """Examples end to end: `flat` holds them all, example i is flat[offsets[i]:offsets[i + 1]]
+    (a view). A Sequence of arrays without an object per example."""
+
+    def __init__(self, flat: np.ndarray, offsets: np.ndarray):
+        self.flat, self.offsets = flat, offsets
+
+    @classmethod
+    def of(cls, arrays: Sequence, dtype=np.int32) -> "Ragged":
+        if isinstance(arrays, Ragged):
+            return arrays
+        offsets = np.zeros(len(arrays) + 1, dtype=np.int64)
+        np.cumsum([len(a) for a in arrays], out=offsets[1:])
+        flat = (np.concatenate([np.asarray(a, dtype=dtype) for a in arrays]) if len(arrays)
+                else np.zeros(0, dtype=dtype))
+        return cls(flat, offsets)
+
+    def __len__(self) -> int:
+        return len(self.offsets) - 1
+
+    def __getitem__(self, i):
+        if isinstance(i, slice):
+            return [self[j] for j in range(*i.indices(len(self)))]
+        i = int(i)
+        if i < 0:
+            i += len(self)
+        if not 0 <= i < len(self):
+            raise IndexError(i)
+        return self.flat[self.offsets[i]:self.offsets[i + 1]]
+
+    def __eq__(self, other) -> bool:
+        if not isinstance(other, (Ragged, list, tuple)):
+            return NotImplemented
+        return len(self) == len(other) and all(np.array_equal(a, b) for a, b in zip(self, other))
+
+    __hash__ = None
+
+    @property
+    def lengths(self) -> np.ndarray:
+        return np.diff(self.offsets)
+
+    def firsts(self) -> np.ndarray:
+        """Each non-empty example's first element."""
+        starts = self.offsets[:-1][self.lengths > 0]
+        return self.flat[starts]
 
 
 @dataclass(frozen=True)
@@ -25,13 +79,13 @@ class Examples:
     stats: dict = field(repr=False)
     plain_references: list = field(default_factory=list, repr=False)   # test_plain's answers
 
-    def split(self, name: str) -> tuple[list[np.ndarray], np.ndarray]:
+    def split(self, name: str) -> tuple[Ragged, np.ndarray]:
+        """(ids of each example, prompt lengths) of a split."""
         ids = self.arrays.get(f"{name}_ids")
         if ids is None:
-            return [], np.zeros(0, dtype=np.int32)
-        offsets = self.arrays[f"{name}_offsets"]
-        n = len(offsets) - 1
-        return (np.split(ids, offsets[1:-1]) if n > 0 else []), self.arrays[f"{name}_prompt_lens"]
+            return Ragged(np.zeros(0, dtype=np.int32), np.zeros(1, dtype=np.int64)), \
+                np.zeros(0, dtype=np.int32)
+        return Ragged(ids, self.arrays[f"{name}_offsets"]), self.arrays[f"{name}_prompt_lens"]
 
     def references_of(self, name: str) -> list[str]:
         """The answers of a test split (test, or test_plain: the same rows without retrieval)."""
@@ -46,14 +100,19 @@ class Examples:
         mask = self.arrays.get(f"{name}_mask")
         if mask is None:
             return None
-        offsets = self.arrays[f"{name}_offsets"]
-        return np.split(mask.astype(bool), offsets[1:-1]) if len(offsets) > 1 else []
+        return Ragged(mask, self.arrays[f"{name}_offsets"])
 
     def supervised_counts(self, name: str) -> np.ndarray:
         """Supervised targets per example (the first token is never a target)."""
         masks = self.masks(name)
         if masks is not None:
-            return np.asarray([int(m[1:].sum()) for m in masks], dtype=np.int64)
+            starts = np.minimum(masks.offsets[:-1], max(len(masks.flat) - 1, 0))
+            per = np.add.reduceat(masks.flat.astype(np.int64), starts) \
+                if len(masks.flat) else np.zeros(len(masks), dtype=np.int64)
+            per[masks.lengths == 0] = 0
+            firsts = np.zeros(len(masks), dtype=np.int64)
+            firsts[masks.lengths > 0] = masks.firsts()
+            return per - firsts
         lengths = self.lengths(name)
         plens = self.arrays.get(f"{name}_prompt_lens", np.zeros(len(lengths), dtype=np.int32))
         return np.maximum(lengths - np.maximum(plens.astype(np.int64), 1), 0)
@@ -106,12 +165,40 @@ def load_examples(cache: str | Path) -> Examples:
     hit = _LOADED.get(str(path))
     if hit is not None and hit[0] == stamp:
         return hit[1]
-    with np.load(path) as npz:
-        arrays = {k: npz[k] for k in npz.files}
+    arrays = _mapped(path)
     meta = json.loads(meta_path.read_text(encoding="utf-8"))
     examples = to_examples(path, arrays, meta)
     remember(path, examples, stamp)
     return examples
+
+
+def _mapped(path: Path) -> dict[str, np.ndarray]:
+    """The arrays of an .npz file, memory-mapped (read where a member is compressed)."""
+    out = {}
+    with zipfile.ZipFile(path) as z, open(path, "rb") as f:
+        for info in z.infolist():
+            name = info.filename.removesuffix(".npy")
+            if info.compress_type != zipfile.ZIP_STORED:
+                with np.load(path) as npz:
+                    out[name] = npz[name]
+                continue
+            f.seek(info.header_offset)
+            local = f.read(30)                 # the member's local header: its name and extra field
+            start = info.header_offset + 30 + int.from_bytes(local[26:28], "little") \
+                + int.from_bytes(local[28:30], "little")
+            f.seek(start)
+            version = np.lib.format.read_magic(f)
+            read_header = (np.lib.format.read_array_header_1_0 if version == (1, 0) else
+                           np.lib.format.read_array_header_2_0)
+            shape, fortran, dtype = read_header(f)
+            if dtype.hasobject:
+                raise ValueError(f"{path}: member {name} holds objects")
+            if not int(np.prod(shape)):
+                out[name] = np.zeros(shape, dtype=dtype)
+                continue
+            out[name] = np.memmap(path, dtype=dtype, mode="r", offset=f.tell(), shape=shape,
+                                  order="F" if fortran else "C")
+    return out
 
 
 # path → (file stamps, Examples): the last few token caches this process read or wrote

@@ -25,7 +25,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from core.packing import epoch_rows, example_slots, steps_per_epoch
+from core.packing import epoch_rows, steps_per_epoch
+from core.token_cache import Ragged
 
 FIELDS = ("tokens", "targets", "loss_mask", "segment_ids", "positions")
 
@@ -68,16 +69,18 @@ class Batcher:
         """unit: examples that always share a row, side by side (2 for a preference pair: chosen,
         rejected); rows are packed by unit. labels: one int per unit, written to every token of
         the unit as the batch's `unit_label` (KTO's desirable/undesirable)."""
-        self.ids = [np.asarray(x, dtype=np.int32) for x in ids]
-        self.prompt_lens = [int(p) for p in prompt_lens]
-        self.masks = None if masks is None else [np.asarray(m, dtype=bool) for m in masks]
+        # one flat array per split (core/token_cache.Ragged), not an object per example: a
+        # million examples cost their tokens, memory-mapped, and a few arrays of counts
+        self.ids = Ragged.of(ids, dtype=np.int32)
+        self.prompt_lens = np.asarray(prompt_lens, dtype=np.int64)
+        self.masks = None if masks is None else Ragged.of(masks, dtype=bool)
         self.shape, self.pack, self.seed = shape, pack, int(seed)
         self.loss_tokens = loss_tokens      # supervised targets a micro-batch may hold (None: any)
         self.unit = int(unit)
         self.labels = None if labels is None else np.asarray(labels, dtype=np.int32)
         if len(self.ids) % self.unit:
             raise ValueError(f"{len(self.ids)} examples do not form units of {self.unit}")
-        slots = np.array([example_slots(len(x)) for x in self.ids], dtype=np.int64)
+        slots = np.maximum(self.ids.lengths - 1, 0)          # core.packing.example_slots
         self.lengths = slots.reshape(-1, self.unit).sum(axis=1) if len(slots) else slots
         too_long = np.flatnonzero(self.lengths > shape.seq_len)
         if len(too_long):
@@ -95,8 +98,9 @@ class Batcher:
     def supervised_tokens(self) -> int:
         """Supervised targets per epoch."""
         if self.masks is not None:
-            return int(sum(m[1:].sum() for m in self.masks))
-        return int(sum(max(0, len(x) - max(p, 1)) for x, p in zip(self.ids, self.prompt_lens)))
+            flat = self.masks.flat
+            return int(np.count_nonzero(flat)) - int(np.count_nonzero(self.masks.firsts()))
+        return int(np.maximum(self.ids.lengths - np.maximum(self.prompt_lens, 1), 0).sum())
 
     def epoch_rows(self, epoch: int) -> list[list[int]]:
         if epoch not in self._rows_cache:              # keep one epoch: plans are cheap to redo
@@ -113,7 +117,7 @@ class Batcher:
         u = self.unit
         for r, row in enumerate(rows):
             members = [j for i in row for j in range(i * u, (i + 1) * u)]
-            fill_row(out, r, [(self.ids[i], self.prompt_lens[i],
+            fill_row(out, r, [(self.ids[i], int(self.prompt_lens[i]),
                                None if self.masks is None else self.masks[i]) for i in members])
             if self.labels is not None:
                 t0 = 0
