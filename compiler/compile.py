@@ -65,9 +65,8 @@ def compile_plan(cfg: dict, *, recipe_info: Recipe | None, command: str = "plan"
                         hint="set template.chat=false to train on the plain prompt and response.")
     policy = _text_policy(config["data"], model)
     cwd = Path(cwd or Path.cwd())
-    tables = _read_tables(config, recipe_info, cwd, command, warnings, policy)
-    tables, retrieval = _retrieve(config, tables, model, policy, recipe_info, cwd, warnings)
-    data, examples = _tokenise(config, tables, model, warnings)
+    tables, retrieval, data, examples = _data_stage(config, model, recipe_info, cwd, command,
+                                                    warnings, policy)
     template = _template_section(config["template"], model, data)
     adapter = _adapter_section(config["adapter"], model)
     objective = _objective_section(config, model, adapter, need_train=need_train)
@@ -81,7 +80,8 @@ def compile_plan(cfg: dict, *, recipe_info: Recipe | None, command: str = "plan"
     schedule = _schedule_section(config["schedule"], runtime, lengths, row_length)
     evaluation = _eval_section(config["eval"], data, objective)
     estimates_ = _estimates(model, adapter, schedule, runtime, data, evaluation, warnings,
-                            need_train=need_train, objective=objective)
+                            need_train=need_train, objective=objective, examples=examples,
+                            retrieval=retrieval is not None)
     warnings += _schedule_warnings(schedule, estimates_) + _mesh_warnings(runtime.mesh, model)
     plan = Plan(version=PLAN_VERSION, hash="", model=model, data=data, template=template,
                 adapter=adapter, schedule=schedule, runtime=runtime,
@@ -93,6 +93,38 @@ def compile_plan(cfg: dict, *, recipe_info: Recipe | None, command: str = "plan"
 
 
 # ------------------------------------------------------------------------------ data files
+
+def _data_stage(config: dict, model: ModelSection, recipe_info, cwd: Path, command: str,
+                warnings: list, policy: data_mod.TextPolicy):
+    """Files read, cleaned, split (retrieval filled in) and tokenised: (tables, retrieval, data
+    section, token data). Remembered by the files' content and the settings (compiler/datacache.py):
+    the same inputs again read no row."""
+    from compiler import datacache
+
+    d = config["data"]
+    files = {"data.path": _data_file("data.path", d["path"], recipe_info, cwd,
+                                     required=command in TRAIN_COMMANDS, command=command, data=d),
+             "data.test_path": _data_file("data.test_path", d["test_path"], recipe_info, cwd,
+                                          required=command == "eval", command=command, data=d)}
+    key = datacache.key_of(config, model, command, files)
+    hit = datacache.load(key)
+    if hit is not None:
+        warnings += hit["warnings"]
+        tables = _Tables(splits={"train": [], "val": [], "test": []}, train=hit["train"],
+                         test=hit["test"])
+        data, examples, _ = _tokenise(config, tables, model, warnings, remembered=hit["stats"])
+        return tables, None, data, examples
+    before = len(warnings)
+    tables = _read_tables(config, recipe_info, cwd, command, warnings, policy, files)
+    tables, retrieval = _retrieve(config, tables, model, policy, recipe_info, cwd, warnings)
+    label_warnings: list[str] = []
+    data, examples, stats = _tokenise(config, tables, model, warnings,
+                                      label_warnings=label_warnings)
+    if retrieval is None:
+        datacache.save(key, train=tables.train, test=tables.test, stats=stats,
+                       warnings=warnings[before:])
+    warnings += label_warnings
+    return tables, retrieval, data, examples
 
 @dataclass(frozen=True)
 class _Tables:
@@ -111,16 +143,22 @@ def _text_policy(d: dict, model: ModelSection) -> data_mod.TextPolicy:
 
 
 def _read_tables(config: dict, recipe_info, cwd: Path, command: str, warnings: list,
-                 policy: data_mod.TextPolicy) -> _Tables:
+                 policy: data_mod.TextPolicy, files: dict | None = None) -> _Tables:
+    """The rows of each split. `files`: data.path and data.test_path as _data_file resolved them
+    (resolved here when not given)."""
     d, t, seed = config["data"], config["template"], config["schedule"]["seed"]
     from compiler.retrieval import PLACEHOLDER, check_template
 
     check_template(config["retrieval"], t)
     extra = [PLACEHOLDER] if config["retrieval"]["corpus"] is not None else []
-    train_file = _data_file("data.path", d["path"], recipe_info, cwd,
-                            required=command in TRAIN_COMMANDS, command=command)
-    test_file = _data_file("data.test_path", d["test_path"], recipe_info, cwd,
-                           required=command == "eval", command=command)
+    if files is None:
+        files = {"data.path": _data_file("data.path", d["path"], recipe_info, cwd,
+                                         required=command in TRAIN_COMMANDS, command=command,
+                                         data=d),
+                 "data.test_path": _data_file("data.test_path", d["test_path"], recipe_info, cwd,
+                                              required=command == "eval", command=command,
+                                              data=d)}
+    train_file, test_file = files["data.path"], files["data.test_path"]
     if command == "generate" and train_file is None:
         test_file = None
     splits = {"train": [], "val": [], "test": []}
@@ -131,8 +169,11 @@ def _read_tables(config: dict, recipe_info, cwd: Path, command: str, warnings: l
         from compiler import preference
 
         def read(key, path, *, dedupe, extra):
-            return preference.read_file(key, path, d, t, objective, policy, dedupe=dedupe,
-                                        extra=extra, test=key == "data.test_path")
+            from compiler.hub import read_each      # a Hub split: each of its files in turn
+
+            return read_each(path, lambda f: preference.read_file(
+                key, f, d, t, objective, policy, dedupe=dedupe, extra=extra,
+                test=key == "data.test_path"))
 
         signature = lambda row: (preference.signature(row),)          # noqa: E731
     else:
@@ -143,7 +184,8 @@ def _read_tables(config: dict, recipe_info, cwd: Path, command: str, warnings: l
     if train_file:
         kept, train = read("data.path", train_file, dedupe=d["dedupe"], extra=extra)
         sampled = data_mod.sample_rows(kept, d["max_rows"], seed)
-        splits["train"], splits["val"] = data_mod.split_validation(sampled, d["val_fraction"], seed)
+        splits["train"], splits["val"] = data_mod.split_validation(sampled, d["val_fraction"], seed,
+                                                                   d["val_rows"])
         train = replace(train, sampled=len(sampled), train=len(splits["train"]),
                         val=len(splits["val"]))
         train_sig = {signature(r) for r in kept}
@@ -164,28 +206,44 @@ def _read_file(key: str, path: Path, d: dict, t: dict, policy: data_mod.TextPoli
                dedupe: bool, extra: list[str]) -> tuple[list[dict], TableStats]:
     """The usable rows of one data file (every template field present, of the right kind, cleaned
     and non-empty; duplicates dropped when asked) and its stats. `extra`: fields the compiler adds
-    later (the retrieved passages), which the template may read but the file need not have."""
-    rows = data_mod.read_table(path, key=key, fmt=d["format"], max_mb=d["max_file_mb"])
-    fields = data_mod.table_fields(rows)
+    later (the retrieved passages), which the template may read but the file need not have.
+    `path` may also be a Hub dataset's split (compiler/hub.py): its files are read in order as one
+    table, each row remembering its own file and line."""
+    from compiler.hub import HubData
+
+    hub = path if isinstance(path, HubData) else None
+    files, shown = (hub.files, hub.url) if hub else ((path,), str(path))
+    tables = [data_mod.read_table(f, key=key, fmt=d["format"], max_mb=d["max_file_mb"])
+              for f in files]
+    fields = list(dict.fromkeys(x for table in tables for x in data_mod.table_fields(table)))
     used = [f for f in check_fields(t, fields + [f for f in extra if f not in fields],
-                                    file=str(path)) if f not in extra]
-    locate = data_mod.row_locator(path, fmt=d["format"])
-    rows = data_mod.with_origins(rows, str(path), locate)     # the token checks name lines
-    rows, cleaning = data_mod.prepare_rows(
-        rows, fields=[f for f in used if f != t["messages"]], messages=t["messages"], policy=policy,
-        key=key, file=str(path), locate=locate)
+                                    file=shown) if f not in extra]
+    rows, cleaning = [], {}
+    for file, table in zip(files, tables):
+        locate = data_mod.row_locator(file, fmt=d["format"])
+        table = data_mod.with_origins(table, str(file), locate)   # the token checks name lines
+        table, counts = data_mod.prepare_rows(
+            table, fields=[f for f in used if f != t["messages"]], messages=t["messages"],
+            policy=policy, key=key, file=str(file), locate=locate)
+        rows += table
+        cleaning = {k: cleaning.get(k, 0) + n for k, n in counts.items()}
     kept, dropped = data_mod.clean_rows(rows, fields=used, dedupe=dedupe)
     if not kept:
         raise PlanError(key, f"no usable rows: all {len(rows)} rows were dropped "
-                        f"({_reasons(dropped)}).", file=str(path),
+                        f"({_reasons(dropped)}).", file=shown,
                         hint=f"the template reads {', '.join(used)}; every row needs them non-empty.")
-    return kept, TableStats(file=str(path), sha256=sha256_file(path), fields=tuple(fields),
-                            read=len(rows), kept=len(kept), dropped=dropped, cleaning=cleaning)
+    counts = dict(fields=tuple(fields), read=len(rows), kept=len(kept), dropped=dropped,
+                  cleaning=cleaning)
+    return kept, (hub.stats(**counts) if hub else
+                  TableStats(file=shown, sha256=sha256_file(path), **counts))
 
 
-def _data_file(key, value, recipe_info, cwd, *, required: bool, command: str):
-    from compiler import recipes
+def _data_file(key, value, recipe_info, cwd, *, required: bool, command: str, data: dict):
+    """The data file `value` names (None when unset and not required): a local file, or the split
+    of a Hugging Face Hub dataset (hf://datasets/ORG/NAME; compiler/hub.py)."""
+    from compiler import hub, recipes
 
+    hub.check_keys(key, value, data)
     if value is None:
         if required:
             if key == "data.path":
@@ -196,6 +254,8 @@ def _data_file(key, value, recipe_info, cwd, *, required: bool, command: str):
             raise PlanError(key, f"`tune {command}` scores data.test_path, which is not set.",
                             hint="set data.test_path=FILE, or choose a recipe that sets it.")
         return None
+    if hub.is_hub(value):
+        return hub.resolve(key, str(value).strip(), data)
     return recipes.resolve_data_path(key, value, recipe_info, cwd=cwd)
 
 
@@ -271,9 +331,13 @@ def _retrieve(config: dict, tables: _Tables, model: ModelSection, policy: data_m
 
 # ------------------------------------------------------------------------------ examples
 
-def _tokenise(config: dict, tables: _Tables, model: ModelSection, warnings: list):
-    """The data section (token cache built or reused) and the token data (None without any), which
-    the exact step count and the loss buffer are sized from."""
+def _tokenise(config: dict, tables: _Tables, model: ModelSection, warnings: list,
+              remembered: dict | None = None, label_warnings: list | None = None):
+    """The data section (token cache built or reused), the token data (None without any), which
+    the exact step count and the loss buffer are sized from, and the token data's stats.
+    `remembered`: the stats of a remembered data stage (compiler/datacache.py; its warnings are
+    already in `warnings`). `label_warnings`: where the label set's warnings go (default
+    `warnings`): they are not remembered, since they are derived again each time."""
     from compiler.examples import build_examples
     from core.token_cache import load_examples
 
@@ -288,7 +352,10 @@ def _tokenise(config: dict, tables: _Tables, model: ModelSection, warnings: list
     if config["objective"]["kind"] != "sft":
         preference = {"prompt_field": d["fields"]["prompt"], "seed": config["schedule"]["seed"],
                       "objective": config["objective"]["kind"]}
-    if any(tables.splits.values()):
+    if remembered is not None:
+        stats = remembered
+        examples = load_examples(stats["cache"]) if stats.get("cache") else None
+    elif any(tables.splits.values()):
         stats = build_examples(
             tables.splits, template=t, tokenizer_dir=model.dir,
             chat_template=model.chat_template if t["chat"] else None, eos_token=model.eos_token,
@@ -296,15 +363,18 @@ def _tokenise(config: dict, tables: _Tables, model: ModelSection, warnings: list
             truncate_fields=d["truncate_fields"], cache_dir=tune_home() / "cache" / "examples",
             preference=preference,
             key_material={"sha256": sha, "max_rows": d["max_rows"],
-                          "val_fraction": d["val_fraction"], "seed": config["schedule"]["seed"],
+                          "val_fraction": d["val_fraction"], "val_rows": d["val_rows"],
+                          "seed": config["schedule"]["seed"],
                           "dedupe": d["dedupe"], "tokenizer_hash": model.tokenizer_hash,
                           "text": [d["normalize"], d["whitespace"], d["control_tokens"]]})
         examples = load_examples(stats["cache"])
         warnings += _pair_warnings(stats, d) if preference else _example_warnings(stats, d)
         warnings += _answer_cut_warnings(stats, d, tables.splits, preference is not None)
+    lw = warnings if label_warnings is None else label_warnings
     section = DataSection(
         format=d["format"], max_rows=d["max_rows"], val_fraction=d["val_fraction"],
-        max_length=d["max_length"], overlength=d["overlength"], dedupe=d["dedupe"],
+        val_rows=d["val_rows"], max_length=d["max_length"], overlength=d["overlength"],
+        dedupe=d["dedupe"],
         train=tables.train, test=tables.test, cache=stats["cache"], key=stats["key"],
         sizes=dict(stats["sizes"]), tokens=dict(stats["tokens"]), truncated=stats["truncated"],
         truncate_fields=tuple(d["truncate_fields"] or ()),
@@ -316,9 +386,9 @@ def _tokenise(config: dict, tables: _Tables, model: ModelSection, warnings: list
         normalize=d["normalize"], whitespace=d["whitespace"], control_tokens=d["control_tokens"],
         unit=2 if preference else 1,
         pairs={k: stats[k] for k in ("units", "pair_tokens", "labels") if k in stats},
-        **(_label_set("generation", stats, [], warnings) if preference else
-           _label_set(d["task"], stats, examples.references if examples else [], warnings)))
-    return section, examples
+        **(_label_set("generation", stats, [], lw) if preference else
+           _label_set(d["task"], stats, examples.references if examples else [], lw)))
+    return section, examples, stats
 
 
 def _label_set(task: str, stats: dict, references: list[str], warnings: list) -> dict:
@@ -809,8 +879,9 @@ def _schedule_warnings(s: ScheduleSection, est: Estimates) -> list[str]:
         out.append(f"schedule.warmup={s.warmup:g} steps is not shorter than the run's "
                    f"{s.total_steps} steps: the learning rate never reaches schedule.lr. A fraction "
                    "(0.03–0.1) scales with the run.")
-    if est.total_time_s and est.total_time_s > 30 * 86400:
-        out.append(f"the run's {s.total_steps:,} steps take about {est.total_time_s / 86400:,.0f} "
+    train = est.total_time_s if est.train_time_s is None else est.train_time_s
+    if train and train > 30 * 86400:
+        out.append(f"the run's {s.total_steps:,} steps take about {train / 86400:,.0f} "
                    "days by the plan's estimate: check schedule.max_steps and schedule.epochs.")
     return out
 
@@ -819,7 +890,8 @@ def _schedule_warnings(s: ScheduleSection, est: Estimates) -> list[str]:
 
 def _estimates(model: ModelSection, adapter: AdapterSection, schedule: ScheduleSection,
                rt: RuntimeSection, data: DataSection, ev: EvalSection, warnings: list, *,
-               need_train: bool, objective: ObjectiveSection) -> Estimates:
+               need_train: bool, objective: ObjectiveSection, examples=None,
+               retrieval: bool = False) -> Estimates:
     c, mesh = model.config, rt.mesh
     memory = estimates.memory_per_device(
         params=model.params, trainable=adapter.trainable_params, layers=c.num_layers,
@@ -834,15 +906,18 @@ def _estimates(model: ModelSection, adapter: AdapterSection, schedule: ScheduleS
         loss_tokens=rt.loss_tokens, attention_scores=rt.attention == "xla",
         attention_block=rt.attention_block)
     head = c.vocab_size * c.hidden_size
-    step = estimates.step_time(params=model.params, tokens_per_step=schedule.tokens_per_step,
-                               device=rt.devices.__dict__, trainable=adapter.trainable_params,
-                               remat=rt.remat, head_params=head,
-                               head_tokens=rt.loss_tokens * schedule.grad_accum,
-                               embedding_params=0 if c.tie_word_embeddings else head,
-                               bf16_matmul=rt.matmul_dtype == "bfloat16",
-                               attention_scores=c.num_layers * schedule.global_batch * c.num_heads
-                               * packing.scores(schedule.seq_len, rt.attention_block),
-                               head_dim=c.head_dim)
+    cost = dict(params=model.params, tokens_per_step=schedule.tokens_per_step,
+                device=rt.devices.__dict__, trainable=adapter.trainable_params,
+                remat=rt.remat, head_params=head,
+                head_tokens=rt.loss_tokens * schedule.grad_accum,
+                embedding_params=0 if c.tie_word_embeddings else head,
+                bf16_matmul=rt.matmul_dtype == "bfloat16",
+                attention_scores=c.num_layers * schedule.global_batch * c.num_heads
+                * packing.scores(schedule.seq_len, rt.attention_block),
+                head_dim=c.head_dim)
+    step = estimates.step_time(**cost)
+    # validation and evaluation run the forward pass alone: over batches of the step's shape
+    forward = estimates.step_time(**cost, forward_only=True)
     if objective.reference != "none":
         # the reference is a copy of the trained state as training starts (the frozen weights
         # serve both): LoRA's factors in float32, or a whole model's weights under adapter.kind=full
@@ -877,9 +952,83 @@ def _estimates(model: ModelSection, adapter: AdapterSection, schedule: ScheduleS
                         f"{prompt_len} tokens and {ev.max_new_tokens} new ones), more than "
                         f"{rt.devices.kind}'s {_gib(available)}.",
                         hint="lower eval.batch_size (16 is usual).")
-    return Estimates(memory=memory, memory_share=share, step_time_s=step,
-                     total_time_s=step * schedule.total_steps if step is not None else None,
-                     eval_memory=evaluation)
+    times = _times(step, forward, schedule, rt, data, ev, examples, warnings,
+                   need_train=need_train, objective=objective, retrieval=retrieval)
+    return Estimates(memory=memory, memory_share=share, step_time_s=step, eval_memory=evaluation,
+                     **times)
+
+
+# eval.limit's default stays null, every test row: the test file is the held-out set the user
+# chose, and a sample would make its score another number than the file's (not comparable with
+# other tools' scores on it). What a big file costs is said instead, with the sample that would
+# cost less: EVAL_SAMPLE rows (an accuracy's standard error on 1,000 rows is at most 1.6 points).
+EVAL_SAMPLE = 1000
+EVAL_LONG_S = 600               # scoring every test row is estimated longer than this: a warning
+
+
+def _times(step: float | None, forward: float | None, schedule: ScheduleSection,
+           rt: RuntimeSection, data: DataSection, ev: EvalSection, examples, warnings: list, *,
+           need_train: bool, objective: ObjectiveSection, retrieval: bool) -> dict:
+    """The time estimate's parts — training, the validation passes, the evaluation after training
+    — as Estimates fields, and a warning where the last two are out of proportion."""
+    if step is None or forward is None:
+        return {"total_time_s": None}
+    train = step * schedule.total_steps
+    # validation (runtime/run.py): the loss over every batch of the val split, each pass; with a
+    # reference model, its forward pass too
+    val_lengths = examples.unit_lengths("val") if examples is not None else []
+    batches = estimates.validation_batches(val_lengths, seq_len=schedule.seq_len, pack=rt.pack,
+                                           rows_per_step=schedule.global_batch)
+    passes = estimates.validation_passes(schedule.total_steps, ev.every) if batches else 0
+    validation = passes * batches * forward * (2 if objective.reference != "none" else 1)
+    # evaluation (tune/commands.train): base and tuned score the test rows after training (each
+    # also without the retrieved passages, with retrieval); `tune eval` scores one model
+    n_test = int(data.sizes.get("test") or 0)
+    rows = min(n_test, ev.limit) if ev.limit else n_test
+    models = (2 if need_train else 1) * (2 if retrieval and not objective.preference else 1)
+    prompts, unit = [], 0.0
+    if rows and examples is not None:
+        prompts = [examples.split(s)[1] for s in ("test", "test_plain")     # plain: no passages
+                   if len(examples.arrays.get(f"{s}_prompt_lens", ()))]
+        unit = float(np.mean(examples.unit_lengths("test")))
+
+    def evaluation_time(n: int) -> float:
+        prefill = np.mean([estimates.prefill_tokens(p, n, ev.batch_size) for p in prompts]) \
+            if prompts else 0
+        return estimates.evaluation_time(
+            rows=n, models=models, mode=ev.mode, token_s=forward / max(1, schedule.tokens_per_step),
+            prefill=float(prefill), new_tokens=ev.max_new_tokens, batch_size=ev.batch_size,
+            label_tokens=[len(x.ids) for x in data.labels], unit_tokens=unit)
+
+    evaluation = evaluation_time(rows)
+    if ev.limit is None and rows > EVAL_SAMPLE and evaluation > EVAL_LONG_S:
+        sample = evaluation_time(EVAL_SAMPLE)
+        warnings.append(f"scoring all {rows:,} test rows takes about {_time(evaluation)} by the "
+                        f"plan's estimate ({models} model(s), eval.limit=null); eval.limit="
+                        f"{EVAL_SAMPLE} scores a sample drawn with schedule.seed in about "
+                        f"{_time(sample)} (an accuracy's standard error on {EVAL_SAMPLE:,} rows is "
+                        "at most 1.6 points).")
+    if need_train and train > 0 and validation + evaluation > train:
+        warnings.append(
+            f"validation and evaluation would take longer than training by the plan's estimate: "
+            f"{_time(validation + evaluation)} (validation {passes} pass(es) × "
+            f"{data.sizes.get('val', 0):,} rows ≈ {_time(validation)}; evaluation {rows:,} test "
+            f"rows × {models} model(s) ≈ {_time(evaluation)}) against {_time(train)} for "
+            f"{schedule.total_steps:,} steps. Hold out fewer rows (data.val_rows="
+            f"{data.val_rows if data.val_rows is not None else 'null'}), validate less often "
+            f"(eval.every={ev.every}; 0 = once, at the end), or score a sample of the test rows "
+            f"(eval.limit={ev.limit if ev.limit is not None else 'null'}).")
+    return {"total_time_s": train + validation + evaluation, "train_time_s": train,
+            "validation_time_s": validation, "validation_passes": passes,
+            "validation_batches": batches, "eval_time_s": evaluation, "eval_rows": rows,
+            "eval_models": models if rows else 0}
+
+
+def _time(s: float) -> str:
+    """Seconds as a person reads a rough estimate."""
+    if s < 120:
+        return f"{s:.0f} s" if s >= 10 else f"{s:.2g} s"
+    return f"{s / 60:.0f} min" if s < 7200 else f"{s / 3600:.1f} h"
 
 
 def _eval_memory(model: ModelSection, rt: RuntimeSection, ev: EvalSection, prompt_len: int) -> int:

@@ -64,6 +64,7 @@ def read_table(path: str | Path, *, key: str, fmt: str = "auto",
             line = raw[:e.start].count(b"\n") + 1
             raise PlanError(key, f"not UTF-8 text (byte {e.start}: {e.reason}).", file=shown,
                             line=line, hint="save the file as UTF-8.") from None
+        del raw                              # the text is all that is read from here on
         if not text.strip():
             raise PlanError(key, "the file is empty.", file=shown)
         if kind == "jsonl":
@@ -238,7 +239,8 @@ def _json_type(value) -> str:
 
 def prepare_rows(rows: list[dict], *, fields: list[str], messages: str | None, policy: TextPolicy,
                  key: str, file: str, locate) -> tuple[list[dict], dict[str, int]]:
-    """The rows with the fields the template reads checked and cleaned: a template field must hold
+    """The rows (changed in place) with the fields the template reads checked and cleaned: a
+    template field must hold
     text or a finite number (a list, object, boolean, NaN or Infinity is an error naming file and
     line — it would be trained as its Python repr; null drops the row, counted by clean_rows), a
     conversation field a conversation (compiler/conversations.py);
@@ -251,7 +253,7 @@ def prepare_rows(rows: list[dict], *, fields: list[str], messages: str | None, p
     clean = cleaner(policy, counts)
     out = []
     for i, row in enumerate(rows):
-        new = dict(row)
+        new = row                           # cleaned in place: a copy would double the rows' memory
         for f in fields:
             v = row.get(f)
             if v is None:
@@ -400,14 +402,18 @@ def sample_rows(rows: list[dict], max_rows: int | None, seed: int) -> list[dict]
     return [rows[i] for i in keep]
 
 
-def split_validation(rows: list[dict], val_fraction: float, seed: int
-                     ) -> tuple[list[dict], list[dict]]:
-    """(train, val): round(n · val_fraction) fixed-seed rows held out (at least one when the fraction is
-    positive and two rows exist), both in file order."""
+def split_validation(rows: list[dict], val_fraction: float, seed: int,
+                     val_rows: int | None = None) -> tuple[list[dict], list[dict]]:
+    """(train, val): min(round(n · val_fraction), val_rows) fixed-seed rows held out (at least one
+    when the fraction and the cap are positive and two rows exist; val_rows None = no cap), both in
+    file order. Rows past the cap stay in training: a validation pass costs a forward pass over
+    every held-out row each time it runs, and a few hundred rows measure a loss well enough."""
     n = len(rows)
-    if not val_fraction or val_fraction <= 0 or n < 2:
+    if not val_fraction or val_fraction <= 0 or n < 2 or (val_rows is not None and val_rows <= 0):
         return list(rows), []
     n_val = min(max(1, round(n * float(val_fraction))), n - 1)
+    if val_rows is not None:
+        n_val = min(n_val, int(val_rows))
     val_idx = set(random.Random(f"tune-val-{seed}").sample(range(n), n_val))
     train = [r for i, r in enumerate(rows) if i not in val_idx]
     val = [r for i, r in enumerate(rows) if i in val_idx]

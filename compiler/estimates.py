@@ -220,8 +220,9 @@ def _remembered_best(measured: float) -> float:
 def step_time(*, params: int, tokens_per_step: int, device: dict, trainable: int = 0,
               remat: str = "none", head_params: int = 0, head_tokens: int | None = None,
               embedding_params: int = 0, bf16_matmul: bool = False, attention_scores: int = 0,
-              head_dim: int = 0) -> float:
-    """Seconds per optimizer step.
+              head_dim: int = 0, forward_only: bool = False) -> float:
+    """Seconds per optimizer step (forward_only: the forward pass alone over a batch of the same
+    shape, as validation runs it — see below).
 
     FLOPs per token ≈ 2·params forward + 2·params for the activation gradients of the backward pass;
     frozen weights get no weight gradient (the third 2·params of full fine-tuning). LoRA adds the full
@@ -234,13 +235,24 @@ def step_time(*, params: int, tokens_per_step: int, device: dict, trainable: int
     under remat. Divided by the devices' peak × UTILISATION; on a CPU, by numpy's measured float32
     rate × CPU_EFFICIENCY (× CPU_BF16_SPEEDUP for bfloat16 operands), where attention costs
     CPU_ATTENTION_FLOPS_PER_SCORE a score instead (XLA:CPU's softmax and masks, not its products,
-    dominate)."""
+    dominate).
+
+    forward_only: the same terms without the backward pass and the recomputation: 2·params a token
+    (2·trainable for LoRA's factors), the head's 2·head_params on its positions, 4·head_dim FLOPs a
+    score — half a LoRA step's weight FLOPs without remat, a third of its head's and attention's —
+    and on a CPU a third of CPU_ATTENTION_FLOPS_PER_SCORE (which prices a score's forward and
+    backward)."""
     recompute = {"full": 2.0, "dots": 1.0}.get(remat, 0.0)
     body = max(0, params - head_params - embedding_params)
     head_rows = tokens_per_step if head_tokens is None else min(head_tokens, tokens_per_step)
-    flops = ((4.0 + recompute) * body + 6.0 * trainable) * tokens_per_step + \
-        6.0 * head_params * head_rows
-    attention = (12.0 + (4.0 if remat != "none" else 0.0)) * head_dim * attention_scores
+    if forward_only:
+        flops = (2.0 * body + 2.0 * trainable) * tokens_per_step + 2.0 * head_params * head_rows
+        attention = 4.0 * head_dim * attention_scores
+        attention_scores = attention_scores / 3.0       # the CPU's price below: forward only
+    else:
+        flops = ((4.0 + recompute) * body + 6.0 * trainable) * tokens_per_step + \
+            6.0 * head_params * head_rows
+        attention = (12.0 + (4.0 if remat != "none" else 0.0)) * head_dim * attention_scores
     count = max(1, int(device.get("count") or 1))
     if device.get("platform") == "cpu":
         probe = cpu_matmul_flops()
@@ -249,6 +261,84 @@ def step_time(*, params: int, tokens_per_step: int, device: dict, trainable: int
     rate = float(device["peak_flops"]) * UTILISATION * count if device.get("peak_flops") else \
         100e12 * UTILISATION        # an unknown accelerator: assume a modest one
     return (flops + attention) / rate
+
+
+# ------------------------------------------------------------------------------ validation, evaluation
+
+# A decoding step of a batch of rows (one new token each) reads every weight for a handful of
+# tokens: it costs at least a forward pass over this many tokens. On 2 CPUs SmolLM2-135M decoded
+# 16 rows in 90–100 ms a step (benchmarks/RESULTS.md, "Serving"), the forward figure of ~90–120
+# tokens; the legal recipe's base model scored 32 test rows (constrained) in 21.5 s on a busy
+# 2-CPU machine, estimated 19.1 s, and a validation pass of its 15 rows took 4.5–5.5 s, estimated
+# 4.2 s. On a GPU a step's fixed latency (a kernel launch per operation) is not counted: unmeasured.
+DECODE_STEP_TOKENS = 128
+
+
+def validation_passes(total_steps: int, every: int) -> int:
+    """How often training computes the validation loss (runtime/run.py): after every `every`-th
+    step before the last (every > 0), and once when training ends."""
+    if total_steps <= 0:
+        return 0
+    return (total_steps - 1) // every + 1 if every > 0 else 1
+
+
+def validation_batches(lengths: Sequence[int], *, seq_len: int, pack: bool, rows_per_step: int
+                       ) -> int:
+    """Batches in one validation pass: the val split's examples in rows as training fills its own,
+    rows_per_step rows a batch (runtime/build.batches' validation Batcher); 0 without any."""
+    if not len(lengths):
+        return 0
+    return packing.steps_per_epoch(packing.count_rows(lengths, seq_len, pack=pack), rows_per_step)
+
+
+def prompt_bucket(n: int, minimum: int = 16) -> int:
+    """The length a prompt batch is padded to for decoding: 16, 24, 32, 48, 64, 96, ... (2^k and
+    1.5·2^k) — runtime/decode.bucket's sizes (the compiler does not import the runtime)."""
+    size = minimum
+    while size < n:
+        size = size + size // 2 if size & (size - 1) == 0 else size + size // 3
+    return size
+
+
+def prefill_tokens(prompt_lengths: Sequence[int], rows: int, batch_size: int) -> int:
+    """Prompt positions an evaluation's prefills compute for `rows` test rows (runtime/decode.py):
+    sorted by length into batches of batch_size, each left-padded to its longest prompt's bucket
+    and filled to a whole batch. With fewer rows than lengths (eval.limit's sample), the rows'
+    lengths are taken as evenly spaced quantiles of all of them."""
+    lengths = np.sort(np.asarray(prompt_lengths, dtype=np.float64))
+    if rows <= 0 or not len(lengths):
+        return 0
+    if rows != len(lengths):
+        lengths = np.quantile(lengths, np.linspace(0.0, 1.0, rows))
+    return sum(batch_size * prompt_bucket(math.ceil(lengths[min(i + batch_size, rows) - 1]))
+               for i in range(0, rows, batch_size))
+
+
+def evaluation_time(*, rows: int, models: int, mode: str, token_s: float, prefill: int,
+                    new_tokens: int, batch_size: int, label_tokens: Sequence[int] = (),
+                    unit_tokens: float = 0.0) -> float:
+    """Seconds for `models` models each to score `rows` test rows (runtime/evaluate.py), from
+    token_s, the forward pass's seconds per token (validation's figure, a training batch's), and
+    prefill, the prompt positions of those rows' batches (prefill_tokens).
+
+    generate: after the prefill, the rows decode batch_size at a time, one token a row a step, up
+    to new_tokens steps (a batch stops when all its rows have ended: an upper bound); constrained:
+    the longest label's steps within the label set, then free generation's new_tokens from the same
+    prefill. A step reads every weight for a handful of tokens: it costs a forward over its rows,
+    and at least over DECODE_STEP_TOKENS tokens. choices: no decoding; after the prefill every
+    label's tokens (and one more) run for each row of a batch. preference: one forward pass over
+    each pair's tokens (unit_tokens on average), packed."""
+    if rows <= 0 or models <= 0:
+        return 0.0
+    if mode == "preference":
+        return models * rows * unit_tokens * token_s
+    batches = math.ceil(rows / max(1, batch_size))
+    if mode == "choices":
+        width = max(label_tokens, default=0) + 1
+        return models * (prefill + batches * batch_size * len(label_tokens) * width) * token_s
+    steps = new_tokens + (max(label_tokens, default=0) if mode == "constrained" else 0)
+    decode = batches * steps * max(batch_size, DECODE_STEP_TOKENS)
+    return models * (prefill + decode) * token_s
 
 
 # ------------------------------------------------------------------------------ devices

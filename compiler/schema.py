@@ -20,7 +20,7 @@ from typing import Any
 from compiler.safety import FLOAT_TEXT, INT_TEXT, MAX_ITEMS, MAX_NUMBER_CHARS, MAX_TEXT
 from core.architecture import MODULE_NAMES
 from core.errors import PlanError, did_you_mean
-from core.plan import PREFERENCE
+from core.plan import HUB_KEY_DEFAULTS, PREFERENCE
 
 OBJECTIVES = ("sft",) + PREFERENCE
 LR_USUAL = (1e-6, 1e-2)           # outside: a warning
@@ -79,8 +79,23 @@ KEYS: tuple[Key, ...] = (
        "SmolLM2-135M-Instruct", nullable=True),
     _k("model.revision", "str", None, "Hub revision when model.path is a Hub id", nullable=True),
     # data
-    _k("data.path", "str", None, "training file (jsonl, json, csv, parquet)", nullable=True),
-    _k("data.test_path", "str", None, "held-out file scored by eval", nullable=True),
+    _k("data.path", "str", None, "training file (jsonl, json, csv, parquet), or a Hugging Face Hub "
+       "dataset `hf://datasets/ORG/NAME` (or one file of it: `hf://datasets/ORG/NAME/PATH`)",
+       nullable=True),
+    _k("data.test_path", "str", None, "held-out file scored by eval, or a Hub dataset as for "
+       "data.path", nullable=True),
+    _k("data.split", "str", HUB_KEY_DEFAULTS["split"], "the split of the Hub dataset data.path "
+       "names (hf:// paths only)"),
+    _k("data.subset", "str", None, "the subset (config name) of the Hub dataset data.path names "
+       "(null = its default; hf:// paths only)", nullable=True),
+    _k("data.revision", "str", None, "branch, tag or commit of the Hub dataset data.path names "
+       "(null = main; hf:// paths only)", nullable=True),
+    _k("data.test_split", "str", HUB_KEY_DEFAULTS["test_split"], "the split of the Hub dataset "
+       "data.test_path names (hf:// paths only)"),
+    _k("data.test_subset", "str", None, "the subset of the Hub dataset data.test_path names "
+       "(null = its default; hf:// paths only)", nullable=True),
+    _k("data.test_revision", "str", None, "branch, tag or commit of the Hub dataset "
+       "data.test_path names (null = main; hf:// paths only)", nullable=True),
     _k("data.format", "choice", "auto", "file format", choices=("auto", "jsonl", "json", "csv",
                                                                   "parquet")),
     _k("data.max_file_mb", "number", 1024, "data files larger than this are refused before being "
@@ -89,6 +104,10 @@ KEYS: tuple[Key, ...] = (
        nullable=True, low=1, high=10**12),
     _k("data.val_fraction", "number", 0.05, "share of training rows held out for validation",
        low=0.0, high=0.5, hint="0 disables validation; 0.05–0.1 is usual."),
+    _k("data.val_rows", "int", 256, "cap on the rows data.val_fraction holds out (the rest are "
+       "trained on; null = no cap, 0 = no validation): each validation pass runs over all of them",
+       nullable=True, low=0, high=10**12,
+       hint="a few hundred rows measure the validation loss well; null removes the cap."),
     _k("data.max_length", "int", 512, "tokens per example (prompt + response), the packed row length",
        low=16, high=131072),
     _k("data.overlength", "choice", "truncate", "examples over max_length: truncate (cut the "

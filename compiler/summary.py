@@ -150,10 +150,9 @@ def _data(plan) -> Panel:
                   _n(dr.get("empty_field", 0)), *same, "–", _n(d.sizes.get("test")))
     tok, sup = d.tokens, d.supervised
     extra = [
-        ("train file", tr.file if tr else None),
-        ("test file", te.file if te else None),
-        ("validation", f"{_n(tr.val)} rows held out from the train file "
-                       f"(data.val_fraction={d.val_fraction})" if tr else None),
+        ("train file", _file(tr) if tr else None),
+        ("test file", _file(te) if te else None),
+        ("validation", _validation(d) if tr else None),
         ("sampled", f"{_n(tr.sampled)} of {_n(tr.kept)} usable rows (data.max_rows={d.max_rows})"
          if tr and d.max_rows else None),
         ("tokens", f"p50 {_n(tok.get('p50'))} · p95 {_n(tok.get('p95'))} · max {_n(tok.get('max'))} "
@@ -176,6 +175,20 @@ def _data(plan) -> Panel:
         ("token cache", d.cache),
     ]
     return _panel("data", Group(t, _kv(extra)))
+
+
+def _validation(d) -> str:
+    """The rows held out for validation, and whether data.val_rows capped data.val_fraction's
+    share (the rows past the cap are trained on)."""
+    tr = d.train
+    if d.val_rows == 0:
+        return "none held out (data.val_rows=0: no validation loss)"
+    capped = d.val_rows is not None and d.val_rows == tr.val and \
+        round(tr.sampled * d.val_fraction) > d.val_rows
+    return (f"{_n(tr.val)} rows held out from the train file (data.val_fraction={d.val_fraction}"
+            + (f", capped by data.val_rows={d.val_rows}; the other "
+               f"{_n(round(tr.sampled * d.val_fraction) - tr.val)} are trained on" if capped else "")
+            + ")")
 
 
 def _pairs(d) -> str:
@@ -223,6 +236,21 @@ def _objective(plan) -> Panel | None:
                        "model scores above the rejected one, base and tuned" if o.preference
          else None),
     ]))
+
+
+def _file(stats) -> str:
+    """A data file's path, or a Hub dataset's id with the split, subset and revision read."""
+    h = stats.hub
+    if h is None:
+        return stats.file
+    what = [f"split {h.split}" if h.split else f"file {h.files[0]}"]
+    if h.subset:
+        what.append(f"subset {h.subset}")
+    what.append(f"revision {h.revision or 'main'}"
+                + (f" (commit {h.commit})" if h.commit and h.commit != h.revision else ""))
+    if len(h.files) > 1:
+        what.append(f"{len(h.files)} files")
+    return f"{stats.file} · " + " · ".join(what)
 
 
 def _cleaning(d) -> str | None:
@@ -390,10 +418,38 @@ def _resources(plan) -> Panel:
                   + (f" · matmuls {rt.matmul_dtype} → {rt.dtype}" if rt.matmul_dtype != rt.dtype else "")
                   + f" · remat {rt.remat}"),
         ("attention", _attention(rt, plan.schedule.seq_len)),
-        ("time", f"~{_duration(est.step_time_s)} per step × {_n(steps)} steps ≈ "
-                 f"{_duration(est.total_time_s)} (rough estimate)" if steps else None),
+        ("time", _time(plan) if steps else None),
     ])
     return _panel("resources", Group(rows, t))
+
+
+def _time(plan) -> str:
+    """The time estimate, a line for each part: training, validation, evaluation, total."""
+    est, steps = plan.estimates, plan.schedule.total_steps
+    training = f"~{_duration(est.step_time_s)} per step × {_n(steps)} steps"
+    if est.train_time_s is None:            # a plan written before the parts were estimated
+        return f"{training} ≈ {_duration(est.total_time_s)} (rough estimate)"
+    val_rows, cap, passes = plan.data.sizes.get("val", 0), plan.data.val_rows, est.validation_passes
+    lines = [f"training    {training} ≈ {_duration(est.train_time_s)}"]
+    lines.append(f"validation  {passes} pass{'es' if passes != 1 else ''}"
+                 f" × {_n(val_rows)} rows (forward only; eval.every={plan.eval.every}, "
+                 f"data.val_rows={'null' if cap is None else cap}) ≈ "
+                 f"{_duration(est.validation_time_s)}"
+                 if passes else "validation  none (no rows held out)")
+    if est.eval_rows:
+        mode = plan.eval.mode
+        ways = 2 if plan.retrieval is not None and not plan.objective.preference else 1
+        who = ("base and tuned" if est.eval_models // ways == 2 else "one model") + \
+            (", each with and without retrieval" if ways == 2 else "")
+        lines.append(f"evaluation  {_n(est.eval_rows)} test rows × {who} ({mode}"
+                     + (f", up to {plan.eval.max_new_tokens} new tokens a row"
+                        if mode in ("generate", "constrained") else "")
+                     + f"; eval.limit={_n(plan.eval.limit) if plan.eval.limit else 'null'}) ≈ "
+                     f"{_duration(est.eval_time_s)}")
+    else:
+        lines.append("evaluation  none (no test rows: data.test_path)")
+    lines.append(f"total       ≈ {_duration(est.total_time_s)} (rough estimate)")
+    return "\n".join(lines)
 
 
 def _attention(rt, seq_len: int) -> str:

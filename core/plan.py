@@ -67,8 +67,20 @@ class ModelSection:
 
 
 @dataclass(frozen=True)
+class HubSource:
+    """A split of a Hugging Face Hub dataset as read (`data.path=hf://datasets/ORG/NAME`)."""
+    repo: str                       # ORG/NAME
+    split: str | None               # None: the URL names one file of the repo
+    subset: str | None              # the config (subset) the split belongs to, if the repo has any
+    revision: str | None            # as asked (None = main)
+    commit: str | None              # what it resolved to (not hashed: the files' content is)
+    files: tuple[str, ...]          # the split's files in the repo, in reading order
+
+
+@dataclass(frozen=True)
 class TableStats:
-    """One data file as read: where, its hash, its fields and what happened to its rows."""
+    """One data file as read: where, its hash, its fields and what happened to its rows. A Hub
+    dataset's split counts as one file: `file` is its hf:// URL, `sha256` covers all its files."""
     file: str
     sha256: str
     fields: tuple[str, ...]
@@ -80,6 +92,7 @@ class TableStats:
     val: int | None = None          # ... and held out for validation
     cleaning: dict[str, int] = field(default_factory=dict)   # texts changed: normalized,
                                     # whitespace, control_tokens (escaped)
+    hub: HubSource | None = None    # where a Hub dataset's split came from (None: a local file)
 
 
 @dataclass(frozen=True)
@@ -129,6 +142,8 @@ class DataSection:
                                     # pair (mean, p95, max), KTO's desirable/undesirable rows
     answers_cut: int = 0            # data.overlength=truncate_answer: examples whose answer (a
                                     # reply) was cut at its end to fit max_length
+    val_rows: int | None = None     # data.val_rows: the cap on the rows val_fraction holds out
+                                    # (None: no cap, as in a plan written before the key)
 
 
 @dataclass(frozen=True)
@@ -303,7 +318,15 @@ class Estimates:
     memory_share: float | None      # of one device's memory
     eval_memory: int | None         # bytes one evaluation batch needs (weights + KV cache + prefill)
     step_time_s: float | None
-    total_time_s: float | None
+    total_time_s: float | None      # training + validation + evaluation (before these parts were
+                                    # estimated: training alone)
+    train_time_s: float | None = None       # step_time_s × the schedule's steps
+    validation_time_s: float | None = None  # validation_passes forward passes over the val split
+    validation_passes: int = 0      # every eval.every steps before the last, and once at the end
+    validation_batches: int = 0     # batches of a training step's shape in one pass
+    eval_time_s: float | None = None        # the test rows scored after training (base and tuned)
+    eval_rows: int = 0              # test rows each model scores (eval.limit of them)
+    eval_models: int = 0            # models (and with/without retrieval) that score them
 
 
 @dataclass(frozen=True)
@@ -416,11 +439,18 @@ _UNHASHED = (("hash",), ("estimates",), ("warnings",), ("recipe",), ("config", "
              ("config", "port"), ("config", "serve"), ("config", "tracking"), ("tracking",), ("config", "data", "path"), ("config", "data", "test_path"),
              ("config", "model", "path"), ("config", "model", "name"), ("model", "dir"),
              ("model", "name"), ("model", "source"), ("data", "cache"), ("data", "train", "file"),
-             ("data", "test", "file"), ("runtime", "devices", "kind"),
+             ("data", "test", "file"), ("data", "train", "hub", "commit"),
+             ("data", "test", "hub", "commit"), ("runtime", "devices", "kind"),
              ("retrieval", "corpus"), ("retrieval", "index"), ("config", "retrieval", "corpus"),
              ("runtime", "devices", "memory"), ("runtime", "devices", "peak_flops"),
              ("runtime", "devices", "cores"), ("objective", "init_run"),
              ("config", "init", "run"))
+
+
+# data.* keys that pick a Hub dataset's split (compiler/hub.py), and their defaults: left out of the
+# hash where they hold these, so plans of local files hash as they did before the keys existed.
+HUB_KEY_DEFAULTS = {"split": "train", "subset": None, "revision": None,
+                    "test_split": "test", "test_subset": None, "test_revision": None}
 
 
 def _drop_unused(doc: dict) -> None:
@@ -438,6 +468,15 @@ def _drop_unused(doc: dict) -> None:
         data.pop("pairs", None)
     if not data.get("answers_cut"):         # added later; 0 unless data.overlength=truncate_answer
         data.pop("answers_cut", None)
+    if data.get("val_rows") is None:        # added later: a plan written before hashes as it did
+        data.pop("val_rows", None)
+    for split in ("train", "test"):         # added later: None for a local file
+        if obj(data.get(split)).get("hub", 0) is None:
+            data[split].pop("hub")
+    hub_keys = obj(config.get("data"))       # the Hub keys, added later, at their defaults
+    for key, default in HUB_KEY_DEFAULTS.items():
+        if key in hub_keys and hub_keys[key] == default:
+            hub_keys.pop(key)
     if obj(config.get("objective")).get("kind", "sft") == "sft":
         config.pop("objective", None)
         obj(config.get("data")).pop("fields", None)

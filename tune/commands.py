@@ -361,8 +361,8 @@ def _checked_plan(plan: Plan, path: Path) -> Plan:
         raise PlanError("plan", "the plan's hash does not match its content (was it edited?).",
                         file=str(path), hint="change the config and recompile with `tune plan`.")
     for key, stats in (("data.path", plan.data.train), ("data.test_path", plan.data.test)):
-        if stats is None:
-            continue
+        if stats is None or stats.hub is not None:   # a Hub split: recompiling reads it again,
+            continue                                 # and its sha256 is in the hash
         if not Path(stats.file).is_file():
             raise PlanError(key, f"{stats.file} is gone since the plan was compiled.",
                             hint="restore it, or recompile with `tune plan`.")
@@ -379,6 +379,15 @@ def _checked_plan(plan: Plan, path: Path) -> Plan:
         raise PlanError("plan", "the token cache is missing and rebuilding it gave different "
                         "tokens (another tokenizer or tune version?).", file=str(path),
                         hint="recompile with `tune plan`.")
+    for key, was, now in (("data.path", plan.data.train, rebuilt.data.train),
+                          ("data.test_path", plan.data.test, rebuilt.data.test)):
+        if was is not None and was.hub is not None and now is not None and now.sha256 != was.sha256:
+            part = f"split {was.hub.split}" if was.hub.split else f"file {was.hub.files[0]}"
+            raise PlanError(key, f"the Hub dataset {was.file} ({part}) changed "
+                            f"since the plan was compiled (commit {was.hub.commit} then, "
+                            f"{now.hub.commit if now.hub else '?'} now).",
+                            hint="recompile with `tune plan` to train on the new data, or pin the "
+                                 "plan's data with data.revision=COMMIT (data.test_revision).")
     changed = _differences(plan, rebuilt)
     raise PlanError("plan", "its values are not what its own config compiles to"
                     + (f" ({', '.join(changed[:4])}{', ...' if len(changed) > 4 else ''})"
