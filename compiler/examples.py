@@ -210,6 +210,7 @@ def _joined(name: str, parts: list[dict]) -> dict:
     if not parts:
         empty = _tokenise_split([], [], [], None, max_length=2, overlength="truncate", name=name)
         empty["counts"]["field_cuts"] = {}
+        empty["lengths"] = []
         return empty
     out = {k: list(chain.from_iterable(p[k] for p in parts))
            for k in ("plens", "lengths", "supervised", "responses", "answer_ids", "answer_cuts")}
@@ -506,8 +507,9 @@ def _render(splits: dict, tmpl: dict, **chat) -> dict[str, list[tuple[str, str, 
 def _tokenise_split(rendered, heads, tails, tokenizer, *, max_length: int, overlength: str,
                     name: str = "train") -> dict:
     """One split's (or chunk's) examples after the over-length policy, as the cache's arrays
-    (`arrays`), with what the stats need. Only the rows over max_length or with no answer are
-    looked at one by one; the rest go into the arrays in bulk."""
+    (`arrays`), with what the stats need (but the lengths as written, which the caller knows
+    before any cut). Only the rows over max_length or with no answer are looked at one by one;
+    the rest go into the arrays in bulk."""
     counts = dict.fromkeys(COUNTS, 0)
     n = len(heads)
     heads, tails = list(heads), list(tails)
@@ -553,7 +555,7 @@ def _tokenise_split(rendered, heads, tails, tokenizer, *, max_length: int, overl
                      if j in cut else mark_example(unescape(head), unescape(tail)))
     return {"arrays": {f"{name}_ids": ids, f"{name}_offsets": offsets,
                        f"{name}_prompt_lens": np.asarray(plens, dtype=np.int32)},
-            "plens": plens, "lengths": (p_len + s_len).tolist(), "supervised": supervised,
+            "plens": plens, "supervised": supervised,
             "responses": responses, "answer_ids": answer_ids, "shown": shown, "counts": counts,
             "answer_cuts": answer_cuts}
 

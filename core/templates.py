@@ -359,21 +359,19 @@ def _inspected_literals(template: str) -> tuple[str, ...]:
         ast = jinja2.Environment().parse(template)
     except jinja2.TemplateError:
         return ()
+    def strings(part) -> set[str]:           # the string constants in `part`, itself included
+        consts = [part, *part.find_all(nodes.Const)]
+        return {c.value for c in consts if isinstance(c, nodes.Const) and isinstance(c.value, str)}
+
     found: set[str] = set()
     for node in ast.find_all(nodes.Compare):
-        if _mentions_role(node):      # message['role'] == 'user': roles, not texts
-            continue
-        for part in [node.expr] + [op.expr for op in node.ops]:
-            found.update(c.value for c in part.find_all(nodes.Const) if isinstance(c.value, str))
-            if isinstance(part, nodes.Const) and isinstance(part.value, str):
-                found.add(part.value)
+        if not _mentions_role(node):         # message['role'] == 'user': roles, not texts
+            for part in [node.expr] + [op.expr for op in node.ops]:
+                found |= strings(part)
     for node in ast.find_all(nodes.Call):
         if isinstance(node.node, nodes.Getattr) and node.node.attr in _INSPECTING:
             for arg in node.args:
-                found.update(c.value for c in arg.find_all(nodes.Const)
-                             if isinstance(c.value, str))
-                if isinstance(arg, nodes.Const) and isinstance(arg.value, str):
-                    found.add(arg.value)
+                found |= strings(arg)
     return tuple(sorted(v for v in found if v))
 
 

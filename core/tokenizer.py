@@ -157,38 +157,86 @@ def encode_prompt(tokenizer, prompt_part: str, *, chat: bool) -> np.ndarray:
 
 def encode_unique(tokenizer, texts: list[str]) -> list[list[int]]:
     """Token ids of each text, every distinct text encoded once (data repeats its prompts and
-    answers) — and, where the tokenizer allows it (_pieces), every distinct piece between its
+    answers) — and, where the tokenizer allows it (_Shortcuts), every distinct piece between its
     control tokens encoded once: a chat template's system prompt and role headers are then
     encoded once for all examples rather than once each."""
     index: dict[str, int] = {}
     for t in texts:
         index.setdefault(t, len(index))
     distinct = list(index)
-    pieces = _pieces(tokenizer)
     ids = None
-    if pieces is not None and len(distinct) > 1:
-        ids = _encode_by_pieces(tokenizer, distinct, *pieces)
+    if len(distinct) > 1:
+        ids = _encode_by_pieces(_shortcuts(tokenizer), distinct)
     if ids is None:
         ids = encode_texts(tokenizer, distinct)
     return [ids[index[t]] for t in texts]
 
 
-_PIECE_CHECKS = 64     # texts encoded both ways before pieces are trusted for a tokenizer
+class _Shortcuts:
+    """What encode_unique may do instead of encoding each text whole with one tokenizer, worked
+    out once from its tokenizer.json:
+    - `pieces`: (pattern cutting text at control tokens, control text → id), or None where
+      encoding the pieces between control tokens separately could differ from encoding the text
+      whole — control tokens that strip whitespace around them, are normalised or match single
+      words only; a Metaspace pre-tokenizer (it marks a text's first word differently). Trusted
+      once the first CHECKS texts encoded both ways agreed (`checked`); dropped if they do not.
+    - `words`: a WordEncoder, or None."""
+
+    CHECKS = 64
+
+    def __init__(self, tokenizer):
+        self.tokenizer, self.pieces, self.words, self.checked = tokenizer, None, None, False
+        try:
+            doc = json.loads(tokenizer.to_str())
+            added = tokenizer.get_added_tokens_decoder()
+        except Exception:  # noqa: BLE001 - a tokenizer without these accessors: encode whole
+            return
+        self.pieces = _piece_split(doc, added)
+        try:
+            steps = _word_steps(doc)
+        except Exception:  # noqa: BLE001 - anything unexpected in the tokenizer: encode whole
+            steps = None
+        self.words = WordEncoder(tokenizer, steps) if steps is not None else None
 
 
-def _encode_by_pieces(tokenizer, texts: list[str], pattern, control_ids: dict) -> list | None:
+_SHORTCUTS: dict[int, _Shortcuts] = {}
+_KEEP_SHORTCUTS = 8
+
+
+def _shortcuts(tokenizer) -> _Shortcuts:
+    hit = _SHORTCUTS.get(id(tokenizer))
+    if hit is None or hit.tokenizer is not tokenizer:
+        hit = _SHORTCUTS[id(tokenizer)] = _Shortcuts(tokenizer)
+        while len(_SHORTCUTS) > _KEEP_SHORTCUTS:
+            _SHORTCUTS.pop(next(iter(_SHORTCUTS)))
+    return hit
+
+
+def _pieces(tokenizer):
+    """The tokenizer's piece split (see _Shortcuts), or None."""
+    return _shortcuts(tokenizer).pieces
+
+
+def _words(tokenizer) -> "WordEncoder | None":
+    """The tokenizer's WordEncoder, or None where its pipeline is not one reproduced here."""
+    return _shortcuts(tokenizer).words
+
+
+def _encode_by_pieces(shortcuts: _Shortcuts, texts: list[str]) -> list | None:
     """Each text cut at its control tokens, the distinct plain pieces encoded once, the ids put
-    back together; None (encode whole) when a text holds escaped control text or the first texts
-    do not encode to the same ids whole."""
-    if any(ESC_OPEN in t for t in texts):
+    back together; None (encode whole) when the tokenizer has no piece split, a text holds
+    escaped control text, or the first texts do not encode to the same ids whole."""
+    tokenizer = shortcuts.tokenizer
+    if shortcuts.pieces is None or any(ESC_OPEN in t for t in texts):
         return None
+    pattern, control_ids = shortcuts.pieces
     cut = [pattern.split(t) for t in texts]          # [plain, control, plain, control, ..., plain]
     index: dict[str, int] = {}
     for parts in cut:
         for k in range(0, len(parts), 2):
             if parts[k]:
                 index.setdefault(parts[k], len(index))
-    words = _words(tokenizer)
+    words = shortcuts.words
     encoded = (words.encode(list(index)) if words is not None else None) or \
         encode_texts(tokenizer, list(index))
     out = []
@@ -200,47 +248,30 @@ def _encode_by_pieces(tokenizer, texts: list[str], pattern, control_ids: dict) -
             elif part:
                 ids += encoded[index[part]]
         out.append(ids)
-    key = id(tokenizer)
-    if _CHECKED.get(key) is not tokenizer:
-        whole = encode_texts(tokenizer, texts[:_PIECE_CHECKS])
-        if whole != out[:_PIECE_CHECKS]:
-            _UNFIT.add(key)
-            return whole + encode_texts(tokenizer, texts[_PIECE_CHECKS:])
-        _CHECKED[key] = tokenizer
+    if not shortcuts.checked:
+        whole = encode_texts(tokenizer, texts[:shortcuts.CHECKS])
+        if whole != out[:shortcuts.CHECKS]:
+            shortcuts.pieces = None
+            return whole + encode_texts(tokenizer, texts[shortcuts.CHECKS:])
+        shortcuts.checked = True
     return out
 
 
-_CHECKED: dict = {}    # id(tokenizer) → tokenizer, for tokenizers whose pieces were checked
-_UNFIT: set = set()    # id of tokenizers whose pieces do not encode as the whole text
-
-
-def _pieces(tokenizer):
-    """(pattern cutting text at control tokens, control text → id), or None where encoding the
-    pieces between control tokens separately could differ from encoding the text whole: control
-    tokens that strip whitespace around them, are normalised, or match single words only; a
-    Metaspace pre-tokenizer (it marks a text's first word differently)."""
-    if id(tokenizer) in _UNFIT:
-        return None
-    try:
-        added = tokenizer.get_added_tokens_decoder()
-        model = json.loads(tokenizer.to_str()) if id(tokenizer) not in _CHECKED else None
-    except Exception:  # noqa: BLE001 - a tokenizer without these accessors: encode whole
-        return None
-    if model is not None and "Metaspace" in json.dumps(model.get("pre_tokenizer")):
-        _UNFIT.add(id(tokenizer))
+def _piece_split(doc: dict, added: dict):
+    """_Shortcuts.pieces of the tokenizer described by `doc` (its tokenizer.json) with these
+    added tokens (id → AddedToken)."""
+    if "Metaspace" in json.dumps(doc.get("pre_tokenizer")):
         return None
     controls = {}
     for tid, t in added.items():
         if not t.special or not t.content:
             continue
         if t.lstrip or t.rstrip or t.normalized or t.single_word:
-            _UNFIT.add(id(tokenizer))
             return None
         controls[t.content] = tid
     if not controls:
         return None
-    pattern = _piece_pattern(tuple(sorted(controls, key=lambda c: (-len(c), c))))
-    return pattern, controls
+    return _piece_pattern(tuple(sorted(controls, key=lambda c: (-len(c), c)))), controls
 
 
 @lru_cache(maxsize=8)
@@ -328,29 +359,11 @@ def _byte_chars() -> list[str]:
     return [chr(table[b]) for b in range(256)]
 
 
-_WORDS: dict = {}      # id(tokenizer) → (tokenizer, WordEncoder or None)
-
-
-def _words(tokenizer) -> WordEncoder | None:
-    """The tokenizer's WordEncoder, or None where its pipeline is not one reproduced here."""
-    hit = _WORDS.get(id(tokenizer))
-    if hit is not None and hit[0] is tokenizer:
-        return hit[1]
-    encoder = None
-    try:
-        steps = _word_steps(tokenizer)
-        if steps is not None:
-            encoder = WordEncoder(tokenizer, steps)
-    except Exception:  # noqa: BLE001 - anything unexpected in the tokenizer: encode whole
-        encoder = None
-    _WORDS[id(tokenizer)] = (tokenizer, encoder)
-    return encoder
-
-
-def _word_steps(tokenizer) -> list | None:
+def _word_steps(doc: dict) -> list | None:
+    """The WordEncoder's split steps for the tokenizer `doc` (its tokenizer.json) describes, or
+    None where its pipeline is not one reproduced here."""
     import regex
 
-    doc = json.loads(tokenizer.to_str())
     model = doc.get("model") or {}
     if doc.get("normalizer") is not None or model.get("type") != "BPE" or model.get("dropout"):
         return None
