@@ -20,7 +20,7 @@ from compiler import estimates, safety, schema
 from core import packing
 from core.packing import PALLAS_BLOCK
 from core.processes import processes
-from core.errors import PlanError, did_you_mean
+from core.errors import PlanError, did_you_mean, listing
 from core.files import sha256_file, tune_home
 from core.architecture import ATTENTION_MODULES, full_module_names, full_module_params, lora_scale
 from core.labels import RARE_CLASS, is_classification, normalise
@@ -410,19 +410,15 @@ def _label_set(task: str, stats: dict, references: list[str], warnings: list) ->
     unseen = sorted(set(refs) - set(keys))
     if unseen:
         warnings.append(f"{len(unseen)} test label(s) never occur in training and will always be "
-                        f"scored wrong: {_listing(unseen)}.")
+                        f"scored wrong: {listing(unseen)}.")
     rare = [f"{a['text']} ({a['count']})" for a in answers if a["count"] < RARE_CLASS]
     if rare:
         warnings.append(f"{len(rare)} label(s) have fewer than {RARE_CLASS} training rows: "
-                        f"{_listing(rare)}; expect them to be predicted poorly.")
+                        f"{listing(rare)}; expect them to be predicted poorly.")
     return {"task": "classification",
             "labels": tuple(Label(a["text"], tuple(a["ids"]), a["count"]) for a in answers),
             "majority_baseline": sum(r == keys[0] for r in refs) / len(refs) if refs else None,
             "unseen_test_labels": tuple(unseen)}
-
-
-def _listing(items: list[str], most: int = 10) -> str:
-    return ", ".join(items[:most]) + (f" and {len(items) - most} more" if len(items) > most else "")
 
 
 def _answer_cut_warnings(stats: dict, d: dict, splits: dict, pairs: bool) -> list[str]:

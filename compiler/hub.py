@@ -23,7 +23,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from compiler.data import FORMATS
-from core.errors import PlanError, did_you_mean
+from core.errors import PlanError, did_you_mean, listing
 from core.files import sha256_file
 from core.plan import HUB_KEY_DEFAULTS, HubSource, TableStats
 
@@ -139,7 +139,7 @@ def resolve(key: str, value: str, d: dict) -> HubData:
     missing = [f for f, p in zip(chosen, local) if not p.is_file()]
     if missing:
         raise _unreachable(key, repo, revision, f"{len(missing)} of the split's files are "
-                           f"missing ({_listing(missing, 3)})")
+                           f"missing ({listing(missing, 3)})")
     source = HubSource(repo=repo, split=split, subset=subset, revision=revision, commit=commit,
                        files=tuple(chosen))
     return HubData(url=url, source=source, files=local)
@@ -188,7 +188,7 @@ def _split_files(w: Where, files: dict, inner: str, split: str, subset: str | No
                                f"the cache holds no file or folder `{inner}` of it")
         top = sorted({f.split("/")[0] for f in files if f not in NOT_DATA})
         raise PlanError(w.key, f"{w.repo} has no file or folder `{inner}`.",
-                        hint=f"its top level holds: {_listing(top)}.{did_you_mean(inner, top)}")
+                        hint=f"its top level holds: {listing(top, 12)}.{did_you_mean(inner, top)}")
     configs = None if inner else _card_configs(w.key, card)
     if configs:
         return _from_card(w, files, configs, split, subset)
@@ -228,7 +228,7 @@ def _from_card(w: Where, files: dict, configs: list[dict], split: str, subset: s
     if subset is not None:
         if subset not in names:
             raise PlanError(w.subset_key, f"{w.repo} has no subset `{subset}`; its subsets: "
-                            f"{_listing(names)}.{did_you_mean(subset, names)}",
+                            f"{listing(names, 12)}.{did_you_mean(subset, names)}",
                             hint=f"set {w.subset_key} to one of them.")
         config = configs[names.index(subset)]
     else:
@@ -237,7 +237,7 @@ def _from_card(w: Where, files: dict, configs: list[dict], split: str, subset: s
                   else configs[0] if len(configs) == 1 else None)
         if config is None:
             raise PlanError(w.subset_key, f"{w.repo} has {len(names)} subsets and none is its "
-                            f"default: {_listing(names)}.",
+                            f"default: {listing(names, 12)}.",
                             hint=f"set {w.subset_key} to one of them.")
     name = str(config.get("config_name", "default"))
     data_dir = str(config.get("data_dir") or "").strip("/")
@@ -246,7 +246,7 @@ def _from_card(w: Where, files: dict, configs: list[dict], split: str, subset: s
     patterns = _card_splits(config["data_files"])
     if split not in patterns:
         raise PlanError(w.split_key, f"{w.repo} (subset {name}) has no split `{split}`; its "
-                        f"splits: {_listing(list(patterns))}.{did_you_mean(split, patterns)}",
+                        f"splits: {listing(list(patterns), 12)}.{did_you_mean(split, patterns)}",
                         hint=f"set {w.split_key} to one of them.")
     chosen: dict[str, None] = {}
     for p in patterns[split]:
@@ -283,7 +283,7 @@ def _by_name(w: Where, files: dict, root: str, split: str, subset: str | None) -
                  if not root or f.startswith(root + "/")]
         folders = sorted({f.split("/")[0] for f in under if "/" in f and not _hidden(f)})
         raise PlanError(w.subset_key, f"{w.repo} has no subset folder `{subset}`{w.seen()}; its "
-                        f"folders: {_listing(folders)}.{did_you_mean(subset, folders)}",
+                        f"folders: {listing(folders, 12)}.{did_you_mean(subset, folders)}",
                         hint=f"set {w.subset_key} to one of them, or leave it unset.")
     sharded = {n: m.group(1) for n in names if (m := _SHARDED.fullmatch(n))}
     if sharded:
@@ -305,7 +305,7 @@ def _by_name(w: Where, files: dict, root: str, split: str, subset: str | None) -
             raise _missing(w, f"{w.repo}{where} holds no data files{w.seen()}")
         named = [s for s in SPLIT_WORDS if s in found] + sorted(set(found) - set(SPLIT_WORDS))
         raise PlanError(w.split_key, f"{w.repo}{where} has no split `{split}`{w.seen()}; its "
-                        f"splits: {_listing(named)}.{did_you_mean(split, named)}",
+                        f"splits: {listing(named, 12)}.{did_you_mean(split, named)}",
                         hint=f"set {w.split_key} to one of them.")
     chosen = sorted(found[split])
     if subset is None:
@@ -328,7 +328,7 @@ def _one_subset(w: Where, chosen: list[str]) -> None:
     tops = sorted({n.split("/")[0] for n in chosen if "/" in n} - words - {"data"})
     if len(tops) > 1 or (tops and any("/" not in n for n in chosen)):
         raise PlanError(w.subset_key, f"{w.repo} holds this split in {len(tops)} folders, its "
-                        f"subsets: {_listing(tops)}; reading them all would mix them.",
+                        f"subsets: {listing(tops, 12)}; reading them all would mix them.",
                         hint=f"set {w.subset_key} to one of them.")
 
 
@@ -337,7 +337,7 @@ def _supported(w: Where, chosen: list[str], split: str) -> list[str]:
     if not ok:
         kinds = sorted({Path(f).name.partition(".")[2] or "(no suffix)" for f in chosen})
         raise PlanError(w.key, f"the split `{split}` of {w.repo} is {len(chosen)} file(s) of a "
-                        f"format tune does not read (.{', .'.join(kinds)}): {_listing(chosen, 3)}.",
+                        f"format tune does not read (.{', .'.join(kinds)}): {listing(chosen, 3)}.",
                         hint="tune reads .jsonl, .json, .csv and .parquet files; convert the split "
                              "(e.g. with `datasets`: load_dataset(...).to_parquet(FILE)) and give "
                              "the file as a local path.")
@@ -376,13 +376,6 @@ def _literal(name: str) -> str:
 
 def _hidden(name: str) -> bool:
     return any(p.startswith(".") for p in name.split("/"))
-
-
-def _listing(items, most: int = 12) -> str:
-    items = list(items)
-    if not items:
-        return "none"
-    return ", ".join(items[:most]) + (f" and {len(items) - most} more" if len(items) > most else "")
 
 
 def _check_size(key: str, d: dict, files: dict, chosen: list[str], snapshot: Path) -> None:
@@ -451,7 +444,7 @@ def _only_snapshot(key: str, rev_key: str, repo: str) -> str | None:
         if folder.is_dir() else []
     if len(commits) > 1:
         raise PlanError(rev_key, f"the local cache holds {len(commits)} snapshots of the Hub "
-                        f"dataset {repo} and no ref says which is main: {_listing(commits, 4)}.",
+                        f"dataset {repo} and no ref says which is main: {listing(commits, 4)}.",
                         hint=f"set {rev_key} to one of these commits.")
     return commits[0] if commits else None
 

@@ -43,6 +43,14 @@ class Diverged(RuntimeError):
             "about 2e-3 for small models), or keep schedule.max_grad_norm set.")
 
 
+def listing(items: Iterable[str], most: int = 10) -> str:
+    """`a, b, c and 4 more` — at most `most` items named; "none" when there are none."""
+    items = list(items)
+    if not items:
+        return "none"
+    return ", ".join(items[:most]) + (f" and {len(items) - most} more" if len(items) > most else "")
+
+
 def did_you_mean(word: str, choices: Iterable[str]) -> str:
     """' Did you mean `x`?' for the closest choice, or '' when nothing is close."""
     close = difflib.get_close_matches(word, list(choices), n=1, cutoff=0.6)
