@@ -487,6 +487,7 @@ def evaluate(plan: dict, model, *, limit: int | None = None, device: str | None 
                    [x["text"] for x in _section(plan, "data").get("labels") or []] or data.labels)
     result["mode"] = ev.get("mode")
     result["eval_s"] = time.perf_counter() - t0
+    result["generated_tokens"] = sum(len(g) for g in gen)     # end tokens not counted
     result["predictions"] = preds
     result["references"] = refs
     return result
@@ -537,12 +538,12 @@ def main(argv=None) -> int:
     if args.eval_base:
         ev = evaluate(plan, model, limit=args.limit, device=device, data=data,
                       batch_size=args.eval_batch_size, base=True)
-        result["base"] = {k: ev[k] for k in ("metric", "value", "n", "eval_s")}
+        result["base"] = {k: ev[k] for k in ("metric", "value", "n", "eval_s", "generated_tokens", "mode")}
         result["base_predictions"] = ev["predictions"]
     if args.eval or args.adapter:
         ev = evaluate(plan, model, limit=args.limit, device=device, data=data,
                       batch_size=args.eval_batch_size)
-        result["tuned"] = {k: ev[k] for k in ("metric", "value", "n", "eval_s")}
+        result["tuned"] = {k: ev[k] for k in ("metric", "value", "n", "eval_s", "generated_tokens", "mode")}
         result["predictions"] = ev["predictions"]
         result["references"] = ev["references"]
     result["wall_s"] = time.perf_counter() - t0

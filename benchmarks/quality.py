@@ -48,7 +48,35 @@ DATASETS = {                                         # folder under DATA → rec
     "financial/twitter_financial_news_sentiment": "finance",
     "medical/pubmedqa_pqal": "medical",
 }
+# Tasks outside the default table, run by name (--datasets NAME): a dataset with another recipe,
+# or another field as the answer. name → (folder under DATA, recipe, overrides).
+GENERATE = ["data.task=generation", "eval.mode=generate", "eval.metric=rouge_l"]
+TASKS = {
+    # a customer's request → the agent's reply (ROUGE-L against the written reply)
+    "bitext_replies": ("customer_support/bitext_customer_support", "customer_support_replies",
+                       ["template.prompt='{instruction}'", "template.response='{response}'",
+                        "template.system='You are a customer support agent. Answer the "
+                        "customer helpfully and concretely.'", "data.max_length=512",
+                        "eval.max_new_tokens=256", "eval.limit=50", *GENERATE]),
+    # question + abstract → the abstract's conclusion sentence(s)
+    "pubmedqa_long_answer": ("medical/pubmedqa_pqal", "medical",
+                             ["template.prompt='Question: {question}\\nAbstract: {context}'",
+                              "template.response='{long_answer}'",
+                              "template.system='You are a biomedical research assistant. State "
+                              "the conclusion the abstract supports.'",
+                              "eval.max_new_tokens=128", "eval.limit=50", *GENERATE]),
+    # 9 clause categories, 90% of them Other
+    "legalbench_unfair_tos": ("legal/legalbench_unfair_tos", "legal", []),
+}
 BEGIN, END = "<!-- quality:begin -->", "<!-- quality:end -->"
+
+
+def folder_of(ds: str) -> str:
+    return TASKS[ds][0] if ds in TASKS else ds
+
+
+def recipe_of(ds: str) -> str:
+    return TASKS[ds][1] if ds in TASKS else DATASETS[ds]
 
 
 def pick_datasets(spec: str | None) -> list[str]:
@@ -57,11 +85,11 @@ def pick_datasets(spec: str | None) -> list[str]:
     out = []
     for name in spec.split(","):
         name = name.strip().strip("/")
-        hits = [d for d in DATASETS if d == name or d.split("/")[-1] == name]
+        hits = [d for d in (*DATASETS, *TASKS) if d == name or d.split("/")[-1] == name]
         if not hits:
             raise SystemExit(f"unknown dataset {name!r}; known: "
-                             + ", ".join(d.split("/")[-1] for d in DATASETS))
-        out += hits
+                             + ", ".join(d.split("/")[-1] for d in (*DATASETS, *TASKS)))
+        out += hits[:1]
     return out
 
 
@@ -72,12 +100,13 @@ SIZES = {"medical/pubmedqa_pqal": {"data.max_rows": 150, "eval.limit": 100}}
 
 
 def common_overrides(args, ds: str) -> list[str]:
-    folder = args.data_root / ds
+    folder = args.data_root / folder_of(ds)
     sizes = {"data.max_rows": args.max_rows, "eval.limit": args.limit}
     if not args.same_sizes:
-        sizes.update(SIZES.get(ds, {}))
-    o = [f"+recipe={DATASETS[ds]}", f"data.path={folder / 'train.jsonl'}",
-         f"data.test_path={folder / 'test.jsonl'}", *(f"{k}={v}" for k, v in sizes.items())]
+        sizes.update(SIZES.get(folder_of(ds), {}))
+    o = [f"+recipe={recipe_of(ds)}", f"data.path={folder / 'train.jsonl'}",
+         f"data.test_path={folder / 'test.jsonl'}", *(f"{k}={v}" for k, v in sizes.items()),
+         *(TASKS[ds][2] if ds in TASKS else [])]
     if args.steps:
         o.append(f"schedule.max_steps={args.steps}")
     if args.epochs:
@@ -96,6 +125,13 @@ def read_eval(run_dir: Path) -> dict:
     if ev is None:
         return {}
     out = {name: ev.entries[name].value for name in ("base", "tuned") if name in ev.entries}
+    t = ev.entries.get("tuned")
+    if t is not None and t.seconds:          # the tuned model's evaluation speed
+        out["eval_rows_s"] = t.n / t.seconds
+        if t.generated_tokens and t.mode == "generate":
+            out["decode_tok_s"] = t.generated_tokens / t.seconds
+    if t is not None and t.get("macro_f1") is not None:
+        out["macro_f1"] = t.get("macro_f1")
     return {**out, "value": ev.headline.value, "metric": ev.headline.metric, "n": ev.headline.n}
 
 
@@ -135,6 +171,8 @@ def run_tune(args, ds: str, work: Path) -> dict:
         res.update(steps=len(rows), final_loss=rows[-1]["loss"] if rows else None)
     ev = read_eval(run_dir)
     res["base"], res["tuned"] = ev.get("base"), ev.get("tuned")
+    for k in ("eval_rows_s", "decode_tok_s", "macro_f1"):
+        res[k] = ev.get(k)
     res["metric"], res["n"] = ev.get("metric"), ev.get("n")
     res["eval_source"] = "end of training" if ev else None
     if res["tuned"] is None and res["base"] is None and "value" in ev:
@@ -179,6 +217,9 @@ def run_peft(args, work: Path, plan_path: Path, *, adapter: Path | None = None, 
            "base": (r.get("base") or {}).get("value")}
     res["predictions"], res["base_predictions"] = r.get("predictions"), r.get("base_predictions")
     res["eval_s"] = (r.get("tuned") or {}).get("eval_s")
+    gen = (r.get("tuned") or {}).get("generated_tokens")
+    if gen and res["eval_s"] and (r.get("tuned") or {}).get("mode") == "generate":
+        res["decode_tok_s"] = gen / res["eval_s"]
     recs = r.get("records") or []
     if recs:
         res["final_loss"] = recs[-1]["loss"]
@@ -227,6 +268,9 @@ def markdown(results: list[dict], args, command: str, started: str, wall: float)
     if cross:
         head.append("tune adapter, HF decode")
     head += ["steps tune / PEFT", "train s tune / PEFT", "total s tune / PEFT", "final loss tune / PEFT"]
+    decode = any(r.get("tune", {}).get("decode_tok_s") for r in results)
+    if decode:
+        head.append("decode tokens/s tune / HF generate")
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in results:
         t, p = r.get("tune", {}), r.get("peft", {})
@@ -244,6 +288,8 @@ def markdown(results: list[dict], args, command: str, started: str, wall: float)
                 f"{fmt(t.get('train_wall_s'), 0)} / {fmt(train_s(p), 0)}",
                 f"{fmt(t.get('total_s'), 0)} / {fmt(p.get('wall_s'), 0)}",
                 f"{fmt(t.get('final_loss'))} / {fmt(p.get('final_loss'))}"]
+        if decode:
+            row.append(f"{fmt(t.get('decode_tok_s'), 1)} / {fmt(p.get('decode_tok_s'), 1)}")
         lines.append("| " + " | ".join(row) + " |")
     errors = [f"- {r['dataset']}: {k}: {v}" for r in results for part in ("tune", "peft")
               for k, v in (r.get(part) or {}).items() if k.endswith("error")]
@@ -268,11 +314,20 @@ def markdown(results: list[dict], args, command: str, started: str, wall: float)
         "train s: model loading + training (tune: + compilation); total s: whole processes, "
         "evaluations included (tune: training process + any `tune eval`; PEFT: train + decode).",
     ]
-    out = [BEGIN, "## Quality", "", *[n + "\n" for n in notes], "```", command, "```", "", *lines]
+    begin, end, _ = markers(args.section)
+    out = [begin, f"## Quality{' — ' + args.section if args.section else ''}", "", *[n + "\n" for n in notes], "```", command, "```", "", *lines]
     if errors:
         out += ["", "Failures:", *errors]
-    out.append(END)
+    out.append(end)
     return "\n".join(out)
+
+
+def markers(section: str | None) -> tuple[str, str, str]:
+    """RESULTS.md's markers of the table (the default one, or --section NAME's own) and the raw
+    figures' file stem."""
+    if not section:
+        return BEGIN, END, "quality"
+    return f"<!-- quality-{section}:begin -->", f"<!-- quality-{section}:end -->", f"quality-{section}"
 
 
 # ----------------------------------------------------------------------------------------- main
@@ -298,6 +353,9 @@ def parse_args(argv=None):
     ap.add_argument("--skip-peft", action="store_true")
     ap.add_argument("--work", type=Path, default=None, help="keep runs here (default: a temp dir, removed)")
     ap.add_argument("--no-write", action="store_true", help="do not update benchmarks/RESULTS.md")
+    ap.add_argument("--section", default=None, metavar="NAME",
+                    help="write the table to its own RESULTS.md section (quality-NAME) and "
+                         "results/quality-NAME-<platform>.json, leaving the main table alone")
     ap.add_argument("--tune-override", action="append", metavar="KEY=VALUE", help="extra tune override")
     return ap.parse_args(argv)
 
@@ -328,12 +386,12 @@ def main(argv=None) -> int:
     t0 = time.perf_counter()
     results = []
     for ds in datasets:
-        print(f"[{ds}] recipe {DATASETS[ds]}", file=sys.stderr, flush=True)
+        print(f"[{ds}] recipe {recipe_of(ds)}", file=sys.stderr, flush=True)
         w = work / ds.replace("/", "__")
         if w.exists():
             shutil.rmtree(w)
         w.mkdir(parents=True)
-        r = {"dataset": ds, "recipe": DATASETS[ds]}
+        r = {"dataset": ds, "recipe": recipe_of(ds)}
         r["tune"] = run_tune(args, ds, w)
         plan = w / "tune" / "plan.json"
         if not args.skip_peft and plan.is_file():
@@ -358,7 +416,8 @@ def main(argv=None) -> int:
     plat = "gpu" if any(str(d).startswith("cuda") for d in devices) or args.device == "cuda" else "cpu"
     # --no-write leaves RESULTS.md and results/quality-<platform>.json (the table's raw figures)
     # alone: its figures go into the work directory when that is kept (--work)
-    raw = HERE / "results" / f"quality-{plat}.json" if not args.no_write else \
+    begin, end, stem = markers(args.section)
+    raw = HERE / "results" / f"{stem}-{plat}.json" if not args.no_write else \
         (args.work / "quality.json" if args.work is not None else None)
     if raw is not None:
         raw.parent.mkdir(parents=True, exist_ok=True)
@@ -367,7 +426,7 @@ def main(argv=None) -> int:
                                    "results": results}, indent=1) + "\n")
         print(f"wrote {raw}", file=sys.stderr)
     if not args.no_write:
-        write_results_section(section, BEGIN, END)
+        write_results_section(section, begin, end)
         print(f"wrote {HERE / 'RESULTS.md'}", file=sys.stderr)
     if args.work is None:
         shutil.rmtree(work, ignore_errors=True)
