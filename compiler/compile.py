@@ -54,6 +54,8 @@ def compile_plan(cfg: dict, *, recipe_info: Recipe | None, command: str = "plan"
     safety.check_config(cfg)
     config, warnings = schema.validate(cfg)
     check_pin(config["recipe_sha256"], recipe_info)
+    _check_balance(config)
+    _check_head(config)
     need_train = command in TRAIN_COMMANDS
     if config["objective"]["kind"] != "sft":
         from compiler.preference import resolve_template
@@ -65,20 +67,27 @@ def compile_plan(cfg: dict, *, recipe_info: Recipe | None, command: str = "plan"
                         hint="set template.chat=false to train on the plain prompt and response.")
     policy = _text_policy(config["data"], model)
     cwd = Path(cwd or Path.cwd())
+    length = _length_rule(config, model) if config["data"]["max_length"] == "auto" else None
     tables, retrieval, data, examples = _data_stage(config, model, recipe_info, cwd, command,
-                                                    warnings, policy)
+                                                    warnings, policy, length=length)
+    data, order = _balance(config["data"], data, examples, config["schedule"]["seed"])
     template = _template_section(config["template"], model, data)
     adapter = _adapter_section(config["adapter"], model)
+    adapter = _head(config, adapter, data, model, need_train=need_train, warnings=warnings)
     objective = _objective_section(config, model, adapter, need_train=need_train)
     if need_train:
         _check_row_count(data, config["schedule"], warnings)
-    row_length = _row_length(config["runtime"], config["data"]["max_length"],
-                             units=objective.preference)
-    runtime = _runtime_section(config["runtime"], _devices(), model, config["schedule"],
-                               row_length, examples, segments=objective.preference)
+    row_length = _row_length(config["runtime"], data.max_length, units=objective.preference)
     lengths = examples.unit_lengths("train") if examples else np.zeros(0, dtype=np.int64)
-    schedule = _schedule_section(config["schedule"], runtime, lengths, row_length)
-    evaluation = _eval_section(config["eval"], data, objective)
+    if order is not None:           # data.balance=oversample: the epoch's examples, repeats counted
+        lengths = lengths[order]
+    sched = _rows_per_batch(config["schedule"], config["runtime"], model, lengths, row_length)
+    runtime = _runtime_section(config["runtime"], _devices(), model, sched,
+                               row_length, examples, segments=objective.preference, order=order)
+    schedule = _schedule_section(sched, runtime, lengths, row_length)
+    evaluation = _eval_section(config["eval"], data, objective, examples)
+    if command in TRAIN_COMMANDS + ("eval",):
+        warnings += _imbalance_warnings(data, evaluation)
     estimates_ = _estimates(model, adapter, schedule, runtime, data, evaluation, warnings,
                             need_train=need_train, objective=objective, examples=examples,
                             retrieval=retrieval is not None)
@@ -95,10 +104,11 @@ def compile_plan(cfg: dict, *, recipe_info: Recipe | None, command: str = "plan"
 # ------------------------------------------------------------------------------ data files
 
 def _data_stage(config: dict, model: ModelSection, recipe_info, cwd: Path, command: str,
-                warnings: list, policy: data_mod.TextPolicy):
+                warnings: list, policy: data_mod.TextPolicy, length=None):
     """Files read, cleaned, split (retrieval filled in) and tokenised: (tables, retrieval, data
     section, token data). Remembered by the files' content and the settings (compiler/datacache.py):
-    the same inputs again read no row."""
+    the same inputs again read no row. `length`: data.max_length=auto's LengthRule (None for a
+    given length)."""
     from compiler import datacache
 
     d = config["data"]
@@ -106,20 +116,21 @@ def _data_stage(config: dict, model: ModelSection, recipe_info, cwd: Path, comma
                                      required=command in TRAIN_COMMANDS, command=command, data=d),
              "data.test_path": _data_file("data.test_path", d["test_path"], recipe_info, cwd,
                                           required=command == "eval", command=command, data=d)}
-    key = datacache.key_of(config, model, command, files)
+    key = datacache.key_of(config, model, command, files, length=length)
     hit = datacache.load(key)
     if hit is not None:
         warnings += hit["warnings"]
         tables = _Tables(splits={"train": [], "val": [], "test": []}, train=hit["train"],
                          test=hit["test"])
-        data, examples, _ = _tokenise(config, tables, model, warnings, remembered=hit["stats"])
+        data, examples, _ = _tokenise(config, tables, model, warnings, remembered=hit["stats"],
+                                      length=length)
         return tables, None, data, examples
     before = len(warnings)
     tables = _read_tables(config, recipe_info, cwd, command, warnings, policy, files)
     tables, retrieval = _retrieve(config, tables, model, policy, recipe_info, cwd, warnings)
     label_warnings: list[str] = []
     data, examples, stats = _tokenise(config, tables, model, warnings,
-                                      label_warnings=label_warnings)
+                                      label_warnings=label_warnings, length=length)
     if retrieval is None:
         datacache.save(key, train=tables.train, test=tables.test, stats=stats,
                        warnings=warnings[before:])
@@ -332,12 +343,13 @@ def _retrieve(config: dict, tables: _Tables, model: ModelSection, policy: data_m
 # ------------------------------------------------------------------------------ examples
 
 def _tokenise(config: dict, tables: _Tables, model: ModelSection, warnings: list,
-              remembered: dict | None = None, label_warnings: list | None = None):
+              remembered: dict | None = None, label_warnings: list | None = None, length=None):
     """The data section (token cache built or reused), the token data (None without any), which
     the exact step count and the loss buffer are sized from, and the token data's stats.
     `remembered`: the stats of a remembered data stage (compiler/datacache.py; its warnings are
     already in `warnings`). `label_warnings`: where the label set's warnings go (default
-    `warnings`): they are not remembered, since they are derived again each time."""
+    `warnings`): they are not remembered, since they are derived again each time. `length`:
+    data.max_length=auto's LengthRule, the length then chosen from the rows (compiler/examples)."""
     from compiler.examples import build_examples
     from core.token_cache import load_examples
 
@@ -359,7 +371,8 @@ def _tokenise(config: dict, tables: _Tables, model: ModelSection, warnings: list
         stats = build_examples(
             tables.splits, template=t, tokenizer_dir=model.dir,
             chat_template=model.chat_template if t["chat"] else None, eos_token=model.eos_token,
-            bos_token=model.bos_token, max_length=d["max_length"], overlength=d["overlength"],
+            bos_token=model.bos_token, max_length=length or d["max_length"],
+            overlength=d["overlength"],
             truncate_fields=d["truncate_fields"], cache_dir=tune_home() / "cache" / "examples",
             preference=preference,
             key_material={"sha256": sha, "max_rows": d["max_rows"],
@@ -368,9 +381,11 @@ def _tokenise(config: dict, tables: _Tables, model: ModelSection, warnings: list
                           "dedupe": d["dedupe"], "tokenizer_hash": model.tokenizer_hash,
                           "text": [d["normalize"], d["whitespace"], d["control_tokens"]]})
         examples = load_examples(stats["cache"])
+        d = _resolved_length(d, stats, length)
         warnings += _pair_warnings(stats, d) if preference else _example_warnings(stats, d)
         warnings += _answer_cut_warnings(stats, d, tables.splits, preference is not None)
     lw = warnings if label_warnings is None else label_warnings
+    d = _resolved_length(d, stats, length)
     section = DataSection(
         format=d["format"], max_rows=d["max_rows"], val_fraction=d["val_fraction"],
         val_rows=d["val_rows"], max_length=d["max_length"], overlength=d["overlength"],
@@ -381,7 +396,7 @@ def _tokenise(config: dict, tables: _Tables, model: ModelSection, warnings: list
         truncated_fields=dict(stats["truncated_fields"]),
         dropped_too_long=stats["dropped_too_long"], no_supervised=stats["no_supervised"],
         answers_cut=stats["answers_cut"], supervised=dict(stats["supervised"]),
-        per_split=dict(stats["per_split"]),
+        per_split=dict(stats["per_split"]), length_choice=stats.get("length_choice"),
         n_labels=stats["n_labels"], turns_dropped=stats.get("turns_dropped", 0),
         normalize=d["normalize"], whitespace=d["whitespace"], control_tokens=d["control_tokens"],
         unit=2 if preference else 1,
@@ -389,6 +404,15 @@ def _tokenise(config: dict, tables: _Tables, model: ModelSection, warnings: list
         **(_label_set("generation", stats, [], lw) if preference else
            _label_set(d["task"], stats, examples.references if examples else [], lw)))
     return section, examples, stats
+
+
+def _resolved_length(d: dict, stats: dict, length) -> dict:
+    """data.* with max_length=auto replaced by the length chosen from the rows (with no rows to
+    measure: the schema's default, within the rule's cap)."""
+    if d["max_length"] != "auto":
+        return d
+    chosen = stats.get("max_length") or min(schema.BY_PATH["data.max_length"].default, length.cap)
+    return {**d, "max_length": int(chosen)}
 
 
 def _label_set(task: str, stats: dict, references: list[str], warnings: list) -> dict:
@@ -419,6 +443,70 @@ def _label_set(task: str, stats: dict, references: list[str], warnings: list) ->
             "labels": tuple(Label(a["text"], tuple(a["ids"]), a["count"]) for a in answers),
             "majority_baseline": sum(r == keys[0] for r in refs) / len(refs) if refs else None,
             "unseen_test_labels": tuple(unseen)}
+
+
+# ------------------------------------------------------------------------------ label balance
+
+def _check_balance(config: dict) -> None:
+    """data.balance balances a classification task's labels: refused, before any data is read,
+    where the config itself rules a label set out (the data's own answers are checked in
+    _balance)."""
+    b, kind, task = config["data"]["balance"], config["objective"]["kind"], config["data"]["task"]
+    if b == "none":
+        return
+    if kind != "sft":
+        raise PlanError("data.balance", f"`{b}` balances the labels of a classification task, but "
+                        f"objective.kind={kind} trains on preference data, which has no labels.",
+                        hint="set data.balance=none" + (
+                            "; objective.desirable_weight and objective.undesirable_weight weigh "
+                            "KTO's two kinds of rows." if kind == "kto" else "."))
+    if task == "generation":
+        raise PlanError("data.balance", f"`{b}` balances the labels of a classification task, but "
+                        "data.task=generation has no label set.",
+                        hint="set data.task=classification (or auto) if the answers are labels, "
+                             "or data.balance=none.")
+
+
+def _balance(d: dict, data: DataSection, examples, seed: int
+             ) -> tuple[DataSection, np.ndarray | None]:
+    """data.balance resolved (core/balance.py): (the data section with the balanced counts or the
+    class weights, the training examples an epoch holds under oversample — indices into the
+    training split, repeats included — else None)."""
+    from core import balance
+
+    b, factor = d["balance"], float(d["balance_max_factor"])
+    if b == "none" or not data.sizes.get("train"):
+        return data, None           # nothing to train on (`tune eval` of a base model): no balance
+    if data.task != "classification":
+        raise PlanError("data.balance", f"`{b}` balances the labels of a classification task, but "
+                        f"the training answers are open-ended ({data.n_labels:,} distinct), not a "
+                        "label set.", hint="set data.task=classification if the answers are "
+                        "labels, or data.balance=none.")
+    counts = [x.count for x in data.labels]
+    data = replace(data, balance=b, balance_max_factor=factor)
+    if b == "weighted":
+        return replace(data, class_weights=balance.class_weights(counts)), None
+    order = balance.oversample(examples.classes("train"), len(counts), factor, seed)
+    return replace(data, balanced_counts=tuple(balance.oversampled_counts(counts, factor))), order
+
+
+def _imbalance_warnings(data: DataSection, ev: EvalSection) -> list[str]:
+    """Accuracy on imbalanced labels mostly rewards answering the largest class: said once, with
+    what would train and score the classes more evenly."""
+    from core.balance import is_imbalanced
+
+    counts = [x.count for x in data.labels]
+    if data.task != "classification" or ev.metric != "accuracy" or not is_imbalanced(counts):
+        return []
+    top, low, total = data.labels[0], data.labels[-1], sum(counts)
+    baseline = (f" (always answering it scores {data.majority_baseline:.3f} on the test rows)"
+                if data.majority_baseline is not None else "")
+    fix = ("data.balance=oversample (or weighted) trains on the classes more evenly, and "
+           if data.balance == "none" else "")
+    return [f"the training labels are imbalanced: `{top.text}` is {top.count / total:.0%} of the "
+            f"{total:,} training examples and the smallest class, `{low.text}`, has {low.count:,}; "
+            f"eval.metric=accuracy mostly rewards answering `{top.text}`{baseline}. {fix}"
+            "eval.metric=macro_f1 scores every class alike."]
 
 
 def _answer_cut_warnings(stats: dict, d: dict, splits: dict, pairs: bool) -> list[str]:
@@ -498,10 +586,13 @@ def _template_section(t: dict, model: ModelSection, data: DataSection) -> Templa
                            examples=tuple(examples), messages=t["messages"])
 
 
-def _eval_section(ev: dict, data: DataSection, objective: ObjectiveSection) -> EvalSection:
+def _eval_section(ev: dict, data: DataSection, objective: ObjectiveSection,
+                  examples=None) -> EvalSection:
     """eval.mode resolved: auto is constrained decoding for classification, else free generation;
     constrained and choices need the closed label set of a classification task. A preference
-    objective scores held-out pairs (mode and metric preference / preference_accuracy)."""
+    objective scores held-out pairs (mode and metric preference / preference_accuracy).
+    eval.max_new_tokens=auto resolved from the answers of the token data (`examples`)."""
+    ev = {**ev, **_max_new_tokens(ev["max_new_tokens"], data, examples)}
     if objective.preference:
         return EvalSection(**{**ev, "mode": "preference", "metric": "preference_accuracy"})
     mode = ev["mode"]
@@ -513,6 +604,38 @@ def _eval_section(ev: dict, data: DataSection, objective: ObjectiveSection) -> E
                         hint="use eval.mode=generate, or data.task=classification if the answers "
                              "are labels.")
     return EvalSection(**{**ev, "mode": mode})
+
+
+NEW_TOKENS_MULTIPLE = 8         # eval.max_new_tokens=auto: the longest answer rounded up to this,
+NEW_TOKENS_CAP = 1024           # at most this (and data.max_length)
+CLASSIFY_NEW_TOKENS = 16        # ... for a label set: free decoding beside the constrained one
+
+
+def _max_new_tokens(value, data: DataSection, examples) -> dict:
+    """eval.max_new_tokens (and what auto chose, and why, for the plan). auto: for a label set,
+    CLASSIFY_NEW_TOKENS (constrained decoding follows the labels' own tokens; this bounds the free
+    decoding shown beside it); for generation, the longest training answer in tokens, end token
+    included (the longest test answer when nothing is trained on), rounded up to a multiple of
+    NEW_TOKENS_MULTIPLE, at most NEW_TOKENS_CAP and data.max_length."""
+    if value != "auto":
+        return {"max_new_tokens": value, "max_new_tokens_choice": None}
+    if data.task == "classification":
+        return {"max_new_tokens": CLASSIFY_NEW_TOKENS, "max_new_tokens_choice":
+                f"eval.max_new_tokens auto → {CLASSIFY_NEW_TOKENS} (classification: constrained "
+                "decoding follows the labels' tokens; this bounds the free decoding beside it)"}
+    longest = (examples.stats.get("longest_answer") or {}) if examples is not None else {}
+    split = "train" if longest.get("train") else "test"
+    tokens = int(longest.get(split) or 0)
+    top = min(NEW_TOKENS_CAP, data.max_length)
+    n = min(top, -(-tokens // NEW_TOKENS_MULTIPLE) * NEW_TOKENS_MULTIPLE) if tokens else top
+    what = (f"the longest {'training' if split == 'train' else 'test'} answer: {tokens} tokens "
+            f"with its end token, rounded up to a multiple of {NEW_TOKENS_MULTIPLE}" if tokens else
+            "no answer to measure")
+    if not tokens or n < -(-tokens // NEW_TOKENS_MULTIPLE) * NEW_TOKENS_MULTIPLE:
+        what += (f"; at most {NEW_TOKENS_CAP}" if top == NEW_TOKENS_CAP else
+                 f"; at most data.max_length={data.max_length}")
+    return {"max_new_tokens": n,
+            "max_new_tokens_choice": f"eval.max_new_tokens auto → {n} ({what})"}
 
 
 def _check_row_count(data: DataSection, s: dict, warnings: list) -> None:
@@ -550,7 +673,7 @@ def _objective_section(config: dict, model: ModelSection, adapter: AdapterSectio
                             init_run=run, init_sha256=sha)
 
 
-ADAPTER_SHAPE = ("kind", "rank", "alpha", "targets", "rslora", "train_modules", "quantize")
+ADAPTER_SHAPE = ("kind", "rank", "alpha", "targets", "rslora", "train_modules", "quantize", "head")
 
 
 def _init_run(value: str, model: ModelSection, adapter: AdapterSection, *, need_train: bool
@@ -667,6 +790,64 @@ def _train_modules(names: list[str], targets: list[str], model: ModelSection) ->
     return list(names)
 
 
+_HEAD_HINT = "set adapter.head=none to train the answer as text (decoded within the label set)."
+
+
+def _check_head(config: dict) -> None:
+    """adapter.head=classifier trains a layer over a classification task's labels with the sft
+    objective: refused, before any data is read, where the config itself rules that out (the
+    data's own answers are checked in _head)."""
+    a, kind = config["adapter"], config["objective"]["kind"]
+    if a["head"] == "none":
+        return
+    if kind != "sft":
+        raise PlanError("adapter.head", f"`{a['head']}` learns a label per example by "
+                        f"cross-entropy, but objective.kind={kind} trains on preference data, "
+                        "which has no labels.", hint=_HEAD_HINT + " Or use objective=sft.")
+    if a["kind"] == "full":
+        raise PlanError("adapter.head", f"`{a['head']}` is trained beside a LoRA adapter and "
+                        "exported with it; adapter.kind=full writes a whole causal language model, "
+                        "which has no place for it.", hint="use adapter.kind=lora (or dora), or "
+                                                          "adapter.head=none.")
+    if config["template"]["messages"] is not None:
+        raise PlanError("adapter.head", f"`{a['head']}` reads one prompt and one label per row; "
+                        "template.messages trains multi-turn conversations.",
+                        hint=_HEAD_HINT + " Or use template.prompt and template.response.")
+    if config["data"]["task"] == "generation":
+        raise PlanError("adapter.head", f"`{a['head']}` needs a classification task (a closed "
+                        "label set), but data.task=generation.",
+                        hint=_HEAD_HINT + " Or set data.task=classification (or auto) if the "
+                             "answers are labels.")
+
+
+def _head(config: dict, adapter: AdapterSection, data: DataSection, model: ModelSection, *,
+          need_train: bool, warnings: list) -> AdapterSection:
+    """adapter.head resolved: classifier is a [labels, hidden] layer over data.labels (in their
+    order), counted in the trainable parameters, with its learning rate (adapter.head_lr, else
+    schedule.lr). Without training rows outside training (`tune eval` of the base model) there is
+    no label set to size it by: it has no rows then (a run's adapter carries its own head)."""
+    a = config["adapter"]
+    if a["head"] == "none":
+        if a["head_lr"] is not None:
+            warnings.append(f"adapter.head_lr={a['head_lr']:g} is set, but adapter.head=none: "
+                            "there is no head for it to train.")
+        return adapter
+    if data.task != "classification" and (need_train or data.sizes.get("train")):
+        raise PlanError("adapter.head", f"`{a['head']}` needs a classification task (a closed "
+                        f"label set), but the training answers are open-ended ({data.n_labels:,} "
+                        "distinct), so data.task=auto resolved to generation.",
+                        hint=_HEAD_HINT + " Or set data.task=classification if the answers are "
+                             "labels.", file=data.train.file if data.train else None)
+    n = len(data.labels)
+    params = n * model.config.hidden_size
+    trainable = adapter.trainable_params + params
+    return replace(adapter, head=a["head"], head_labels=n, head_params=params,
+                   head_lr=float(a["head_lr"] if a["head_lr"] is not None
+                                 else config["schedule"]["lr"]),
+                   trainable_params=trainable,
+                   share=trainable / model.params if model.params else 0.0)
+
+
 # ------------------------------------------------------------------------------ runtime
 
 def _devices() -> Devices:
@@ -675,6 +856,55 @@ def _devices() -> Devices:
                    count=int(found.get("count") or 1), memory=found.get("memory"),
                    peak_flops=found.get("peak_flops"), cores=found.get("cores"),
                    processes=processes()[0])
+
+
+def _length_rule(config: dict, model: ModelSection):
+    """What data.max_length=auto may choose (compiler/examples.LengthRule): multiples of 64 (of
+    pallas attention's block with runtime.attention=pallas), at most the model's context,
+    runtime.row_length when it is set (a row holds an example; a preference pair's two sides), and
+    the longest length whose training step the memory estimate keeps within MEMORY_WARN of a
+    device's memory."""
+    from compiler.examples import AUTO_MULTIPLE, LengthRule
+
+    rt, units = config["runtime"], config["objective"]["kind"] != "sft"
+    multiple = PALLAS_BLOCK if rt["attention"] == "pallas" else AUTO_MULTIPLE
+    rule = LengthRule(cap=int(model.config.max_position_embeddings),
+                      capped_by="max_position_embeddings", multiple=multiple)
+    if rt["row_length"] is not None:
+        row_cap = rt["row_length"] // (2 if units else 1)
+        return replace(rule, cap=row_cap, capped_by="runtime.row_length") \
+            if row_cap < rule.cap else rule
+    return _memory_cap(config, model, rule, units=units)
+
+
+def _memory_cap(config: dict, model: ModelSection, rule, *, units: bool):
+    """`rule` with its cap lowered to the longest multiple of its grid whose training step (rows of
+    it, or twice it for preference pairs) the memory estimate keeps within MEMORY_WARN of a
+    device's memory (the shortest when none does: the memory check then says so)."""
+    devices = _devices()
+    if not devices.memory or rule.cap < rule.multiple:
+        return rule
+    s, m = config["schedule"], rule.multiple
+    adapter = _adapter_section(config["adapter"], model)
+    reference = config["objective"]["kind"] in WITH_REFERENCE
+
+    def need(length: int) -> int:
+        row = 2 * length if units else length
+        rt = _runtime_section(config["runtime"], devices, model, s, row, None, segments=units)
+        return _memory(model, adapter, rt, s["batch_size"], row, reference=reference)["total"]
+
+    budget = MEMORY_WARN * devices.memory
+    lo, hi = 1, rule.cap // m                      # in multiples of the grid
+    if need(hi * m) <= budget:
+        return rule
+    while lo < hi:                                 # the largest that fits (memory grows with it)
+        mid = (lo + hi + 1) // 2
+        lo, hi = (mid, hi) if need(mid * m) <= budget else (lo, mid - 1)
+    above = (lo + 1) * m
+    return replace(rule, cap=lo * m, capped_by="memory",
+                   cap_note=f"rows of {above} tokens would need about {_gib(need(above))} a "
+                            f"device, over {MEMORY_WARN:.0%} of {devices.kind}'s "
+                            f"{_gib(devices.memory)}")
 
 
 def _row_length(rt: dict, max_length: int, *, units: bool = False) -> int:
@@ -702,9 +932,10 @@ def _row_length(rt: dict, max_length: int, *, units: bool = False) -> int:
 
 
 def _runtime_section(rt: dict, devices: Devices, model: ModelSection, s: dict, row_length: int,
-                     examples, *, segments: bool = False) -> RuntimeSection:
+                     examples, *, segments: bool = False, order=None) -> RuntimeSection:
     """segments: every row holds several examples even unpacked (preference pairs), so attention
-    always keeps them apart by their segment ids."""
+    always keeps them apart by their segment ids. order: the training examples an epoch holds
+    (data.balance=oversample; None: each once)."""
     dtype = _dtype(rt["dtype"], devices)
     mesh = _mesh(rt["mesh"], devices, model, s["batch_size"])
     return RuntimeSection(
@@ -714,7 +945,7 @@ def _runtime_section(rt: dict, devices: Devices, model: ModelSection, s: dict, r
         attention=_attention(rt["attention"], devices, dtype, rt["pack"] or segments,
                              row_length=row_length, model=model, mesh=mesh),
         attention_block=rt["attention_block"],
-        loss_tokens=_loss_tokens(examples, s["batch_size"], row_length, rt["pack"]),
+        loss_tokens=_loss_tokens(examples, s["batch_size"], row_length, rt["pack"], order),
         log_every=rt["log_every"], checkpoint_every=rt["checkpoint_every"],
         progress_every=float(rt["progress_every"]))
 
@@ -743,14 +974,17 @@ def _tracking_section(t: dict, recipe_info: Recipe | None) -> TrackingSection | 
                            wandb_project=t["wandb_project"], wandb_entity=t["wandb_entity"])
 
 
-def _loss_tokens(examples, batch_size: int, row_length: int, pack: bool) -> int:
-    """Supervised positions one micro-batch (training or validation) can hold at most."""
+def _loss_tokens(examples, batch_size: int, row_length: int, pack: bool, order=None) -> int:
+    """Supervised positions one micro-batch (training or validation) can hold at most. order: the
+    training examples an epoch holds (an oversampled example may share a micro-batch with its
+    copies, so the bound counts every copy)."""
     if examples is None:
         return batch_size * row_length
     lengths, supervised = [], []
     for split in ("train", "val"):
-        lengths.append(examples.unit_lengths(split))
-        supervised.append(examples.unit_supervised(split))
+        pick = order if split == "train" and order is not None else slice(None)
+        lengths.append(examples.unit_lengths(split)[pick])
+        supervised.append(examples.unit_supervised(split)[pick])
     return packing.supervised_capacity(np.concatenate(lengths), np.concatenate(supervised),
                                        row_length, batch_size, pack=pack)
 
@@ -851,6 +1085,21 @@ def _axes(axes: dict) -> str:
 
 # ------------------------------------------------------------------------------ schedule
 
+def _rows_per_batch(s: dict, rt: dict, model: ModelSection, lengths: np.ndarray,
+                    row_length: int) -> dict:
+    """The schedule the runtime follows: as configured, or with schedule.batch_unit=examples and
+    packed rows, batch_size in rows — the rows that hold about batch_size training examples (the
+    epoch's examples per packed row), at least one and a multiple of the mesh's data × fsdp
+    devices — so that a step sees about as many examples as unpacked rows would give it."""
+    if s["batch_unit"] != "examples" or not rt["pack"] or not len(lengths):
+        return s
+    per_row = len(lengths) / max(packing.count_rows(lengths, row_length, pack=True), 1)
+    mesh = _mesh(rt["mesh"], _devices(), model, 0)
+    shards = mesh.data * mesh.fsdp
+    rows = max(1, round(s["batch_size"] / per_row))
+    return {**s, "batch_size": -(-rows // shards) * shards, "batch_examples": s["batch_size"]}
+
+
 def _schedule_section(s: dict, rt: RuntimeSection, lengths: np.ndarray, row_length: int
                       ) -> ScheduleSection:
     global_batch = s["batch_size"] * s["grad_accum"]
@@ -864,7 +1113,8 @@ def _schedule_section(s: dict, rt: RuntimeSection, lengths: np.ndarray, row_leng
         packed = {"row_fill": round(packing.row_fill(lengths, row_length, rows), 4),
                   "examples_per_step": round(global_batch * len(lengths) / rows, 2),
                   "unpacked_total_steps": estimates.schedule_steps(
-                      lengths.tolist(), pack=False, **counts)["total_steps"]}
+                      lengths.tolist(), pack=False, **{**counts, "batch_size": s.get(
+                          "batch_examples") or s["batch_size"]})["total_steps"]}
     return ScheduleSection(**s, seq_len=row_length, global_batch=global_batch, **steps,
                            tokens_per_step=global_batch * row_length, **packed)
 
@@ -884,10 +1134,10 @@ def _schedule_warnings(s: ScheduleSection, est: Estimates) -> list[str]:
 
 # ------------------------------------------------------------------------------ estimates
 
-def _estimates(model: ModelSection, adapter: AdapterSection, schedule: ScheduleSection,
-               rt: RuntimeSection, data: DataSection, ev: EvalSection, warnings: list, *,
-               need_train: bool, objective: ObjectiveSection, examples=None,
-               retrieval: bool = False) -> Estimates:
+def _memory(model: ModelSection, adapter: AdapterSection, rt: RuntimeSection, batch_size: int,
+            seq_len: int, *, reference: bool) -> dict:
+    """Bytes per device a training step of `batch_size` rows of `seq_len` tokens needs, by part
+    (compiler/estimates.memory_per_device), with a reference model's copy when there is one."""
     c, mesh = model.config, rt.mesh
     memory = estimates.memory_per_device(
         params=model.params, trainable=adapter.trainable_params, layers=c.num_layers,
@@ -896,11 +1146,28 @@ def _estimates(model: ModelSection, adapter: AdapterSection, schedule: ScheduleS
         linear=c.num_layers * sum(i * o for i, o in model.linear_shapes.values()),
         hidden=c.hidden_size, intermediate=c.intermediate_size, heads=c.num_heads,
         kv_heads=c.num_kv_heads, head_dim=c.head_dim, vocab=c.vocab_size,
-        batch=schedule.batch_size, seq_len=schedule.seq_len, param_bytes=DTYPE_BYTES[rt.param_dtype],
+        batch=batch_size, seq_len=seq_len, param_bytes=DTYPE_BYTES[rt.param_dtype],
         compute_bytes=DTYPE_BYTES[rt.dtype], remat=rt.remat, ce_chunk=rt.ce_chunk,
         devices=mesh.data * mesh.fsdp * mesh.tensor, fsdp=mesh.fsdp, tensor=mesh.tensor,
         loss_tokens=rt.loss_tokens, attention_scores=rt.attention == "xla",
         attention_block=rt.attention_block)
+    if reference:
+        # the reference is a copy of the trained state as training starts (the frozen weights
+        # serve both): LoRA's factors in float32, or a whole model's weights under adapter.kind=full
+        full = sum(adapter.full_params.values())
+        memory["reference"] = (adapter.trainable_params - full) * 4 + \
+            full * DTYPE_BYTES[rt.param_dtype]
+        memory["total"] += memory["reference"]
+    return memory
+
+
+def _estimates(model: ModelSection, adapter: AdapterSection, schedule: ScheduleSection,
+               rt: RuntimeSection, data: DataSection, ev: EvalSection, warnings: list, *,
+               need_train: bool, objective: ObjectiveSection, examples=None,
+               retrieval: bool = False) -> Estimates:
+    c = model.config
+    memory = _memory(model, adapter, rt, schedule.batch_size, schedule.seq_len,
+                     reference=objective.reference != "none")
     head = c.vocab_size * c.hidden_size
     cost = dict(params=model.params, tokens_per_step=schedule.tokens_per_step,
                 device=rt.devices.__dict__, trainable=adapter.trainable_params,
@@ -914,15 +1181,8 @@ def _estimates(model: ModelSection, adapter: AdapterSection, schedule: ScheduleS
     step = estimates.step_time(**cost)
     # validation and evaluation run the forward pass alone: over batches of the step's shape
     forward = estimates.step_time(**cost, forward_only=True)
-    if objective.reference != "none":
-        # the reference is a copy of the trained state as training starts (the frozen weights
-        # serve both): LoRA's factors in float32, or a whole model's weights under adapter.kind=full
-        full = sum(adapter.full_params.values())
-        memory["reference"] = (adapter.trainable_params - full) * 4 + \
-            full * DTYPE_BYTES[rt.param_dtype]
-        memory["total"] += memory["reference"]
-        if step is not None:
-            step *= REFERENCE_COST  # the reference model's forward pass in every step
+    if objective.reference != "none" and step is not None:
+        step *= REFERENCE_COST      # the reference model's forward pass in every step
     share = None
     available, need = rt.devices.memory, memory["total"]
     if need_train and available:

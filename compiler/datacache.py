@@ -25,9 +25,11 @@ def cache_dir() -> Path:
     return tune_home() / "cache" / "data"
 
 
-def key_of(config: dict, model, command: str, files: dict) -> str | None:
+def key_of(config: dict, model, command: str, files: dict, length=None) -> str | None:
     """The key of a data stage, or None when it is not remembered (retrieval). `files`: config key
-    → the resolved data file (a Path), files (a list) or None."""
+    → the resolved data file (a Path), files (a list) or None. `length`: data.max_length=auto's
+    rule (compiler/examples.LengthRule), whose cap comes from the model and the memory estimate,
+    not from the config."""
     if config["retrieval"]["corpus"] is not None:
         return None
     from compiler.examples import CACHE_VERSION
@@ -43,7 +45,7 @@ def key_of(config: dict, model, command: str, files: dict) -> str | None:
         "data": config["data"], "template": config["template"], "objective": config["objective"],
         "seed": config["schedule"]["seed"],
         "model": [model.tokenizer_hash, model.chat_template, model.eos_token, model.bos_token],
-        "files": identities,
+        "files": identities, "length": None if length is None else repr(length),
     }, sort_keys=True, default=str).encode())
     return h.hexdigest()[:32]
 

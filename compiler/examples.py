@@ -25,9 +25,17 @@ reply of a pair. The rows are named through compiler/data.origin, which every ro
 file carries.
 Examples with no supervised token are dropped and counted (no_supervised).
 
+data.max_length=auto (a LengthRule): the training rows are tokenised once without any cap, their
+p99 of tokens as written is rounded up to a multiple of 64 (at least 64, at most the cap the
+compiler sets: the model's context, runtime.row_length or the memory estimate), and the rows are
+then tokenised at that length exactly as if it had been given — the same cache, the same
+over-length policy. The measured lengths are remembered beside the cache (`<key>.lengths.npy`).
+
 Cache: `<cache_dir>/<key>.npz` — per split (train, val, test) `{split}_ids` (int32, all examples'
 ids end to end), `{split}_offsets` (int64, where each example starts; one more than examples) and
-`{split}_prompt_lens` (int32) — plus `<key>.json` (stats, test references, labels). The key hashes
+`{split}_prompt_lens` (int32), and for a training split whose answers form a label set
+`train_class` (int32: each example's label, its index in the label set, most frequent first) —
+plus `<key>.json` (stats, test references, labels). The key hashes
 everything the tokens depend on, including the rows themselves, so a second compile of the same
 inputs loads the cache without tokenising. A process reads a cache at most once (load_examples).
 """
@@ -37,7 +45,7 @@ import hashlib
 import json
 import time
 from collections import Counter
-
+from dataclasses import dataclass
 from itertools import chain
 from pathlib import Path
 
@@ -46,7 +54,7 @@ import numpy as np
 from compiler.data import origin
 from core.errors import PlanError, did_you_mean
 from core.files import sha256_file, write_atomic
-from core.labels import answer_set
+from core.labels import answer_set, normalise
 from core.processes import note
 from core.token_cache import remember, to_examples
 from core.templates import CLOSE, OPEN, mark_example, placeholders, render, to_prompt_completion
@@ -54,7 +62,7 @@ from core.tokenizer import (TOKENIZER_FILE, encode_texts, escape_controls, load_
                                 special_prefix_ids, special_token, unescape)
 from core.tokenizer import encode_unique as _encode_unique
 
-CACHE_VERSION = 7
+CACHE_VERSION = 9
 # test_plain: the test rows without retrieved passages (compiler/retrieval.py), scored beside them
 SPLITS = ("train", "val", "test", "test_plain")
 COUNTS = ("truncated", "dropped_too_long", "no_supervised", "answers_cut")
@@ -74,7 +82,14 @@ def build_examples(splits: dict[str, list[dict]], *, template: dict, tokenizer_d
     """Tokenise the rows of each split (train, val, test; missing = empty) and write the cache, or
     load it when the same inputs were built before. Returns the data stats for the plan, with the
     cache's path (`cache`) and content key (`key`); `load_examples(stats["cache"])` then costs no
-    second read in this process."""
+    second read in this process. `max_length` may be a LengthRule (data.max_length=auto): the
+    length is then chosen from the rows' tokens (_auto_length) and said in `length_choice`."""
+    if isinstance(max_length, LengthRule):
+        return _auto_length(splits, max_length, dict(
+            template=template, tokenizer_dir=tokenizer_dir, chat_template=chat_template,
+            eos_token=eos_token, overlength=overlength, cache_dir=cache_dir,
+            key_material=key_material, bos_token=bos_token, truncate_fields=truncate_fields,
+            preference=preference))
     max_length, tokenizer_path = _checked(overlength, max_length, tokenizer_dir)
     chat = bool(template.get("chat"))
     if bos_token is None:
@@ -107,18 +122,8 @@ def build_examples(splits: dict[str, list[dict]], *, template: dict, tokenizer_d
     started = time.perf_counter()
     if rows >= LARGE_SPLITS:
         note(f"tokenising {rows:,} rows (once: the token cache keeps them) ...")
-    if preference is not None:
-        from compiler.preference import tokenise_splits
-
-        out = tokenise_splits(splits, tmpl, tokenizer, prompt_field=preference["prompt_field"],
-                              seed=preference["seed"], max_length=max_length,
-                              overlength=overlength, chat=chat, **chat_args)
-    elif conversation:
-        out = _conversation_splits(splits, tmpl, tokenizer, max_length=max_length,
-                                   overlength=overlength, **chat_args)
-    else:
-        out = _single_turn_splits(splits, tmpl, tokenizer, cut, max_length=max_length,
-                                  overlength=overlength, chat=chat, **chat_args)
+    out = _tokenised(splits, tmpl, tokenizer, cut, max_length=max_length, overlength=overlength,
+                     **chat_args)
     cuts = _answer_cuts(splits, out)
     if cuts and overlength == "truncate":
         raise _refuse_cut_answers(cuts, max_length, "pairs" if preference is not None else
@@ -135,6 +140,8 @@ def build_examples(splits: dict[str, list[dict]], *, template: dict, tokenizer_d
     stats["answers_cut_in_rows"] = len(cuts)          # a KTO pair's two rows are one here
     stats["longest_cut_answer"] = max((n for *_, n in cuts), default=0)
     labels = stats.pop("_labels")
+    if preference is None and stats["answers"]:       # what data.balance counts and weighs
+        arrays["train_class"] = _classes(out["train"]["responses"], stats["answers"])
     if preference is not None:      # pairs: no label set; sizes count units (pairs, KTO rows)
         from compiler.preference import pair_stats
 
@@ -152,6 +159,16 @@ def build_examples(splits: dict[str, list[dict]], *, template: dict, tokenizer_d
     return {"cache": str(npz_path), "key": key, **stats}
 
 
+def _classes(responses: list[str], answers: list[dict]) -> np.ndarray:
+    """Each training example's label: its index in the label set (answer_set's order, which is
+    the plan's data.labels order)."""
+    index = {a["key"]: i for i, a in enumerate(answers)}
+    memo: dict[str, int] = {}
+    return np.fromiter((memo[r] if r in memo else memo.setdefault(
+        r, index[normalise(r, classification=True)]) for r in responses), dtype=np.int32,
+        count=len(responses))
+
+
 def _checked(overlength: str, max_length, tokenizer_dir) -> tuple[int, Path]:
     if overlength not in POLICIES:
         raise PlanError("data.overlength", f"unknown policy `{overlength}`.",
@@ -165,6 +182,149 @@ def _checked(overlength: str, max_length, tokenizer_dir) -> tuple[int, Path]:
     if not tokenizer_path.is_file():
         raise PlanError("model.path", f"{tokenizer_dir} has no tokenizer.json.")
     return max_length, tokenizer_path
+
+
+def _tokenised(splits, tmpl, tokenizer, cut, *, max_length: int, overlength: str, **chat_args
+               ) -> dict[str, dict]:
+    """Each split tokenised by its kind of rows: preference pairs (compiler/preference.py),
+    conversations or single turns."""
+    chat = bool(tmpl.get("chat"))
+    preference = tmpl.get("preference")
+    if preference is not None:
+        from compiler.preference import tokenise_splits
+
+        return tokenise_splits(splits, tmpl, tokenizer, prompt_field=preference["prompt_field"],
+                               seed=preference["seed"], max_length=max_length,
+                               overlength=overlength, chat=chat, **chat_args)
+    if tmpl["messages"] is not None:
+        return _conversation_splits(splits, tmpl, tokenizer, max_length=max_length,
+                                    overlength=overlength, **chat_args)
+    return _single_turn_splits(splits, tmpl, tokenizer, cut, max_length=max_length,
+                               overlength=overlength, chat=chat, **chat_args)
+
+
+# ------------------------------------------------------------------------------ max_length=auto
+
+AUTO_PERCENTILE = 99    # data.max_length=auto: the share of training examples that fit whole
+AUTO_MULTIPLE = 64      # ... rounded up to a multiple of this (PALLAS_BLOCK for pallas attention)
+AUTO_FLOOR = 64         # ... and never below this
+
+
+@dataclass(frozen=True)
+class LengthRule:
+    """How data.max_length=auto picks the length: the AUTO_PERCENTILE-th percentile of the training
+    examples' tokens as written (prompt + answer, before any cut), rounded up to `multiple`, at
+    least AUTO_FLOOR, at most `cap` (what sets it: `capped_by`). The compiler decides the cap (the
+    model's context, runtime.row_length, the memory estimate); the data decides the rest."""
+    cap: int
+    capped_by: str          # max_position_embeddings | runtime.row_length | memory
+    multiple: int = AUTO_MULTIPLE
+    cap_note: str = ""      # why the cap is what it is, for the plan (memory: what would not fit)
+
+
+def choose_length(lengths: np.ndarray, rule: LengthRule, *, at_least: int = 0) -> dict:
+    """The length `rule` picks for examples of these token counts (`at_least`: the fewest tokens
+    it may have): {"length", "tokens" (the percentile), "rows", "over" (rows longer than the
+    length), "wanted" (the rounded length before the cap), "capped_by" (None when the cap did not
+    bind), ...}."""
+    lengths = np.asarray(lengths, dtype=np.int64)
+    tokens = int(np.percentile(lengths, AUTO_PERCENTILE, method="higher")) if len(lengths) else 0
+    m = rule.multiple
+    wanted = max(AUTO_FLOOR, -(-max(tokens, at_least) // m) * m)
+    top = rule.cap // m * m if rule.cap >= m else rule.cap      # the cap, on the grid if it can be
+    length = min(wanted, top)
+    return {"percentile": AUTO_PERCENTILE, "tokens": tokens, "length": length, "wanted": wanted,
+            "rows": int(len(lengths)), "over": int((lengths > length).sum()),
+            "multiple": m, "cap": rule.cap, "capped_by": rule.capped_by if wanted > top else None,
+            "cap_note": rule.cap_note if wanted > top else "", "longest_answer": None}
+
+
+def length_text(choice: dict, overlength: str) -> str:
+    """What the plan says of data.max_length=auto's choice."""
+    n, rows, over = choice["length"], choice["rows"], choice["over"]
+    share = f"{over / rows:.1%}" if rows else "0%"
+    text = (f"max_length auto → {n} (p{choice['percentile']} of prompt + answer tokens: "
+            f"{choice['tokens']}; {over} of {rows} rows ({share}) would be cut at {n}, by "
+            f"data.overlength={overlength}")
+    if choice.get("longest_answer"):
+        text += (f"; raised to keep the longest answer ({choice['longest_answer']} tokens) whole: "
+                 "data.overlength=truncate never cuts an answer")
+    if choice.get("capped_by"):
+        text += (f"; {choice['wanted']} wanted, capped at {n} by "
+                 f"{_cap_words(choice['capped_by'], choice['cap'])}")
+        if choice.get("cap_note"):
+            text += f" ({choice['cap_note']})"
+    return text + ")"
+
+
+def _cap_words(capped_by: str, cap: int) -> str:
+    return {"max_position_embeddings": f"the model's context (max_position_embeddings={cap})",
+            "runtime.row_length": f"runtime.row_length={cap}",
+            "memory": "the memory estimate"}.get(capped_by, capped_by)
+
+
+def _auto_length(splits: dict, rule: LengthRule, settings: dict) -> dict:
+    """build_examples for data.max_length=auto: the length chosen from the rows' tokens as written
+    (measured once, and remembered), then the rows tokenised at it as for that length given — the
+    same token cache. With data.overlength=truncate, which never cuts an answer, the length is
+    raised (within the cap) to keep the longest answer whole instead of refusing it."""
+    lengths = _measured_lengths(splits, **settings)
+    choice = choose_length(lengths, rule)
+    try:
+        stats = build_examples(splits, max_length=choice["length"], **settings)
+    except AnswersCut as e:
+        wanted = choose_length(lengths, rule, at_least=e.longest + 1)
+        if wanted["length"] <= e.longest:           # the cap leaves it no room
+            raise PlanError(e.key, f"{e.message} data.max_length=auto chose "
+                            f"{choice['length']} and may choose at most {rule.cap}, set by "
+                            f"{_cap_words(rule.capped_by, rule.cap)}.",
+                            hint=e.hint, file=e.file, line=e.line) from None
+        choice = {**wanted, "longest_answer": e.longest}
+        stats = build_examples(splits, max_length=choice["length"], **settings)
+    choice["text"] = length_text(choice, settings["overlength"])
+    return {**stats, "length_choice": choice}
+
+
+def _measured_lengths(splits: dict, *, template: dict, tokenizer_dir: str, chat_template,
+                      eos_token: str, cache_dir: Path, key_material: dict, bos_token=None,
+                      preference: dict | None = None, **_) -> np.ndarray:
+    """Tokens per training row as written (prompt + answer, before any cut; a preference pair's
+    longer side), or per row of every split when there is no training row; remembered in
+    `<cache_dir>/<key>.lengths.npy`, keyed as the token cache is."""
+    chat = bool(template.get("chat"))
+    if bos_token is None:
+        bos_token = special_token(tokenizer_dir, "bos_token")
+    measured = "train" if splits.get("train") else None
+    rows = {name: list(splits.get(name) or []) if measured in (None, name) else []
+            for name in SPLITS if name != "test_plain"}
+    rows["test_plain"] = []
+    tmpl = {k: template.get(k) for k in ("prompt", "response", "system", "chat", "messages")}
+    if preference is not None:
+        tmpl["preference"] = dict(preference)
+    _, tokenizer_path = _checked("drop", 2, tokenizer_dir)
+    key = _cache_key(rows, tmpl=tmpl, chat_template=chat_template if chat else None,
+                     tokenizer_hash=sha256_file(tokenizer_path), eos_token=eos_token,
+                     bos_token=bos_token, max_length="auto", overlength="as written",
+                     key_material=key_material)
+    path = Path(cache_dir).expanduser().resolve() / f"{key}.lengths.npy"
+    try:
+        return np.load(path, allow_pickle=False)
+    except (OSError, ValueError):
+        pass                        # not measured yet, or unreadable: measured again
+    n = sum(len(v) for v in rows.values())
+    if n >= LARGE_SPLITS:
+        note(f"measuring {n:,} rows' tokens (data.max_length=auto; once: remembered) ...")
+    out = _tokenised(rows, tmpl, load_tokenizer(tokenizer_dir), [], max_length=2**62,
+                     overlength="drop", chat_template=chat_template, eos_token=eos_token,
+                     bos_token=bos_token)
+    lengths = np.concatenate([np.asarray(out[name]["lengths"], dtype=np.int64)
+                              for name in SPLITS if rows[name]] or [np.zeros(0, np.int64)])
+    if preference is not None and len(lengths):     # two sequences a row: the pair's longer one
+        pairs = lengths.reshape(-1, 2)               # (KTO: the completion; its KL partner is cut)
+        kto = any("completion" in r for split in rows.values() for r in split[:1])
+        lengths = pairs[:, 0] if kto else pairs.max(axis=1)
+    write_atomic(path, lambda f: np.save(f, lengths))
+    return lengths
 
 
 CHUNK = 16_384            # rows rendered and tokenised at a time: memory stays flat with the rows
@@ -380,6 +540,10 @@ def _stats(out: dict, tokenizer, *, max_length: int, overlength: str) -> dict:
         "turns_dropped": sum(o["counts"].get("turns_dropped", 0) for o in counted),
         "max_length": max_length,
         "overlength": overlength,
+        # the longest answer kept, end token included (a conversation's last, a pair's chosen
+        # reply): what eval.max_new_tokens=auto allows a generated one
+        "longest_answer": {name: max(map(len, out[name]["answer_ids"]), default=0)
+                           for name in ("train", "test")},
         "n_labels": len(distinct),
         "answers": answers,
         "examples": shown,
@@ -630,14 +794,23 @@ _CUT_TEXT = {"examples": ("example", "examples", "an answer"),
              "pairs": ("pair (KTO: row)", "pairs (KTO: rows)", "a reply")}
 
 
-def _refuse_cut_answers(cuts: list[tuple], max_length: int, kind: str) -> PlanError:
+class AnswersCut(PlanError):
+    """The refusal of answers that do not fit (overlength=truncate); `longest`: the longest of
+    them in tokens, end token included."""
+
+    def __init__(self, *args, longest: int, **kw):
+        super().__init__(*args, **kw)
+        self.longest = longest
+
+
+def _refuse_cut_answers(cuts: list[tuple], max_length: int, kind: str) -> AnswersCut:
     """overlength=truncate cuts prompts only: the rows whose answer does not fit, named."""
     one, several, what = _CUT_TEXT[kind]
     n, longest = len(cuts), max(c[-1] for c in cuts)
     places = _places([(where, name, j) for _, where, name, j, _ in cuts[:SHOWN_CUTS]],
                      n - SHOWN_CUTS)
     first = cuts[0][1]
-    return PlanError(
+    return AnswersCut(
         "data.max_length", f"{n} {one if n == 1 else several} {'has' if n == 1 else 'have'} "
         f"{what} longer than the {max_length - 1} tokens data.max_length={max_length} leaves it "
         f"after one prompt token: {places}. The longest is {longest} tokens (its end token "
@@ -645,7 +818,7 @@ def _refuse_cut_answers(cuts: list[tuple], max_length: int, kind: str) -> PlanEr
         file=first.file if first else None, line=first.line if first else None,
         hint=f"raise data.max_length to {longest + 1}, or set data.overlength=drop (they are "
              "dropped, counted in the plan), or data.overlength=truncate_answer (their answers "
-             "are cut at the end, at your own risk; counted in the plan).")
+             "are cut at the end, at your own risk; counted in the plan).", longest=longest)
 
 
 def truncate(p_ids: list[int], s_ids: list[int], max_length: int) -> tuple[list[int], list[int]]:

@@ -40,6 +40,7 @@ class Key:
     low_open: bool = False
     high_open: bool = False
     hint: str | None = None
+    auto: bool = False             # an int key that also takes `auto` (the compiler decides)
 
 
 def _k(path, kind, default, doc, **kw) -> Key:
@@ -108,7 +109,9 @@ KEYS: tuple[Key, ...] = (
        "trained on; null = no cap, 0 = no validation): each validation pass runs over all of them",
        nullable=True, low=0, high=10**12,
        hint="a few hundred rows measure the validation loss well; null removes the cap."),
-    _k("data.max_length", "int", 512, "tokens per example (prompt + response), the packed row length",
+    _k("data.max_length", "int", 512, "tokens per example (prompt + response), the packed row "
+       "length; auto: the p99 of the training examples' tokens, rounded up to a multiple of 64 (at "
+       "least 64, at most the model's context and what the memory estimate fits)", auto=True,
        low=16, high=131072),
     _k("data.overlength", "choice", "truncate", "examples over max_length: truncate (cut the "
        "prompt, never the answer: an answer that does not fit is an error naming its rows), drop "
@@ -128,6 +131,14 @@ KEYS: tuple[Key, ...] = (
     _k("data.task", "choice", "auto", "classification (answers from a closed label set: decoded "
        "constrained to it) or generation; auto decides from the training answers",
        choices=("auto", "classification", "generation")),
+    _k("data.balance", "choice", "none", "classification with imbalanced labels: oversample "
+       "(training repeats the smaller classes' examples, up to data.balance_max_factor times "
+       "their count, towards the largest class's) or weighted (each example's loss weighted by "
+       "N / (K · its class's count), mean weight 1; the validation loss stays unweighted); none "
+       "trains on the rows as they are", choices=("none", "oversample", "weighted")),
+    _k("data.balance_max_factor", "number", 10, "data.balance=oversample: a class grows to at "
+       "most this many times its own count (a 1-example class is not copied thousands of times)",
+       low=1.0, high=1000.0, hint="1 repeats nothing; 10 is usual."),
     # template
     _k("template.prompt", "str", "{text}", "format string over the data's fields: the prompt "
        "(null with template.messages)", nullable=True),
@@ -161,6 +172,17 @@ KEYS: tuple[Key, ...] = (
     _k("adapter.train_modules", "modules", [], "existing modules trained in full beside the "
        "adapter (embed_tokens, lm_head, norm, input_layernorm, post_attention_layernorm, a linear "
        "layer that is not a target); exported as PEFT modules_to_save"),
+    _k("adapter.head", "choice", "none", "classifier: a new linear layer (no bias, one logit per "
+       "label of a classification task) over the final hidden state of each prompt's last token, "
+       "trained by cross-entropy over the labels beside the adapter — it replaces the answer "
+       "tokens' loss, which is then not used; scored by the argmax of its logits (one forward "
+       "pass per test row) and exported as PEFT's modules_to_save `score` (task_type SEQ_CLS: "
+       "LlamaForSequenceClassification + PeftModel load it); none: the label is trained and "
+       "decoded as text", choices=("none", "classifier")),
+    _k("adapter.head_lr", "number", None, "adapter.head=classifier: the head's peak learning rate, "
+       "on the schedule's warmup and decay (null = schedule.lr)", nullable=True, low=0.0,
+       low_open=True, high=1.0, high_open=True, hint="a new layer often takes 5 to 10 times the "
+       "adapter's learning rate, e.g. 1e-3."),
     # objective
     _k("objective.kind", "choice", "sft", "what training minimises: sft (cross-entropy on the "
        "answers) or a preference loss over chosen/rejected pairs: dpo, ipo, orpo, simpo; kto also "
@@ -198,6 +220,11 @@ KEYS: tuple[Key, ...] = (
        high=10_000_000, hint="ten million steps is more than any fine-tune needs; set epochs instead."),
     _k("schedule.batch_size", "int", 8, "rows per micro-batch over all devices", low=1, high=65536),
     _k("schedule.grad_accum", "int", 1, "micro-batches per optimizer step", low=1, high=4096),
+    _k("schedule.batch_unit", "choice", "rows", "what schedule.batch_size counts when rows are "
+       "packed: rows (each holds several examples, so a step sees more examples and an epoch has "
+       "fewer steps) or examples (the packed rows per micro-batch that hold about batch_size "
+       "examples, at least one: the same examples per step, and steps per epoch, as unpacked)",
+       choices=("rows", "examples")),
     _k("schedule.warmup", "number", 0.05, "warmup: a fraction of the steps (< 1) or a step count",
        low=0.0, high=10_000_000),
     _k("schedule.seed", "int", 0, "seed for the split, shuffling, dropout and LoRA init", low=0,
@@ -247,7 +274,10 @@ KEYS: tuple[Key, ...] = (
     # eval
     _k("eval.metric", "choice", "accuracy", "held-out metric",
        choices=("accuracy", "macro_f1", "exact_match", "rouge_l")),
-    _k("eval.max_new_tokens", "int", 16, "tokens generated per answer", low=1, high=8192),
+    _k("eval.max_new_tokens", "int", "auto", "tokens generated per answer; auto: for generation, "
+       "the longest training answer (end token included) rounded up to a multiple of 8, at most "
+       "1024 and data.max_length; for classification 16 (constrained decoding follows the labels)",
+       low=1, high=8192, auto=True),
     _k("eval.limit", "int", None, "test rows scored, drawn with schedule.seed (null = all)",
        nullable=True, low=1, high=10**12),
     _k("eval.every", "int", 0, "steps between evaluations while training (0 = at the end)", low=0,
@@ -409,7 +439,16 @@ def coerce(key: Key, value):
             raise _err(path, "must be a list of module names or `all-linear`, got null.")
         raise _err(path, f"must be {_expect(key)}, got null.", key.hint)
     _check_size(path, value)
-    if key.kind == "int":
+    if key.auto and isinstance(value, str) and value.strip().lower() == "auto":
+        return "auto"
+    if key.kind == "int" and key.auto:
+        try:
+            value = _to_int(path, value, "an integer or `auto`")
+        except PlanError as e:
+            raise _err(path, e.message, f"auto lets tune choose; or write a number in plain "
+                       f"decimal digits, e.g. {key.default if key.default != 'auto' else 16}.") \
+                from None
+    elif key.kind == "int":
         value = _to_int(path, value, "an integer")
     elif key.kind == "axis":
         value = _to_int(path, value, "an integer (a mesh axis size, or -1)")
@@ -463,6 +502,8 @@ def _check_size(path: str, value) -> None:
 
 
 def _expect(key: Key) -> str:
+    if key.auto:
+        return "an integer or `auto`"
     return {"int": "an integer", "number": "a number", "bool": "true or false", "str": "a string",
             "choice": "one of " + ", ".join(key.choices), "axis": "an integer"}.get(key.kind, "a value")
 
@@ -741,6 +782,8 @@ def describe_keys() -> list[tuple[str, str, str]]:
     rows = []
     for k in KEYS:
         t = "|".join(k.choices) if k.kind == "choice" else k.kind
+        if k.auto:
+            t += "|auto"
         if k.nullable:
             t += "|null"
         rows.append((k.path, t, k.doc))

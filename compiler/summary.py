@@ -157,6 +157,7 @@ def _data(plan) -> Panel:
          if tr and d.max_rows else None),
         ("tokens", f"p50 {_n(tok.get('p50'))} · p95 {_n(tok.get('p95'))} · max {_n(tok.get('max'))} "
                    f"per train example (data.max_length={d.max_length})" if tok else None),
+        ("length", (d.length_choice or {}).get("text")),
         ("over length", f"{_n(d.truncated)} truncated"
                         + (" (cut inside " + ", ".join(f"{f}: {_n(n)}" for f, n in
                                                        d.truncated_fields.items()) + ")"
@@ -171,6 +172,8 @@ def _data(plan) -> Panel:
         ("supervised", f"min {_n(sup.get('min'))} · mean {_n(sup.get('mean'))} tokens per example · "
                        f"{_n(d.no_supervised)} examples without any" if sup else None),
         ("task", _task(d) if tok and not pref else None),
+        ("answers", plan.eval.max_new_tokens_choice if tok else None),
+        ("balance", _balance(d) if d.balance != "none" else None),
         ("pairs", _pairs(d) if pref and tok else None),
         ("token cache", d.cache),
     ]
@@ -283,6 +286,32 @@ def _task(d) -> str:
             f"set{base}")
 
 
+BALANCE_SHOWN = 3        # classes shown at each end (the largest, the smallest) of a balance
+
+
+def _balance(d) -> str:
+    """data.balance: the class counts before and after oversampling (with each one's factor), or
+    each class's loss weight — the largest and the smallest classes."""
+    labels = list(d.labels)
+    if d.balance == "weighted" and d.class_weights:
+        parts = [f"{x.text} {_n(x.count)} × {w:.3g}" for x, w in zip(labels, d.class_weights)]
+        head = ("weighted loss: each training example's supervised tokens weigh N / (K · its "
+                "class's count), mean 1 per example (the validation loss is unweighted)")
+    elif d.balance == "oversample" and d.balanced_counts:
+        after = d.balanced_counts
+        parts = [f"{x.text} {_n(x.count)} → {_n(n)} (×{n / x.count:.3g})"
+                 for x, n in zip(labels, after)]
+        head = (f"oversample (data.balance_max_factor={d.balance_max_factor:g}): "
+                f"{_n(sum(x.count for x in labels))} → {_n(sum(after))} training examples an "
+                "epoch")
+    else:
+        return d.balance
+    k = BALANCE_SHOWN
+    shown = parts if len(parts) <= 2 * k + 1 else parts[:k] + [f"… {len(parts) - 2 * k} more"] + \
+        parts[-k:]
+    return f"{head}; " + " · ".join(shown)
+
+
 def marked_text(example: str) -> Text:
     """An example with its supervised span (between ⟦ and ⟧) highlighted."""
     out = Text()
@@ -359,10 +388,29 @@ def _adapter(plan) -> Panel:
                + (" · a trained magnitude per output row" if a.kind == "dora" else "")),
         ("targets", ", ".join(a.targets)),
         ("trained in full", full or None),
+        ("head", _head(plan)),
         ("base weights", f"{_n(a.quantized_params)} stored as {quant}; the adapter in float32"
                          if quant else None),
         ("trainable", f"{_n(a.trainable_params)} parameters ({100 * a.share:.2f}% of the model)"),
     ]))
+
+
+HEAD_LABELS_SHOWN = 5
+
+
+def _head(plan) -> str | None:
+    """adapter.head=classifier: the layer's size, its learning rate and the labels it scores."""
+    a = plan.adapter
+    if a.head == "none":
+        return None
+    labels = [x.text for x in plan.data.labels]
+    shown = ", ".join(labels[:HEAD_LABELS_SHOWN]) + (
+        f", … {len(labels) - HEAD_LABELS_SHOWN} more" if len(labels) > HEAD_LABELS_SHOWN else "")
+    return (f"classifier: {_n(a.head_params)} parameters ({a.head_labels} labels × "
+            f"{plan.model.config.hidden_size} hidden, no bias) over the last prompt token's final "
+            f"hidden state · lr {a.head_lr:g} · {len(labels)} labels: {shown} · trained by "
+            "cross-entropy over the labels, in place of the answer tokens' loss; the tuned model "
+            "answers by its argmax, the base model is decoded within the label set")
 
 
 def _schedule(plan) -> Panel:
@@ -372,7 +420,9 @@ def _schedule(plan) -> Panel:
     return _panel("schedule", _kv([
         ("optimizer", f"AdamW · lr {s.lr:g} · {s.lr_schedule} · weight decay {s.weight_decay:g} · "
                       f"betas {s.beta1:g}/{s.beta2:g} · clip {s.max_grad_norm}"),
-        ("batch", f"{s.batch_size} rows × {s.grad_accum} accumulation = {s.global_batch} per step · "
+        ("batch", (f"about {s.batch_examples} examples (schedule.batch_unit=examples) → "
+                   if s.batch_examples else "")
+                  + f"{s.batch_size} rows × {s.grad_accum} accumulation = {s.global_batch} per step · "
                   f"rows of {s.seq_len} tokens"
                   + (f" (packed, {s.row_fill:.0%} full)" if plan.runtime.pack else
                      f" ({s.row_fill:.0%} of the tokens are not padding)")),

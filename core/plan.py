@@ -144,6 +144,14 @@ class DataSection:
                                     # reply) was cut at its end to fit max_length
     val_rows: int | None = None     # data.val_rows: the cap on the rows val_fraction holds out
                                     # (None: no cap, as in a plan written before the key)
+    length_choice: dict | None = None   # data.max_length=auto: how max_length was chosen (the
+                                    # percentile's tokens, rows over it, what capped it, `text`)
+    balance: str = "none"           # data.balance: none | oversample | weighted (core/balance.py)
+    balance_max_factor: float = 10.0    # oversample: a class grows to at most this × its count
+    balanced_counts: tuple[int, ...] | None = None  # oversample: training examples per label in
+                                    # an epoch, aligned with `labels` (whose counts are before)
+    class_weights: tuple[float, ...] | None = None  # weighted: each label's loss weight, aligned
+                                    # with `labels` (N / (K · count), mean 1 per training example)
 
 
 @dataclass(frozen=True)
@@ -192,6 +200,12 @@ class AdapterSection:
     train_modules: tuple[str, ...] = ()     # existing modules trained in full
     full_params: dict[str, int] = field(default_factory=dict)  # their parameters (a tied pair once)
     quantized_params: int = 0       # base weights stored quantised
+    head: str = "none"              # none | classifier: a linear layer over the last prompt token's
+                                    # final hidden state, one logit per data.labels entry (in order)
+    head_labels: int = 0            # classifier: its rows (labels): it is [head_labels, hidden]
+    head_params: int = 0            # classifier: head_labels × hidden (no bias), in trainable_params
+    head_lr: float | None = None    # classifier: its peak learning rate, resolved (adapter.head_lr,
+                                    # else schedule.lr)
 
 
 PREFERENCE = ("dpo", "ipo", "orpo", "simpo", "kto")     # objectives over (chosen, rejected) pairs
@@ -245,6 +259,9 @@ class ScheduleSection:
     row_fill: float = 0.0           # real slots / row slots in an epoch (packing's efficiency)
     examples_per_step: float = 0.0  # training examples an optimizer step holds, on average
     unpacked_total_steps: int = 0   # the steps the same epochs take with one example per row
+    batch_unit: str = "rows"        # what schedule.batch_size counted: rows | examples
+    batch_examples: int = 0         # batch_unit=examples with packing: the examples asked for per
+                                    # micro-batch (batch_size is then the rows that hold them)
 
 
 @dataclass(frozen=True)
@@ -298,6 +315,7 @@ class EvalSection:
     limit: int | None
     every: int
     batch_size: int
+    max_new_tokens_choice: str | None = None    # eval.max_new_tokens=auto: what it chose and why
 
 
 @dataclass(frozen=True)
@@ -470,6 +488,23 @@ def _drop_unused(doc: dict) -> None:
         data.pop("answers_cut", None)
     if data.get("val_rows") is None:        # added later: a plan written before hashes as it did
         data.pop("val_rows", None)
+    if data.get("length_choice") is None:   # added later: set only by data.max_length=auto
+        data.pop("length_choice", None)
+    if obj(doc.get("eval")).get("max_new_tokens_choice", 0) is None:    # eval.max_new_tokens=auto
+        doc["eval"].pop("max_new_tokens_choice")
+    if data.get("balance", "none") == "none":   # added later; the factor only counts with a balance
+        for key in ("balance", "balance_max_factor", "balanced_counts", "class_weights"):
+            data.pop(key, None)
+    if obj(config.get("data")).get("balance", "none") == "none":
+        for key in ("balance", "balance_max_factor"):
+            obj(config.get("data")).pop(key, None)
+    adapter = obj(doc.get("adapter"))
+    if adapter.get("head", "none") == "none":   # added later: plans without a head hash as before
+        for key in ("head", "head_labels", "head_params", "head_lr"):
+            adapter.pop(key, None)
+    if obj(config.get("adapter")).get("head", "none") == "none":
+        for key in ("head", "head_lr"):
+            obj(config.get("adapter")).pop(key, None)
     for split in ("train", "test"):         # added later: None for a local file
         if obj(data.get(split)).get("hub", 0) is None:
             data[split].pop("hub")

@@ -134,8 +134,12 @@ class EvalResult:
         return self.detail.get(key, default)
 
     def same_rows(self, other: "EvalResult") -> bool:
-        """Whether both scored the same rows the same way (so they may share one eval.json)."""
-        return all(getattr(self, k) == getattr(other, k) for k in ("metric", "n", "data_key", "mode"))
+        """Whether both scored the same rows the same way (so they may share one eval.json). A
+        classification head's tuned model (mode head) is compared with its base model as that
+        was scored (it has no trained head)."""
+        head = "head" in (self.mode, other.mode)
+        keys = ("metric", "n", "data_key") + (() if head else ("mode",))
+        return all(getattr(self, k) == getattr(other, k) for k in keys)
 
 
 NO_RETRIEVAL = "_no_retrieval"

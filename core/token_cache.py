@@ -3,8 +3,8 @@ on. compiler/examples.py writes it; this reads it, once per process.
 
 Files: `<key>.npz` — per split (train, val, test, test_plain) `{split}_ids` (int32, all examples' ids
 end to end), `{split}_offsets` (int64, where each example starts; one more than examples),
-`{split}_prompt_lens` (int32) and, for conversations, `{split}_mask` — plus `<key>.json` (stats,
-test references, labels).
+`{split}_prompt_lens` (int32) and, for conversations, `{split}_mask`; `train_class` (each training
+example's label, for a label set) — plus `<key>.json` (stats, test references, labels).
 
 The arrays are memory-mapped, not read: a process touches only the examples it batches, so its
 memory does not grow with the data (np.savez stores members uncompressed, each an .npy at an
@@ -126,6 +126,12 @@ class Examples:
     def unit_labels(self, name: str) -> np.ndarray | None:
         """KTO: per unit, 1 for a desirable completion, 0 for an undesirable one; else None."""
         return self.arrays.get(f"{name}_unit_labels")
+
+    def classes(self, name: str) -> np.ndarray | None:
+        """Per example of a split, its label's index in the label set (the plan's data.labels
+        order): what data.balance counts and weighs. The training split of a label set has it;
+        None elsewhere."""
+        return self.arrays.get(f"{name}_class")
 
     def unit_lengths(self, name: str) -> np.ndarray:
         """Per unit, the token count of one example that takes as many row slots as the unit's

@@ -14,7 +14,10 @@ before the stable sort, and permutes the rows. Unpacked mode puts one example pe
 
 A step consumes grad_accum × batch_size rows; the last step of an epoch is completed with empty rows
 (all mask 0), which add nothing to the loss (normalised by the supervised-token count). Every
-supervised target of every example is therefore seen exactly once per epoch.
+supervised target of every example is therefore seen exactly once per epoch — or, under
+data.balance=oversample, as often as the epoch repeats its example (core/balance.py). Under
+data.balance=weighted a batch also carries `loss_weight` (float32): each supervised target's class
+weight, 0 elsewhere.
 """
 from __future__ import annotations
 
@@ -65,10 +68,18 @@ class Batcher:
     def __init__(self, ids: Sequence[np.ndarray], prompt_lens: Sequence[int], shape: BatchShape, *,
                  pack: bool, seed: int, loss_tokens: int | None = None,
                  masks: Sequence[np.ndarray] | None = None, unit: int = 1,
-                 labels: Sequence[int] | None = None):
+                 labels: Sequence[int] | None = None, index: Sequence[int] | None = None,
+                 weights: Sequence[float] | None = None,
+                 head_labels: Sequence[int] | None = None):
         """unit: examples that always share a row, side by side (2 for a preference pair: chosen,
         rejected); rows are packed by unit. labels: one int per unit, written to every token of
-        the unit as the batch's `unit_label` (KTO's desirable/undesirable)."""
+        the unit as the batch's `unit_label` (KTO's desirable/undesirable). index: the units an
+        epoch holds, an index may repeat (data.balance=oversample); None: each unit once.
+        weights: one float per example, its supervised tokens' loss weight, written as the
+        batch's float32 `loss_weight` (data.balance=weighted: the loss is Σ w·CE / Σ w).
+        head_labels: one int per example, its label's index (-1: none), written as the batch's
+        `head_label` (index + 1) at the example's last prompt token, 0 everywhere else
+        (adapter.head=classifier: where the head reads the example, runtime/head.py)."""
         # one flat array per split (core/token_cache.Ragged), not an object per example: a
         # million examples cost their tokens, memory-mapped, and a few arrays of counts
         self.ids = Ragged.of(ids, dtype=np.int32)
@@ -78,10 +89,15 @@ class Batcher:
         self.loss_tokens = loss_tokens      # supervised targets a micro-batch may hold (None: any)
         self.unit = int(unit)
         self.labels = None if labels is None else np.asarray(labels, dtype=np.int32)
+        self.index = None if index is None else np.asarray(index, dtype=np.int64)
+        self.weights = None if weights is None else np.asarray(weights, dtype=np.float32)
+        self.head_labels = None if head_labels is None else np.asarray(head_labels, dtype=np.int32)
         if len(self.ids) % self.unit:
             raise ValueError(f"{len(self.ids)} examples do not form units of {self.unit}")
         slots = np.maximum(self.ids.lengths - 1, 0)          # core.packing.example_slots
         self.lengths = slots.reshape(-1, self.unit).sum(axis=1) if len(slots) else slots
+        if self.index is not None:          # the epoch's units: packing sees every copy
+            self.lengths = self.lengths[self.index]
         too_long = np.flatnonzero(self.lengths > shape.seq_len)
         if len(too_long):
             i = int(too_long[0])
@@ -97,6 +113,10 @@ class Batcher:
     @property
     def supervised_tokens(self) -> int:
         """Supervised targets per epoch."""
+        if self.index is not None:          # a unit the epoch repeats counts each time
+            per = np.array([np.count_nonzero(m[1:]) for m in self.masks]) if self.masks is not None \
+                else np.maximum(self.ids.lengths - np.maximum(self.prompt_lens, 1), 0)
+            return int(per.reshape(-1, self.unit).sum(axis=1)[self.index].sum())
         if self.masks is not None:
             flat = self.masks.flat
             return int(np.count_nonzero(flat)) - int(np.count_nonzero(self.masks.firsts()))
@@ -112,13 +132,27 @@ class Batcher:
         """Step `index` of `epoch`: int32 arrays [grad_accum, batch_size, seq_len]."""
         a, b, t = self.shape.grad_accum, self.shape.batch_size, self.shape.seq_len
         rows = self.epoch_rows(epoch)[index * a * b:(index + 1) * a * b]
-        fields = FIELDS + (("unit_label",) if self.labels is not None else ())
+        fields = FIELDS + (("unit_label",) if self.labels is not None else ()) + \
+            (("head_label",) if self.head_labels is not None else ())
         out = {k: np.zeros((a * b, t), dtype=np.int32) for k in fields}
+        if self.weights is not None:
+            out["loss_weight"] = np.zeros((a * b, t), dtype=np.float32)
         u = self.unit
         for r, row in enumerate(rows):
+            if self.index is not None:
+                row = [int(self.index[i]) for i in row]
             members = [j for i in row for j in range(i * u, (i + 1) * u)]
             fill_row(out, r, [(self.ids[i], int(self.prompt_lens[i]),
                                None if self.masks is None else self.masks[i]) for i in members])
+            if self.weights is not None:    # segment s is members[s - 1]; 0 is padding
+                seg_w = np.concatenate([[0.0], self.weights[members]]).astype(np.float32)
+                out["loss_weight"][r] = seg_w[out["segment_ids"][r]] * out["loss_mask"][r]
+            if self.head_labels is not None:    # each example's last prompt token: label + 1
+                t0 = 0
+                for i in members:
+                    out["head_label"][r, t0 + max(int(self.prompt_lens[i]) - 1, 0)] = \
+                        self.head_labels[i] + 1
+                    t0 += len(self.ids[i]) - 1
             if self.labels is not None:
                 t0 = 0
                 for i in row:

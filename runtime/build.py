@@ -48,7 +48,7 @@ def lora_config(plan: Plan):
     a = plan.adapter
     return LoraConfig(rank=a.rank, alpha=float(a.alpha), dropout=float(a.dropout), targets=a.targets,
                       rslora=a.rslora, kind=a.kind, train_modules=a.train_modules,
-                      quantize=a.quantize)
+                      quantize=a.quantize, head=a.head_labels)
 
 
 def training_model(plan: Plan, mesh):
@@ -142,10 +142,11 @@ def scoring_model(plan: Plan, adapter_dir=None, *, adapter_weights: bool = True)
 
 # ------------------------------------------------------------------------------ optimisation
 
-def optimizer(s: ScheduleSection, lr_fn: Callable | None = None):
+def optimizer(s: ScheduleSection, lr_fn: Callable | None = None, *, head_lr: float | None = None):
     """(optimizer, lr_fn): gradient clipping (unless schedule.max_grad_norm is 0 or None) + AdamW
     with the plan's betas, eps and weight decay, driven by the plan's schedule — or by `lr_fn`
-    (step → learning rate) when one is given (the lr range test)."""
+    (step → learning rate) when one is given (the lr range test). head_lr: the classification
+    head's peak learning rate (plan.adapter.head_lr; None for a plan without a head)."""
     import optax
 
     from runtime.train import decay_mask, lr_schedule
@@ -155,7 +156,18 @@ def optimizer(s: ScheduleSection, lr_fn: Callable | None = None):
     parts = [optax.clip_by_global_norm(s.max_grad_norm)] if s.max_grad_norm else []
     parts.append(optax.adamw(lr_fn, b1=s.beta1, b2=s.beta2, eps=s.eps, weight_decay=s.weight_decay,
                              mask=decay_mask))
+    if head_lr is not None and head_lr != s.lr:
+        # AdamW's step is proportional to its learning rate: the head's, scaled, is AdamW at
+        # head_lr on the same warmup and decay
+        parts.append(optax.masked(optax.scale(head_lr / s.lr), _head_mask))
     return optax.chain(*parts), lr_fn
+
+
+def _head_mask(params):
+    """True for the classification head (the model's `score`), False for everything else."""
+    def is_head(path, _):
+        return str(getattr(path[0], "key", getattr(path[0], "name", path[0]))) == "score"
+    return jax.tree_util.tree_map_with_path(is_head, params)
 
 
 def place_optimizer(mesh, optimizer, trained):
@@ -197,7 +209,8 @@ def train_step(plan: Plan, graphdef, optimizer, lr_fn, mesh, shardings):
                                     state_sharding=sharding)
     return make_train_step(graphdef, optimizer, lr_fn, ce_chunk=rt.ce_chunk,
                            dropout=plan.adapter.dropout > 0, loss_tokens=rt.loss_tokens,
-                           packed=rt.pack, state_sharding=sharding)
+                           packed=rt.pack, state_sharding=sharding,
+                           head=plan.adapter.head != "none")
 
 
 def eval_loss(plan: Plan, graphdef, mesh):
@@ -212,7 +225,8 @@ def eval_loss(plan: Plan, graphdef, mesh):
         return make_preference_eval(objective(plan), graphdef, ce_chunk=rt.ce_chunk,
                                     loss_tokens=rt.loss_tokens, state_sharding=replicated(mesh))
     return make_eval_loss(graphdef, ce_chunk=rt.ce_chunk, loss_tokens=rt.loss_tokens,
-                          packed=rt.pack, state_sharding=replicated(mesh))
+                          packed=rt.pack, state_sharding=replicated(mesh),
+                          head=plan.adapter.head != "none")
 
 
 # ------------------------------------------------------------------------------ data
@@ -229,16 +243,60 @@ def batches(plan: Plan, examples=None):
     cap = plan.runtime.loss_tokens
     unit = examples.unit
     batcher = Batcher(*examples.split("train"), shape, pack=pack, seed=s.seed, loss_tokens=cap,
-                      masks=examples.masks("train"), unit=unit, labels=examples.unit_labels("train"))
+                      masks=examples.masks("train"), unit=unit, labels=examples.unit_labels("train"),
+                      **_balance(plan, examples), **_head_labels(plan, examples, "train"))
     if batcher.steps_per_epoch != s.steps_per_epoch or batcher.rows_per_epoch != s.rows_per_epoch:
         raise RuntimeError(f"the plan counts {s.steps_per_epoch} steps ({s.rows_per_epoch} rows) per "
                            f"epoch, its token data gives {batcher.steps_per_epoch} "
                            f"({batcher.rows_per_epoch} rows): recompile the plan with `tune plan`")
     val_ids, val_prompt_lens = examples.split("val")
     val = (Batcher(val_ids, val_prompt_lens, shape, pack=pack, seed=s.seed, loss_tokens=cap,
-                   masks=examples.masks("val"), unit=unit, labels=examples.unit_labels("val"))
+                   masks=examples.masks("val"), unit=unit, labels=examples.unit_labels("val"),
+                   **_head_labels(plan, examples, "val"))
            if len(val_ids) else None)
     return batcher, val
+
+
+def _head_labels(plan: Plan, examples, split: str) -> dict:
+    """A Batcher's `head_labels` (adapter.head=classifier): each example's label in the plan's
+    label set, from its answer tokens (runtime/head.example_labels), -1 for an answer outside it
+    (a validation answer no training row has: left out of the head's loss)."""
+    if plan.adapter.head == "none":
+        return {}
+    from runtime.head import example_labels
+
+    tokenizer = []
+
+    def decode(ids):                    # only for answers that differ from a label's tokens
+        if not tokenizer:
+            from core.tokenizer import load_tokenizer
+
+            tokenizer.append(load_tokenizer(plan.model.dir))
+        return tokenizer[0].decode(ids, skip_special_tokens=True)
+
+    found = example_labels(*examples.split(split), plan.data.labels, decode=decode)
+    if split == "train" and len(found) and (found < 0).all():
+        raise RuntimeError("no training example's answer is a label of the plan's label set: "
+                           "recompile the plan with `tune plan`")
+    return {"head_labels": found}
+
+
+def _balance(plan: Plan, examples) -> dict:
+    """The training Batcher's data.balance arguments (core/balance.py): the examples an epoch
+    holds (oversample) or each example's loss weight (weighted; validation stays unweighted)."""
+    from core import balance
+
+    d = plan.data
+    if d.balance == "none":
+        return {}
+    classes = examples.classes("train")
+    if classes is None:
+        raise RuntimeError("the plan balances its labels, but its token data records no training "
+                           "example's label: recompile the plan with `tune plan`")
+    if d.balance == "weighted":
+        return {"weights": np.asarray(d.class_weights, dtype=np.float32)[classes]}
+    return {"index": balance.oversample(classes, len(d.labels), d.balance_max_factor,
+                                        plan.schedule.seed)}
 
 
 def decoding(plan: Plan, tokenizer) -> dict:

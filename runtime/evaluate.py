@@ -14,11 +14,18 @@ Three modes (eval.mode, resolved by the compiler):
 - generate: greedy decoding until an end token or eval.max_new_tokens; the decoded text is scored.
 - choices (classification): no generation; every label is scored by its total log-likelihood after
   the prompt, and the most likely one is the prediction.
+- head (a run trained with adapter.head=classifier, its tuned model only): no generation; one
+  forward pass per prompt, the argmax of the classification head's logits is the prediction
+  (runtime/head.py). The base model of such a run has no trained head: it is scored by eval.mode,
+  as any base model, so base and tuned are the same rows scored each in its own way.
 
 eval.json (written by `write_eval`, a core.records.EvalFile): the headline result at the top level
 ({"metric", "value", "n", "per_class", "worst", ...} of the tuned model when there is one, else of
 the base model), plus "base" and "tuned" entries with the full results of each model evaluated on
-the same rows.
+the same rows. In generate mode each entry also has both generation metrics, exact_match and
+rouge_l, whichever is the headline, and `samples`: the first rows scored (runtime.metrics.SAMPLES)
+with the prompt's end, the reference, the prediction and its ROUGE-L, which the report shows base
+beside tuned.
 """
 from __future__ import annotations
 
@@ -86,6 +93,9 @@ def evaluate(plan: Plan, run_dir=None, adapter_dir=None, *, limit=None, model=No
     metric, mode, max_new = plan.eval.metric, plan.eval.mode, plan.eval.max_new_tokens
     limit = plan.eval.limit if limit is None else limit
     which = which or ("base" if adapter_dir is None else "tuned")
+    head = adapter_dir is not None and plan.adapter.head != "none"
+    if head:
+        mode = "head"
     plain = not retrieval and plan.retrieval is not None
     if plain:
         which += NO_RETRIEVAL
@@ -96,16 +106,24 @@ def evaluate(plan: Plan, run_dir=None, adapter_dir=None, *, limit=None, model=No
                          "with the same fields as data.path)")
     if model is None:
         model = build.scoring_model(plan, adapter_dir)
+    if head:
+        _check_head(plan, model, adapter_dir)
 
     t0 = time.perf_counter()
     log(f"eval ({which}): {len(test)} test rows, {metric}, mode {mode}")
     with Progress(len(test), description=f"eval {which}",
                   every=plan.runtime.progress_every) as bar:
-        predictions, generated_tokens, free = _predict(plan, model, tokenizer, test, bar.update)
+        predictions, generated_tokens, free = _predict(plan, model, tokenizer, test, bar.update,
+                                                       head=head)
     seconds = time.perf_counter() - t0
 
     known = [label.text for label in plan.data.labels]
     result = M.score(metric, predictions, test.references, known, prompts=test.prompt_texts())
+    if mode == "generate":      # free text: both generation metrics, and the first rows to read
+        result.update(M.generation_scores(predictions, test.references))
+        shown = test.prompts[:M.SAMPLES]
+        result["samples"] = M.samples(tokenizer.decode_batch(shown, skip_special_tokens=True),
+                                      test.references, predictions, test.rows)
     if plan.data.task == "classification" and plan.data.labels:
         # always answering the most frequent training label, on the rows scored
         top = M.normalise(plan.data.labels[0].text, classification=True)
@@ -122,10 +140,11 @@ def evaluate(plan: Plan, run_dir=None, adapter_dir=None, *, limit=None, model=No
         "adapter": None if adapter_dir is None else str(adapter_dir),
         "mode": mode,
         "retrieval": None if plan.retrieval is None else not plain,
-        "max_new_tokens": max_new if mode != "choices" else None,
+        "max_new_tokens": max_new if mode not in ("choices", "head") else None,
         "limit": limit,
         "data_key": test.data_key,
         "seconds": seconds,
+        "rows_per_s": len(test) / seconds if seconds > 0 else None,
         "generated_tokens": generated_tokens,
         "predictions": predictions,
         "references": test.references,
@@ -147,12 +166,36 @@ def _keep(run_dir, results: dict, *, write: bool | None, verbose: bool) -> None:
             print_results(EvalFile.read(run_dir))
 
 
-def _predict(plan: Plan, model, tokenizer, test: TestSet, progress):
+def _check_head(plan: Plan, model, adapter_dir) -> None:
+    """A head run's adapter must carry a head over this plan's label set, in its order."""
+    from core.errors import PlanError
+    from runtime.head import check_labels
+
+    labels = [x.text for x in plan.data.labels]
+    rows = None if model.score is None else model.score.shape[0]
+    if rows != len(labels):
+        has = "none" if rows is None else f"one of {rows}"
+        raise PlanError("run", f"the plan trains a classification head (adapter.head="
+                        f"{plan.adapter.head}) over {len(labels)} labels, but the adapter in "
+                        f"{adapter_dir} has {has}.",
+                        file=str(adapter_dir), hint="score the run with its own config, or train "
+                                                    "it again.")
+    check_labels(adapter_dir, labels)
+
+
+def _predict(plan: Plan, model, tokenizer, test: TestSet, progress, *, head: bool = False):
     """(predictions, generated tokens, free-generation predictions or None) of the model on the
     test rows, by eval.mode: constrained decoding within the label set (and free decoding from the
-    same prefill, to show beside it), free decoding, or the likeliest label."""
+    same prefill, to show beside it), free decoding, or the likeliest label — or, with `head`, the
+    argmax of the classification head (one forward pass per row)."""
     ev, labels = plan.eval, plan.data.labels
     dec = build.decoding(plan, tokenizer)
+    if head:
+        from runtime.head import predict
+
+        scores = predict(model, test.prompts, batch_size=dec["batch_size"], pad_id=dec["pad_id"],
+                         progress=progress)
+        return [labels[k].text for k in np.argmax(scores, axis=1)], 0, None
 
     def text(ids_list):
         return [t.strip() for t in tokenizer.decode_batch(ids_list, skip_special_tokens=True)]
@@ -271,6 +314,10 @@ def format_results(ev: EvalFile) -> str:
     lines = [f"{metric} on {entries[-1][1].n} test rows: " + ", ".join(
         f"{n} {r.value:.4f}" for n, r in entries)
         + (f" (change {delta:+.4f})" if delta is not None else "")]
+    for key in ("exact_match", "rouge_l"):      # free generation's other metric, beside
+        scored = [(n, r.get(key)) for n, r in entries if isinstance(r.get(key), (int, float))]
+        if key != metric and scored:
+            lines.append(f"  {key}: " + ", ".join(f"{n} {v:.4f}" for n, v in scored))
     pcs = [(n.removesuffix(rag), r.get("per_class")) for n, r in entries if r.get("per_class")]
     if pcs and len(pcs[-1][1]) <= 30:
         classes = sorted({c for _, pc in pcs for c in pc},

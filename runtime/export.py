@@ -40,7 +40,7 @@ def export_run(plan, run_dir, out, *, fmt: str, gguf_type: str) -> Path:
     transformers checkpoint with the adapter folded in) or gguf (a GGUF file of the merged model,
     weights in gguf_type). The adapter is checked whole first (check_adapter): a damaged one is
     refused before anything is written. Written beside `out` and renamed into place: never half a
-    result."""
+    result. (A run with a classification head exports as peft only: tune/commands.export.)"""
     import os
     import tempfile
 

@@ -13,7 +13,9 @@ template the conversation history is kept (each turn sees the earlier ones).
 
 A run of a classification task answers with one of its labels: decoding follows the label set's
 prefix trie, as its evaluation does — unless the run's plan says eval.mode=generate, or the command
-line does.
+line does. A run with a classification head (adapter.head=classifier) answers with its head
+instead: the likeliest label, then the likeliest few with their probabilities (the softmax of the
+head's logits), from one forward pass.
 """
 from __future__ import annotations
 
@@ -27,6 +29,7 @@ from core.tokenizer import load_tokenizer
 from runtime.decode import GREEDY, LabelTrie, Sampling, classify, end_token_ids, stream_tokens
 
 EXIT_WORDS = ("exit", "quit", ":q")
+HEAD_SHOWN = 5              # labels shown with their probabilities after a head's answer
 
 
 class Chat:
@@ -45,6 +48,8 @@ class Chat:
         self.pad_id = plan.model.pad_token_id
         # A classification run answers with one of its labels (decoding within the label set).
         self.trie = LabelTrie.build([x.ids for x in plan.data.labels]) if labels else None
+        # ... by its classification head, when the run trained one
+        self.head = labels and getattr(self.model, "score", None) is not None
 
     def fill(self, text: str, *, raw: bool = False) -> tuple[str, str | None]:
         return self.prompter.fill(text, raw=raw)
@@ -78,6 +83,8 @@ class Chat:
 
     def answer(self, messages: list[dict], *, max_new_tokens: int, out=None,
                sampling: Sampling = GREEDY) -> str:
+        if self.head:
+            return self._head_answer(messages, out)
         if self.trie is not None:
             (k,), _ = classify(self.model, [self.prompt_ids(messages)], self.trie, batch_size=1,
                                pad_id=self.pad_id, eos_ids=self.eos_ids)
@@ -103,6 +110,21 @@ class Chat:
             out.write("\n")
             out.flush()
         return "".join(pieces).strip()
+
+    def _head_answer(self, messages: list[dict], out) -> str:
+        """The head's likeliest label; written with the likeliest few and their probabilities."""
+        from runtime.head import predict, probabilities
+
+        labels = self.plan.data.labels
+        p = probabilities(predict(self.model, [self.prompt_ids(messages)], batch_size=1,
+                                  pad_id=self.pad_id))[0]
+        order = sorted(range(len(p)), key=lambda k: -p[k])
+        label = labels[order[0]].text
+        if out is not None:
+            out.write(label + "\n" + "  " + " · ".join(
+                f"{labels[k].text} {p[k]:.3f}" for k in order[:HEAD_SHOWN]) + "\n")
+            out.flush()
+        return label
 
 
 def turn_sampling(sampling: Sampling, turn: int) -> Sampling:

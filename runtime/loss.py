@@ -52,13 +52,43 @@ def supervised_cross_entropy(hidden, lm_head_w, targets, mask, *, capacity: int,
     buffer of `capacity` positions — an upper bound the compiler computed from the data
     (compiler/packing.supervised_capacity) — so the output head, forward and backward, runs on
     `capacity` tokens instead of all B·T (for classification, a few percent of them). The same
-    sums; only the order of the additions differs. A capacity of B·T or more gathers nothing."""
+    sums; only the order of the additions differs. A capacity of B·T or more gathers nothing.
+    A float mask weighs each position's CE (data.balance=weighted): (Σ w·CE, Σ w)."""
     B, T, D = hidden.shape
     if capacity >= B * T:
         return chunked_cross_entropy(hidden, lm_head_w, targets, mask, chunk)
-    flat = mask.reshape(-1) > 0
+    m = mask.reshape(-1)
+    flat = m > 0
     idx = jnp.nonzero(flat, size=capacity, fill_value=0)[0]
     valid = jnp.arange(capacity) < jnp.sum(flat)
     h = hidden.reshape(B * T, D)[idx]
     t = targets.reshape(-1)[idx]
-    return chunked_cross_entropy(h[None], lm_head_w, t[None], valid[None], chunk)
+    w = jnp.where(valid, m[idx].astype(jnp.float32), 0.0)    # a float mask keeps its weights
+    return chunked_cross_entropy(h[None], lm_head_w, t[None], w[None], chunk)
+
+
+def head_cross_entropy(hidden, head_w, head_label, *, capacity: int, weight=None):
+    """The classification head's loss (adapter.head=classifier, runtime/head.py): hidden [B,T,D]
+    (compute dtype), head_w [n, D], head_label [B,T] int — k + 1 at an example's last prompt token
+    when its label is k, 0 elsewhere — and weight [B,T] float or None: each position's loss weight
+    (data.balance=weighted's `loss_weight`, its example's class weight where a target is
+    supervised — as the last prompt token's is: it predicts the answer's first token).
+    Returns (Σ w·CE, Σ w) over the marked positions as float32 scalars (w = 1 without weights):
+    their ratio is the (weighted) mean over the examples.
+    The marked positions are gathered first into a buffer of `capacity` (an example has at least
+    one supervised target, so the plan's runtime.loss_tokens bounds them), so the head runs on those
+    only; a capacity of B·T or more gathers nothing."""
+    B, T, D = hidden.shape
+    h, label = hidden.reshape(B * T, D), head_label.reshape(B * T)
+    w = jnp.ones((B * T,), jnp.float32) if weight is None else weight.reshape(B * T).astype(
+        jnp.float32)
+    if capacity < B * T:
+        idx = jnp.nonzero(label > 0, size=capacity, fill_value=0)[0]
+        valid = jnp.arange(capacity) < jnp.sum(label > 0)
+        h, label, w = h[idx], jnp.where(valid, label[idx], 0), w[idx]
+    logits = jnp.einsum("nd,kd->nk", h, head_w.astype(hidden.dtype),
+                        preferred_element_type=jnp.float32)
+    k = jnp.maximum(label - 1, 0)
+    ce = jax.nn.logsumexp(logits, axis=-1) - jnp.take_along_axis(logits, k[:, None], axis=-1)[:, 0]
+    w = jnp.where(label > 0, w, 0.0)
+    return jnp.sum(w * ce), jnp.sum(w)

@@ -44,7 +44,7 @@ def lr_find(plan: Plan, run_dir, *, start_lr: float, end_lr: float, steps: int,
     def lr_fn(step):
         return start_lr * (end_lr / start_lr) ** (jnp.asarray(step, jnp.float32) / max(steps - 1, 1))
 
-    optimizer, _ = build.optimizer(plan.schedule, lr_fn)
+    optimizer, _ = build.optimizer(plan.schedule, lr_fn, head_lr=plan.adapter.head_lr)
     opt_state, shardings = build.place_optimizer(mesh, optimizer, lora)
     step_fn = build.train_step(plan, graphdef, optimizer, lr_fn, mesh, shardings)
     fixed = build.fixed_inputs(plan, frozen, lora)

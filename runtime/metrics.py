@@ -176,6 +176,29 @@ def score(metric: str, predictions, references, labels=(), *, prompts=None, wors
     return out
 
 
+SAMPLES = 8             # generate mode: the rows of prediction beside reference eval.json keeps
+SAMPLE_CHARS = 300      # ... each prompt cut to this many characters (its end, where it asks)
+
+
+def generation_scores(predictions, references) -> dict:
+    """Both generation metrics, whichever one is the headline: {"exact_match", "rouge_l"}."""
+    return {"exact_match": exact_match(predictions, references),
+            "rouge_l": rouge_l(predictions, references)}
+
+
+def samples(prompts, references, predictions, rows, *, chars: int = SAMPLE_CHARS) -> list[dict]:
+    """The first len(prompts) rows scored, to read side by side: {"index" (the test row, so that
+    two models' samples line up), "prompt" (its last `chars` characters), "reference",
+    "prediction", "rouge_l"}."""
+    out = []
+    for prompt, ref, pred, row in zip(prompts, references, predictions, rows):
+        prompt = str(prompt)
+        out.append({"index": int(row),
+                    "prompt": ("…" + prompt[-(chars - 1):]) if len(prompt) > chars else prompt,
+                    "reference": ref, "prediction": pred, "rouge_l": rouge_l_pair(pred, ref)})
+    return out
+
+
 def confusion(predictions, references, labels) -> dict:
     """Counts of (reference, prediction) label pairs: {"labels": the known labels (normalised, in
     the given order), "matrix": rows = reference, columns = prediction, with a last column

@@ -18,7 +18,8 @@ State paths mirror the Hugging Face names: `layers/self_attn/q_proj/weight` hold
 
 Everything the trainer differentiates and optimises is a `LoRAParam`: the LoRA factors, DoRA's
 magnitude vectors, and the existing weights of modules trained in full (adapter.train_modules), which
-are `FullParam`, a subclass. Every other weight is a plain `nnx.Param`, frozen:
+are `FullParam`, a subclass, as is a classification head's new layer (`score`, adapter.head).
+Every other weight is a plain `nnx.Param`, frozen:
 `graphdef, trained, frozen = nnx.split(model, LoRAParam, ...)`.
 
 Adapter kinds. LoRA: y = W x + b + s·B A x, s = alpha/r (or alpha/√r, rsLoRA). DoRA (Liu et al. 2024,
@@ -115,6 +116,8 @@ class LoraConfig:
     kind: str = "lora"                  # lora | dora
     train_modules: tuple[str, ...] = ()  # existing modules trained in full (architecture.full_module_names)
     quantize: str = "none"              # none | int8 | nf4: how the frozen linear weights are stored
+    head: int = 0                       # labels of a classification head (adapter.head=classifier;
+                                        # 0: none): a trained [head, hidden] layer, `score`
 
     def __post_init__(self):
         unknown = [t for t in self.targets if t not in MODULE_NAMES]
@@ -147,6 +150,15 @@ def lora_a_init(key, shape):
     model starts exactly as the base model."""
     bound = 1.0 / math.sqrt(shape[-1])
     return jax.random.uniform(key, shape, jnp.float32, -bound, bound)
+
+
+HEAD_INIT = 0.02           # a new classification head starts at N(0, (HEAD_INIT / √hidden)²)
+
+
+def head_init(key, shape):
+    """A new classification head [labels, hidden], float32: small random logits at first, so that
+    the adapter gets a gradient from the first step (a zero head would pass none back)."""
+    return (HEAD_INIT / math.sqrt(shape[-1])) * jax.random.normal(key, shape, jnp.float32)
 
 
 def _dequantized_matmul(x, codes, scales, fmt, shape, dtype):
@@ -506,6 +518,10 @@ class Llama(nnx.Module):
         self.unembed = None if cfg.tie_word_embeddings else (
             FullParam if _trained(lora, "lm_head") else nnx.Param)(
             0.02 * jax.random.normal(rngs.params(), (cfg.vocab_size, cfg.hidden_size), param_dtype))
+        # adapter.head=classifier: a new layer, trained (a FullParam: split, optimised, saved and
+        # exported as PEFT's modules_to_save with the adapter), float32 like the LoRA factors
+        self.score = FullParam(head_init(rngs.params(), (lora.head, cfg.hidden_size))) \
+            if lora is not None and lora.head else None
 
     # -- training / scoring
 
@@ -562,6 +578,18 @@ class Llama(nnx.Module):
     def logits(self, hidden) -> jax.Array:
         """Full float32 logits [..., V] — for scoring and tests; training uses runtime.loss instead."""
         return jnp.einsum("...d,vd->...v", hidden, self.lm_head(), preferred_element_type=jnp.float32)
+
+    def head_weight(self) -> jax.Array:
+        """The classification head [labels, D] in the compute dtype (adapter.head=classifier)."""
+        if self.score is None:
+            raise ValueError("the model has no classification head (adapter.head=classifier)")
+        return self.score[...].astype(self.dtype)
+
+    def head_logits(self, hidden) -> jax.Array:
+        """The classification head's float32 logits [..., labels] of final hidden states [..., D]
+        (each example's last prompt token's: runtime/head.py)."""
+        return jnp.einsum("...d,nd->...n", hidden, self.head_weight(),
+                          preferred_element_type=jnp.float32)
 
     def _windows(self):
         if not self.cfg.sliding_windows:

@@ -1,6 +1,10 @@
 """The PEFT adapter format: `save_peft_adapter` writes what `peft.PeftModel.from_pretrained(base, dir)`
 loads with no missing or unexpected keys; `read_lora_config` and `load_peft_adapter` read such a
 directory back (ours or PEFT's).
+
+An adapter with a classification head (adapter.head=classifier, runtime/head.py) is a SEQ_CLS
+adapter: its base is `LlamaForSequenceClassification` (num_labels, pad_token_id: labels.json beside
+the adapter), the head PEFT's modules_to_save `score` (`base_model.model.score.weight`).
 """
 from __future__ import annotations
 
@@ -17,12 +21,14 @@ from safetensors.numpy import save_file
 from core.architecture import MODULE_NAMES, WHOLE_MODULES, peft_module_name
 from core.errors import PlanError
 from core.weight_files import read_header
+from runtime.head import read_labels, write_labels
 from runtime.model import FullParam, Llama, LoraConfig, LoRAParam
 from runtime.weights import adapter_shapes, adapter_state_dict, hf_names
 
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
 ADAPTER_CONFIG = "adapter_config.json"
 PEFT_PREFIX = "base_model.model."
+HEAD_MODULES = ("score", "classifier")   # what PEFT's sequence-classification models save whole
 
 
 def modules_to_save(lora: LoraConfig, tied: bool) -> list[str] | None:
@@ -31,14 +37,14 @@ def modules_to_save(lora: LoraConfig, tied: bool) -> list[str] | None:
     names = list(lora.train_modules)
     if tied and ({"lm_head", "embed_tokens"} & set(names)):
         names += [n for n in ("embed_tokens", "lm_head") if n not in names]
-    return [peft_module_name(n) for n in names] or None
+    return [peft_module_name(n) for n in names] + (["score"] if lora.head else []) or None
 
 
 def peft_config(lora: LoraConfig, base_model_name_or_path: str | None, *, tied: bool = False) -> dict:
     """The adapter_config.json PEFT's LoraConfig accepts. Only long-standing fields, so that older PEFT
     versions read it too."""
     return {
-        "peft_type": "LORA", "task_type": "CAUSAL_LM",
+        "peft_type": "LORA", "task_type": "SEQ_CLS" if lora.head else "CAUSAL_LM",
         "r": int(lora.rank), "lora_alpha": float(lora.alpha), "lora_dropout": float(lora.dropout),
         "target_modules": sorted(lora.targets), "bias": "none",
         "base_model_name_or_path": base_model_name_or_path,
@@ -51,17 +57,23 @@ def peft_config(lora: LoraConfig, base_model_name_or_path: str | None, *, tied: 
 
 
 def save_peft_adapter(model: Llama, out_dir, *, base_model_name_or_path: str | None = None,
-                      lora: LoraConfig | None = None) -> Path:
+                      lora: LoraConfig | None = None, labels: list[str] | None = None,
+                      pad_token_id: int | None = None) -> Path:
     """adapter_model.safetensors (`base_model.model.` + runtime.weights.adapter_state_dict's names:
-    LoRA factors, DoRA magnitudes, modules trained in full) + adapter_config.json. Returns the
-    directory."""
+    LoRA factors, DoRA magnitudes, modules trained in full, a classification head) +
+    adapter_config.json, and for a model with a head labels.json (its rows' label names, `labels`,
+    and the model's padding token). Returns the directory."""
     lora = lora or model.lora
     if lora is None or model.lora is None:
         raise ValueError("the model has no LoRA parameters to save")
+    if model.score is not None and (labels is None or len(labels) != model.score.shape[0]):
+        raise ValueError(f"a head of {model.score.shape[0]} labels needs their names, got {labels!r}")
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     tensors = {PEFT_PREFIX + name: value for name, value in adapter_state_dict(model).items()}
     save_file(tensors, str(out / ADAPTER_WEIGHTS), metadata={"format": "pt"})
+    if model.score is not None:
+        write_labels(out, labels, pad_token_id)
     config = peft_config(lora, base_model_name_or_path, tied=model.cfg.tie_word_embeddings)
     (out / ADAPTER_CONFIG).write_text(json.dumps(config, indent=2) + "\n")
     return out
@@ -97,7 +109,10 @@ def read_lora_config(adapter_dir, *, key: str = "run") -> LoraConfig:
     modules = cfg.get("modules_to_save") or []
     if not isinstance(modules, list) or not all(isinstance(m, str) for m in modules):
         raise bad(f"modules_to_save must be a list of module names, got {modules!r}.")
+    head = _head_labels(adapter_dir, key=key) if "score" in modules else 0
     for name in modules:
+        if name in HEAD_MODULES:        # a classification head (`classifier`: PEFT lists it too)
+            continue
         short = "norm" if name == "model.norm" else name.rsplit(".", 1)[-1]
         if short not in WHOLE_MODULES + ("q_norm", "k_norm") + MODULE_NAMES:
             raise bad(f"modules_to_save names {name!r}, which is not a module of the Llama family.")
@@ -122,7 +137,27 @@ def read_lora_config(adapter_dir, *, key: str = "run") -> LoraConfig:
             raise bad(f"{name} must be a number, got {value!r}.")
     return LoraConfig(rank=rank, alpha=float(alpha), dropout=float(dropout),
                       targets=tuple(sorted(targets)), rslora=bool(cfg.get("use_rslora", False)),
-                      kind="dora" if cfg.get("use_dora") else "lora", train_modules=tuple(full))
+                      kind="dora" if cfg.get("use_dora") else "lora", train_modules=tuple(full),
+                      head=head)
+
+
+def _head_labels(adapter_dir, *, key: str) -> int:
+    """The labels of an adapter's classification head: the rows of its `score.weight` (the weights
+    file's header), checked against labels.json's names where there is one."""
+    path = Path(adapter_dir) / ADAPTER_WEIGHTS
+    if not path.is_file():
+        raise PlanError(key, f"{ADAPTER_WEIGHTS} is missing.", file=str(path), hint=_DAMAGED_HINT)
+    info = read_header(path, key=key, hint=_DAMAGED_HINT).get(PEFT_PREFIX + "score.weight")
+    if info is None or len(info.shape) != 2:
+        raise PlanError(key, f"{ADAPTER_CONFIG}: modules_to_save names `score` (a classification "
+                        f"head), but {ADAPTER_WEIGHTS} holds no [labels, hidden] score.weight.",
+                        file=str(path), hint=_DAMAGED_HINT)
+    names = read_labels(adapter_dir, key=key)
+    if names is not None and len(names) != info.shape[0]:
+        raise PlanError(key, f"the head scores {info.shape[0]} labels, but labels.json names "
+                        f"{len(names)}.", file=str(Path(adapter_dir) / "labels.json"),
+                        hint=_DAMAGED_HINT)
+    return int(info.shape[0])
 
 
 def verify_adapter(adapter_dir, model: Llama, *, key: str = "run") -> dict[str, np.ndarray]:
@@ -180,11 +215,13 @@ def load_peft_adapter(model: Llama, adapter_dir, *, key: str = "run") -> Llama:
     have = model.lora
     config = str(adapter_dir / ADAPTER_CONFIG)
     if have is None or have.rank != want.rank or set(have.targets) != set(want.targets) or \
-            have.kind != want.kind or _full_set(have, model) != _full_set(want, model):
-        shape = lambda c: (c.kind, c.rank, sorted(c.targets), sorted(_full_set(c, model)))  # noqa: E731
-        raise PlanError(key, f"the adapter is {shape(want)} (kind, rank, targets, trained modules); "
-                        f"the model was built with {None if have is None else shape(have)}.",
-                        file=config, hint=_DAMAGED_HINT)
+            have.kind != want.kind or _full_set(have, model) != _full_set(want, model) or \
+            have.head != want.head:
+        shape = lambda c: (c.kind, c.rank, sorted(c.targets), sorted(_full_set(c, model)),  # noqa: E731
+                           c.head)
+        raise PlanError(key, f"the adapter is {shape(want)} (kind, rank, targets, trained modules, "
+                        f"head labels); the model was built with "
+                        f"{None if have is None else shape(have)}.", file=config, hint=_DAMAGED_HINT)
     if have.alpha != want.alpha:
         raise PlanError(key, f"the adapter's lora_alpha {want.alpha} != the model's {have.alpha}.",
                         file=config, hint=_DAMAGED_HINT)

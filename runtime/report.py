@@ -326,6 +326,48 @@ def _classification_rows(runs, metric) -> list[str]:
     return out
 
 
+def _generation_rows(runs, metric) -> list[str]:
+    """Free generation's other metric (exact_match beside a ROUGE-L headline, and the reverse)."""
+    out = []
+    for key in ("exact_match", "rouge_l"):
+        values = [r.get(key) for _, r in runs]
+        if key != metric and any(isinstance(v, (int, float)) for v in values):
+            out.append(f"<tr><th>{_esc(key)}</th>" + "".join(
+                f"<td>{v:.4f}</td>" if isinstance(v, (int, float)) else "<td>—</td>"
+                for v in values) + "</tr>")
+    return out
+
+
+def _samples_table(runs) -> str:
+    """Generate mode: the first test rows, prompt and reference beside each model's answer (and
+    its ROUGE-L), the models' samples lined up by test row."""
+    if not runs or runs[-1][1].get("mode") != "generate":
+        return ""
+    by_model = [(name, {x.get("index"): x for x in r.get("samples") or []}) for name, r in runs]
+    rows = list(dict.fromkeys(i for _, samples in by_model for i in samples))
+    if not rows:
+        return ""
+
+    def answer(x) -> str:
+        if x is None:
+            return "<td>—</td>"
+        score = x.get("rouge_l")
+        return (f"<td class=\"pre\">{_esc(_short(x.get('prediction', ''), 400))}"
+                + (f'<br><span class="muted">ROUGE-L {score:.3f}</span>'
+                   if isinstance(score, (int, float)) else "") + "</td>")
+
+    body = []
+    for i in rows:
+        first = next(samples[i] for _, samples in by_model if i in samples)
+        body.append(f"<tr><td class=\"pre\">{_esc(first.get('prompt', ''))}</td>"
+                    f"<td class=\"pre\">{_esc(_short(first.get('reference', ''), 400))}</td>"
+                    + "".join(answer(samples.get(i)) for _, samples in by_model) + "</tr>")
+    head = "<tr><th>prompt</th><th>reference</th>" + "".join(
+        f"<th>{_esc(name)} answer</th>" for name, _ in by_model) + "</tr>"
+    return ("<h3>Answers side by side</h3><table class=\"grid wide\">"
+            f"{head}{''.join(body)}</table>")
+
+
 def _per_class_table(runs) -> str:
     """Per class: support, then F1, precision and recall of each model."""
     pcs = [(n, r.get("per_class")) for n, r in runs if r.get("per_class")]
@@ -381,7 +423,8 @@ def _eval_section(ev: EvalFile | None) -> str:
         cls = "good" if delta > 0 else "bad" if delta < 0 else ""
         vals += f'<td class="{cls}"><b>{delta:+.4f}</b></td>'
         ns += "<td></td>"
-    rows = [head + "</tr>", vals + "</tr>"] + _classification_rows(runs, metric) + [ns + "</tr>"]
+    rows = [head + "</tr>", vals + "</tr>"] + _classification_rows(runs, metric) + \
+        _generation_rows(runs, metric) + [ns + "</tr>"]
     parts = [f'<table class="grid">{"".join(rows)}</table>']
     if ev.four_way:
         parts.append(_four_way(ev, metric))
@@ -391,6 +434,8 @@ def _eval_section(ev: EvalFile | None) -> str:
         if r.get("mode") == "constrained":
             bits.append("greedy within the label set; free generation beside it: up to "
                         f"{r.get('max_new_tokens')} new tokens")
+        elif r.get("mode") == "head":
+            bits.append("the argmax of the trained classification head, one forward pass per row")
         elif r.max_new_tokens:
             bits.append(f"up to {r.max_new_tokens} new tokens, greedy")
         if isinstance(r.seconds, (int, float)):
@@ -402,6 +447,7 @@ def _eval_section(ev: EvalFile | None) -> str:
 
     parts.append(_per_class_table(runs))
     parts.append(_preference_table(runs))
+    parts.append(_samples_table(runs))
 
     # where the tuned model (or the only one) goes wrong
     _, last = runs[-1]

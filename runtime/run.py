@@ -97,7 +97,7 @@ def setup(plan: Plan, run_dir: Path) -> Session:
     mesh = make_mesh(plan.runtime.mesh)
     graphdef, lora, frozen = build.training_model(plan, mesh)
     batcher, val_batcher = build.batches(plan)
-    optimizer, lr_fn = build.optimizer(plan.schedule)
+    optimizer, lr_fn = build.optimizer(plan.schedule, head_lr=plan.adapter.head_lr)
     opt_state, shardings = build.place_optimizer(mesh, optimizer, lora)
     session = Session(
         plan=plan, run_dir=run_dir, mesh=mesh, graphdef=graphdef, lora=lora, opt_state=opt_state,
@@ -260,7 +260,9 @@ def finish(s: Session) -> TrainSummary:
         else:
             save_peft_adapter(model, build.trained_dir(s.plan, s.run_dir),
                               base_model_name_or_path=s.plan.model.dir,
-                              lora=build.lora_config(s.plan))
+                              lora=build.lora_config(s.plan),
+                              labels=[x.text for x in s.plan.data.labels] if model.score is not None
+                              else None, pad_token_id=s.plan.model.pad_token_id)
     summary = _summary(s, rows, final_val)
     if is_main_process():
         summary.write(s.run_dir)

@@ -17,8 +17,8 @@ The names, the same in every tracker (x-axis: the optimizer step; W&B's charts p
 
 where <m> is the task metric (accuracy, macro_f1, rouge_l, exact_match: eval.json's `metric`), and for
 classification accuracy, macro_f1 and, beside constrained decoding, free_accuracy and
-free_invalid_rate; also eval/<metric>_delta (tuned − base), eval/majority_baseline and eval/n (test
-rows). A retrieval plan adds eval/no_retrieval_<m> and eval/base_no_retrieval_<m>.
+free_invalid_rate; for free generation exact_match and rouge_l; also eval/<metric>_delta (tuned −
+base), eval/majority_baseline and eval/n (test rows). A retrieval plan adds eval/no_retrieval_<m> and eval/base_no_retrieval_<m>.
 
 Resuming continues the same tracker run: `<run dir>/tracking.json` keeps each backend's run (MLflow's
 run id and store, W&B's id, TensorBoard's logdir). A run resumed from its checkpoint at step c reopens
@@ -71,7 +71,7 @@ def eval_values(ev: EvalFile) -> dict[str, float]:
         if r is None:
             continue
         values = {r.metric: r.value}
-        for k in ("accuracy", "macro_f1"):
+        for k in ("accuracy", "macro_f1", "exact_match", "rouge_l"):   # beside the headline
             if isinstance(r.get(k), (int, float)):
                 values[k] = r.get(k)
         for k, v in (r.free or {}).items():

@@ -5,7 +5,11 @@ and the only thing the optimizer sees) and everything else (frozen, passed in bu
 the step the micro-batches of the [accum, B, T] batch are scanned, summing the token losses, the
 supervised-token counts and the gradients of the summed loss; the sum is divided once by the number of
 supervised tokens in the whole global batch, so the loss is Σ token CE / Σ tokens whatever the
-accumulation — not a mean of micro-batch means.
+accumulation — not a mean of micro-batch means. A batch with a `loss_weight` (data.balance=weighted)
+weighs each token's CE by its class weight and divides by the weights' sum: Σ w·CE / Σ w.
+With a classification head (adapter.head=classifier, runtime/head.py; `head=True`) the loss is the
+head's cross-entropy at each example's last prompt token instead (runtime/loss.head_cross_entropy),
+summed and divided the same way: by the examples (or their weights) of the whole global batch.
 """
 from __future__ import annotations
 
@@ -16,7 +20,7 @@ import jax.numpy as jnp
 import optax
 from flax import nnx
 
-from runtime.loss import supervised_cross_entropy
+from runtime.loss import head_cross_entropy, supervised_cross_entropy
 from runtime.model import LoRAParam
 
 def split_model(model):
@@ -58,7 +62,7 @@ def decay_mask(params):
 
 
 def _micro_loss(graphdef, lora, frozen, mb, key, *, ce_chunk: int, loss_tokens: int | None,
-                dropout: bool, packed: bool):
+                dropout: bool, packed: bool, head: bool = False):
     model = nnx.merge(graphdef, frozen, lora)
     # Unpacked rows hold one example each (padding after it): plain causal attention is exact for
     # every real token and needs no [T, T] mask, which lets a fused attention kernel run.
@@ -66,16 +70,23 @@ def _micro_loss(graphdef, lora, frozen, mb, key, *, ce_chunk: int, loss_tokens: 
                    segment_ids=mb["segment_ids"] if packed else None,
                    deterministic=not dropout, rngs=nnx.Rngs(dropout=key) if dropout else None)
     B, T = mb["tokens"].shape
-    return supervised_cross_entropy(hidden, model.lm_head(), mb["targets"], mb["loss_mask"],
+    if head:        # the head's cross-entropy replaces the answer tokens' (their loss is not used)
+        return head_cross_entropy(hidden, model.head_weight(), mb["head_label"],
+                                  capacity=B * T if loss_tokens is None else loss_tokens,
+                                  weight=mb.get("loss_weight"))
+    # data.balance=weighted: each target's class weight (Σ w·CE, Σ w); else the 0/1 mask
+    mask = mb["loss_weight"] if "loss_weight" in mb else mb["loss_mask"]
+    return supervised_cross_entropy(hidden, model.lm_head(), mb["targets"], mask,
                                     capacity=B * T if loss_tokens is None else loss_tokens,
                                     chunk=ce_chunk)
 
 
 def accumulate(graphdef, lora, frozen, batch, key, *, ce_chunk: int, dropout: bool,
-               loss_tokens: int | None, packed: bool):
+               loss_tokens: int | None, packed: bool, head: bool = False):
     """Scan the micro-batches of an [accum, B, T] batch: (Σ token CE, Σ supervised tokens, gradients of
     Σ CE w.r.t. the LoRA parameters, accumulated in float32). Micro-batch i draws dropout from
-    fold_in(key, i)."""
+    fold_in(key, i). head: the classification head's loss instead (Σ w·CE, Σ w over the
+    examples)."""
     accum = batch["tokens"].shape[0]
 
     def micro(carry, xs):
@@ -84,7 +95,8 @@ def accumulate(graphdef, lora, frozen, batch, key, *, ce_chunk: int, dropout: bo
         sub = jax.random.fold_in(key, i) if dropout else None
         (l, c), g = jax.value_and_grad(
             lambda p: _micro_loss(graphdef, p, frozen, mb, sub, ce_chunk=ce_chunk,
-                                  loss_tokens=loss_tokens, dropout=dropout, packed=packed),
+                                  loss_tokens=loss_tokens, dropout=dropout, packed=packed,
+                                  head=head),
             has_aux=True)(lora)
         grads = jax.tree.map(lambda a, b: a + b.astype(jnp.float32), grads, g)
         return (grads, loss_sum + l.astype(jnp.float32), n + c.astype(jnp.float32)), None
@@ -97,24 +109,29 @@ def accumulate(graphdef, lora, frozen, batch, key, *, ce_chunk: int, dropout: bo
 
 def make_train_step(graphdef, optimizer: optax.GradientTransformation, lr_fn: Callable, *,
                     ce_chunk: int, dropout: bool, loss_tokens: int | None, packed: bool,
-                    donate: bool = True, state_sharding=None):
+                    donate: bool = True, state_sharding=None, head: bool = False):
     """step(lora, opt_state, frozen, batch, rng, step) -> (lora, opt_state, metrics), jitted, with the
     LoRA and optimizer states donated. batch: dict of int32 [accum, B, T]; rng: a PRNG key; step: the
     0-based global step, folded into rng for dropout (so a resumed run draws the same masks).
     state_sharding: where the outputs (LoRA, optimizer state, metrics) live, so that they are valid
     inputs of the next call as they are: one sharding for all three, or a tuple of three (trees). loss_tokens: supervised positions
     per micro-batch at most (the plan's runtime.loss_tokens): the output head runs on those only;
-    None runs it on every position."""
+    None runs it on every position. head: the loss is the classification head's cross-entropy
+    (the batch's `head_label`) instead of the answer tokens'."""
 
     def step_fn(lora, opt_state, frozen, batch, rng, step):
         key = jax.random.fold_in(rng, step)
         loss_sum, n, grads = accumulate(graphdef, lora, frozen, batch, key, ce_chunk=ce_chunk,
-                                        loss_tokens=loss_tokens, dropout=dropout, packed=packed)
+                                        loss_tokens=loss_tokens, dropout=dropout, packed=packed,
+                                        head=head)
         denom = jnp.maximum(n, 1.0)
         grads = jax.tree.map(lambda g, p: (g / denom).astype(p.dtype), grads, lora)
         grad_norm = optax.tree.norm(grads)
         updates, opt_state = optimizer.update(grads, opt_state, lora)
         lora = optax.apply_updates(lora, updates)
+        if "loss_weight" in batch:      # n_tokens counts (head: examples); n was Σ w, the divisor
+            n = jnp.sum((batch["head_label"] if head else batch["loss_mask"]) > 0).astype(
+                jnp.float32)
         metrics = {"loss": loss_sum / denom, "n_tokens": n, "grad_norm": grad_norm,
                    "lr": lr_fn(step), "n_inputs": jnp.sum(batch["segment_ids"] > 0)}
         return lora, opt_state, metrics
@@ -126,13 +143,14 @@ def make_train_step(graphdef, optimizer: optax.GradientTransformation, lr_fn: Ca
 
 
 def make_eval_loss(graphdef, *, ce_chunk: int, loss_tokens: int | None, packed: bool,
-                   state_sharding=None):
-    """eval_loss(lora, frozen, batch) -> (loss_sum, n_tokens) over all micro-batches, jitted."""
+                   state_sharding=None, head: bool = False):
+    """eval_loss(lora, frozen, batch) -> (loss_sum, n_tokens) over all micro-batches, jitted; head:
+    the classification head's (Σ CE, examples)."""
 
     def eval_fn(lora, frozen, batch):
         def micro(carry, mb):
             l, c = _micro_loss(graphdef, lora, frozen, mb, None, ce_chunk=ce_chunk,
-                               loss_tokens=loss_tokens, dropout=False, packed=packed)
+                               loss_tokens=loss_tokens, dropout=False, packed=packed, head=head)
             return (carry[0] + l.astype(jnp.float32), carry[1] + c.astype(jnp.float32)), None
 
         (loss_sum, n), _ = jax.lax.scan(micro, (jnp.float32(0), jnp.float32(0)), batch)

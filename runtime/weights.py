@@ -19,12 +19,13 @@ from core.architecture import ModelConfig, read_config
 from core.errors import PlanError
 from core.weight_files import index_shards, read_header
 from runtime import quant
-from runtime.model import (EXACT, ComputeSpec, FullParam, Llama, LoraConfig, LoRAParam, lora_a_init,
-                           row_norms)
+from runtime.model import (EXACT, ComputeSpec, FullParam, Llama, LoraConfig, LoRAParam, head_init,
+                           lora_a_init, row_norms)
 
 # Buffers some checkpoints carry that are recomputed, not loaded.
 _IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)
 _WEIGHTS_HINT = "are config.json and the weights of the same model, and the weights complete?"
+HEAD = ("score",)           # the classification head's state path: new, never in a checkpoint
 
 
 def hf_names(path: tuple, num_layers: int) -> list[str]:
@@ -32,6 +33,8 @@ def hf_names(path: tuple, num_layers: int) -> list[str]:
     path = tuple(str(p) for p in path)
     if path == ("unembed",):
         return ["lm_head.weight"]
+    if path == HEAD:                    # LlamaForSequenceClassification's head, beside `model.`
+        return ["score.weight"]
     if path[0] == "layers":
         rest = ".".join(path[1:])
         return [f"model.layers.{i}.{rest}" for i in range(num_layers)]
@@ -86,8 +89,8 @@ def load_pretrained(model_dir, *, config: ModelConfig | None = None, lora: LoraC
     plan's, is given), computing as `compute` says (a plan's spec, from runtime/build.py; EXACT, the
     float32 reference, outside a plan), base weights cast to its param_dtype (or quantised, lora.quantize), LoRA factors
     (if lora) freshly initialised from rngs (A random, B zero, float32), DoRA magnitudes set to the
-    base weight's row norms. Damaged files, missing or unexpected tensors raise PlanError (a
-    ValueError) naming them.
+    base weight's row norms, a classification head (lora.head) drawn small (model.head_init).
+    Damaged files, missing or unexpected tensors raise PlanError (a ValueError) naming them.
     place(names, value, trained, dense) -> array, if given, puts each base weight (a numpy array in
     its stored dtype; names = its state path; trained: a module trained in full; dense: False for
     flat nf4 codes and their scales) where it belongs — straight to its devices' shards, so a model
@@ -106,8 +109,8 @@ def load_pretrained(model_dir, *, config: ModelConfig | None = None, lora: LoraC
     stored = dict(nnx.to_flat_state(frozen_abstract))
     stored.update(nnx.to_flat_state(full_abstract))
     for path, var in stored.items():
-        if path[-1] == "weight_scale":
-            continue            # filled with its weight's codes
+        if path[-1] == "weight_scale" or path == HEAD:
+            continue            # filled with its weight's codes; the head is drawn below
         names = hf_names(path, cfg.num_layers)
         expected.update(names)
         missing = [n for n in names if n not in ckpt.where]
@@ -149,7 +152,6 @@ def load_pretrained(model_dir, *, config: ModelConfig | None = None, lora: LoraC
         return v.copy(place([str(x) for x in p], value, trained, dense))
 
     frozen = [(p, put(p, v, False)) for p, v in nnx.to_flat_state(frozen_abstract)]
-    full = [(p, put(p, v, True)) for p, v in nnx.to_flat_state(full_abstract)]
     # LoRA factors: A drawn as PEFT does (one key per stacked variable), B zero; DoRA's magnitude is
     # ‖W‖ per output row (of the weight as the model computes with it: dequantised if quantised).
     lora_vars = []
@@ -162,6 +164,9 @@ def load_pretrained(model_dir, *, config: ModelConfig | None = None, lora: LoraC
         else:
             value = jnp.zeros(var.shape, jnp.float32)
         lora_vars.append((path, var.copy(value)))
+    if lora is not None and lora.head:      # a new classification head, drawn after the factors
+        loaded[HEAD] = np.asarray(head_init(rngs.params(), (lora.head, cfg.hidden_size)))
+    full = [(p, put(p, v, True)) for p, v in nnx.to_flat_state(full_abstract)]
     return nnx.merge(graphdef, nnx.from_flat_state(full), nnx.from_flat_state(lora_vars),
                      nnx.from_flat_state(frozen))
 

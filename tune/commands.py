@@ -74,9 +74,6 @@ def writing(run_dir, command: str, plan_hash: str | None = None, *, key: str = "
 def export(job) -> None:
     """`tune export run=DIR format=peft|merged|gguf [out=PATH]`: a finished run's adapter in the
     formats the ecosystem reads."""
-    from runtime.export import export_run
-    from runtime.progress import log
-
     if not job.config.get("run"):
         raise PlanError("run", "`tune export` needs the run directory to export.",
                         hint="tune export run=DIR format=peft|merged|gguf [out=PATH]")
@@ -86,6 +83,16 @@ def export(job) -> None:
         raise PlanError("format", f"{rd} trained every weight (adapter.kind=full): there is no "
                         "PEFT adapter to export.",
                         hint="use format=merged (a transformers checkpoint) or format=gguf.")
+    if fmt != "peft" and plan.adapter.head != "none":
+        raise PlanError("format", f"{fmt} writes a causal language model, which has no place for "
+                        f"the classification head {rd} trained (adapter.head={plan.adapter.head}): "
+                        "its answers come from the head, not from decoding.",
+                        hint="use format=peft, and load it with AutoModelForSequenceClassification"
+                             ".from_pretrained(base, **labels) (labels: the adapter's labels.json), "
+                             "then PeftModel.from_pretrained(that model, the adapter).")
+    from runtime.export import export_run
+    from runtime.progress import log
+
     default = rd / "export" / (f"{rd.name}-{kind}.gguf" if fmt == "gguf" else fmt)
     out = Path(job.config["out"]).expanduser() if job.config.get("out") else default
     if out.exists():
@@ -94,7 +101,9 @@ def export(job) -> None:
     check_writable(out, "out", directory=fmt != "gguf")
     with writing(rd, "export", key="run"):
         out = export_run(plan, rd, out, fmt=fmt, gguf_type=kind)
-    use = {"peft": f"PeftModel.from_pretrained(base_model, '{out}')",
+    use = {"peft": f"PeftModel.from_pretrained(base_model, '{out}')" if plan.adapter.head == "none"
+           else f"PeftModel.from_pretrained(AutoModelForSequenceClassification.from_pretrained("
+                f"base, **json.load(open('{out}/labels.json'))), '{out}')",
            "merged": f"AutoModelForCausalLM.from_pretrained('{out}')",
            "gguf": f"llama-cli -m {out}   (Ollama: FROM {out})"}[fmt]
     log(f"exported ({fmt}" + (f", {kind}" if fmt == "gguf" else "") + f"): {out}\n  use it: {use}")
@@ -255,6 +264,13 @@ def serve(job) -> None:
                         hint="tune serve run=DIR, or runs=[DIR1,DIR2] for several adapters over "
                              "one base.")
     runs = dict(_existing_run(d, need_adapter=False) for d in given)    # run dir → its plan
+    heads = [str(d) for d, plan in runs.items() if plan.adapter.head != "none"]
+    if heads:
+        raise PlanError("run", f"{heads[0]} trained a classification head (adapter.head="
+                        "classifier): it answers with a label from one forward pass, not with "
+                        "generated text, so it is not served as a chat model.",
+                        hint=f"tune generate run={heads[0]} prompt=... prints its label and the "
+                             "probabilities; or serve a run trained with adapter.head=none.")
     dirs = list(runs)
     bases = {plan.model.config_hash for plan in runs.values()}
     if len(bases) > 1:

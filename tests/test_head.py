@@ -1,0 +1,399 @@
+"""adapter.head=classifier: a trained linear layer over the last prompt token's final hidden state,
+one logit per label. What compile refuses and shows; the train step's loss against a plain
+reference (packed and unpacked rows alike), its descent and its class weights; the PEFT export that
+LlamaForSequenceClassification + PeftModel load with the same logits; evaluation by one forward
+pass per row; `tune generate`'s label and probabilities; export formats refused."""
+from __future__ import annotations
+
+import json
+import time
+import warnings
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from conftest import write_jsonl
+
+TINY_LABELS = ("w30", "w31", "w32")
+
+
+@pytest.fixture(autouse=True)
+def exact_matmuls():
+    with jax.default_matmul_precision("highest"):
+        yield
+
+
+def tiny_rows(n, seed=0):
+    """Rows in the tiny word-level model's words: the label is the prompt's first word mod 3."""
+    rng = np.random.default_rng(seed)
+    rows = []
+    for _ in range(n):
+        words = rng.integers(40, 96, size=int(rng.integers(3, 12)))
+        rows.append({"text": " ".join(f"w{w}" for w in words),
+                     "label": TINY_LABELS[int(words[0]) % 3]})
+    return rows
+
+
+def head_config(model_dir, data, *, pack=True, head="classifier", head_lr=None, **schedule):
+    from compiler import schema
+
+    cfg = schema.defaults()
+    cfg["model"]["path"] = str(model_dir)
+    cfg["data"].update(path=str(data), val_fraction=0.1, max_length=32, dedupe=False,
+                       task="classification")
+    cfg["template"].update(prompt="{text}", response="{label}", chat=False)
+    cfg["adapter"].update(rank=4, alpha=8.0, dropout=0.0, head=head, head_lr=head_lr)
+    cfg["schedule"].update(dict(lr=3e-3, batch_size=4, grad_accum=2, max_steps=6, warmup=0),
+                           **schedule)
+    cfg["runtime"].update(pack=pack, dtype="float32", matmul_dtype="float32", log_every=1,
+                          checkpoint_every=0)
+    return cfg
+
+
+def head_plan(model_dir, data, **kw):
+    from compiler.compile import compile_plan
+
+    return compile_plan(head_config(model_dir, data, **kw), recipe_info=None, command="train")
+
+
+@pytest.fixture
+def tiny_data(tmp_path):
+    return write_jsonl(tmp_path / "data" / "train.jsonl", tiny_rows(48))
+
+
+# ------------------------------------------------------------------------------ compile
+
+def test_head_refused_outside_a_classification_sft_task(tiny_chat_dir, tiny_data, tmp_path):
+    from compiler.compile import compile_plan
+    from core.errors import PlanError
+
+    for change, named in [({"data": {"task": "generation"}}, "data.task=generation"),
+                          ({"objective": {"kind": "dpo"}}, "objective.kind=dpo"),
+                          ({"adapter": {"kind": "full"}}, "adapter.kind=full")]:
+        cfg = head_config(tiny_chat_dir, tiny_data)
+        for section, values in change.items():
+            cfg[section].update(values)
+        t0 = time.perf_counter()
+        with pytest.raises(PlanError) as e:
+            compile_plan(cfg, recipe_info=None, command="train")
+        assert time.perf_counter() - t0 < 1.0          # refused before any row is read
+        assert e.value.key == "adapter.head" and named in e.value.message and e.value.hint
+    # open-ended answers: data.task=auto resolves to generation, and the head is refused naming
+    # the training file
+    rows = [{"text": r["text"], "label": r["text"]} for r in tiny_rows(48)]
+    cfg = head_config(tiny_chat_dir, write_jsonl(tmp_path / "open.jsonl", rows))
+    cfg["data"]["task"] = "auto"
+    with pytest.raises(PlanError) as e:
+        compile_plan(cfg, recipe_info=None, command="train")
+    assert e.value.key == "adapter.head" and "open-ended" in e.value.message
+    assert e.value.file.endswith("open.jsonl")
+
+
+def test_cli_refuses_head_with_preference_objective(tune_cli, clf_data, tmp_path):
+    rc, out, err = tune_cli("plan", f"data.path={clf_data()}", "adapter.head=classifier",
+                            "objective=dpo", f"hydra.run.dir={tmp_path / 'run'}")
+    assert rc == 2 and "adapter.head" in err and "Traceback" not in err + out
+    assert not (tmp_path / "run" / "plan.json").exists()
+
+
+def test_plan_shows_the_head(tune_cli, clf_data, tmp_path):
+    rc, out, err = tune_cli("plan", f"data.path={clf_data()}", "adapter.head=classifier",
+                            "adapter.head_lr=1e-3", f"hydra.run.dir={tmp_path / 'run'}")
+    assert rc == 0, err
+    plan = json.loads((tmp_path / "run" / "plan.json").read_text())
+    hidden = plan["model"]["config"]["hidden_size"]
+    a = plan["adapter"]
+    assert (a["head"], a["head_labels"], a["head_params"], a["head_lr"]) == \
+        ("classifier", 3, 3 * hidden, 1e-3)
+    labels = [x["text"] for x in plan["data"]["labels"]]          # the head's rows, in order
+    assert sorted(labels) == ["Alpha", "Beta", "Gamma"]
+    text = " ".join(out.replace("│", " ").split())      # the panel's lines, joined
+    assert f"classifier: {3 * hidden:,} parameters (3 labels × {hidden} hidden" in text
+    assert "lr 0.001" in text and f"3 labels: {', '.join(labels)}" in text
+
+
+def test_plans_without_a_head_hash_as_before(tiny_chat_dir, tiny_data):
+    """The keys this adds stay out of the hash at their defaults: existing runs keep their hash."""
+    import dataclasses
+
+    from core.plan import content_hash
+
+    plan = head_plan(tiny_chat_dir, tiny_data, head="none")
+    doc = plan.to_dict()
+    assert doc["adapter"]["head"] == "none" and doc["config"]["adapter"]["head"] == "none"
+    config = {**plan.config, "adapter": {k: v for k, v in plan.config["adapter"].items()
+                                         if k not in ("head", "head_lr")}}
+    assert content_hash(dataclasses.replace(plan, config=config)) == plan.hash
+
+
+# ------------------------------------------------------------------------------ labels
+
+def test_example_labels_by_tokens_then_by_text():
+    from core.plan import Label
+    from runtime.head import example_labels
+
+    labels = [Label("Alpha", (5, 2), 3), Label("Beta", (6, 2), 3)]
+    ids = [np.array([1, 3, 4, 5, 2]), np.array([1, 6, 2]), np.array([1, 7, 2]),
+           np.array([1, 8, 2]), np.array([9, 9, 6, 2])]
+    decoded = []
+
+    def decode(tokens):
+        decoded.append(tuple(tokens))
+        return {(7, 2): " beta.\n", (8, 2): "Gamma"}[tuple(tokens)]
+
+    got = example_labels(ids, [3, 1, 1, 1, 2], labels, decode=decode)
+    assert got.tolist() == [0, 1, 1, -1, 1]
+    assert sorted(decoded) == [(7, 2), (8, 2)]          # only answers no label's tokens match
+
+
+# ------------------------------------------------------------------------------ training
+
+def _reference_ce(model, examples, plan) -> np.ndarray:
+    """Plain CE of the head at each example's last prompt token, the label read from its answer's
+    first token (the tiny model's word ids): all examples in one batch, right-padded (plain causal
+    attention: exact for every real token), no packing."""
+    ids, prompt_lens = examples
+    texts = [x.text for x in plan.data.labels]
+    tokens = np.zeros((len(ids), int(max(prompt_lens))), np.int32)
+    for r, (x, p) in enumerate(zip(ids, prompt_lens)):
+        tokens[r, :p] = x[:p]
+    hidden = np.asarray(nnx.jit(lambda m, t: m(t))(model, jnp.asarray(tokens)), np.float64)
+    last = hidden[np.arange(len(ids)), np.asarray(prompt_lens) - 1]
+    logits = last @ np.asarray(model.score[...], np.float64).T
+    k = np.array([texts.index(f"w{int(x[p])}") for x, p in zip(ids, prompt_lens)])
+    top = logits.max(axis=1)
+    return np.log(np.exp(logits - top[:, None]).sum(axis=1)) + top - logits[np.arange(len(k)), k]
+
+
+def test_train_step_loss_is_the_heads_cross_entropy_and_falls(tiny_chat_dir, tiny_data):
+    from core.token_cache import load_examples
+    from runtime import build
+    from runtime.batching import Batcher, BatchShape
+    from runtime.head import example_labels
+    from runtime.mesh import make_mesh, put_batch
+    from runtime.train import make_eval_loss
+
+    plan = head_plan(tiny_chat_dir, tiny_data, pack=True, head_lr=2e-2)
+    mesh = make_mesh(plan.runtime.mesh)
+    graphdef, trained, frozen = build.training_model(plan, mesh)
+    packed, _ = build.batches(plan)
+    train = load_examples(plan.data.cache).split("train")
+    ref = _reference_ce(nnx.merge(graphdef, frozen, trained), train, plan)
+    # the whole training split, one example per row (plain causal attention, no segments): each
+    # example's CE once
+    s = plan.schedule
+    single = Batcher(*train, BatchShape(1, 16, s.seq_len), pack=False, seed=s.seed,
+                     head_labels=example_labels(*train, plan.data.labels))
+    eval_fn = make_eval_loss(graphdef, ce_chunk=32, loss_tokens=None, packed=False, head=True)
+    sums = [eval_fn(trained, frozen, put_batch(b, mesh)) for b in single.epoch_batches(0)]
+    assert sum(float(c) for _, c in sums) == len(train[0])
+    assert sum(float(x) for x, _ in sums) == pytest.approx(ref.sum(), rel=1e-5)
+    # the same examples in packed rows: the step's loss (2 micro-batches of rows holding several
+    # examples each) is the mean of their CE, and it falls over a few steps on them
+    opt, lr_fn = build.optimizer(s, head_lr=plan.adapter.head_lr)
+    opt_state, shardings = build.place_optimizer(mesh, opt, trained)
+    step = build.train_step(plan, graphdef, opt, lr_fn, mesh, shardings)
+    in_step = [i for row in packed.epoch_rows(0)[:s.grad_accum * s.batch_size] for i in row]
+    assert len(in_step) > s.grad_accum * s.batch_size       # packed: rows hold several examples
+    batch = put_batch(packed.batch(0, 0), mesh)
+    seen = []
+    for k in range(4):
+        trained, opt_state, m = step(trained, opt_state, frozen, batch, jax.random.key(0),
+                                     jnp.int32(k))
+        seen.append(float(m["loss"]))
+        if k == 0:
+            assert int(m["n_tokens"]) == len(in_step)       # one per example, not per token
+    assert seen[0] == pytest.approx(ref[in_step].mean(), rel=1e-5)
+    assert seen[-1] < seen[0] - 0.05, seen
+
+
+def test_head_loss_weights_each_example_by_its_label():
+    from runtime.loss import head_cross_entropy
+
+    rng = np.random.default_rng(0)
+    hidden = rng.normal(size=(2, 6, 8)).astype(np.float32)
+    w = rng.normal(size=(3, 8)).astype(np.float32)
+    label = np.zeros((2, 6), np.int32)
+    label[0, 2], label[0, 5], label[1, 3] = 1, 3, 2          # labels 0, 2, 1
+    weight = np.where(label > 0, np.array([0, 0.5, 2.0, 1.5])[label], 0).astype(np.float32)
+    weight[0, 0] = 9.0                                       # a weight where no example is read
+    logits = hidden @ w.T
+    ce = np.log(np.exp(logits).sum(-1)) - np.take_along_axis(
+        logits, np.maximum(label - 1, 0)[..., None], -1)[..., 0]
+    for capacity, weighted in [(12, False), (4, True), (12, True)]:
+        s, n = head_cross_entropy(jnp.asarray(hidden), jnp.asarray(w), jnp.asarray(label),
+                                  capacity=capacity,
+                                  weight=jnp.asarray(weight) if weighted else None)
+        ww = np.where(label > 0, weight if weighted else 1.0, 0.0)
+        assert float(n) == pytest.approx(ww.sum())
+        assert float(s) == pytest.approx(float((ww * ce).sum()), rel=1e-5)
+
+
+def test_balance_weighted_weighs_each_example_by_its_class(tiny_chat_dir, tmp_path):
+    """data.balance=weighted: the batch's loss weight at each example's last prompt token (what the
+    head's loss reads) is its class's weight; the validation batches carry none."""
+    from compiler.compile import compile_plan
+    from runtime import build
+
+    rows = tiny_rows(60)
+    rows += [{**r, "label": TINY_LABELS[0]} for r in tiny_rows(30, seed=2)]   # imbalanced
+    cfg = head_config(tiny_chat_dir, write_jsonl(tmp_path / "imb.jsonl", rows))
+    cfg["data"]["balance"] = "weighted"
+    plan = compile_plan(cfg, recipe_info=None, command="train")
+    weights = dict(zip((x.text for x in plan.data.labels), plan.data.class_weights))
+    assert len(set(weights.values())) > 1
+    train, val = build.batches(plan)
+    seen = 0
+    for batch in train.epoch_batches(0):
+        at = batch["head_label"] > 0
+        want = np.array([weights[plan.data.labels[k - 1].text] for k in batch["head_label"][at]])
+        np.testing.assert_allclose(batch["loss_weight"][at], want, rtol=1e-6)
+        seen += int(at.sum())
+    assert seen == plan.data.sizes["train"]
+    assert "loss_weight" not in next(val.epoch_batches(0))
+
+
+# ------------------------------------------------------------------------------ export
+
+def test_peft_sequence_classification_reproduces_the_head(hf_tiny, tmp_path):
+    """The adapter with its head loads into LlamaForSequenceClassification + PeftModel (no missing
+    or unexpected keys) with the head's logits, and back into tune with the same head."""
+    import torch
+    from peft import PeftModel, set_peft_model_state_dict
+    from safetensors.numpy import load_file
+    from transformers import AutoModelForSequenceClassification
+
+    from runtime.head import predict
+    from runtime.model import LoraConfig, LoRAParam
+    from runtime.peft import load_peft_adapter, read_lora_config, save_peft_adapter
+    from runtime.weights import load_pretrained
+
+    _, path = hf_tiny("llama")
+    lora = LoraConfig(rank=4, alpha=8.0, dropout=0.0, targets=("q_proj", "v_proj", "down_proj"),
+                      head=3)
+    model = load_pretrained(path, lora=lora)
+    state = nnx.state(model, LoRAParam)           # random non-zero factors and head, as if trained
+    leaves, treedef = jax.tree.flatten(state)
+    keys = jax.random.split(jax.random.key(1), len(leaves))
+    nnx.update(model, jax.tree.unflatten(treedef, [0.3 * jax.random.normal(k, x.shape)
+                                                   for k, x in zip(keys, leaves)]))
+    out = save_peft_adapter(model, tmp_path / "adapter", base_model_name_or_path=str(path),
+                            lora=lora, labels=["Alpha", "Beta", "Gamma"], pad_token_id=0)
+    config = json.loads((out / "adapter_config.json").read_text())
+    assert config["task_type"] == "SEQ_CLS" and config["modules_to_save"] == ["score"]
+    tensors = load_file(str(out / "adapter_model.safetensors"))
+    assert tensors["base_model.model.score.weight"].shape == (3, 64)
+    labels = json.loads((out / "labels.json").read_text())
+    assert labels["id2label"] == {"0": "Alpha", "1": "Beta", "2": "Gamma"}
+
+    base = AutoModelForSequenceClassification.from_pretrained(path, dtype=torch.float32, **labels)
+    assert type(base).__name__ == "LlamaForSequenceClassification" and base.config.num_labels == 3
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        peft = PeftModel.from_pretrained(base, out).eval()
+    assert not [w for w in caught if "missing" in str(w.message).lower()
+                or "unexpected" in str(w.message).lower()]
+    result = set_peft_model_state_dict(peft, {k: torch.from_numpy(v) for k, v in tensors.items()})
+    assert not result.unexpected_keys
+    # the head's trained copy loads (its `original_module` is the base's, as for any PEFT save)
+    assert not [k for k in result.missing_keys if "lora_" in k or "modules_to_save" in k]
+    assert any("score.modules_to_save" in n for n, _ in peft.named_parameters())
+
+    prompts = [list(np.random.default_rng(s).integers(1, 128, n)) for s, n in ((0, 9), (1, 4))]
+    ours = predict(model, prompts, batch_size=2, pad_id=0)
+    with torch.no_grad():
+        theirs = np.concatenate([peft(torch.as_tensor([p])).logits.numpy() for p in prompts])
+        padded = torch.as_tensor([prompts[0], prompts[1] + [0] * 5])    # right-padded with pad_id
+        batched = peft(padded).logits.numpy()
+    np.testing.assert_allclose(ours, theirs, atol=1e-5, rtol=0)
+    np.testing.assert_allclose(batched, theirs, atol=1e-5, rtol=0)
+
+    back = read_lora_config(out)
+    assert back.head == 3
+    again = load_peft_adapter(load_pretrained(path, lora=back), out)
+    np.testing.assert_array_equal(np.asarray(again.score[...]), np.asarray(model.score[...]))
+    np.testing.assert_allclose(predict(again, prompts, batch_size=1, pad_id=0), ours, atol=1e-6)
+
+
+# ------------------------------------------------------------------------------ a head run
+
+@pytest.mark.slow
+def test_head_run_evaluates_generates_and_exports(tune_cli, tiny_chat_dir, tmp_path, monkeypatch):
+    """A 2-step head run: its tuned model is scored by the head (mode head, label texts, one forward
+    pass per row), its base model by constrained decoding; `tune eval run=` scores it with no
+    decoding at all; `tune generate` prints a label and the probabilities; `tune serve` and
+    merged export are refused, peft export carries the head."""
+    import runtime.decode as decode
+    import runtime.evaluate as evaluate
+    import runtime.head as head
+
+    train = write_jsonl(tmp_path / "data" / "train.jsonl", tiny_rows(40))
+    test = write_jsonl(tmp_path / "data" / "test.jsonl", tiny_rows(10, seed=1))
+    run = tmp_path / "run"
+    common = [f"model.path={tiny_chat_dir}", "template.chat=false", "data.max_length=32",
+              "data.task=classification", "runtime.dtype=float32", "runtime.matmul_dtype=float32"]
+    rc, out, err = tune_cli(f"data.path={train}", f"data.test_path={test}", *common,
+                            "adapter.head=classifier", "schedule.max_steps=2",
+                            "schedule.batch_size=4", "eval.batch_size=4", f"hydra.run.dir={run}")
+    assert rc == 0, err
+    ev = json.loads((run / "eval.json").read_text())
+    assert ev["tuned"]["mode"] == "head" and ev["base"]["mode"] == "constrained"
+    assert ev["tuned"]["n"] == 10 and ev["tuned"]["rows_per_s"] > 0
+    assert ev["tuned"]["max_new_tokens"] is None
+    assert "delta" in ev
+    rows = [json.loads(x) for x in (run / "eval_predictions.jsonl").read_text().splitlines()]
+    tuned = [r for r in rows if r["model"] == "tuned"]
+    assert len(tuned) == 10 and {r["prediction"] for r in tuned} <= set(TINY_LABELS)
+    assert (run / "adapter" / "labels.json").is_file()
+
+    # tune eval run=DIR: one forward pass per row, batched, no decoding
+    calls = []
+    forward = head._head_batch
+
+    def counted(graphdef, state, tokens, last):
+        calls.append(tokens.shape)
+        return forward(graphdef, state, tokens, last)
+
+    def no_decoding(*a, **k):
+        raise AssertionError("a head run's tuned model is not decoded")
+
+    monkeypatch.setattr(head, "_head_batch", counted)
+    monkeypatch.setattr(evaluate, "classify", no_decoding)
+    monkeypatch.setattr(evaluate, "greedy_generate", no_decoding)
+    rc, out, err = tune_cli("eval", f"run={run}")
+    assert rc == 0, err
+    assert len(calls) == 3 and all(shape[0] == 4 for shape in calls)     # ceil(10 / 4) batches
+    assert json.loads((run / "eval.json").read_text())["tuned"]["mode"] == "head"
+    assert "base" in json.loads((run / "eval.json").read_text())         # kept beside it
+
+    # tune generate: the label, then the labels' probabilities; no decoding either
+    import runtime.generate as generate_mod     # imported before the patch: it binds the name
+
+    monkeypatch.setattr(decode, "stream_tokens", no_decoding)
+    monkeypatch.setattr(generate_mod, "stream_tokens", no_decoding)
+    rc, out, err = tune_cli("generate", f"run={run}", "prompt=w41 w50 w60")
+    assert rc == 0, err
+    lines = out.strip().splitlines()
+    assert lines[0] in TINY_LABELS
+    shown = dict(part.rsplit(" ", 1) for part in lines[1].strip().split(" · "))
+    assert set(shown) == set(TINY_LABELS) and sum(map(float, shown.values())) == \
+        pytest.approx(1.0, abs=2e-3)
+    assert max(shown, key=lambda k: float(shown[k])) == lines[0]
+
+    # not served as a chat model
+    rc, out, err = tune_cli("serve", f"run={run}", "port=0")
+    assert rc == 2 and "classification head" in err and "tune generate" in err
+
+    # export: merged refused naming `format`, nothing written; peft carries the head
+    t0 = time.perf_counter()
+    rc, out, err = tune_cli("export", f"run={run}", "format=merged", f"out={tmp_path / 'm'}")
+    assert rc == 2 and "format" in err and "classification head" in err
+    assert time.perf_counter() - t0 < 1.0 and not (tmp_path / "m").exists()
+    rc, out, err = tune_cli("export", f"run={run}", "format=peft", f"out={tmp_path / 'p'}")
+    assert rc == 0, err
+    config = json.loads((tmp_path / "p" / "adapter_config.json").read_text())
+    assert config["task_type"] == "SEQ_CLS"
+    assert (tmp_path / "p" / "labels.json").is_file()
