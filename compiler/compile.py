@@ -70,6 +70,7 @@ def compile_plan(cfg: dict, *, recipe_info: Recipe | None, command: str = "plan"
     length = _length_rule(config, model) if config["data"]["max_length"] == "auto" else None
     tables, retrieval, data, examples = _data_stage(config, model, recipe_info, cwd, command,
                                                     warnings, policy, length=length)
+    _check_context(data, model)
     data, order = _balance(config["data"], data, examples, config["schedule"]["seed"])
     template = _template_section(config["template"], model, data)
     adapter = _adapter_section(config["adapter"], model)
@@ -485,7 +486,7 @@ def _balance(d: dict, data: DataSection, examples, seed: int
     counts = [x.count for x in data.labels]
     data = replace(data, balance=b, balance_max_factor=factor)
     if b == "weighted":
-        return replace(data, class_weights=balance.class_weights(counts)), None
+        return replace(data, class_weights=balance.class_weights(counts, factor)), None
     order = balance.oversample(examples.classes("train"), len(counts), factor, seed)
     return replace(data, balanced_counts=tuple(balance.oversampled_counts(counts, factor))), order
 
@@ -858,6 +859,21 @@ def _devices() -> Devices:
                    processes=processes()[0])
 
 
+def _check_context(data: DataSection, model: ModelSection) -> None:
+    """An example longer than the model's context would train on positions it was never trained
+    for (RoPE past max_position_embeddings): a data.max_length above the context is refused once a
+    training example reaches past it."""
+    context = int(model.config.max_position_embeddings)
+    kept = min(int(data.tokens.get("max") or 0), data.max_length)
+    if data.max_length > context and kept > context:
+        raise PlanError("data.max_length", f"{data.max_length} tokens is more than {model.name}'s "
+                        f"context (max_position_embeddings={context}), and the longest training "
+                        f"example keeps {kept} tokens at that length: its tokens past {context} "
+                        "would sit at positions the model has never seen.",
+                        hint=f"use data.max_length={context} or less (data.overlength decides what "
+                             "happens to longer examples), or data.max_length=auto.")
+
+
 def _length_rule(config: dict, model: ModelSection):
     """What data.max_length=auto may choose (compiler/examples.LengthRule): multiples of 64 (of
     pallas attention's block with runtime.attention=pallas), at most the model's context,
@@ -1209,7 +1225,8 @@ def _estimates(model: ModelSection, adapter: AdapterSection, schedule: ScheduleS
                         f"{rt.devices.kind}'s {_gib(available)}.",
                         hint="lower eval.batch_size (16 is usual).")
     times = _times(step, forward, schedule, rt, data, ev, examples, warnings,
-                   need_train=need_train, objective=objective, retrieval=retrieval)
+                   need_train=need_train, objective=objective, retrieval=retrieval,
+                   head=need_train and adapter.head != "none")
     return Estimates(memory=memory, memory_share=share, step_time_s=step, eval_memory=evaluation,
                      **times)
 
@@ -1224,9 +1241,12 @@ EVAL_LONG_S = 600               # scoring every test row is estimated longer tha
 
 def _times(step: float | None, forward: float | None, schedule: ScheduleSection,
            rt: RuntimeSection, data: DataSection, ev: EvalSection, examples, warnings: list, *,
-           need_train: bool, objective: ObjectiveSection, retrieval: bool) -> dict:
+           need_train: bool, objective: ObjectiveSection, retrieval: bool,
+           head: bool = False) -> dict:
     """The time estimate's parts — training, the validation passes, the evaluation after training
-    — as Estimates fields, and a warning where the last two are out of proportion."""
+    — as Estimates fields, and a warning where the last two are out of proportion. head: the tuned
+    model answers by its classification head (one forward pass per row), the base one by
+    eval.mode."""
     if step is None or forward is None:
         return {"total_time_s": None}
     train = step * schedule.total_steps
@@ -1251,10 +1271,16 @@ def _times(step: float | None, forward: float | None, schedule: ScheduleSection,
     def evaluation_time(n: int) -> float:
         prefill = np.mean([estimates.prefill_tokens(p, n, ev.batch_size) for p in prompts]) \
             if prompts else 0
-        return estimates.evaluation_time(
-            rows=n, models=models, mode=ev.mode, token_s=forward / max(1, schedule.tokens_per_step),
-            prefill=float(prefill), new_tokens=ev.max_new_tokens, batch_size=ev.batch_size,
-            label_tokens=[len(x.ids) for x in data.labels], unit_tokens=unit)
+
+        def scored(k: int, mode: str) -> float:
+            return estimates.evaluation_time(
+                rows=n, models=k, mode=mode, token_s=forward / max(1, schedule.tokens_per_step),
+                prefill=float(prefill), new_tokens=ev.max_new_tokens, batch_size=ev.batch_size,
+                label_tokens=[len(x.ids) for x in data.labels], unit_tokens=unit)
+
+        if head:            # half the models (the tuned ones) answer by the head
+            return scored(models // 2, ev.mode) + scored(models - models // 2, "head")
+        return scored(models, ev.mode)
 
     evaluation = evaluation_time(rows)
     if ev.limit is None and rows > EVAL_SAMPLE and evaluation > EVAL_LONG_S:

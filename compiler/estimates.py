@@ -326,10 +326,13 @@ def evaluation_time(*, rows: int, models: int, mode: str, token_s: float, prefil
     the longest label's steps within the label set, then free generation's new_tokens from the same
     prefill. A step reads every weight for a handful of tokens: it costs a forward over its rows,
     and at least over DECODE_STEP_TOKENS tokens. choices: no decoding; after the prefill every
-    label's tokens (and one more) run for each row of a batch. preference: one forward pass over
-    each pair's tokens (unit_tokens on average), packed."""
+    label's tokens (and one more) run for each row of a batch. head (adapter.head=classifier): the
+    prefill alone. preference: one forward pass over each pair's tokens (unit_tokens on average),
+    packed."""
     if rows <= 0 or models <= 0:
         return 0.0
+    if mode == "head":
+        return models * prefill * token_s
     if mode == "preference":
         return models * rows * unit_tokens * token_s
     batches = math.ceil(rows / max(1, batch_size))

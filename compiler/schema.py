@@ -134,10 +134,12 @@ KEYS: tuple[Key, ...] = (
     _k("data.balance", "choice", "none", "classification with imbalanced labels: oversample "
        "(training repeats the smaller classes' examples, up to data.balance_max_factor times "
        "their count, towards the largest class's) or weighted (each example's loss weighted by "
-       "N / (K · its class's count), mean weight 1; the validation loss stays unweighted); none "
+       "N / (K · its class's count), at most data.balance_max_factor times the largest class's, "
+       "mean weight 1; the validation loss stays unweighted); none "
        "trains on the rows as they are", choices=("none", "oversample", "weighted")),
-    _k("data.balance_max_factor", "number", 10, "data.balance=oversample: a class grows to at "
-       "most this many times its own count (a 1-example class is not copied thousands of times)",
+    _k("data.balance_max_factor", "number", 10, "data.balance: under oversample a class grows to "
+       "at most this many times its own count (a 1-example class is not copied thousands of "
+       "times); under weighted no class weighs more than this many times the largest class",
        low=1.0, high=1000.0, hint="1 repeats nothing; 10 is usual."),
     # template
     _k("template.prompt", "str", "{text}", "format string over the data's fields: the prompt "

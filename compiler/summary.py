@@ -171,7 +171,7 @@ def _data(plan) -> Panel:
         ("clean text", _cleaning(d)),
         ("supervised", f"min {_n(sup.get('min'))} · mean {_n(sup.get('mean'))} tokens per example · "
                        f"{_n(d.no_supervised)} examples without any" if sup else None),
-        ("task", _task(d) if tok and not pref else None),
+        ("task", _task(d, head=plan.adapter.head != "none") if tok and not pref else None),
         ("answers", plan.eval.max_new_tokens_choice if tok else None),
         ("balance", _balance(d) if d.balance != "none" else None),
         ("pairs", _pairs(d) if pref and tok else None),
@@ -275,15 +275,16 @@ def _cleaning(d) -> str | None:
         f"data.control_tokens={d.control_tokens})"
 
 
-def _task(d) -> str:
+def _task(d, *, head: bool = False) -> str:
     if d.task != "classification":
         return f"generation ({_n(d.n_labels)} distinct answers): free decoding"
     labels = ", ".join(f"{x.text} {_n(x.count)}" for x in d.labels[:12])
     more = f", … {len(d.labels) - 12} more" if len(d.labels) > 12 else ""
     base = (f"; majority-class baseline {d.majority_baseline:.3f} on the test rows"
             if d.majority_baseline is not None else "")
-    return (f"classification, {len(d.labels)} labels ({labels}{more}): decoded within the label "
-            f"set{base}")
+    answered = ("the tuned model answers by the classification head, the base model is decoded "
+                "within the label set") if head else "decoded within the label set"
+    return f"classification, {len(d.labels)} labels ({labels}{more}): {answered}{base}"
 
 
 BALANCE_SHOWN = 3        # classes shown at each end (the largest, the smallest) of a balance

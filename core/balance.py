@@ -48,12 +48,16 @@ def oversample(classes: np.ndarray, n_classes: int, max_factor: float, seed: int
     return np.sort(np.concatenate(parts))
 
 
-def class_weights(counts: Sequence[int]) -> tuple[float, ...]:
-    """data.balance=weighted: each class's loss weight w_c = N / (K · n_c) (N training examples,
-    K classes, n_c the class's count), normalised so that the mean weight per training example is
-    1 (Σ_c n_c · w_c = N; the formula gives it up to rounding)."""
+def class_weights(counts: Sequence[int], max_factor: float = math.inf) -> tuple[float, ...]:
+    """data.balance=weighted: each class's loss weight w_c ∝ N / (K · n_c) (N training examples,
+    K classes, n_c the class's count), capped at max_factor times the largest class's weight — the
+    same bound oversampling has, so a class of one example does not outweigh the rest — then scaled
+    so that the mean weight per training example is 1 (Σ_c n_c · w_c = N)."""
     n = np.asarray(counts, dtype=np.float64)
+    if not len(n) or (n <= 0).any():
+        raise ValueError(f"class counts must all be positive, got {list(counts)}")
     w = n.sum() / (len(n) * n)
+    w = np.minimum(w, max_factor * w.min())
     w *= n.sum() / float((w * n).sum())
     return tuple(float(x) for x in w)
 

@@ -91,6 +91,20 @@ def test_auto_is_capped_by_the_model_context(tiny_chat_dir, tmp_path):
         in c["text"]
 
 
+def test_int_length_past_the_context_refused_when_an_example_reaches_it(tiny_chat_dir, tmp_path):
+    from core.errors import PlanError
+
+    # the default 512 is above the tiny model's 256 positions: fine while every example fits
+    assert _compile(tiny_chat_dir, tmp_path, _rows([200] * 20)).data.max_length == 512
+    with pytest.raises(PlanError) as e:
+        _compile(tiny_chat_dir, tmp_path, _rows([200] * 19 + [300]))
+    assert e.value.key == "data.max_length"
+    assert "max_position_embeddings=256" in str(e.value) and "300 tokens" in str(e.value)
+    # at the context, the long example is cut, not refused
+    assert _compile(tiny_chat_dir, tmp_path, _rows([200] * 19 + [300]), max_length=256
+                    ).data.truncated == 1
+
+
 def test_auto_makes_room_for_the_longest_answer(tiny_chat_dir, tmp_path):
     """data.overlength=truncate never cuts an answer: auto raises the length to keep the longest
     whole rather than refuse it; with drop, the row is dropped at the p99's length."""

@@ -98,7 +98,8 @@ def test_oversampled_epoch_is_the_plans_and_repeats_exactly(skewed, tmp_path):
 # ------------------------------------------------------------------------------ weighted
 
 def test_weighted_class_weights_follow_the_formula(tune_cli, skewed, tmp_path):
-    out = _run_plan(tune_cli, "data.balance=weighted")
+    # Gamma's N / (K · n) is 20× Alpha's: a factor of 50 leaves the formula uncapped
+    out = _run_plan(tune_cli, "data.balance=weighted", "data.balance_max_factor=50")
     d = json.loads((tmp_path / "run" / "plan.json").read_text())["data"]
     counts = [x["count"] for x in d["labels"]]
     n, k = sum(counts), len(counts)
@@ -135,6 +136,25 @@ def tiny_classification_plan(model_dir, workdir, **data):
 
 
 @pytest.mark.slow
+def test_weighted_class_weights_capped_by_the_max_factor():
+    from core.balance import class_weights
+
+    counts = [240, 48, 12]
+    w = class_weights(counts, 10)
+    # Alpha : Beta : Gamma = 1 : 5 : min(20, 10); the mean weight per example stays 1
+    assert w[1] / w[0] == pytest.approx(5.0) and w[2] / w[0] == pytest.approx(10.0)
+    assert sum(c * x for c, x in zip(counts, w)) / sum(counts) == pytest.approx(1.0)
+    assert class_weights(counts, 1) == pytest.approx((1.0, 1.0, 1.0))
+    with pytest.raises(ValueError, match="positive"):
+        class_weights([3, 0])
+
+
+def test_weighted_default_cap_in_the_plan(tune_cli, skewed, tmp_path):
+    _run_plan(tune_cli, "data.balance=weighted")
+    w = json.loads((tmp_path / "run" / "plan.json").read_text())["data"]["class_weights"]
+    assert w[2] / w[0] == pytest.approx(10.0)        # 20× by the formula, capped at 10
+
+
 def test_weighted_step_loss_is_the_weighted_mean(tiny_chat_dir, tmp_path):
     """A weighted train step's loss is Σ w·CE / Σ w over the batch's supervised tokens, each
     weighted by its example's class weight — computed here in numpy from the model's logits. (One

@@ -113,6 +113,19 @@ def test_plan_shows_the_head(tune_cli, clf_data, tmp_path):
     text = " ".join(out.replace("│", " ").split())      # the panel's lines, joined
     assert f"classifier: {3 * hidden:,} parameters (3 labels × {hidden} hidden" in text
     assert "lr 0.001" in text and f"3 labels: {', '.join(labels)}" in text
+    assert "the tuned model answers by the classification head, the base model is decoded " \
+           "within the label set" in text
+
+
+def test_head_evaluation_estimate_is_the_prefill_alone():
+    from compiler.estimates import evaluation_time
+
+    kw = dict(rows=64, token_s=1e-3, prefill=4000, new_tokens=16, batch_size=16,
+              label_tokens=[3, 2])
+    head = evaluation_time(models=1, mode="head", **kw)
+    assert head == pytest.approx(4000 * 1e-3)
+    assert evaluation_time(models=1, mode="constrained", **kw) > head
+    assert evaluation_time(models=2, mode="head", **kw) == pytest.approx(2 * head)
 
 
 def test_plans_without_a_head_hash_as_before(tiny_chat_dir, tiny_data):
