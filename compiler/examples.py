@@ -33,8 +33,9 @@ over-length policy. The measured lengths are remembered beside the cache (`<key>
 
 Cache: `<cache_dir>/<key>.npz` — per split (train, val, test) `{split}_ids` (int32, all examples'
 ids end to end), `{split}_offsets` (int64, where each example starts; one more than examples) and
-`{split}_prompt_lens` (int32), and for a training split whose answers form a label set
-`train_class` (int32: each example's label, its index in the label set, most frequent first) —
+`{split}_prompt_lens` (int32), and when the training answers form a label set `train_class` and
+`val_class` (int32: each example's label, its index in the label set, most frequent first; -1 for
+a validation answer outside it) —
 plus `<key>.json` (stats, test references, labels). The key hashes
 everything the tokens depend on, including the rows themselves, so a second compile of the same
 inputs loads the cache without tokenising. A process reads a cache at most once (load_examples).
@@ -62,7 +63,7 @@ from core.tokenizer import (TOKENIZER_FILE, encode_texts, escape_controls, load_
                                 special_prefix_ids, special_token, unescape)
 from core.tokenizer import encode_unique as _encode_unique
 
-CACHE_VERSION = 9
+CACHE_VERSION = 10
 # test_plain: the test rows without retrieved passages (compiler/retrieval.py), scored beside them
 SPLITS = ("train", "val", "test", "test_plain")
 COUNTS = ("truncated", "dropped_too_long", "no_supervised", "answers_cut")
@@ -140,8 +141,10 @@ def build_examples(splits: dict[str, list[dict]], *, template: dict, tokenizer_d
     stats["answers_cut_in_rows"] = len(cuts)          # a KTO pair's two rows are one here
     stats["longest_cut_answer"] = max((n for *_, n in cuts), default=0)
     labels = stats.pop("_labels")
-    if preference is None and stats["answers"]:       # what data.balance counts and weighs
+    if preference is None and stats["answers"]:
+        # what data.balance counts and weighs, and the classification head's targets
         arrays["train_class"] = _classes(out["train"]["responses"], stats["answers"])
+        arrays["val_class"] = _classes(out["val"]["responses"], stats["answers"])
     if preference is not None:      # pairs: no label set; sizes count units (pairs, KTO rows)
         from compiler.preference import pair_stats
 
@@ -160,12 +163,13 @@ def build_examples(splits: dict[str, list[dict]], *, template: dict, tokenizer_d
 
 
 def _classes(responses: list[str], answers: list[dict]) -> np.ndarray:
-    """Each training example's label: its index in the label set (answer_set's order, which is
-    the plan's data.labels order)."""
+    """Each example's label: its index in the label set (answer_set's order, which is the plan's
+    data.labels order), the answer's text compared as labels are (core/labels.normalise); -1 for
+    an answer outside the set (a validation answer no training row has)."""
     index = {a["key"]: i for i, a in enumerate(answers)}
     memo: dict[str, int] = {}
     return np.fromiter((memo[r] if r in memo else memo.setdefault(
-        r, index[normalise(r, classification=True)]) for r in responses), dtype=np.int32,
+        r, index.get(normalise(r, classification=True), -1)) for r in responses), dtype=np.int32,
         count=len(responses))
 
 

@@ -3,8 +3,9 @@ on. compiler/examples.py writes it; this reads it, once per process.
 
 Files: `<key>.npz` — per split (train, val, test, test_plain) `{split}_ids` (int32, all examples' ids
 end to end), `{split}_offsets` (int64, where each example starts; one more than examples),
-`{split}_prompt_lens` (int32) and, for conversations, `{split}_mask`; `train_class` (each training
-example's label, for a label set) — plus `<key>.json` (stats, test references, labels).
+`{split}_prompt_lens` (int32) and, for conversations, `{split}_mask`; `train_class` and
+`val_class` (each example's label, for a label set) — plus `<key>.json` (stats, test references,
+labels).
 
 The arrays are memory-mapped, not read: a process touches only the examples it batches, so its
 memory does not grow with the data (np.savez stores members uncompressed, each an .npy at an
@@ -129,8 +130,9 @@ class Examples:
 
     def classes(self, name: str) -> np.ndarray | None:
         """Per example of a split, its label's index in the label set (the plan's data.labels
-        order): what data.balance counts and weighs. The training split of a label set has it;
-        None elsewhere."""
+        order; -1 for a validation answer outside it): what data.balance counts and weighs and the
+        classification head learns. The train and val splits of a label set have it; None
+        elsewhere."""
         return self.arrays.get(f"{name}_class")
 
     def unit_lengths(self, name: str) -> np.ndarray:

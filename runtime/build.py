@@ -259,25 +259,14 @@ def batches(plan: Plan, examples=None):
 
 def _head_labels(plan: Plan, examples, split: str) -> dict:
     """A Batcher's `head_labels` (adapter.head=classifier): each example's label in the plan's
-    label set, from its answer tokens (runtime/head.example_labels), -1 for an answer outside it
+    label set, as the token cache records it (compiler/examples.py), -1 for an answer outside it
     (a validation answer no training row has: left out of the head's loss)."""
     if plan.adapter.head == "none":
         return {}
-    from runtime.head import example_labels
-
-    tokenizer = []
-
-    def decode(ids):                    # only for answers that differ from a label's tokens
-        if not tokenizer:
-            from core.tokenizer import load_tokenizer
-
-            tokenizer.append(load_tokenizer(plan.model.dir))
-        return tokenizer[0].decode(ids, skip_special_tokens=True)
-
-    found = example_labels(*examples.split(split), plan.data.labels, decode=decode)
-    if split == "train" and len(found) and (found < 0).all():
-        raise RuntimeError("no training example's answer is a label of the plan's label set: "
-                           "recompile the plan with `tune plan`")
+    found = examples.classes(split)
+    if found is None or (split == "train" and len(found) and (found < 0).all()):
+        raise RuntimeError("the plan trains a classification head, but its token data records no "
+                           f"{split} example's label: recompile the plan with `tune plan`")
     return {"head_labels": found}
 
 

@@ -4,8 +4,8 @@ before its answer's first token — one logit per label of the plan's label set,
 `plan.data.labels` order.
 
 - Training (runtime/train.py, runtime/loss.head_cross_entropy): the batch's `head_label` marks each
-  example's last prompt token with its label (`example_labels` says which); the head's
-  cross-entropy there replaces the answer tokens' loss. The model's `score` variable holds the
+  example's last prompt token with its label (the token cache's classes, compiler/examples.py);
+  the head's cross-entropy there replaces the answer tokens' loss. The model's `score` variable holds the
   layer (runtime/model.py); it is trained, checkpointed and saved with the adapter.
 - Scoring (`predict`): one forward pass per prompt, no decoding; the answer is the argmax.
 - Export: PEFT's modules_to_save `score` with task_type SEQ_CLS (runtime/peft.py), and
@@ -28,51 +28,9 @@ from flax import nnx
 
 from core.errors import PlanError
 from core.files import write_atomic
-from core.labels import normalise
 from core.packing import PALLAS_BLOCK
-from core.token_cache import Ragged
 
 LABELS_FILE = "labels.json"
-
-
-# ------------------------------------------------------------------------------ training data
-
-def example_labels(ids: Sequence, prompt_lens: Sequence[int], labels: Sequence, decode=None
-                   ) -> np.ndarray:
-    """Each example's label: its index in `labels` (the plan's data.labels, Label objects), or -1
-    when its answer is none of them (a validation answer no training row has). An answer matches
-    a label whose tokens (Label.ids, end token included) it repeats exactly; otherwise its text —
-    `decode(token ids)`, called once per distinct answer — matches a label's text as labels are
-    compared (core/labels.normalise). Examples are grouped by answer length, so the work is per
-    distinct answer, not per example."""
-    ids = Ragged.of(ids, dtype=np.int32)
-    prompt_lens = np.asarray(prompt_lens, dtype=np.int64)
-    out = np.full(len(ids), -1, dtype=np.int32)
-    if not len(ids) or not labels:
-        return out
-    by_ids = {tuple(int(t) for t in x.ids): k for k, x in enumerate(labels)}
-    by_text = {}
-    for k, x in enumerate(labels):
-        by_text.setdefault(normalise(x.text, classification=True), k)
-    starts = ids.offsets[:-1] + prompt_lens
-    answer_lens = ids.offsets[1:] - starts
-
-    def label_of(answer: tuple) -> int:
-        if answer in by_ids:
-            return by_ids[answer]
-        if decode is None:
-            return -1
-        return by_text.get(normalise(decode(list(answer)), classification=True), -1)
-
-    for n in np.unique(answer_lens):
-        if n <= 0:
-            continue
-        rows = np.flatnonzero(answer_lens == n)
-        answers = ids.flat[starts[rows][:, None] + np.arange(n)]
-        distinct, inverse = np.unique(answers, axis=0, return_inverse=True)
-        found = np.array([label_of(tuple(int(t) for t in a)) for a in distinct], dtype=np.int32)
-        out[rows] = found[inverse.reshape(-1)]
-    return out
 
 
 # ------------------------------------------------------------------------------ scoring

@@ -7,7 +7,6 @@ token counts below are exact.
 from __future__ import annotations
 
 import json
-import time
 
 import numpy as np
 import pytest
@@ -174,15 +173,12 @@ def test_plan_says_what_auto_chose(tune_cli, tiny_chat_dir, tmp_path):
 ])
 def test_bad_values_are_refused(tune_cli, clf_data, tmp_path, override, needles):
     clf_data()
-    tune_cli("plan", "hydra.run.dir=run", "data.path=data/train.jsonl", "adapter.rank=x")  # warm
-    started = time.perf_counter()
     rc, out, err = tune_cli("plan", "hydra.run.dir=run", "data.path=data/train.jsonl", override)
-    elapsed = time.perf_counter() - started
     text = " ".join(err.split())
     assert rc == 2 and "Traceback" not in out + err, err
     for needle in needles:
         assert needle in text, (needle, err)
-    assert not (tmp_path / "run").exists() and elapsed < 1.0
+    assert not (tmp_path / "run").exists()
 
 
 # ------------------------------------------------------------------------------ eval.max_new_tokens

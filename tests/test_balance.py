@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import math
-import time
 
 import numpy as np
 import pytest
@@ -279,10 +278,9 @@ def test_balance_without_a_label_set_refused_before_reading(tune_cli, skewed, tm
         cfg["objective"]["kind"] = "dpo"
     else:
         cfg["data"]["task"] = "generation"
-    t0 = time.perf_counter()
     with pytest.raises(PlanError, match="data.balance"):
         compile_plan(cfg, recipe_info=None, command="plan", cwd=tmp_path)
-    assert time.perf_counter() - t0 < 1.0
+    assert not read
 
 
 def test_balance_of_open_ended_answers_refused(tune_cli, tmp_path):
