@@ -120,6 +120,16 @@ def test_plan_shows_the_head(tune_cli, clf_data, tmp_path):
            "within the label set" in text
 
 
+def test_adapter_lr_too_high_for_a_new_head_warned(tiny_chat_dir, tiny_data):
+    def said(plan):
+        return [w for w in plan.warnings if "new classification head" in w]
+
+    high = said(head_plan(tiny_chat_dir, tiny_data))                  # lr 3e-3
+    assert len(high) == 1 and "schedule.lr=0.003" in high[0] and "adapter.head_lr=2e-3" in high[0]
+    assert not said(head_plan(tiny_chat_dir, tiny_data, lr=2e-4))
+    assert not said(head_plan(tiny_chat_dir, tiny_data, head="none"))
+
+
 def test_head_evaluation_estimate_is_the_prefill_alone():
     from compiler.estimates import evaluation_time
 
