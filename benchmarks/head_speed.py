@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import sys
 import time
@@ -58,8 +59,6 @@ def main(argv=None) -> int:
     ap.add_argument("--json", type=Path, default=None)
     args = ap.parse_args(argv)
 
-    import numpy as np
-
     from runtime import build
     from runtime.decode import LabelTrie, classify
     from runtime.head import predict
@@ -97,7 +96,7 @@ def main(argv=None) -> int:
     ratio = rows["head"]["rows_per_s"] / rows["constrained"]["rows_per_s"]
     print(f"head / constrained decoding: {ratio:.2f}× rows/s "
           f"(free decoding beside it: {rows['constrained']['free_tokens']} tokens; "
-          f"{platform.machine()}, {np.__name__} on {__import__('os').cpu_count()} CPUs)")
+          f"{platform.machine()}, {os.cpu_count()} CPUs)")
     if args.json:
         args.json.write_text(json.dumps({"rows": rows, "ratio": ratio}, indent=1))
     return 0
