@@ -2,8 +2,8 @@
 
 Two finished runs of one plan's data — one trained with `adapter.head=classifier`, one without —
 are each scored on their test rows in this process, as `tune eval` scores them: the head run by
-one forward pass per row (runtime/head.predict), the other by decoding within the label set (and
-the free decoding beside it, runtime/decode.classify). Each is run twice; the first pass compiles
+one forward pass per row, the other by its plan's eval.mode (for a label set, decoding within it
+and the free decoding beside it) — both through runtime/evaluate._predict, what `tune eval` calls. Each is run twice; the first pass compiles
 every shape the rows need, the second is the figure (rows/s). Both print the prompt positions they
 computed, so what the ratio is made of can be read.
 
@@ -59,27 +59,20 @@ def main(argv=None) -> int:
     ap.add_argument("--json", type=Path, default=None)
     args = ap.parse_args(argv)
 
-    from runtime import build
-    from runtime.decode import LabelTrie, classify
-    from runtime.head import predict
+    from runtime.evaluate import _predict
 
     rows = {}
     plan, tok, model, test = _load(args.head, args.limit)
-    dec = build.decoding(plan, tok)
-    head_s = _timed(lambda: predict(model, test.prompts, batch_size=dec["batch_size"],
-                                    pad_id=dec["pad_id"]), args.passes)
+    head_s = _timed(lambda: _predict(plan, model, tok, test, None, head=True), args.passes)
     rows["head"] = {"rows": len(test), "seconds": head_s,
                     "prompt_tokens": int(sum(len(p) for p in test.prompts))}
     del model
 
     plan, tok, model, test = _load(args.decoding, args.limit)
-    dec = build.decoding(plan, tok)
-    trie = LabelTrie.build([x.ids for x in plan.data.labels])
     generated = []
 
-    def decode():
-        _, free = classify(model, test.prompts, trie, free_tokens=plan.eval.max_new_tokens, **dec)
-        generated.append(sum(len(f) for f in free))
+    def decode():       # the plan's eval.mode, as `tune eval` scores it (with its free decoding)
+        generated.append(_predict(plan, model, tok, test, None)[1])
 
     dec_s = _timed(decode, args.passes)
     rows["constrained"] = {"rows": len(test), "seconds": dec_s,

@@ -855,8 +855,7 @@ def _head(config: dict, adapter: AdapterSection, data: DataSection, model: Model
             "adapter.head_lr=2e-3 it fell from 5.4 to 1.1 in 150). Use schedule.lr=2e-4 "
             "adapter.head_lr=2e-3, or adapter.head=none to train the answer as text.")
     return replace(adapter, head=a["head"], head_labels=n, head_params=params,
-                   head_lr=float(a["head_lr"] if a["head_lr"] is not None
-                                 else config["schedule"]["lr"]),
+                   head_lr=float(a["head_lr"]) if a["head_lr"] is not None else lr,
                    trainable_params=trainable,
                    share=trainable / model.params if model.params else 0.0)
 
@@ -1280,6 +1279,8 @@ def _times(step: float | None, forward: float | None, schedule: ScheduleSection,
                    if len(examples.arrays.get(f"{s}_prompt_lens", ()))]
         unit = float(np.mean(examples.unit_lengths("test")))
 
+    label_tokens = [len(x.ids) for x in data.labels]
+
     def evaluation_time(n: int) -> float:
         prefill = np.mean([estimates.prefill_tokens(p, n, ev.batch_size) for p in prompts]) \
             if prompts else 0
@@ -1288,7 +1289,7 @@ def _times(step: float | None, forward: float | None, schedule: ScheduleSection,
             return estimates.evaluation_time(
                 rows=n, models=k, mode=mode, token_s=forward / max(1, schedule.tokens_per_step),
                 prefill=float(prefill), new_tokens=ev.max_new_tokens, batch_size=ev.batch_size,
-                label_tokens=[len(x.ids) for x in data.labels], unit_tokens=unit)
+                label_tokens=label_tokens, unit_tokens=unit)
 
         if head:            # half the models (the tuned ones) answer by the head
             return scored(models // 2, ev.mode) + scored(models - models // 2, "head")
