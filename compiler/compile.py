@@ -1019,7 +1019,7 @@ def _loss_tokens(examples, batch_size: int, row_length: int, pack: bool, order=N
 def _attention(name: str, devices: Devices, dtype: str, pack: bool, *, row_length: int,
                model: ModelSection, mesh: MeshAxes) -> str:
     """auto: cuDNN's fused kernel where it applies (a GPU, bfloat16, one sequence per row: plain
-    causal attention), else XLA's, which runs everywhere. pallas (asked for by name): a fused
+    causal attention, scores not soft-capped), else XLA's, which runs everywhere. pallas (asked for by name): a fused
     Triton kernel that keeps packed examples apart by their segment ids."""
     if name in ("cudnn", "pallas") and devices.platform != "gpu":
         raise PlanError("runtime.attention", f"{name} needs an NVIDIA GPU; this plan runs on "
@@ -1039,9 +1039,14 @@ def _attention(name: str, devices: Devices, dtype: str, pack: bool, *, row_lengt
             raise PlanError("runtime.attention", "pallas attention runs on one device for now; "
                             f"this mesh has {mesh.data * mesh.fsdp * mesh.tensor}.",
                             hint="use runtime.attention=auto (cuDNN or XLA) on several devices.")
+    if model.config.attn_softcap and name in ("cudnn", "pallas"):
+        raise PlanError("runtime.attention", f"{name} attention has no soft-capping of the "
+                        f"attention scores, which {model.name} uses (attn_logit_softcapping).",
+                        hint="use runtime.attention=auto or xla.")
     if name != "auto":
         return name
-    return "cudnn" if devices.platform == "gpu" and dtype == "bfloat16" and not pack else "xla"
+    fused = devices.platform == "gpu" and dtype == "bfloat16" and not pack
+    return "cudnn" if fused and not model.config.attn_softcap else "xla"
 
 
 def _dtype(name: str, devices: Devices) -> str:

@@ -118,9 +118,28 @@ def _model(plan) -> Panel:
         ("name", f"{m.name}  ({m.architecture}, {m.source})"),
         ("params", _params(m.params)),
         ("shape", shape),
+        *(("attention", line) for line in [_attention_line(c)] if line),
         ("dir", m.dir),
         ("chat template", "yes" if m.chat_template else "none"),
     ]))
+
+
+def _attention_line(c) -> str:
+    """What sets the model's attention apart from plain causal attention over the whole context:
+    sliding windows (and which layers have them), Gemma 3's second RoPE base, soft-capping."""
+    parts = []
+    windows = [w for w in c.sliding_windows if w]
+    if windows:
+        sizes = sorted(set(windows))
+        parts.append(f"{len(windows)} of {c.num_layers} layers local (window "
+                     f"{'/'.join(f'{w:,}' for w in sizes)} tokens)")
+        if c.local_rope_theta is not None:
+            parts.append(f"RoPE base {c.local_rope_theta:g} local, {c.rope_theta:g} global")
+    if c.attn_softcap is not None:
+        parts.append(f"scores soft-capped at {c.attn_softcap:g}")
+    if c.final_softcap is not None:
+        parts.append(f"logits soft-capped at {c.final_softcap:g}")
+    return " · ".join(parts)
 
 
 def _data(plan) -> Panel:

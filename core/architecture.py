@@ -1,4 +1,5 @@
-"""The Llama family as a Hugging Face `config.json` describes it: read once, into one `ModelConfig`.
+"""The decoder families tune trains, as a Hugging Face `config.json` describes them: read once, into one
+`ModelConfig`.
 
 The compiler reads it to check a model and size a plan (shapes, parameter count, LoRA targets); the
 plan carries it; the runtime builds its NNX decoder from it. Nothing else parses config.json.
@@ -24,19 +25,29 @@ ARCHITECTURES = {
     "MistralForCausalLM": "mistral",
     "Qwen2ForCausalLM": "qwen2",
     "Qwen3ForCausalLM": "qwen3",
+    "Gemma2ForCausalLM": "gemma2",
+    "Gemma3ForCausalLM": "gemma3",
 }
 FAMILIES = tuple(ARCHITECTURES.values())
+# config.json `model_type` → family, for a config that names no architecture
+MODEL_TYPES = {"llama": "llama", "mistral": "mistral", "qwen2": "qwen2", "qwen3": "qwen3",
+               "gemma2": "gemma2", "gemma3_text": "gemma3"}
+GEMMA = ("gemma2", "gemma3")
+# The MLP's gate activation, by the names config.json gives it (hidden_act / hidden_activation)
+ACTIVATIONS = {"silu": "silu", "swish": "silu", "gelu_pytorch_tanh": "gelu_tanh",
+               "gelu_tanh": "gelu_tanh"}
 # The linear layers of a block, by their Hugging Face (and PEFT) names: what LoRA can target.
 ATTENTION_MODULES = ("q_proj", "k_proj", "v_proj", "o_proj")
 MLP_MODULES = ("gate_proj", "up_proj", "down_proj")
 MODULE_NAMES = ATTENTION_MODULES + MLP_MODULES
 ROPE_TYPES = ("default", "linear", "llama3")
 _ROPE_KEYS = ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings")
-_HINT = "pick a checkpoint of the Llama family (Llama 2/3, Mistral, Qwen2/2.5/3, SmolLM)."
+_HINT = ("pick a checkpoint of a supported family: Llama 2/3, Mistral, Qwen2/2.5/3, SmolLM, "
+         "Gemma 2, Gemma 3.")
 _CONFIG_HINT = ("is this a complete Hugging Face causal-LM checkpoint? Fix config.json, or use the "
                 "checkpoint as published.")
-_RANGE_HINT = ("every published model of the Llama family lies within these bounds: fix config.json, "
-               "or use the checkpoint as published.")
+_RANGE_HINT = ("every published model of the supported families lies within these bounds: fix "
+               "config.json, or use the checkpoint as published.")
 _REQUIRED = object()
 
 
@@ -83,6 +94,12 @@ CONFIG_FIELDS: dict[str, _Field] = {
     "bos_token_id": _Field("ids", default=None),
     "eos_token_id": _Field("ids", default=None),
     "pad_token_id": _Field("ids", default=None),
+    # Gemma 2/3
+    "query_pre_attn_scalar": _Field("float", 1e-6, 1e6, None),
+    "attn_logit_softcapping": _Field("float", 1e-6, 1e6, None),
+    "final_logit_softcapping": _Field("float", 1e-6, 1e6, None),
+    "rope_local_base_freq": _Field("float", 1.0, 1e10, None),
+    "use_bidirectional_attention": _Field("bool", default=False),
 }
 TOKEN_ID_FIELDS = ("bos_token_id", "eos_token_id", "pad_token_id")
 # ModelConfig attribute → the config.json field it holds (ModelConfig.check bounds them alike)
@@ -96,7 +113,7 @@ _SIZE_ATTRS = {"vocab_size": "vocab_size", "hidden_size": "hidden_size",
 class ModelConfig:
     """What the decoder needs to know about a checkpoint. Hashable (the NNX module keeps it as a
     static attribute) and JSON-friendly (the plan stores it)."""
-    family: str                         # llama | mistral | qwen2 | qwen3
+    family: str                         # llama | mistral | qwen2 | qwen3 | gemma2 | gemma3
     vocab_size: int
     hidden_size: int
     intermediate_size: int
@@ -113,6 +130,17 @@ class ModelConfig:
     qk_norm: bool                       # Qwen3: RMSNorm over each head of q and k, before RoPE
     o_bias: bool = False                # bias on o_proj (Llama/Qwen3 attention_bias; not Qwen2)
     sliding_windows: tuple = ()         # per layer, 0 = full; () = no layer slides
+    # Gemma 2/3 (the defaults are the Llama family's)
+    norm_offset: float = 0.0            # every RMSNorm scales by (norm_offset + w): 1 for Gemma
+    activation: str = "silu"            # the MLP's gate: silu | gelu_tanh
+    embed_scale: float = 1.0            # the embedding's output times this: √hidden for Gemma
+    sandwich_norms: bool = False        # the attention's and the MLP's outputs normalised too
+                                        # (post_attention / pre_ and post_feedforward_layernorm)
+    query_scale: float | None = None    # attention scores' scale; None: head_dim ** -0.5
+    attn_softcap: float | None = None   # scores → cap·tanh(scores / cap) before the mask (Gemma 2)
+    final_softcap: float | None = None  # logits → cap·tanh(logits / cap) (Gemma 2)
+    local_rope_theta: float | None = None   # RoPE base of the sliding layers (Gemma 3), unscaled;
+                                            # None: every layer turns as rope_theta / rope_scaling
 
     @classmethod
     def from_hf(cls, hf: dict, *, source: str | Path = "config.json") -> "ModelConfig":
@@ -124,27 +152,44 @@ class ModelConfig:
                             f"{type(hf).__name__}.", file=str(source), hint=_HINT)
         family = ARCHITECTURES[architecture(hf, source=source)]
         v = _check_fields(hf, source)
-        _check_supported(hf, source)
-        theta, scaling = _rope(hf, source)
+        activation = _check_supported(hf, source, family)
+        theta, scaling, local_theta = _rope(hf, source, family)
         heads, layers, hidden = v["num_attention_heads"], v["num_hidden_layers"], v["hidden_size"]
         head_dim = v["head_dim"]
-        if head_dim is None:        # transformers' Qwen3Config defaults to 128; the others derive it
-            if family != "qwen3" and hidden % heads:
+        if head_dim is None:        # transformers' Qwen3 and Gemma configs default it; the others
+            default = {"qwen3": 128, "gemma2": 256, "gemma3": 256}.get(family)      # derive it
+            if default is None and hidden % heads:
                 raise _field_error(source, f"hidden_size={hidden} is not divisible by "
                                    f"num_attention_heads={heads}, and config.json gives no head_dim "
                                    "to size the heads otherwise.")
-            head_dim = 128 if family == "qwen3" else hidden // heads
+            head_dim = default or hidden // heads
         bias = v["attention_bias"]
+        gemma = family in GEMMA
+        extra = {}
+        if gemma:
+            # a key left out takes transformers' default; null switches soft-capping off
+            def given(name, default):
+                return v[name] if name in hf else default
+
+            extra = dict(norm_offset=1.0, embed_scale=hidden ** 0.5, sandwich_norms=True,
+                         query_scale=given("query_pre_attn_scalar", 256.0) ** -0.5,
+                         attn_softcap=given("attn_logit_softcapping",
+                                            50.0 if family == "gemma2" else None),
+                         final_softcap=given("final_logit_softcapping",
+                                             30.0 if family == "gemma2" else None),
+                         local_rope_theta=local_theta)
         config = cls(
             family=family, vocab_size=v["vocab_size"], hidden_size=hidden,
             intermediate_size=v["intermediate_size"], num_layers=layers, num_heads=heads,
             num_kv_heads=v["num_key_value_heads"] or heads, head_dim=head_dim,
             rms_norm_eps=v["rms_norm_eps"], rope_theta=theta, rope_scaling=scaling,
             max_position_embeddings=v["max_position_embeddings"],
-            tie_word_embeddings=v["tie_word_embeddings"],
+            tie_word_embeddings=v["tie_word_embeddings"] if "tie_word_embeddings" in hf or not gemma
+            else True,
             attention_bias=True if family == "qwen2" else (bias and family != "mistral"),
-            o_bias=bias and family in ("llama", "qwen3"), qk_norm=family == "qwen3",
-            sliding_windows=_sliding_windows(hf, v, family, layers, source))
+            o_bias=bias and family in ("llama", "qwen3") + GEMMA,
+            qk_norm=family in ("qwen3", "gemma3"), activation=activation,
+            sliding_windows=_sliding_windows(hf, v, family, layers, source), **extra)
         config.check(source=source)
         return config
 
@@ -189,12 +234,16 @@ class ModelConfig:
                 if (self.attention_bias and m in ("q_proj", "k_proj", "v_proj")) or \
                         (self.o_bias and m == "o_proj"):
                     out[f"{p}{part}.{m}.bias"] = (n_out,)
-            out[f"{p}input_layernorm.weight"] = (d,)
-            out[f"{p}post_attention_layernorm.weight"] = (d,)
+            for norm in self.layer_norm_names():
+                out[f"{p}{norm}.weight"] = (d,)
             if self.qk_norm:
                 out[f"{p}self_attn.q_norm.weight"] = (h,)
                 out[f"{p}self_attn.k_norm.weight"] = (h,)
         return out
+
+    def layer_norm_names(self) -> tuple[str, ...]:
+        """The RMSNorms over the hidden state in each layer."""
+        return LAYER_NORMS + (SANDWICH_NORMS if self.sandwich_norms else ())
 
     def param_count(self) -> int:
         """Parameters, as transformers' num_parameters() counts them (a tied head counted once)."""
@@ -203,7 +252,7 @@ class ModelConfig:
         attn = sum(a * b for m, (a, b) in shapes.items() if m in ATTENTION_MODULES)
         attn += (q + 2 * kv) * self.attention_bias + h * self.o_bias + 2 * self.head_dim * self.qk_norm
         mlp = sum(a * b for m, (a, b) in shapes.items() if m in MLP_MODULES)
-        per_layer = attn + mlp + 2 * h                  # + input and post-attention RMSNorm
+        per_layer = attn + mlp + len(self.layer_norm_names()) * h       # + the layer's RMSNorms
         embed = self.vocab_size * h
         head = 0 if self.tie_word_embeddings else self.vocab_size * h
         return embed + self.num_layers * per_layer + h + head
@@ -211,12 +260,17 @@ class ModelConfig:
 
 # Existing modules adapter.train_modules can train in full, besides the linear layers: the embedding,
 # the output head, the final norm and each block's norms.
-WHOLE_MODULES = ("embed_tokens", "lm_head", "norm", "input_layernorm", "post_attention_layernorm")
+LAYER_NORMS = ("input_layernorm", "post_attention_layernorm")
+SANDWICH_NORMS = ("pre_feedforward_layernorm", "post_feedforward_layernorm")      # Gemma 2/3
+WHOLE_MODULES = ("embed_tokens", "lm_head", "norm") + LAYER_NORMS
+# every name adapter.train_modules (and a PEFT adapter's modules_to_save) may give, in any family
+ALL_WHOLE_MODULES = WHOLE_MODULES + SANDWICH_NORMS + ("q_norm", "k_norm")
 
 
 def full_module_names(cfg: "ModelConfig") -> tuple[str, ...]:
     """What adapter.train_modules may name for this model."""
-    return WHOLE_MODULES + (("q_norm", "k_norm") if cfg.qk_norm else ()) + MODULE_NAMES
+    return (WHOLE_MODULES + (SANDWICH_NORMS if cfg.sandwich_norms else ())
+            + (("q_norm", "k_norm") if cfg.qk_norm else ()) + MODULE_NAMES)
 
 
 def full_module_params(cfg: "ModelConfig", names) -> dict[str, int]:
@@ -232,7 +286,7 @@ def full_module_params(cfg: "ModelConfig", names) -> dict[str, int]:
             matrix_counted = matrix_counted or shared
         elif name == "norm":
             out[name] = d
-        elif name in ("input_layernorm", "post_attention_layernorm"):
+        elif name in LAYER_NORMS + SANDWICH_NORMS:
             out[name] = L * d
         elif name in ("q_norm", "k_norm"):
             out[name] = L * hd
@@ -352,10 +406,10 @@ def architecture(hf: dict, *, source: str | Path = "config.json") -> str:
     archs = hf.get("architectures") or []
     if not isinstance(archs, list):
         archs = [archs]
-    by_type = {family: arch for arch, family in ARCHITECTURES.items()}
+    by_family = {family: arch for arch, family in ARCHITECTURES.items()}
     model_type = hf.get("model_type")
-    if not archs and isinstance(model_type, str) and model_type in by_type:
-        archs = [by_type[model_type]]
+    if not archs and isinstance(model_type, str) and model_type in MODEL_TYPES:
+        archs = [by_family[MODEL_TYPES[model_type]]]
     for arch in archs:
         if isinstance(arch, str) and arch in ARCHITECTURES:
             return arch
@@ -365,19 +419,30 @@ def architecture(hf: dict, *, source: str | Path = "config.json") -> str:
                     file=str(source), hint=_HINT)
 
 
-def _check_supported(hf: dict, source) -> None:
+def _check_supported(hf: dict, source, family: str) -> str:
+    """Refuse what the decoder does not implement; the MLP gate's activation (ACTIVATIONS' value)."""
     quant = hf.get("quantization_config")
     if quant:
         method = quant.get("quant_method", "?") if isinstance(quant, dict) else quant
         raise PlanError("model.path", f"the checkpoint is quantized ({method}); tune loads "
                         "unquantized safetensors weights.", file=str(source),
                         hint="use the original bf16/fp16/fp32 checkpoint.")
-    if hf.get("hidden_act", "silu") != "silu":
-        raise PlanError("model.path", f"hidden_act {hf.get('hidden_act')!r} is not supported; the "
-                        "Llama family uses silu.", file=str(source), hint=_HINT)
+    gemma = family in GEMMA
+    # Gemma's configs name it hidden_activation (older ones hidden_act as well)
+    key = "hidden_activation" if gemma and hf.get("hidden_activation") is not None else "hidden_act"
+    want = "gelu_pytorch_tanh" if gemma else "silu"
+    name = hf.get(key) or want
+    if ACTIVATIONS.get(name) != ACTIVATIONS[want] if isinstance(name, str) else True:
+        raise PlanError("model.path", f"{key} {name!r} is not supported; {family} uses {want}.",
+                        file=str(source), hint=_HINT)
     if hf.get("mlp_bias"):
         raise PlanError("model.path", "mlp_bias=true (biases on the MLP projections) is not "
                         "supported.", file=str(source), hint=_HINT)
+    if hf.get("use_bidirectional_attention"):
+        raise PlanError("model.path", "use_bidirectional_attention=true (an embedding model's "
+                        "attention) is not supported; tune trains causal language models.",
+                        file=str(source), hint=_HINT)
+    return ACTIVATIONS[want]
 
 
 # The RoPE scaling parameters each supported type needs (rope_scaling / rope_parameters), bounded as
@@ -388,7 +453,32 @@ _ROPE_FIELDS = {"factor": _Field("float", 1e-6, 1e6), "low_freq_factor": _Field(
 _ROPE_NEEDS = {"linear": ("factor",), "llama3": _ROPE_KEYS}
 
 
-def _rope(hf: dict, source) -> tuple[float, tuple | None]:
+def _rope(hf: dict, source, family: str) -> tuple[float, tuple | None, float | None]:
+    """(rope_theta, rope_scaling, local_rope_theta). Gemma 3 turns its sliding layers at a second,
+    unscaled base: transformers 5 writes `rope_parameters` per layer type ({"full_attention": ...,
+    "sliding_attention": ...}), older configs `rope_theta` / `rope_scaling` for the global layers
+    and `rope_local_base_freq` for the local ones."""
+    if family != "gemma3":
+        return (*_rope_of(hf, source, CONFIG_FIELDS["rope_theta"].default), None)
+    params = hf.get("rope_parameters")
+    if isinstance(params, dict) and {"full_attention", "sliding_attention"} & set(params):
+        theta, scaling = _rope_of({"rope_parameters": params.get("full_attention") or {}}, source,
+                                  1e6)
+        local, local_scaling = _rope_of({"rope_parameters": params.get("sliding_attention") or {}},
+                                        source, 1e4)
+        if local_scaling is not None:
+            raise PlanError("model.path", "RoPE scaling of the sliding layers "
+                            "(rope_parameters.sliding_attention) is not supported; Gemma 3 "
+                            "scales its global layers only.", file=str(source), hint=_HINT)
+        return theta, scaling, local
+    theta, scaling = _rope_of(hf, source, 1e6)
+    local = hf.get("rope_local_base_freq")
+    local = 1e4 if local is None else _checked("rope_local_base_freq", local,
+                                                CONFIG_FIELDS["rope_local_base_freq"], source)
+    return theta, scaling, local
+
+
+def _rope_of(hf: dict, source, default_theta: float) -> tuple[float, tuple | None]:
     """(rope_theta, rope_scaling) from either config style: transformers<5 writes `rope_theta` and
     `rope_scaling` ({"type"|"rope_type": ...}); transformers 5 writes `rope_parameters`."""
     params = hf.get("rope_parameters") or {}
@@ -402,7 +492,7 @@ def _rope(hf: dict, source) -> tuple[float, tuple | None]:
     elif hf.get("rope_theta") is not None:
         theta = _checked("rope_theta", hf["rope_theta"], field, source)
     else:
-        theta = field.default
+        theta = default_theta
     scaling = dict(scaling)
     rope_type = scaling.pop("rope_type", None) or scaling.pop("type", None) or "default"
     if not isinstance(rope_type, str) or rope_type not in ROPE_TYPES:
@@ -436,15 +526,28 @@ def _sliding_windows(hf: dict, v: dict, family: str, num_layers: int,
     if family == "mistral" and window:
         return (window,) * num_layers
     if family in ("qwen2", "qwen3") and v["use_sliding_window"] and window:
-        types = hf.get("layer_types")
-        kinds = ("sliding_attention", "full_attention")
-        if types is None:
-            first = num_layers if v["max_window_layers"] is None else v["max_window_layers"]
-            types = [kinds[0] if i >= first else kinds[1] for i in range(num_layers)]
-        elif not (isinstance(types, list) and len(types) == num_layers
-                  and all(isinstance(t, str) and t in kinds for t in types)):
+        first = num_layers if v["max_window_layers"] is None else v["max_window_layers"]
+        local = [i >= first for i in range(num_layers)]
+    elif family in GEMMA:
+        # transformers' defaults: Gemma 2 alternates local and global layers, Gemma 3 has one
+        # global layer in every sliding_window_pattern (6). A null window keeps the layer types
+        # (they pick Gemma 3's RoPE base) and limits nothing.
+        window = 4096 if "sliding_window" not in hf else (window or v["max_position_embeddings"])
+        every = 2 if family == "gemma2" else \
+            hf.get("sliding_window_pattern") or hf.get("_sliding_window_pattern") or 6
+        if not isinstance(every, int) or isinstance(every, bool) or every < 1:
+            raise _field_error(source, f"sliding_window_pattern={_show(every)} must be a "
+                               "positive integer.")
+        local = [bool((i + 1) % every) for i in range(num_layers)]
+    else:
+        return ()
+    types = hf.get("layer_types")          # when given, it decides which layers slide
+    kinds = ("sliding_attention", "full_attention")
+    if types is not None:
+        if not (isinstance(types, list) and len(types) == num_layers
+                and all(isinstance(t, str) and t in kinds for t in types)):
             raise _field_error(source, f"layer_types must list one of {' / '.join(kinds)} "
                                f"for each of the {num_layers} layers.")
-        windows = tuple(window if t == kinds[0] else 0 for t in types)
-        return windows if any(windows) else ()
-    return ()
+        local = [t == kinds[0] for t in types]
+    windows = tuple(window if slides else 0 for slides in local)
+    return windows if any(windows) else ()

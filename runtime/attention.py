@@ -30,11 +30,17 @@ from core.packing import PALLAS_BLOCK, attention_blocks
 _MASKED = float(jnp.finfo(jnp.float32).min)
 
 
-def causal_attention(q, k, v, mask, *, scale: float, block: int):
+def soft_cap(x, cap: float | None):
+    """cap·tanh(x / cap): Gemma 2's soft-capping of attention scores and logits (None: x)."""
+    return x if cap is None else cap * jnp.tanh(x / cap)
+
+
+def causal_attention(q, k, v, mask, *, scale: float, block: int, softcap: float | None = None):
     """q [B,T,N,H], k and v [B,T,K,H] (N a multiple of K) → [B,T,N,H] in q's dtype.
 
     mask: [B,1,T,T] bool that is causal already (a query never sees a later key), or None for plain
-    causal attention. Scores, softmax and the weighted sum of values accumulate in float32."""
+    causal attention. Scores, softmax and the weighted sum of values accumulate in float32; with
+    `softcap` the scaled scores are soft-capped before the mask (as transformers)."""
     B, T, N, H = q.shape
     K = k.shape[2]
     G = N // K
@@ -42,8 +48,8 @@ def causal_attention(q, k, v, mask, *, scale: float, block: int):
     kt, vt = k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)       # [B, K, T, H]
     outs = []
     for s, e in attention_blocks(T, block):
-        scores = jnp.einsum("bkgth,bksh->bkgts", qg[:, :, :, s:e], kt[:, :, :e],
-                            preferred_element_type=jnp.float32) * scale
+        scores = soft_cap(jnp.einsum("bkgth,bksh->bkgts", qg[:, :, :, s:e], kt[:, :, :e],
+                                     preferred_element_type=jnp.float32) * scale, softcap)
         if mask is None:
             seen = jnp.arange(s, e)[:, None] >= jnp.arange(e)[None, :]       # [t, s]
         else:
@@ -53,6 +59,21 @@ def causal_attention(q, k, v, mask, *, scale: float, block: int):
                                preferred_element_type=jnp.float32))
     out = outs[0] if len(outs) == 1 else jnp.concatenate(outs, axis=3)
     return out.transpose(0, 3, 1, 2, 4).reshape(B, T, N, H).astype(q.dtype)
+
+
+def cached_attention(q, k, v, mask, *, scale: float, softcap: float | None):
+    """Decoding's attention over a KV cache with soft-capped scores, which XLA's
+    dot_product_attention does not offer: q [B,T,N,H], k and v [B,S,K,H], mask [B,1,T,S] bool
+    (a query always sees its own slot) → [B,T,N,H] in q's dtype, on grouped heads."""
+    B, T, N, H = q.shape
+    K = k.shape[2]
+    qg = q.reshape(B, T, K, N // K, H)
+    scores = soft_cap(jnp.einsum("btkgh,bskh->bkgts", qg, k, preferred_element_type=jnp.float32)
+                      * scale, softcap)
+    probs = jax.nn.softmax(jnp.where(mask[:, :, None], scores, _MASKED), axis=-1)
+    out = jnp.einsum("bkgts,bskh->btkgh", probs.astype(v.dtype), v,
+                     preferred_element_type=jnp.float32)
+    return out.reshape(B, T, N, H).astype(q.dtype)
 
 
 def segment_attention(q, k, v, segment_ids, *, scale: float):

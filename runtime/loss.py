@@ -10,12 +10,15 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
+from runtime.attention import soft_cap
 
-def chunked_cross_entropy(hidden, lm_head_w, targets, mask, chunk: int):
+
+def chunked_cross_entropy(hidden, lm_head_w, targets, mask, chunk: int, softcap=None):
     """hidden [B,T,D] (compute dtype), lm_head_w [V,D], targets [B,T] int, mask [B,T] bool/float,
     chunk: tokens per chunk. Returns (Σ mask·CE as a float32 scalar, Σ mask as float32).
-    Logits are accumulated in float32 from the compute-dtype matmul; logsumexp in float32. Targets
-    under mask 0 may be anything (e.g. -100)."""
+    Logits are accumulated in float32 from the compute-dtype matmul (and soft-capped by `softcap`,
+    the model's final_softcap); logsumexp in float32. Targets under mask 0 may be anything (e.g.
+    -100)."""
     B, T, D = hidden.shape
     n = B * T
     chunk = max(1, min(int(chunk), n))
@@ -35,7 +38,8 @@ def chunked_cross_entropy(hidden, lm_head_w, targets, mask, chunk: int):
 
     @jax.checkpoint
     def chunk_loss(w, h, t, m):
-        logits = jnp.einsum("cd,vd->cv", h, w, preferred_element_type=jnp.float32)
+        logits = soft_cap(jnp.einsum("cd,vd->cv", h, w, preferred_element_type=jnp.float32),
+                          softcap)
         lse = jax.nn.logsumexp(logits, axis=-1)
         target_logit = jnp.take_along_axis(logits, t[:, None], axis=-1)[:, 0]
         return jnp.sum(jnp.where(m > 0, (lse - target_logit) * m, 0.0))
@@ -47,7 +51,8 @@ def chunked_cross_entropy(hidden, lm_head_w, targets, mask, chunk: int):
     return total, jnp.sum(m)
 
 
-def supervised_cross_entropy(hidden, lm_head_w, targets, mask, *, capacity: int, chunk: int):
+def supervised_cross_entropy(hidden, lm_head_w, targets, mask, *, capacity: int, chunk: int,
+                             softcap=None):
     """chunked_cross_entropy over the supervised positions only: they are gathered (in order) into a
     buffer of `capacity` positions — an upper bound the compiler computed from the data
     (compiler/packing.supervised_capacity) — so the output head, forward and backward, runs on
@@ -56,7 +61,7 @@ def supervised_cross_entropy(hidden, lm_head_w, targets, mask, *, capacity: int,
     A float mask weighs each position's CE (data.balance=weighted): (Σ w·CE, Σ w)."""
     B, T, D = hidden.shape
     if capacity >= B * T:
-        return chunked_cross_entropy(hidden, lm_head_w, targets, mask, chunk)
+        return chunked_cross_entropy(hidden, lm_head_w, targets, mask, chunk, softcap)
     m = mask.reshape(-1)
     flat = m > 0
     idx = jnp.nonzero(flat, size=capacity, fill_value=0)[0]
@@ -64,7 +69,7 @@ def supervised_cross_entropy(hidden, lm_head_w, targets, mask, *, capacity: int,
     h = hidden.reshape(B * T, D)[idx]
     t = targets.reshape(-1)[idx]
     w = jnp.where(valid, m[idx].astype(jnp.float32), 0.0)    # a float mask keeps its weights
-    return chunked_cross_entropy(h[None], lm_head_w, t[None], w[None], chunk)
+    return chunked_cross_entropy(h[None], lm_head_w, t[None], w[None], chunk, softcap)
 
 
 def head_cross_entropy(hidden, head_w, head_label, *, capacity: int, weight=None):

@@ -1,10 +1,12 @@
-"""One NNX decoder for the Llama family: Llama 2/3, Mistral, Qwen2/2.5, Qwen3, SmolLM.
+"""One NNX decoder for the Llama family (Llama 2/3, Mistral, Qwen2/2.5, Qwen3, SmolLM) and Gemma 2/3.
 
 The differences between these models are a handful of switches of the `ModelConfig` the compiler read
 from the Hugging Face config.json (core/architecture.py): grouped-query attention, RoPE scaling,
-tied embeddings, q/k/v biases (Qwen2), per-head RMSNorm of q and k before RoPE (Qwen3), sliding-window
-attention (some Mistral / Qwen configs). Everything else is one code path, written to match
-`transformers` to ~1e-5 in float32.
+tied embeddings, q/k/v biases (Qwen2), per-head RMSNorm of q and k before RoPE (Qwen3, Gemma 3),
+sliding-window attention (some Mistral / Qwen configs, Gemma's local layers); and Gemma's scaled
+embedding, (1 + w) norms, GELU gate, sandwich norms, query_pre_attn_scalar, soft-capped scores and
+logits (Gemma 2) and second RoPE base for the local layers (Gemma 3). Everything else is one code
+path, written to match `transformers` to ~1e-5 in float32.
 
 Layout. Parameters keep the Hugging Face orientation, so loading and exporting are copies, not
 transposes: a linear layer's `weight` is [out, in], LoRA's `lora_A` is [r, in] and `lora_B` [out, r]
@@ -48,7 +50,7 @@ from jax.ad_checkpoint import checkpoint_name
 
 from core.architecture import MODULE_NAMES, ModelConfig, full_module_names, lora_scale
 from runtime import quant
-from runtime.attention import causal_attention, segment_attention
+from runtime.attention import cached_attention, causal_attention, segment_attention, soft_cap
 
 REMAT_POLICIES = ("none", "dots", "full")
 ATTENTION = ("xla", "cudnn", "pallas")
@@ -282,35 +284,48 @@ class Linear(nnx.Module):
 
 
 class RMSNorm(nnx.Module):
-    """Normalised in float32 (as transformers does), whatever the compute dtype."""
+    """Normalised in float32 (as transformers does), whatever the compute dtype; scaled by
+    (offset + w): offset 1 for Gemma, whose norms store w around 0."""
 
-    def __init__(self, dim: int, eps: float, *, dtype, param_dtype, trained: bool = False):
-        self.eps, self.dtype = eps, dtype
-        self.weight = (FullParam if trained else nnx.Param)(jnp.ones((dim,), param_dtype))
+    def __init__(self, dim: int, eps: float, *, dtype, param_dtype, trained: bool = False,
+                 offset: float = 0.0):
+        self.eps, self.dtype, self.offset = eps, dtype, offset
+        self.weight = (FullParam if trained else nnx.Param)(
+            jnp.full((dim,), 1.0 - offset, param_dtype))
 
     def __call__(self, x):
         x = x.astype(jnp.float32)
         x = x * jax.lax.rsqrt(jnp.mean(x * x, axis=-1, keepdims=True) + self.eps)
-        return (self.weight[...].astype(jnp.float32) * x).astype(self.dtype)
+        w = self.weight[...].astype(jnp.float32)
+        return ((w + self.offset if self.offset else w) * x).astype(self.dtype)
 
 
 class Embedding(nnx.Module):
+    """Token embeddings [V, D], times `scale` (Gemma's √D, rounded to the weight's dtype first, as
+    transformers does)."""
+
     def __init__(self, vocab: int, dim: int, *, dtype, param_dtype, rngs: nnx.Rngs,
-                 trained: bool = False):
-        self.dtype = dtype
+                 trained: bool = False, scale: float = 1.0):
+        self.dtype, self.scale = dtype, scale
         self.weight = (FullParam if trained else nnx.Param)(
             0.02 * jax.random.normal(rngs.params(), (vocab, dim), param_dtype))
 
     def __call__(self, tokens):
-        return jnp.take(self.weight[...], tokens, axis=0).astype(self.dtype)
+        w = self.weight[...]
+        x = jnp.take(w, tokens, axis=0)
+        if self.scale != 1.0:
+            x = x * jnp.asarray(self.scale, w.dtype)
+        return x.astype(self.dtype)
 
 
-def rope_inv_freq(cfg: ModelConfig) -> np.ndarray:
-    """Inverse frequencies [head_dim/2], computed in float32 like transformers, incl. its scalings."""
+def rope_inv_freq(cfg: ModelConfig, *, local: bool = False) -> np.ndarray:
+    """Inverse frequencies [head_dim/2], computed in float32 like transformers, incl. its scalings.
+    local: those of Gemma 3's sliding layers (cfg.local_rope_theta, unscaled)."""
     dim = cfg.head_dim
-    inv = (1.0 / (cfg.rope_theta ** (np.arange(0, dim, 2, dtype=np.float32) / np.float32(dim)))
+    theta = cfg.local_rope_theta if local else cfg.rope_theta
+    inv = (1.0 / (theta ** (np.arange(0, dim, 2, dtype=np.float32) / np.float32(dim)))
            ).astype(np.float32)
-    scaling = dict(cfg.rope_scaling or ())
+    scaling = {} if local else dict(cfg.rope_scaling or ())
     kind = scaling.get("rope_type", "default")
     if kind == "linear":
         inv = inv / np.float32(scaling["factor"])
@@ -369,10 +384,9 @@ class Attention(nnx.Module):
         self.v_proj = Linear(D, K * H, bias=cfg.attention_bias, **_linear_kw(lora, "v_proj"), **common)
         self.o_proj = Linear(N * H, D, bias=cfg.o_bias, **_linear_kw(lora, "o_proj"), **common)
         if cfg.qk_norm:
-            self.q_norm = RMSNorm(H, cfg.rms_norm_eps, dtype=dtype, param_dtype=param_dtype,
-                                  trained=_trained(lora, "q_norm"))
-            self.k_norm = RMSNorm(H, cfg.rms_norm_eps, dtype=dtype, param_dtype=param_dtype,
-                                  trained=_trained(lora, "k_norm"))
+            norm = dict(dtype=dtype, param_dtype=param_dtype, offset=cfg.norm_offset)
+            self.q_norm = RMSNorm(H, cfg.rms_norm_eps, **norm, trained=_trained(lora, "q_norm"))
+            self.k_norm = RMSNorm(H, cfg.rms_norm_eps, **norm, trained=_trained(lora, "k_norm"))
         else:
             self.q_norm = self.k_norm = None
 
@@ -400,10 +414,16 @@ class Attention(nnx.Module):
         # attention: "xla" (runs everywhere; causal query blocks, runtime/attention.py) or "cudnn"
         # (a fused flash-attention kernel on NVIDIA GPUs). Decoding with a cache attends over the
         # cache's slots with XLA's dot_product_attention.
-        scale = cfg.head_dim ** -0.5
+        scale = cfg.head_dim ** -0.5 if cfg.query_scale is None else cfg.query_scale
         attention = "xla" if cache is not None else self.attention
         if cache is None and attention == "xla":
-            out = causal_attention(q, k, v, mask, scale=scale, block=self.block)
+            out = causal_attention(q, k, v, mask, scale=scale, block=self.block,
+                                   softcap=cfg.attn_softcap)
+        elif cfg.attn_softcap is not None:
+            if cache is None:
+                raise ValueError(f"{attention} attention has no soft-capping; use xla")
+            out = cached_attention(q, k_all.astype(q.dtype), v_all.astype(q.dtype), mask,
+                                   scale=scale, softcap=cfg.attn_softcap)
         elif cache is None and attention == "pallas":
             out = segment_attention(q, k, v, mask, scale=scale)
         else:
@@ -420,6 +440,16 @@ def _swiglu(gate, up):
     return jax.nn.silu(gate) * up
 
 
+@jax.checkpoint
+def _geglu(gate, up):
+    """Gemma's gelu(gate) · up, GELU's tanh form (transformers' gelu_pytorch_tanh), rematerialised
+    like _swiglu."""
+    return jax.nn.gelu(gate, approximate=True) * up
+
+
+GATES = {"silu": _swiglu, "gelu_tanh": _geglu}
+
+
 class MLP(nnx.Module):
     def __init__(self, cfg: ModelConfig, *, lora, compute: ComputeSpec, rngs: nnx.Rngs):
         D, F = cfg.hidden_size, cfg.intermediate_size
@@ -428,31 +458,46 @@ class MLP(nnx.Module):
         self.gate_proj = Linear(D, F, **_linear_kw(lora, "gate_proj"), **common)
         self.up_proj = Linear(D, F, **_linear_kw(lora, "up_proj"), **common)
         self.down_proj = Linear(F, D, **_linear_kw(lora, "down_proj"), **common)
+        self.gate = GATES[cfg.activation]
 
     def __call__(self, x, keys):
         k = keys if keys is not None else (None,) * 3
-        return self.down_proj(_swiglu(self.gate_proj(x, k[0]), self.up_proj(x, k[1])), k[2])
+        return self.down_proj(self.gate(self.gate_proj(x, k[0]), self.up_proj(x, k[1])), k[2])
 
 
 class Block(nnx.Module):
-    """Pre-norm decoder layer: x + attn(norm(x)), then + mlp(norm(x))."""
+    """Pre-norm decoder layer: x + attn(norm(x)), then + mlp(norm(x)). With sandwich norms (Gemma
+    2/3) the attention's and the MLP's outputs are normalised too before they are added:
+    x + norm(attn(norm(x))), then + norm(mlp(norm(x))) — post_attention_layernorm then normalises
+    the attention's output, and pre_/post_feedforward_layernorm wrap the MLP."""
 
     def __init__(self, cfg: ModelConfig, *, lora, compute: ComputeSpec, rngs: nnx.Rngs):
-        norm = dict(dtype=compute.dtype, param_dtype=compute.param_dtype)
-        self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, **norm,
-                                       trained=_trained(lora, "input_layernorm"))
+        norm = dict(dtype=compute.dtype, param_dtype=compute.param_dtype, offset=cfg.norm_offset)
+
+        def rms(name):
+            return RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, **norm, trained=_trained(lora, name))
+
+        self.input_layernorm = rms("input_layernorm")
         self.self_attn = Attention(cfg, lora=lora, compute=compute, rngs=rngs)
-        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, **norm,
-                                                trained=_trained(lora, "post_attention_layernorm"))
+        self.post_attention_layernorm = rms("post_attention_layernorm")
         self.mlp = MLP(cfg, lora=lora, compute=compute, rngs=rngs)
+        self.sandwich = cfg.sandwich_norms
+        if self.sandwich:
+            self.pre_feedforward_layernorm = rms("pre_feedforward_layernorm")
+            self.post_feedforward_layernorm = rms("post_feedforward_layernorm")
 
     def __call__(self, x, cos, sin, mask, dropout_key=None, cache=None):
         # One independent dropout mask per adapted module, as PEFT has one nn.Dropout per module.
         keys = None if dropout_key is None else tuple(jax.random.split(dropout_key, 7))
         h, kv = self.self_attn(self.input_layernorm(x), cos, sin, mask,
                                None if keys is None else keys[:4], cache)
+        mlp_keys = None if keys is None else keys[4:]
+        if self.sandwich:
+            x = x + self.post_attention_layernorm(h)
+            return x + self.post_feedforward_layernorm(
+                self.mlp(self.pre_feedforward_layernorm(x), mlp_keys)), kv
         x = x + h
-        x = x + self.mlp(self.post_attention_layernorm(x), None if keys is None else keys[4:])
+        x = x + self.mlp(self.post_attention_layernorm(x), mlp_keys)
         return x, kv
 
 
@@ -505,7 +550,8 @@ class Llama(nnx.Module):
         tied_trained = cfg.tie_word_embeddings and _trained(lora, "lm_head")
         self.embed_tokens = Embedding(cfg.vocab_size, cfg.hidden_size, dtype=dtype,
                                       param_dtype=param_dtype, rngs=rngs,
-                                      trained=_trained(lora, "embed_tokens") or tied_trained)
+                                      trained=_trained(lora, "embed_tokens") or tied_trained,
+                                      scale=cfg.embed_scale)
 
         # One Block whose variables are stacked [L, ...]: vmap the constructor over L keys.
         @nnx.vmap(in_axes=0, out_axes=0)
@@ -514,7 +560,7 @@ class Llama(nnx.Module):
 
         self.layers = make_blocks(jax.random.split(rngs.params(), cfg.num_layers))
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype=dtype, param_dtype=param_dtype,
-                            trained=_trained(lora, "norm"))
+                            trained=_trained(lora, "norm"), offset=cfg.norm_offset)
         self.unembed = None if cfg.tie_word_embeddings else (
             FullParam if _trained(lora, "lm_head") else nnx.Param)(
             0.02 * jax.random.normal(rngs.params(), (cfg.vocab_size, cfg.hidden_size), param_dtype))
@@ -548,7 +594,7 @@ class Llama(nnx.Module):
             causal = jnp.arange(T)[:, None] >= jnp.arange(T)[None, :]
             mask = (segment_ids[:, :, None] == segment_ids[:, None, :]) & causal
             mask = mask[:, None]                                        # [B, 1, T, T]
-        cos, sin = rope_tables(positions, rope_inv_freq(self.cfg))
+        cos, sin, which = self._rope(positions)
 
         keys = None
         use_dropout = (not deterministic and self.lora is not None and self.lora.dropout > 0)
@@ -561,13 +607,14 @@ class Llama(nnx.Module):
         graphdef, state = nnx.split(self.layers)
 
         def layer(x, xs):
-            layer_state, key, window = xs
+            layer_state, key, window, rope = xs
             m = mask if window is None else _window_mask(mask, positions, positions, window)
-            x, _ = nnx.merge(graphdef, layer_state)(x, cos, sin, m, key)
+            c, s = (cos, sin) if rope is None else (cos[rope], sin[rope])
+            x, _ = nnx.merge(graphdef, layer_state)(x, c, s, m, key)
             return x, None
 
         x = self.embed_tokens(tokens)
-        x, _ = jax.lax.scan(_remat(layer, self.compute.remat), x, (state, keys, windows))
+        x, _ = jax.lax.scan(_remat(layer, self.compute.remat), x, (state, keys, windows, which))
         return self.norm(x)
 
     def lm_head(self) -> jax.Array:
@@ -576,8 +623,10 @@ class Llama(nnx.Module):
         return w[...].astype(self.dtype)
 
     def logits(self, hidden) -> jax.Array:
-        """Full float32 logits [..., V] — for scoring and tests; training uses runtime.loss instead."""
-        return jnp.einsum("...d,vd->...v", hidden, self.lm_head(), preferred_element_type=jnp.float32)
+        """Full float32 logits [..., V] (soft-capped where the model caps them: Gemma 2) — for
+        scoring and tests; training uses runtime.loss instead."""
+        return soft_cap(jnp.einsum("...d,vd->...v", hidden, self.lm_head(),
+                                   preferred_element_type=jnp.float32), self.cfg.final_softcap)
 
     def head_weight(self) -> jax.Array:
         """The classification head [labels, D] in the compute dtype (adapter.head=classifier)."""
@@ -595,6 +644,17 @@ class Llama(nnx.Module):
         if not self.cfg.sliding_windows:
             return None
         return jnp.asarray(self.cfg.sliding_windows, jnp.int32)
+
+    def _rope(self, positions):
+        """(cos, sin, which): RoPE's tables [B, T, head_dim] for positions [B, T], and which None.
+        Where the sliding layers turn at their own base (Gemma 3), both tables stacked [2, B, T,
+        head_dim] — the global layers' first — and which [L] int32, each layer's."""
+        cos, sin = rope_tables(positions, rope_inv_freq(self.cfg))
+        if self.cfg.local_rope_theta is None or not self.cfg.sliding_windows:
+            return cos, sin, None
+        local_cos, local_sin = rope_tables(positions, rope_inv_freq(self.cfg, local=True))
+        which = jnp.asarray([int(w > 0) for w in self.cfg.sliding_windows], jnp.int32)
+        return jnp.stack([cos, local_cos]), jnp.stack([sin, local_sin]), which
 
     # -- decoding with a KV cache
 
@@ -628,7 +688,7 @@ class Llama(nnx.Module):
         mask = (k_slot[None, :] <= q_slot[:, None])[None] & (
             k_valid[:, None, :] | (k_slot[None, :] == q_slot[:, None])[None])
         mask = mask[:, None]                                            # [B, 1, T, S]
-        cos, sin = rope_tables(positions, rope_inv_freq(self.cfg))
+        cos, sin, which = self._rope(positions)
         windows = self._windows()
         graphdef, state = nnx.split(self.layers)
 
@@ -636,13 +696,14 @@ class Llama(nnx.Module):
         # per-layer outputs, written with ONE update after the scan. (Carrying the whole [L, ...]
         # cache through the scan makes XLA copy all of it at every layer: ~4x slower steps.)
         def layer(x, xs):
-            layer_state, k_layer, v_layer, window = xs
+            layer_state, k_layer, v_layer, window, rope = xs
             m = mask if window is None else _window_mask(mask, positions, k_pos, window)
-            x, (k, v) = nnx.merge(graphdef, layer_state)(x, cos, sin, m, None, (k_layer, v_layer, index))
+            c, s = (cos, sin) if rope is None else (cos[rope], sin[rope])
+            x, (k, v) = nnx.merge(graphdef, layer_state)(x, c, s, m, None, (k_layer, v_layer, index))
             return x, (k.astype(k_layer.dtype), v.astype(v_layer.dtype))
 
         x = self.embed_tokens(tokens)
-        x, (k_new, v_new) = jax.lax.scan(layer, x, (state, cache.k, cache.v, windows))
+        x, (k_new, v_new) = jax.lax.scan(layer, x, (state, cache.k, cache.v, windows, which))
         k_cache = jax.lax.dynamic_update_slice(cache.k, k_new, (0, 0, index, 0, 0))
         v_cache = jax.lax.dynamic_update_slice(cache.v, v_new, (0, 0, index, 0, 0))
         hidden = self.norm(x)

@@ -18,7 +18,7 @@ from flax import nnx
 from safetensors import safe_open
 from safetensors.numpy import save_file
 
-from core.architecture import MODULE_NAMES, WHOLE_MODULES, peft_module_name
+from core.architecture import ALL_WHOLE_MODULES, MODULE_NAMES, peft_module_name
 from core.errors import PlanError
 from core.weight_files import read_header
 from runtime.head import read_labels, write_labels
@@ -114,8 +114,8 @@ def read_lora_config(adapter_dir, *, key: str = "run") -> LoraConfig:
         if name in HEAD_MODULES:        # a classification head (`classifier`: PEFT lists it too)
             continue
         short = "norm" if name == "model.norm" else name.rsplit(".", 1)[-1]
-        if short not in WHOLE_MODULES + ("q_norm", "k_norm") + MODULE_NAMES:
-            raise bad(f"modules_to_save names {name!r}, which is not a module of the Llama family.")
+        if short not in ALL_WHOLE_MODULES + MODULE_NAMES:
+            raise bad(f"modules_to_save names {name!r}, which is not a module tune trains.")
         if short not in full:
             full.append(short)
     targets = cfg.get("target_modules")

@@ -40,6 +40,7 @@ import optax
 from flax import nnx
 
 from core.plan import WITH_REFERENCE
+from runtime.attention import soft_cap
 
 
 @dataclass(frozen=True)
@@ -68,10 +69,11 @@ class Objective:
 
 # ------------------------------------------------------------------------------ log-probabilities
 
-def token_logps(hidden, lm_head_w, targets, mask, *, capacity: int, chunk: int):
+def token_logps(hidden, lm_head_w, targets, mask, *, capacity: int, chunk: int, softcap=None):
     """(log p(target) per gathered position [N], flat position index [N], valid [N]): the supervised
     positions of hidden [B,T,D] gathered into `capacity` slots (all B·T when capacity ≥ B·T), the
-    output head run on them in chunks (logits in float32, recomputed in the backward pass)."""
+    output head run on them in chunks (logits in float32, soft-capped by `softcap` — the model's
+    final_softcap — recomputed in the backward pass)."""
     B, T, D = hidden.shape
     n = B * T
     flat = mask.reshape(-1) > 0
@@ -93,7 +95,8 @@ def token_logps(hidden, lm_head_w, targets, mask, *, capacity: int, chunk: int):
 
     @jax.checkpoint
     def chunk_logp(w, h, t):
-        logits = jnp.einsum("cd,vd->cv", h, w, preferred_element_type=jnp.float32)
+        logits = soft_cap(jnp.einsum("cd,vd->cv", h, w, preferred_element_type=jnp.float32),
+                          softcap)
         target = jnp.take_along_axis(logits, t[:, None], axis=-1)[:, 0]
         return target - jax.nn.logsumexp(logits, axis=-1)
 
@@ -208,7 +211,7 @@ def _sums(graphdef, trained, frozen, mb, *, ce_chunk, loss_tokens):
     B, T = mb["tokens"].shape
     lp, idx, valid = token_logps(hidden, model.lm_head(), mb["targets"], mb["loss_mask"],
                                  capacity=B * T if loss_tokens is None else loss_tokens,
-                                 chunk=ce_chunk)
+                                 chunk=ce_chunk, softcap=model.cfg.final_softcap)
     return unit_sums(lp, idx, valid, mb["segment_ids"])
 
 

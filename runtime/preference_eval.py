@@ -69,7 +69,7 @@ def _scorer(graphdef, chunk: int):
         hidden = m(b["tokens"], positions=b["positions"], segment_ids=b["segment_ids"])
         B, T = b["tokens"].shape
         lp, idx, valid = token_logps(hidden, m.lm_head(), b["targets"], b["loss_mask"],
-                                     capacity=B * T, chunk=chunk)
+                                     capacity=B * T, chunk=chunk, softcap=m.cfg.final_softcap)
         return unit_sums(lp, idx, valid, b["segment_ids"])
 
     return sums

@@ -78,7 +78,7 @@ def _micro_loss(graphdef, lora, frozen, mb, key, *, ce_chunk: int, loss_tokens: 
     mask = mb["loss_weight"] if "loss_weight" in mb else mb["loss_mask"]
     return supervised_cross_entropy(hidden, model.lm_head(), mb["targets"], mask,
                                     capacity=B * T if loss_tokens is None else loss_tokens,
-                                    chunk=ce_chunk)
+                                    chunk=ce_chunk, softcap=model.cfg.final_softcap)
 
 
 def accumulate(graphdef, lora, frozen, batch, key, *, ce_chunk: int, dropout: bool,

@@ -152,6 +152,18 @@ HF_TINY_KINDS = {
     "mistral-window": ("MistralConfig", dict(sliding_window=5)),
     "qwen2": ("Qwen2Config", {}),
     "qwen3": ("Qwen3Config", dict(head_dim=24)),     # head_dim != hidden/heads, as in real Qwen3
+    # Gemma: caps low enough to bend these scores and logits, a query scale not head_dim's, the
+    # window short enough to matter in 17 tokens, a local and a global layer (Gemma 3: at two RoPE
+    # bases, the global one scaled)
+    "gemma2": ("Gemma2Config", dict(head_dim=24, query_pre_attn_scalar=20, sliding_window=5,
+                                    attn_logit_softcapping=4.0, final_logit_softcapping=3.0)),
+    "gemma3": ("Gemma3TextConfig", dict(
+        head_dim=24, query_pre_attn_scalar=20, sliding_window=5,
+        layer_types=["sliding_attention", "full_attention"],
+        rope_parameters={"full_attention": {"rope_type": "linear", "factor": 2.0,
+                                            "rope_theta": 1e6},
+                         "sliding_attention": {"rope_type": "default", "rope_theta": 1e4}})),
+    "gemma3-tied": ("Gemma3TextConfig", dict(head_dim=16, tie_word_embeddings=True)),
 }
 
 
@@ -201,6 +213,28 @@ def bos_tokenizer_dir(tmp_path_factory):
     tok.enable_truncation(max_length=2)
     out = tmp_path_factory.mktemp("bos-tokenizer")
     tok.save(str(out / "tokenizer.json"))
+    return out
+
+
+@pytest.fixture(scope="session")
+def tiny_gemma_chat_dir(tiny_chat_dir, tmp_path_factory):
+    """tiny_chat_dir's tokenizer and chat template over a random 2-layer Gemma 3 of the same sizes
+    (a local layer with an 8-token window, then a global one; tied embeddings)."""
+    import shutil
+
+    import torch
+    from transformers import Gemma3ForCausalLM, Gemma3TextConfig
+
+    out = tmp_path_factory.mktemp("tiny-gemma-chat")
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        shutil.copy(tiny_chat_dir / name, out / name)
+    torch.manual_seed(0)
+    sizes = {k: v for k, v in TINY_LLAMA.items() if k != "rope_theta"}     # Gemma's two bases
+    cfg = Gemma3TextConfig(**{**sizes, "tie_word_embeddings": True}, head_dim=8,
+                           query_pre_attn_scalar=8, sliding_window=8,
+                           layer_types=["sliding_attention", "full_attention"],
+                           bos_token_id=1, eos_token_id=2, pad_token_id=0)
+    Gemma3ForCausalLM(cfg).save_pretrained(out, safe_serialization=True)
     return out
 
 

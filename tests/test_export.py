@@ -51,7 +51,7 @@ def torch_logits(model, x):
         return model(torch.as_tensor(x, dtype=torch.long)).logits.float().numpy()
 
 
-@pytest.mark.parametrize("kind", ["llama", "smollm-tied"])
+@pytest.mark.parametrize("kind", ["llama", "smollm-tied", "gemma2", "gemma3"])
 def test_peft_loads_adapter_and_reproduces_logits(hf_tiny, tmp_path, kind):
     from peft import PeftModel, set_peft_model_state_dict
     from transformers import AutoModelForCausalLM
@@ -87,7 +87,7 @@ def test_peft_loads_adapter_and_reproduces_logits(hf_tiny, tmp_path, kind):
     np.testing.assert_allclose(torch_logits(peft, x), tune_logits(model, x), atol=1e-4, rtol=0)
 
 
-@pytest.mark.parametrize("kind", ["llama", "smollm-tied"])
+@pytest.mark.parametrize("kind", ["llama", "smollm-tied", "gemma2", "gemma3-tied"])
 def test_merged_equals_peft_merge_and_unload(hf_tiny, tmp_path, kind):
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
@@ -116,6 +116,30 @@ def test_merged_equals_peft_merge_and_unload(hf_tiny, tmp_path, kind):
     # and tune reads its own merged checkpoint back as a plain model
     np.testing.assert_allclose(tune_logits(load_pretrained(merged_dir), x), tune_logits(model, x),
                                atol=1e-4, rtol=0)
+
+
+def test_gemma_norms_trained_in_full_load_in_peft(hf_tiny, tmp_path):
+    """Gemma's own modules (the MLP's sandwich norms, the q/k norms, stored around 0 and scaled by
+    1 + w) trained in full beside LoRA: PEFT's modules_to_save takes them, reproduces tune's logits,
+    and tune reads the adapter back."""
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    _, path = hf_tiny("gemma3")
+    lora = LoraConfig(rank=4, alpha=8.0, dropout=0.0, targets=("q_proj", "up_proj"),
+                      train_modules=("pre_feedforward_layernorm", "post_feedforward_layernorm",
+                                     "q_norm"))
+    model = trained_like(path, lora=lora, seed=4)
+    out = save_peft_adapter(model, tmp_path / "adapter", base_model_name_or_path=str(path))
+    config = json.loads((out / "adapter_config.json").read_text())
+    assert set(config["modules_to_save"]) == set(lora.train_modules)
+    assert read_lora_config(out).train_modules == lora.train_modules
+    base = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+    peft = PeftModel.from_pretrained(base, out).eval()
+    x = ids(seed=5)
+    np.testing.assert_allclose(torch_logits(peft, x), tune_logits(model, x), atol=1e-4, rtol=0)
+    fresh = load_peft_adapter(load_pretrained(path, lora=read_lora_config(out)), out)
+    np.testing.assert_allclose(tune_logits(fresh, x), tune_logits(model, x), atol=1e-5, rtol=0)
 
 
 def test_adapter_round_trip_and_errors(hf_tiny, tmp_path):

@@ -14,7 +14,7 @@ from runtime.model import EXACT, Llama
 from runtime.weights import load_pretrained, to_hf_state_dict
 
 KINDS = ["llama", "llama-bias", "llama3-rope", "linear-rope", "mqa", "mha", "smollm-tied", "mistral",
-         "mistral-window", "qwen2", "qwen3"]
+         "mistral-window", "qwen2", "qwen3", "gemma2", "gemma3", "gemma3-tied"]
 
 
 @pytest.fixture(autouse=True)
@@ -44,10 +44,17 @@ def test_logits_match_transformers(hf_tiny, kind):
     np.testing.assert_allclose(tune_logits(model, ids), torch_logits(ref_model, ids), atol=1e-4, rtol=0)
 
 
-@pytest.mark.parametrize("kind", ["llama", "mqa", "mistral-window", "qwen3"])
+@pytest.mark.parametrize("kind", KINDS)
+def test_param_count_equals_transformers(hf_tiny, kind):
+    ref_model, path = hf_tiny(kind)
+    cfg = ModelConfig.from_hf(json.loads((path / "config.json").read_text()))
+    assert cfg.param_count() == ref_model.num_parameters()
+
+
+@pytest.mark.parametrize("kind", ["llama", "mqa", "mistral-window", "qwen3", "gemma2", "gemma3"])
 def test_logits_in_attention_blocks_match_transformers(hf_tiny, kind):
     """17 tokens in causal blocks of 4 query rows (the last block partial): grouped, multi-query and
-    sliding-window attention, and q/k norms."""
+    sliding-window attention, q/k norms, soft-capped scores, two RoPE bases."""
     ref_model, path = hf_tiny(kind)
     model = load_pretrained(path, compute=EXACT.but(attention_block=4))
     ids = tokens()
@@ -67,6 +74,39 @@ def test_config_switches(hf_tiny):
                                ).tie_word_embeddings
 
 
+def test_gemma_config_styles_and_defaults():
+    """Gemma 3 as transformers 4 wrote it (rope_theta / rope_local_base_freq / rope_scaling, the
+    layer pattern implied) reads as transformers 5's rope_parameters per layer type; keys Gemma 2
+    leaves out take transformers' defaults; what tune does not compute is refused by name."""
+    base = dict(vocab_size=10, hidden_size=8, intermediate_size=16, num_hidden_layers=7,
+                num_attention_heads=2, head_dim=4)
+    old = ModelConfig.from_hf({**base, "model_type": "gemma3_text", "rope_theta": 1e6,
+                               "rope_local_base_freq": 1e4, "sliding_window": 512,
+                               "rope_scaling": {"rope_type": "linear", "factor": 8.0}})
+    assert (old.rope_theta, old.local_rope_theta) == (1e6, 1e4)
+    assert dict(old.rope_scaling) == {"rope_type": "linear", "factor": 8.0}
+    assert old.sliding_windows == (512,) * 5 + (0, 512)     # every 6th layer global
+    assert old.query_scale == 256 ** -0.5 and old.tie_word_embeddings and old.qk_norm
+    g2 = ModelConfig.from_hf({**base, "architectures": ["Gemma2ForCausalLM"]})
+    assert (g2.attn_softcap, g2.final_softcap, g2.local_rope_theta) == (50.0, 30.0, None)
+    assert g2.sliding_windows == (4096, 0) * 3 + (4096,) and not g2.qk_norm
+    assert g2.embed_scale == 8 ** 0.5 and g2.norm_offset == 1.0 and g2.activation == "gelu_tanh"
+    off = ModelConfig.from_hf({**base, "model_type": "gemma2", "attn_logit_softcapping": None,
+                               "final_logit_softcapping": None})
+    assert (off.attn_softcap, off.final_softcap) == (None, None)
+    assert {"pre_feedforward_layernorm.weight", "post_feedforward_layernorm.weight"} <= {
+        n.split(".", 3)[-1] for n in g2.tensor_shapes()}
+    for bad, match in (({"use_bidirectional_attention": True}, "bidirectional"),
+                       ({"hidden_activation": "relu"}, "hidden_activation 'relu'"),
+                       ({"layer_types": ["full_attention"]}, "layer_types"),
+                       ({"rope_parameters": {"full_attention": {"rope_type": "default"},
+                                             "sliding_attention": {"rope_type": "linear",
+                                                                   "factor": 2.0}}},
+                        "sliding layers")):
+        with pytest.raises(ValueError, match=match):
+            ModelConfig.from_hf({**base, "model_type": "gemma3_text", **bad})
+
+
 def test_config_old_style_and_refusals():
     old = dict(model_type="llama", vocab_size=10, hidden_size=8, intermediate_size=16, num_hidden_layers=1,
                num_attention_heads=2, rope_theta=123.0,
@@ -82,8 +122,9 @@ def test_config_old_style_and_refusals():
 
 
 @pytest.mark.parametrize("block", [0, 5])     # segments that cross attention blocks' boundaries
-def test_packed_rows_equal_separate_runs(hf_tiny, block):
-    _, path = hf_tiny("qwen3")
+@pytest.mark.parametrize("kind", ["qwen3", "gemma3"])
+def test_packed_rows_equal_separate_runs(hf_tiny, block, kind):
+    _, path = hf_tiny(kind)
     model = load_pretrained(path, compute=EXACT.but(attention_block=block))
     a, b = tokens(1, 7, seed=1)[0], tokens(1, 6, seed=2)[0]
     T = 16
@@ -149,7 +190,7 @@ def _greedy_full_recompute(model, prompt, n):
     return ids[0, len(prompt):].tolist()
 
 
-@pytest.mark.parametrize("kind", ["llama", "qwen3", "mistral-window"])
+@pytest.mark.parametrize("kind", ["llama", "qwen3", "mistral-window", "gemma2", "gemma3"])
 @pytest.mark.parametrize("padding", ["left", "right"])
 def test_cached_greedy_equals_full_recomputation(hf_tiny, kind, padding):
     _, path = hf_tiny(kind)
@@ -166,8 +207,9 @@ def test_cached_greedy_equals_full_recomputation(hf_tiny, kind, padding):
         assert got[i].tolist() == _greedy_full_recompute(model, p, 8)
 
 
-def test_cached_greedy_equals_transformers_generate(hf_tiny):
-    ref_model, path = hf_tiny("llama")
+@pytest.mark.parametrize("kind", ["llama", "gemma2", "gemma3"])
+def test_cached_greedy_equals_transformers_generate(hf_tiny, kind):
+    ref_model, path = hf_tiny(kind)
     model = load_pretrained(path)
     prompts = [tokens(1, 7, seed=6)[0], tokens(1, 4, seed=7)[0]]
     P = 7
