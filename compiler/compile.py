@@ -22,7 +22,8 @@ from core.packing import PALLAS_BLOCK
 from core.processes import processes
 from core.errors import PlanError, did_you_mean, listing
 from core.files import sha256_file, tune_home
-from core.architecture import ATTENTION_MODULES, full_module_names, full_module_params, lora_scale
+from core.architecture import (ATTENTION_MODULES, FUSED, full_module_names, full_module_params,
+                               lora_scale)
 from core.labels import RARE_CLASS, is_classification, normalise
 from core.plan import (PLAN_VERSION, AdapterSection, DataSection, Devices, EvalSection, Estimates,
                            Label, MeshAxes, ModelSection, ObjectiveSection, Plan, Recipe,
@@ -88,7 +89,8 @@ def compile_plan(cfg: dict, *, recipe_info: Recipe | None, command: str = "plan"
     schedule = _schedule_section(sched, runtime, lengths, row_length)
     evaluation = _eval_section(config["eval"], data, objective, examples)
     if command in TRAIN_COMMANDS + ("eval",):
-        warnings += _imbalance_warnings(data, evaluation)
+        warnings += _imbalance_warnings(data, evaluation) + _longrope_warnings(model, data,
+                                                                               evaluation)
     estimates_ = _estimates(model, adapter, schedule, runtime, data, evaluation, warnings,
                             need_train=need_train, objective=objective, examples=examples,
                             retrieval=retrieval is not None)
@@ -722,6 +724,18 @@ def _plain(v) -> str:
 
 # ------------------------------------------------------------------------------ adapter
 
+def _fused_targets(names: list[str], valid: list[str]) -> list[str]:
+    """Targets written for separate q/k/v and gate/up layers, on a model that fuses them (Phi-3's
+    qkv_proj, gate_up_proj): each names the fused layer that holds it, once — so a recipe's
+    targets suit every family. The plan's adapter panel shows the layers adapted."""
+    out = []
+    for name in names:
+        fused = next((f for f, parts in FUSED.items() if name in parts and f in valid), name)
+        if fused not in out:
+            out.append(fused)
+    return out
+
+
 def _adapter_section(a: dict, model: ModelSection) -> AdapterSection:
     if a["kind"] == "full":
         return _full_section(a, model)
@@ -730,7 +744,7 @@ def _adapter_section(a: dict, model: ModelSection) -> AdapterSection:
         targets = valid
     else:
         targets = []
-        for name in a["targets"]:
+        for name in _fused_targets(a["targets"], valid):
             if name not in valid:
                 raise PlanError("adapter.targets", f"`{name}` is not a linear module of "
                                 f"{model.name}.{did_you_mean(name, valid)} Valid modules: "
@@ -868,6 +882,25 @@ def _devices() -> Devices:
                    count=int(found.get("count") or 1), memory=found.get("memory"),
                    peak_flops=found.get("peak_flops"), cores=found.get("cores"),
                    processes=processes()[0])
+
+
+def _longrope_warnings(model: ModelSection, data: DataSection, evaluation) -> list[str]:
+    """Phi-3's LongRoPE turns a sequence by its short factors up to the pretraining length and by its
+    long ones past it. A generation that starts within that length and ends past it keeps the keys
+    its cache turned by the short factors (transformers re-runs the whole sequence instead)."""
+    scaling = dict(model.config.rope_scaling or ())
+    if scaling.get("rope_type") != "longrope":
+        return []
+    original = scaling["original_max_position_embeddings"]
+    prompt = min(int(data.tokens.get("max") or 0), data.max_length)
+    if not prompt <= original < prompt + evaluation.max_new_tokens:
+        return []
+    return [f"examples of up to {prompt} tokens plus eval.max_new_tokens={evaluation.max_new_tokens} "
+            f"can pass {model.name}'s pretraining length ({original} tokens), where its LongRoPE "
+            "changes factors: answers past it are decoded with the earlier tokens' keys as the "
+            "short factors turned them (transformers re-runs the sequence with the long ones). "
+            f"Keep prompt + answer within {original} tokens, e.g. a lower data.max_length or "
+            "eval.max_new_tokens."]
 
 
 def _check_context(data: DataSection, model: ModelSection) -> None:

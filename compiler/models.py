@@ -1,8 +1,9 @@
 """Find the model a config names and describe it from its config.json and tokenizer, reading no weights.
 
-`model.path` null is the embedded SmolLM2-135M-Instruct (converted once from its GGUF, see
-compiler/gguf.py); a directory is a local Hugging Face checkpoint; an `org/name` that is not a directory
-is downloaded from the Hugging Face Hub (safetensors, json and tokenizer files only).
+`model.path` null is the embedded model `model.embedded` names (SmolLM2-135M-Instruct by default, or
+Gemma 3 270M; converted once from its GGUF, see compiler/gguf.py); a directory is a local Hugging Face
+checkpoint; an `org/name` that is not a directory is downloaded from the Hugging Face Hub (safetensors,
+json and tokenizer files only).
 """
 from __future__ import annotations
 
@@ -23,7 +24,8 @@ _HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[A-Za-z0-9][\w.-]*")
 _PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
 _PATH_HINT = ("model.path takes a local Hugging Face checkpoint directory (config.json, *.safetensors, "
               "tokenizer.json), a Hub id such as `HuggingFaceTB/SmolLM2-360M-Instruct`, or null for "
-              "the embedded SmolLM2-135M-Instruct.")
+              "the embedded model model.embedded names (model=smollm2-135m, the default, or "
+              "model=gemma3-270m).")
 
 
 # ------------------------------------------------------------------------------ public API
@@ -33,16 +35,17 @@ def resolve_model(model_cfg: dict) -> ModelSection:
     path = model_cfg.get("path")
     name = model_cfg.get("name")
     if path is None or str(path).strip() in ("", "null", "None"):
-        from compiler.gguf import ensure_embedded_model
+        from compiler.gguf import DEFAULT_EMBEDDED, EMBEDDED, ensure_embedded_model
 
-        return _describe(ensure_embedded_model(), source="embedded",
-                         name=name or "smollm2-135m-instruct")
+        embedded = model_cfg.get("embedded") or DEFAULT_EMBEDDED
+        return _describe(ensure_embedded_model(embedded), source="embedded",
+                         name=name or EMBEDDED[embedded].dirname)
     path = str(path).strip()
     local = Path(path).expanduser()
     if local.is_dir():
         return _describe(local.resolve(), source="local", name=name or local.resolve().name)
     if local.exists():
-        what = ("a GGUF file; only the embedded SmolLM2 GGUF is converted"
+        what = ("a GGUF file; only the embedded models' GGUFs are converted (model.embedded)"
                 if local.suffix == ".gguf" else "a file, not a checkpoint directory")
         raise PlanError("model.path", f"`{path}` is {what}.", hint=_PATH_HINT)
     if _HUB_ID.fullmatch(path) and ".." not in path:

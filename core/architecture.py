@@ -27,23 +27,28 @@ ARCHITECTURES = {
     "Qwen3ForCausalLM": "qwen3",
     "Gemma2ForCausalLM": "gemma2",
     "Gemma3ForCausalLM": "gemma3",
+    "Phi3ForCausalLM": "phi3",
 }
 FAMILIES = tuple(ARCHITECTURES.values())
 # config.json `model_type` → family, for a config that names no architecture
 MODEL_TYPES = {"llama": "llama", "mistral": "mistral", "qwen2": "qwen2", "qwen3": "qwen3",
-               "gemma2": "gemma2", "gemma3_text": "gemma3"}
+               "gemma2": "gemma2", "gemma3_text": "gemma3", "phi3": "phi3"}
 GEMMA = ("gemma2", "gemma3")
 # The MLP's gate activation, by the names config.json gives it (hidden_act / hidden_activation)
 ACTIVATIONS = {"silu": "silu", "swish": "silu", "gelu_pytorch_tanh": "gelu_tanh",
                "gelu_tanh": "gelu_tanh"}
 # The linear layers of a block, by their Hugging Face (and PEFT) names: what LoRA can target.
-ATTENTION_MODULES = ("q_proj", "k_proj", "v_proj", "o_proj")
-MLP_MODULES = ("gate_proj", "up_proj", "down_proj")
-MODULE_NAMES = ATTENTION_MODULES + MLP_MODULES
-ROPE_TYPES = ("default", "linear", "llama3")
+# Phi-3 fuses q/k/v into one qkv_proj and gate/up into one gate_up_proj (LoRA then adapts the fused
+# layer, as PEFT does): FUSED maps each fused module to the ones it stands for.
+FUSED = {"qkv_proj": ("q_proj", "k_proj", "v_proj"), "gate_up_proj": ("gate_proj", "up_proj")}
+ATTENTION_MODULES = ("q_proj", "k_proj", "v_proj", "o_proj", "qkv_proj")
+MLP_MODULES = ("gate_proj", "up_proj", "down_proj", "gate_up_proj")
+MODULE_NAMES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+LINEAR_NAMES = MODULE_NAMES + tuple(FUSED)     # every linear module name of every family
+ROPE_TYPES = ("default", "linear", "llama3", "longrope")
 _ROPE_KEYS = ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings")
 _HINT = ("pick a checkpoint of a supported family: Llama 2/3, Mistral, Qwen2/2.5/3, SmolLM, "
-         "Gemma 2, Gemma 3.")
+         "Gemma 2, Gemma 3, Phi-3/3.5/4.")
 _CONFIG_HINT = ("is this a complete Hugging Face causal-LM checkpoint? Fix config.json, or use the "
                 "checkpoint as published.")
 _RANGE_HINT = ("every published model of the supported families lies within these bounds: fix "
@@ -100,6 +105,9 @@ CONFIG_FIELDS: dict[str, _Field] = {
     "final_logit_softcapping": _Field("float", 1e-6, 1e6, None),
     "rope_local_base_freq": _Field("float", 1.0, 1e10, None),
     "use_bidirectional_attention": _Field("bool", default=False),
+    # Phi-3 (older configs; transformers 5 moves it into rope_parameters)
+    "partial_rotary_factor": _Field("float", 1e-6, 1.0, None),
+    "original_max_position_embeddings": _Field("int", 1, 2**24, None),
 }
 TOKEN_ID_FIELDS = ("bos_token_id", "eos_token_id", "pad_token_id")
 # ModelConfig attribute → the config.json field it holds (ModelConfig.check bounds them alike)
@@ -141,6 +149,9 @@ class ModelConfig:
     final_softcap: float | None = None  # logits → cap·tanh(logits / cap) (Gemma 2)
     local_rope_theta: float | None = None   # RoPE base of the sliding layers (Gemma 3), unscaled;
                                             # None: every layer turns as rope_theta / rope_scaling
+    # Phi-3
+    fused: bool = False                 # qkv_proj and gate_up_proj instead of q/k/v and gate/up
+    rotary_dim: int | None = None       # RoPE turns the first rotary_dim of each head; None: all
 
     @classmethod
     def from_hf(cls, hf: dict, *, source: str | Path = "config.json") -> "ModelConfig":
@@ -163,7 +174,8 @@ class ModelConfig:
                                    f"num_attention_heads={heads}, and config.json gives no head_dim "
                                    "to size the heads otherwise.")
             head_dim = default or hidden // heads
-        bias = v["attention_bias"]
+        rotary_dim = _rotary_dim(hf, v, family, head_dim, scaling, source)
+        bias = v["attention_bias"] and family != "phi3"
         gemma = family in GEMMA
         extra = {}
         if gemma:
@@ -189,6 +201,7 @@ class ModelConfig:
             attention_bias=True if family == "qwen2" else (bias and family != "mistral"),
             o_bias=bias and family in ("llama", "qwen3") + GEMMA,
             qk_norm=family in ("qwen3", "gemma3"), activation=activation,
+            fused=family == "phi3", rotary_dim=rotary_dim,
             sliding_windows=_sliding_windows(hf, v, family, layers, source), **extra)
         config.check(source=source)
         return config
@@ -216,8 +229,15 @@ class ModelConfig:
         """module name → (in_features, out_features) of each linear LoRA can target."""
         q, kv = self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim
         h, i = self.hidden_size, self.intermediate_size
+        if self.fused:
+            return {"qkv_proj": (h, q + 2 * kv), "o_proj": (q, h), "gate_up_proj": (h, 2 * i),
+                    "down_proj": (i, h)}
         return {"q_proj": (h, q), "k_proj": (h, kv), "v_proj": (h, kv), "o_proj": (q, h),
                 "gate_proj": (h, i), "up_proj": (h, i), "down_proj": (i, h)}
+
+    def linear_names(self) -> tuple[str, ...]:
+        """The linear modules of a layer, by their Hugging Face (and PEFT) names."""
+        return tuple(self.linear_shapes())
 
     def tensor_shapes(self) -> dict[str, tuple[int, ...]]:
         """Every tensor a checkpoint of this config holds, by its Hugging Face name, with its shape
@@ -270,7 +290,7 @@ ALL_WHOLE_MODULES = WHOLE_MODULES + SANDWICH_NORMS + ("q_norm", "k_norm")
 def full_module_names(cfg: "ModelConfig") -> tuple[str, ...]:
     """What adapter.train_modules may name for this model."""
     return (WHOLE_MODULES + (SANDWICH_NORMS if cfg.sandwich_norms else ())
-            + (("q_norm", "k_norm") if cfg.qk_norm else ()) + MODULE_NAMES)
+            + (("q_norm", "k_norm") if cfg.qk_norm else ()) + cfg.linear_names())
 
 
 def full_module_params(cfg: "ModelConfig", names) -> dict[str, int]:
@@ -459,7 +479,7 @@ def _rope(hf: dict, source, family: str) -> tuple[float, tuple | None, float | N
     "sliding_attention": ...}), older configs `rope_theta` / `rope_scaling` for the global layers
     and `rope_local_base_freq` for the local ones."""
     if family != "gemma3":
-        return (*_rope_of(hf, source, CONFIG_FIELDS["rope_theta"].default), None)
+        return (*_rope_of(hf, source, CONFIG_FIELDS["rope_theta"].default, family), None)
     params = hf.get("rope_parameters")
     if isinstance(params, dict) and {"full_attention", "sliding_attention"} & set(params):
         theta, scaling = _rope_of({"rope_parameters": params.get("full_attention") or {}}, source,
@@ -478,7 +498,8 @@ def _rope(hf: dict, source, family: str) -> tuple[float, tuple | None, float | N
     return theta, scaling, local
 
 
-def _rope_of(hf: dict, source, default_theta: float) -> tuple[float, tuple | None]:
+def _rope_of(hf: dict, source, default_theta: float,
+             family: str = "") -> tuple[float, tuple | None]:
     """(rope_theta, rope_scaling) from either config style: transformers<5 writes `rope_theta` and
     `rope_scaling` ({"type"|"rope_type": ...}); transformers 5 writes `rope_parameters`."""
     params = hf.get("rope_parameters") or {}
@@ -495,15 +516,16 @@ def _rope_of(hf: dict, source, default_theta: float) -> tuple[float, tuple | Non
         theta = default_theta
     scaling = dict(scaling)
     rope_type = scaling.pop("rope_type", None) or scaling.pop("type", None) or "default"
-    if not isinstance(rope_type, str) or rope_type not in ROPE_TYPES:
+    if family == "phi3" and rope_type in ("su", "yarn"):    # Phi-3's early names for LongRoPE
+        rope_type = "longrope"
+    if not isinstance(rope_type, str) or rope_type not in ROPE_TYPES or \
+            (rope_type == "longrope" and family != "phi3"):
         raise PlanError("model.path", f"RoPE scaling type {rope_type!r} is not supported; "
                         f"supported: {', '.join(ROPE_TYPES)}.", file=str(source), hint=_HINT)
-    partial = scaling.get("partial_rotary_factor", 1.0)
-    if partial != 1.0 or isinstance(partial, bool):
-        raise PlanError("model.path", f"partial_rotary_factor={_show(partial)}: only 1 (RoPE over "
-                        "the whole head) is supported.", file=str(source), hint=_HINT)
     if rope_type == "default":
         return theta, None
+    if rope_type == "longrope":
+        return theta, _longrope(scaling, hf, source)
     for key in _ROPE_KEYS:
         if scaling.get(key) is not None:
             scaling[key] = _checked(f"rope_scaling.{key}", scaling[key], _ROPE_FIELDS[key], source)
@@ -518,12 +540,69 @@ def _rope_of(hf: dict, source, default_theta: float) -> tuple[float, tuple | Non
                                [(k, v) for k, v in scaling.items() if k in _ROPE_KEYS]))
 
 
+def _rotary_dim(hf: dict, v: dict, family: str, head_dim: int, scaling: tuple | None,
+                source) -> int | None:
+    """How much of each head RoPE turns (Phi-3's partial_rotary_factor, in rope_parameters or at
+    the top level); None: all of it. LongRoPE's factors must cover its pairs."""
+    params = hf.get("rope_parameters") if isinstance(hf.get("rope_parameters"), dict) else {}
+    partial = params.get("partial_rotary_factor", v["partial_rotary_factor"])
+    partial = 1.0 if partial is None else _checked(
+        "partial_rotary_factor", partial, CONFIG_FIELDS["partial_rotary_factor"], source)
+    rotary = int(head_dim * partial)
+    if partial != 1.0 and family != "phi3":
+        raise PlanError("model.path", f"partial_rotary_factor={_show(partial)}: only 1 (RoPE over "
+                        f"the whole head) is supported for {family}.", file=str(source),
+                        hint=_HINT)
+    if rotary % 2 or rotary < 2:
+        raise _field_error(source, f"partial_rotary_factor={partial:g} of head_dim={head_dim} "
+                           f"turns {rotary} dimensions; RoPE needs an even number.")
+    factors = dict(scaling or ())
+    for key in ("short_factor", "long_factor"):
+        if key in factors and len(factors[key]) != rotary // 2:
+            raise _field_error(source, f"rope_scaling.{key} has {len(factors[key])} factors; "
+                               f"the {rotary} rotated dimensions of a head need {rotary // 2}.")
+    return None if rotary == head_dim else rotary
+
+
+def _longrope(scaling: dict, hf: dict, source) -> tuple:
+    """Phi-3's LongRoPE: a factor per rotated dimension pair for sequences within the pretraining
+    length (short_factor) and for longer ones (long_factor), and the cos/sin scale (attention_factor,
+    by default √(1 + ln(factor) / ln(original length)) with factor = context / original length),
+    as transformers computes them. The factors' count is checked against the head in from_hf."""
+    factors = {}
+    for key in ("short_factor", "long_factor"):
+        value = scaling.get(key)
+        if not (isinstance(value, list) and value and all(
+                isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
+                and x > 0 for x in value)):
+            raise _field_error(source, f"longrope RoPE scaling needs `{key}`, a list of positive "
+                               f"numbers; config.json gives {_show(value)}.", hint=_HINT)
+        factors[key] = tuple(float(x) for x in value)
+    original = scaling.get("original_max_position_embeddings",
+                           hf.get("original_max_position_embeddings", 4096))
+    original = _checked("original_max_position_embeddings", original,
+                        _ROPE_FIELDS["original_max_position_embeddings"], source)
+    context = _checked("max_position_embeddings", hf.get("max_position_embeddings", 2048),
+                       CONFIG_FIELDS["max_position_embeddings"], source)
+    factor = scaling.get("factor")
+    factor = context / original if factor is None else \
+        _checked("rope_scaling.factor", factor, _ROPE_FIELDS["factor"], source)
+    attention = scaling.get("attention_factor")
+    if attention is None:
+        attention = 1.0 if factor <= 1 else math.sqrt(1 + math.log(factor) / math.log(original))
+    else:
+        attention = _checked("rope_scaling.attention_factor", attention, _ROPE_FIELDS["factor"],
+                             source)
+    return tuple(sorted([("rope_type", "longrope"), ("attention_factor", float(attention)),
+                         ("original_max_position_embeddings", original), *factors.items()]))
+
+
 def _sliding_windows(hf: dict, v: dict, family: str, num_layers: int,
                      source) -> tuple[int, ...]:
     """Per-layer attention window in tokens, 0 = full causal attention (the usual case). `v`: the
     checked CONFIG_FIELDS values."""
     window = v["sliding_window"]
-    if family == "mistral" and window:
+    if family in ("mistral", "phi3") and window:
         return (window,) * num_layers
     if family in ("qwen2", "qwen3") and v["use_sliding_window"] and window:
         first = num_layers if v["max_window_layers"] is None else v["max_window_layers"]

@@ -18,12 +18,14 @@ def tune_home() -> Path:
     return Path(os.environ.get("TUNE_HOME") or Path.home() / ".cache" / "tune").expanduser()
 
 
-def sha256_file(path: str | Path) -> str:
-    """Hex sha256 of a file's bytes, read in 1 MiB pieces."""
+def sha256_file(*paths: str | Path) -> str:
+    """Hex sha256 of a file's bytes (of several files': their bytes one after another, as the file
+    they are the pieces of), read in 1 MiB pieces."""
     h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
+    for path in paths:
+        with open(path, "rb") as f:
+            for chunk in iter(lambda: f.read(1 << 20), b""):
+                h.update(chunk)
     return h.hexdigest()
 
 

@@ -1,6 +1,7 @@
 """llama.cpp's GGUF layout of a Llama-architecture model, the facts both directions need: its tensor
 names against Hugging Face's, and its rope permutation of the q/k rows (the embedded model's
 conversion undoes it, compiler/gguf.py; `tune export format=gguf` applies it, runtime/gguf.py).
+Gemma 3's names too (GEMMA3_LAYER_NAMES), which the embedded Gemma's conversion reads.
 """
 from __future__ import annotations
 
@@ -15,6 +16,14 @@ LAYER_NAMES = {
 }
 GLOBAL_NAMES = {"token_embd": "model.embed_tokens", "output_norm": "model.norm",
                  "output": "lm_head"}
+# Gemma 3 (gguf-py's tensor map for MODEL_ARCH.GEMMA3) adds q/k norms and sandwich norms: HF's
+# post_attention_layernorm follows attention here (in Llama it names the norm before the MLP,
+# ffn_norm), and the MLP has a norm before it (ffn_norm) and after it (post_ffw_norm)
+GEMMA3_LAYER_NAMES = {
+    **LAYER_NAMES, "attn_q_norm": "self_attn.q_norm", "attn_k_norm": "self_attn.k_norm",
+    "post_attention_norm": "post_attention_layernorm", "ffn_norm": "pre_feedforward_layernorm",
+    "post_ffw_norm": "post_feedforward_layernorm",
+}
 
 
 def unpermute_qk(w: np.ndarray, n_heads: int) -> np.ndarray:

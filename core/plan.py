@@ -26,7 +26,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from core.architecture import MODULE_NAMES, ModelConfig
+from core.architecture import ModelConfig
 from core.errors import PlanError
 from core.files import write_atomic
 
@@ -59,7 +59,7 @@ class ModelSection:
 
     @property
     def module_names(self) -> tuple[str, ...]:
-        return MODULE_NAMES
+        return self.config.linear_names()
 
     @property
     def linear_shapes(self) -> dict[str, tuple[int, int]]:

@@ -111,7 +111,7 @@ def replicated(mesh: Mesh) -> NamedSharding:
 # row-parallel layer splits its input features (each device holds the matching slice and XLA sums
 # the partial outputs). The LoRA factors split to match: B's output rows for a column-parallel layer,
 # A's input columns for a row-parallel one.
-COLUMN_PARALLEL = ("q_proj", "k_proj", "v_proj", "gate_proj", "up_proj")
+COLUMN_PARALLEL = ("q_proj", "k_proj", "v_proj", "gate_proj", "up_proj", "qkv_proj", "gate_up_proj")
 ROW_PARALLEL = ("o_proj", "down_proj")
 # Which axis "tensor" splits, by (parallel style, variable name), for stacked [L, ...] variables.
 _TENSOR_AXIS = {

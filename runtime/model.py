@@ -48,7 +48,7 @@ import numpy as np
 from flax import nnx
 from jax.ad_checkpoint import checkpoint_name
 
-from core.architecture import MODULE_NAMES, ModelConfig, full_module_names, lora_scale
+from core.architecture import LINEAR_NAMES, ModelConfig, full_module_names, lora_scale
 from runtime import quant
 from runtime.attention import cached_attention, causal_attention, segment_attention, soft_cap
 
@@ -113,7 +113,7 @@ class LoraConfig:
     rank: int
     alpha: float
     dropout: float
-    targets: tuple[str, ...]            # subset of MODULE_NAMES
+    targets: tuple[str, ...]            # linear modules of the model (ModelConfig.linear_names)
     rslora: bool = False                # rank-stabilised: scale alpha / sqrt(rank)
     kind: str = "lora"                  # lora | dora
     train_modules: tuple[str, ...] = ()  # existing modules trained in full (architecture.full_module_names)
@@ -122,9 +122,9 @@ class LoraConfig:
                                         # 0: none): a trained [head, hidden] layer, `score`
 
     def __post_init__(self):
-        unknown = [t for t in self.targets if t not in MODULE_NAMES]
+        unknown = [t for t in self.targets if t not in LINEAR_NAMES]
         if unknown:
-            raise ValueError(f"unknown LoRA targets {unknown}; expected a subset of {list(MODULE_NAMES)}")
+            raise ValueError(f"unknown LoRA targets {unknown}; expected a subset of {list(LINEAR_NAMES)}")
         if self.kind not in ADAPTER_KINDS:
             raise ValueError(f"unknown adapter kind {self.kind!r}; expected one of {ADAPTER_KINDS}")
         if self.quantize not in QUANTIZE:
@@ -318,15 +318,19 @@ class Embedding(nnx.Module):
         return x.astype(self.dtype)
 
 
-def rope_inv_freq(cfg: ModelConfig, *, local: bool = False) -> np.ndarray:
-    """Inverse frequencies [head_dim/2], computed in float32 like transformers, incl. its scalings.
-    local: those of Gemma 3's sliding layers (cfg.local_rope_theta, unscaled)."""
-    dim = cfg.head_dim
+def rope_inv_freq(cfg: ModelConfig, *, local: bool = False, long: bool = False) -> np.ndarray:
+    """Inverse frequencies [rotary_dim/2], computed in float32 like transformers, incl. its
+    scalings. local: those of Gemma 3's sliding layers (cfg.local_rope_theta, unscaled); long:
+    LongRoPE's for sequences past the pretraining length (its long_factor; else short_factor)."""
+    dim = cfg.rotary_dim or cfg.head_dim
     theta = cfg.local_rope_theta if local else cfg.rope_theta
-    inv = (1.0 / (theta ** (np.arange(0, dim, 2, dtype=np.float32) / np.float32(dim)))
-           ).astype(np.float32)
+    exponents = np.arange(0, dim, 2, dtype=np.float32) / np.float32(dim)
     scaling = {} if local else dict(cfg.rope_scaling or ())
     kind = scaling.get("rope_type", "default")
+    if kind == "longrope":
+        factors = np.asarray(scaling["long_factor" if long else "short_factor"], np.float32)
+        return (1.0 / (factors * np.float32(theta) ** exponents)).astype(np.float32)
+    inv = (1.0 / (theta ** exponents)).astype(np.float32)
     if kind == "linear":
         inv = inv / np.float32(scaling["factor"])
     elif kind == "llama3":
@@ -342,15 +346,33 @@ def rope_inv_freq(cfg: ModelConfig, *, local: bool = False) -> np.ndarray:
 
 
 def rope_tables(positions, inv_freq):
-    """cos, sin [B, T, head_dim] in float32 for integer positions [B, T]."""
+    """cos, sin [B, T, rotary_dim] in float32 for integer positions [B, T]."""
     angles = positions.astype(jnp.float32)[..., None] * jnp.asarray(inv_freq)
     angles = jnp.concatenate([angles, angles], axis=-1)     # transformers' half-split layout
     return jnp.cos(angles), jnp.sin(angles)
 
 
+def model_rope_tables(cfg: ModelConfig, positions, *, local: bool = False):
+    """cos, sin of `positions` [B, T] as the model turns them: with LongRoPE (Phi-3), the short or
+    the long factors by the furthest position in the call — as transformers picks them by the
+    sequence length — and both scaled by its attention_factor."""
+    scaling = dict(cfg.rope_scaling or ())
+    if local or scaling.get("rope_type") != "longrope":
+        return rope_tables(positions, rope_inv_freq(cfg, local=local))
+    short = rope_tables(positions, rope_inv_freq(cfg))
+    long = rope_tables(positions, rope_inv_freq(cfg, long=True))
+    beyond = jnp.max(positions) + 1 > scaling["original_max_position_embeddings"]
+    factor = np.float32(scaling["attention_factor"])
+    return tuple(jnp.where(beyond, b, a) * factor for a, b in zip(short, long))
+
+
 def apply_rope(x, cos, sin):
     """x [B, T, N, H]; the "rotate_half" convention of transformers (first half / second half of each
-    head pair up), not the interleaved one of the original Llama code."""
+    head pair up), not the interleaved one of the original Llama code. Tables narrower than the
+    head (Phi-3's partial rotary) turn its first dimensions and pass the rest through."""
+    rotary = cos.shape[-1]
+    if rotary < x.shape[-1]:
+        return jnp.concatenate([apply_rope(x[..., :rotary], cos, sin), x[..., rotary:]], axis=-1)
     x1, x2 = jnp.split(x.astype(jnp.float32), 2, axis=-1)
     rotated = jnp.concatenate([-x2, x1], axis=-1)
     return (x * cos[:, :, None, :] + rotated * sin[:, :, None, :]).astype(x.dtype)
@@ -379,9 +401,16 @@ class Attention(nnx.Module):
         self.attention, self.block = compute.attention, compute.attention_block
         D, N, K, H = cfg.hidden_size, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
         common = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs, matmul_dtype=matmul_dtype)
-        self.q_proj = Linear(D, N * H, bias=cfg.attention_bias, **_linear_kw(lora, "q_proj"), **common)
-        self.k_proj = Linear(D, K * H, bias=cfg.attention_bias, **_linear_kw(lora, "k_proj"), **common)
-        self.v_proj = Linear(D, K * H, bias=cfg.attention_bias, **_linear_kw(lora, "v_proj"), **common)
+        if cfg.fused:       # Phi-3: one projection, q then k then v along its output
+            self.qkv_proj = Linear(D, (N + 2 * K) * H, bias=False, **_linear_kw(lora, "qkv_proj"),
+                                   **common)
+        else:
+            self.q_proj = Linear(D, N * H, bias=cfg.attention_bias, **_linear_kw(lora, "q_proj"),
+                                 **common)
+            self.k_proj = Linear(D, K * H, bias=cfg.attention_bias, **_linear_kw(lora, "k_proj"),
+                                 **common)
+            self.v_proj = Linear(D, K * H, bias=cfg.attention_bias, **_linear_kw(lora, "v_proj"),
+                                 **common)
         self.o_proj = Linear(N * H, D, bias=cfg.o_bias, **_linear_kw(lora, "o_proj"), **common)
         if cfg.qk_norm:
             norm = dict(dtype=dtype, param_dtype=param_dtype, offset=cfg.norm_offset)
@@ -399,9 +428,13 @@ class Attention(nnx.Module):
         B, T, _ = x.shape
         cfg = self.cfg
         k_drop = keys if keys is not None else (None,) * 4
-        q = self.q_proj(x, k_drop[0]).reshape(B, T, cfg.num_heads, cfg.head_dim)
-        k = self.k_proj(x, k_drop[1]).reshape(B, T, cfg.num_kv_heads, cfg.head_dim)
-        v = self.v_proj(x, k_drop[2]).reshape(B, T, cfg.num_kv_heads, cfg.head_dim)
+        N, K, H = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
+        if cfg.fused:
+            q, k, v = jnp.split(self.qkv_proj(x, k_drop[0]), [N * H, (N + K) * H], axis=-1)
+        else:
+            q, k, v = (self.q_proj(x, k_drop[0]), self.k_proj(x, k_drop[1]),
+                       self.v_proj(x, k_drop[2]))
+        q, k, v = q.reshape(B, T, N, H), k.reshape(B, T, K, H), v.reshape(B, T, K, H)
         if self.q_norm is not None:
             q, k = self.q_norm(q), self.k_norm(k)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
@@ -455,14 +488,22 @@ class MLP(nnx.Module):
         D, F = cfg.hidden_size, cfg.intermediate_size
         common = dict(bias=False, dtype=compute.dtype, param_dtype=compute.param_dtype, rngs=rngs,
                       matmul_dtype=compute.matmul_dtype)
-        self.gate_proj = Linear(D, F, **_linear_kw(lora, "gate_proj"), **common)
-        self.up_proj = Linear(D, F, **_linear_kw(lora, "up_proj"), **common)
+        self.fused = cfg.fused
+        if cfg.fused:       # Phi-3: gate then up along one projection's output
+            self.gate_up_proj = Linear(D, 2 * F, **_linear_kw(lora, "gate_up_proj"), **common)
+        else:
+            self.gate_proj = Linear(D, F, **_linear_kw(lora, "gate_proj"), **common)
+            self.up_proj = Linear(D, F, **_linear_kw(lora, "up_proj"), **common)
         self.down_proj = Linear(F, D, **_linear_kw(lora, "down_proj"), **common)
         self.gate = GATES[cfg.activation]
 
     def __call__(self, x, keys):
         k = keys if keys is not None else (None,) * 3
-        return self.down_proj(self.gate(self.gate_proj(x, k[0]), self.up_proj(x, k[1])), k[2])
+        if self.fused:
+            gate, up = jnp.split(self.gate_up_proj(x, k[0]), 2, axis=-1)
+        else:
+            gate, up = self.gate_proj(x, k[0]), self.up_proj(x, k[1])
+        return self.down_proj(self.gate(gate, up), k[2])
 
 
 class Block(nnx.Module):
@@ -546,6 +587,10 @@ class Llama(nnx.Module):
             if unknown:
                 raise ValueError(f"cannot train {unknown} in full; this model's modules are "
                                  f"{list(full_module_names(cfg))}")
+            absent = sorted(set(lora.targets) - set(cfg.linear_names()))
+            if absent:
+                raise ValueError(f"LoRA targets {absent} are not linear modules of this model; "
+                                 f"its are {list(cfg.linear_names())}")
         # A tied head IS the embedding: training either name trains the one shared matrix.
         tied_trained = cfg.tie_word_embeddings and _trained(lora, "lm_head")
         self.embed_tokens = Embedding(cfg.vocab_size, cfg.hidden_size, dtype=dtype,
@@ -649,10 +694,10 @@ class Llama(nnx.Module):
         """(cos, sin, which): RoPE's tables [B, T, head_dim] for positions [B, T], and which None.
         Where the sliding layers turn at their own base (Gemma 3), both tables stacked [2, B, T,
         head_dim] — the global layers' first — and which [L] int32, each layer's."""
-        cos, sin = rope_tables(positions, rope_inv_freq(self.cfg))
+        cos, sin = model_rope_tables(self.cfg, positions)
         if self.cfg.local_rope_theta is None or not self.cfg.sliding_windows:
             return cos, sin, None
-        local_cos, local_sin = rope_tables(positions, rope_inv_freq(self.cfg, local=True))
+        local_cos, local_sin = model_rope_tables(self.cfg, positions, local=True)
         which = jnp.asarray([int(w > 0) for w in self.cfg.sliding_windows], jnp.int32)
         return jnp.stack([cos, local_cos]), jnp.stack([sin, local_sin]), which
 

@@ -18,7 +18,7 @@ from flax import nnx
 from safetensors import safe_open
 from safetensors.numpy import save_file
 
-from core.architecture import ALL_WHOLE_MODULES, MODULE_NAMES, peft_module_name
+from core.architecture import ALL_WHOLE_MODULES, LINEAR_NAMES, MODULE_NAMES, peft_module_name
 from core.errors import PlanError
 from core.weight_files import read_header
 from runtime.head import read_labels, write_labels
@@ -114,7 +114,7 @@ def read_lora_config(adapter_dir, *, key: str = "run") -> LoraConfig:
         if name in HEAD_MODULES:        # a classification head (`classifier`: PEFT lists it too)
             continue
         short = "norm" if name == "model.norm" else name.rsplit(".", 1)[-1]
-        if short not in ALL_WHOLE_MODULES + MODULE_NAMES:
+        if short not in ALL_WHOLE_MODULES + LINEAR_NAMES:
             raise bad(f"modules_to_save names {name!r}, which is not a module tune trains.")
         if short not in full:
             full.append(short)
@@ -125,8 +125,8 @@ def read_lora_config(adapter_dir, *, key: str = "run") -> LoraConfig:
         raise bad(f"target_modules as a regex ({targets!r}) is not supported.",
                   hint="list the target modules by name.")
     if not isinstance(targets, list) or not targets or \
-            not all(isinstance(t, str) and t in MODULE_NAMES for t in targets):
-        raise bad(f"target_modules must list modules of {', '.join(MODULE_NAMES)}; got "
+            not all(isinstance(t, str) and t in LINEAR_NAMES for t in targets):
+        raise bad(f"target_modules must list modules of {', '.join(LINEAR_NAMES)}; got "
                   f"{targets!r}.")
     rank, alpha, dropout = cfg.get("r"), cfg.get("lora_alpha"), cfg.get("lora_dropout", 0.0)
     if not (isinstance(rank, int) and not isinstance(rank, bool) and 1 <= rank <= 2**16):

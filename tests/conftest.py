@@ -164,6 +164,13 @@ HF_TINY_KINDS = {
                                             "rope_theta": 1e6},
                          "sliding_attention": {"rope_type": "default", "rope_theta": 1e4}})),
     "gemma3-tied": ("Gemma3TextConfig", dict(head_dim=16, tie_word_embeddings=True)),
+    # Phi-3: fused qkv_proj and gate_up_proj, half of each head turned, LongRoPE whose pretraining
+    # length (8) the tests' 17 tokens pass, so the long factors apply (decoding crosses over)
+    "phi3": ("Phi3Config", dict(rope_parameters=dict(
+        rope_type="longrope", rope_theta=10000.0, partial_rotary_factor=0.5,
+        short_factor=[1.0, 1.5, 2.0, 3.0], long_factor=[2.0, 4.0, 8.0, 16.0],
+        original_max_position_embeddings=8), original_max_position_embeddings=8)),
+    "phi3-window": ("Phi3Config", dict(sliding_window=5)),
 }
 
 
@@ -216,26 +223,44 @@ def bos_tokenizer_dir(tmp_path_factory):
     return out
 
 
-@pytest.fixture(scope="session")
-def tiny_gemma_chat_dir(tiny_chat_dir, tmp_path_factory):
-    """tiny_chat_dir's tokenizer and chat template over a random 2-layer Gemma 3 of the same sizes
-    (a local layer with an 8-token window, then a global one; tied embeddings)."""
+def _tiny_chat_model(tiny_chat_dir, out, config):
+    """tiny_chat_dir's tokenizer and chat template over a random model of `config` (saved by
+    transformers into `out`)."""
     import shutil
 
     import torch
-    from transformers import Gemma3ForCausalLM, Gemma3TextConfig
+    from transformers import AutoModelForCausalLM
 
-    out = tmp_path_factory.mktemp("tiny-gemma-chat")
     for name in ("tokenizer.json", "tokenizer_config.json"):
         shutil.copy(tiny_chat_dir / name, out / name)
     torch.manual_seed(0)
+    AutoModelForCausalLM.from_config(config).save_pretrained(out, safe_serialization=True)
+    return out
+
+
+@pytest.fixture(scope="session")
+def tiny_gemma_chat_dir(tiny_chat_dir, tmp_path_factory):
+    """A random 2-layer Gemma 3 of tiny_chat_dir's sizes and tokenizer (a local layer with an 8-token
+    window, then a global one; tied embeddings)."""
+    from transformers import Gemma3TextConfig
+
     sizes = {k: v for k, v in TINY_LLAMA.items() if k != "rope_theta"}     # Gemma's two bases
     cfg = Gemma3TextConfig(**{**sizes, "tie_word_embeddings": True}, head_dim=8,
                            query_pre_attn_scalar=8, sliding_window=8,
                            layer_types=["sliding_attention", "full_attention"],
                            bos_token_id=1, eos_token_id=2, pad_token_id=0)
-    Gemma3ForCausalLM(cfg).save_pretrained(out, safe_serialization=True)
-    return out
+    return _tiny_chat_model(tiny_chat_dir, tmp_path_factory.mktemp("tiny-gemma-chat"), cfg)
+
+
+@pytest.fixture(scope="session")
+def tiny_phi3_chat_dir(tiny_chat_dir, tmp_path_factory):
+    """A random 2-layer Phi-3 of tiny_chat_dir's sizes and tokenizer (fused qkv_proj and
+    gate_up_proj, RoPE over half of each head)."""
+    from transformers import Phi3Config
+
+    cfg = Phi3Config(**TINY_LLAMA, partial_rotary_factor=0.5, bos_token_id=1, eos_token_id=2,
+                     pad_token_id=0)
+    return _tiny_chat_model(tiny_chat_dir, tmp_path_factory.mktemp("tiny-phi3-chat"), cfg)
 
 
 # --- a tiny random Llama with a word-level tokenizer, for evaluation and generation tests -------

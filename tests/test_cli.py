@@ -114,7 +114,7 @@ def test_help_lists_commands_groups_and_recipes(tune_cli):
     assert rc == 0, err
     for needle in ("== Commands ==", "tune plan", "tune eval", "tune generate", "tune run",
                    "tune recipes", "== Config groups ==", "adapter: all-linear, dora, lora, qlora",
-                   "model: smollm2-135m", "objective: dpo, ipo, kto, orpo, sft, simpo",
+                   "model: gemma3-270m, smollm2-135m", "objective: dpo, ipo, kto, orpo, sft, simpo",
                    "recipe: customer_support, customer_support_dpo, customer_support_replies, "
                    "finance, legal, medical",
                    "Legal: classify a contract clause", "--multirun", "schedule:"):

@@ -65,10 +65,10 @@ def test_converted_dir_is_complete_and_recorded(smollm2_dir):
     record = json.loads((smollm2_dir / "tune_conversion.json").read_text())
     src = conv.embedded_gguf_path()
     assert record["converter_version"] == conv.CONVERTER_VERSION
-    assert record["source"]["size"] == src.stat().st_size
+    assert [(f["path"], f["size"]) for f in record["source"]["files"]] == \
+        [(str(src), src.stat().st_size)]
     assert record["source"]["sha256"] == hashlib.sha256(src.read_bytes()).hexdigest()
-    leftovers = [p.name for p in smollm2_dir.parent.iterdir() if ".tmp-" in p.name or ".old-" in p.name]
-    assert leftovers == []
+    assert list(smollm2_dir.parent.glob(".smollm2-135m-instruct.*-*")) == []  # no half conversion
 
 
 def test_config_json(smollm2_dir):
@@ -306,14 +306,38 @@ def test_tiny_gguf_conversion_reconverts_when_source_changes(tmp_path, capsys):
     assert sorted(p.name for p in target.parent.iterdir() if not p.name.endswith(".lock")) == ["tiny"]
 
 
+def test_tiny_gguf_in_pieces_converts_as_the_whole(tmp_path, capsys):
+    # as Gemma's GGUF ships: in chunks, joined for the conversion (then deleted), each one stamped
+    src = tmp_path / "tiny.gguf"
+    _write_tiny_gguf(src)
+    data = src.read_bytes()
+    parts = [tmp_path / f"tiny.gguf.part{i}" for i in range(3)]
+    for part, piece in zip(parts, (data[:100], data[100:1000], data[1000:])):
+        part.write_bytes(piece)
+    whole, pieces = tmp_path / "models" / "whole", tmp_path / "models" / "pieces"
+    conv.ensure_converted(src, whole)
+    conv.ensure_converted(parts, pieces)
+    for name in conv.OUTPUT_FILES[:-1]:
+        assert (pieces / name).read_bytes() == (whole / name).read_bytes(), name
+    assert sorted(p.name for p in pieces.iterdir()) == sorted(conv.OUTPUT_FILES)
+    record = json.loads((pieces / conv.RECORD_FILE).read_text())
+    assert [f["path"] for f in record["source"]["files"]] == [str(p) for p in parts]
+    assert record["source"]["sha256"] == hashlib.sha256(data).hexdigest()
+    capsys.readouterr()
+    conv.ensure_converted(parts, pieces)
+    assert "converting" not in capsys.readouterr().err
+    parts[2].write_bytes(data[1000:-1] + bytes([data[-1] ^ 1]))  # one byte of a weight changed
+    conv.ensure_converted(parts, pieces)
+    assert "converting" in capsys.readouterr().err
+
+
 def test_interrupted_conversion_leaves_nothing_behind(tmp_path, monkeypatch):
     src, target = tmp_path / "tiny.gguf", tmp_path / "models" / "tiny"
     _write_tiny_gguf(src)
     real = conv.convert_gguf
 
     def dies_halfway(gguf_path, out_dir):
-        real(gguf_path, out_dir)
-        (out_dir / "tune_conversion.json").unlink()
+        real(gguf_path, out_dir)       # every file but the record, written after
         raise KeyboardInterrupt
 
     monkeypatch.setattr(conv, "convert_gguf", dies_halfway)

@@ -14,7 +14,7 @@ from runtime.model import EXACT, Llama
 from runtime.weights import load_pretrained, to_hf_state_dict
 
 KINDS = ["llama", "llama-bias", "llama3-rope", "linear-rope", "mqa", "mha", "smollm-tied", "mistral",
-         "mistral-window", "qwen2", "qwen3", "gemma2", "gemma3", "gemma3-tied"]
+         "mistral-window", "qwen2", "qwen3", "gemma2", "gemma3", "gemma3-tied", "phi3", "phi3-window"]
 
 
 @pytest.fixture(autouse=True)
@@ -44,6 +44,20 @@ def test_logits_match_transformers(hf_tiny, kind):
     np.testing.assert_allclose(tune_logits(model, ids), torch_logits(ref_model, ids), atol=1e-4, rtol=0)
 
 
+def test_phi3_longrope_short_sequences_and_config(hf_tiny):
+    """Within its pretraining length (8) LongRoPE turns by the short factors; the config reads as
+    transformers' (half of each head turned, the attention factor √(1 + ln 64 / ln 8))."""
+    ref_model, path = hf_tiny("phi3")
+    model = load_pretrained(path)
+    cfg = model.cfg
+    scaling = dict(cfg.rope_scaling)
+    assert (cfg.fused, cfg.rotary_dim, scaling["rope_type"]) == (True, 8, "longrope")
+    assert scaling["attention_factor"] == pytest.approx((1 + np.log(64) / np.log(8)) ** 0.5)
+    assert cfg.linear_names() == ("qkv_proj", "o_proj", "gate_up_proj", "down_proj")
+    ids = tokens(T=8, seed=3)
+    np.testing.assert_allclose(tune_logits(model, ids), torch_logits(ref_model, ids), atol=1e-4, rtol=0)
+
+
 @pytest.mark.parametrize("kind", KINDS)
 def test_param_count_equals_transformers(hf_tiny, kind):
     ref_model, path = hf_tiny(kind)
@@ -51,7 +65,8 @@ def test_param_count_equals_transformers(hf_tiny, kind):
     assert cfg.param_count() == ref_model.num_parameters()
 
 
-@pytest.mark.parametrize("kind", ["llama", "mqa", "mistral-window", "qwen3", "gemma2", "gemma3"])
+@pytest.mark.parametrize("kind", ["llama", "mqa", "mistral-window", "qwen3", "gemma2", "gemma3",
+                                  "phi3-window"])
 def test_logits_in_attention_blocks_match_transformers(hf_tiny, kind):
     """17 tokens in causal blocks of 4 query rows (the last block partial): grouped, multi-query and
     sliding-window attention, q/k norms, soft-capped scores, two RoPE bases."""
@@ -122,7 +137,7 @@ def test_config_old_style_and_refusals():
 
 
 @pytest.mark.parametrize("block", [0, 5])     # segments that cross attention blocks' boundaries
-@pytest.mark.parametrize("kind", ["qwen3", "gemma3"])
+@pytest.mark.parametrize("kind", ["qwen3", "gemma3", "phi3-window"])
 def test_packed_rows_equal_separate_runs(hf_tiny, block, kind):
     _, path = hf_tiny(kind)
     model = load_pretrained(path, compute=EXACT.but(attention_block=block))
@@ -190,7 +205,8 @@ def _greedy_full_recompute(model, prompt, n):
     return ids[0, len(prompt):].tolist()
 
 
-@pytest.mark.parametrize("kind", ["llama", "qwen3", "mistral-window", "gemma2", "gemma3"])
+@pytest.mark.parametrize("kind", ["llama", "qwen3", "mistral-window", "gemma2", "gemma3",
+                                  "phi3-window"])
 @pytest.mark.parametrize("padding", ["left", "right"])
 def test_cached_greedy_equals_full_recomputation(hf_tiny, kind, padding):
     _, path = hf_tiny(kind)
@@ -207,22 +223,29 @@ def test_cached_greedy_equals_full_recomputation(hf_tiny, kind, padding):
         assert got[i].tolist() == _greedy_full_recompute(model, p, 8)
 
 
-@pytest.mark.parametrize("kind", ["llama", "gemma2", "gemma3"])
-def test_cached_greedy_equals_transformers_generate(hf_tiny, kind):
+@pytest.mark.parametrize("kind, lengths, new", [
+    ("llama", (7, 4), 8), ("gemma2", (7, 4), 8), ("gemma3", (7, 4), 8),
+    ("phi3", (5, 3), 3),        # LongRoPE within its pretraining length (8): the short factors
+    ("phi3", (10, 9), 6)])      # past it from the prompt on: the long factors
+def test_cached_greedy_equals_transformers_generate(hf_tiny, kind, lengths, new):
+    """Greedy decoding through the KV cache, token for token as transformers' generate. (A Phi-3
+    generation that crosses its pretraining length mid-way is re-run whole by transformers with
+    the long factors; tune's cache keeps the keys it turned with the short ones — the compiler
+    warns where that can happen.)"""
     ref_model, path = hf_tiny(kind)
     model = load_pretrained(path)
-    prompts = [tokens(1, 7, seed=6)[0], tokens(1, 4, seed=7)[0]]
-    P = 7
+    prompts = [tokens(1, n, seed=6 + i)[0] for i, n in enumerate(lengths)]
+    P = max(lengths)
     batch = np.zeros((2, P), np.int32)
     valid = np.zeros((2, P), bool)
     for i, p in enumerate(prompts):
         batch[i, P - len(p):], valid[i, P - len(p):] = p, True           # transformers pads left
-    got = _greedy_with_cache(model, batch, valid, 8)
+    got = _greedy_with_cache(model, batch, valid, new)
     with torch.no_grad():
         ref = ref_model.generate(torch.as_tensor(batch, dtype=torch.long),
                                  attention_mask=torch.as_tensor(valid, dtype=torch.long),
-                                 max_new_tokens=8, min_new_tokens=8, do_sample=False, pad_token_id=0,
-                                 eos_token_id=None)[:, P:].numpy()
+                                 max_new_tokens=new, min_new_tokens=new, do_sample=False,
+                                 pad_token_id=0, eos_token_id=None)[:, P:].numpy()
     np.testing.assert_array_equal(got, ref)
 
 

@@ -37,8 +37,12 @@ for spec in sys.argv[4:]:
     if f > 1 or t > 1:      # the weights arrive split: each device holds its slice, nothing whole
         from runtime.mesh import make_mesh
         _, trained, frozen = runtime.build.training_model(plan, make_mesh(plan.runtime.mesh))
-        w = frozen["layers"]["mlp"]["up_proj"]["weight"]
-        want = {"1,8,1": (2, 8, 32), "2,2,2": (2, 32, 16), "4,1,2": (2, 32, 32)}[spec]
+        mlp = frozen["layers"]["mlp"]
+        name = "up_proj" if "up_proj" in mlp else "gate_up_proj"     # Phi-3 fuses gate and up
+        w = mlp[name]["weight"]
+        want = {("up_proj", "1,8,1"): (2, 8, 32), ("up_proj", "2,2,2"): (2, 32, 16),
+                ("up_proj", "4,1,2"): (2, 32, 32), ("gate_up_proj", "1,8,1"): (2, 16, 32),
+                ("gate_up_proj", "2,2,2"): (2, 64, 16)}[name, spec]
         assert {s.data.shape for s in w.addressable_shards} == {want}, \
             (spec, {s.data.shape for s in w.addressable_shards})
     run_dir = run_root / spec.replace(",", "-")

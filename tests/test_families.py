@@ -1,7 +1,7 @@
-"""Gemma 2/3 through the whole of tune, on tiny random checkpoints saved by transformers: the plan,
-the training loss (soft-capped logits included) against transformers' own, training, and meshes of
-8 devices against one. The decoder's logits and the exports are checked with every other family in
-test_model_logits.py and test_export.py."""
+"""The families beyond Llama — Gemma 2/3 and Phi-3 — through the whole of tune, on tiny random
+checkpoints saved by transformers: the plan, the training loss (soft-capped logits included) against
+transformers' own, training, and meshes of 8 devices against one. The decoder's logits and the
+exports are checked with every other family in test_model_logits.py and test_export.py."""
 from __future__ import annotations
 
 import json
@@ -23,7 +23,7 @@ def exact_matmuls():
         yield
 
 
-@pytest.mark.parametrize("kind", ["gemma2", "gemma3"])
+@pytest.mark.parametrize("kind", ["gemma2", "gemma3", "phi3"])
 def test_training_loss_equals_transformers(hf_tiny, kind):
     """The loss tune trains on — the supervised positions gathered, the output head in chunks, the
     final logits soft-capped (Gemma 2) — is transformers' causal-LM loss."""
@@ -65,14 +65,37 @@ def test_plan_and_training(tiny_gemma_chat_dir, tmp_path):
     assert config["base_model_name_or_path"] == str(tiny_gemma_chat_dir)
 
 
+def test_phi3_plan_adapts_the_fused_layers(tiny_phi3_chat_dir, tmp_path):
+    """Targets written for separate layers (the default q/k/v/o, gate and up) adapt Phi-3's fused
+    ones, each once; a module it does not have is refused naming the ones it has."""
+    from compiler import schema
+    from compiler.compile import compile_plan
+    from core.errors import PlanError
+
+    plan = tiny_plan(tiny_phi3_chat_dir, tmp_path,
+                     targets=("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj"))
+    assert plan.adapter.targets == ("qkv_proj", "o_proj", "gate_up_proj")
+    assert (plan.model.config.fused, plan.model.config.rotary_dim) == (True, 4)
+    cfg = schema.defaults()
+    cfg["model"]["path"] = str(tiny_phi3_chat_dir)
+    cfg["data"]["path"] = str(tmp_path / "data.jsonl")
+    cfg["template"].update(prompt="{text}", response="{label}", chat=False)
+    cfg["adapter"]["targets"] = ["q_norm"]
+    with pytest.raises(PlanError, match="qkv_proj, o_proj, gate_up_proj, down_proj"):
+        compile_plan(cfg, recipe_info=None, command="plan")
+
+
 @pytest.mark.slow
-def test_meshes_train_gemma_as_one_device(tiny_gemma_chat_dir, tmp_path):
+@pytest.mark.parametrize("family", ["gemma", "phi3"])
+def test_meshes_train_as_one_device(family, tiny_gemma_chat_dir, tiny_phi3_chat_dir, tmp_path):
     """data 2 × fsdp 2 × tensor 2 and fsdp 8 over 8 simulated devices: the one-device losses and
-    adapter — the sandwich and q/k norms, the two RoPE tables and the window sharded with the rest."""
+    adapter — Gemma's sandwich and q/k norms, two RoPE tables and window, Phi-3's fused layers,
+    sharded with the rest."""
     from test_scaling import _same_adapter, _train
 
-    one = _train(tiny_gemma_chat_dir, tmp_path / "one", 4, "1,1,1", devices=1)["1,1,1"]
-    many = _train(tiny_gemma_chat_dir, tmp_path / "many", 4, "2,2,2", "1,8,1")
+    model_dir = tiny_gemma_chat_dir if family == "gemma" else tiny_phi3_chat_dir
+    one = _train(model_dir, tmp_path / "one", 4, "1,1,1", devices=1)["1,1,1"]
+    many = _train(model_dir, tmp_path / "many", 4, "2,2,2", "1,8,1")
     for mesh in ("2,2,2", "1,8,1"):
         assert many[mesh]["devices"] == 8
         np.testing.assert_allclose(many[mesh]["losses"], one["losses"], rtol=1e-5, atol=0)
