@@ -81,10 +81,13 @@ def adapter_keys(adapter_dir):
 
 # ------------------------------------------------------------------------------------------ DoRA
 
-@pytest.mark.parametrize("kind", ["llama", "llama-bias", "smollm-tied", "mistral", "qwen2", "qwen3"])
+@pytest.mark.parametrize("kind", ["llama", "llama-bias", "smollm-tied", "mistral", "qwen2", "qwen3",
+                                  "gemma2", "gemma3", "phi3"])
 def test_dora_logits_equal_peft_both_ways(hf_tiny, tmp_path, kind):
     _, path = hf_tiny(kind)
-    peft = peft_model(path, tmp_path / "peft", use_dora=True, seed=1)
+    fused = {"target_modules": ["qkv_proj", "o_proj", "gate_up_proj", "down_proj"]} \
+        if kind == "phi3" else {}
+    peft = peft_model(path, tmp_path / "peft", use_dora=True, seed=1, **fused)
     lora = read_lora_config(tmp_path / "peft")
     assert lora.kind == "dora"
     model = load_peft_adapter(load_pretrained(path, lora=lora), tmp_path / "peft")
@@ -115,7 +118,8 @@ def _loss_of(graphdef, frozen, ids, targets, mask):
     def loss(trained):
         model = nnx.merge(graphdef, trained, frozen)
         total, n = chunked_cross_entropy(model(jnp.asarray(ids)), model.lm_head(),
-                                         jnp.asarray(targets), jnp.asarray(mask), chunk=7)
+                                         jnp.asarray(targets), jnp.asarray(mask), chunk=7,
+                                         softcap=model.cfg.final_softcap)
         return total / n
     return loss
 
@@ -204,6 +208,8 @@ def test_dora_merged_equals_peft_merge(hf_tiny, tmp_path):
 @pytest.mark.parametrize("kind, modules", [
     ("llama", ["lm_head", "model.norm", "input_layernorm"]),
     ("qwen3", ["embed_tokens", "q_norm", "post_attention_layernorm"]),
+    ("gemma2", ["pre_feedforward_layernorm", "post_feedforward_layernorm", "model.norm"]),
+    ("gemma3", ["k_norm", "input_layernorm", "lm_head"]),
 ])
 def test_modules_to_save_logits_and_gradients_equal_peft(hf_tiny, tmp_path, kind, modules):
     _, path = hf_tiny(kind)

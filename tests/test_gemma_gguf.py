@@ -413,3 +413,35 @@ def test_logits_equal_transformers_gguf(gemma_dir, gemma_gguf):
         assert a.shape == (1, ids.shape[1], 262144)
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4 * float(b.abs().max()))
         assert int(a[0, -1].argmax()) == int(b[0, -1].argmax())
+
+
+# ------------------------------------------------------------------- tune's decoder on it
+
+@needs_gemma
+@pytest.mark.slow
+def test_tune_logits_equal_transformers_on_the_converted_gemma(gemma_dir):
+    """tune's decoder on the real Gemma 3 270M (18 layers, 15 of them local with a 512-token window
+    and their own RoPE base, q/k norms, a 262k vocabulary) against transformers on the same
+    directory, over a prompt long enough (600 tokens) for the window to cut. Bounded, as for
+    SmolLM2 in test_model_logits.py, by float32's own noise: transformers' float32 logits against
+    its float64 ones."""
+    import jax
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from runtime.weights import load_pretrained
+
+    ids = np.random.default_rng(11).integers(3, 262144, (1, 600)).astype(np.int32)
+    ref = AutoModelForCausalLM.from_pretrained(gemma_dir, dtype=torch.float32).eval()
+    with torch.no_grad():
+        ref32 = ref(torch.as_tensor(ids, dtype=torch.long)).logits.numpy()[0, -64:]
+        ref64 = ref.double()(torch.as_tensor(ids, dtype=torch.long)).logits.numpy()[0, -64:]
+    del ref
+    with jax.default_matmul_precision("highest"):
+        model = load_pretrained(gemma_dir)
+        assert model.cfg.sliding_windows.count(512) == 15
+        hidden = model(jax.numpy.asarray(ids))[:, -64:]
+        ours = np.asarray(model.logits(hidden))[0]
+    noise = np.abs(ref32 - ref64).max()
+    assert np.abs(ours - ref64).max() <= 4 * noise + 1e-5, (np.abs(ours - ref64).max(), noise)
+    assert (ours.argmax(-1) == ref64.argmax(-1)).mean() >= 0.98
