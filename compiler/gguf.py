@@ -29,7 +29,8 @@ import numpy as np
 
 from core.errors import PlanError
 from core.files import sha256_file, tune_home, write_json
-from core.gguf import GEMMA3_LAYER_NAMES, GLOBAL_NAMES, LAYER_NAMES, unpermute_qk
+from core.gguf import GEMMA3_LAYER_NAMES, GLOBAL_NAMES, LAYER_NAMES, gemma_norm_shift, \
+    unpermute_qk
 from core.processes import note
 
 CONVERTER_VERSION = 3
@@ -398,7 +399,8 @@ def _gemma3(reader) -> _Converted:
     Gemma3Model: HF's Gemma3RMSNorm scales by 1 + w, ggml's by w); q/k rows are not permuted and
     the embedding is not pre-scaled (√hidden is applied at run time on both sides)."""
     def minus_one(name, base, w):
-        return w - 1 if name.endswith("norm.weight") else w
+        shift = gemma_norm_shift(name)
+        return w - shift if shift else w
 
     tensors = _hf_tensors(reader, GEMMA3_LAYER_NAMES, minus_one)
     config = _gemma3_config(reader, tensors)

@@ -1,7 +1,8 @@
-"""llama.cpp's GGUF layout of a Llama-architecture model, the facts both directions need: its tensor
-names against Hugging Face's, and its rope permutation of the q/k rows (the embedded model's
-conversion undoes it, compiler/gguf.py; `tune export format=gguf` applies it, runtime/gguf.py).
-Gemma 3's names too (GEMMA3_LAYER_NAMES), which the embedded Gemma's conversion reads.
+"""llama.cpp's GGUF layout of the architectures tune reads and writes as GGUF, the facts both
+directions need (the embedded models' conversion undoes them, compiler/gguf.py; `tune export
+format=gguf` applies them, runtime/gguf.py): the tensor names against Hugging Face's — Llama's
+(LAYER_NAMES), Gemma 3's (GEMMA3_LAYER_NAMES) — Llama's rope permutation of the q/k rows, and
+Gemma's +1 on every RMSNorm weight (gemma_norm_shift).
 """
 from __future__ import annotations
 
@@ -33,8 +34,18 @@ def unpermute_qk(w: np.ndarray, n_heads: int) -> np.ndarray:
     return w.reshape(n_heads, head_dim // 2, 2, in_dim).swapaxes(1, 2).reshape(out_dim, in_dim)
 
 
+def gemma_norm_shift(hf_name: str) -> float:
+    """What llama.cpp's Gemma 3 layout adds to an HF tensor: 1 to every RMSNorm weight (q/k norms
+    included; HF's Gemma3RMSNorm scales by 1 + w, ggml's by w: convert_hf_to_gguf.py's
+    Gemma3Model.norm_shift), 0 to the others."""
+    return 1.0 if hf_name.endswith("norm.weight") else 0.0
+
+
 GGUF_TYPES = ("f32", "f16", "bf16", "q8_0")
-_HF_TO_GGUF = {hf: gg for gg, hf in LAYER_NAMES.items()}
+# general.architecture -> its per-layer names (llama.cpp -> HF)
+ARCH_LAYER_NAMES = {"llama": LAYER_NAMES, "gemma3": GEMMA3_LAYER_NAMES}
+_HF_TO_GGUF = {arch: {hf: gg for gg, hf in names.items()}
+               for arch, names in ARCH_LAYER_NAMES.items()}
 _HF_GLOBAL_TO_GGUF = {hf: gg for gg, hf in GLOBAL_NAMES.items()}
 
 
@@ -45,11 +56,11 @@ def permute_qk(w: np.ndarray, n_heads: int) -> np.ndarray:
     return w.reshape(n_heads, 2, head_dim // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
 
 
-def gguf_name(hf_name: str) -> str:
-    """llama.cpp's tensor name for a Hugging Face one (model.layers.3.self_attn.q_proj.weight →
-    blk.3.attn_q.weight)."""
+def gguf_name(hf_name: str, arch: str = "llama") -> str:
+    """llama.cpp's tensor name in an `arch` GGUF for a Hugging Face one
+    (model.layers.3.self_attn.q_proj.weight → blk.3.attn_q.weight)."""
     parts = hf_name.split(".")
     if parts[0] == "model" and parts[1] == "layers":
         module = ".".join(parts[3:-1])
-        return f"blk.{parts[2]}.{_HF_TO_GGUF[module]}.{parts[-1]}"
+        return f"blk.{parts[2]}.{_HF_TO_GGUF[arch][module]}.{parts[-1]}"
     return f"{_HF_GLOBAL_TO_GGUF['.'.join(parts[:-1])]}.{parts[-1]}"

@@ -164,6 +164,14 @@ HF_TINY_KINDS = {
                                             "rope_theta": 1e6},
                          "sliding_attention": {"rope_type": "default", "rope_theta": 1e4}})),
     "gemma3-tied": ("Gemma3TextConfig", dict(head_dim=16, tie_word_embeddings=True)),
+    # Gemma 3 as published, as far as llama.cpp fixes it (GGUF export): a global layer in every six,
+    # queries scaled by 1/√head_dim (transformers' default query_pre_attn_scalar, 256), the local
+    # base 10000; Gemma's special-token ids, a vocabulary with room for 256 byte pieces
+    "gemma3-gguf": ("Gemma3TextConfig", dict(
+        vocab_size=384, num_hidden_layers=6, num_attention_heads=2, num_key_value_heads=1,
+        head_dim=256, query_pre_attn_scalar=256, sliding_window=4, bos_token_id=2, eos_token_id=1,
+        rope_parameters={"full_attention": {"rope_type": "default", "rope_theta": 1e6},
+                         "sliding_attention": {"rope_type": "default", "rope_theta": 1e4}})),
     # Phi-3: fused qkv_proj and gate_up_proj, half of each head turned, LongRoPE whose pretraining
     # length (8) the tests' 17 tokens pass, so the long factors apply (decoding crosses over)
     "phi3": ("Phi3Config", dict(rope_parameters=dict(
