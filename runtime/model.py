@@ -1,12 +1,14 @@
-"""One NNX decoder for the Llama family (Llama 2/3, Mistral, Qwen2/2.5, Qwen3, SmolLM) and Gemma 2/3.
+"""One NNX decoder for the Llama family (Llama 2/3, Mistral, Qwen2/2.5, Qwen3, SmolLM), Gemma 2/3 and
+Phi-3.
 
 The differences between these models are a handful of switches of the `ModelConfig` the compiler read
 from the Hugging Face config.json (core/architecture.py): grouped-query attention, RoPE scaling,
 tied embeddings, q/k/v biases (Qwen2), per-head RMSNorm of q and k before RoPE (Qwen3, Gemma 3),
 sliding-window attention (some Mistral / Qwen configs, Gemma's local layers); and Gemma's scaled
 embedding, (1 + w) norms, GELU gate, sandwich norms, query_pre_attn_scalar, soft-capped scores and
-logits (Gemma 2) and second RoPE base for the local layers (Gemma 3). Everything else is one code
-path, written to match `transformers` to ~1e-5 in float32.
+logits (Gemma 2) and second RoPE base for the local layers (Gemma 3); Phi-3's fused qkv_proj and
+gate_up_proj, partial rotary embedding and LongRoPE. Everything else is one code path, written to
+match `transformers` to ~1e-5 in float32.
 
 Layout. Parameters keep the Hugging Face orientation, so loading and exporting are copies, not
 transposes: a linear layer's `weight` is [out, in], LoRA's `lora_A` is [r, in] and `lora_B` [out, r]
