@@ -553,7 +553,7 @@ def _rotary_dim(hf: dict, v: dict, family: str, head_dim: int, scaling: tuple | 
         raise PlanError("model.path", f"partial_rotary_factor={_show(partial)}: only 1 (RoPE over "
                         f"the whole head) is supported for {family}.", file=str(source),
                         hint=_HINT)
-    if rotary % 2 or rotary < 2:
+    if rotary != head_dim and (rotary % 2 or rotary < 2):     # (an odd head: ModelConfig.check)
         raise _field_error(source, f"partial_rotary_factor={partial:g} of head_dim={head_dim} "
                            f"turns {rotary} dimensions; RoPE needs an even number.")
     factors = dict(scaling or ())

@@ -65,8 +65,8 @@ def test_converted_dir_is_complete_and_recorded(smollm2_dir):
     record = json.loads((smollm2_dir / "tune_conversion.json").read_text())
     src = conv.embedded_gguf_path()
     assert record["converter_version"] == conv.CONVERTER_VERSION
-    assert [(f["path"], f["size"]) for f in record["source"]["files"]] == \
-        [(str(src), src.stat().st_size)]
+    # by size and content (another install of the same package may have converted it)
+    assert [f["size"] for f in record["source"]["files"]] == [src.stat().st_size]
     assert record["source"]["sha256"] == hashlib.sha256(src.read_bytes()).hexdigest()
     assert list(smollm2_dir.parent.glob(".smollm2-135m-instruct.*-*")) == []  # no half conversion
 
