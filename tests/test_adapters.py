@@ -351,11 +351,10 @@ def test_quantised_base_stays_close_and_trains(hf_tiny, fmt):
 
 
 @pytest.mark.slow
-def test_a_short_qlora_run_tracks_plain_lora():
+def test_a_short_qlora_run_tracks_plain_lora(smollm2_dir):
     """SmolLM2-135M (real weights), 10 steps of the same batches: the int8 and nf4 runs start where
     plain LoRA starts and their losses stay within a few percent of its, on average over the run (a
     10-step memorisation run is jumpy step by step)."""
-    from compiler.gguf import embedded_model_dir
     from conftest import schedule, synthetic_examples
     from runtime.batching import Batcher, BatchShape
     from runtime.build import optimizer as make_optimizer
@@ -368,7 +367,7 @@ def test_a_short_qlora_run_tracks_plain_lora():
     losses = {}
     for fmt in ("none", "int8", "nf4"):
         lora = LoraConfig(rank=8, alpha=16.0, dropout=0.0, targets=("q_proj", "v_proj"), quantize=fmt)
-        graphdef, trained, frozen = split_model(load_pretrained(embedded_model_dir(), lora=lora,
+        graphdef, trained, frozen = split_model(load_pretrained(smollm2_dir, lora=lora,
                                                                 rngs=nnx.Rngs(0)))
         opt, lr_fn = make_optimizer(schedule(10, lr=2e-3, lr_schedule="constant"))
         step = make_train_step(graphdef, opt, lr_fn, ce_chunk=256, dropout=False, loss_tokens=None, packed=True)
@@ -385,12 +384,11 @@ def test_a_short_qlora_run_tracks_plain_lora():
         assert rel[0] < first and rel.mean() < mean, (fmt, rel, losses[fmt], plain)
 
 
-def test_smollm2_dora_with_trained_modules_loads_in_peft(tmp_path):
+def test_smollm2_dora_with_trained_modules_loads_in_peft(tmp_path, smollm2_dir):
     """The embedded SmolLM2-135M (tied head), DoRA on all linear layers plus the final norm and the
-    head trained in full, every adapter tensor moved: PEFT reproduces tune's logits."""
-    from compiler.gguf import embedded_model_dir
-
-    path = embedded_model_dir()
+    head trained in full, every adapter tensor moved: PEFT reproduces tune's logits. (smollm2_dir:
+    converted first, in a TUNE_HOME where nothing has converted it yet.)"""
+    path = smollm2_dir
     lora = LoraConfig(rank=4, alpha=8.0, dropout=0.0, targets=tuple(MODULE_NAMES), kind="dora",
                       train_modules=("norm", "lm_head"))
     model = load_pretrained(path, lora=lora, rngs=nnx.Rngs(0))

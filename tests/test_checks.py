@@ -353,10 +353,10 @@ def _model_copy(tmp_path, **edits):
     the parsed config.json for "config")."""
     import shutil
 
-    from compiler.gguf import embedded_model_dir
+    from compiler.gguf import ensure_embedded_model
 
-    out = tmp_path / "m"
-    shutil.copytree(embedded_model_dir(), out, dirs_exist_ok=True)
+    out = tmp_path / "m"       # converted first, where nothing has converted it yet
+    shutil.copytree(ensure_embedded_model(), out, dirs_exist_ok=True)
     for name, text in edits.items():
         if name == "config":
             cfg = json.loads((out / "config.json").read_text())
