@@ -673,7 +673,16 @@ def _objective_section(config: dict, model: ModelSection, adapter: AdapterSectio
                             gamma=o["gamma"], orpo_lambda=o["orpo_lambda"],
                             desirable_weight=o["desirable_weight"],
                             undesirable_weight=o["undesirable_weight"], reference=reference,
-                            init_run=run, init_sha256=sha)
+                            init_run=run, init_sha256=sha, router_aux_coef=_router_aux(o, model))
+
+
+def _router_aux(o: dict, model: ModelSection) -> float | None:
+    """The load-balancing loss's weight of a mixture of experts: objective.router_aux_coef, or
+    the model's router_aux_loss_coef; None for a dense model (which has no router)."""
+    if not model.config.num_experts:
+        return None
+    given = o.get("router_aux_coef")
+    return model.config.router_aux_coef if given is None else float(given)
 
 
 ADAPTER_SHAPE = ("kind", "rank", "alpha", "targets", "rslora", "train_modules", "quantize", "head")
@@ -751,10 +760,13 @@ def _adapter_section(a: dict, model: ModelSection) -> AdapterSection:
                                 f"{', '.join(valid)} (or all-linear).",
                                 hint="LoRA adapts linear layers by their module name.")
             targets.append(name)
-    shapes, L = model.linear_shapes, model.config.num_layers
-    # LoRA's A [r, in] and B [out, r]; DoRA adds a magnitude [out] per layer
-    per_target = {m: L * (a["rank"] * (shapes[m][0] + shapes[m][1]) +
-                          (shapes[m][1] if a["kind"] == "dora" else 0)) for m in targets}
+    _check_experts(a, targets, model)
+    shapes, L, copies = model.linear_shapes, model.config.num_layers, model.config.module_copies
+    # LoRA's A [r, in] and B [out, r]; DoRA adds a magnitude [out] per layer; an expert module
+    # has one pair per expert
+    per_target = {m: L * copies(m) * (a["rank"] * (shapes[m][0] + shapes[m][1]) +
+                                      (shapes[m][1] if a["kind"] == "dora" else 0))
+                  for m in targets}
     full = _train_modules(a["train_modules"], targets, model)
     full_params = full_module_params(model.config, full)
     trainable = sum(per_target.values()) + sum(full_params.values())
@@ -770,6 +782,31 @@ def _adapter_section(a: dict, model: ModelSection) -> AdapterSection:
                           full_params=full_params, quantized_params=quantized)
 
 
+def _check_experts(a: dict, targets: list[str], model: ModelSection) -> None:
+    """A mixture of experts: no quantised base (its experts are 3-D parameters); LoRA on the
+    experts as PEFT's target_parameters has it — no dropout, no DoRA — so that PEFT loads it."""
+    c = model.config
+    if not c.num_experts:
+        return
+    if a["quantize"] != "none":
+        raise PlanError("adapter.quantize", f"{model.name} is a mixture of experts; quantising "
+                        "its base weights (QLoRA) is not supported for mixtures yet.",
+                        hint="set adapter.quantize=none (adapter=lora).")
+    experts = [m for m in targets if c.module_copies(m) > 1]
+    if not experts:
+        return
+    why = (f"adapter.targets includes the experts ({', '.join(experts)}), whose LoRA PEFT "
+           "stores as target_parameters, which")
+    hint = ("adapt the attention only (adapter.targets=[q_proj,k_proj,v_proj,o_proj]), or set "
+            "{}.")
+    if a["kind"] == "dora":
+        raise PlanError("adapter.kind", f"{why} have no DoRA.",
+                        hint=hint.format("adapter.kind=lora"))
+    if a["dropout"] > 0:
+        raise PlanError("adapter.dropout", f"{why} have no dropout (adapter.dropout="
+                        f"{a['dropout']:g}).", hint=hint.format("adapter.dropout=0"))
+
+
 def _full_section(a: dict, model: ModelSection) -> AdapterSection:
     """adapter.kind=full: every module trained in full (optimizer state for every weight), no LoRA
     factors. Quantised base weights cannot be trained."""
@@ -777,6 +814,11 @@ def _full_section(a: dict, model: ModelSection) -> AdapterSection:
         raise PlanError("adapter.quantize", f"is {a['quantize']}, but adapter.kind=full trains "
                         "every weight: quantised weights cannot be trained.",
                         hint="use adapter.quantize=none, or adapter.kind=lora for QLoRA.")
+    if model.config.num_experts:
+        raise PlanError("adapter.kind", f"full fine-tuning of a mixture of experts ({model.name}) "
+                        "is not supported: its experts are 3-D parameters that PEFT cannot save "
+                        "whole.", hint="use adapter.kind=lora; adapter.train_modules can add "
+                                       "the norms, embedding and head.")
     full = list(full_module_names(model.config))
     full_params = full_module_params(model.config, full)
     trainable = sum(full_params.values())
@@ -1208,7 +1250,7 @@ def _memory(model: ModelSection, adapter: AdapterSection, rt: RuntimeSection, ba
         params=model.params, trainable=adapter.trainable_params, layers=c.num_layers,
         trained_in_full=sum(adapter.full_params.values()), quantized=adapter.quantized_params,
         quantize=adapter.quantize,
-        linear=c.num_layers * sum(i * o for i, o in model.linear_shapes.values()),
+        linear=c.linear_params(),
         hidden=c.hidden_size, intermediate=c.intermediate_size, heads=c.num_heads,
         kv_heads=c.num_kv_heads, head_dim=c.head_dim, vocab=c.vocab_size,
         batch=batch_size, seq_len=seq_len, param_bytes=DTYPE_BYTES[rt.param_dtype],

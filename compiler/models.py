@@ -12,7 +12,7 @@ import json
 import re
 from pathlib import Path
 
-from core.architecture import ModelConfig, architecture, check_token_ids
+from core.architecture import ModelConfig, architecture, check_token_ids, fold_expert_names
 from core.errors import PlanError
 from core.plan import ModelSection
 from core.tokenizer import (TOKENIZER_FILE, chat_template, load_tokenizer, read_tokenizer_config,
@@ -130,6 +130,7 @@ def _check_tensors(files: list[Path], config: ModelConfig) -> None:
                                 hint="use the original (unquantized) checkpoint.")
             found[name] = info.shape
     want = config.tensor_shapes()
+    found = fold_expert_names(found, config)        # a mixture's per-expert tensors, as 3-D ones
     missing = [n for n in want if n not in found]
     extra = [n for n in found if n not in want and not n.endswith(_IGNORED)
              and not (n == "lm_head.weight" and config.tie_word_embeddings)]

@@ -207,6 +207,10 @@ KEYS: tuple[Key, ...] = (
        "examples", low=0.0, low_open=True, high=100.0),
     _k("objective.undesirable_weight", "number", 1.0, "kto: the weight of undesirable (label "
        "false) examples", low=0.0, low_open=True, high=100.0),
+    _k("objective.router_aux_coef", "number", None, "a mixture of experts (Mixtral, Qwen3-MoE): "
+       "the weight of the routers' load-balancing loss added to the training loss (null = the "
+       "model's router_aux_loss_coef; 0 = logged, not trained on); dense models have no router",
+       nullable=True, low=0.0, high=100.0),
     _k("data.fields.prompt", "str", "prompt", "preference data: the field holding the prompt (text, "
        "or OpenAI-style messages)"),
     _k("data.fields.chosen", "str", "chosen", "preference data: the preferred reply's field (text, "

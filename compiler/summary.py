@@ -116,12 +116,30 @@ def _model(plan) -> Panel:
              f"{c.num_heads}/{c.num_kv_heads} kv · head dim {c.head_dim} · vocab {_n(c.vocab_size)}")
     return _panel("model", _kv([
         ("name", f"{m.name}  ({m.architecture}, {m.source})"),
-        ("params", _params(m.params)),
+        ("params", _params(m.params) if not c.num_experts else
+         f"{_params(m.params)} total · {_params(c.active_param_count())} active per token"),
         ("shape", shape),
+        *(("experts", line) for line in [_experts_line(plan)] if line),
         *(("attention", line) for line in [_attention_line(c)] if line),
         ("dir", m.dir),
         ("chat template", "yes" if m.chat_template else "none"),
     ]))
+
+
+def _experts_line(plan) -> str:
+    """A mixture of experts: its experts, the routing, the experts' share of the weights' memory
+    and the load-balancing loss's weight in training."""
+    c, o = plan.model.config, plan.objective
+    if not c.num_experts:
+        return ""
+    width = {"float32": 4, "bfloat16": 2}[plan.runtime.param_dtype]
+    weights = "renormalised" if c.norm_topk_prob else "as routed"
+    aux = (f"load-balancing loss × {o.router_aux_coef:g} in training" if not o.preference
+           else "no load-balancing loss (preference objective)")
+    return (f"{c.num_experts} per layer (mlp {c.expert_intermediate_size} each) · top "
+            f"{c.experts_per_token} per token, weights {weights}, no token dropped · {aux} · "
+            f"expert weights {_bytes(c.expert_params() * width)} "
+            f"({c.expert_params() / c.param_count():.0%} of the model)")
 
 
 def _attention_line(c) -> str:

@@ -28,12 +28,20 @@ ARCHITECTURES = {
     "Gemma2ForCausalLM": "gemma2",
     "Gemma3ForCausalLM": "gemma3",
     "Phi3ForCausalLM": "phi3",
+    "MixtralForCausalLM": "mixtral",
+    "Qwen3MoeForCausalLM": "qwen3_moe",
 }
 FAMILIES = tuple(ARCHITECTURES.values())
 # config.json `model_type` → family, for a config that names no architecture
 MODEL_TYPES = {"llama": "llama", "mistral": "mistral", "qwen2": "qwen2", "qwen3": "qwen3",
-               "gemma2": "gemma2", "gemma3_text": "gemma3", "phi3": "phi3"}
+               "gemma2": "gemma2", "gemma3_text": "gemma3", "phi3": "phi3",
+               "mixtral": "mixtral", "qwen3_moe": "qwen3_moe"}
 GEMMA = ("gemma2", "gemma3")
+# Mixture-of-experts families → the dense family whose attention they share
+MOE = {"mixtral": "mistral", "qwen3_moe": "qwen3"}
+# The experts' linear layers, each one 3-D parameter [experts, out, in] under `mlp.experts.` (as
+# transformers 5 stores them; LoRA adapts them as PEFT's target_parameters do)
+EXPERT_MODULES = ("gate_up_proj", "down_proj")
 # The MLP's gate activation, by the names config.json gives it (hidden_act / hidden_activation)
 ACTIVATIONS = {"silu": "silu", "swish": "silu", "gelu_pytorch_tanh": "gelu_tanh",
                "gelu_tanh": "gelu_tanh"}
@@ -48,7 +56,7 @@ LINEAR_NAMES = MODULE_NAMES + tuple(FUSED)     # every linear module name of eve
 ROPE_TYPES = ("default", "linear", "llama3", "longrope")
 _ROPE_KEYS = ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings")
 _HINT = ("pick a checkpoint of a supported family: Llama 2/3, Mistral, Qwen2/2.5/3, SmolLM, "
-         "Gemma 2, Gemma 3, Phi-3/3.5/4.")
+         "Gemma 2, Gemma 3, Phi-3/3.5/4, Mixtral, Qwen3-MoE.")
 _CONFIG_HINT = ("is this a complete Hugging Face causal-LM checkpoint? Fix config.json, or use the "
                 "checkpoint as published.")
 _RANGE_HINT = ("every published model of the supported families lies within these bounds: fix "
@@ -108,6 +116,15 @@ CONFIG_FIELDS: dict[str, _Field] = {
     # Phi-3 (older configs; transformers 5 moves it into rope_parameters)
     "partial_rotary_factor": _Field("float", 1e-6, 1.0, None),
     "original_max_position_embeddings": _Field("int", 1, 2**24, None),
+    # mixture of experts (Mixtral: num_local_experts; Qwen3-MoE: num_experts)
+    "num_local_experts": _Field("int", 1, 4096, None),
+    "num_experts": _Field("int", 1, 4096, None),
+    "num_experts_per_tok": _Field("int", 1, 4096, None),
+    "moe_intermediate_size": _Field("int", 1, 2**20, None),
+    "norm_topk_prob": _Field("bool", default=None),
+    "router_aux_loss_coef": _Field("float", 0.0, 1e3, None),
+    "router_jitter_noise": _Field("float", 0.0, 1.0, None),
+    "decoder_sparse_step": _Field("int", 1, 1024, None),
 }
 TOKEN_ID_FIELDS = ("bos_token_id", "eos_token_id", "pad_token_id")
 # ModelConfig attribute → the config.json field it holds (ModelConfig.check bounds them alike)
@@ -152,6 +169,13 @@ class ModelConfig:
     # Phi-3
     fused: bool = False                 # qkv_proj and gate_up_proj instead of q/k/v and gate/up
     rotary_dim: int | None = None       # RoPE turns the first rotary_dim of each head; None: all
+    # mixture of experts (Mixtral, Qwen3-MoE): every layer's MLP is num_experts experts, each token
+    # routed to experts_per_token of them (0: a dense MLP)
+    num_experts: int = 0
+    experts_per_token: int = 0
+    expert_intermediate_size: int = 0   # each expert's MLP width
+    norm_topk_prob: bool = True         # the chosen experts' weights renormalised to sum to 1
+    router_aux_coef: float = 0.0        # router_aux_loss_coef: the load-balancing loss's weight
 
     @classmethod
     def from_hf(cls, hf: dict, *, source: str | Path = "config.json") -> "ModelConfig":
@@ -162,6 +186,7 @@ class ModelConfig:
             raise PlanError("model.path", f"config.json must hold a JSON object, got "
                             f"{type(hf).__name__}.", file=str(source), hint=_HINT)
         family = ARCHITECTURES[architecture(hf, source=source)]
+        base = MOE.get(family, family)          # the dense family whose attention it has
         v = _check_fields(hf, source)
         activation = _check_supported(hf, source, family)
         theta, scaling, local_theta = _rope(hf, source, family)
@@ -177,7 +202,7 @@ class ModelConfig:
         rotary_dim = _rotary_dim(hf, v, family, head_dim, scaling, source)
         bias = v["attention_bias"] and family != "phi3"
         gemma = family in GEMMA
-        extra = {}
+        extra = _moe(hf, v, family, layers, source) if family in MOE else {}
         if gemma:
             # a key left out takes transformers' default; null switches soft-capping off
             def given(name, default):
@@ -198,9 +223,9 @@ class ModelConfig:
             max_position_embeddings=v["max_position_embeddings"],
             tie_word_embeddings=v["tie_word_embeddings"] if "tie_word_embeddings" in hf or not gemma
             else True,
-            attention_bias=True if family == "qwen2" else (bias and family != "mistral"),
-            o_bias=bias and family in ("llama", "qwen3") + GEMMA,
-            qk_norm=family in ("qwen3", "gemma3"), activation=activation,
+            attention_bias=True if family == "qwen2" else (bias and base != "mistral"),
+            o_bias=bias and base in ("llama", "qwen3") + GEMMA,
+            qk_norm=base in ("qwen3", "gemma3"), activation=activation,
             fused=family == "phi3", rotary_dim=rotary_dim,
             sliding_windows=_sliding_windows(hf, v, family, layers, source), **extra)
         config.check(source=source)
@@ -229,6 +254,10 @@ class ModelConfig:
         """module name → (in_features, out_features) of each linear LoRA can target."""
         q, kv = self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim
         h, i = self.hidden_size, self.intermediate_size
+        if self.num_experts:    # each expert's, in EXPERT_MODULES (module_copies: how many)
+            f = self.expert_intermediate_size
+            return {"q_proj": (h, q), "k_proj": (h, kv), "v_proj": (h, kv), "o_proj": (q, h),
+                    "gate_up_proj": (h, 2 * f), "down_proj": (f, h)}
         if self.fused:
             return {"qkv_proj": (h, q + 2 * kv), "o_proj": (q, h), "gate_up_proj": (h, 2 * i),
                     "down_proj": (i, h)}
@@ -238,6 +267,18 @@ class ModelConfig:
     def linear_names(self) -> tuple[str, ...]:
         """The linear modules of a layer, by their Hugging Face (and PEFT) names."""
         return tuple(self.linear_shapes())
+
+    def module_copies(self, name: str) -> int:
+        """How many of linear module `name` a layer has: num_experts for an expert's, else 1."""
+        return self.num_experts if self.num_experts and name in EXPERT_MODULES else 1
+
+    def linear_params(self) -> int:
+        """Weights of every layer's linear modules (experts included)."""
+        return self.num_layers * sum(a * b * self.module_copies(m)
+                                     for m, (a, b) in self.linear_shapes().items())
+
+    def router_name(self, layer: int) -> str:
+        return f"model.layers.{layer}.mlp.gate.weight"
 
     def tensor_shapes(self) -> dict[str, tuple[int, ...]]:
         """Every tensor a checkpoint of this config holds, by its Hugging Face name, with its shape
@@ -250,6 +291,9 @@ class ModelConfig:
             p = f"model.layers.{i}."
             for m, (n_in, n_out) in self.linear_shapes().items():
                 part = "self_attn" if m in ATTENTION_MODULES else "mlp"
+                if self.num_experts and m in EXPERT_MODULES:    # transformers 5's 3-D tensors
+                    out[f"{p}mlp.experts.{m}"] = (self.num_experts, n_out, n_in)
+                    continue
                 out[f"{p}{part}.{m}.weight"] = (n_out, n_in)
                 if (self.attention_bias and m in ("q_proj", "k_proj", "v_proj")) or \
                         (self.o_bias and m == "o_proj"):
@@ -259,6 +303,8 @@ class ModelConfig:
             if self.qk_norm:
                 out[f"{p}self_attn.q_norm.weight"] = (h,)
                 out[f"{p}self_attn.k_norm.weight"] = (h,)
+            if self.num_experts:
+                out[self.router_name(i)] = (self.num_experts, d)
         return out
 
     def layer_norm_names(self) -> tuple[str, ...]:
@@ -271,11 +317,27 @@ class ModelConfig:
         h, q, kv = self.hidden_size, self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim
         attn = sum(a * b for m, (a, b) in shapes.items() if m in ATTENTION_MODULES)
         attn += (q + 2 * kv) * self.attention_bias + h * self.o_bias + 2 * self.head_dim * self.qk_norm
-        mlp = sum(a * b for m, (a, b) in shapes.items() if m in MLP_MODULES)
+        mlp = sum(a * b * self.module_copies(m) for m, (a, b) in shapes.items()
+                  if m in MLP_MODULES)
+        mlp += self.num_experts * h                                     # the router
         per_layer = attn + mlp + len(self.layer_norm_names()) * h       # + the layer's RMSNorms
         embed = self.vocab_size * h
         head = 0 if self.tie_word_embeddings else self.vocab_size * h
         return embed + self.num_layers * per_layer + h + head
+
+    def active_param_count(self) -> int:
+        """Parameters one token computes with: param_count less the experts it is not routed to."""
+        if not self.num_experts:
+            return self.param_count()
+        per_expert = sum(a * b for m, (a, b) in self.linear_shapes().items()
+                         if m in EXPERT_MODULES)
+        idle = self.num_experts - self.experts_per_token
+        return self.param_count() - self.num_layers * idle * per_expert
+
+    def expert_params(self) -> int:
+        """Weights of every layer's experts."""
+        return self.num_layers * self.num_experts * sum(
+            a * b for m, (a, b) in self.linear_shapes().items() if m in EXPERT_MODULES)
 
 
 # Existing modules adapter.train_modules can train in full, besides the linear layers: the embedding,
@@ -288,9 +350,11 @@ ALL_WHOLE_MODULES = WHOLE_MODULES + SANDWICH_NORMS + ("q_norm", "k_norm")
 
 
 def full_module_names(cfg: "ModelConfig") -> tuple[str, ...]:
-    """What adapter.train_modules may name for this model."""
+    """What adapter.train_modules may name for this model (not the experts: PEFT saves whole
+    modules only, and a mixture's experts are parameters of one module)."""
+    linear = tuple(m for m in cfg.linear_names() if cfg.module_copies(m) == 1)
     return (WHOLE_MODULES + (SANDWICH_NORMS if cfg.sandwich_norms else ())
-            + (("q_norm", "k_norm") if cfg.qk_norm else ()) + cfg.linear_names())
+            + (("q_norm", "k_norm") if cfg.qk_norm else ()) + linear)
 
 
 def full_module_params(cfg: "ModelConfig", names) -> dict[str, int]:
@@ -602,8 +666,9 @@ def _sliding_windows(hf: dict, v: dict, family: str, num_layers: int,
     """Per-layer attention window in tokens, 0 = full causal attention (the usual case). `v`: the
     checked CONFIG_FIELDS values."""
     window = v["sliding_window"]
-    if family in ("mistral", "phi3") and window:
-        return (window,) * num_layers
+    if family in ("mistral", "phi3", "mixtral") or (family == "qwen3_moe" and
+                                                    v["use_sliding_window"]):
+        return (window,) * num_layers if window else ()
     if family in ("qwen2", "qwen3") and v["use_sliding_window"] and window:
         first = num_layers if v["max_window_layers"] is None else v["max_window_layers"]
         local = [i >= first for i in range(num_layers)]
@@ -630,3 +695,103 @@ def _sliding_windows(hf: dict, v: dict, family: str, num_layers: int,
         local = [t == kinds[0] for t in types]
     windows = tuple(window if slides else 0 for slides in local)
     return windows if any(windows) else ()
+
+
+def _moe(hf: dict, v: dict, family: str, num_layers: int, source) -> dict:
+    """ModelConfig's mixture-of-experts fields of a Mixtral or Qwen3-MoE config.json, with
+    transformers' defaults for keys left out. Every layer must be a mixture-of-experts layer (the
+    decoder scans one layer type); Mixtral's router jitter (noise on the training inputs) is
+    refused."""
+    defaults = {"mixtral": (8, 2, True), "qwen3_moe": (128, 8, False)}[family]
+    experts = v["num_local_experts"] if v["num_local_experts"] is not None else v["num_experts"]
+    experts = defaults[0] if experts is None else experts
+    per_token = defaults[1] if v["num_experts_per_tok"] is None else v["num_experts_per_tok"]
+    if per_token > experts:
+        raise _field_error(source, f"num_experts_per_tok={per_token} routes each token to more "
+                           f"experts than the {experts} there are.")
+    if family == "mixtral":
+        width, norm = v["intermediate_size"], True
+        if v["router_jitter_noise"]:
+            raise PlanError("model.path", f"router_jitter_noise={v['router_jitter_noise']:g} "
+                            "(noise on the router's inputs in training) is not supported.",
+                            file=str(source), hint="set router_jitter_noise to 0 in config.json.")
+    else:
+        width = 768 if v["moe_intermediate_size"] is None else v["moe_intermediate_size"]
+        norm = defaults[2] if v["norm_topk_prob"] is None else v["norm_topk_prob"]
+        dense = hf.get("mlp_only_layers") or []
+        step = v["decoder_sparse_step"] or 1
+        if not isinstance(dense, list) or step != 1 or dense:
+            raise PlanError("model.path", "config.json makes some layers dense "
+                            f"(decoder_sparse_step={_show(hf.get('decoder_sparse_step'))}, "
+                            f"mlp_only_layers={_show(hf.get('mlp_only_layers'))}); tune trains "
+                            "models whose every layer is a mixture of experts.", file=str(source),
+                            hint="use a checkpoint with decoder_sparse_step 1 and no "
+                                 "mlp_only_layers, as the published Qwen3-MoE models have.")
+    coef = 0.001 if v["router_aux_loss_coef"] is None else v["router_aux_loss_coef"]
+    return dict(num_experts=experts, experts_per_token=per_token, expert_intermediate_size=width,
+                norm_topk_prob=norm, router_aux_coef=coef)
+
+
+def expert_legacy_names(cfg: ModelConfig) -> dict[str, tuple[tuple[str, ...], ...]]:
+    """A mixture's tensors as the published checkpoints (and transformers' save_pretrained) store
+    them, one per expert, by the 3-D name tensor_shapes gives: fused name → its parts, each one
+    name per expert (gate_up_proj: the gates, then the ups, concatenated along the output). Mixtral
+    names them block_sparse_moe.experts.{j}.w1 (gate), w3 (up), w2 (down) and its router
+    block_sparse_moe.gate; Qwen3-MoE mlp.experts.{j}.gate_proj, up_proj, down_proj."""
+    out: dict[str, tuple[tuple[str, ...], ...]] = {}
+    if not cfg.num_experts:
+        return out
+    mixtral = cfg.family == "mixtral"
+    for i in range(cfg.num_layers):
+        p = f"model.layers.{i}."
+        expert = p + ("block_sparse_moe.experts." if mixtral else "mlp.experts.")
+
+        def each(name):
+            return tuple(f"{expert}{j}.{name}.weight" for j in range(cfg.num_experts))
+
+        gate, up, down = ("w1", "w3", "w2") if mixtral else ("gate_proj", "up_proj", "down_proj")
+        out[f"{p}mlp.experts.gate_up_proj"] = (each(gate), each(up))
+        out[f"{p}mlp.experts.down_proj"] = (each(down),)
+        if mixtral:
+            out[cfg.router_name(i)] = ((f"{p}block_sparse_moe.gate.weight",),)
+    return out
+
+
+def fold_expert_names(found: dict, cfg: ModelConfig) -> dict:
+    """`found` (tensor name → shape) with each complete group of per-expert tensors replaced by
+    the 3-D tensor it makes (expert_legacy_names), so that checkpoints in either layout check
+    against tensor_shapes. An incomplete or inconsistent group is left as it is (and reported
+    as missing / unexpected tensors)."""
+    out = dict(found)
+    for fused, parts in expert_legacy_names(cfg).items():
+        names = [n for part in parts for n in part]
+        if fused in out or not all(n in out for n in names):
+            continue
+        shapes = {tuple(found[n]) for n in names}
+        if len(shapes) != 1:
+            continue
+        (shape,) = shapes
+        for n in names:
+            del out[n]
+        router = fused.endswith(".mlp.gate.weight")
+        out[fused] = shape if router else (len(parts[0]), len(parts) * shape[0], *shape[1:])
+    return out
+
+
+def unfold_expert_tensors(state: dict, cfg: ModelConfig) -> dict:
+    """A state dict with each 3-D expert tensor (and Mixtral's router) under the per-expert names
+    of expert_legacy_names, as transformers' save_pretrained writes them and the published
+    checkpoints (and llama.cpp's converter) have them. Other tensors pass through."""
+    out = dict(state)
+    for fused, parts in expert_legacy_names(cfg).items():
+        if fused not in out:
+            continue
+        value = out.pop(fused)
+        if fused.endswith(".mlp.gate.weight"):
+            out[parts[0][0]] = value
+            continue
+        width = value.shape[1] // len(parts)
+        for k, part in enumerate(parts):
+            for j, name in enumerate(part):
+                out[name] = value[j, k * width:(k + 1) * width].copy()
+    return out

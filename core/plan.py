@@ -228,6 +228,9 @@ class ObjectiveSection:
     reference: str = "none"         # base (adapter switched off), init (init.run's model), none
     init_run: str | None = None     # init.run: the finished run whose adapter training starts from
     init_sha256: str | None = None  # its adapter weights' sha256
+    router_aux_coef: float | None = None    # a mixture of experts: the load-balancing loss's
+                                            # weight (resolved: objective.router_aux_coef or the
+                                            # model's); None for a dense model
 
     @property
     def preference(self) -> bool:
@@ -478,7 +481,11 @@ def _drop_unused(doc: dict) -> None:
     def obj(x) -> dict:                     # a malformed plan.json may hold anything there
         return x if isinstance(x, dict) else {}
 
-    if doc.get("objective") == to_jsonable(ObjectiveSection()):
+    default = to_jsonable(ObjectiveSection())
+    default.pop("router_aux_coef")
+    if obj(doc.get("objective")).get("router_aux_coef", 0) is None:
+        doc["objective"].pop("router_aux_coef")
+    if doc.get("objective") == default:
         doc.pop("objective")
     data, config = obj(doc.get("data")), obj(doc.get("config"))
     if data.get("unit", 1) == 1 and not data.get("pairs"):
@@ -512,6 +519,14 @@ def _drop_unused(doc: dict) -> None:
     for key, default in HUB_KEY_DEFAULTS.items():
         if key in hub_keys and hub_keys[key] == default:
             hub_keys.pop(key)
+    # added with mixtures of experts: dense models' plans hash as they did before
+    model_config = obj(obj(doc.get("model")).get("config"))
+    if not model_config.get("num_experts"):
+        for key in ("num_experts", "experts_per_token", "expert_intermediate_size",
+                    "norm_topk_prob", "router_aux_coef"):
+            model_config.pop(key, None)
+    if obj(config.get("objective")).get("router_aux_coef", 0) is None:
+        config["objective"].pop("router_aux_coef")
     if obj(config.get("objective")).get("kind", "sft") == "sft":
         config.pop("objective", None)
         obj(config.get("data")).pop("fields", None)

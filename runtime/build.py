@@ -210,7 +210,8 @@ def train_step(plan: Plan, graphdef, optimizer, lr_fn, mesh, shardings):
     return make_train_step(graphdef, optimizer, lr_fn, ce_chunk=rt.ce_chunk,
                            dropout=plan.adapter.dropout > 0, loss_tokens=rt.loss_tokens,
                            packed=rt.pack, state_sharding=sharding,
-                           head=plan.adapter.head != "none")
+                           head=plan.adapter.head != "none",
+                           router_aux=plan.objective.router_aux_coef)
 
 
 def eval_loss(plan: Plan, graphdef, mesh):

@@ -9,6 +9,7 @@ from pathlib import Path
 
 from safetensors.numpy import save_file
 
+from core.architecture import unfold_expert_tensors
 from runtime.model import Llama
 from runtime.weights import to_hf_state_dict
 
@@ -23,7 +24,8 @@ def save_merged(model: Llama, out_dir, model_dir) -> Path:
     plus config.json, generation_config.json and the tokenizer files copied from model_dir."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    state = to_hf_state_dict(model, merged=True)
+    # a mixture's experts one tensor each, as save_pretrained writes them
+    state = unfold_expert_tensors(to_hf_state_dict(model, merged=True), model.cfg)
     save_file(state, str(out / "model.safetensors"), metadata={"format": "pt"})
     for name in _SIDE_FILES:
         src = Path(model_dir) / name

@@ -8,7 +8,8 @@ code path, every sharding trivially replicated.
 - LoRA parameters and optimizer state: replicated over data and fsdp (they are small);
 - tensor: Megatron-style — the attention heads and the MLP's intermediate features split (the
   column-parallel q/k/v/gate/up by output features, the row-parallel o/down by input features), the
-  LoRA factors split to match (param_spec). XLA's SPMD partitioner inserts the collectives.
+  LoRA factors split to match (param_spec); a mixture's experts split by expert. XLA's SPMD
+  partitioner inserts the collectives.
 Multi-host: jax.distributed.initialize() when the environment names a coordinator.
 """
 from __future__ import annotations
@@ -133,6 +134,8 @@ def param_spec(names: list[str], shape: tuple[int, ...], *, fsdp: int = 1, tenso
     module = names[-2] if len(names) > 1 else ""
     style = "column" if module in COLUMN_PARALLEL else "row" if module in ROW_PARALLEL else None
     ax = _TENSOR_AXIS.get((style, names[-1])) if (stacked and dense and tensor > 1) else None
+    if stacked and names[1:3] == ["mlp", "experts"] and tensor > 1:
+        ax = 1          # a mixture's experts [L, E, ...] (weights and LoRA factors): by expert
     if ax is not None and ax < len(shape) and shape[ax] % tensor == 0:
         spec[ax] = "tensor"
     if fsdp > 1:

@@ -508,6 +508,119 @@ class MLP(nnx.Module):
         return self.down_proj(self.gate(gate, up), k[2])
 
 
+_EXPERT_DOT = jax.lax.RaggedDotDimensionNumbers(
+    dot_dimension_numbers=(([1], [2]), ([], [])), lhs_ragged_dimensions=[0],
+    rhs_group_dimensions=[0])
+
+
+def expert_dot(x, w, groups, *, preferred=None):
+    """Rows x [M, in], sorted by expert, through each group's own matrix of w [E, out, in]:
+    groups [E] counts the rows of each expert in order. [M, out]."""
+    return jax.lax.ragged_dot_general(x, w, groups, _EXPERT_DOT, preferred_element_type=preferred)
+
+
+class ExpertLinear(nnx.Module):
+    """A mixture's experts' copies of one linear layer: W [E, out, in] (transformers 5's 3-D
+    parameter, e.g. mlp.experts.gate_up_proj), applied to token rows grouped by expert (a grouped
+    matmul: jax.lax.ragged_dot). LoRA per expert, as PEFT's target_parameters: A [E, r, in] and B
+    [E, out, r] (PEFT stores them as [E·r, in] and [out, r·E]: runtime/weights.py converts), each
+    expert's update s·B_e A_e; no dropout, no DoRA (PEFT has neither for parameters)."""
+
+    def __init__(self, experts: int, d_in: int, d_out: int, *, lora: LoraConfig | None, dtype,
+                 param_dtype, rngs: nnx.Rngs, matmul_dtype=None):
+        self.dtype, self.shape = dtype, (experts, d_out, d_in)
+        self.mixed = (matmul_dtype is not None and jnp.dtype(matmul_dtype) == jnp.bfloat16
+                      and jnp.dtype(dtype) == jnp.float32)
+        self.weight = nnx.Param(0.02 * jax.random.normal(rngs.params(), self.shape, param_dtype))
+        if lora is None:
+            self.lora_A = self.lora_B = None
+            return
+        self.lora_A = LoRAParam(lora_a_init(rngs.params(), (experts, lora.rank, d_in)))
+        self.lora_B = LoRAParam(jnp.zeros((experts, d_out, lora.rank), jnp.float32))
+        self.scale = lora.scale
+
+    def __call__(self, x, groups):
+        x = x.astype(self.dtype)
+        if self.mixed:
+            y = expert_dot(x.astype(jnp.bfloat16), self.weight[...].astype(jnp.bfloat16), groups,
+                           preferred=jnp.float32).astype(self.dtype)
+        else:
+            y = expert_dot(x, self.weight[...].astype(self.dtype), groups)
+        if self.lora_A is None:
+            return y
+        h = expert_dot(x, self.lora_A[...].astype(self.dtype), groups)
+        return y + self.scale * expert_dot(h, self.lora_B[...].astype(self.dtype), groups)
+
+
+class Router(nnx.Module):
+    """The router's weight [E, D] (mlp.gate.weight), frozen."""
+
+    def __init__(self, experts: int, dim: int, *, param_dtype, rngs: nnx.Rngs):
+        self.weight = nnx.Param(0.02 * jax.random.normal(rngs.params(), (experts, dim),
+                                                         param_dtype))
+
+
+class Experts(nnx.Module):
+    def __init__(self, cfg: ModelConfig, *, lora, compute: ComputeSpec, rngs: nnx.Rngs):
+        E, D, F = cfg.num_experts, cfg.hidden_size, cfg.expert_intermediate_size
+        common = dict(dtype=compute.dtype, param_dtype=compute.param_dtype, rngs=rngs,
+                      matmul_dtype=compute.matmul_dtype)
+        self.gate_up_proj = ExpertLinear(E, D, 2 * F, lora=_lora_for(lora, "gate_up_proj"),
+                                         **common)
+        self.down_proj = ExpertLinear(E, F, D, lora=_lora_for(lora, "down_proj"), **common)
+
+
+class MoE(nnx.Module):
+    """A mixture-of-experts MLP (Mixtral, Qwen3-MoE), as transformers computes it: router logits
+    x Gᵀ, their softmax in float32, each token's top experts_per_token experts (ties go to the
+    lower expert index), their weights renormalised to sum to 1 where the model does
+    (norm_topk_prob; Mixtral always), and the weighted sum of those experts' gated MLPs. No token
+    is dropped (no capacity limit): the token-expert pairs are sorted by expert and run through
+    grouped matmuls. Also returns the layer's load-balancing statistics (load_balance)."""
+
+    def __init__(self, cfg: ModelConfig, *, lora, compute: ComputeSpec, rngs: nnx.Rngs):
+        self.cfg, self.dtype = cfg, compute.dtype
+        self.gate = Router(cfg.num_experts, cfg.hidden_size, param_dtype=compute.param_dtype,
+                           rngs=rngs)
+        self.experts = Experts(cfg, lora=lora, compute=compute, rngs=rngs)
+        self.act = GATES[cfg.activation]
+
+    def __call__(self, x, keys, token_weights=None):
+        """x [B, T, D] → (y [B, T, D], (per-expert routed-token count [E], per-expert probability
+        sum [E]), each over the tokens weighted by token_weights [B, T] (default all 1))."""
+        cfg = self.cfg
+        B, T, D = x.shape
+        E, k = cfg.num_experts, cfg.experts_per_token
+        flat = x.reshape(B * T, D).astype(self.dtype)
+        logits = jnp.einsum("nd,ed->ne", flat, self.gate.weight[...].astype(self.dtype))
+        probs = jax.nn.softmax(logits.astype(jnp.float32), axis=-1)
+        top, chosen = jax.lax.top_k(probs, k)                          # [N, k]
+        if cfg.norm_topk_prob:
+            top = top / jnp.sum(top, axis=-1, keepdims=True)
+        pairs = chosen.reshape(-1)                                      # [N·k]
+        order = jnp.argsort(pairs, stable=True)
+        token = order // k
+        groups = jnp.bincount(pairs, length=E).astype(jnp.int32)
+        rows = flat[token]
+        gate, up = jnp.split(self.experts.gate_up_proj(rows, groups), 2, axis=-1)
+        out = self.experts.down_proj(self.act(gate, up), groups)
+        out = out * top.reshape(-1)[order][:, None].astype(out.dtype)
+        y = jnp.zeros_like(flat).at[token].add(out)
+        w = jnp.ones((B * T,), jnp.float32) if token_weights is None else \
+            token_weights.reshape(-1).astype(jnp.float32)
+        counts = jnp.zeros((E,), jnp.float32).at[pairs].add(jnp.repeat(w, k))
+        return y.reshape(B, T, D), (counts, jnp.einsum("ne,n->e", probs, w))
+
+
+def load_balance(counts, prob_sums, tokens, experts: int):
+    """transformers' load_balancing_loss_func (Switch Transformer's eq. 4–6, over all layers at
+    once): E · Σ_e f_e · P_e, f_e the share of routed (token, expert) pairs that went to e and P_e
+    its mean router probability, both summed over the layers [L, E] and divided by layers ×
+    tokens (`tokens`: Σ of the token weights of one layer)."""
+    rows = counts.shape[0] * jnp.maximum(tokens, 1.0)
+    return experts * jnp.sum((jnp.sum(counts, 0) / rows) * (jnp.sum(prob_sums, 0) / rows))
+
+
 class Block(nnx.Module):
     """Pre-norm decoder layer: x + attn(norm(x)), then + mlp(norm(x)). With sandwich norms (Gemma
     2/3) the attention's and the MLP's outputs are normalised too before they are added:
@@ -523,25 +636,36 @@ class Block(nnx.Module):
         self.input_layernorm = rms("input_layernorm")
         self.self_attn = Attention(cfg, lora=lora, compute=compute, rngs=rngs)
         self.post_attention_layernorm = rms("post_attention_layernorm")
-        self.mlp = MLP(cfg, lora=lora, compute=compute, rngs=rngs)
+        self.moe = bool(cfg.num_experts)
+        self.mlp = (MoE if self.moe else MLP)(cfg, lora=lora, compute=compute, rngs=rngs)
         self.sandwich = cfg.sandwich_norms
         if self.sandwich:
             self.pre_feedforward_layernorm = rms("pre_feedforward_layernorm")
             self.post_feedforward_layernorm = rms("post_feedforward_layernorm")
 
-    def __call__(self, x, cos, sin, mask, dropout_key=None, cache=None):
+    def __call__(self, x, cos, sin, mask, dropout_key=None, cache=None, token_weights=None):
+        """(x, (k, v) of these tokens, router statistics: MoE's, or None for a dense MLP)."""
         # One independent dropout mask per adapted module, as PEFT has one nn.Dropout per module.
         keys = None if dropout_key is None else tuple(jax.random.split(dropout_key, 7))
         h, kv = self.self_attn(self.input_layernorm(x), cos, sin, mask,
                                None if keys is None else keys[:4], cache)
         mlp_keys = None if keys is None else keys[4:]
+        stats = None
+
+        def mlp(z):
+            nonlocal stats
+            if not self.moe:
+                return self.mlp(z, mlp_keys)
+            z, stats = self.mlp(z, mlp_keys, token_weights)
+            return z
+
         if self.sandwich:
             x = x + self.post_attention_layernorm(h)
             return x + self.post_feedforward_layernorm(
-                self.mlp(self.pre_feedforward_layernorm(x), mlp_keys)), kv
+                mlp(self.pre_feedforward_layernorm(x))), kv, stats
         x = x + h
-        x = x + self.mlp(self.post_attention_layernorm(x), mlp_keys)
-        return x, kv
+        x = x + mlp(self.post_attention_layernorm(x))
+        return x, kv, stats
 
 
 # ------------------------------------------------------------------------------------ the model
@@ -618,14 +742,18 @@ class Llama(nnx.Module):
 
     # -- training / scoring
 
-    def __call__(self, tokens, *, positions=None, segment_ids=None, deterministic=True, rngs=None):
+    def __call__(self, tokens, *, positions=None, segment_ids=None, deterministic=True, rngs=None,
+                 router_loss=False, token_mask=None):
         """tokens [B,T] int → hidden states [B,T,D] after the final norm, in the compute dtype.
         positions [B,T] (default 0..T-1) restart at 0 in each packed segment; segment_ids [B,T]: a token
         attends to earlier tokens of its own segment only. Segment 0 is padding: padding attends to
         padding (so no row is fully masked and nothing is NaN) and no real token attends to it.
         segment_ids None: one sequence per row (any padding at its end), plain causal attention with
         no mask — what fused attention kernels (cuDNN) take. LoRA dropout runs when
-        deterministic=False and rngs (an nnx.Rngs with a `dropout` stream, or a PRNG key) is given."""
+        deterministic=False and rngs (an nnx.Rngs with a `dropout` stream, or a PRNG key) is given.
+        router_loss=True: returns (hidden, the routers' load-balancing loss over the real tokens —
+        token_mask [B, T] where given, else segment > 0, else all — a float32 scalar; 0 for a dense
+        model)."""
         B, T = tokens.shape
         if positions is None:
             positions = jnp.broadcast_to(jnp.arange(T, dtype=jnp.int32), (B, T))
@@ -652,17 +780,26 @@ class Llama(nnx.Module):
             keys = jax.random.split(key, self.cfg.num_layers)
 
         graphdef, state = nnx.split(self.layers)
+        real = token_mask if token_mask is not None or segment_ids is None else segment_ids > 0
+        real = None if real is None else real.astype(jnp.float32)
 
         def layer(x, xs):
             layer_state, key, window, rope = xs
             m = mask if window is None else _window_mask(mask, positions, positions, window)
             c, s = (cos, sin) if rope is None else (cos[rope], sin[rope])
-            x, _ = nnx.merge(graphdef, layer_state)(x, c, s, m, key)
-            return x, None
+            x, _, stats = nnx.merge(graphdef, layer_state)(x, c, s, m, key, token_weights=real)
+            return x, stats
 
         x = self.embed_tokens(tokens)
-        x, _ = jax.lax.scan(_remat(layer, self.compute.remat), x, (state, keys, windows, which))
-        return self.norm(x)
+        x, stats = jax.lax.scan(_remat(layer, self.compute.remat), x,
+                                (state, keys, windows, which))
+        hidden = self.norm(x)
+        if not router_loss:
+            return hidden
+        if stats is None:
+            return hidden, jnp.zeros((), jnp.float32)
+        tokens_seen = jnp.float32(B * T) if real is None else jnp.sum(real)
+        return hidden, load_balance(*stats, tokens_seen, self.cfg.num_experts)
 
     def lm_head(self) -> jax.Array:
         """Output projection [V, D] in the compute dtype (the embedding when tied)."""
@@ -746,7 +883,8 @@ class Llama(nnx.Module):
             layer_state, k_layer, v_layer, window, rope = xs
             m = mask if window is None else _window_mask(mask, positions, k_pos, window)
             c, s = (cos, sin) if rope is None else (cos[rope], sin[rope])
-            x, (k, v) = nnx.merge(graphdef, layer_state)(x, c, s, m, None, (k_layer, v_layer, index))
+            x, (k, v), _ = nnx.merge(graphdef, layer_state)(x, c, s, m, None,
+                                                            (k_layer, v_layer, index))
             return x, (k.astype(k_layer.dtype), v.astype(v_layer.dtype))
 
         x = self.embed_tokens(tokens)

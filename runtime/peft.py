@@ -18,12 +18,14 @@ from flax import nnx
 from safetensors import safe_open
 from safetensors.numpy import save_file
 
-from core.architecture import ALL_WHOLE_MODULES, LINEAR_NAMES, MODULE_NAMES, peft_module_name
+from core.architecture import (ALL_WHOLE_MODULES, EXPERT_MODULES, LINEAR_NAMES, MODULE_NAMES,
+                               peft_module_name)
 from core.errors import PlanError
 from core.weight_files import read_header
 from runtime.head import read_labels, write_labels
-from runtime.model import FullParam, Llama, LoraConfig, LoRAParam
-from runtime.weights import adapter_shapes, adapter_state_dict, hf_names
+from runtime.model import Llama, LoraConfig
+from runtime.weights import (adapter_shapes, adapter_state_dict, adapter_variables,
+                             from_peft_layout)
 
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
 ADAPTER_CONFIG = "adapter_config.json"
@@ -40,13 +42,18 @@ def modules_to_save(lora: LoraConfig, tied: bool) -> list[str] | None:
     return [peft_module_name(n) for n in names] + (["score"] if lora.head else []) or None
 
 
-def peft_config(lora: LoraConfig, base_model_name_or_path: str | None, *, tied: bool = False) -> dict:
+def peft_config(lora: LoraConfig, base_model_name_or_path: str | None, *, tied: bool = False,
+                experts: bool = False) -> dict:
     """The adapter_config.json PEFT's LoraConfig accepts. Only long-standing fields, so that older PEFT
-    versions read it too."""
+    versions read it too — and, for a mixture of experts (`experts`) whose experts are adapted,
+    `target_parameters` (PEFT ≥ 0.17) naming them."""
+    modules = [t for t in lora.targets if not (experts and t in EXPERT_MODULES)]
+    params = [f"mlp.experts.{t}" for t in lora.targets if experts and t in EXPERT_MODULES]
     return {
         "peft_type": "LORA", "task_type": "SEQ_CLS" if lora.head else "CAUSAL_LM",
         "r": int(lora.rank), "lora_alpha": float(lora.alpha), "lora_dropout": float(lora.dropout),
-        "target_modules": sorted(lora.targets), "bias": "none",
+        "target_modules": sorted(modules), "bias": "none",
+        **({"target_parameters": sorted(params)} if params else {}),
         "base_model_name_or_path": base_model_name_or_path,
         "fan_in_fan_out": False, "inference_mode": True, "init_lora_weights": True,
         "modules_to_save": modules_to_save(lora, tied), "layers_to_transform": None,
@@ -74,7 +81,8 @@ def save_peft_adapter(model: Llama, out_dir, *, base_model_name_or_path: str | N
     save_file(tensors, str(out / ADAPTER_WEIGHTS), metadata={"format": "pt"})
     if model.score is not None:
         write_labels(out, labels, pad_token_id)
-    config = peft_config(lora, base_model_name_or_path, tied=model.cfg.tie_word_embeddings)
+    config = peft_config(lora, base_model_name_or_path, tied=model.cfg.tie_word_embeddings,
+                         experts=bool(model.cfg.num_experts))
     (out / ADAPTER_CONFIG).write_text(json.dumps(config, indent=2) + "\n")
     return out
 
@@ -124,10 +132,19 @@ def read_lora_config(adapter_dir, *, key: str = "run") -> LoraConfig:
     if isinstance(targets, str):
         raise bad(f"target_modules as a regex ({targets!r}) is not supported.",
                   hint="list the target modules by name.")
-    if not isinstance(targets, list) or not targets or \
+    params = cfg.get("target_parameters") or []
+    experts = [f"mlp.experts.{m}" for m in EXPERT_MODULES]
+    if not isinstance(params, list) or not all(isinstance(p, str) and p in experts
+                                               for p in params):
+        raise bad(f"target_parameters may name a mixture's experts ({', '.join(experts)}); "
+                  f"got {params!r}.")
+    if targets is None and params:
+        targets = []
+    if not isinstance(targets, list) or not (targets or params) or \
             not all(isinstance(t, str) and t in LINEAR_NAMES for t in targets):
         raise bad(f"target_modules must list modules of {', '.join(LINEAR_NAMES)}; got "
                   f"{targets!r}.")
+    targets = targets + [p.rsplit(".", 1)[-1] for p in params]
     rank, alpha, dropout = cfg.get("r"), cfg.get("lora_alpha"), cfg.get("lora_dropout", 0.0)
     if not (isinstance(rank, int) and not isinstance(rank, bool) and 1 <= rank <= 2**16):
         raise bad(f"r must be a positive integer rank, got {rank!r}.")
@@ -228,12 +245,12 @@ def load_peft_adapter(model: Llama, adapter_dir, *, key: str = "run") -> Llama:
     tensors = verify_adapter(adapter_dir, model, key=key)
 
     new = []
-    for path, var in nnx.to_flat_state(nnx.state(model, LoRAParam)):
-        names = hf_names(path, model.cfg.num_layers)
-        if not isinstance(var, FullParam) and str(path[-1]) != "lora_magnitude_vector":
-            names = [n + ".weight" for n in names]
-        stacked = str(path[0]) == "layers"
-        value = np.stack([tensors[n] for n in names]) if stacked else tensors[names[0]]
+    for path, var, names, stacked, _, layout in adapter_variables(model):
+        if path == ("embed_tokens", "weight"):
+            names = names[:1]           # a tied head's copy is checked below
+        parts = [tensors[n] if layout is None else
+                 from_peft_layout(tensors[n], layout, model.cfg.num_experts) for n in names]
+        value = np.stack(parts) if stacked else parts[0]
         new.append((path, var.copy(jnp.asarray(value, var.dtype))))
     if model.cfg.tie_word_embeddings and "lm_head.weight" in tensors:
         # a tied head saved beside its embedding: one matrix here, so the two copies must agree

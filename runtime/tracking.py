@@ -50,7 +50,7 @@ TRACKING_FILE = "tracking.json"
 NAMES = {"loss": "train/loss", "lr": "train/lr", "grad_norm": "train/grad_norm",
          "tokens_per_s": "train/tokens_per_s", "step_time_s": "train/step_time_s",
          "tokens_seen": "train/tokens_seen", "epoch": "train/epoch", "compile_s": "train/compile_s",
-         "val_loss": "val/loss"}
+         "val_loss": "val/loss", "router_aux": "train/router_aux"}
 # eval.json's entries → the prefix of their names under eval/
 EVAL_PREFIX = {"tuned": "", "base": "base_", "tuned" + NO_RETRIEVAL: "no_retrieval_",
                "base" + NO_RETRIEVAL: "base_no_retrieval_"}

@@ -62,54 +62,75 @@ def decay_mask(params):
 
 
 def _micro_loss(graphdef, lora, frozen, mb, key, *, ce_chunk: int, loss_tokens: int | None,
-                dropout: bool, packed: bool, head: bool = False):
+                dropout: bool, packed: bool, head: bool = False, router: bool = False):
+    """(Σ CE, Σ weight) of a micro-batch; router=True (a mixture of experts): (Σ CE, Σ weight,
+    the routers' load-balancing loss over its real tokens)."""
     model = nnx.merge(graphdef, frozen, lora)
     # Unpacked rows hold one example each (padding after it): plain causal attention is exact for
     # every real token and needs no [T, T] mask, which lets a fused attention kernel run.
     hidden = model(mb["tokens"], positions=mb["positions"],
                    segment_ids=mb["segment_ids"] if packed else None,
-                   deterministic=not dropout, rngs=nnx.Rngs(dropout=key) if dropout else None)
+                   deterministic=not dropout, rngs=nnx.Rngs(dropout=key) if dropout else None,
+                   router_loss=router, token_mask=mb["segment_ids"] > 0)
+    if router:
+        hidden, aux = hidden
     B, T = mb["tokens"].shape
     if head:        # the head's cross-entropy replaces the answer tokens' (their loss is not used)
-        return head_cross_entropy(hidden, model.head_weight(), mb["head_label"],
-                                  capacity=B * T if loss_tokens is None else loss_tokens,
-                                  weight=mb.get("loss_weight"))
-    # data.balance=weighted: each target's class weight (Σ w·CE, Σ w); else the 0/1 mask
-    mask = mb["loss_weight"] if "loss_weight" in mb else mb["loss_mask"]
-    return supervised_cross_entropy(hidden, model.lm_head(), mb["targets"], mask,
-                                    capacity=B * T if loss_tokens is None else loss_tokens,
-                                    chunk=ce_chunk, softcap=model.cfg.final_softcap)
+        out = head_cross_entropy(hidden, model.head_weight(), mb["head_label"],
+                                 capacity=B * T if loss_tokens is None else loss_tokens,
+                                 weight=mb.get("loss_weight"))
+    else:
+        # data.balance=weighted: each target's class weight (Σ w·CE, Σ w); else the 0/1 mask
+        mask = mb["loss_weight"] if "loss_weight" in mb else mb["loss_mask"]
+        out = supervised_cross_entropy(hidden, model.lm_head(), mb["targets"], mask,
+                                       capacity=B * T if loss_tokens is None else loss_tokens,
+                                       chunk=ce_chunk, softcap=model.cfg.final_softcap)
+    return (*out, aux) if router else out
 
 
 def accumulate(graphdef, lora, frozen, batch, key, *, ce_chunk: int, dropout: bool,
-               loss_tokens: int | None, packed: bool, head: bool = False):
+               loss_tokens: int | None, packed: bool, head: bool = False,
+               router_aux: float | None = None):
     """Scan the micro-batches of an [accum, B, T] batch: (Σ token CE, Σ supervised tokens, gradients of
     Σ CE w.r.t. the LoRA parameters, accumulated in float32). Micro-batch i draws dropout from
     fold_in(key, i). head: the classification head's loss instead (Σ w·CE, Σ w over the
-    examples)."""
+    examples). router_aux (a mixture of experts; None for a dense model): the load-balancing
+    loss's weight — each micro-batch adds router_aux · aux · its Σ weight to what is
+    differentiated, so that divided by Σ weight the objective is the mean CE + router_aux · aux,
+    as transformers adds it — and a fourth result, Σ aux · weight (the reported Σ CE stays CE)."""
     accum = batch["tokens"].shape[0]
+    router = router_aux is not None
+
+    def objective(p, mb, sub):
+        out = _micro_loss(graphdef, p, frozen, mb, sub, ce_chunk=ce_chunk,
+                          loss_tokens=loss_tokens, dropout=dropout, packed=packed, head=head,
+                          router=router)
+        if not router:
+            return out[0], (out[0], out[1], jnp.float32(0))
+        l, c, aux = out
+        weight = jax.lax.stop_gradient(c.astype(jnp.float32))
+        return l + router_aux * aux * weight, (l, c, aux * weight)
 
     def micro(carry, xs):
-        grads, loss_sum, n = carry
+        grads, loss_sum, n, aux_sum = carry
         mb, i = xs
         sub = jax.random.fold_in(key, i) if dropout else None
-        (l, c), g = jax.value_and_grad(
-            lambda p: _micro_loss(graphdef, p, frozen, mb, sub, ce_chunk=ce_chunk,
-                                  loss_tokens=loss_tokens, dropout=dropout, packed=packed,
-                                  head=head),
-            has_aux=True)(lora)
+        (_, (l, c, a)), g = jax.value_and_grad(objective, has_aux=True)(lora, mb, sub)
         grads = jax.tree.map(lambda a, b: a + b.astype(jnp.float32), grads, g)
-        return (grads, loss_sum + l.astype(jnp.float32), n + c.astype(jnp.float32)), None
+        return (grads, loss_sum + l.astype(jnp.float32), n + c.astype(jnp.float32),
+                aux_sum + a), None
 
     zeros = jax.tree.map(lambda p: jnp.zeros(p.shape, jnp.float32), lora)
-    (grads, loss_sum, n), _ = jax.lax.scan(
-        micro, (zeros, jnp.float32(0), jnp.float32(0)), (batch, jnp.arange(accum)))
-    return loss_sum, n, grads
+    (grads, loss_sum, n, aux_sum), _ = jax.lax.scan(
+        micro, (zeros, jnp.float32(0), jnp.float32(0), jnp.float32(0)),
+        (batch, jnp.arange(accum)))
+    return (loss_sum, n, grads, aux_sum) if router else (loss_sum, n, grads)
 
 
 def make_train_step(graphdef, optimizer: optax.GradientTransformation, lr_fn: Callable, *,
                     ce_chunk: int, dropout: bool, loss_tokens: int | None, packed: bool,
-                    donate: bool = True, state_sharding=None, head: bool = False):
+                    donate: bool = True, state_sharding=None, head: bool = False,
+                    router_aux: float | None = None):
     """step(lora, opt_state, frozen, batch, rng, step) -> (lora, opt_state, metrics), jitted, with the
     LoRA and optimizer states donated. batch: dict of int32 [accum, B, T]; rng: a PRNG key; step: the
     0-based global step, folded into rng for dropout (so a resumed run draws the same masks).
@@ -117,13 +138,15 @@ def make_train_step(graphdef, optimizer: optax.GradientTransformation, lr_fn: Ca
     inputs of the next call as they are: one sharding for all three, or a tuple of three (trees). loss_tokens: supervised positions
     per micro-batch at most (the plan's runtime.loss_tokens): the output head runs on those only;
     None runs it on every position. head: the loss is the classification head's cross-entropy
-    (the batch's `head_label`) instead of the answer tokens'."""
+    (the batch's `head_label`) instead of the answer tokens'. router_aux: a mixture of experts'
+    load-balancing weight (accumulate); its loss is reported as `router_aux`."""
 
     def step_fn(lora, opt_state, frozen, batch, rng, step):
         key = jax.random.fold_in(rng, step)
-        loss_sum, n, grads = accumulate(graphdef, lora, frozen, batch, key, ce_chunk=ce_chunk,
-                                        loss_tokens=loss_tokens, dropout=dropout, packed=packed,
-                                        head=head)
+        out = accumulate(graphdef, lora, frozen, batch, key, ce_chunk=ce_chunk,
+                         loss_tokens=loss_tokens, dropout=dropout, packed=packed, head=head,
+                         router_aux=router_aux)
+        loss_sum, n, grads = out[:3]
         denom = jnp.maximum(n, 1.0)
         grads = jax.tree.map(lambda g, p: (g / denom).astype(p.dtype), grads, lora)
         grad_norm = optax.tree.norm(grads)
@@ -134,6 +157,8 @@ def make_train_step(graphdef, optimizer: optax.GradientTransformation, lr_fn: Ca
                 jnp.float32)
         metrics = {"loss": loss_sum / denom, "n_tokens": n, "grad_norm": grad_norm,
                    "lr": lr_fn(step), "n_inputs": jnp.sum(batch["segment_ids"] > 0)}
+        if router_aux is not None:
+            metrics["router_aux"] = out[3] / denom
         return lora, opt_state, metrics
 
     if state_sharding is not None and not isinstance(state_sharding, tuple):

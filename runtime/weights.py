@@ -15,7 +15,7 @@ import numpy as np
 from flax import nnx
 from safetensors import safe_open
 
-from core.architecture import ModelConfig, read_config
+from core.architecture import ModelConfig, expert_legacy_names, read_config
 from core.errors import PlanError
 from core.weight_files import index_shards, read_header
 from runtime import quant
@@ -37,6 +37,8 @@ def hf_names(path: tuple, num_layers: int) -> list[str]:
         return ["score.weight"]
     if path[0] == "layers":
         rest = ".".join(path[1:])
+        if path[1:3] == ("mlp", "experts") and path[-1] == "weight":
+            rest = rest.removesuffix(".weight")     # a 3-D parameter, not a module's weight
         return [f"model.layers.{i}.{rest}" for i in range(num_layers)]
     return ["model." + ".".join(path)]
 
@@ -49,7 +51,7 @@ class _Checkpoint:
     its run: a bad file ends in a PlanError naming it, and a shard outside the directory is never
     opened."""
 
-    def __init__(self, model_dir: Path):
+    def __init__(self, model_dir: Path, cfg: ModelConfig | None = None):
         weight_map = index_shards(model_dir, key="model.path")
         if weight_map is not None:
             files = sorted(set(weight_map.values()))
@@ -74,11 +76,32 @@ class _Checkpoint:
                 raise PlanError("model.path", f"the index lists tensors absent from the shards: "
                                 f"{sorted(missing_files)[:5]}.", file=str(model_dir),
                                 hint=_WEIGHTS_HINT)
+        # a mixture's experts stored one tensor per expert: read as the 3-D tensors they make
+        self.virtual = {}
+        if cfg is not None:
+            for fused, parts in expert_legacy_names(cfg).items():
+                if fused not in self.where and all(n in self.where for p in parts for n in p):
+                    self.virtual[fused] = parts
+        self.folded = {n for parts in self.virtual.values() for p in parts for n in p}
 
     def names(self) -> set[str]:
-        return {n for n in self.where if not n.endswith(_IGNORED_SUFFIXES)}
+        return {n for n in self.where if not n.endswith(_IGNORED_SUFFIXES)
+                and n not in self.folded} | set(self.virtual)
+
+    def has(self, name: str) -> bool:
+        return name in self.where or name in self.virtual
 
     def get(self, name: str) -> np.ndarray:
+        parts = self.virtual.get(name)
+        if parts is None:
+            return self.handles[self.where[name]].get_tensor(name)
+        if name.endswith(".mlp.gate.weight"):          # a router under its older name
+            return self._read(parts[0][0])
+        # expert j's parts (gate, up) joined along the output; the experts stacked
+        return np.stack([np.concatenate([self._read(p[j]) for p in parts])
+                         for j in range(len(parts[0]))])
+
+    def _read(self, name: str) -> np.ndarray:
         return self.handles[self.where[name]].get_tensor(name)
 
 
@@ -103,7 +126,7 @@ def load_pretrained(model_dir, *, config: ModelConfig | None = None, lora: LoraC
     abstract = nnx.eval_shape(lambda: Llama(cfg, lora=lora, compute=compute, rngs=nnx.Rngs(0)))
     graphdef, full_abstract, lora_abstract, frozen_abstract = nnx.split(abstract, FullParam,
                                                                         LoRAParam, ...)
-    ckpt = _Checkpoint(model_dir)
+    ckpt = _Checkpoint(model_dir, cfg)
     expected = set()
     loaded = {}                 # path → value, for every weight the checkpoint fills
     stored = dict(nnx.to_flat_state(frozen_abstract))
@@ -113,7 +136,7 @@ def load_pretrained(model_dir, *, config: ModelConfig | None = None, lora: LoraC
             continue            # filled with its weight's codes; the head is drawn below
         names = hf_names(path, cfg.num_layers)
         expected.update(names)
-        missing = [n for n in names if n not in ckpt.where]
+        missing = [n for n in names if not ckpt.has(n)]
         if missing:
             raise PlanError("model.path", f"the checkpoint lacks {len(missing)} tensor(s) the model "
                             f"needs, e.g. {missing[:3]}.", file=str(model_dir), hint=_WEIGHTS_HINT)
@@ -210,7 +233,8 @@ def to_hf_state_dict(model: Llama, merged: bool = False) -> dict[str, np.ndarray
         if merged and path[-1] == "weight" and module + ("lora_A",) in factors:
             a = factors[module + ("lora_A",)].astype(np.float32)           # [L, r, in]
             b = factors[module + ("lora_B",)].astype(np.float32)           # [L, out, r]
-            w = value.astype(np.float32) + model.lora.scale * np.einsum("lor,lri->loi", b, a)
+            w = value.astype(np.float32) + model.lora.scale * np.einsum("...or,...ri->...oi",
+                                                                        b, a)
             magnitude = factors.get(module + ("lora_magnitude_vector",))  # [L, out]
             if magnitude is not None:
                 w = w * (magnitude / np.sqrt(np.sum(w * w, axis=-1)))[..., None]
@@ -224,6 +248,32 @@ def to_hf_state_dict(model: Llama, merged: bool = False) -> dict[str, np.ndarray
     return out
 
 
+def _expert_factor(path: tuple, lora) -> tuple[str, str] | None:
+    """(name suffix, "A" | "B") of an expert module's LoRA factor under PEFT's target_parameters,
+    None for any other variable. PEFT wraps `mlp.experts` once per targeted parameter, in the
+    order the module defines them: with both targeted, gate_up_proj's factors sit under
+    `experts.base_layer.` and down_proj's under `experts.`; with one, under `experts.`."""
+    if path[1:3] != ("mlp", "experts") or path[-1] not in ("lora_A", "lora_B"):
+        return None
+    inner = path[3] == "gate_up_proj" and "down_proj" in lora.targets
+    return ("base_layer." if inner else "") + path[-1] + ".weight", path[-1][-1]
+
+
+def to_peft_layout(value: np.ndarray, factor: str) -> np.ndarray:
+    """One layer's expert LoRA factor as PEFT stores it: A [E, r, in] → [E·r, in] (expert-major);
+    B [E, out, r] → [out, r·E] (expert-minor)."""
+    if factor == "A":
+        return value.reshape(-1, value.shape[-1])
+    return np.transpose(value, (1, 2, 0)).reshape(value.shape[1], -1)
+
+
+def from_peft_layout(value: np.ndarray, factor: str, experts: int) -> np.ndarray:
+    """to_peft_layout's inverse."""
+    if factor == "A":
+        return value.reshape(experts, -1, value.shape[-1])
+    return np.transpose(value.reshape(value.shape[0], -1, experts), (2, 0, 1))
+
+
 def adapter_state_dict(model: Llama) -> dict[str, np.ndarray]:
     """What a PEFT adapter file holds, under PEFT's names (without the `base_model.model.` prefix):
     the adapter's own tensors in float32 — `model.layers.{i}.self_attn.q_proj.lora_A.weight` [r, in],
@@ -232,30 +282,49 @@ def adapter_state_dict(model: Llama) -> dict[str, np.ndarray]:
     output head trained through its embedding is written under both names: PEFT keeps one copy per
     name in `modules_to_save`, and both must hold the trained matrix."""
     out = {}
-    for var, names, stacked, factor in _adapter_variables(model):
+    for var, names, stacked, factor, layout in _adapter_variables(model):
         value = np.asarray(var[...], np.float32) if factor else np.asarray(var[...])
         for i, n in enumerate(names):
-            out[n] = np.ascontiguousarray(value[i] if stacked else value)
+            v = value[i] if stacked else value
+            out[n] = np.ascontiguousarray(v if layout is None else to_peft_layout(v, layout))
     return out
 
 
 def adapter_shapes(model: Llama) -> dict[str, tuple[int, ...]]:
     """adapter_state_dict's names → shapes, read from the model's variables alone (an abstract
     model, `nnx.eval_shape`, will do): what a PEFT adapter of this model must hold."""
-    return {n: tuple(var.shape[1:] if stacked else var.shape)
-            for var, names, stacked, _ in _adapter_variables(model) for n in names}
+    out = {}
+    for var, names, stacked, _, layout in _adapter_variables(model):
+        shape = tuple(var.shape[1:] if stacked else var.shape)
+        if layout is not None:
+            shape = to_peft_layout(np.empty(shape, np.int8), layout).shape
+        out.update({n: shape for n in names})
+    return out
 
 
-def _adapter_variables(model: Llama):
-    """(variable, its PEFT names, stacked over layers, LoRA factor) of each trained variable."""
+def adapter_variables(model: Llama):
+    """(state path, variable, its PEFT names, stacked over layers, LoRA factor, expert layout: None
+    or "A" / "B" — to_peft_layout's) of each trained variable."""
     _, full_state, factor_state, _ = nnx.split(model, FullParam, LoRAParam, ...)
     for path, var in nnx.to_flat_state(factor_state):
         path = tuple(map(str, path))
+        expert = _expert_factor(path, model.lora)
+        if expert is not None:
+            suffix, layout = expert
+            names = [f"model.layers.{i}.mlp.experts.{suffix}" for i in range(model.cfg.num_layers)]
+            yield path, var, names, True, True, layout
+            continue
         suffix = "" if path[-1] == "lora_magnitude_vector" else ".weight"
-        yield var, [n + suffix for n in hf_names(path, model.cfg.num_layers)], True, True
+        yield path, var, [n + suffix for n in hf_names(path, model.cfg.num_layers)], True, True, \
+            None
     for path, var in nnx.to_flat_state(full_state):
         path = tuple(map(str, path))
         names = hf_names(path, model.cfg.num_layers)
         if path == ("embed_tokens", "weight") and model.cfg.tie_word_embeddings:
             names = names + ["lm_head.weight"]
-        yield var, names, path[0] == "layers", False
+        yield path, var, names, path[0] == "layers", False, None
+
+
+def _adapter_variables(model: Llama):
+    for _, *rest in adapter_variables(model):
+        yield tuple(rest)

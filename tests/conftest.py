@@ -179,6 +179,12 @@ HF_TINY_KINDS = {
         short_factor=[1.0, 1.5, 2.0, 3.0], long_factor=[2.0, 4.0, 8.0, 16.0],
         original_max_position_embeddings=8), original_max_position_embeddings=8)),
     "phi3-window": ("Phi3Config", dict(sliding_window=5)),
+    # mixtures of experts: 4 experts, 2 per token; Mixtral with a sliding window and its
+    # renormalised top-2 weights, Qwen3-MoE with q/k norms, narrower experts and raw top-k weights
+    "mixtral": ("MixtralConfig", dict(num_local_experts=4, num_experts_per_tok=2, sliding_window=5,
+                                      router_aux_loss_coef=0.02)),
+    "qwen3-moe": ("Qwen3MoeConfig", dict(head_dim=24, num_experts=4, num_experts_per_tok=2,
+                                         moe_intermediate_size=40, norm_topk_prob=False)),
 }
 
 
@@ -269,6 +275,17 @@ def tiny_phi3_chat_dir(tiny_chat_dir, tmp_path_factory):
     cfg = Phi3Config(**TINY_LLAMA, partial_rotary_factor=0.5, bos_token_id=1, eos_token_id=2,
                      pad_token_id=0)
     return _tiny_chat_model(tiny_chat_dir, tmp_path_factory.mktemp("tiny-phi3-chat"), cfg)
+
+
+@pytest.fixture(scope="session")
+def tiny_mixtral_chat_dir(tiny_chat_dir, tmp_path_factory):
+    """A random 2-layer Mixtral of tiny_chat_dir's sizes and tokenizer: 4 experts, 2 per token,
+    the load-balancing loss weighed 0.02 (as the published Mixtral)."""
+    from transformers import MixtralConfig
+
+    cfg = MixtralConfig(**TINY_LLAMA, num_local_experts=4, num_experts_per_tok=2,
+                        router_aux_loss_coef=0.02, bos_token_id=1, eos_token_id=2, pad_token_id=0)
+    return _tiny_chat_model(tiny_chat_dir, tmp_path_factory.mktemp("tiny-mixtral-chat"), cfg)
 
 
 # --- a tiny random Llama with a word-level tokenizer, for evaluation and generation tests -------

@@ -1,4 +1,4 @@
-"""The families beyond Llama — Gemma 2/3 and Phi-3 — through the whole of tune, on tiny random
+"""The families beyond Llama — Gemma 2/3, Phi-3 and Mixtral — through the whole of tune, on tiny random
 checkpoints saved by transformers: the plan, the training loss (soft-capped logits included) against
 transformers' own, training, and meshes of 8 devices against one. The decoder's logits and the
 exports are checked with every other family in test_model_logits.py and test_export.py."""
@@ -86,14 +86,17 @@ def test_phi3_plan_adapts_the_fused_layers(tiny_phi3_chat_dir, tmp_path):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("family", ["gemma", "phi3"])
-def test_meshes_train_as_one_device(family, tiny_gemma_chat_dir, tiny_phi3_chat_dir, tmp_path):
+@pytest.mark.parametrize("family", ["gemma", "phi3", "mixtral"])
+def test_meshes_train_as_one_device(family, tiny_gemma_chat_dir, tiny_phi3_chat_dir,
+                                    tiny_mixtral_chat_dir, tmp_path):
     """data 2 × fsdp 2 × tensor 2 and fsdp 8 over 8 simulated devices: the one-device losses and
     adapter — Gemma's sandwich and q/k norms, two RoPE tables and window, Phi-3's fused layers,
-    sharded with the rest."""
+    Mixtral's experts (split by expert over the tensor axis) and their LoRA, sharded with the
+    rest."""
     from test_scaling import _same_adapter, _train
 
-    model_dir = tiny_gemma_chat_dir if family == "gemma" else tiny_phi3_chat_dir
+    model_dir = {"gemma": tiny_gemma_chat_dir, "phi3": tiny_phi3_chat_dir,
+                 "mixtral": tiny_mixtral_chat_dir}[family]
     one = _train(model_dir, tmp_path / "one", 4, "1,1,1", devices=1)["1,1,1"]
     many = _train(model_dir, tmp_path / "many", 4, "2,2,2", "1,8,1")
     for mesh in ("2,2,2", "1,8,1"):

@@ -14,7 +14,8 @@ from runtime.model import EXACT, Llama
 from runtime.weights import load_pretrained, to_hf_state_dict
 
 KINDS = ["llama", "llama-bias", "llama3-rope", "linear-rope", "mqa", "mha", "smollm-tied", "mistral",
-         "mistral-window", "qwen2", "qwen3", "gemma2", "gemma3", "gemma3-tied", "phi3", "phi3-window"]
+         "mistral-window", "qwen2", "qwen3", "gemma2", "gemma3", "gemma3-tied", "phi3", "phi3-window",
+         "mixtral", "qwen3-moe"]
 
 
 @pytest.fixture(autouse=True)
@@ -66,7 +67,7 @@ def test_param_count_equals_transformers(hf_tiny, kind):
 
 
 @pytest.mark.parametrize("kind", ["llama", "mqa", "mistral-window", "qwen3", "gemma2", "gemma3",
-                                  "phi3-window"])
+                                  "phi3-window", "mixtral"])
 def test_logits_in_attention_blocks_match_transformers(hf_tiny, kind):
     """17 tokens in causal blocks of 4 query rows (the last block partial): grouped, multi-query and
     sliding-window attention, q/k norms, soft-capped scores, two RoPE bases."""
@@ -137,7 +138,7 @@ def test_config_old_style_and_refusals():
 
 
 @pytest.mark.parametrize("block", [0, 5])     # segments that cross attention blocks' boundaries
-@pytest.mark.parametrize("kind", ["qwen3", "gemma3", "phi3-window"])
+@pytest.mark.parametrize("kind", ["qwen3", "gemma3", "phi3-window", "mixtral", "qwen3-moe"])
 def test_packed_rows_equal_separate_runs(hf_tiny, block, kind):
     _, path = hf_tiny(kind)
     model = load_pretrained(path, compute=EXACT.but(attention_block=block))
@@ -206,7 +207,7 @@ def _greedy_full_recompute(model, prompt, n):
 
 
 @pytest.mark.parametrize("kind", ["llama", "qwen3", "mistral-window", "gemma2", "gemma3",
-                                  "phi3-window"])
+                                  "phi3-window", "mixtral", "qwen3-moe"])
 @pytest.mark.parametrize("padding", ["left", "right"])
 def test_cached_greedy_equals_full_recomputation(hf_tiny, kind, padding):
     _, path = hf_tiny(kind)
@@ -224,7 +225,8 @@ def test_cached_greedy_equals_full_recomputation(hf_tiny, kind, padding):
 
 
 @pytest.mark.parametrize("kind, lengths, new", [
-    ("llama", (7, 4), 8), ("gemma2", (7, 4), 8), ("gemma3", (7, 4), 8),
+    ("llama", (7, 4), 8), ("gemma2", (7, 4), 8), ("gemma3", (7, 4), 8), ("mixtral", (7, 4), 8),
+    ("qwen3-moe", (7, 4), 8),
     ("phi3", (5, 3), 3),        # LongRoPE within its pretraining length (8): the short factors
     ("phi3", (10, 9), 6)])      # past it from the prompt on: the long factors
 def test_cached_greedy_equals_transformers_generate(hf_tiny, kind, lengths, new):

@@ -39,10 +39,13 @@ for spec in sys.argv[4:]:
         _, trained, frozen = runtime.build.training_model(plan, make_mesh(plan.runtime.mesh))
         mlp = frozen["layers"]["mlp"]
         name = "up_proj" if "up_proj" in mlp else "gate_up_proj"     # Phi-3 fuses gate and up
-        w = mlp[name]["weight"]
+        if "experts" in mlp:            # a mixture's [L, E, 2F, D] experts: split by expert
+            name, mlp = "experts", mlp["experts"]["gate_up_proj"]
+        w = mlp["weight"] if name == "experts" else mlp[name]["weight"]
         want = {("up_proj", "1,8,1"): (2, 8, 32), ("up_proj", "2,2,2"): (2, 32, 16),
                 ("up_proj", "4,1,2"): (2, 32, 32), ("gate_up_proj", "1,8,1"): (2, 16, 32),
-                ("gate_up_proj", "2,2,2"): (2, 64, 16)}[name, spec]
+                ("gate_up_proj", "2,2,2"): (2, 64, 16), ("experts", "1,8,1"): (2, 4, 16, 32),
+                ("experts", "2,2,2"): (2, 2, 64, 32)}[name, spec]
         assert {s.data.shape for s in w.addressable_shards} == {want}, \
             (spec, {s.data.shape for s in w.addressable_shards})
     run_dir = run_root / spec.replace(",", "-")
