@@ -182,11 +182,47 @@ HF_TINY_KINDS = {
 }
 
 
+def redraw(model):
+    """`model` (torch) with its weights drawn larger than transformers' 0.02 init (and norms and
+    biases non-trivial), so that logits differ clearly between tokens and a wrong detail shows."""
+    import torch
+
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith("norm.weight"):
+                p.copy_(1.0 + 0.2 * torch.randn_like(p))
+            elif name.endswith("bias"):
+                p.copy_(0.2 * torch.randn_like(p))
+            else:
+                p.copy_(torch.randn_like(p) / p.shape[-1] ** 0.5)
+    return model
+
+
+def load_in_peft(base, adapter_dir, tensors):
+    """PeftModel.from_pretrained(base, adapter_dir), in eval mode, checked: PEFT warns of no key
+    missing or unexpected, and loading the adapter's `tensors` again (which reports what matched)
+    finds none unexpected and none of the adapter's own missing (LoRA factors, modules trained in
+    full; their `original_module` is the base's, as for any PEFT save)."""
+    import warnings
+
+    import torch
+    from peft import PeftModel, set_peft_model_state_dict
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        peft = PeftModel.from_pretrained(base, adapter_dir).eval()
+    assert not [w for w in caught if "missing" in str(w.message).lower()
+                or "unexpected" in str(w.message).lower()]
+    result = set_peft_model_state_dict(peft, {k: torch.from_numpy(v) for k, v in tensors.items()})
+    assert not result.unexpected_keys
+    assert not [k for k in result.missing_keys if "lora_" in k or "modules_to_save" in k]
+    return peft
+
+
 @pytest.fixture(scope="session")
 def hf_tiny(tmp_path_factory):
     """hf_tiny(kind) -> (transformers model in eval mode, float32; directory it was saved to).
-    Weights are re-drawn larger than transformers' 0.02 init (and norms/biases non-trivial) so that
-    logits differ clearly between tokens and a wrong detail shows. Cached per kind for the session."""
+    Weights are re-drawn (redraw). Cached per kind for the session."""
     import torch
     import transformers
 
@@ -198,15 +234,7 @@ def hf_tiny(tmp_path_factory):
         cls_name, overrides = HF_TINY_KINDS[kind]
         config = getattr(transformers, cls_name)(**{**HF_TINY_BASE, **overrides})
         torch.manual_seed(0)
-        model = transformers.AutoModelForCausalLM.from_config(config).float().eval()
-        with torch.no_grad():
-            for name, p in model.named_parameters():
-                if name.endswith("norm.weight"):
-                    p.copy_(1.0 + 0.2 * torch.randn_like(p))
-                elif name.endswith("bias"):
-                    p.copy_(0.2 * torch.randn_like(p))
-                else:
-                    p.copy_(torch.randn_like(p) / p.shape[-1] ** 0.5)
+        model = redraw(transformers.AutoModelForCausalLM.from_config(config).float().eval())
         out = tmp_path_factory.mktemp(f"hf-{kind}")
         model.save_pretrained(out, safe_serialization=True)
         made[kind] = (model, out)
