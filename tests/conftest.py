@@ -288,6 +288,62 @@ def tiny_gemma_chat_dir(tiny_chat_dir, tmp_path_factory):
     return _tiny_chat_model(tiny_chat_dir, tmp_path_factory.mktemp("tiny-gemma-chat"), cfg)
 
 
+# Gemma3ForConditionalGeneration's tensors: transformers' save_pretrained writes the older names
+# (left), transformers 5 holds them under its own (right)
+GEMMA3_MM_RENAMES = {"language_model.model.": "model.language_model.",
+                     "language_model.lm_head.": "lm_head.", "vision_tower.": "model.vision_tower.",
+                     "multi_modal_projector.": "model.multi_modal_projector."}
+
+
+@pytest.fixture(scope="session")
+def tiny_gemma3_multimodal(tiny_chat_dir, tmp_path_factory):
+    """(Gemma3ForConditionalGeneration in eval mode, float32; {"legacy": dir, "current": dir}): a
+    random multimodal Gemma 3 — a 2-layer text model of tiny_chat_dir's sizes and tokenizer (a local
+    layer with a 5-token window, then a global one with linear RoPE scaling; head_dim and query
+    scale not hidden/heads'; tied embeddings) beside a 1-layer SigLIP vision tower on 16-pixel
+    images — saved by transformers, its tensors under the older names (GEMMA3_MM_RENAMES' keys) in
+    one directory and transformers 5's in the other. Weights re-drawn (redraw)."""
+    import shutil
+
+    import torch
+    from safetensors.numpy import load_file, save_file
+    from transformers import Gemma3Config, Gemma3ForConditionalGeneration
+
+    sizes = {k: v for k, v in TINY_LLAMA.items() if k not in ("rope_theta", "tie_word_embeddings")}
+    text = dict(sizes, head_dim=12, query_pre_attn_scalar=10, sliding_window=5,
+                layer_types=["sliding_attention", "full_attention"],
+                rope_parameters={"full_attention": {"rope_type": "linear", "factor": 2.0,
+                                                    "rope_theta": 1e6},
+                                 "sliding_attention": {"rope_type": "default", "rope_theta": 1e4}},
+                bos_token_id=1, eos_token_id=2, pad_token_id=0)
+    vision = dict(image_size=16, patch_size=8, hidden_size=16, intermediate_size=32,
+                  num_hidden_layers=1, num_attention_heads=2)
+    config = Gemma3Config(text_config=text, vision_config=vision, mm_tokens_per_image=4,
+                          boi_token_index=93, eoi_token_index=94, image_token_index=95)
+    torch.manual_seed(0)
+    model = redraw(Gemma3ForConditionalGeneration(config).float().eval())
+    saved = tmp_path_factory.mktemp("gemma3-mm-saved")
+    model.save_pretrained(saved, safe_serialization=True)
+    tensors = load_file(str(saved / "model.safetensors"))
+    named = {"legacy": {}, "current": {}}
+    for name, value in tensors.items():     # whichever names save_pretrained wrote: both
+        for old, new in GEMMA3_MM_RENAMES.items():
+            if name.startswith(old) or name.startswith(new):
+                rest = name.removeprefix(old) if name.startswith(old) else name.removeprefix(new)
+                named["legacy"][old + rest], named["current"][new + rest] = value, value
+                break
+    assert len(named["legacy"]) == len(named["current"]) == len(tensors)
+    dirs = {}
+    for style, state in named.items():
+        dirs[style] = tmp_path_factory.mktemp(f"gemma3-mm-{style}")
+        save_file(state, str(dirs[style] / "model.safetensors"), metadata={"format": "pt"})
+        for name in ("config.json", "generation_config.json"):
+            shutil.copy(saved / name, dirs[style] / name)
+        for name in ("tokenizer.json", "tokenizer_config.json"):
+            shutil.copy(tiny_chat_dir / name, dirs[style] / name)
+    return model, dirs
+
+
 @pytest.fixture(scope="session")
 def tiny_phi3_chat_dir(tiny_chat_dir, tmp_path_factory):
     """A random 2-layer Phi-3 of tiny_chat_dir's sizes and tokenizer (fused qkv_proj and
