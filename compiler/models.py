@@ -12,7 +12,8 @@ import json
 import re
 from pathlib import Path
 
-from core.architecture import ModelConfig, architecture, check_token_ids, fold_expert_names
+from core.architecture import (ModelConfig, architecture, check_token_ids, fold_expert_names,
+                               is_vision_tensor, legacy_names)
 from core.errors import PlanError
 from core.plan import ModelSection
 from core.tokenizer import (TOKENIZER_FILE, chat_template, load_tokenizer, read_tokenizer_config,
@@ -119,8 +120,8 @@ _IGNORED = ("rotary_emb.inv_freq",)          # buffers some checkpoints carry; r
 
 def _check_tensors(files: list[Path], config: ModelConfig) -> None:
     """The safetensors headers (read alone: no weights; each file's size checked against them)
-    against what config.json implies: every tensor there, none unexpected, the right shapes, float
-    dtypes."""
+    against what config.json implies: every tensor there, none unexpected (a multimodal
+    checkpoint's vision tensors aside), the right shapes, float dtypes."""
     found: dict[str, tuple] = {}
     for f in files:
         for name, info in read_header(f, key="model.path").items():
@@ -129,11 +130,14 @@ def _check_tensors(files: list[Path], config: ModelConfig) -> None:
                                 f"{', '.join(FLOAT_DTYPES)} weights.", file=str(f),
                                 hint="use the original (unquantized) checkpoint.")
             found[name] = info.shape
-    want = config.tensor_shapes()
+    legacy = config.multimodal and legacy_names(found)
+    want = config.tensor_shapes(legacy=legacy)
     found = fold_expert_names(found, config)        # a mixture's per-expert tensors, as 3-D ones
+    tied_head = config.hf_name("lm_head.weight", legacy=legacy) if config.tie_word_embeddings \
+        else None
     missing = [n for n in want if n not in found]
-    extra = [n for n in found if n not in want and not n.endswith(_IGNORED)
-             and not (n == "lm_head.weight" and config.tie_word_embeddings)]
+    extra = [n for n in found if n not in want and not n.endswith(_IGNORED) and n != tied_head
+             and not (config.multimodal and is_vision_tensor(n))]
     wrong = [f"{n} {list(found[n])} (config.json implies {list(want[n])})"
              for n in want if n in found and found[n] != want[n]]
     for what, names in (("lacks", missing), ("has tensors this architecture does not use:", extra),

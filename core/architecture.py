@@ -8,10 +8,12 @@ Pure Python (no JAX): both sides import it.
 The family members differ by a handful of switches: grouped-query attention, RoPE scaling, tied
 embeddings, q/k/v biases (Qwen2), per-head RMSNorm of q and k (Qwen3), sliding-window attention (some
 Mistral and Qwen configs). Anything outside what the decoder implements is refused here, with the
-key `model.path`, before anything heavy runs.
+key `model.path`, before anything heavy runs. A multimodal Gemma 3 (Gemma3ForConditionalGeneration)
+reads as its text model (config.json's text_config), its tensors under the text tower's names.
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 from dataclasses import dataclass
@@ -27,11 +29,12 @@ ARCHITECTURES = {
     "Qwen3ForCausalLM": "qwen3",
     "Gemma2ForCausalLM": "gemma2",
     "Gemma3ForCausalLM": "gemma3",
+    "Gemma3ForConditionalGeneration": "gemma3",
     "Phi3ForCausalLM": "phi3",
     "MixtralForCausalLM": "mixtral",
     "Qwen3MoeForCausalLM": "qwen3_moe",
 }
-FAMILIES = tuple(ARCHITECTURES.values())
+FAMILIES = tuple(dict.fromkeys(ARCHITECTURES.values()))
 # config.json `model_type` → family, for a config that names no architecture
 MODEL_TYPES = {"llama": "llama", "mistral": "mistral", "qwen2": "qwen2", "qwen3": "qwen3",
                "gemma2": "gemma2", "gemma3_text": "gemma3", "phi3": "phi3",
@@ -42,6 +45,26 @@ MOE = {"mixtral": "mistral", "qwen3_moe": "qwen3"}
 # The experts' linear layers, each one 3-D parameter [experts, out, in] under `mlp.experts.` (as
 # transformers 5 stores them; LoRA adapts them as PEFT's target_parameters do)
 EXPERT_MODULES = ("gate_up_proj", "down_proj")
+# Multimodal architectures whose text model tune trains, the vision tower left as it is → their
+# config.json `model_type`. config.json keeps the text model's config under `text_config`; keys left
+# out there take transformers' Gemma3TextConfig defaults (transformers 5.25), some of them unlike
+# what tune assumes of a config.json that leaves them out.
+MULTIMODAL = {"Gemma3ForConditionalGeneration": "gemma3"}
+GEMMA3_TEXT_DEFAULTS = {
+    "vocab_size": 262_208, "hidden_size": 2304, "intermediate_size": 9216, "num_hidden_layers": 26,
+    "num_attention_heads": 8, "num_key_value_heads": 4, "head_dim": 256,
+    "max_position_embeddings": 131_072, "rms_norm_eps": 1e-6, "pad_token_id": 0, "eos_token_id": 1,
+    "bos_token_id": 2, "query_pre_attn_scalar": 256, "sliding_window": 4096,
+    "hidden_activation": "gelu_pytorch_tanh", "attention_bias": False,
+    "attn_logit_softcapping": None, "final_logit_softcapping": None}
+# ... and its tensors under other names than the text model's `model.` and `lm_head.`: transformers 5
+# (in memory, and checkpoints transformers 4.52-4.57 saved) under `model.language_model.` with the
+# head at the top; the Hub's google/gemma-3-* (and transformers 5's save_pretrained) under
+# `language_model.model.` and `language_model.lm_head.`. The vision tower's tensors lie beside them,
+# under VISION_PREFIXES (or `model.` + them).
+TEXT_TOWER = {"model.": "model.language_model.", "lm_head.": "lm_head."}
+TEXT_TOWER_LEGACY = {"model.": "language_model.model.", "lm_head.": "language_model.lm_head."}
+VISION_PREFIXES = ("vision_tower.", "multi_modal_projector.")
 # The MLP's gate activation, by the names config.json gives it (hidden_act / hidden_activation)
 ACTIVATIONS = {"silu": "silu", "swish": "silu", "gelu_pytorch_tanh": "gelu_tanh",
                "gelu_tanh": "gelu_tanh"}
@@ -176,6 +199,8 @@ class ModelConfig:
     expert_intermediate_size: int = 0   # each expert's MLP width
     norm_topk_prob: bool = True         # the chosen experts' weights renormalised to sum to 1
     router_aux_coef: float = 0.0        # router_aux_loss_coef: the load-balancing loss's weight
+    # the text model of a multimodal checkpoint (MULTIMODAL): its tensors under TEXT_TOWER's names
+    multimodal: bool = False
 
     @classmethod
     def from_hf(cls, hf: dict, *, source: str | Path = "config.json") -> "ModelConfig":
@@ -185,7 +210,10 @@ class ModelConfig:
         if not isinstance(hf, dict):
             raise PlanError("model.path", f"config.json must hold a JSON object, got "
                             f"{type(hf).__name__}.", file=str(source), hint=_HINT)
-        family = ARCHITECTURES[architecture(hf, source=source)]
+        arch = architecture(hf, source=source)
+        if arch in MULTIMODAL:
+            return _text_model(hf, source)
+        family = ARCHITECTURES[arch]
         base = MOE.get(family, family)          # the dense family whose attention it has
         v = _check_fields(hf, source)
         activation = _check_supported(hf, source, family)
@@ -239,14 +267,16 @@ class ModelConfig:
         if self.num_heads % self.num_kv_heads:
             raise _field_error(source, f"config.json's {self.num_heads} attention heads do not group "
                                f"evenly over {self.num_kv_heads} key/value heads "
-                               f"(num_attention_heads={self.num_heads} must be a multiple of "
-                               f"num_key_value_heads={self.num_kv_heads}).")
+                               f"({_key(source, 'num_attention_heads')}={self.num_heads} must be a "
+                               f"multiple of {_key(source, 'num_key_value_heads')}="
+                               f"{self.num_kv_heads}).")
         if self.head_dim % 2:
-            raise _field_error(source, f"head_dim={self.head_dim} is odd; rotary position "
-                               "embeddings need an even head size.")
+            raise _field_error(source, f"{_key(source, 'head_dim')}={self.head_dim} is odd; rotary "
+                               "position embeddings need an even head size.")
         if self.sliding_windows and len(self.sliding_windows) != self.num_layers:
-            raise _field_error(source, f"layer_types gives {len(self.sliding_windows)} layer "
-                               f"types for {self.num_layers} layers.")
+            raise _field_error(source, f"{_key(source, 'layer_types')} gives "
+                               f"{len(self.sliding_windows)} layer types for {self.num_layers} "
+                               "layers.")
 
     # -- shapes the compiler sizes a plan with
 
@@ -280,9 +310,22 @@ class ModelConfig:
     def router_name(self, layer: int) -> str:
         return f"model.layers.{layer}.mlp.gate.weight"
 
-    def tensor_shapes(self) -> dict[str, tuple[int, ...]]:
-        """Every tensor a checkpoint of this config holds, by its Hugging Face name, with its shape
-        (the lm_head only when untied)."""
+    def hf_name(self, name: str, *, legacy: bool = False) -> str:
+        """A text model's tensor name (`model.layers.0.…`, `lm_head.weight`) as this checkpoint
+        names it: unchanged, or the text tower's name in a multimodal one (TEXT_TOWER; legacy:
+        TEXT_TOWER_LEGACY). Other names (a classification head's `score.weight`) are unchanged."""
+        if self.multimodal:
+            for short, long in (TEXT_TOWER_LEGACY if legacy else TEXT_TOWER).items():
+                if name.startswith(short):
+                    return long + name[len(short):]
+        return name
+
+    def tensor_shapes(self, *, legacy: bool = False) -> dict[str, tuple[int, ...]]:
+        """Every tensor a checkpoint of this config holds, by its Hugging Face name (hf_name), with
+        its shape (the lm_head only when untied; a multimodal checkpoint's vision tensors not)."""
+        if self.multimodal:
+            return {self.hf_name(n, legacy=legacy): shape for n, shape in
+                    dataclasses.replace(self, multimodal=False).tensor_shapes().items()}
         d, h = self.hidden_size, self.head_dim
         out = {"model.embed_tokens.weight": (self.vocab_size, d), "model.norm.weight": (d,)}
         if not self.tie_word_embeddings:
@@ -338,6 +381,17 @@ class ModelConfig:
         """Weights of every layer's experts."""
         return self.num_layers * self.num_experts * sum(
             a * b for m, (a, b) in self.linear_shapes().items() if m in EXPERT_MODULES)
+
+
+def is_vision_tensor(name: str) -> bool:
+    """A tensor of a multimodal checkpoint's vision tower or projector (VISION_PREFIXES), in either
+    naming."""
+    return name.removeprefix("model.").startswith(VISION_PREFIXES)
+
+
+def legacy_names(names) -> bool:
+    """Whether a multimodal checkpoint's tensor names are the older ones (TEXT_TOWER_LEGACY)."""
+    return any(n.startswith("language_model.") for n in names)
 
 
 # Existing modules adapter.train_modules can train in full, besides the linear layers: the embedding,
@@ -401,7 +455,8 @@ def _check_fields(hf: dict, source) -> dict:
         if name == "pad_token_id" and value == -1:
             value = None                # older Llama configs' way of saying "no pad token"
         if value is None and field.default is _REQUIRED:
-            what = f"gives {name}=null" if name in hf else f"lacks `{name}`"
+            what = f"gives {_key(source, name)}=null" if name in hf else \
+                f"lacks `{_key(source, name)}`"
             raise _field_error(source, f"config.json {what}; it must be {field.describe()}.")
         out[name] = field.default if value is None else \
             _checked(name, value, field, source, vocab=out.get("vocab_size"))
@@ -424,7 +479,7 @@ def _checked(name: str, value, field: _Field, source, *, vocab: int | None = Non
     shown = _show(value)
 
     def wrong(why: str, hint: str = _CONFIG_HINT) -> PlanError:
-        return _field_error(source, f"{name}={shown} {why}; it must be "
+        return _field_error(source, f"{_key(source, name)}={shown} {why}; it must be "
                             f"{field.describe(vocab)}.", hint=hint)
 
     number = isinstance(value, (int, float)) and not isinstance(value, bool)
@@ -454,6 +509,53 @@ def _checked(name: str, value, field: _Field, source, *, vocab: int | None = Non
 
 def _field_error(source, message: str, *, hint: str = _CONFIG_HINT) -> PlanError:
     return PlanError("model.path", message, file=str(source), hint=hint)
+
+
+@dataclass(frozen=True)
+class _Within:
+    """A config.json read within one of its objects: the file (its str(), what messages name) and
+    the object's key path (`text_config.`), put before each key a message names (_key)."""
+    file: str
+    prefix: str
+
+    def __str__(self) -> str:
+        return self.file
+
+
+def _key(source, name: str) -> str:
+    """A config key as messages about `source` (a path, or a _Within) name it."""
+    return getattr(source, "prefix", "") + name
+
+
+def _text_model(hf: dict, source) -> ModelConfig:
+    """The text model of a multimodal checkpoint (MULTIMODAL): config.json's text_config, keys left
+    out taking transformers' Gemma3TextConfig defaults, read as a Gemma 3 text model's config.json
+    is, with the top level's tie_word_embeddings (transformers ties by it, by default) and
+    quantization_config; the top level's token ids checked too."""
+    text = hf.get("text_config")
+    text = {} if text is None else text         # transformers: every Gemma3TextConfig default
+    if not isinstance(text, dict):
+        raise _field_error(source, f"text_config={_show(text)} has the wrong type "
+                           f"({_json_type(text)}); it must be an object, the text model's config.")
+    within = _Within(str(source), "text_config.")
+    if text.get("model_type", "gemma3_text") != "gemma3_text":
+        raise _field_error(within, f"text_config.model_type={_show(text['model_type'])}: the text "
+                           "model of Gemma3ForConditionalGeneration is gemma3_text.", hint=_HINT)
+    if text.get("final_logit_softcapping") is not None:
+        raise _field_error(within, "text_config.final_logit_softcapping="
+                           f"{_show(text['final_logit_softcapping'])}: transformers' "
+                           "Gemma3ForConditionalGeneration does not soft-cap its logits (its "
+                           "Gemma3ForCausalLM does), so this checkpoint computes one model or "
+                           "another depending on what runs it.",
+                           hint="use the checkpoint as published: Gemma 3 sets it null.")
+    tie = hf.get("tie_word_embeddings", True)
+    tie = _checked("tie_word_embeddings", tie, CONFIG_FIELDS["tie_word_embeddings"], source)
+    text = {**GEMMA3_TEXT_DEFAULTS, **text, "architectures": None, "model_type": "gemma3_text",
+            "tie_word_embeddings": tie,
+            "quantization_config": hf.get("quantization_config") or text.get("quantization_config")}
+    config = ModelConfig.from_hf(text, source=within)
+    check_token_ids(hf, config.vocab_size, source)
+    return dataclasses.replace(config, multimodal=True)
 
 
 def _show(value) -> str:
@@ -490,10 +592,12 @@ def architecture(hf: dict, *, source: str | Path = "config.json") -> str:
     archs = hf.get("architectures") or []
     if not isinstance(archs, list):
         archs = [archs]
-    by_family = {family: arch for arch, family in ARCHITECTURES.items()}
+    by_type = {model_type: arch for arch, model_type in MULTIMODAL.items()}
+    by_type.update((model_type, next(a for a, f in ARCHITECTURES.items() if f == family))
+                   for model_type, family in MODEL_TYPES.items())
     model_type = hf.get("model_type")
-    if not archs and isinstance(model_type, str) and model_type in MODEL_TYPES:
-        archs = [by_family[MODEL_TYPES[model_type]]]
+    if not archs and isinstance(model_type, str) and model_type in by_type:
+        archs = [by_type[model_type]]
     for arch in archs:
         if isinstance(arch, str) and arch in ARCHITECTURES:
             return arch
@@ -517,14 +621,15 @@ def _check_supported(hf: dict, source, family: str) -> str:
     want = "gelu_pytorch_tanh" if gemma else "silu"
     name = hf.get(key) or want
     if ACTIVATIONS.get(name) != ACTIVATIONS[want] if isinstance(name, str) else True:
-        raise PlanError("model.path", f"{key} {name!r} is not supported; {family} uses {want}.",
-                        file=str(source), hint=_HINT)
+        raise PlanError("model.path", f"{_key(source, key)} {name!r} is not supported; {family} "
+                        f"uses {want}.", file=str(source), hint=_HINT)
     if hf.get("mlp_bias"):
         raise PlanError("model.path", "mlp_bias=true (biases on the MLP projections) is not "
                         "supported.", file=str(source), hint=_HINT)
     if hf.get("use_bidirectional_attention"):
-        raise PlanError("model.path", "use_bidirectional_attention=true (an embedding model's "
-                        "attention) is not supported; tune trains causal language models.",
+        raise PlanError("model.path", f"{_key(source, 'use_bidirectional_attention')}=true (an "
+                        "embedding model's attention) is not supported; tune trains causal "
+                        "language models.",
                         file=str(source), hint=_HINT)
     return ACTIVATIONS[want]
 
@@ -552,8 +657,9 @@ def _rope(hf: dict, source, family: str) -> tuple[float, tuple | None, float | N
                                         source, 1e4)
         if local_scaling is not None:
             raise PlanError("model.path", "RoPE scaling of the sliding layers "
-                            "(rope_parameters.sliding_attention) is not supported; Gemma 3 "
-                            "scales its global layers only.", file=str(source), hint=_HINT)
+                            f"({_key(source, 'rope_parameters.sliding_attention')}) is not "
+                            "supported; Gemma 3 scales its global layers only.", file=str(source),
+                            hint=_HINT)
         return theta, scaling, local
     theta, scaling = _rope_of(hf, source, 1e6)
     local = hf.get("rope_local_base_freq")
@@ -569,8 +675,9 @@ def _rope_of(hf: dict, source, default_theta: float,
     params = hf.get("rope_parameters") or {}
     scaling = hf.get("rope_scaling") or params
     if not isinstance(params, dict) or not isinstance(scaling, dict):
-        raise PlanError("model.path", "config.json's rope_scaling / rope_parameters must be an "
-                        "object.", file=str(source), hint=_HINT)
+        raise PlanError("model.path", f"config.json's {_key(source, 'rope_scaling')} / "
+                        f"{_key(source, 'rope_parameters')} must be an object.", file=str(source),
+                        hint=_HINT)
     field = CONFIG_FIELDS["rope_theta"]
     if params.get("rope_theta") is not None:
         theta = _checked("rope_parameters.rope_theta", params["rope_theta"], field, source)
@@ -680,8 +787,8 @@ def _sliding_windows(hf: dict, v: dict, family: str, num_layers: int,
         every = 2 if family == "gemma2" else \
             hf.get("sliding_window_pattern") or hf.get("_sliding_window_pattern") or 6
         if not isinstance(every, int) or isinstance(every, bool) or every < 1:
-            raise _field_error(source, f"sliding_window_pattern={_show(every)} must be a "
-                               "positive integer.")
+            raise _field_error(source, f"{_key(source, 'sliding_window_pattern')}={_show(every)} "
+                               "must be a positive integer.")
         local = [bool((i + 1) % every) for i in range(num_layers)]
     else:
         return ()
@@ -690,8 +797,8 @@ def _sliding_windows(hf: dict, v: dict, family: str, num_layers: int,
     if types is not None:
         if not (isinstance(types, list) and len(types) == num_layers
                 and all(isinstance(t, str) and t in kinds for t in types)):
-            raise _field_error(source, f"layer_types must list one of {' / '.join(kinds)} "
-                               f"for each of the {num_layers} layers.")
+            raise _field_error(source, f"{_key(source, 'layer_types')} must list one of "
+                               f"{' / '.join(kinds)} for each of the {num_layers} layers.")
         local = [t == kinds[0] for t in types]
     windows = tuple(window if slides else 0 for slides in local)
     return windows if any(windows) else ()

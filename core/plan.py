@@ -477,7 +477,7 @@ HUB_KEY_DEFAULTS = {"split": "train", "subset": None, "revision": None,
 def _drop_unused(doc: dict) -> None:
     """Supervised plans hash as they did before preference objectives existed: the sections and
     keys those added are left out where they hold their supervised defaults (and data.answers_cut
-    where it is 0)."""
+    where it is 0, model.config.multimodal where it is false)."""
     def obj(x) -> dict:                     # a malformed plan.json may hold anything there
         return x if isinstance(x, dict) else {}
 
@@ -532,6 +532,8 @@ def _drop_unused(doc: dict) -> None:
         obj(config.get("data")).pop("fields", None)
     if obj(config.get("init")).get("run") is None:
         config.pop("init", None)
+    if obj(obj(doc.get("model")).get("config")).get("multimodal") is False:    # added later
+        doc["model"]["config"].pop("multimodal")
 
 
 def content_hash(plan: Plan) -> str:

@@ -11,21 +11,29 @@ from safetensors.numpy import save_file
 
 from core.architecture import unfold_expert_tensors
 from runtime.model import Llama
-from runtime.weights import to_hf_state_dict
+from runtime.weights import to_hf_state_dict, vision_tensors
 
-# Files a transformers checkpoint directory needs besides its weights.
+# Files a transformers checkpoint directory needs besides its weights (a multimodal one's image
+# processor too).
 _SIDE_FILES = ("config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json",
                "special_tokens_map.json", "tokenizer.model", "vocab.json", "merges.txt",
-               "added_tokens.json", "chat_template.jinja", "chat_template.json")
+               "added_tokens.json", "chat_template.jinja", "chat_template.json",
+               "preprocessor_config.json", "processor_config.json")
 
 
 def save_merged(model: Llama, out_dir, model_dir) -> Path:
     """A transformers checkpoint of base + (alpha/r)·B@A: model.safetensors in the base's parameter dtype
-    plus config.json, generation_config.json and the tokenizer files copied from model_dir."""
+    plus config.json, generation_config.json and the tokenizer files copied from model_dir. The
+    text model of a multimodal checkpoint is written under the names model_dir's weights give it,
+    beside their vision tensors, copied through as they are."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    # a mixture's experts one tensor each, as save_pretrained writes them
-    state = unfold_expert_tensors(to_hf_state_dict(model, merged=True), model.cfg)
+    if model.cfg.multimodal:
+        legacy, state = vision_tensors(model_dir)
+        state.update(to_hf_state_dict(model, merged=True, legacy=legacy))
+    else:
+        # a mixture's experts one tensor each, as save_pretrained writes them
+        state = unfold_expert_tensors(to_hf_state_dict(model, merged=True), model.cfg)
     save_file(state, str(out / "model.safetensors"), metadata={"format": "pt"})
     for name in _SIDE_FILES:
         src = Path(model_dir) / name

@@ -36,6 +36,12 @@ def check_gguf_export(cfg) -> None:
     arch = GGUF_ARCHES.get(cfg.family)
     if arch == "llama" and not cfg.sliding_windows and not cfg.rope_scaling:
         return
+    if cfg.multimodal:
+        raise PlanError("format", f"GGUF export covers {COVERED}; this is a multimodal Gemma 3 "
+                        "(Gemma3ForConditionalGeneration), which llama.cpp runs from two GGUF files: "
+                        "the text model and the vision tower (mmproj).",
+                        hint="export format=merged and convert it with llama.cpp's "
+                             "convert_hf_to_gguf.py, once more with --mmproj for the vision tower.")
     if arch != "gemma3":
         why = "" if arch is None else " with RoPE scaling" if cfg.rope_scaling else \
             " with sliding-window attention"

@@ -2,6 +2,12 @@
 loads with no missing or unexpected keys; `read_lora_config` and `load_peft_adapter` read such a
 directory back (ours or PEFT's).
 
+A multimodal model's adapter (Gemma3ForConditionalGeneration) adapts its text model alone: PEFT
+matches a list of target_modules against every module (the vision tower has a q_proj, k_proj and
+v_proj too), so its target_modules is a regex over the text model's (TEXT_TARGETS, the form of
+PEFT's own default targets for Gemma 4), and its tensors are named as PEFT names them
+(`base_model.model.model.language_model.layers.{i}...`).
+
 An adapter with a classification head (adapter.head=classifier, runtime/head.py) is a SEQ_CLS
 adapter: its base is `LlamaForSequenceClassification` (num_labels, pad_token_id: labels.json beside
 the adapter), the head PEFT's modules_to_save `score` (`base_model.model.score.weight`).
@@ -10,6 +16,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 from pathlib import Path
 
 import jax.numpy as jnp
@@ -19,6 +26,7 @@ from safetensors import safe_open
 from safetensors.numpy import save_file
 
 from core.architecture import (ALL_WHOLE_MODULES, EXPERT_MODULES, LINEAR_NAMES, MODULE_NAMES,
+                               ModelConfig,
                                peft_module_name)
 from core.errors import PlanError
 from core.weight_files import read_header
@@ -31,32 +39,44 @@ ADAPTER_WEIGHTS = "adapter_model.safetensors"
 ADAPTER_CONFIG = "adapter_config.json"
 PEFT_PREFIX = "base_model.model."
 HEAD_MODULES = ("score", "classifier")   # what PEFT's sequence-classification models save whole
+# a multimodal model's target_modules: the linear layers named, in its text model alone (PEFT matches
+# a string whole, with re.fullmatch, against each module's name in either transformers naming)
+TEXT_TARGETS = r".*language_model\..*\.({})"
 
 
-def modules_to_save(lora: LoraConfig, tied: bool) -> list[str] | None:
-    """PEFT's `modules_to_save` for the modules trained in full. A tied head and embedding are one
-    matrix here; PEFT wraps each name separately, so both are listed (and both written)."""
+def modules_to_save(lora: LoraConfig, cfg: ModelConfig) -> list[str] | None:
+    """PEFT's `modules_to_save` for the modules trained in full (PEFT matches each name as the end of
+    a module's name). A tied head and embedding are one matrix here; PEFT wraps each name
+    separately, so both are listed (and both written). A multimodal model's q/k/v projections are
+    named layer by layer: its vision tower has layers of the same names."""
     names = list(lora.train_modules)
-    if tied and ({"lm_head", "embed_tokens"} & set(names)):
+    if cfg.tie_word_embeddings and ({"lm_head", "embed_tokens"} & set(names)):
         names += [n for n in ("embed_tokens", "lm_head") if n not in names]
-    return [peft_module_name(n) for n in names] + (["score"] if lora.head else []) or None
+    out = []
+    for name in names:
+        if cfg.multimodal and name in ("q_proj", "k_proj", "v_proj"):
+            out += [f"language_model.layers.{i}.self_attn.{name}" for i in range(cfg.num_layers)]
+        else:
+            out.append(peft_module_name(name))
+    return out + (["score"] if lora.head else []) or None
 
 
-def peft_config(lora: LoraConfig, base_model_name_or_path: str | None, *, tied: bool = False,
-                experts: bool = False) -> dict:
-    """The adapter_config.json PEFT's LoraConfig accepts. Only long-standing fields, so that older PEFT
-    versions read it too — and, for a mixture of experts (`experts`) whose experts are adapted,
-    `target_parameters` (PEFT ≥ 0.17) naming them."""
-    modules = [t for t in lora.targets if not (experts and t in EXPERT_MODULES)]
-    params = [f"mlp.experts.{t}" for t in lora.targets if experts and t in EXPERT_MODULES]
+def peft_config(lora: LoraConfig, base_model_name_or_path: str | None,
+                cfg: ModelConfig) -> dict:
+    """The adapter_config.json PEFT's LoraConfig accepts, for an adapter of a model of `cfg`. Only
+    long-standing fields, so that older PEFT versions read it too — and, for a mixture of experts
+    whose experts are adapted, `target_parameters` (PEFT ≥ 0.17) naming them."""
+    experts = bool(cfg.num_experts)
+    targets = sorted(t for t in lora.targets if not (experts and t in EXPERT_MODULES))
+    params = sorted(f"mlp.experts.{t}" for t in lora.targets if experts and t in EXPERT_MODULES)
     return {
         "peft_type": "LORA", "task_type": "SEQ_CLS" if lora.head else "CAUSAL_LM",
         "r": int(lora.rank), "lora_alpha": float(lora.alpha), "lora_dropout": float(lora.dropout),
-        "target_modules": sorted(modules), "bias": "none",
-        **({"target_parameters": sorted(params)} if params else {}),
-        "base_model_name_or_path": base_model_name_or_path,
+        "target_modules": TEXT_TARGETS.format("|".join(targets)) if cfg.multimodal else targets,
+        **({"target_parameters": params} if params else {}),
+        "bias": "none", "base_model_name_or_path": base_model_name_or_path,
         "fan_in_fan_out": False, "inference_mode": True, "init_lora_weights": True,
-        "modules_to_save": modules_to_save(lora, tied), "layers_to_transform": None,
+        "modules_to_save": modules_to_save(lora, cfg), "layers_to_transform": None,
         "layers_pattern": None, "rank_pattern": {}, "alpha_pattern": {},
         "use_rslora": bool(lora.rslora), "use_dora": lora.kind == "dora",
         "revision": None,
@@ -81,8 +101,7 @@ def save_peft_adapter(model: Llama, out_dir, *, base_model_name_or_path: str | N
     save_file(tensors, str(out / ADAPTER_WEIGHTS), metadata={"format": "pt"})
     if model.score is not None:
         write_labels(out, labels, pad_token_id)
-    config = peft_config(lora, base_model_name_or_path, tied=model.cfg.tie_word_embeddings,
-                         experts=bool(model.cfg.num_experts))
+    config = peft_config(lora, base_model_name_or_path, model.cfg)
     (out / ADAPTER_CONFIG).write_text(json.dumps(config, indent=2) + "\n")
     return out
 
@@ -129,6 +148,10 @@ def read_lora_config(adapter_dir, *, key: str = "run") -> LoraConfig:
     targets = cfg.get("target_modules")
     if targets == "all-linear":
         targets = list(MODULE_NAMES)
+    text = re.fullmatch(re.escape(TEXT_TARGETS).replace(r"\{\}", r"([\w|]+)"), targets) \
+        if isinstance(targets, str) else None
+    if text:                            # a multimodal model's (TEXT_TARGETS)
+        targets = text.group(1).split("|")
     if isinstance(targets, str):
         raise bad(f"target_modules as a regex ({targets!r}) is not supported.",
                   hint="list the target modules by name.")
@@ -195,7 +218,7 @@ def verify_adapter(adapter_dir, model: Llama, *, key: str = "run") -> dict[str, 
     # PEFT checkpoints saved with an explicit adapter name carry it: `lora_A.default.weight`.
     names = {k.removeprefix(PEFT_PREFIX).replace(".default.weight", ".weight"): k for k in header}
     want = adapter_shapes(model)
-    optional = {"lm_head.weight"} if model.cfg.tie_word_embeddings else set()
+    optional = {model.cfg.hf_name("lm_head.weight")} if model.cfg.tie_word_embeddings else set()
     problems = (
         ("lacks", [n for n in want if n not in names and n not in optional]),
         ("holds tensors this model has no place for:", [n for n in names if n not in want]),
@@ -252,9 +275,10 @@ def load_peft_adapter(model: Llama, adapter_dir, *, key: str = "run") -> Llama:
                  from_peft_layout(tensors[n], layout, model.cfg.num_experts) for n in names]
         value = np.stack(parts) if stacked else parts[0]
         new.append((path, var.copy(jnp.asarray(value, var.dtype))))
-    if model.cfg.tie_word_embeddings and "lm_head.weight" in tensors:
+    head, embedding = (model.cfg.hf_name(n) for n in ("lm_head.weight", "model.embed_tokens.weight"))
+    if model.cfg.tie_word_embeddings and head in tensors:
         # a tied head saved beside its embedding: one matrix here, so the two copies must agree
-        if not np.array_equal(tensors["lm_head.weight"], tensors["model.embed_tokens.weight"]):
+        if not np.array_equal(tensors[head], tensors[embedding]):
             raise PlanError(key, f"{ADAPTER_WEIGHTS} holds an output head that differs from the "
                             "embedding, but this model ties them.",
                             file=str(adapter_dir / ADAPTER_WEIGHTS), hint=_DAMAGED_HINT)

@@ -15,7 +15,8 @@ import numpy as np
 from flax import nnx
 from safetensors import safe_open
 
-from core.architecture import ModelConfig, expert_legacy_names, read_config
+from core.architecture import (ModelConfig, expert_legacy_names, is_vision_tensor, legacy_names,
+                               read_config)
 from core.errors import PlanError
 from core.weight_files import index_shards, read_header
 from runtime import quant
@@ -41,6 +42,12 @@ def hf_names(path: tuple, num_layers: int) -> list[str]:
             rest = rest.removesuffix(".weight")     # a 3-D parameter, not a module's weight
         return [f"model.layers.{i}.{rest}" for i in range(num_layers)]
     return ["model." + ".".join(path)]
+
+
+def checkpoint_names(path: tuple, cfg: ModelConfig, *, legacy: bool = False) -> list[str]:
+    """hf_names as cfg's checkpoint names them: a multimodal one's text tower under its own names
+    (ModelConfig.hf_name; legacy: the older ones)."""
+    return [cfg.hf_name(n, legacy=legacy) for n in hf_names(path, cfg.num_layers)]
 
 
 class _Checkpoint:
@@ -127,6 +134,7 @@ def load_pretrained(model_dir, *, config: ModelConfig | None = None, lora: LoraC
     graphdef, full_abstract, lora_abstract, frozen_abstract = nnx.split(abstract, FullParam,
                                                                         LoRAParam, ...)
     ckpt = _Checkpoint(model_dir, cfg)
+    legacy = cfg.multimodal and legacy_names(ckpt.where)
     expected = set()
     loaded = {}                 # path → value, for every weight the checkpoint fills
     stored = dict(nnx.to_flat_state(frozen_abstract))
@@ -134,7 +142,7 @@ def load_pretrained(model_dir, *, config: ModelConfig | None = None, lora: LoraC
     for path, var in stored.items():
         if path[-1] == "weight_scale" or path == HEAD:
             continue            # filled with its weight's codes; the head is drawn below
-        names = hf_names(path, cfg.num_layers)
+        names = checkpoint_names(path, cfg, legacy=legacy)
         expected.update(names)
         missing = [n for n in names if not ckpt.has(n)]
         if missing:
@@ -157,9 +165,10 @@ def load_pretrained(model_dir, *, config: ModelConfig | None = None, lora: LoraC
             loaded[scale_path] = scales
             value = codes
         loaded[path] = value
-    unexpected = ckpt.names() - expected
-    if cfg.tie_word_embeddings:
-        unexpected.discard("lm_head.weight")      # tied checkpoints sometimes store the copy anyway
+    unexpected = {n for n in ckpt.names() - expected
+                  if not (cfg.multimodal and is_vision_tensor(n))}     # the vision tower: not ours
+    if cfg.tie_word_embeddings:         # tied checkpoints sometimes store the copy anyway
+        unexpected.discard(cfg.hf_name("lm_head.weight", legacy=legacy))
     if unexpected:
         raise PlanError("model.path", f"the checkpoint has {len(unexpected)} tensor(s) this model "
                         f"does not use, e.g. {sorted(unexpected)[:3]} — is it really a {cfg.family} "
@@ -210,9 +219,11 @@ def _dense(loaded: dict, path: tuple, fmt: str, shape) -> np.ndarray:
     return np.asarray(quant.dequantize(value, scale, fmt, tuple(shape)))
 
 
-def to_hf_state_dict(model: Llama, merged: bool = False) -> dict[str, np.ndarray]:
+def to_hf_state_dict(model: Llama, merged: bool = False, *,
+                     legacy: bool = False) -> dict[str, np.ndarray]:
     """The base weights (and modules trained in full, as trained) under their HF names (numpy, param
-    dtype; quantised weights dequantised). merged=True folds each adapter into its weight, computed in
+    dtype; quantised weights dequantised; a multimodal model's text tower as checkpoint_names names
+    it, `legacy`: the older way). merged=True folds each adapter into its weight, computed in
     float32 — the state dict of PEFT's merge_and_unload(): W + s·B A for LoRA, and for DoRA
     (m / ‖W + s·B A‖) ⊙ (W + s·B A) row by row."""
     cfg = model.cfg
@@ -239,7 +250,7 @@ def to_hf_state_dict(model: Llama, merged: bool = False) -> dict[str, np.ndarray
             if magnitude is not None:
                 w = w * (magnitude / np.sqrt(np.sum(w * w, axis=-1)))[..., None]
             value = w.astype(value.dtype)
-        names = hf_names(path, cfg.num_layers)
+        names = checkpoint_names(path, cfg, legacy=legacy)
         if path[0] == "layers":
             for i, n in enumerate(names):
                 out[n] = np.ascontiguousarray(value[i])
@@ -278,7 +289,8 @@ def adapter_state_dict(model: Llama) -> dict[str, np.ndarray]:
     """What a PEFT adapter file holds, under PEFT's names (without the `base_model.model.` prefix):
     the adapter's own tensors in float32 — `model.layers.{i}.self_attn.q_proj.lora_A.weight` [r, in],
     `...lora_B.weight` [out, r], DoRA's `...lora_magnitude_vector` [out] — and each module trained in
-    full under its own name, in its param dtype (`model.norm.weight`, `lm_head.weight`, ...). A tied
+    full under its own name, in its param dtype (`model.norm.weight`, `lm_head.weight`, ...); a
+    multimodal model's text tower as PEFT names it (`model.language_model.layers.{i}...`). A tied
     output head trained through its embedding is written under both names: PEFT keeps one copy per
     name in `modules_to_save`, and both must hold the trained matrix."""
     out = {}
@@ -315,16 +327,24 @@ def adapter_variables(model: Llama):
             yield path, var, names, True, True, layout
             continue
         suffix = "" if path[-1] == "lora_magnitude_vector" else ".weight"
-        yield path, var, [n + suffix for n in hf_names(path, model.cfg.num_layers)], True, True, \
+        yield path, var, [n + suffix for n in checkpoint_names(path, model.cfg)], True, True, \
             None
     for path, var in nnx.to_flat_state(full_state):
         path = tuple(map(str, path))
-        names = hf_names(path, model.cfg.num_layers)
+        names = checkpoint_names(path, model.cfg)
         if path == ("embed_tokens", "weight") and model.cfg.tie_word_embeddings:
-            names = names + ["lm_head.weight"]
+            names = names + [model.cfg.hf_name("lm_head.weight")]
         yield path, var, names, path[0] == "layers", False, None
 
 
 def _adapter_variables(model: Llama):
     for _, *rest in adapter_variables(model):
         yield tuple(rest)
+
+
+def vision_tensors(model_dir) -> tuple[bool, dict[str, np.ndarray]]:
+    """(whether it names its tensors the older way, its vision tensors as stored) of a multimodal
+    checkpoint directory: what a merged checkpoint copies through beside the text model."""
+    ckpt = _Checkpoint(Path(model_dir))
+    return legacy_names(ckpt.where), {n: ckpt.get(n) for n in sorted(ckpt.names())
+                                      if is_vision_tensor(n)}

@@ -188,11 +188,47 @@ HF_TINY_KINDS = {
 }
 
 
+def redraw(model):
+    """`model` (torch) with its weights drawn larger than transformers' 0.02 init (and norms and
+    biases non-trivial), so that logits differ clearly between tokens and a wrong detail shows."""
+    import torch
+
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith("norm.weight"):
+                p.copy_(1.0 + 0.2 * torch.randn_like(p))
+            elif name.endswith("bias"):
+                p.copy_(0.2 * torch.randn_like(p))
+            else:
+                p.copy_(torch.randn_like(p) / p.shape[-1] ** 0.5)
+    return model
+
+
+def load_in_peft(base, adapter_dir, tensors):
+    """PeftModel.from_pretrained(base, adapter_dir), in eval mode, checked: PEFT warns of no key
+    missing or unexpected, and loading the adapter's `tensors` again (which reports what matched)
+    finds none unexpected and none of the adapter's own missing (LoRA factors, modules trained in
+    full; their `original_module` is the base's, as for any PEFT save)."""
+    import warnings
+
+    import torch
+    from peft import PeftModel, set_peft_model_state_dict
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        peft = PeftModel.from_pretrained(base, adapter_dir).eval()
+    assert not [w for w in caught if "missing" in str(w.message).lower()
+                or "unexpected" in str(w.message).lower()]
+    result = set_peft_model_state_dict(peft, {k: torch.from_numpy(v) for k, v in tensors.items()})
+    assert not result.unexpected_keys
+    assert not [k for k in result.missing_keys if "lora_" in k or "modules_to_save" in k]
+    return peft
+
+
 @pytest.fixture(scope="session")
 def hf_tiny(tmp_path_factory):
     """hf_tiny(kind) -> (transformers model in eval mode, float32; directory it was saved to).
-    Weights are re-drawn larger than transformers' 0.02 init (and norms/biases non-trivial) so that
-    logits differ clearly between tokens and a wrong detail shows. Cached per kind for the session."""
+    Weights are re-drawn (redraw). Cached per kind for the session."""
     import torch
     import transformers
 
@@ -204,15 +240,7 @@ def hf_tiny(tmp_path_factory):
         cls_name, overrides = HF_TINY_KINDS[kind]
         config = getattr(transformers, cls_name)(**{**HF_TINY_BASE, **overrides})
         torch.manual_seed(0)
-        model = transformers.AutoModelForCausalLM.from_config(config).float().eval()
-        with torch.no_grad():
-            for name, p in model.named_parameters():
-                if name.endswith("norm.weight"):
-                    p.copy_(1.0 + 0.2 * torch.randn_like(p))
-                elif name.endswith("bias"):
-                    p.copy_(0.2 * torch.randn_like(p))
-                else:
-                    p.copy_(torch.randn_like(p) / p.shape[-1] ** 0.5)
+        model = redraw(transformers.AutoModelForCausalLM.from_config(config).float().eval())
         out = tmp_path_factory.mktemp(f"hf-{kind}")
         model.save_pretrained(out, safe_serialization=True)
         made[kind] = (model, out)
@@ -264,6 +292,62 @@ def tiny_gemma_chat_dir(tiny_chat_dir, tmp_path_factory):
                            layer_types=["sliding_attention", "full_attention"],
                            bos_token_id=1, eos_token_id=2, pad_token_id=0)
     return _tiny_chat_model(tiny_chat_dir, tmp_path_factory.mktemp("tiny-gemma-chat"), cfg)
+
+
+# Gemma3ForConditionalGeneration's tensors: transformers' save_pretrained writes the older names
+# (left), transformers 5 holds them under its own (right)
+GEMMA3_MM_RENAMES = {"language_model.model.": "model.language_model.",
+                     "language_model.lm_head.": "lm_head.", "vision_tower.": "model.vision_tower.",
+                     "multi_modal_projector.": "model.multi_modal_projector."}
+
+
+@pytest.fixture(scope="session")
+def tiny_gemma3_multimodal(tiny_chat_dir, tmp_path_factory):
+    """(Gemma3ForConditionalGeneration in eval mode, float32; {"legacy": dir, "current": dir}): a
+    random multimodal Gemma 3 — a 2-layer text model of tiny_chat_dir's sizes and tokenizer (a local
+    layer with a 5-token window, then a global one with linear RoPE scaling; head_dim and query
+    scale not hidden/heads'; tied embeddings) beside a 1-layer SigLIP vision tower on 16-pixel
+    images — saved by transformers, its tensors under the older names (GEMMA3_MM_RENAMES' keys) in
+    one directory and transformers 5's in the other. Weights re-drawn (redraw)."""
+    import shutil
+
+    import torch
+    from safetensors.numpy import load_file, save_file
+    from transformers import Gemma3Config, Gemma3ForConditionalGeneration
+
+    sizes = {k: v for k, v in TINY_LLAMA.items() if k not in ("rope_theta", "tie_word_embeddings")}
+    text = dict(sizes, head_dim=12, query_pre_attn_scalar=10, sliding_window=5,
+                layer_types=["sliding_attention", "full_attention"],
+                rope_parameters={"full_attention": {"rope_type": "linear", "factor": 2.0,
+                                                    "rope_theta": 1e6},
+                                 "sliding_attention": {"rope_type": "default", "rope_theta": 1e4}},
+                bos_token_id=1, eos_token_id=2, pad_token_id=0)
+    vision = dict(image_size=16, patch_size=8, hidden_size=16, intermediate_size=32,
+                  num_hidden_layers=1, num_attention_heads=2)
+    config = Gemma3Config(text_config=text, vision_config=vision, mm_tokens_per_image=4,
+                          boi_token_index=93, eoi_token_index=94, image_token_index=95)
+    torch.manual_seed(0)
+    model = redraw(Gemma3ForConditionalGeneration(config).float().eval())
+    saved = tmp_path_factory.mktemp("gemma3-mm-saved")
+    model.save_pretrained(saved, safe_serialization=True)
+    tensors = load_file(str(saved / "model.safetensors"))
+    named = {"legacy": {}, "current": {}}
+    for name, value in tensors.items():     # whichever names save_pretrained wrote: both
+        for old, new in GEMMA3_MM_RENAMES.items():
+            if name.startswith(old) or name.startswith(new):
+                rest = name.removeprefix(old) if name.startswith(old) else name.removeprefix(new)
+                named["legacy"][old + rest], named["current"][new + rest] = value, value
+                break
+    assert len(named["legacy"]) == len(named["current"]) == len(tensors)
+    dirs = {}
+    for style, state in named.items():
+        dirs[style] = tmp_path_factory.mktemp(f"gemma3-mm-{style}")
+        save_file(state, str(dirs[style] / "model.safetensors"), metadata={"format": "pt"})
+        for name in ("config.json", "generation_config.json"):
+            shutil.copy(saved / name, dirs[style] / name)
+        for name in ("tokenizer.json", "tokenizer_config.json"):
+            shutil.copy(tiny_chat_dir / name, dirs[style] / name)
+    return model, dirs
 
 
 @pytest.fixture(scope="session")

@@ -2,7 +2,6 @@
 missing or unexpected keys and reproduces tune's logits) and the merged checkpoint (equal to PEFT's
 merge_and_unload, loadable by transformers)."""
 import json
-import warnings
 
 import jax
 import jax.numpy as jnp
@@ -12,6 +11,7 @@ import torch
 from flax import nnx
 from safetensors.numpy import load_file, save_file
 
+from conftest import load_in_peft
 from runtime.export import save_merged
 from runtime.peft import load_peft_adapter, read_lora_config, save_peft_adapter
 from runtime.model import LoraConfig, LoRAParam
@@ -60,7 +60,6 @@ def torch_logits(model, x):
 
 @pytest.mark.parametrize("kind", ["llama", "smollm-tied", "gemma2", "gemma3", "phi3"])
 def test_peft_loads_adapter_and_reproduces_logits(hf_tiny, tmp_path, kind):
-    from peft import PeftModel, set_peft_model_state_dict
     from transformers import AutoModelForCausalLM
 
     _, path = hf_tiny(kind)
@@ -78,14 +77,7 @@ def test_peft_loads_adapter_and_reproduces_logits(hf_tiny, tmp_path, kind):
     assert len(tensors) == 2 * len(lora.targets) * 2
 
     base = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        peft = PeftModel.from_pretrained(base, out).eval()
-    assert not [w for w in caught if "missing" in str(w.message).lower() or "unexpected" in str(w.message).lower()]
-    # loading the same state dict again reports what matched: no unexpected keys, no LoRA key missing
-    result = set_peft_model_state_dict(peft, {k: torch.from_numpy(v) for k, v in tensors.items()})
-    assert not result.unexpected_keys
-    assert not [k for k in result.missing_keys if "lora_" in k]
+    peft = load_in_peft(base, out, tensors)
     loaded = {n.replace(".default", ""): p.detach().numpy() for n, p in peft.named_parameters() if "lora_" in n}
     assert set(loaded) == set(tensors)
     for name, value in tensors.items():
@@ -124,10 +116,17 @@ def test_merged_equals_peft_merge_and_unload(hf_tiny, tmp_path, kind):
     for k, v in ours.items():
         np.testing.assert_allclose(v, ref_state[k], atol=1e-5, rtol=0)
 
-    loaded, info = AutoModelForCausalLM.from_pretrained(merged_dir, dtype=torch.float32,
-                                                        output_loading_info=True)
+    merged_computes_the_model(merged_dir, model, ids(seed=2))
+
+
+def merged_computes_the_model(merged_dir, model, x, auto_class=None):
+    """transformers (auto_class, by default AutoModelForCausalLM) loads the merged checkpoint with no
+    key missing or unexpected, and it and tune's own load of it compute `model`'s logits on x."""
+    from transformers import AutoModelForCausalLM
+
+    loaded, info = (auto_class or AutoModelForCausalLM).from_pretrained(
+        merged_dir, dtype=torch.float32, output_loading_info=True)
     assert not info["missing_keys"] and not info["unexpected_keys"]
-    x = ids(seed=2)
     # merged weights round differently from the adapter added at run time: float32's relative error
     np.testing.assert_allclose(torch_logits(loaded.eval(), x), tune_logits(model, x), atol=1e-4,
                                rtol=1e-4)
