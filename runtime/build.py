@@ -129,7 +129,7 @@ def scoring_model(plan: Plan, adapter_dir=None, *, adapter_weights: bool = True)
         source = adapter_dir if adapter_dir is not None and adapter_weights else plan.model.dir
         return load_pretrained(source, config=plan.model.config,
                                compute=compute_spec(plan, training=False), rngs=nnx.Rngs(0))
-    lora = None if adapter_dir is None else read_lora_config(adapter_dir)
+    lora = None if adapter_dir is None else read_lora_config(adapter_dir, model_config=plan.model.config)
     if lora is not None and plan.adapter.quantize != "none":
         # the adapter was trained on the quantised base: score it on that base
         lora = dataclasses.replace(lora, quantize=plan.adapter.quantize)

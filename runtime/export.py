@@ -89,7 +89,7 @@ def check_adapter(plan, adapter_dir) -> None:
     from runtime.model import EXACT
     from runtime.peft import read_lora_config, verify_adapter
 
-    lora = read_lora_config(adapter_dir)
+    lora = read_lora_config(adapter_dir, model_config=plan.model.config)
     abstract = nnx.eval_shape(lambda: Llama(plan.model.config, lora=lora, compute=EXACT,
                                             rngs=nnx.Rngs(0)))
     verify_adapter(adapter_dir, abstract)

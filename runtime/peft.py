@@ -110,9 +110,13 @@ _DAMAGED_HINT = ("the adapter is damaged or is not this run's: train the run aga
                  "adapter/ folder again from where it was trained.")
 
 
-def read_lora_config(adapter_dir, *, key: str = "run") -> LoraConfig:
+def read_lora_config(adapter_dir, *, key: str = "run",
+                     model_config: ModelConfig | None = None) -> LoraConfig:
     """The LoraConfig of a PEFT adapter directory (to build the model that load_peft_adapter fills).
-    PlanError(key, file=adapter_config.json) when it is unreadable or not a LoRA config tune reads."""
+    PlanError(key, file=adapter_config.json) when it is unreadable or not a LoRA config tune reads.
+    PEFT's `"all-linear"` targets every linear layer of the model's blocks: cfg's (Phi-3's fused
+    ones, a mixture's attention — its experts are parameters, not layers), the Llama family's
+    without a cfg."""
     path = Path(adapter_dir) / ADAPTER_CONFIG
 
     def bad(message: str, hint: str = _DAMAGED_HINT) -> PlanError:
@@ -147,7 +151,8 @@ def read_lora_config(adapter_dir, *, key: str = "run") -> LoraConfig:
             full.append(short)
     targets = cfg.get("target_modules")
     if targets == "all-linear":
-        targets = list(MODULE_NAMES)
+        targets = list(MODULE_NAMES) if model_config is None else \
+            [m for m in model_config.linear_names() if model_config.module_copies(m) == 1]
     text = re.fullmatch(re.escape(TEXT_TARGETS).replace(r"\{\}", r"([\w|]+)"), targets) \
         if isinstance(targets, str) else None
     if text:                            # a multimodal model's (TEXT_TARGETS)
@@ -251,7 +256,7 @@ def load_peft_adapter(model: Llama, adapter_dir, *, key: str = "run") -> Llama:
     read_lora_config. A damaged adapter, or one of another shape, raises PlanError(key) naming its
     file (verify_adapter)."""
     adapter_dir = Path(adapter_dir)
-    want = read_lora_config(adapter_dir, key=key)
+    want = read_lora_config(adapter_dir, key=key, model_config=model.cfg)
     have = model.lora
     config = str(adapter_dir / ADAPTER_CONFIG)
     if have is None or have.rank != want.rank or set(have.targets) != set(want.targets) or \

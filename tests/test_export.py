@@ -179,3 +179,29 @@ def test_adapter_round_trip_and_errors(hf_tiny, tmp_path):
     save_file(tensors, str(out / "adapter_model.safetensors"))
     with pytest.raises(ValueError, match=r"layers\.1\.self_attn\.v_proj\.lora_B"):
         load_peft_adapter(load_pretrained(path, lora=lora), out)
+
+
+def test_peft_all_linear_adapter_names_the_models_own_layers(hf_tiny, tmp_path):
+    """An adapter_config.json with PEFT's target_modules "all-linear" adapts the model's own linear
+    layers — Phi-3's fused qkv_proj and gate_up_proj, not the Llama family's names — and loads with
+    PEFT's logits."""
+    from peft import LoraConfig as PeftLora, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    _, path = hf_tiny("phi3")
+    base = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+    peft = get_peft_model(base, PeftLora(r=2, lora_alpha=4, target_modules="all-linear",
+                                         init_lora_weights=False)).eval()
+    peft.save_pretrained(tmp_path / "adapter")
+    config_file = tmp_path / "adapter" / "adapter_config.json"
+    config = json.loads(config_file.read_text())
+    config["target_modules"] = "all-linear"             # as written by hand, or by older PEFT
+    config_file.write_text(json.dumps(config))
+    model = load_pretrained(path)
+    lora = read_lora_config(tmp_path / "adapter", model_config=model.cfg)
+    assert sorted(lora.targets) == ["down_proj", "gate_up_proj", "o_proj", "qkv_proj"]
+    adapted = load_peft_adapter(load_pretrained(path, lora=lora), tmp_path / "adapter")
+    x = ids()
+    ours, theirs = tune_logits(adapted, x), torch_logits(peft, x)
+    assert np.abs(ours - tune_logits(model, x)).max() > 0.05            # the adapter does something
+    np.testing.assert_allclose(ours, theirs, atol=5e-4, rtol=0)
