@@ -33,13 +33,16 @@ DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 # ------------------------------------------------------------------------------ the model
 
 def compute_spec(plan: Plan, *, training: bool):
-    """The plan's ComputeSpec. Scoring and decoding run no backward pass, so they take no remat."""
+    """The plan's ComputeSpec. Scoring and decoding run no backward pass, so they take no remat.
+    The training model keeps its frozen bfloat16-multiplied weights in bfloat16 (ComputeSpec.
+    store_matmul_dtype): nothing exports them."""
     from runtime.model import ComputeSpec
 
     rt = plan.runtime
     return ComputeSpec(dtype=DTYPES[rt.dtype], param_dtype=DTYPES[rt.param_dtype],
                        matmul_dtype=DTYPES[rt.matmul_dtype], remat=rt.remat if training else "none",
-                       attention=rt.attention, attention_block=rt.attention_block)
+                       attention=rt.attention, attention_block=rt.attention_block,
+                       store_matmul_dtype=training)
 
 
 def lora_config(plan: Plan):
