@@ -35,12 +35,16 @@ def soft_cap(x, cap: float | None):
     return x if cap is None else cap * jnp.tanh(x / cap)
 
 
-def causal_attention(q, k, v, mask, *, scale: float, block: int, softcap: float | None = None):
+def causal_attention(q, k, v, mask, *, scale: float, block: int, softcap: float | None = None,
+                     window: int = 0):
     """q [B,T,N,H], k and v [B,T,K,H] (N a multiple of K) → [B,T,N,H] in q's dtype.
 
     mask: [B,1,T,T] bool that is causal already (a query never sees a later key), or None for plain
     causal attention. Scores, softmax and the weighted sum of values accumulate in float32; with
-    `softcap` the scaled scores are soft-capped before the mask (as transformers)."""
+    `softcap` the scaled scores are soft-capped before the mask (as transformers). window > 0: the
+    mask also limits each query to the `window` keys up to its own (a sliding-window layer), so a
+    block's keys start at its first query's window — the blocks skip the keys before it as they
+    skip those after them."""
     B, T, N, H = q.shape
     K = k.shape[2]
     G = N // K
@@ -48,14 +52,15 @@ def causal_attention(q, k, v, mask, *, scale: float, block: int, softcap: float 
     kt, vt = k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)       # [B, K, T, H]
     outs = []
     for s, e in attention_blocks(T, block):
-        scores = soft_cap(jnp.einsum("bkgth,bksh->bkgts", qg[:, :, :, s:e], kt[:, :, :e],
+        lo = max(0, s - window + 1) if window > 0 and mask is not None else 0
+        scores = soft_cap(jnp.einsum("bkgth,bksh->bkgts", qg[:, :, :, s:e], kt[:, :, lo:e],
                                      preferred_element_type=jnp.float32) * scale, softcap)
         if mask is None:
             seen = jnp.arange(s, e)[:, None] >= jnp.arange(e)[None, :]       # [t, s]
         else:
-            seen = mask[:, :, None, s:e, :e]                                 # [B, 1, 1, t, s]
+            seen = mask[:, :, None, s:e, lo:e]                               # [B, 1, 1, t, s]
         probs = jax.nn.softmax(jnp.where(seen, scores, _MASKED), axis=-1)
-        outs.append(jnp.einsum("bkgts,bksh->bkgth", probs.astype(v.dtype), vt[:, :, :e],
+        outs.append(jnp.einsum("bkgts,bksh->bkgth", probs.astype(v.dtype), vt[:, :, lo:e],
                                preferred_element_type=jnp.float32))
     out = outs[0] if len(outs) == 1 else jnp.concatenate(outs, axis=3)
     return out.transpose(0, 3, 1, 2, 4).reshape(B, T, N, H).astype(q.dtype)

@@ -431,9 +431,10 @@ class Attention(nnx.Module):
         else:
             self.q_norm = self.k_norm = None
 
-    def __call__(self, x, cos, sin, mask, keys, cache=None):
+    def __call__(self, x, cos, sin, mask, keys, cache=None, window: int = 0):
         """x [B,T,D]; mask [B,1,T,S] bool, or None for plain causal attention (for "pallas": the
-        segment ids [B,T], or None); keys: 4 dropout keys or None.
+        segment ids [B,T], or None); keys: 4 dropout keys or None; window: this layer's sliding
+        window when the mask holds it (the xla kernel then skips the key blocks before it), else 0.
         cache: None (attend over these T tokens, S = T) or (k [B,S,K,H], v, index): the new keys and
         values are written at slots [index, index+T) and attention runs over all S slots.
         Returns (y [B,T,D], (k, v) of these T tokens, rotated) — the caller stores them."""
@@ -463,7 +464,7 @@ class Attention(nnx.Module):
         attention = "xla" if cache is not None else self.attention
         if cache is None and attention == "xla":
             out = causal_attention(q, k, v, mask, scale=scale, block=self.block,
-                                   softcap=cfg.attn_softcap)
+                                   softcap=cfg.attn_softcap, window=window)
         elif cfg.attn_softcap is not None:
             if cache is None:
                 raise ValueError(f"{attention} attention has no soft-capping; use xla")
@@ -657,12 +658,13 @@ class Block(nnx.Module):
             self.pre_feedforward_layernorm = rms("pre_feedforward_layernorm")
             self.post_feedforward_layernorm = rms("post_feedforward_layernorm")
 
-    def __call__(self, x, cos, sin, mask, dropout_key=None, cache=None, token_weights=None):
+    def __call__(self, x, cos, sin, mask, dropout_key=None, cache=None, token_weights=None,
+                 window: int = 0):
         """(x, (k, v) of these tokens, router statistics: MoE's, or None for a dense MLP)."""
         # One independent dropout mask per adapted module, as PEFT has one nn.Dropout per module.
         keys = None if dropout_key is None else tuple(jax.random.split(dropout_key, 7))
         h, kv = self.self_attn(self.input_layernorm(x), cos, sin, mask,
-                               None if keys is None else keys[:4], cache)
+                               None if keys is None else keys[:4], cache, window)
         mlp_keys = None if keys is None else keys[4:]
         stats = None
 
@@ -797,11 +799,25 @@ class Llama(nnx.Module):
         real = token_mask if token_mask is not None or segment_ids is None else segment_ids > 0
         real = None if real is None else real.astype(jnp.float32)
 
+        skip = self._skipped_window(T)
+
         def layer(x, xs):
             layer_state, key, window, rope = xs
             m = mask if window is None else _window_mask(mask, positions, positions, window)
             c, s = (cos, sin) if rope is None else (cos[rope], sin[rope])
-            x, _, stats = nnx.merge(graphdef, layer_state)(x, c, s, m, key, token_weights=real)
+
+            def run(w):
+                def body(x):
+                    return nnx.merge(graphdef, layer_state)(x, c, s, m, key, token_weights=real,
+                                                            window=w)
+                return body
+
+            if not skip:
+                x, _, stats = run(0)(x)
+            elif all(self.cfg.sliding_windows):             # every layer slides, by one window
+                x, _, stats = run(skip)(x)
+            else:           # local and global layers in one scan (Gemma): each takes its branch
+                x, _, stats = jax.lax.cond(window > 0, run(skip), run(0), x)
             return x, stats
 
         x = self.embed_tokens(tokens)
@@ -837,6 +853,17 @@ class Llama(nnx.Module):
         (each example's last prompt token's: runtime/head.py)."""
         return jnp.einsum("...d,nd->...n", hidden, self.head_weight(),
                           preferred_element_type=jnp.float32)
+
+    def _skipped_window(self, T: int) -> int:
+        """The sliding window whose keys the xla kernel's blocks can skip in rows of T tokens
+        (one window for every sliding layer, blocks of queries, a row longer than a window and a
+        block), else 0."""
+        windows = {w for w in self.cfg.sliding_windows if w}
+        block = self.compute.attention_block
+        if len(windows) != 1 or self.compute.attention != "xla" or not 0 < block < T:
+            return 0
+        (window,) = windows
+        return window if window + block < T else 0
 
     def _windows(self):
         if not self.cfg.sliding_windows:

@@ -60,6 +60,35 @@ def test_blocks_equal_whole_row_attention(block, masked):
         np.testing.assert_allclose(g, g0, atol=1e-5, rtol=0)
 
 
+@pytest.mark.parametrize("block", [4, 8])
+def test_window_blocks_skip_the_keys_before_the_window(block):
+    """A sliding window of 6 in the mask: blocks that start their keys at their first query's window
+    give the whole-row result and gradients, and never read a key before it (values there are NaN,
+    which a product with a zero probability would still spread)."""
+    q, k, v, w = _inputs()
+    window, scale = 6, H ** -0.5
+    i = np.arange(T)
+    mask = _packed_mask() & jnp.asarray((i[:, None] - i[None, :]) < window)[None, None]
+
+    def reference(q, k, v):
+        return jax.nn.dot_product_attention(q, k, v, mask=mask, scale=scale)
+
+    def skipping(q, k, v):
+        return causal_attention(q, k, v, mask, scale=scale, block=block, window=window)
+
+    np.testing.assert_allclose(skipping(q, k, v), reference(q, k, v), atol=2e-6, rtol=0)
+    for g, g0 in zip(jax.grad(_loss(skipping, w), argnums=(0, 1, 2))(q, k, v),
+                     jax.grad(_loss(reference, w), argnums=(0, 1, 2))(q, k, v)):
+        np.testing.assert_allclose(g, g0, atol=1e-5, rtol=0)
+    # the last block's queries see no key before T - block - window + 1: poison those values
+    first = (T - 1) // block * block - window + 1
+    poisoned = v.at[:, :first].set(jnp.nan)
+    last = slice((T - 1) // block * block, T)
+    assert np.isfinite(np.asarray(skipping(q, k, poisoned)[:, last])).all()
+    assert not np.isfinite(np.asarray(causal_attention(q, k, poisoned, mask, scale=scale,
+                                                       block=block)[:, last])).all()
+
+
 def test_bfloat16_operands_keep_float32_scores():
     q, k, v, _ = _inputs(jnp.bfloat16)
     out = causal_attention(q, k, v, None, scale=H ** -0.5, block=4)

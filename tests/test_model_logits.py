@@ -154,6 +154,32 @@ def test_packed_rows_equal_separate_runs(hf_tiny, block, kind):
     np.testing.assert_allclose(out[0, 7:13], tune_logits(model, b[None])[0], atol=1e-5, rtol=0)
 
 
+@pytest.mark.parametrize("kind", ["gemma3", "mistral-window"])
+def test_window_skipping_blocks_train_as_whole_rows(hf_tiny, kind):
+    """Query blocks that skip the keys before a sliding window — every layer's (Mistral), or the
+    local layers' beside full ones in one scan (Gemma 3, a branch per layer) — give whole-row
+    attention's LoRA gradients under remat."""
+    from runtime.model import LoraConfig
+    from runtime.train import split_model
+
+    _, path = hf_tiny(kind)
+    lora = LoraConfig(rank=4, alpha=8, dropout=0.0, targets=("q_proj", "v_proj"))
+    ids = jnp.asarray(tokens())
+
+    def grads(block):
+        model = load_pretrained(path, lora=lora, rngs=nnx.Rngs(1),
+                                compute=EXACT.but(attention_block=block, remat="dots"))
+        assert model._skipped_window(ids.shape[1]) == (5 if block else 0)
+        g, trained, frozen = split_model(model)
+        segments = jnp.ones(ids.shape, jnp.int32)       # a mask, which the windows then narrow
+        loss = lambda p: jnp.mean(nnx.merge(g, frozen, p).logits(  # noqa: E731
+            nnx.merge(g, frozen, p)(ids, segment_ids=segments)) ** 2)
+        return jax.tree.leaves(jax.jit(jax.grad(loss))(trained))
+
+    for a, b in zip(grads(4), grads(0)):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-6, rtol=1e-5)
+
+
 def test_remat_policies_same_values_and_grads(hf_tiny):
     _, path = hf_tiny("llama")
     ids = jnp.asarray(tokens())
