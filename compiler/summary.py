@@ -112,7 +112,8 @@ def _header(plan, run_dir, elapsed) -> Text:
 
 def _model(plan) -> Panel:
     m, c = plan.model, plan.model.config
-    shape = (f"{c.num_layers} layers · hidden {c.hidden_size} · mlp {c.intermediate_size} · heads "
+    mlp = "" if c.num_experts else f"mlp {c.intermediate_size} · "     # experts: their own line
+    shape = (f"{c.num_layers} layers · hidden {c.hidden_size} · {mlp}heads "
              f"{c.num_heads}/{c.num_kv_heads} kv · head dim {c.head_dim} · vocab {_n(c.vocab_size)}")
     return _panel("model", _kv([
         ("name", f"{m.name}  ({m.architecture}, {m.source})"),
