@@ -74,6 +74,13 @@ def check_gguf_export(cfg) -> None:
                         + ". Its GGUF would compute another model.", hint=_AS_CONFIGURED)
 
 
+def check_gguf_tokenizer(model_dir: Path, cfg) -> None:
+    """PlanError (key `format`) unless model_dir's tokenizer goes into a GGUF of this model (a
+    ModelConfig check_gguf_export passed) as the converter writes it: read before anything heavy
+    runs, as write_gguf reads it again."""
+    _tokenizer_writer(Path(model_dir), cfg, GGUF_ARCHES[cfg.family])
+
+
 def _departures(cfg, arch: str) -> list[str]:
     """How llama.cpp would run an `arch` GGUF of this config otherwise than transformers runs the
     checkpoint (empty: the same model)."""

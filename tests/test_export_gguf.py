@@ -488,15 +488,24 @@ def test_phi3_longrope_scaled_otherwise_than_llama_cpp_is_refused(hf_tiny):
 
 def test_qwen_tokenizer_llama_cpp_cannot_name_is_refused(gguf_merged, tmp_path):
     """A Qwen whose tokenizer splits text otherwise than Qwen's pre-tokenizer (llama.cpp knows
-    pre-tokenizers by name only) is refused at export, and nothing is written."""
+    pre-tokenizers by name only) is refused before the model loads (check_gguf_tokenizer, as
+    `tune export` calls it) and at export, and nothing is written."""
+    from core.architecture import read_config
+    from runtime.gguf import check_gguf_tokenizer
+
     state, merged_dir = gguf_merged("qwen2-gguf")
     shutil.copytree(merged_dir, tmp_path / "m")
     doc = json.loads((tmp_path / "m" / "tokenizer.json").read_text())
     doc["pre_tokenizer"]["pretokenizers"][0]["pattern"]["Regex"] = r"\p{L}+|\p{N}{1,3}|\s+"
     (tmp_path / "m" / "tokenizer.json").write_text(json.dumps(doc))
-    with pytest.raises(PlanError) as e:
-        write_gguf(state, tmp_path / "m", tmp_path / "q.gguf", kind="f16", name="q")
-    assert "tokenizer.ggml.pre" in str(e.value) and "qwen2's" in str(e.value)
+    check_gguf_tokenizer(merged_dir, read_config(merged_dir))
+    for refuse in (lambda: check_gguf_tokenizer(tmp_path / "m", read_config(tmp_path / "m")),
+                   lambda: write_gguf(state, tmp_path / "m", tmp_path / "q.gguf", kind="f16",
+                                      name="q")):
+        with pytest.raises(PlanError) as e:
+            refuse()
+        assert e.value.key == "format" and "tokenizer.ggml.pre" in str(e.value) \
+            and "qwen2's" in str(e.value)
     assert not (tmp_path / "q.gguf").exists()
 
 
