@@ -1,8 +1,9 @@
 """llama.cpp's GGUF layout of the architectures tune reads and writes as GGUF, the facts both
 directions need (the embedded models' conversion undoes them, compiler/gguf.py; `tune export
-format=gguf` applies them, runtime/gguf.py): the tensor names against Hugging Face's — Llama's
-(LAYER_NAMES), Gemma 3's (GEMMA3_LAYER_NAMES) — Llama's rope permutation of the q/k rows, and
-Gemma's +1 on every RMSNorm weight (gemma_norm_shift).
+format=gguf` applies them, runtime/gguf.py): the tensor names against Hugging Face's per llama.cpp
+architecture (ARCH_LAYER_NAMES: Llama's, Qwen2's and Qwen3's, Phi-3's fused ones, Gemma's, the
+experts of a mixture), Llama's rope permutation of the q/k rows, and Gemma's +1 on every RMSNorm
+weight (gemma_norm_shift).
 """
 from __future__ import annotations
 
@@ -42,8 +43,24 @@ def gemma_norm_shift(hf_name: str) -> float:
 
 
 GGUF_TYPES = ("f32", "f16", "bf16", "q8_0")
-# general.architecture -> its per-layer names (llama.cpp -> HF)
-ARCH_LAYER_NAMES = {"llama": LAYER_NAMES, "gemma3": GEMMA3_LAYER_NAMES}
+# Qwen3 (and Qwen3-MoE) normalise each head of q and k (Qwen2 has Llama's names, biases included)
+QWEN3_LAYER_NAMES = {**LAYER_NAMES, "attn_q_norm": "self_attn.q_norm",
+                     "attn_k_norm": "self_attn.k_norm"}
+# Phi-3 keeps its fused projections: q/k/v rows in one attn_qkv, the gate's rows then the up's in
+# one ffn_up (llama.cpp splits them at run time)
+PHI3_LAYER_NAMES = {"attn_qkv": "self_attn.qkv_proj", "attn_output": "self_attn.o_proj",
+                    "ffn_up": "mlp.gate_up_proj", "ffn_down": "mlp.down_proj",
+                    "attn_norm": "input_layernorm", "ffn_norm": "post_attention_layernorm"}
+# a mixture of experts (Mixtral as arch llama, Qwen3-MoE): the router, and each projection of the
+# experts stacked [experts, out, in] (split_experts names them from tune's fused ones)
+EXPERT_NAMES = {"ffn_gate_inp": "mlp.gate", "ffn_gate_exps": "mlp.experts.gate_proj",
+                "ffn_up_exps": "mlp.experts.up_proj", "ffn_down_exps": "mlp.experts.down_proj"}
+# general.architecture -> its per-layer names (llama.cpp -> HF); Gemma 2 has Gemma 3's sandwich
+# norms without the q/k norms
+ARCH_LAYER_NAMES = {"llama": {**LAYER_NAMES, **EXPERT_NAMES}, "qwen2": LAYER_NAMES,
+                    "qwen3": QWEN3_LAYER_NAMES, "qwen3moe": {**QWEN3_LAYER_NAMES, **EXPERT_NAMES},
+                    "phi3": PHI3_LAYER_NAMES, "gemma2": GEMMA3_LAYER_NAMES,
+                    "gemma3": GEMMA3_LAYER_NAMES}
 _HF_TO_GGUF = {arch: {hf: gg for gg, hf in names.items()}
                for arch, names in ARCH_LAYER_NAMES.items()}
 _HF_GLOBAL_TO_GGUF = {hf: gg for gg, hf in GLOBAL_NAMES.items()}
@@ -54,6 +71,22 @@ def permute_qk(w: np.ndarray, n_heads: int) -> np.ndarray:
     `w` is a weight [out, in] or a bias [out]."""
     head_dim = w.shape[0] // n_heads
     return w.reshape(n_heads, 2, head_dim // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
+
+
+def split_experts(hf_name: str, value: np.ndarray) -> list[tuple[str, np.ndarray]]:
+    """A tensor of tune's merged state dict under the per-projection names gguf_name maps: the
+    experts' fused gate_up_proj [E, 2F, D] (the gates' rows, then the ups') as mlp.experts.gate_proj
+    and up_proj [E, F, D], their down_proj [E, D, F] as mlp.experts.down_proj (the published
+    checkpoints' per-expert tensors stacked, as llama.cpp's converter stacks them); the others as
+    they are."""
+    if hf_name.endswith(".mlp.experts.gate_up_proj"):
+        half = value.shape[1] // 2
+        base = hf_name[:-len("gate_up_proj")]
+        return [(base + "gate_proj.weight", value[:, :half]), (base + "up_proj.weight",
+                                                                value[:, half:])]
+    if hf_name.endswith(".mlp.experts.down_proj"):
+        return [(hf_name + ".weight", value)]
+    return [(hf_name, value)]
 
 
 def gguf_name(hf_name: str, arch: str = "llama") -> str:

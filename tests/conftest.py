@@ -185,6 +185,24 @@ HF_TINY_KINDS = {
                                       router_aux_loss_coef=0.02)),
     "qwen3-moe": ("Qwen3MoeConfig", dict(head_dim=24, num_experts=4, num_experts_per_tok=2,
                                          moe_intermediate_size=40, norm_topk_prob=False)),
+    # GGUF export (test_export_gguf.py): each family as llama.cpp runs it, with room for a
+    # vocabulary of 256 byte tokens and more; Phi-3 with LongRoPE over half of each head, Gemma 2
+    # with its published query scale (1/√head_dim), Mixtral without a window, Qwen3-MoE's chosen
+    # experts' weights renormalised
+    "qwen2-gguf": ("Qwen2Config", dict(vocab_size=384)),
+    "qwen3-gguf": ("Qwen3Config", dict(vocab_size=384, head_dim=24)),
+    "phi3-gguf": ("Phi3Config", dict(vocab_size=384, rope_parameters=dict(
+        rope_type="longrope", rope_theta=10000.0, partial_rotary_factor=0.5,
+        short_factor=[1.0, 1.5, 2.0, 3.0], long_factor=[2.0, 4.0, 8.0, 16.0],
+        original_max_position_embeddings=8), original_max_position_embeddings=8)),
+    "gemma2-gguf": ("Gemma2Config", dict(vocab_size=384, head_dim=24, query_pre_attn_scalar=24,
+                                         sliding_window=5, attn_logit_softcapping=4.0,
+                                         final_logit_softcapping=3.0, tie_word_embeddings=True)),
+    "mixtral-gguf": ("MixtralConfig", dict(vocab_size=384, num_local_experts=4,
+                                           num_experts_per_tok=2)),
+    "qwen3-moe-gguf": ("Qwen3MoeConfig", dict(vocab_size=384, head_dim=24, num_experts=4,
+                                              num_experts_per_tok=2, moe_intermediate_size=40,
+                                              norm_topk_prob=True)),
 }
 
 

@@ -119,19 +119,23 @@ def test_quantized_weights_read_back_within_rounding(merged, tmp_path, kind):
         v.size for v in state.values())
     back = {k: v.numpy() for k, v in hf_from_gguf(out).state_dict().items()}
     for name, want in state.items():
-        got, want = back[name], np.asarray(want, np.float32)
-        if want.ndim == 1:
-            np.testing.assert_array_equal(got, want, err_msg=name)
-            continue
-        if kind == "q8_0":
-            # blocks of 32 along a row share a scale d = max|x|/127, stored as f16: the error is at
-            # most d/2 plus 127 times d's own rounding (2^-11 relative)
-            d = np.abs(want.reshape(want.shape[0], -1, 32)).max(-1, keepdims=True) / 127
-            err = np.abs(got - want).reshape(d.shape[0], -1, 32)
-            assert (err <= d * (0.5 + 127 * 2 ** -11) + 1e-7).all(), (name, (err / d).max())
-        else:
-            rtol = 2 ** -11 if kind == "f16" else 2 ** -8
-            np.testing.assert_allclose(got, want, rtol=rtol, atol=1e-7, err_msg=name)
+        assert_within_rounding(back[name], np.asarray(want, np.float32), kind, name)
+
+
+def assert_within_rounding(got, want, kind, name):
+    """A weight read back from a GGUF `kind` file is the one written to within its rounding (a
+    q8_0 row no whole number of blocks is f16, as the converter falls back); vectors exact."""
+    if want.ndim == 1:
+        np.testing.assert_array_equal(got, want, err_msg=name)
+    elif kind == "q8_0" and want.shape[-1] % 32 == 0:
+        # blocks of 32 along a row share a scale d = max|x|/127, stored as f16: the error is at
+        # most d/2 plus 127 times d's own rounding (2^-11 relative)
+        d = np.abs(want.reshape(-1, 32)).max(-1, keepdims=True) / 127
+        err = np.abs(got - want).reshape(-1, 32)
+        assert (err <= d * (0.5 + 127 * 2 ** -11) + 1e-7).all(), (name, (err / d).max())
+    else:
+        rtol = 2 ** -8 if kind == "bf16" else 2 ** -11
+        np.testing.assert_allclose(got, want, rtol=rtol, atol=1e-7, err_msg=name)
 
 
 
@@ -440,26 +444,68 @@ def test_gemma3_270m_gguf_tokenizer_encodes_as_the_model_does(gemma_dir, tmp_pat
     assert len(texts) > 300 or not SHARED.is_dir()
 
 
-def test_other_architectures_are_refused_with_the_way_out(hf_tiny, tmp_path):
-    """Families without llama.cpp's layout here (and Llama-architecture models with RoPE scaling or
-    a sliding window) are refused, naming what GGUF export covers; so is a Gemma 3 that llama.cpp
-    would run otherwise than configured (it fixes the layer pattern, the local RoPE base and the
-    queries' scale), with what differs; nothing is written."""
-    for kind, said in (("qwen2", "this is qwen2."), ("gemma2", "this is gemma2."),
-                       ("mistral-window", "mistral with sliding-window attention"),
-                       ("linear-rope", "llama with RoPE scaling")):
+def test_models_llama_cpp_would_run_otherwise_are_refused_with_the_way_out(hf_tiny, tmp_path):
+    """A model llama.cpp would run otherwise than configured is refused, naming the family, its
+    llama.cpp architecture and each difference, and pointing to format=merged; nothing is written:
+    a sliding window llama.cpp has not (Mistral, Mixtral as arch llama; Phi-3's, which it switches
+    off), RoPE scaling this export does not write, Qwen3-MoE's raw top-k weights (llama.cpp
+    renormalises them), Gemma's layer pattern, query scale and bases as llama.cpp fixes them."""
+    for kind, said in (
+            ("mistral-window", ["mistral", "(arch llama)", "no sliding window (sliding_window=5)"]),
+            ("mixtral", ["mixtral", "(arch llama)", "no sliding window (sliding_window=5)"]),
+            ("phi3-window", ["phi3", "ignores Phi-3's sliding window (sliding_window=5)"]),
+            ("linear-rope", ["llama", "RoPE scaling (linear)"]),
+            ("llama3-rope", ["llama", "RoPE scaling (llama3)"]),
+            ("qwen3-moe", ["qwen3_moe", "(arch qwen3moe)", "norm_topk_prob=false"]),
+            ("gemma2", ["gemma2", "queries scaled by 1/√24", "query_pre_attn_scalar=24"]),
+            # 2 layers, [sliding, global]; query_pre_attn_scalar 20
+            ("gemma3", ["gemma3", "one global layer in every 6", "1/√24"])):
         _, path = hf_tiny(kind)
         with pytest.raises(PlanError) as e:
             write_gguf(load_file(str(path / "model.safetensors")), path, tmp_path / "q.gguf",
                        kind="f16", name="q")
-        assert e.value.key == "format" and said in str(e.value), str(e.value)
-        assert "Gemma 3" in str(e.value) and "Llama" in str(e.value) and "merged" in str(e.value)
-    _, path = hf_tiny("gemma3")        # 2 layers, [sliding, global]; query_pre_attn_scalar 20
+        message = str(e.value)
+        assert e.value.key == "format" and all(s in message for s in said), message
+        assert "merged" in message and "another model" in message, message
+    assert "RoPE base" not in message      # Gemma 3 as llama.cpp turns its sliding layers
+    assert not (tmp_path / "q.gguf").exists()
+
+
+def test_phi3_longrope_scaled_otherwise_than_llama_cpp_is_refused(hf_tiny):
+    """llama.cpp's converter writes LongRoPE's cos/sin scale from the context lengths alone: a
+    config giving its own attention_factor is refused (and one with the usual value is not)."""
+    from core.architecture import ModelConfig
+    from runtime.gguf import check_gguf_export
+
+    _, path = hf_tiny("phi3")
+    hf = json.loads((path / "config.json").read_text())
+    check_gguf_export(ModelConfig.from_hf(hf))
+    hf["rope_parameters"]["attention_factor"] = 1.5
     with pytest.raises(PlanError) as e:
-        write_gguf(load_file(str(path / "model.safetensors")), path, tmp_path / "q.gguf",
-                   kind="f16", name="q")
-    assert "one global layer in every 6" in str(e.value) and "1/√24" in str(e.value)
-    assert "RoPE base" not in str(e.value) and "merged" in str(e.value)
+        check_gguf_export(ModelConfig.from_hf(hf))
+    assert "LongRoPE's cos/sin scale" in str(e.value) and "this one: 1.5" in str(e.value)
+
+
+def test_qwen_tokenizer_llama_cpp_cannot_name_is_refused(gguf_merged, tmp_path):
+    """A Qwen whose tokenizer splits text otherwise than Qwen's pre-tokenizer (llama.cpp knows
+    pre-tokenizers by name only) is refused before the model loads (check_gguf_tokenizer, as
+    `tune export` calls it) and at export, and nothing is written."""
+    from core.architecture import read_config
+    from runtime.gguf import check_gguf_tokenizer
+
+    state, merged_dir = gguf_merged("qwen2-gguf")
+    shutil.copytree(merged_dir, tmp_path / "m")
+    doc = json.loads((tmp_path / "m" / "tokenizer.json").read_text())
+    doc["pre_tokenizer"]["pretokenizers"][0]["pattern"]["Regex"] = r"\p{L}+|\p{N}{1,3}|\s+"
+    (tmp_path / "m" / "tokenizer.json").write_text(json.dumps(doc))
+    check_gguf_tokenizer(merged_dir, read_config(merged_dir))
+    for refuse in (lambda: check_gguf_tokenizer(tmp_path / "m", read_config(tmp_path / "m")),
+                   lambda: write_gguf(state, tmp_path / "m", tmp_path / "q.gguf", kind="f16",
+                                      name="q")):
+        with pytest.raises(PlanError) as e:
+            refuse()
+        assert e.value.key == "format" and "tokenizer.ggml.pre" in str(e.value) \
+            and "qwen2's" in str(e.value)
     assert not (tmp_path / "q.gguf").exists()
 
 
@@ -471,3 +517,391 @@ def test_gemma3_without_a_sentencepiece_tokenizer_is_refused(gemma_tiny, tmp_pat
         write_gguf({}, path, tmp_path / "w.gguf", kind="f16", name="w")
     assert "SentencePiece" in str(e.value) and "'WordLevel'" in str(e.value)
     assert not (tmp_path / "w.gguf").exists()
+
+
+# ------------------------------------------------------------- Qwen2, Qwen3, Phi-3, Gemma 2, MoE
+
+QWEN_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+"
+              r"[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+")
+QWEN_CHAT_TEMPLATE = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}"
+                      "<|im_end|>\n{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n"
+                      "{% endif %}")
+WORDS = "the then quick brown fox jumps over lazy dog clause shall".split()
+
+
+def qwen_tokenizer_files(out, vocab_size):
+    """Qwen's byte-level BPE in miniature: the 256 byte symbols, pieces of a few words with and
+    without their space (Ġ), each split a merge; Qwen's pre-tokenizer (digits one by one) and no
+    BOS; <|endoftext|>, <|im_start|>, <|im_end|> special and <tool_call> not, after the pieces, as
+    in Qwen's. config.json's ids as Qwen's: BOS <|endoftext|>, EOS <|im_end|>. Fewer ids than
+    vocab_size. The added tokens' {content: id}."""
+    from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, normalizers, \
+        pre_tokenizers, processors
+    from transformers.convert_slow_tokenizer import bytes_to_unicode
+
+    alphabet = list(bytes_to_unicode().values())
+    words = WORDS + ["Ġ" + w for w in WORDS]
+    pieces = sorted({w[:n] for w in words for n in range(2, len(w) + 1)}, key=lambda p: (len(p), p))
+    vocab = {t: i for i, t in enumerate(alphabet + pieces)}
+    merges = [(p[:-1], p[-1]) for p in pieces]
+    tok = Tokenizer(models.BPE(vocab=vocab, merges=merges, dropout=None, fuse_unk=False,
+                               byte_fallback=False))
+    tok.normalizer = normalizers.NFC()
+    tok.pre_tokenizer = pre_tokenizers.Sequence([
+        pre_tokenizers.Split(Regex(QWEN_SPLIT), behavior="isolated", invert=False),
+        pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
+    tok.decoder = decoders.ByteLevel()
+    tok.post_processor = processors.ByteLevel(trim_offsets=False)
+    specials = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
+    tok.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in specials])
+    tok.add_tokens([AddedToken("<tool_call>", special=False, normalized=False)])
+    assert tok.get_vocab_size() < vocab_size
+    tok.save(str(out / "tokenizer.json"))
+    (out / "tokenizer_config.json").write_text(json.dumps({
+        "add_bos_token": False, "bos_token": None, "eos_token": "<|im_end|>",
+        "pad_token": "<|endoftext|>", "unk_token": None, "chat_template": QWEN_CHAT_TEMPLATE,
+        "tokenizer_class": "PreTrainedTokenizerFast"}))
+    ids = {t: tok.token_to_id(t) for t in specials + ["<tool_call>"]}
+    cfg = json.loads((out / "config.json").read_text())
+    cfg.update(bos_token_id=ids["<|endoftext|>"], eos_token_id=ids["<|im_end|>"],
+               pad_token_id=ids["<|endoftext|>"])
+    (out / "config.json").write_text(json.dumps(cfg))
+    return ids
+
+
+def llama_spm_tokenizer_files(out, vocab_size, added=()):
+    """A Llama-style SentencePiece (Llama 2, Mistral, Phi-3) in miniature, as tokenizer.json holds
+    it: <unk> <s> </s>, the 256 byte pieces, pieces of a few words (▁ for a space, one put before
+    the text), single characters; merges every split of a piece; <s> first; `added` special tokens
+    after the pieces (Phi-3's <|user|>, ...). Fewer ids than vocab_size."""
+    from tokenizers import AddedToken, Tokenizer, decoders, models, normalizers, processors
+
+    words = ["▁" + w for w in WORDS]
+    pieces = sorted({w[:n] for w in words for n in range(2, len(w) + 1)}, key=lambda p: (len(p), p))
+    chars = sorted(set("".join(words)) | set("abcdefghijklmnopqrstuvwxyz.,!?"))
+    tokens = ["<unk>", "<s>", "</s>"] + [f"<0x{b:02X}>" for b in range(256)] + pieces + chars
+    vocab = {t: i for i, t in enumerate(tokens)}
+    merges = [(t[:i], t[i:]) for t in pieces for i in range(len(t) - 1, 0, -1)
+              if t[:i] in vocab and t[i:] in vocab]
+    tok = Tokenizer(models.BPE(vocab=vocab, merges=merges, unk_token="<unk>", fuse_unk=True,
+                               byte_fallback=True, dropout=None))
+    tok.normalizer = normalizers.Sequence([normalizers.Prepend("▁"), normalizers.Replace(" ", "▁")])
+    tok.decoder = decoders.Sequence([decoders.Replace("▁", " "), decoders.ByteFallback(),
+                                     decoders.Fuse(), decoders.Strip(" ", 1, 0)])
+    tok.post_processor = processors.TemplateProcessing(single="<s> $A", pair="<s> $A <s> $B",
+                                                       special_tokens=[("<s>", 1)])
+    tok.add_special_tokens([AddedToken(t, special=True, normalized=False)
+                            for t in ["<unk>", "<s>", "</s>", *added]])
+    assert tok.get_vocab_size() < vocab_size
+    tok.save(str(out / "tokenizer.json"))
+    (out / "tokenizer_config.json").write_text(json.dumps({
+        "add_bos_token": True, "add_eos_token": False, "bos_token": "<s>", "eos_token": "</s>",
+        "unk_token": "<unk>", "pad_token": None, "chat_template": QWEN_CHAT_TEMPLATE,
+        "tokenizer_class": "PreTrainedTokenizerFast"}))
+    return tokens
+
+
+# kind -> (tokenizer files, the LoRA targets)
+MOE_LORA = LoraConfig(rank=4, alpha=8.0, dropout=0.0,
+                      targets=("q_proj", "k_proj", "v_proj", "o_proj", "gate_up_proj", "down_proj"))
+PHI3_LORA = LoraConfig(rank=4, alpha=8.0, dropout=0.0,
+                       targets=("qkv_proj", "o_proj", "gate_up_proj", "down_proj"))
+GGUF_KINDS = {
+    "qwen2-gguf": (qwen_tokenizer_files, LORA), "qwen3-gguf": (qwen_tokenizer_files, LORA),
+    "qwen3-moe-gguf": (qwen_tokenizer_files, MOE_LORA),
+    "phi3-gguf": (lambda out, n: llama_spm_tokenizer_files(out, n, ("<|user|>", "<|end|>")),
+                  PHI3_LORA),
+    "mixtral-gguf": (llama_spm_tokenizer_files, MOE_LORA),
+    "gemma2-gguf": (gemma_tokenizer_files, LORA),
+}
+
+
+@pytest.fixture(scope="module")
+def gguf_merged(hf_tiny, tmp_path_factory):
+    """gguf_merged(kind) -> (HF state dict of the tiny model with a random adapter folded in, its
+    merged checkpoint dir): GGUF_KINDS' tokenizer beside hf_tiny(kind)'s weights."""
+    import jax
+    from flax import nnx
+    from test_export import trained_like
+
+    from runtime.model import LoRAParam
+
+    made = {}
+
+    def make(kind):
+        if kind not in made:
+            files, lora = GGUF_KINDS[kind]
+            _, path = hf_tiny(kind)
+            base = tmp_path_factory.mktemp(kind)
+            for f in path.iterdir():
+                shutil.copy(f, base / f.name)
+            files(base, 384)
+            model = trained_like(base, lora=lora)
+            nnx.update(model, jax.tree.map(lambda x: 0.2 * x, nnx.state(model, LoRAParam)))
+            out = save_merged(model, tmp_path_factory.mktemp(f"{kind}-merged") / "m", base)
+            made[kind] = to_hf_state_dict(model, merged=True), out
+        return made[kind]
+
+    return make
+
+
+def gguf_metadata(path) -> dict:
+    """Every key of a GGUF file but the token list's and merges' (their lengths instead)."""
+    r = GGUFReader(str(path))
+    return {k: (len(f.data) if k in ("tokenizer.ggml.tokens", "tokenizer.ggml.merges",
+                                    "tokenizer.ggml.token_type", "tokenizer.ggml.scores")
+                else f.contents()) for k, f in r.fields.items() if not k.startswith("GGUF.")}
+
+
+def config_as_llama_cpp_reads(path):
+    """transformers' config of a GGUF (AutoConfig with gguf_file), with what its metadata mapping
+    leaves out read from the file as llama.cpp reads it: Qwen3's head size (key_length), Qwen3-MoE's
+    experts' width, Phi-3's rotated share of a head and LongRoPE (type, factors, pretraining
+    length, cos/sin scale), Gemma 2's soft-caps and query scale (1/√key_length)."""
+    from transformers import AutoConfig
+
+    meta = gguf_metadata(path)
+    arch = meta["general.architecture"]
+    cfg = AutoConfig.from_pretrained(path.parent, gguf_file=path.name)
+    if arch in ("qwen3", "qwen3moe"):
+        cfg.head_dim = meta[f"{arch}.attention.key_length"]
+    if arch == "qwen3moe":
+        cfg.moe_intermediate_size = meta["qwen3moe.expert_feed_forward_length"]
+    if arch == "phi3":
+        head = cfg.hidden_size // cfg.num_attention_heads
+        rope = {"rope_type": "default", "rope_theta": meta["phi3.rope.freq_base"],
+                "partial_rotary_factor": meta["phi3.rope.dimension_count"] / head}
+        tensors = {t.name: np.asarray(t.data).tolist() for t in GGUFReader(str(path)).tensors
+                   if t.name.startswith("rope_factors")}
+        if tensors:
+            original = meta["phi3.rope.scaling.original_context_length"]
+            rope.update(rope_type="longrope", long_factor=tensors["rope_factors_long.weight"],
+                        short_factor=tensors["rope_factors_short.weight"],
+                        original_max_position_embeddings=original,
+                        attention_factor=meta["phi3.rope.scaling.attn_factor"])
+            cfg.original_max_position_embeddings = original
+        cfg.rope_parameters = rope
+        cfg.sliding_window = meta["phi3.attention.sliding_window"] or None
+    if arch == "gemma2":
+        cfg.attn_logit_softcapping = meta["gemma2.attn_logit_softcapping"]
+        cfg.final_logit_softcapping = meta["gemma2.final_logit_softcapping"]
+        cfg.query_pre_attn_scalar = meta["gemma2.attention.key_length"]
+    return cfg
+
+
+@pytest.mark.parametrize("kind", ["qwen2-gguf", "qwen3-gguf", "qwen3-moe-gguf", "phi3-gguf",
+                                  "gemma2-gguf"])
+def test_f32_gguf_of_each_family_computes_the_merged_checkpoint(gguf_merged, tmp_path, kind):
+    """transformers reads our f32 GGUF of each merged family back — its tensors by llama.cpp's
+    names (Gemma's norms less the +1; Qwen3-MoE's stacked experts), its config from our metadata
+    (config_as_llama_cpp_reads) — to the merged checkpoint's logits: q/k/v biases, q/k norms,
+    routed experts, Phi-3's fused projections and LongRoPE past its pretraining length (8 tokens)
+    over half of each head, Gemma 2's soft-caps and a window that cuts within these 19 tokens."""
+    from transformers import AutoModelForCausalLM
+
+    state, merged_dir = gguf_merged(kind)
+    out = write_gguf(state, merged_dir, tmp_path / "m.gguf", kind="f32", name="m")
+    x = np.random.default_rng(0).integers(0, 384, (2, 19))
+    want = logits(AutoModelForCausalLM.from_pretrained(merged_dir, dtype=torch.float32).eval(), x)
+    got = logits(AutoModelForCausalLM.from_pretrained(
+        tmp_path, gguf_file=out.name, config=config_as_llama_cpp_reads(out),
+        dtype=torch.float32).eval(), x)
+    np.testing.assert_allclose(got, want, atol=2e-5, rtol=0)
+
+
+def _keys(arch, *names):
+    return {f"{arch}.{n}" for n in names}
+
+
+SIZES = ("block_count", "context_length", "embedding_length", "feed_forward_length",
+         "attention.head_count", "attention.head_count_kv", "attention.layer_norm_rms_epsilon")
+GENERAL = {"general.architecture", "general.type", "general.name", "general.file_type",
+           "general.quantization_version", "tokenizer.chat_template"}
+BYTE_LEVEL = {f"tokenizer.ggml.{k}" for k in ("model", "pre", "tokens", "token_type", "merges",
+                                             "bos_token_id", "eos_token_id", "padding_token_id",
+                                             "add_bos_token")}
+SENTENCEPIECE = {f"tokenizer.ggml.{k}" for k in (
+    "model", "pre", "tokens", "scores", "token_type", "bos_token_id", "eos_token_id",
+    "unknown_token_id", "padding_token_id", "add_bos_token", "add_eos_token", "add_sep_token")}
+# What convert_hf_to_gguf.py writes for each (TextModel.set_gguf_parameters and the model's class;
+# set_vocab: _set_vocab_gpt2 for Qwen, SentencePiece for Phi-3, Mixtral (LlamaModel) and Gemma 2
+# with gguf-py's SpecialVocab), no more and no less
+CONVERTER_KEYS = {
+    "qwen2-gguf": GENERAL | BYTE_LEVEL | _keys("qwen2", *SIZES, "rope.freq_base"),
+    "qwen3-gguf": GENERAL | BYTE_LEVEL | _keys("qwen3", *SIZES, "rope.freq_base",
+                                               "attention.key_length", "attention.value_length"),
+    "qwen3-moe-gguf": GENERAL | BYTE_LEVEL | _keys(
+        "qwen3moe", *SIZES, "rope.freq_base", "attention.key_length", "attention.value_length",
+        "expert_count", "expert_used_count", "expert_feed_forward_length"),
+    "phi3-gguf": GENERAL | SENTENCEPIECE | _keys(
+        "phi3", *SIZES, "rope.freq_base", "rope.dimension_count", "attention.sliding_window",
+        "rope.scaling.original_context_length", "rope.scaling.attn_factor"),
+    "gemma2-gguf": GENERAL | SENTENCEPIECE | {"tokenizer.ggml.add_space_prefix"} | _keys(
+        "gemma2", *SIZES, "attention.key_length", "attention.value_length",
+        "attention.sliding_window", "attn_logit_softcapping", "final_logit_softcapping"),
+    "mixtral-gguf": GENERAL | SENTENCEPIECE | _keys(
+        "llama", *SIZES, "rope.freq_base", "rope.dimension_count", "vocab_size", "expert_count",
+        "expert_used_count"),
+}
+
+
+@pytest.mark.parametrize("kind", sorted(CONVERTER_KEYS))
+def test_metadata_and_layout_of_each_family_as_llama_cpp_converter_writes_them(
+        gguf_merged, tmp_path, kind):
+    """Every key the converter writes for the family, and no other, with the config's values; the
+    tensor names of gguf-py's own map for the architecture (Phi-3's fused projections kept, the
+    experts one stacked tensor per projection, the gates' rows first in tune's fused one; Phi-3's
+    LongRoPE factors as tensors too); norms, biases, routers, factors in f32, the rest q8_0, or
+    f16 where a row is no whole number of q8_0 blocks (Qwen3-MoE's 40-wide experts' down_proj),
+    as the converter falls back."""
+    import gguf
+
+    from core.architecture import read_config
+
+    state, merged_dir = gguf_merged(kind)
+    cfg = read_config(merged_dir)
+    out = write_gguf(state, merged_dir, tmp_path / "m.gguf", kind="q8_0", name="m")
+    meta = gguf_metadata(out)
+    arch = meta["general.architecture"]
+    assert set(meta) == CONVERTER_KEYS[kind]
+    assert meta["general.file_type"] == 7 and meta["tokenizer.ggml.tokens"] == 384
+    assert {k: meta[f"{arch}.{k}"] for k in SIZES[:6]} == {
+        "block_count": 2, "context_length": 512, "embedding_length": 64,
+        "feed_forward_length": 96, "attention.head_count": 4, "attention.head_count_kv": 2}
+    want = {"qwen3-gguf": {"attention.key_length": 24},
+            "qwen3-moe-gguf": {"attention.key_length": 24, "expert_count": 4,
+                               "expert_used_count": 2, "expert_feed_forward_length": 40},
+            "phi3-gguf": {"rope.dimension_count": 8, "attention.sliding_window": 0,
+                          "rope.scaling.original_context_length": 8},
+            "gemma2-gguf": {"attention.key_length": 24, "attention.sliding_window": 5,
+                            "attn_logit_softcapping": 4.0, "final_logit_softcapping": 3.0},
+            "mixtral-gguf": {"rope.dimension_count": 16, "vocab_size": 384, "expert_count": 4,
+                             "expert_used_count": 2, "rope.freq_base": 1e6}}.get(kind, {})
+    assert {k: meta[f"{arch}.{k}"] for k in want} == want
+    if kind == "phi3-gguf":         # √(1 + ln(512/8) / ln 8)
+        assert meta["phi3.rope.scaling.attn_factor"] == pytest.approx(3 ** 0.5, rel=1e-6)
+    assert meta["tokenizer.ggml.model"] == ("gpt2" if "qwen" in kind else "llama")
+    assert meta["tokenizer.ggml.pre"] == ("qwen2" if "qwen" in kind else "default")
+
+    names = gguf.get_tensor_name_map(gguf.MODEL_ARCH[arch.upper()], cfg.num_layers)
+    tensors = {t.name: t for t in GGUFReader(str(out)).tensors}
+    expected = {}
+    for hf_name, w in state.items():
+        if hf_name.endswith("experts.gate_up_proj"):
+            f = w.shape[1] // 2
+            parts = {hf_name[:-len("gate_up_proj")] + p: v
+                     for p, v in (("gate_proj", w[:, :f]), ("up_proj", w[:, f:]))}
+        else:
+            parts = {hf_name.removesuffix(".weight"): w}
+        for base, v in parts.items():
+            suffix = ".bias" if base.endswith(".bias") else ".weight"
+            expected[names.get_name(base.removesuffix(".bias")) + suffix] = v
+    if kind == "phi3-gguf":
+        expected.update({"rope_factors_long.weight": np.array([2.0, 4, 8, 16]),
+                         "rope_factors_short.weight": np.array([1.0, 1.5, 2, 3])})
+    assert set(tensors) == set(expected)
+    for name, w in expected.items():
+        t = tensors[name]
+        assert tuple(int(n) for n in reversed(t.shape)) == w.shape, name
+        if w.ndim == 1 or name.endswith("ffn_gate_inp.weight"):
+            assert t.tensor_type.name == "F32", name
+            shift = 1 if "gemma" in kind and name.endswith("norm.weight") else 0
+            np.testing.assert_array_equal(np.asarray(t.data).reshape(w.shape),
+                                          np.asarray(w, np.float32) + shift, err_msg=name)
+        else:
+            assert t.tensor_type.name == ("Q8_0" if w.shape[-1] % 32 == 0 else "F16"), name
+
+
+def test_mixtral_gguf_computes_the_merged_checkpoint(gguf_merged, tmp_path):
+    """transformers reads llama.cpp's Mixtral (arch llama with experts) as no model, so the f32
+    GGUF's tensors are read with gguf-py, q/k rows put back by transformers' own Llama GGUF
+    processor, each projection's stacked experts (gate and up fused again, gates first, as
+    transformers holds them) loaded into a MixtralForCausalLM of the merged config: its logits
+    are the merged checkpoint's. Every tensor of the checkpoint is there, and no other."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+    from transformers.modeling_gguf_pytorch_utils import LlamaTensorProcessor
+
+    from core.architecture import read_config
+    from core.gguf import ARCH_LAYER_NAMES, GLOBAL_NAMES
+
+    state, merged_dir = gguf_merged("mixtral-gguf")
+    cfg = read_config(merged_dir)
+    out = write_gguf(state, merged_dir, tmp_path / "m.gguf", kind="f32", name="m")
+    meta = gguf_metadata(out)
+    unpermute = LlamaTensorProcessor({"num_attention_heads": meta["llama.attention.head_count"],
+                                      "num_key_value_heads": meta["llama.attention.head_count_kv"]})
+    layer_names = ARCH_LAYER_NAMES["llama"]
+    back = {}
+    for t in GGUFReader(str(out)).tensors:
+        w = unpermute.process(np.asarray(t.data).reshape([int(n) for n in reversed(t.shape)]),
+                              t.name).weights
+        parts = t.name.split(".")
+        if parts[0] == "blk":
+            back[f"model.layers.{parts[1]}.{layer_names[parts[2]]}.{parts[3]}"] = w
+        else:
+            back[f"{GLOBAL_NAMES[parts[0]]}.{parts[1]}"] = w
+    for i in range(cfg.num_layers):
+        p = f"model.layers.{i}.mlp.experts."
+        back[p + "gate_up_proj"] = np.concatenate([back.pop(p + "gate_proj.weight"),
+                                                   back.pop(p + "up_proj.weight")], axis=1)
+        back[p + "down_proj"] = back.pop(p + "down_proj.weight")
+    assert set(back) == set(state)
+    model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(merged_dir)).float().eval()
+    model.load_state_dict({k: torch.from_numpy(np.array(v)) for k, v in back.items()})
+    x = np.random.default_rng(0).integers(0, 384, (2, 19))
+    want = logits(AutoModelForCausalLM.from_pretrained(merged_dir, dtype=torch.float32).eval(), x)
+    np.testing.assert_allclose(logits(model, x), want, atol=2e-5, rtol=0)
+
+
+TOKENIZER_TEXTS = ["the quick brown fox", " then  the   lazy dog\n\nshall jump!", "naïve café ✓",
+                   "<|im_start|>user\nthe clause<|im_end|>\n<|im_start|>assistant\n",
+                   "2024: 12 foxes <tool_call> 3.14", "<|user|>over<|end|>", "", " "]
+
+
+@pytest.mark.parametrize("kind", ["qwen2-gguf", "phi3-gguf", "mixtral-gguf"])
+def test_gguf_tokenizer_encodes_as_the_checkpoint(gguf_merged, tmp_path, kind):
+    """transformers' tokenizer of our GGUF (rebuilt from the vocabulary, types, merges, the
+    pre-tokenizer's name alone) encodes as the merged checkpoint's own: Qwen's digits one by one
+    and its special and user-defined added tokens, SentencePiece's space prefix and byte fallback.
+    (For arch llama transformers rebuilds SentencePiece with a Metaspace, which puts no ▁ before a
+    text that starts with a space, where llama.cpp and Llama's tokenizer.json put one: such texts
+    are left out there.)"""
+    from transformers import AutoTokenizer
+
+    state, merged_dir = gguf_merged(kind)
+    out = write_gguf({}, merged_dir, tmp_path / "t.gguf", kind="f32", name="t")
+    theirs = AutoTokenizer.from_pretrained(tmp_path, gguf_file=out.name)
+    own = load_tokenizer(merged_dir)
+    texts = [t for t in TOKENIZER_TEXTS if kind != "mixtral-gguf" or not t[:1].isspace()]
+    for text in texts:
+        assert theirs(text)["input_ids"] == own.encode(text).ids, text
+
+
+def test_qwen_pre_tokenizer_is_the_one_llama_cpp_names_qwen2():
+    """The regex runtime/gguf.py names "qwen2" is transformers' Qwen2 tokenizer's."""
+    from transformers.models.qwen2.tokenization_qwen2 import PRETOKENIZE_REGEX
+
+    from runtime.gguf import _PRE_TOKENIZERS
+
+    assert _PRE_TOKENIZERS[PRETOKENIZE_REGEX] == "qwen2" and PRETOKENIZE_REGEX == QWEN_SPLIT
+
+
+def test_q8_0_gguf_of_a_mixture_reads_back_within_rounding(gguf_merged, tmp_path):
+    """transformers dequantizes each weight of our q8_0 Qwen3-MoE to within q8_0's rounding of the
+    merged one — the stacked experts' gate and up fused again in their order, the 40-wide down
+    projections (f16, no whole q8_0 block to a row) within f16's —, routers and norms exact."""
+    from transformers import AutoModelForCausalLM
+
+    state, merged_dir = gguf_merged("qwen3-moe-gguf")
+    out = write_gguf(state, merged_dir, tmp_path / "m.gguf", kind="q8_0", name="m")
+    model = AutoModelForCausalLM.from_pretrained(tmp_path, gguf_file=out.name,
+                                                 config=config_as_llama_cpp_reads(out),
+                                                 dtype=torch.float32)
+    back = {k: v.numpy() for k, v in model.state_dict().items()}
+    assert set(back) == set(state)
+    for name, want in state.items():
+        want = np.asarray(want, np.float32)
+        if name.endswith("mlp.gate.weight"):
+            np.testing.assert_array_equal(back[name], want, err_msg=name)
+        else:
+            assert_within_rounding(back[name], want, "q8_0", name)

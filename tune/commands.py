@@ -91,11 +91,12 @@ def export(job) -> None:
                              ".from_pretrained(base, **labels) (labels: the adapter's labels.json), "
                              "then PeftModel.from_pretrained(that model, the adapter).")
     from runtime.export import export_run
-    from runtime.gguf import check_gguf_export
+    from runtime.gguf import check_gguf_export, check_gguf_tokenizer
     from runtime.progress import log
 
     if fmt == "gguf":       # a model llama.cpp would not run as configured: refused before loading
         check_gguf_export(plan.model.config)
+        check_gguf_tokenizer(Path(plan.model.dir), plan.model.config)
     default = rd / "export" / (f"{rd.name}-{kind}.gguf" if fmt == "gguf" else fmt)
     out = Path(job.config["out"]).expanduser() if job.config.get("out") else default
     if out.exists():
