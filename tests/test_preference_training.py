@@ -47,7 +47,8 @@ def test_each_objective_starts_at_zero_margin_and_learns(objective, tiny_chat_di
     for key in TRL_METRICS:
         assert key in first and math.isfinite(first[key]), key
     if objective in ("dpo", "ipo", "kto"):          # the policy is the reference at step 1
-        assert first["rewards/chosen"] == 0 and first["rewards/rejected"] == 0
+        # (two passes of one model, compiled apart: equal to float32's rounding, not always bitwise)
+        assert abs(first["rewards/chosen"]) < 1e-6 and abs(first["rewards/rejected"]) < 1e-6
     if objective == "dpo":
         assert first["loss"] == pytest.approx(math.log(2), abs=1e-6)
     if objective == "kto":
