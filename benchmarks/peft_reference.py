@@ -495,13 +495,23 @@ def evaluate(plan: dict, model, *, limit: int | None = None, device: str | None 
 
 # -------------------------------------------------------------------------------------------- CLI
 
-def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+def peer_arguments(doc: str) -> argparse.ArgumentParser:
+    """The command line a peer of the benchmarks shares: the plan, steps, where to write, device,
+    threads and CPU bfloat16 autocast."""
+    ap = argparse.ArgumentParser(description=doc.split("\n\n")[0],
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("plan", help="a tune plan.json (or the run directory holding it)")
     ap.add_argument("--steps", type=int, default=None, help="training steps (default: the plan's)")
-    ap.add_argument("--out", default=None, help="write adapter/, metrics.jsonl, result.json here")
+    ap.add_argument("--out", default=None, help="write result.json (and what else it writes) here")
     ap.add_argument("--device", default="auto", help="cpu, cuda, or auto")
+    ap.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    ap.add_argument("--cpu-bf16", action="store_true",
+                    help="on a CPU, train under torch.autocast(bfloat16) (default: float32)")
+    return ap
+
+
+def main(argv=None) -> int:
+    ap = peer_arguments(__doc__)
     ap.add_argument("--eval", action="store_true", help="evaluate the trained adapter on the test split")
     ap.add_argument("--eval-base", action="store_true", help="also evaluate the base model")
     ap.add_argument("--adapter", default=None,
@@ -509,9 +519,6 @@ def main(argv=None) -> int:
                          "of training one")
     ap.add_argument("--limit", type=int, default=None, help="test examples scored (default: plan eval.limit)")
     ap.add_argument("--eval-batch-size", type=int, default=16)
-    ap.add_argument("--threads", type=int, default=None, help="torch CPU threads")
-    ap.add_argument("--cpu-bf16", action="store_true",
-                    help="on a CPU, train under torch.autocast(bfloat16) (default: float32)")
     ap.add_argument("--batch-size", type=int, default=None,
                     help="examples per micro-batch (default: the plan's schedule.batch_size)")
     ap.add_argument("--quiet", action="store_true")

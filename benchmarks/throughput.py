@@ -198,19 +198,28 @@ def run_tune(args, work: Path) -> dict:
 # ----------------------------------------------------------------------------------------- PEFT
 
 def run_peft(args, work: Path, plan_path: Path) -> dict:
-    out = work / "peft"
-    cmd = [sys.executable, str(Path(__file__).resolve().parent / "peft_reference.py"), str(plan_path),
-           "--steps", str(args.steps), "--out", str(out), "--device", args.device]
+    extra = ["--batch-size", str(args.batch_size)] if args.row_length else []  # one example per row
+    return run_peer(args, work, plan_path, "peft", "peft_reference.py", extra)
+
+
+def run_trl(args, work: Path, plan_path: Path) -> dict:
+    """The packed peer: TRL's SFTTrainer (benchmarks/trl_reference.py) on the same plan."""
+    return run_peer(args, work, plan_path, "trl", "trl_reference.py")
+
+
+def run_peer(args, work: Path, plan_path: Path, name: str, script: str, extra=()) -> dict:
+    """A peer's script on the plan for --steps steps, in its own process: its result.json."""
+    out = work / name
+    cmd = [sys.executable, str(Path(__file__).resolve().parent / script), str(plan_path),
+           "--steps", str(args.steps), "--out", str(out), "--device", args.device, *extra]
     if args.threads:
         cmd += ["--threads", str(args.threads)]
     if args.peft_cpu_bf16:
         cmd.append("--cpu-bf16")
-    if args.row_length:
-        cmd += ["--batch-size", str(args.batch_size)]      # PEFT: one example per row, as without it
-    print(f"[peft] {' '.join(cmd)}", file=sys.stderr, flush=True)
-    rc, wall = run_logged(cmd, work / "peft.log")
+    print(f"[{name}] {' '.join(cmd)}", file=sys.stderr, flush=True)
+    rc, wall = run_logged(cmd, work / f"{name}.log")
     if rc != 0:
-        raise SystemExit(f"the PEFT reference exited with code {rc}; log: {work / 'peft.log'}")
+        raise SystemExit(f"the {name} reference exited with code {rc}; log: {work / f'{name}.log'}")
     result = json.loads((out / "result.json").read_text())
     result["command"] = cmd
     result["process_wall_s"] = wall
@@ -236,7 +245,7 @@ def steady(records: list[dict], skip: int = 1) -> dict:
     return out
 
 
-def table(tune: dict, peft: dict, tune_wall: float, peft_wall: float) -> str:
+def table(tune: dict, peft: dict, tune_wall: float, peft_wall: float, peer: str = "PEFT") -> str:
     rows = [
         ("tokens/s (non-padding inputs)", "tokens_per_s", True),
         ("supervised tokens/s", "supervised_tokens_per_s", True),
@@ -245,7 +254,7 @@ def table(tune: dict, peft: dict, tune_wall: float, peft_wall: float) -> str:
         ("step time, median (s)", "step_time_s_median", False),
         ("row fill (real / computed tokens)", "fill", True),
     ]
-    lines = [f"{'':36} {'tune':>12} {'PEFT':>12} {'tune/PEFT':>10}", "-" * 73]
+    lines = [f"{'':36} {'tune':>12} {peer:>12} {'tune/' + peer:>10}", "-" * 73]
     for label, key, _ in rows:
         a, b = tune.get(key), peft.get(key)
         fa = f"{a:12,.3f}" if isinstance(a, float) and a < 100 else (f"{a:12,.0f}" if a is not None else f"{'n/a':>12}")
@@ -254,7 +263,8 @@ def table(tune: dict, peft: dict, tune_wall: float, peft_wall: float) -> str:
         lines.append(f"{label:36} {fa} {fb} {ratio}")
     lines.append(f"{'end to end, whole process (s)':36} {tune_wall:12,.1f} {peft_wall:12,.1f} "
                  f"{tune_wall / peft_wall:10.2f}")
-    lines.append("(throughput rows: tune/PEFT > 1 means tune is faster; time rows: < 1 means tune is faster)")
+    lines.append(f"(throughput rows: tune/{peer} > 1 means tune is faster; time rows: < 1 means tune "
+                 "is faster)")
     return "\n".join(lines)
 
 
@@ -288,6 +298,9 @@ def parse_args(argv=None):
     ap.add_argument("--work", default=None, help="keep the runs in this directory (default: a temp dir)")
     ap.add_argument("--out", default=None, help="results JSON (default: benchmarks/results/throughput-<platform>.json)")
     ap.add_argument("--skip-peft", action="store_true")
+    ap.add_argument("--trl", action="store_true",
+                    help="also run the packed peer, TRL's SFTTrainer with padding-free packing "
+                         "(benchmarks/trl_reference.py; bfloat16 autocast with --peft-cpu-bf16)")
     ap.add_argument("--peft-cpu-bf16", action="store_true",
                     help="PEFT under torch.autocast(cpu, bfloat16), tune's CPU matmuls' peer")
     ap.add_argument("--record", action="store_true",
@@ -338,13 +351,15 @@ def record(args, argv, header: str, text: str, loads) -> None:
         elif a != "--record" and not a.startswith(("--work=", "--out=")):
             keep.append(a)
     name = ("throughput-nopack" if args.no_pack else "throughput") + \
-        ("-peft-bf16" if args.peft_cpu_bf16 else "") + ("-rows" if args.row_length else "")
+        ("-peft-bf16" if args.peft_cpu_bf16 else "") + ("-rows" if args.row_length else "") + \
+        ("-trl" if args.trl else "")
     begin, end = f"<!-- {name}:begin -->", f"<!-- {name}:end -->"
     loads = [x for x in loads if x is not None]
     section = "\n".join([
         begin,
         f"## Throughput{' — tune unpacked (runtime.pack=false)' if args.no_pack else ''}"
         + (" — PEFT under bfloat16 autocast" if args.peft_cpu_bf16 else "")
+        + (" — and TRL's SFTTrainer, packed" if args.trl else "")
         + (f" — tune's packed rows {args.row_length} tokens long (runtime.row_length)"
            if args.row_length else ""),
         "",
@@ -379,7 +394,7 @@ def main(argv=None) -> int:
     work.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
 
-    tune_runs, peft_runs, plan = [], [], None
+    tune_runs, peft_runs, trl_runs, plan = [], [], [], None
     for rep in range(args.repeat):
         sub = work / f"round{rep}" if args.repeat > 1 else work
         load = wait_quiet(args.wait_quiet)
@@ -398,12 +413,19 @@ def main(argv=None) -> int:
             peft = run_peft(args, sub, Path(tune_runs[0]["run_dir"]) / "plan.json")
             peft.update(steady=steady(peft["records"], args.skip), load_before=load, load_after=loadavg())
             peft_runs.append(peft)
+        if args.trl:
+            load = wait_quiet(args.wait_quiet)
+            trl = run_trl(args, sub, Path(tune_runs[0]["run_dir"]) / "plan.json")
+            trl.update(steady=steady(trl["records"], args.skip), load_before=load, load_after=loadavg())
+            trl_runs.append(trl)
         print(f"[round {rep + 1}/{args.repeat}] tune {tune['steady'].get('tokens_per_s', 0):,.0f} tok/s"
               + (f", PEFT {peft_runs[-1]['steady'].get('tokens_per_s', 0):,.0f} tok/s" if peft_runs else "")
+              + (f", TRL {trl_runs[-1]['steady'].get('tokens_per_s', 0):,.0f} tok/s" if trl_runs else "")
               + f" (load average {loadavg()})", file=sys.stderr, flush=True)
 
     tune = best(tune_runs)
     peft = best(peft_runs) if peft_runs else None
+    trl = best(trl_runs) if trl_runs else None
     tune_fig, peft_fig = tune["steady"], (peft or {}).get("steady")
     plat = platform_name(tune, peft)
     s = plan["schedule"]
@@ -415,6 +437,7 @@ def main(argv=None) -> int:
               + f" (compute {plan['runtime']['dtype']}, "
               f"matmuls {plan['runtime'].get('matmul_dtype', plan['runtime']['dtype'])}), PEFT padded "
               f"per batch ({(peft or {}).get('dtype', 'not run')})"
+              + (f", TRL SFTTrainer packed padding-free ({trl['dtype']})" if trl else "")
               + (f"; best of {args.repeat} alternating runs" if args.repeat > 1 else ""))
     print("\n" + header)
     if peft_fig:
@@ -426,6 +449,13 @@ def main(argv=None) -> int:
                      " (same batch, LoRA B = 0; tune's matmuls in bfloat16: agree to ~1% — "
                      "to ~1e-5 with runtime.matmul_dtype=float32)") if args.no_pack else
                     " (different batches: tune packs)"))
+        if trl:
+            text += "\n\n" + table(tune_fig, trl["steady"], tune["wall_s"], trl["process_wall_s"],
+                                    peer="TRL") + f"\nstep-1 loss: TRL {trl['records'][0]['loss']:.5f}"
+            fastest = max((("PEFT", peft_fig), ("TRL", trl["steady"])),
+                          key=lambda p: p[1].get("tokens_per_s") or 0)
+            text += (f"\n\ntune against the fastest peer ({fastest[0]}): "
+                     f"{tune_fig['tokens_per_s'] / fastest[1]['tokens_per_s']:.2f}× tokens/s")
         print(text)
         if args.record:
             record(args, argv, header, text, [r["load_before"] for r in tune_runs + peft_runs])
@@ -457,6 +487,12 @@ def main(argv=None) -> int:
     }
     if args.repeat > 1:
         result["tune_runs"] = [r["steady"] | {"load_before": r["load_before"]} for r in tune_runs]
+    if trl:
+        result["trl"] = peft_entry(trl)
+        result["ratios_tune_over_trl"] = {
+            k: tune_fig[k] / trl["steady"][k] for k in
+            ("tokens_per_s", "supervised_tokens_per_s", "examples_per_s", "step_time_s_mean")
+            if tune_fig.get(k) and trl["steady"].get(k)}
     if peft:
         result["peft"] = peft_entry(peft)
         if args.repeat > 1:
@@ -466,6 +502,7 @@ def main(argv=None) -> int:
             ("tokens_per_s", "supervised_tokens_per_s", "examples_per_s", "step_time_s_mean")
             if tune_fig.get(k) and peft_fig.get(k)}
     suffix = (("-nopack" if args.no_pack else "") + ("-peft-bf16" if args.peft_cpu_bf16 else "")
+              + ("-trl" if args.trl else "")
               + (f"-rows{args.row_length}" if args.row_length else ""))
     out = Path(args.out) if args.out else RESULTS / f"throughput-{plat}{suffix}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
