@@ -5,9 +5,11 @@ Mixtral's experts stacked [experts, out, in], its router), Qwen2/2.5 as "qwen2" 
 Qwen3 as "qwen3" (q/k norms) and Qwen3-MoE as "qwen3moe" (its experts likewise), Phi-3 as "phi3"
 (the fused qkv and gate/up projections as they are, the rotated part of each head, LongRoPE's
 factors as two tensors), Gemma 2 as "gemma2" and Gemma 3 as "gemma3" (every RMSNorm weight plus
-one; Gemma 2's soft-caps and window). The tokenizer goes as the converter writes it: byte-level BPE
-as llama.cpp's "gpt2" model (Qwen's pre-tokenizer by its name), SentencePiece (tokenizer.json's BPE
-with byte fallback) as its "llama" model. Names and the per-architecture facts live in core/gguf.py;
+one; Gemma 2's soft-caps and window); a multimodal Gemma 3's text model as "gemma3" too (its
+vision tower, llama.cpp's second "mmproj" file, is for the converter to write from format=merged).
+The tokenizer goes as the converter writes it: byte-level BPE as llama.cpp's "gpt2" model (Qwen's
+pre-tokenizer by its name), SentencePiece (tokenizer.json's BPE with byte fallback) as its "llama"
+model. Names and the per-architecture facts live in core/gguf.py;
 check_gguf_export refuses, before anything heavy runs, a model llama.cpp would not run as the
 checkpoint does: a setting its loader ignores (a sliding window where it has none) or fixes (Gemma's
 layer pattern and query scale, Qwen3-MoE's renormalised expert weights), or one this export does
@@ -35,7 +37,7 @@ GGUF_ARCHES = {"llama": "llama", "mistral": "llama", "mixtral": "llama", "qwen2"
                "gemma3": "gemma3"}
 COVERED = ("the text models llama.cpp maps and runs as configured: Llama-architecture models "
            "(Llama, SmolLM, Mistral, Mixtral), Qwen2/2.5, Qwen3, Qwen3-MoE, Phi-3, Gemma 2 and "
-           "Gemma 3")
+           "Gemma 3 (of a multimodal Gemma 3, the text model)")
 _MERGED_HINT = "export format=merged and convert it with llama.cpp's convert_hf_to_gguf.py."
 _AS_CONFIGURED = "export format=merged: transformers and vLLM run it as configured."
 # what llama.cpp's loader fixes for Gemma 2 and 3 (src/llama-model.cpp) instead of reading it from
@@ -56,21 +58,18 @@ _PRE_TOKENIZERS = {
 def check_gguf_export(cfg) -> None:
     """PlanError (key `format`) unless a GGUF of this model (a ModelConfig) runs in llama.cpp as
     the checkpoint does in transformers: a family with llama.cpp's tensor layout here, and none of
-    the settings llama.cpp's loader ignores or fixes otherwise."""
-    if cfg.multimodal:
-        raise PlanError("format", f"GGUF export covers {COVERED}; this is a multimodal Gemma 3 "
-                        "(Gemma3ForConditionalGeneration), which llama.cpp runs from two GGUF files: "
-                        "the text model and the vision tower (mmproj).",
-                        hint="export format=merged and convert it with llama.cpp's "
-                             "convert_hf_to_gguf.py, once more with --mmproj for the vision tower.")
+    the settings llama.cpp's loader ignores or fixes otherwise. A multimodal Gemma 3's text model
+    is checked as a Gemma 3 text model (its GGUF is one); its vision tower is not written here."""
     arch = GGUF_ARCHES.get(cfg.family)
     if arch is None:
         raise PlanError("format", f"GGUF export covers {COVERED}; this is {cfg.family}.",
                         hint=_MERGED_HINT)
     departures = _departures(cfg, arch)
     if departures:
-        raise PlanError("format", f"llama.cpp would run this {cfg.family} model's GGUF (arch "
-                        f"{arch}) otherwise than the checkpoint computes: " + "; ".join(departures)
+        what = f"this {cfg.family} model's GGUF" if not cfg.multimodal else \
+            "the GGUF of this multimodal Gemma 3's text model"
+        raise PlanError("format", f"llama.cpp would run {what} (arch {arch}) otherwise than the "
+                        "checkpoint computes: " + "; ".join(departures)
                         + ". Its GGUF would compute another model.", hint=_AS_CONFIGURED)
 
 
@@ -170,7 +169,10 @@ def write_gguf(tensors: dict[str, np.ndarray], model_dir: Path, out: Path, *, ki
     merged adapter's) with the config and tokenizer of model_dir, as convert_hf_to_gguf.py writes
     it: weight matrices (and stacked experts) in `kind` (f32, f16, bf16, q8_0; f16 for a q8_0 row
     not a whole number of blocks), vectors, norms and routers in f32; the metadata and the
-    tensors' layout of the model's llama.cpp architecture (GGUF_ARCHES)."""
+    tensors' layout of the model's llama.cpp architecture (GGUF_ARCHES). A multimodal Gemma 3
+    (Gemma3ForConditionalGeneration) gives its text model, as the converter does run without
+    --mmproj: a gemma3 GGUF like a Gemma3ForCausalLM's, of text_config's hyperparameters, its text
+    tensors under either naming (TEXT_TOWER, TEXT_TOWER_LEGACY) and its vision tensors left out."""
     from gguf import GGML_QUANT_VERSION, GGMLQuantizationType, GGUFWriter, LlamaFileType
     from gguf.quants import QuantError, quantize
 
@@ -181,6 +183,9 @@ def write_gguf(tensors: dict[str, np.ndarray], model_dir: Path, out: Path, *, ki
     check_gguf_export(cfg)
     arch = GGUF_ARCHES[cfg.family]
     hf = _converter_config(model_dir)
+    if cfg.multimodal:
+        hf = {**hf, **(hf.get("text_config") or {})}    # TextModel: text_config moved to the root
+        tensors = _text_model_tensors(tensors)
     qtype, ftype = {"f32": (GGMLQuantizationType.F32, LlamaFileType.ALL_F32),
                     "f16": (GGMLQuantizationType.F16, LlamaFileType.MOSTLY_F16),
                     "bf16": (GGMLQuantizationType.BF16, LlamaFileType.MOSTLY_BF16),
@@ -209,6 +214,23 @@ def write_gguf(tensors: dict[str, np.ndarray], model_dir: Path, out: Path, *, ki
     w.write_tensors_to_file()
     w.close()
     return Path(out)
+
+
+def _text_model_tensors(tensors: dict) -> dict:
+    """A multimodal Gemma 3's text tensors under a Gemma 3 text model's names (model.layers...,
+    lm_head...), from either of the multimodal namings; the vision tower and projector left out."""
+    from core.architecture import TEXT_TOWER, TEXT_TOWER_LEGACY, is_vision_tensor
+
+    out = {}
+    for name, value in tensors.items():
+        if is_vision_tensor(name):
+            continue
+        for short, long in (*TEXT_TOWER_LEGACY.items(), *TEXT_TOWER.items()):
+            if name.startswith(long):
+                name = short + name.removeprefix(long)
+                break
+        out[name] = value
+    return out
 
 
 def _gguf_tensors(tensors: dict, cfg, arch: str):

@@ -360,6 +360,73 @@ def test_gemma3_metadata_and_layout_as_llama_cpp_converter_writes_them(gemma_tin
 
 
 @pytest.fixture(scope="module")
+def gemma_multimodal(gemma_tiny, tmp_path_factory):
+    """A tiny multimodal Gemma 3 (Gemma3ForConditionalGeneration) whose text model is gemma_tiny's,
+    weights and all, beside a 1-layer SigLIP vision tower; gemma_tiny's tokenizer, the image
+    tokens at the vocabulary's end."""
+    from transformers import (Gemma3Config, Gemma3ForCausalLM,
+                              Gemma3ForConditionalGeneration)
+
+    path, _ = gemma_tiny
+    text = json.loads((path / "config.json").read_text())
+    vision = dict(image_size=16, patch_size=8, hidden_size=16, intermediate_size=32,
+                  num_hidden_layers=1, num_attention_heads=2)
+    config = Gemma3Config(text_config=text, vision_config=vision, mm_tokens_per_image=4,
+                          boi_token_index=381, eoi_token_index=382, image_token_index=383,
+                          tie_word_embeddings=False)   # as the text model's: the top level decides
+    torch.manual_seed(0)
+    model = Gemma3ForConditionalGeneration(config).float().eval()
+    causal = Gemma3ForCausalLM.from_pretrained(path, dtype=torch.float32)
+    model.model.language_model.load_state_dict(causal.model.state_dict())
+    model.lm_head.load_state_dict(causal.lm_head.state_dict())
+    out = tmp_path_factory.mktemp("gemma3-mm-gguf")
+    model.save_pretrained(out, safe_serialization=True)
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        shutil.copy(path / name, out / name)
+    return out
+
+
+def test_gemma3_multimodal_text_model_gguf_as_llama_cpp_converter_writes_it(
+        gemma_tiny, gemma_multimodal, tmp_path):
+    """Of a multimodal Gemma 3, `tune export format=gguf` (export_run's write_gguf of the merged
+    state dict) writes its text model as llama.cpp's converter does without --mmproj: the metadata
+    (text_config's) and tensors of the same text model saved as a Gemma3ForCausalLM, the vision
+    tower left out; transformers reads it back as a Gemma 3 text model whose logits on text are the
+    merged multimodal checkpoint's."""
+    import jax
+    from flax import nnx
+    from test_export import trained_like
+    from transformers import Gemma3ForConditionalGeneration
+
+    from runtime.model import LoRAParam
+
+    ours = write_gguf(load_file(str(gemma_multimodal / "model.safetensors")), gemma_multimodal,
+                      tmp_path / "mm.gguf", kind="f32", name="tiny")
+    ref = write_gguf(load_file(str(gemma_tiny[0] / "model.safetensors")), gemma_tiny[0],
+                     tmp_path / "text.gguf", kind="f32", name="tiny")
+    got, want = GGUFReader(str(ours)), GGUFReader(str(ref))
+    assert set(got.fields) == set(want.fields)
+    for key in want.fields:
+        if key != "general.name":
+            assert got.fields[key].contents() == want.fields[key].contents(), key
+    assert got.fields["general.architecture"].contents() == "gemma3"
+    assert [t.name for t in got.tensors] == [t.name for t in want.tensors]
+    for a, b in zip(got.tensors, want.tensors):
+        np.testing.assert_array_equal(np.asarray(a.data), np.asarray(b.data), err_msg=a.name)
+
+    model = trained_like(gemma_multimodal, lora=LORA)
+    nnx.update(model, jax.tree.map(lambda x: 0.2 * x, nnx.state(model, LoRAParam)))
+    merged_dir = save_merged(model, tmp_path / "merged", gemma_multimodal)
+    out = write_gguf(to_hf_state_dict(model, merged=True), gemma_multimodal, tmp_path / "m.gguf",
+                     kind="f32", name="m")
+    x = np.random.default_rng(0).integers(0, 381, (2, 19))      # text: no image tokens
+    merged = Gemma3ForConditionalGeneration.from_pretrained(merged_dir, dtype=torch.float32).eval()
+    back = hf_from_gguf(out)
+    assert type(back).__name__ == "Gemma3ForCausalLM"
+    np.testing.assert_allclose(logits(back, x), logits(merged, x), atol=1e-5, rtol=0)
+
+
+@pytest.fixture(scope="module")
 def gemma_dir():
     """The converted Gemma 3 270M (test_gemma_gguf.py checks the conversion)."""
     from compiler.gguf import ensure_embedded_model

@@ -42,7 +42,7 @@ def ids(B=2, T=17, seed=0):
 def test_config_is_the_text_config_with_transformers_defaults(tiny_gemma3_multimodal):
     """text_config reads as the same Gemma 3 text model's config.json would, keys left out taking
     Gemma3TextConfig's defaults (a published config leaves most out); bad keys are named
-    `text_config.<key>`; GGUF export is refused naming the architecture."""
+    `text_config.<key>`; GGUF export checks the text model as a Gemma 3's."""
     from transformers import Gemma3TextConfig
 
     from runtime.gguf import check_gguf_export
@@ -76,9 +76,13 @@ def test_config_is_the_text_config_with_transformers_defaults(tiny_gemma3_multim
         with pytest.raises(PlanError, match=match) as e:
             ModelConfig.from_hf({**hf, "text_config": {**hf["text_config"], **bad}})
         assert e.value.key == "model.path"
-    with pytest.raises(PlanError, match="Gemma3ForConditionalGeneration") as e:
+    with pytest.raises(PlanError, match="multimodal Gemma 3's text model .*one global layer in "
+                       "every 6") as e:     # its text model checked as Gemma 3's: 2 layers here
         check_gguf_export(ModelConfig.from_hf(hf))
-    assert e.value.key == "format" and "--mmproj" in e.value.hint
+    assert e.value.key == "format"
+    check_gguf_export(ModelConfig.from_hf({**hf, "text_config": {
+        **hf["text_config"], "num_hidden_layers": 6, "head_dim": 256, "query_pre_attn_scalar": 256,
+        "layer_types": None, "sliding_window_pattern": 6, "rope_parameters": None}}))
 
 
 @pytest.mark.parametrize("style", STYLES)
@@ -192,7 +196,8 @@ def test_plan_compiles(tiny_gemma3_multimodal, tmp_path, style):
 
 def test_trains_and_exports(tiny_gemma3_multimodal, tmp_path):
     """Two training steps through the runtime: the run's adapter targets the text model alone, and
-    `tune export`'s merged checkpoint loads in transformers whole; GGUF is refused before loading."""
+    `tune export`'s merged checkpoint loads in transformers whole; GGUF of this text model (a layer
+    pattern llama.cpp fixes otherwise) is refused."""
     from transformers import Gemma3ForConditionalGeneration
 
     from conftest import tiny_plan
@@ -207,5 +212,5 @@ def test_trains_and_exports(tiny_gemma3_multimodal, tmp_path):
     out = export_run(plan, tmp_path / "run", tmp_path / "merged", fmt="merged", gguf_type="f32")
     _, info = Gemma3ForConditionalGeneration.from_pretrained(out, output_loading_info=True)
     assert not info["missing_keys"] and not info["unexpected_keys"]
-    with pytest.raises(PlanError, match="multimodal"):
+    with pytest.raises(PlanError, match="multimodal Gemma 3's text model"):
         export_run(plan, tmp_path / "run", tmp_path / "model.gguf", fmt="gguf", gguf_type="f32")
