@@ -33,16 +33,13 @@ DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 # ------------------------------------------------------------------------------ the model
 
 def compute_spec(plan: Plan, *, training: bool):
-    """The plan's ComputeSpec. Scoring and decoding run no backward pass, so they take no remat.
-    The training model keeps its frozen bfloat16-multiplied weights in bfloat16 (ComputeSpec.
-    store_matmul_dtype): nothing exports them."""
+    """The plan's ComputeSpec. Scoring and decoding run no backward pass, so they take no remat."""
     from runtime.model import ComputeSpec
 
     rt = plan.runtime
     return ComputeSpec(dtype=DTYPES[rt.dtype], param_dtype=DTYPES[rt.param_dtype],
                        matmul_dtype=DTYPES[rt.matmul_dtype], remat=rt.remat if training else "none",
-                       attention=rt.attention, attention_block=rt.attention_block,
-                       store_matmul_dtype=training)
+                       attention=rt.attention, attention_block=rt.attention_block)
 
 
 def lora_config(plan: Plan):

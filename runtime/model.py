@@ -88,11 +88,6 @@ class ComputeSpec:
     remat: str
     attention: str
     attention_block: int
-    # frozen linear weights multiplied in bfloat16 (mixed_matmul) are also STORED in bfloat16: they
-    # are only ever used rounded to it, so this computes the same and removes a conversion per layer
-    # and pass. The training model's (runtime/build.py); a scored or exported model keeps param_dtype
-    # (a merged export writes the weights as loaded).
-    store_matmul_dtype: bool = False
 
     def __post_init__(self):
         if self.remat not in REMAT_POLICIES:
@@ -222,16 +217,12 @@ class Linear(nnx.Module):
 
     def __init__(self, d_in: int, d_out: int, *, bias: bool, lora: LoraConfig | None, dtype,
                  param_dtype, rngs: nnx.Rngs, trained: bool = False, quantize: str = "none",
-                 matmul_dtype=None, store_matmul_dtype: bool = False):
+                 matmul_dtype=None):
         self.dtype, self.shape = dtype, (d_out, d_in)
         self.quantize = "none" if trained else quantize
         # bfloat16 operands for a float32 compute dtype: the frozen product goes through mixed_matmul
         self.mixed = (not trained and matmul_dtype is not None
                       and jnp.dtype(matmul_dtype) == jnp.bfloat16 and jnp.dtype(dtype) == jnp.float32)
-        # ... and the weight stored in bfloat16 where nothing else reads it (DoRA's norms do)
-        if self.mixed and store_matmul_dtype and self.quantize == "none" and \
-                (lora is None or lora.kind != "dora"):
-            param_dtype = jnp.bfloat16
         param = FullParam if trained else nnx.Param
         key = rngs.params()
         if self.quantize == "int8":      # random codes: a stand-in until real weights are loaded
@@ -411,8 +402,7 @@ class Attention(nnx.Module):
         self.cfg, self.dtype = cfg, dtype
         self.attention, self.block = compute.attention, compute.attention_block
         D, N, K, H = cfg.hidden_size, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
-        common = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs, matmul_dtype=matmul_dtype,
-                      store_matmul_dtype=compute.store_matmul_dtype)
+        common = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs, matmul_dtype=matmul_dtype)
         if cfg.fused:       # Phi-3: one projection, q then k then v along its output
             self.qkv_proj = Linear(D, (N + 2 * K) * H, bias=False, **_linear_kw(lora, "qkv_proj"),
                                    **common)
@@ -500,8 +490,7 @@ class MLP(nnx.Module):
     def __init__(self, cfg: ModelConfig, *, lora, compute: ComputeSpec, rngs: nnx.Rngs):
         D, F = cfg.hidden_size, cfg.intermediate_size
         common = dict(bias=False, dtype=compute.dtype, param_dtype=compute.param_dtype, rngs=rngs,
-                      matmul_dtype=compute.matmul_dtype,
-                      store_matmul_dtype=compute.store_matmul_dtype)
+                      matmul_dtype=compute.matmul_dtype)
         self.fused = cfg.fused
         if cfg.fused:       # Phi-3: gate then up along one projection's output
             self.gate_up_proj = Linear(D, 2 * F, **_linear_kw(lora, "gate_up_proj"), **common)
@@ -539,12 +528,10 @@ class ExpertLinear(nnx.Module):
     expert's update s·B_e A_e; no dropout, no DoRA (PEFT has neither for parameters)."""
 
     def __init__(self, experts: int, d_in: int, d_out: int, *, lora: LoraConfig | None, dtype,
-                 param_dtype, rngs: nnx.Rngs, matmul_dtype=None, store_matmul_dtype: bool = False):
+                 param_dtype, rngs: nnx.Rngs, matmul_dtype=None):
         self.dtype, self.shape = dtype, (experts, d_out, d_in)
         self.mixed = (matmul_dtype is not None and jnp.dtype(matmul_dtype) == jnp.bfloat16
                       and jnp.dtype(dtype) == jnp.float32)
-        if self.mixed and store_matmul_dtype:       # as Linear's
-            param_dtype = jnp.bfloat16
         self.weight = nnx.Param(0.02 * jax.random.normal(rngs.params(), self.shape, param_dtype))
         if lora is None:
             self.lora_A = self.lora_B = None
@@ -578,8 +565,7 @@ class Experts(nnx.Module):
     def __init__(self, cfg: ModelConfig, *, lora, compute: ComputeSpec, rngs: nnx.Rngs):
         E, D, F = cfg.num_experts, cfg.hidden_size, cfg.expert_intermediate_size
         common = dict(dtype=compute.dtype, param_dtype=compute.param_dtype, rngs=rngs,
-                      matmul_dtype=compute.matmul_dtype,
-                      store_matmul_dtype=compute.store_matmul_dtype)
+                      matmul_dtype=compute.matmul_dtype)
         self.gate_up_proj = ExpertLinear(E, D, 2 * F, lora=_lora_for(lora, "gate_up_proj"),
                                          **common)
         self.down_proj = ExpertLinear(E, F, D, lora=_lora_for(lora, "down_proj"), **common)
