@@ -8,6 +8,7 @@ From a compiled tune plan (plan.json), as benchmarks/peft_reference.py: the same
 ids, its prompt unsupervised), the same optimiser settings (AdamW betas, eps, weight decay, gradient
 clipping, tune's warmup and cosine or linear decay), micro-batches of schedule.batch_size packed
 rows of data.max_length tokens, grad_accum of them per step — what tune's packed step holds.
+Activation checkpointing off (TRL's default is on): the peer at its fastest.
 
 Precision: float32 on a CPU, or --cpu-bf16 (TRL's bf16=True: torch's bfloat16 autocast); on a GPU,
 bfloat16.
@@ -102,6 +103,9 @@ def train(plan: dict, *, steps: int, device: str, out_dir: Path, cpu_bf16: bool)
         adam_epsilon=float(sched.get("eps", 1e-8)), optim="adamw_torch",
         packing=True, packing_strategy="bfd", padding_free=True, max_length=seq_len,
         completion_only_loss=True, bf16=bf16, use_cpu=device == "cpu",
+        # TRL turns activation checkpointing on by default; off, its step is faster (the peer at
+        # its fastest: these models fit without it)
+        gradient_checkpointing=False,
         logging_steps=1, save_strategy="no", report_to="none", seed=int(sched.get("seed") or 0),
         dataloader_num_workers=0, disable_tqdm=True)
 
