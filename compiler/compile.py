@@ -1178,7 +1178,8 @@ def _mesh_warnings(mesh: MeshAxes, model: ModelSection) -> list[str]:
         return []
     uneven = [f"{n} {name}" for name, n in (("attention heads", c.num_heads),
                                              ("key/value heads", c.num_kv_heads),
-                                             ("MLP features", c.intermediate_size)) if n % t]
+                                             ("experts", c.num_experts) if c.num_experts
+                                             else ("MLP features", c.intermediate_size)) if n % t]
     if not uneven:
         return []
     return [f"runtime.mesh.tensor={t} does not divide the model's {' and '.join(uneven)}: those "
@@ -1251,7 +1252,7 @@ def _memory(model: ModelSection, adapter: AdapterSection, rt: RuntimeSection, ba
         trained_in_full=sum(adapter.full_params.values()), quantized=adapter.quantized_params,
         quantize=adapter.quantize,
         linear=c.linear_params(),
-        hidden=c.hidden_size, intermediate=c.intermediate_size, heads=c.num_heads,
+        hidden=c.hidden_size, intermediate=c.token_intermediate(), heads=c.num_heads,
         kv_heads=c.num_kv_heads, head_dim=c.head_dim, vocab=c.vocab_size,
         batch=batch_size, seq_len=seq_len, param_bytes=DTYPE_BYTES[rt.param_dtype],
         compute_bytes=DTYPE_BYTES[rt.dtype], remat=rt.remat, ce_chunk=rt.ce_chunk,
@@ -1268,6 +1269,19 @@ def _memory(model: ModelSection, adapter: AdapterSection, rt: RuntimeSection, ba
     return memory
 
 
+def _computed_params(model: ModelSection, rt: RuntimeSection) -> int:
+    """The weights a token's step computes with: all of a dense model's; of a mixture's experts,
+    on a GPU or TPU the experts_per_token it is routed to (grouped matmuls), on a CPU every expert
+    once per routed copy of the token (XLA:CPU's grouped product runs each group over all rows)."""
+    c = model.config
+    if not c.num_experts:
+        return model.params
+    experts = c.expert_params()
+    used = experts * c.experts_per_token
+    return model.params - experts + (used if rt.devices.platform == "cpu" else
+                                     used // c.num_experts)
+
+
 def _estimates(model: ModelSection, adapter: AdapterSection, schedule: ScheduleSection,
                rt: RuntimeSection, data: DataSection, ev: EvalSection, warnings: list, *,
                need_train: bool, objective: ObjectiveSection, examples=None,
@@ -1276,7 +1290,7 @@ def _estimates(model: ModelSection, adapter: AdapterSection, schedule: ScheduleS
     memory = _memory(model, adapter, rt, schedule.batch_size, schedule.seq_len,
                      reference=objective.reference != "none")
     head = c.vocab_size * c.hidden_size
-    cost = dict(params=model.params, tokens_per_step=schedule.tokens_per_step,
+    cost = dict(params=_computed_params(model, rt), tokens_per_step=schedule.tokens_per_step,
                 device=rt.devices.__dict__, trainable=adapter.trainable_params,
                 remat=rt.remat, head_params=head,
                 head_tokens=rt.loss_tokens * schedule.grad_accum,
@@ -1410,7 +1424,7 @@ def _eval_memory(model: ModelSection, rt: RuntimeSection, ev: EvalSection, promp
     c = model.config
     return estimates.eval_memory(
         params=model.params, layers=c.num_layers, hidden=c.hidden_size, heads=c.num_heads,
-        kv_heads=c.num_kv_heads, head_dim=c.head_dim, intermediate=c.intermediate_size,
+        kv_heads=c.num_kv_heads, head_dim=c.head_dim, intermediate=c.token_intermediate(),
         vocab=c.vocab_size, batch=ev.batch_size, prompt_len=prompt_len,
         new_tokens=ev.max_new_tokens, param_bytes=DTYPE_BYTES[rt.param_dtype],
         compute_bytes=DTYPE_BYTES[rt.dtype])

@@ -377,6 +377,13 @@ class ModelConfig:
         idle = self.num_experts - self.experts_per_token
         return self.param_count() - self.num_layers * idle * per_expert
 
+    def token_intermediate(self) -> int:
+        """The MLP width a token's activations take: a mixture's token goes through
+        experts_per_token experts' MLPs."""
+        if self.num_experts:
+            return self.experts_per_token * self.expert_intermediate_size
+        return self.intermediate_size
+
     def expert_params(self) -> int:
         """Weights of every layer's experts."""
         return self.num_layers * self.num_experts * sum(

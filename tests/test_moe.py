@@ -5,6 +5,7 @@ loss with its load-balancing term and the gradients equal PEFT's), the merged ex
 (meshes of 8 devices against one: test_families.py)."""
 from __future__ import annotations
 
+import dataclasses
 import json
 import warnings
 
@@ -221,6 +222,7 @@ def test_plan_refusals_and_training(tiny_mixtral_chat_dir, tmp_path):
 
     from rich.console import Console
 
+    from compiler.compile import _computed_params
     from compiler.summary import print_plan
     from runtime.run import train
 
@@ -233,6 +235,13 @@ def test_plan_refusals_and_training(tiny_mixtral_chat_dir, tmp_path):
     assert plan.objective.router_aux_coef == 0.02
     per_expert = plan.adapter.per_target["gate_up_proj"]
     assert per_expert == 2 * 4 * 4 * (32 + 128)             # layers × experts × r × (in + out)
+    # the step-time estimate's weights a token computes with: on a GPU the 2 experts it is routed
+    # to (the active parameters); on a CPU, whose grouped product runs every expert, all 4 twice
+    experts = cfg.expert_params()
+    gpu = dataclasses.replace(plan.runtime, devices=dataclasses.replace(plan.runtime.devices,
+                                                                        platform="gpu"))
+    assert _computed_params(plan.model, gpu) == cfg.active_param_count()
+    assert _computed_params(plan.model, plan.runtime) == plan.model.params + experts
     buf = io.StringIO()
     print_plan(plan, console=Console(file=buf, width=200, color_system=None))
     text = buf.getvalue()
