@@ -56,6 +56,10 @@ def modules_to_save(lora: LoraConfig, cfg: ModelConfig) -> list[str] | None:
     for name in names:
         if cfg.multimodal and name in ("q_proj", "k_proj", "v_proj"):
             out += [f"language_model.layers.{i}.self_attn.{name}" for i in range(cfg.num_layers)]
+        elif cfg.multimodal and name == "norm":
+            # the text model's final norm, `model.language_model.norm`: PEFT ≥ 0.22 matches a
+            # name only after a dot, so `model.norm` would no longer reach it
+            out.append("language_model.norm")
         else:
             out.append(peft_module_name(name))
     return out + (["score"] if lora.head else []) or None
