@@ -52,6 +52,7 @@ from jax.ad_checkpoint import checkpoint_name
 
 from core.architecture import LINEAR_NAMES, ModelConfig, full_module_names, lora_scale
 from runtime import quant
+from runtime.dropout import keep_mask
 from runtime.attention import cached_attention, causal_attention, segment_attention, soft_cap
 
 REMAT_POLICIES = ("none", "dots", "full")
@@ -145,7 +146,7 @@ class LoraConfig:
 def _dropout(x, rate: float, key):
     if key is None or rate <= 0.0:
         return x
-    keep = jax.random.bernoulli(key, 1.0 - rate, x.shape)
+    keep = keep_mask(key, 1.0 - rate, x.shape)      # = jax.random.bernoulli, fused (runtime/dropout)
     return jnp.where(keep, x / (1.0 - rate), 0).astype(x.dtype)
 
 
