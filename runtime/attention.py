@@ -30,6 +30,32 @@ from core.packing import PALLAS_BLOCK, attention_blocks
 _MASKED = float(jnp.finfo(jnp.float32).min)
 
 
+@jax.custom_vjp
+def masked_softmax(scores, seen):
+    """jax.nn.softmax(jnp.where(seen, scores, _MASKED), axis=-1) in float32 — the same operations, so
+    the same values — whose backward pass keeps only the probabilities p: the gradient of the
+    scores is p ⊙ (g − Σ p ⊙ g), which is 0 wherever the mask hid a key (p = 0 there), as the
+    where's own gradient would make it. Differentiated by autodiff instead (JAX's softmax without its
+    custom rule, the default under jax_softmax_custom_jvp=False), a layer keeps the masked scores,
+    their exponentials, the probabilities and the broadcast boolean mask, all [B, K, G, T, S], for the
+    backward pass: on a CPU the layer scan spends its time writing them out and reading them back."""
+    x = jnp.where(seen, scores, _MASKED)
+    e = jnp.exp(x - jax.lax.stop_gradient(jnp.max(x, axis=-1, keepdims=True)))
+    return e / jnp.sum(e, axis=-1, keepdims=True)
+
+
+def _masked_softmax_fwd(scores, seen):
+    p = masked_softmax(scores, seen)
+    return p, p
+
+
+def _masked_softmax_bwd(p, g):
+    return p * (g - jnp.sum(p * g, axis=-1, keepdims=True)), None
+
+
+masked_softmax.defvjp(_masked_softmax_fwd, _masked_softmax_bwd)
+
+
 def soft_cap(x, cap: float | None):
     """cap·tanh(x / cap): Gemma 2's soft-capping of attention scores and logits (None: x)."""
     return x if cap is None else cap * jnp.tanh(x / cap)
@@ -59,7 +85,7 @@ def causal_attention(q, k, v, mask, *, scale: float, block: int, softcap: float 
             seen = jnp.arange(s, e)[:, None] >= jnp.arange(e)[None, :]       # [t, s]
         else:
             seen = mask[:, :, None, s:e, lo:e]                               # [B, 1, 1, t, s]
-        probs = jax.nn.softmax(jnp.where(seen, scores, _MASKED), axis=-1)
+        probs = masked_softmax(scores, jnp.broadcast_to(seen, scores.shape))
         outs.append(jnp.einsum("bkgts,bksh->bkgth", probs.astype(v.dtype), vt[:, :, lo:e],
                                preferred_element_type=jnp.float32))
     out = outs[0] if len(outs) == 1 else jnp.concatenate(outs, axis=3)

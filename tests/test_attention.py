@@ -176,3 +176,19 @@ def test_pallas_model_equals_xla_model_on_packed_rows(hf_tiny):
     with pytest.raises(ValueError, match="sliding window"):
         model = load_pretrained(hf_tiny("mistral-window")[1], compute=EXACT.but(attention="pallas"))
         model(ids[:, :16])
+
+
+def test_masked_softmax_matches_jax_softmax_and_keeps_only_probabilities():
+    from runtime.attention import _MASKED, masked_softmax
+    k1, k2 = jax.random.split(jax.random.key(0))
+    s = 3 * jax.random.normal(k1, (2, 3, 16, 16))
+    seen = jnp.broadcast_to(jnp.tril(jnp.ones((16, 16), bool)), s.shape)
+    g = jax.random.normal(k2, s.shape)
+    ref = jax.nn.softmax(jnp.where(seen, s, _MASKED), axis=-1)
+    np.testing.assert_array_equal(np.asarray(masked_softmax(s, seen)), np.asarray(ref))
+    want = jax.grad(lambda s: (jax.nn.softmax(jnp.where(seen, s, _MASKED), axis=-1) * g).sum())(s)
+    got = jax.grad(lambda s: (masked_softmax(s, seen) * g).sum())(s)
+    np.testing.assert_allclose(np.asarray(got), np.asarray(want), atol=2e-6)
+    assert np.all(np.asarray(got)[~np.asarray(seen)] == 0)        # no gradient through a hidden key
+    _, backward = jax.vjp(lambda s: masked_softmax(s, seen) * g, s)   # its leaves: what is kept
+    assert [x.shape for x in jax.tree.leaves(backward) if x.ndim == 4] == [s.shape, s.shape]  # p, g
