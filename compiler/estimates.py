@@ -128,13 +128,14 @@ def memory_per_device(*, params: int, trainable: int, layers: int, hidden: int, 
     working = 0 if remat == "none" else tokens * width(everything) * compute_bytes
     # XLA attention materialises float32 scores, [B, H, T, T] or, in causal blocks, each block's
     # queries × the keys up to its end (attention_scores): without remat the backward pass keeps
-    # two such arrays of every layer and the layer being differentiated needs four more (scores,
+    # one such array of every layer (the probabilities: runtime/attention.masked_softmax) and the
+    # layer being differentiated needs four more (scores,
     # probabilities and their gradients); under remat only the recomputed layer's are live, and
     # XLA's peak holds three of them (calibrated against memory_analysis(): rows of 1,024 to 4,096
     # tokens, whole or in blocks of 128 and 512, within 8% — benchmarks/memory.py, RESULTS.md).
     attention = 0
     if attention_scores:
-        attention = (2 * layers + 4 if remat == "none" else 3) * local_batch * heads * \
+        attention = (layers + 4 if remat == "none" else 3) * local_batch * heads * \
             scores(seq_len, attention_block) * 4 / head_split
     # Chunked cross-entropy over the supervised positions (loss_tokens, else all): one chunk of
     # [chunk, vocab] logits in fp32, its softmax and gradient, and a compute-dtype copy.

@@ -105,7 +105,7 @@ def test_memory_scales_with_batch_and_shards():
     bf16 = memory_per_device(**dict(SMOLLM2, param_bytes=2, compute_bytes=2))
     assert bf16["weights"] == one["weights"] // 2 and bf16["activations"] < one["activations"]
     fused = memory_per_device(**SMOLLM2, attention_scores=False)   # a fused attention kernel
-    assert fused["attention"] == 0 and one["attention"] == (2 * 30 + 4) * 8 * 9 * 512 ** 2 * 4
+    assert fused["attention"] == 0 and one["attention"] == (30 + 4) * 8 * 9 * 512 ** 2 * 4
     gathered = memory_per_device(**SMOLLM2, loss_tokens=144)          # the head on 144 positions
     assert gathered["logits"] == 144 * 49152 * 16 < one["logits"]
 
