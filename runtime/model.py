@@ -143,11 +143,19 @@ class LoraConfig:
 
 # ------------------------------------------------------------------------------------ small pieces
 
-def _dropout(x, rate: float, key):
-    if key is None or rate <= 0.0:
-        return x
-    keep = keep_mask(key, 1.0 - rate, x.shape)      # = jax.random.bernoulli, fused (runtime/dropout)
+def _dropped(x, keep, rate: float):
+    """Dropout of x by its keep mask (runtime/dropout.keep_mask: jax.random.bernoulli's, fused)."""
     return jnp.where(keep, x / (1.0 - rate), 0).astype(x.dtype)
+
+
+def _dropped_a(x, keep, a, rate: float):
+    return jnp.einsum("...i,ri->...r", _dropped(x, keep, rate), a)
+
+
+# LoRA's A(dropout(x)): the backward pass redoes the (cheap) dropping from x and the mask instead of
+# keeping a dropped copy of x per adapted module — q, k and v drop the same x with three masks, and
+# x is kept once for all three.
+_dropped_a = jax.checkpoint(_dropped_a, static_argnums=(3,))
 
 
 def lora_a_init(key, shape):
@@ -274,8 +282,14 @@ class Linear(nnx.Module):
         if self.lora_A is None:
             return y
         dropped = dropout_key is not None and self.rate > 0
-        xd = _dropout(x, self.rate, dropout_key)
-        h = jnp.einsum("...i,ri->...r", xd, self.lora_A[...].astype(self.dtype))
+        a = self.lora_A[...].astype(self.dtype)
+        if dropped:
+            keep = keep_mask(dropout_key, 1.0 - self.rate, x.shape)
+            h = _dropped_a(x, keep, a, self.rate)
+            xd = _dropped(x, keep, self.rate) if self.lora_magnitude_vector is not None else None
+        else:
+            xd = x
+            h = jnp.einsum("...i,ri->...r", x, a)
         h = self.scale * jnp.einsum("...r,or->...o", h, self.lora_B[...].astype(self.dtype))
         if self.lora_magnitude_vector is None:
             return y + h

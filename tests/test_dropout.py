@@ -44,3 +44,25 @@ def test_other_key_impl_falls_back():
 def test_mask_rate():
     m = np.asarray(keep_mask(jax.random.key(0), 0.95, (512, 576)))
     assert abs(m.mean() - 0.95) < 0.002
+
+
+def test_dropped_lora_a_keeps_x_once_and_matches_autodiff():
+    from runtime.model import _dropped_a
+    rate = 0.1
+    kx, ka, *km = jax.random.split(jax.random.key(1), 5)
+    x = jax.random.normal(kx, (2, 8, 32))
+    a = jax.random.normal(ka, (3, 4, 32))
+    keeps = [keep_mask(k, 1 - rate, x.shape) for k in km[:3]]
+
+    def ours(x, a):         # q, k and v: one input, three masks
+        return sum((_dropped_a(x, keeps[i], a[i], rate) ** 2).sum() for i in range(3))
+
+    def plain(x, a):
+        return sum((jnp.einsum("...i,ri->...r", jnp.where(keeps[i], x / (1 - rate), 0), a[i])
+                    ** 2).sum() for i in range(3))
+
+    for g, w in zip(jax.grad(ours, (0, 1))(x, a), jax.grad(plain, (0, 1))(x, a)):
+        np.testing.assert_allclose(np.asarray(g), np.asarray(w), rtol=1e-5, atol=1e-5)
+    _, backward = jax.vjp(ours, x, a)
+    kept = [v for v in jax.tree.leaves(backward) if v.shape == x.shape and v.dtype == x.dtype]
+    assert len(kept) == 1           # x once, not a dropped copy per module
