@@ -147,13 +147,12 @@ def tune_step_counts(run_dir: Path, steps: int) -> list[dict] | None:
     from runtime.build import batches
 
     batcher, _ = batches(Plan.load(run_dir / "plan.json"))
-    shape = batcher.shape
     out = []
     positions = batcher.positions_from(0, 0)
     for _ in range(steps):
         e, i = next(positions)
         b = batcher.batch(e, i)
-        seg = b["segment_ids"].reshape(-1, shape.seq_len)
+        seg = b["segment_ids"].reshape(-1, b["segment_ids"].shape[-1])   # unpacked: trimmed rows
         out.append({"examples": int(seg.max(axis=1).sum()), "input_tokens": int((seg > 0).sum()),
                     "supervised_tokens": int(b["loss_mask"].sum()), "rows": int((seg > 0).any(1).sum()),
                     "slots": int(seg.size)})

@@ -151,6 +151,29 @@ def supervised_capacity(lengths: Sequence[int], supervised: Sequence[int], seq_l
     return int(min(full, multiple * math.ceil(bound / multiple)))
 
 
+# ----------------------------------------------------------------------- unpacked rows, trimmed
+
+TRIM_PARTS = 4     # an unpacked batch is cut to a multiple of 1/TRIM_PARTS of the row length
+
+
+def trim_granule(seq_len: int, attention: str) -> int:
+    """Unpacked rows (runtime.pack=false) hold one example each, padded to seq_len. A batch is cut
+    to its longest example's length rounded up to a multiple of this granule — a quarter of the row
+    (a multiple of 8; of PALLAS_BLOCK under fused attention kernels, which take only such lengths) —
+    so a step computes about the tokens it has, as a padded-per-batch loop does, while the step
+    compiles for at most TRIM_PARTS lengths. 0: never cut (rows too short to split)."""
+    step = PALLAS_BLOCK if attention in ("pallas", "cudnn") else 8
+    granule = step * math.ceil(seq_len / TRIM_PARTS / step)
+    return granule if granule < seq_len else 0
+
+
+def trimmed_length(used: int, seq_len: int, granule: int) -> int:
+    """The length a batch whose longest row uses `used` slots is cut to (seq_len if granule is 0)."""
+    if granule <= 0:
+        return seq_len
+    return min(seq_len, granule * max(1, math.ceil(used / granule)))
+
+
 # ------------------------------------------------------------------------------ attention blocks
 
 # runtime.attention=pallas (runtime/attention.segment_attention): query and key rows per block of its

@@ -28,7 +28,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from core.packing import epoch_rows, steps_per_epoch
+from core.packing import epoch_rows, steps_per_epoch, trimmed_length
 from core.token_cache import Ragged
 
 FIELDS = ("tokens", "targets", "loss_mask", "segment_ids", "positions")
@@ -70,7 +70,7 @@ class Batcher:
                  masks: Sequence[np.ndarray] | None = None, unit: int = 1,
                  labels: Sequence[int] | None = None, index: Sequence[int] | None = None,
                  weights: Sequence[float] | None = None,
-                 head_labels: Sequence[int] | None = None):
+                 head_labels: Sequence[int] | None = None, trim: int = 0):
         """unit: examples that always share a row, side by side (2 for a preference pair: chosen,
         rejected); rows are packed by unit. labels: one int per unit, written to every token of
         the unit as the batch's `unit_label` (KTO's desirable/undesirable). index: the units an
@@ -79,13 +79,17 @@ class Batcher:
         batch's float32 `loss_weight` (data.balance=weighted: the loss is Σ w·CE / Σ w).
         head_labels: one int per example, its label's index (-1: none), written as the batch's
         `head_label` (index + 1) at the example's last prompt token, 0 everywhere else
-        (adapter.head=classifier: where the head reads the example, runtime/head.py)."""
+        (adapter.head=classifier: where the head reads the example, runtime/head.py).
+        trim (unpacked rows only; core.packing.trim_granule): a batch's rows are cut to its longest
+        example rounded up to a multiple of `trim` slots, so its arrays are [.., .., ≤ seq_len];
+        0: always seq_len."""
         # one flat array per split (core/token_cache.Ragged), not an object per example: a
         # million examples cost their tokens, memory-mapped, and a few arrays of counts
         self.ids = Ragged.of(ids, dtype=np.int32)
         self.prompt_lens = np.asarray(prompt_lens, dtype=np.int64)
         self.masks = None if masks is None else Ragged.of(masks, dtype=bool)
         self.shape, self.pack, self.seed = shape, pack, int(seed)
+        self.trim = 0 if pack else int(trim)
         self.loss_tokens = loss_tokens      # supervised targets a micro-batch may hold (None: any)
         self.unit = int(unit)
         self.labels = None if labels is None else np.asarray(labels, dtype=np.int32)
@@ -129,7 +133,8 @@ class Batcher:
         return self._rows_cache[epoch]
 
     def batch(self, epoch: int, index: int) -> dict[str, np.ndarray]:
-        """Step `index` of `epoch`: int32 arrays [grad_accum, batch_size, seq_len]."""
+        """Step `index` of `epoch`: int32 arrays [grad_accum, batch_size, seq_len] (unpacked with
+        `trim`: [grad_accum, batch_size, the batch's trimmed length])."""
         a, b, t = self.shape.grad_accum, self.shape.batch_size, self.shape.seq_len
         rows = self.epoch_rows(epoch)[index * a * b:(index + 1) * a * b]
         fields = FIELDS + (("unit_label",) if self.labels is not None else ()) + \
@@ -159,6 +164,10 @@ class Batcher:
                     n = sum(len(self.ids[j]) - 1 for j in range(i * u, (i + 1) * u))
                     out["unit_label"][r, t0:t0 + n] = self.labels[i]
                     t0 += n
+        if self.trim:       # unpacked: rows are filled from slot 0, padding after
+            t = trimmed_length(int((out["segment_ids"] > 0).sum(axis=1).max(initial=0)), t,
+                               self.trim)
+            out = {k: np.ascontiguousarray(v[:, :t]) for k, v in out.items()}
         batch = {k: v.reshape(a, b, t) for k, v in out.items()}
         if self.loss_tokens is not None:
             most = int(batch["loss_mask"].sum(axis=(1, 2)).max())

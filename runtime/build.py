@@ -236,6 +236,7 @@ def batches(plan: Plan, examples=None):
     """(training Batcher, validation Batcher or None) over the plan's token data (`examples`, as
     core.token_cache.load_examples gives it, read from plan.data.cache unless given). Refuses token
     data whose step count is not the plan's."""
+    from core.packing import trim_granule
     from runtime.batching import Batcher, BatchShape
 
     s, pack = plan.schedule, plan.runtime.pack
@@ -243,9 +244,10 @@ def batches(plan: Plan, examples=None):
     shape = BatchShape(s.grad_accum, s.batch_size, s.seq_len)
     cap = plan.runtime.loss_tokens
     unit = examples.unit
+    trim = 0 if pack else trim_granule(s.seq_len, plan.runtime.attention)
     batcher = Batcher(*examples.split("train"), shape, pack=pack, seed=s.seed, loss_tokens=cap,
                       masks=examples.masks("train"), unit=unit, labels=examples.unit_labels("train"),
-                      **_balance(plan, examples), **_head_labels(plan, examples, "train"))
+                      trim=trim, **_balance(plan, examples), **_head_labels(plan, examples, "train"))
     if batcher.steps_per_epoch != s.steps_per_epoch or batcher.rows_per_epoch != s.rows_per_epoch:
         raise RuntimeError(f"the plan counts {s.steps_per_epoch} steps ({s.rows_per_epoch} rows) per "
                            f"epoch, its token data gives {batcher.steps_per_epoch} "
@@ -253,7 +255,7 @@ def batches(plan: Plan, examples=None):
     val_ids, val_prompt_lens = examples.split("val")
     val = (Batcher(val_ids, val_prompt_lens, shape, pack=pack, seed=s.seed, loss_tokens=cap,
                    masks=examples.masks("val"), unit=unit, labels=examples.unit_labels("val"),
-                   **_head_labels(plan, examples, "val"))
+                   trim=trim, **_head_labels(plan, examples, "val"))
            if len(val_ids) else None)
     return batcher, val
 

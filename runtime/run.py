@@ -138,16 +138,17 @@ def loop(s: Session, *, on_step=None) -> None:
     log(f"training {total} steps ({sched.steps_per_epoch} per epoch), batch {shape.grad_accum}×"
         f"{shape.batch_size}×{shape.seq_len}, mesh {dict(s.mesh.shape)}, {jax.device_count()} "
         f"{jax.default_backend()} device(s)")
-    compiled, interrupted = None, False
+    compiled, interrupted = {}, False       # by batch shape: unpacked batches are trimmed
     try:
         with _Interrupt() as stop, Progress(total, start=s.step, every=rt.progress_every) as bar, \
                 Prefetcher(s.batcher, s.position, total - s.step, s.place) as batches:
             t_prev = time.perf_counter()
             for e, i, batch in batches:
-                if compiled is None:
-                    compiled = _compile(s, batch, metrics)
+                shape_now = batch["tokens"].shape
+                if shape_now not in compiled:
+                    compiled[shape_now] = _compile(s, batch, metrics)
                     t_prev = time.perf_counter()
-                m = _step(s, compiled, batch, (e, i))
+                m = _step(s, compiled[shape_now], batch, (e, i))
                 if not (math.isfinite(m["loss"]) and math.isfinite(m["grad_norm"])):
                     metrics.write({"step": s.step, "epoch": e, "loss": None, "lr": m["lr"],
                                    "grad_norm": None, "diverged": True})
@@ -287,7 +288,7 @@ def _summary(s: Session, rows: list[dict], final_val) -> TrainSummary:
         final_val_loss=final_val, tokens_seen=s.tokens_seen,
         tokens_per_s_mean=float(np.mean(tps[1:] if len(tps) > 1 else tps)) if tps else None,
         step_time_s_mean=float(np.mean(steady)) if steady else None,
-        compile_s=compiles[0] if compiles else s.compile_s,
+        compile_s=sum(compiles) if compiles else s.compile_s,     # every batch length's
         wall_s=time.perf_counter() - s.started, resumed_from=s.resumed_from,
         devices=jax.device_count(), backend=jax.default_backend(), dtype=s.plan.runtime.dtype,
         plan_hash=s.plan.hash)

@@ -119,3 +119,26 @@ def test_prefetcher_yields_in_order_across_epochs_and_reraises():
 
     with Prefetcher(b, (0, 0), 3, place=boom) as pf, pytest.raises(RuntimeError, match="bad batch"):
         list(pf)
+
+
+def test_unpacked_batches_are_trimmed_to_their_longest_row():
+    from core.packing import trim_granule, trimmed_length
+    assert trim_granule(128, "xla") == 32 and trim_granule(2048, "cudnn") == 512
+    assert trim_granule(128, "pallas") == 0 and trim_granule(20, "xla") == 8
+    assert [trimmed_length(u, 128, 32) for u in (0, 1, 32, 33, 97, 128)] == [32, 32, 32, 64, 128, 128]
+    ids, pl = _examples(seed=5, max_len=110)
+    full = Batcher(ids, pl, BatchShape(2, 3, 128), pack=False, seed=2)
+    cut = Batcher(ids, pl, BatchShape(2, 3, 128), pack=False, seed=2, trim=32)
+    lengths = set()
+    for i in range(cut.steps_per_epoch):
+        a, b = full.batch(0, i), cut.batch(0, i)
+        t = b["tokens"].shape[-1]
+        lengths.add(t)
+        used = int((a["segment_ids"] > 0).sum(axis=-1).max())
+        assert t % 32 == 0 and used <= t < used + 32 or t == 128
+        for k in a:                     # the same rows, step by step; what is cut is padding only
+            np.testing.assert_array_equal(a[k][..., :t], b[k])
+            assert not a[k][..., t:].any()
+    assert len(lengths) > 1
+    packed = Batcher(ids, pl, BatchShape(2, 3, 128), pack=True, seed=2, trim=32)
+    assert packed.batch(0, 0)["tokens"].shape[-1] == 128     # packed rows are never cut
