@@ -53,12 +53,15 @@ bench: setup-test
 # On a machine with an NVIDIA GPU, once jax's CUDA build is in the venv
 # ($(BIN)/pip install -U "jax[cuda13]", or jax[cuda12] for a CUDA 12 driver): the tests only a GPU
 # runs (tests/test_gpu.py), then tune against torch + PEFT on Llama-3.2-1B and Llama-3-8B shapes,
-# then the 1B shape in packed rows (4 examples a row) through Pallas's and XLA's attention.
+# then the 1B shape in packed rows (4 examples a row) through Pallas's and XLA's attention, then
+# the CPU headline's comparison on the GPU: tune against PEFT padded and TRL's packed SFTTrainer,
+# all bfloat16, on SmolLM2 and the finance data (needs ../shared/data).
 gpu-check: setup-test
 	$(BIN)/python -m pytest -q -ra -m gpu
 	$(BIN)/python benchmarks/gpu.py
 	$(BIN)/python benchmarks/gpu.py --models 1b --pack 4 --side tune --attention pallas --no-write
 	$(BIN)/python benchmarks/gpu.py --models 1b --pack 4 --side tune --attention xla --no-write
+	$(BIN)/python benchmarks/throughput.py --trl --device cuda --out benchmarks/results/throughput-gpu-trl.json
 
 clean:
 	rm -rf $(VENV) outputs multirun .pytest_cache
