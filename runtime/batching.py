@@ -1,4 +1,5 @@
-"""Token examples → fixed-shape training batches, prepared ahead of the step.
+"""Token examples → training batches, prepared ahead of the step: fixed-shape packed rows, or unpacked
+rows cut per batch to one of a few lengths (`trim`).
 
 An example is its token ids (prompt + response, ending with the end token) and its prompt length
 (or, for a conversation, a per-token mask of its supervised spans).
