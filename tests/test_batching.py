@@ -142,3 +142,29 @@ def test_unpacked_batches_are_trimmed_to_their_longest_row():
     assert len(lengths) > 1
     packed = Batcher(ids, pl, BatchShape(2, 3, 128), pack=True, seed=2, trim=32)
     assert packed.batch(0, 0)["tokens"].shape[-1] == 128     # packed rows are never cut
+
+
+def test_unpacked_training_cut_to_batch_lengths_matches_full_rows(tiny_chat_dir, tmp_path,
+                                                                  monkeypatch):
+    """runtime.pack=false: a run whose batches are cut to their longest example computes the losses
+    of the same run on whole rows, compiling its step once per length and logging each compile."""
+    import json
+
+    import core.packing
+    from conftest import tiny_plan
+    from runtime.run import train
+
+    plan = tiny_plan(tiny_chat_dir, tmp_path / "data", pack=False, seq_len=64, max_steps=6,
+                     epochs=1)
+
+    def losses(run_dir):
+        rows = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
+        return [r["loss"] for r in rows if "loss" in r], [r for r in rows if "compile_s" in r]
+
+    train(plan, tmp_path / "cut")
+    cut, compiles = losses(tmp_path / "cut")
+    monkeypatch.setattr(core.packing, "trim_granule", lambda seq_len, attention: 0)
+    train(plan, tmp_path / "whole")
+    whole, once = losses(tmp_path / "whole")
+    np.testing.assert_allclose(cut, whole, rtol=2e-5)
+    assert len(once) == 1 and 1 < len(compiles) <= core.packing.TRIM_PARTS
