@@ -10,7 +10,7 @@ from rich.panel import Panel
 from rich.table import Table
 from rich.text import Text
 
-from core.packing import attention_blocks
+from core.packing import attention_blocks, trim_granule
 
 OPEN, CLOSE = "⟦", "⟧"   # core.templates marks the supervised span with these
 
@@ -464,7 +464,10 @@ def _schedule(plan) -> Panel:
                   + f"{s.batch_size} rows × {s.grad_accum} accumulation = {s.global_batch} per step · "
                   f"rows of {s.seq_len} tokens"
                   + (f" (packed, {s.row_fill:.0%} full)" if plan.runtime.pack else
-                     f" ({s.row_fill:.0%} of the tokens are not padding)")),
+                     (f" ({s.row_fill:.0%} of a whole row's tokens are not padding; each batch is "
+                      f"cut to its longest example, in steps of {trim} tokens)"
+                      if (trim := trim_granule(s.seq_len, plan.runtime.attention)) else
+                      f" ({s.row_fill:.0%} of the tokens are not padding)"))),
         ("steps", f"{_n(s.steps_per_epoch)} per epoch × {s.epochs:g} epochs → "
                   f"{_n(s.total_steps)} steps"
                   + (f" (capped by schedule.max_steps={s.max_steps})" if s.max_steps else "")
