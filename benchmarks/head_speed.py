@@ -57,15 +57,27 @@ def main(argv=None) -> int:
     ap.add_argument("--limit", type=int, default=200, help="test rows (default %(default)s)")
     ap.add_argument("--passes", type=int, default=2, help="the last is the figure")
     ap.add_argument("--json", type=Path, default=None)
+    ap.add_argument("--no-shared-prefix", action="store_true",
+                    help="also time the head computing every prompt whole, a prompt a row (what "
+                         "it does when the prompts share no start)")
     args = ap.parse_args(argv)
 
     from runtime.evaluate import _predict
+    from runtime.head import shared_prefix
 
     rows = {}
     plan, tok, model, test = _load(args.head, args.limit)
     head_s = _timed(lambda: _predict(plan, model, tok, test, None, head=True), args.passes)
     rows["head"] = {"rows": len(test), "seconds": head_s,
-                    "prompt_tokens": int(sum(len(p) for p in test.prompts))}
+                    "prompt_tokens": int(sum(len(p) for p in test.prompts)),
+                    "shared_prefix": shared_prefix(test.prompts)}
+    if args.no_shared_prefix:
+        from runtime import head
+
+        kept, head.SHARED_MIN = head.SHARED_MIN, 1 << 30
+        whole_s = _timed(lambda: _predict(plan, model, tok, test, None, head=True), args.passes)
+        head.SHARED_MIN = kept
+        rows["head, no shared prefix"] = {**rows["head"], "seconds": whole_s, "shared_prefix": 0}
     del model
 
     plan, tok, model, test = _load(args.decoding, args.limit)
@@ -80,12 +92,12 @@ def main(argv=None) -> int:
                            "free_tokens": generated[-1],
                            "label_tokens_max": max(len(x.ids) for x in plan.data.labels)}
 
-    print(f"{'scored by':<14}{'rows':>6}{'prompt tokens':>15}{'first pass s':>14}"
+    print(f"{'scored by':<22}{'rows':>6}{'prompt tokens':>15}{'shared':>8}{'first pass s':>14}"
           f"{'timed pass s':>14}{'rows/s':>9}")
     for name, r in rows.items():
         r["rows_per_s"] = r["rows"] / r["seconds"][-1]
-        print(f"{name:<14}{r['rows']:>6}{r['prompt_tokens']:>15,}{r['seconds'][0]:>14.1f}"
-              f"{r['seconds'][-1]:>14.1f}{r['rows_per_s']:>9.2f}")
+        print(f"{name:<22}{r['rows']:>6}{r['prompt_tokens']:>15,}{r.get('shared_prefix', 0):>8}"
+              f"{r['seconds'][0]:>14.1f}{r['seconds'][-1]:>14.1f}{r['rows_per_s']:>9.2f}")
     ratio = rows["head"]["rows_per_s"] / rows["constrained"]["rows_per_s"]
     print(f"head / constrained decoding: {ratio:.2f}× rows/s "
           f"(free decoding beside it: {rows['constrained']['free_tokens']} tokens; "

@@ -87,6 +87,8 @@ def compile_plan(cfg: dict, *, recipe_info: Recipe | None, command: str = "plan"
     runtime = _runtime_section(config["runtime"], _devices(), model, sched,
                                row_length, examples, segments=objective.preference, order=order)
     schedule = _schedule_section(sched, runtime, lengths, row_length)
+    adapter = _head_probe(config["adapter"], adapter, schedule, need_train=need_train,
+                          warnings=warnings)
     evaluation = _eval_section(config["eval"], data, objective, examples)
     if command in TRAIN_COMMANDS + ("eval",):
         warnings += _imbalance_warnings(data, evaluation) + _longrope_warnings(model, data,
@@ -902,18 +904,40 @@ def _head(config: dict, adapter: AdapterSection, data: DataSection, model: Model
     params = n * model.config.hidden_size
     trainable = adapter.trainable_params + params
     lr = float(config["schedule"]["lr"])
-    if need_train and adapter.kind != "full" and lr > HEAD_ADAPTER_LR:
+    if need_train and adapter.kind != "full" and lr > HEAD_ADAPTER_LR and not a["head_probe"]:
         warnings.append(
-            f"schedule.lr={lr:g} trains the adapter beside a new classification head: above "
-            f"{HEAD_ADAPTER_LR:g}, the adapter moves the hidden states the head reads faster than "
-            "the head learns them, and the head may learn nothing (measured on Banking77, 300 "
-            "rows: at schedule.lr=2e-3 its loss stayed at chance for 438 steps; at 2e-4 with "
-            "adapter.head_lr=2e-3 it fell from 5.4 to 1.1 in 150). Use schedule.lr=2e-4 "
-            "adapter.head_lr=2e-3, or adapter.head=none to train the answer as text.")
+            f"schedule.lr={lr:g} trains the adapter beside a new classification head from the "
+            f"first step (adapter.head_probe=0): above {HEAD_ADAPTER_LR:g}, the adapter moves the "
+            "hidden states the head reads faster than the head learns them, and the head may "
+            "learn nothing (measured on Banking77, 300 rows: at schedule.lr=2e-3 its loss stayed "
+            "at chance for 438 steps). Train the head alone first (adapter.head_probe=0.2: "
+            "accuracy 0.610 there), or use schedule.lr=2e-4 adapter.head_lr=2e-3 (0.605).")
     return replace(adapter, head=a["head"], head_labels=n, head_params=params,
                    head_lr=float(a["head_lr"]) if a["head_lr"] is not None else lr,
                    trainable_params=trainable,
                    share=trainable / model.params if model.params else 0.0)
+
+
+def _head_probe(a: dict, adapter: AdapterSection, schedule: ScheduleSection, *, need_train: bool,
+                warnings: list) -> AdapterSection:
+    """adapter.head_probe resolved to a step count (a share of the schedule's steps, rounded, or a
+    count); refused where it would leave the adapter no step."""
+    probe = a["head_probe"]
+    if adapter.head == "none":
+        if probe != schema.BY_PATH["adapter.head_probe"].default:
+            warnings.append(f"adapter.head_probe={probe:g} is set, but adapter.head=none: there is "
+                            "no head to train first.")
+        return adapter
+    if not probe:
+        return adapter
+    total = schedule.total_steps
+    steps = int(probe) if probe >= 1 else round(probe * total)
+    if need_train and total and steps >= total:
+        raise PlanError("adapter.head_probe", f"{probe:g} holds the adapter for {steps:,} of the "
+                        f"run's {total:,} steps: it would never train.",
+                        hint="give the head a share of the steps below 1, e.g. "
+                             "adapter.head_probe=0.2, or fewer steps than schedule.max_steps.")
+    return replace(adapter, head_probe_steps=min(steps, total) if total else steps)
 
 
 # ------------------------------------------------------------------------------ runtime
@@ -1367,22 +1391,31 @@ def _times(step: float | None, forward: float | None, schedule: ScheduleSection,
     n_test = int(data.sizes.get("test") or 0)
     rows = min(n_test, ev.limit) if ev.limit else n_test
     models = (2 if need_train else 1) * (2 if retrieval and not objective.preference else 1)
-    prompts, unit = [], 0.0
+    prompts, unit, own = [], 0.0, []
     if rows and examples is not None:
-        prompts = [examples.split(s)[1] for s in ("test", "test_plain")     # plain: no passages
-                   if len(examples.arrays.get(f"{s}_prompt_lens", ()))]
+        splits = [s for s in ("test", "test_plain")                         # plain: no passages
+                  if len(examples.arrays.get(f"{s}_prompt_lens", ()))]
+        prompts = [examples.split(s)[1] for s in splits]
         unit = float(np.mean(examples.unit_lengths("test")))
+        if head:        # the head computes the tokens every prompt starts with once, packs the rest
+            own = [_shared_start(*examples.split(s)) for s in splits]
 
     label_tokens = [len(x.ids) for x in data.labels]
 
     def evaluation_time(n: int) -> float:
-        prefill = np.mean([estimates.prefill_tokens(p, n, ev.batch_size) for p in prompts]) \
-            if prompts else 0
+        def prefill(mode: str) -> float:
+            if not prompts:
+                return 0.0
+            if mode == "head" and all(own):         # runtime/head.predict: packed after them
+                return float(np.mean([estimates.head_tokens(lens - shared, n, ev.batch_size)
+                                      for lens, shared in zip(prompts, own)]))
+            return float(np.mean([estimates.prefill_tokens(lens, n, ev.batch_size)
+                                  for lens in prompts]))
 
         def scored(k: int, mode: str) -> float:
             return estimates.evaluation_time(
                 rows=n, models=k, mode=mode, token_s=forward / max(1, schedule.tokens_per_step),
-                prefill=float(prefill), new_tokens=ev.max_new_tokens, batch_size=ev.batch_size,
+                prefill=prefill(mode), new_tokens=ev.max_new_tokens, batch_size=ev.batch_size,
                 label_tokens=label_tokens, unit_tokens=unit)
 
         if head:            # half the models (the tuned ones) answer by the head
@@ -1411,6 +1444,15 @@ def _times(step: float | None, forward: float | None, schedule: ScheduleSection,
             "validation_time_s": validation, "validation_passes": passes,
             "validation_batches": batches, "eval_time_s": evaluation, "eval_rows": rows,
             "eval_models": models if rows else 0}
+
+
+def _shared_start(ids, prompt_lens) -> int:
+    """The tokens every one of these prompts starts with, when the classification head computes
+    them once (core/prompting.shared_prefix, at least SHARED_MIN), else 0."""
+    from core.prompting import SHARED_MIN, shared_prefix
+
+    shared = shared_prefix([row[:int(n)] for row, n in zip(ids, prompt_lens)])
+    return shared if shared >= SHARED_MIN else 0
 
 
 def _time(s: float) -> str:

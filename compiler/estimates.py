@@ -315,6 +315,19 @@ def prefill_tokens(prompt_lengths: Sequence[int], rows: int, batch_size: int) ->
                for i in range(0, rows, batch_size))
 
 
+def head_tokens(own_lengths: Sequence[int], rows: int, batch_size: int) -> int:
+    """Positions the classification head computes for `rows` test rows (runtime/head.predict):
+    each prompt's own tokens (after the start every prompt shares) packed into rows as long as
+    the longest one's bucket, batch_size rows at a time. With fewer rows than lengths (eval.limit's
+    sample), the rows' tokens are the mean's share."""
+    lengths = np.asarray(own_lengths, dtype=np.float64)
+    if rows <= 0 or not len(lengths):
+        return 0
+    width = prompt_bucket(math.ceil(lengths.max()))
+    packed = math.ceil(float(lengths.mean()) * rows / width)
+    return math.ceil(packed / batch_size) * batch_size * width
+
+
 def evaluation_time(*, rows: int, models: int, mode: str, token_s: float, prefill: int,
                     new_tokens: int, batch_size: int, label_tokens: Sequence[int] = (),
                     unit_tokens: float = 0.0) -> float:

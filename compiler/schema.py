@@ -25,6 +25,7 @@ from core.plan import HUB_KEY_DEFAULTS, PREFERENCE
 
 OBJECTIVES = ("sft",) + PREFERENCE
 LR_USUAL = (1e-6, 1e-2)           # outside: a warning
+STEPS_OR_SHARE = ("schedule.warmup", "adapter.head_probe")   # < 1: a share of the steps, else a count
 LR_HINT = "for AdamW-based LoRA the usual range is about 1e-5 to 5e-4"
 
 
@@ -190,6 +191,12 @@ KEYS: tuple[Key, ...] = (
        "on the schedule's warmup and decay (null = schedule.lr)", nullable=True, low=0.0,
        low_open=True, high=1.0, high_open=True, hint="a new layer often takes 5 to 10 times the "
        "adapter's learning rate, e.g. 1e-3."),
+    _k("adapter.head_probe", "number", 0.2, "adapter.head=classifier: the first steps, a fraction "
+       "of them (< 1) or a step count, in which only the head trains, on the hidden states of the "
+       "model as it is (linear probing, then fine-tuning: the head learns the features before the "
+       "adapter moves them); the adapter then trains on the schedule's warmup and decay over the "
+       "steps left (0 = both from the first step)", low=0.0, high=10_000_000,
+       hint="0.2 trains the head alone for a fifth of the steps."),
     # objective
     _k("objective.kind", "choice", "sft", "what training minimises: sft (cross-entropy on the "
        "answers) or a preference loss over chosen/rejected pairs: dpo, ipo, orpo, simpo; kto also "
@@ -708,12 +715,12 @@ def _cross_checks(v: dict) -> list[str]:
     lr = v["schedule.lr"]
     if not LR_USUAL[0] <= lr <= LR_USUAL[1]:
         warnings.append(f"schedule.lr={lr:g} is outside {LR_USUAL[0]:g}…{LR_USUAL[1]:g}: {LR_HINT}.")
-    warmup = v["schedule.warmup"]
-    if warmup >= 1 and not float(warmup).is_integer():
-        raise _err("schedule.warmup", f"must be a fraction below 1 or a whole number of steps, "
-                   f"got {warmup:g}.")
-    if warmup >= 1:
-        v["schedule.warmup"] = int(warmup)
+    for key in STEPS_OR_SHARE:
+        value = v[key]
+        if value >= 1 and not float(value).is_integer():
+            raise _err(key, f"must be a fraction below 1 or a whole number of steps, got {value:g}.")
+        if value >= 1:
+            v[key] = int(value)
     axes = [a for a in ("data", "fsdp", "tensor") if v[f"runtime.mesh.{a}"] == -1]
     if len(axes) > 1:
         other = next((a for a in axes if a != "data"), axes[-1])
@@ -744,7 +751,7 @@ def check_override(path: str, value) -> None:
             return
         key = BY_PATH[path]
         value = coerce(key, value)
-        if key.path == "schedule.warmup" and value >= 1 and not float(value).is_integer():
+        if key.path in STEPS_OR_SHARE and value >= 1 and not float(value).is_integer():
             raise _err(path, f"must be a fraction below 1 or a whole number of steps, got {value:g}.")
         return
     if path in SECTIONS or any(p.startswith(path + ".") for p in BY_PATH):

@@ -448,8 +448,11 @@ def _head(plan) -> str | None:
     return (f"classifier: {_n(a.head_params)} parameters ({a.head_labels} labels × "
             f"{plan.model.config.hidden_size} hidden, no bias) over the last prompt token's final "
             f"hidden state · lr {a.head_lr:g} · {len(labels)} labels: {shown} · trained by "
-            "cross-entropy over the labels, in place of the answer tokens' loss; the tuned model "
-            "answers by its argmax, the base model is decoded within the label set")
+            "cross-entropy over the labels, in place of the answer tokens' loss"
+            + (f", alone for the first {_n(a.head_probe_steps)} steps (adapter.head_probe), then "
+               "beside the adapter" if a.head_probe_steps else "")
+            + "; the tuned model answers by its argmax, the base model is decoded within the "
+            "label set")
 
 
 def _schedule(plan) -> Panel:

@@ -206,6 +206,8 @@ class AdapterSection:
     head_params: int = 0            # classifier: head_labels × hidden (no bias), in trainable_params
     head_lr: float | None = None    # classifier: its peak learning rate, resolved (adapter.head_lr,
                                     # else schedule.lr)
+    head_probe_steps: int = 0       # classifier: the first steps, in which only the head trains
+                                    # (adapter.head_probe resolved against the schedule's steps)
 
 
 PREFERENCE = ("dpo", "ipo", "orpo", "simpo", "kto")     # objectives over (chosen, rejected) pairs
@@ -509,8 +511,10 @@ def _drop_unused(doc: dict) -> None:
     if adapter.get("head", "none") == "none":   # added later: plans without a head hash as before
         for key in ("head", "head_labels", "head_params", "head_lr"):
             adapter.pop(key, None)
+    if not adapter.get("head_probe_steps", 0):     # added later still
+        adapter.pop("head_probe_steps", None)
     if obj(config.get("adapter")).get("head", "none") == "none":
-        for key in ("head", "head_lr"):
+        for key in ("head", "head_lr", "head_probe"):
             obj(config.get("adapter")).pop(key, None)
     for split in ("train", "test"):         # added later: None for a local file
         if obj(data.get(split)).get("hub", 0) is None:

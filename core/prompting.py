@@ -163,3 +163,24 @@ class Prompter:
         user = [m["content"] for m in messages if m["role"] == "user"][-1]
         text = f"{system}\n\n{user}" if system else user
         return encode_prompt(self.tokenizer, text, chat=False).tolist()
+
+
+# ------------------------------------------------------------------------------ shared prompt start
+
+SHARED_MIN = 8      # the classification head computes a start every prompt shares once, if this long
+
+
+def shared_prefix(prompts) -> int:
+    """How many leading tokens every prompt shares (a recipe's system prompt and the template's
+    opening), leaving each prompt at least one token of its own; 0 for fewer than two prompts.
+    The classification head computes them once for all rows (runtime/head.predict)."""
+    import numpy as np
+
+    if len(prompts) < 2:
+        return 0
+    n = min(len(p) for p in prompts) - 1
+    if n <= 0:
+        return 0
+    heads = np.asarray([list(p[:n]) for p in prompts])
+    differs = np.any(heads != heads[0], axis=0)
+    return int(np.argmax(differs)) if differs.any() else n

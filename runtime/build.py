@@ -142,25 +142,70 @@ def scoring_model(plan: Plan, adapter_dir=None, *, adapter_weights: bool = True)
 
 # ------------------------------------------------------------------------------ optimisation
 
-def optimizer(s: ScheduleSection, lr_fn: Callable | None = None, *, head_lr: float | None = None):
+def optimizer(s: ScheduleSection, lr_fn: Callable | None = None, *, head_lr: float | None = None,
+              head_probe: int = 0):
     """(optimizer, lr_fn): gradient clipping (unless schedule.max_grad_norm is 0 or None) + AdamW
     with the plan's betas, eps and weight decay, driven by the plan's schedule — or by `lr_fn`
     (step → learning rate) when one is given (the lr range test). head_lr: the classification
-    head's peak learning rate (plan.adapter.head_lr; None for a plan without a head)."""
+    head's peak learning rate (plan.adapter.head_lr; None for a plan without a head).
+    head_probe: the first steps in which only the head trains (plan.adapter.head_probe_steps):
+    the rest of the model is held until then and afterwards trains on the schedule's warmup and
+    decay over the steps left (its own AdamW, starting afresh); lr_fn is then its learning rate
+    (0 while held), the head's is head_lr on the whole run's warmup and decay."""
     import optax
 
     from runtime.train import decay_mask, lr_schedule
 
+    def adamw(fn):
+        return optax.adamw(fn, b1=s.beta1, b2=s.beta2, eps=s.eps, weight_decay=s.weight_decay,
+                           mask=decay_mask)
+
+    parts = [optax.clip_by_global_norm(s.max_grad_norm)] if s.max_grad_norm else []
+    if head_probe and lr_fn is None:
+        n = int(head_probe)
+        whole = lr_schedule(s.lr, s.warmup_steps, s.total_steps, s.lr_schedule)
+        left = lr_schedule(s.lr, min(s.warmup_steps, s.total_steps - n), s.total_steps - n,
+                           s.lr_schedule)
+        scale = (head_lr if head_lr is not None else s.lr) / s.lr
+
+        def head_fn(step):
+            return scale * whole(step)
+
+        def lr_fn(step):
+            step = jnp.asarray(step)
+            return jnp.where(step < n, 0.0, left(jnp.maximum(step - n, 0)))
+
+        parts.append(optax.multi_transform(
+            {"head": adamw(head_fn), "model": _after(n, adamw(left))},
+            lambda params: jax.tree.map(lambda h: "head" if h else "model", _head_mask(params))))
+        return optax.chain(*parts), lr_fn
     if lr_fn is None:
         lr_fn = lr_schedule(s.lr, s.warmup_steps, s.total_steps, s.lr_schedule)
-    parts = [optax.clip_by_global_norm(s.max_grad_norm)] if s.max_grad_norm else []
-    parts.append(optax.adamw(lr_fn, b1=s.beta1, b2=s.beta2, eps=s.eps, weight_decay=s.weight_decay,
-                             mask=decay_mask))
+    parts.append(adamw(lr_fn))
     if head_lr is not None and head_lr != s.lr:
         # AdamW's step is proportional to its learning rate: the head's, scaled, is AdamW at
         # head_lr on the same warmup and decay
         parts.append(optax.masked(optax.scale(head_lr / s.lr), _head_mask))
     return optax.chain(*parts), lr_fn
+
+
+def _after(n: int, inner):
+    """`inner` held for its first n updates: they are zeros and its state stays as initialised
+    (its step count too), so from update n on it runs as if started then."""
+    import optax
+
+    def init(params):
+        return jnp.zeros((), jnp.int32), inner.init(params)
+
+    def update(updates, state, params=None):
+        count, inner_state = state
+        out, new_state = inner.update(updates, inner_state, params)
+        on = count >= n
+        out = jax.tree.map(lambda u: jnp.where(on, u, jnp.zeros_like(u)), out)
+        new_state = jax.tree.map(lambda a, b: jnp.where(on, a, b), new_state, inner_state)
+        return out, (jnp.minimum(count + 1, n), new_state)
+
+    return optax.GradientTransformation(init, update)
 
 
 def _head_mask(params):
@@ -180,8 +225,13 @@ def place_optimizer(mesh, optimizer, trained):
 
     trained_sh = jax.tree.map(lambda x: x.sharding, trained)
     state = jax.eval_shape(optimizer.init, trained)
-    state_sh = optax.tree_map_params(optimizer, lambda _, sh: sh, state, trained_sh,
-                                     transform_non_params=lambda _: replicated(mesh))
+
+    def masked(x):      # where a part of the optimizer keeps no state (optax.multi_transform)
+        return isinstance(x, optax.MaskedNode)
+
+    state_sh = optax.tree_map_params(optimizer, lambda v, sh: v if masked(v) else sh, state,
+                                     trained_sh, transform_non_params=lambda _: replicated(mesh),
+                                     is_leaf=masked)
     host = jax.tree.map(np.asarray, jax.device_get(optimizer.init(to_host(trained))))
     return put_global(host, state_sh), (trained_sh, state_sh)
 

@@ -7,7 +7,9 @@ before its answer's first token — one logit per label of the plan's label set,
   example's last prompt token with its label (the token cache's classes, compiler/examples.py);
   the head's cross-entropy there replaces the answer tokens' loss. The model's `score` variable holds the
   layer (runtime/model.py); it is trained, checkpointed and saved with the adapter.
-- Scoring (`predict`): one forward pass per prompt, no decoding; the answer is the argmax.
+- Scoring (`predict`): one forward pass per prompt, no decoding; the answer is the argmax. When
+  every prompt starts with the same tokens (the system prompt, the template's opening), they are
+  computed once and the rest of each prompt is packed with others in rows.
 - Export: PEFT's modules_to_save `score` with task_type SEQ_CLS (runtime/peft.py), and
   labels.json beside the adapter: the label names (id2label, label2id) and the padding token, the
   keyword arguments `AutoModelForSequenceClassification.from_pretrained(base, **labels)` takes.
@@ -28,7 +30,8 @@ from flax import nnx
 
 from core.errors import PlanError
 from core.files import write_atomic
-from core.packing import PALLAS_BLOCK
+from core.packing import PALLAS_BLOCK, pack_rows
+from core.prompting import SHARED_MIN, shared_prefix
 
 LABELS_FILE = "labels.json"
 
@@ -36,26 +39,87 @@ LABELS_FILE = "labels.json"
 # ------------------------------------------------------------------------------ scoring
 
 @partial(jax.jit, static_argnames=("graphdef",))
-def _head_batch(graphdef, state, tokens, last):
-    """tokens [B, T] right-padded, last [B] (each row's last prompt token) → logits [B, n]."""
+def _head_batch(graphdef, state, tokens):
+    """The head's logits [B, T, n] at every position of right-padded rows tokens [B, T] (plain
+    causal attention is exact for every real token: padding comes after)."""
     model = nnx.merge(graphdef, state)
-    # right padding: plain causal attention is exact for every real token, padding comes after
-    hidden = model(tokens)
-    return model.head_logits(jnp.take_along_axis(hidden, last[:, None, None], axis=1)[:, 0])
+    return model.head_logits(model(tokens))
+
+
+@partial(jax.jit, static_argnames=("graphdef",))
+def _prefix_cache(graphdef, state, prefix):
+    """The KV cache [L, 1, P, ...] of one row of prompt tokens prefix [1, P]."""
+    model = nnx.merge(graphdef, state)
+    P = prefix.shape[1]
+    _, cache = model.decode(prefix, jnp.arange(P, dtype=jnp.int32)[None], model.init_cache(1, P),
+                            last=jnp.zeros((1,), jnp.int32), head=True)
+    return cache
+
+
+@partial(jax.jit, static_argnames=("graphdef",))
+def _head_rows(graphdef, state, prefix, tokens, positions, segment_ids):
+    """The head's logits [B, T, n] at every position of rows packed with prompts (segment_ids
+    [B, T]: 1, 2, ... per prompt, 0 for padding; positions: each token's, counting the shared
+    prefix) that all continue the prefix in `prefix` (its cache, _prefix_cache; no slots when
+    there is none): a token attends to the prefix and to its own prompt's earlier tokens."""
+    from runtime.model import Cache
+
+    model = nnx.merge(graphdef, state)
+    B, T = tokens.shape
+    L, _, P, K, H = prefix.k.shape
+
+    def grow(x):        # [L, 1, P, K, H] → [L, B, P + T, K, H]: the prefix in each row, then room
+        return jnp.concatenate([jnp.broadcast_to(x, (L, B, P, K, H)),
+                                jnp.zeros((L, B, T, K, H), x.dtype)], axis=2)
+
+    def wide(x, fill):  # [1, P] → [B, P + T]
+        return jnp.concatenate([jnp.broadcast_to(x, (B, P)), jnp.full((B, T), fill, x.dtype)], 1)
+
+    cache = Cache(k=grow(prefix.k), v=grow(prefix.v), positions=wide(prefix.positions, 0),
+                  valid=wide(prefix.valid, False), index=jnp.int32(P))
+    logits, _ = model.decode(tokens, positions, cache, valid=segment_ids > 0, head=True,
+                             segment_ids=segment_ids)
+    return logits
 
 
 def predict(model, prompts: Sequence[Sequence[int]], *, batch_size: int, pad_id: int,
             progress=None) -> np.ndarray:
-    """The head's float32 logits [N, labels] of token-id prompts: one forward pass per prompt,
-    `batch_size` prompts at a time (sorted by length, right-padded to a length bucket, the last
-    batch filled with idle rows: a few compiled programs, not one per batch). progress(n_done)
-    after each batch."""
-    from runtime.decode import bucket
-
+    """The head's float32 logits [N, labels] of token-id prompts, with no decoding, at most
+    `batch_size` rows at a time. When every prompt starts with the same tokens (shared_prefix, at
+    least SHARED_MIN: a recipe's system prompt and its template's opening), they are computed
+    once and the rest of each prompt is packed with others into rows as long as the longest one's
+    length bucket (best fit), each prompt attending to the shared tokens and to its own (one
+    compiled program). Otherwise each prompt is a row, sorted by length and right-padded to a
+    length bucket (a few compiled programs). A prompt's logits are read at its last token.
+    progress(n_done) after each call, counting prompts."""
     if model.score is None:
         raise ValueError("the model has no classification head (adapter.head=classifier)")
-    graphdef, state = nnx.split(model)
     out = np.zeros((len(prompts), model.score.shape[0]), np.float32)
+    if not len(prompts):
+        return out
+    if min(len(p) for p in prompts) == 0:
+        raise ValueError("an empty prompt: the head reads each prompt's last token")
+    graphdef, state = nnx.split(model)
+    shared = shared_prefix(prompts)
+    if shared >= SHARED_MIN:
+        calls = _packed_after(graphdef, state, prompts, shared, batch_size, pad_id)
+    else:
+        calls = _padded(model, graphdef, state, prompts, batch_size, pad_id)
+    done = 0
+    for logits, read in calls:
+        logits = np.asarray(logits)
+        for i, r, col in read:
+            out[i] = logits[r, col]
+        done += len(read)
+        if progress is not None:
+            progress(done)
+    return out
+
+
+def _padded(model, graphdef, state, prompts, batch_size: int, pad_id: int):
+    """(logits [B, T, n], [(prompt, row, last column)]) per batch of prompts, a prompt a row."""
+    from runtime.decode import bucket
+
     # the pallas kernel takes rows of whole blocks
     multiple = PALLAS_BLOCK if model.compute.attention == "pallas" else 1
     order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
@@ -63,14 +127,40 @@ def predict(model, prompts: Sequence[Sequence[int]], *, batch_size: int, pad_id:
         idx = order[start:start + batch_size]
         length = -(-bucket(max(len(prompts[i]) for i in idx)) // multiple) * multiple
         tokens = np.full((batch_size, length), pad_id, np.int32)
-        last = np.zeros((batch_size,), np.int32)
         for k, i in enumerate(idx):
             tokens[k, :len(prompts[i])] = prompts[i]
-            last[k] = max(len(prompts[i]) - 1, 0)
-        out[idx] = np.asarray(_head_batch(graphdef, state, tokens, last))[:len(idx)]
-        if progress is not None:
-            progress(start + len(idx))
-    return out
+        yield _head_batch(graphdef, state, tokens), [(i, k, len(prompts[i]) - 1)
+                                                     for k, i in enumerate(idx)]
+
+
+def _packed_after(graphdef, state, prompts, shared: int, batch_size: int, pad_id: int):
+    """(logits [B, T, n], [(prompt, row, last column)]) per call of rows packed with the prompts'
+    own tokens, after their shared `shared` first tokens computed once."""
+    from runtime.decode import bucket
+
+    prefix = _prefix_cache(graphdef, state, jnp.asarray([list(prompts[0][:shared])], jnp.int32))
+    own = [list(p[shared:]) for p in prompts]
+    T = bucket(max(len(x) for x in own))
+    rows = sorted(pack_rows([len(x) for x in own], T, np.random.default_rng(0)), key=min)
+    # as few calls as batch_size allows, the rows spread evenly over them: idle rows only to
+    # even out the last call
+    calls = -(-len(rows) // batch_size)
+    per = -(-len(rows) // calls)
+    for start in range(0, len(rows), per):
+        tokens = np.full((per, T), pad_id, np.int32)
+        positions = np.zeros((per, T), np.int32)
+        segments = np.zeros((per, T), np.int32)
+        read = []
+        for r, members in enumerate(rows[start:start + per]):
+            at = 0
+            for seg, i in enumerate(members, start=1):
+                n = len(own[i])
+                tokens[r, at:at + n] = own[i]
+                positions[r, at:at + n] = shared + np.arange(n)
+                segments[r, at:at + n] = seg
+                read.append((i, r, at + n - 1))
+                at += n
+        yield _head_rows(graphdef, state, prefix, tokens, positions, segments), read
 
 
 def probabilities(logits: np.ndarray) -> np.ndarray:

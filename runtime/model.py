@@ -891,7 +891,8 @@ class Llama(nnx.Module):
                      positions=jnp.zeros((batch, max_len), jnp.int32),
                      valid=jnp.zeros((batch, max_len), bool), index=jnp.zeros((), jnp.int32))
 
-    def decode(self, tokens, positions, cache: Cache, *, valid=None, last=None):
+    def decode(self, tokens, positions, cache: Cache, *, valid=None, last=None, head=False,
+               segment_ids=None):
         """Append T tokens per row to the cache and return their logits.
 
         tokens, positions: [B, T]; valid: [B, T] bool (default all True) marks real tokens — padding is
@@ -900,7 +901,11 @@ class Llama(nnx.Module):
         (T = prompt length), then call with T = 1 per generated token (positions = previous + 1).
         The caller keeps cache.index + T <= max_len (static shapes: no bounds check under jit).
         last: optional [B] int index into T; then only those rows' logits are returned, [B, V],
-        instead of [B, T, V] (avoids the full prefill logits). Logits are float32.
+        instead of [B, T, V] (avoids the full prefill logits). Logits are float32. head=True: the
+        classification head's logits instead of the vocabulary's (adapter.head=classifier).
+        segment_ids [B, T] (optional): the T tokens are several sequences packed in a row, each
+        continuing what the cache holds: a token attends to every slot before cache.index and to
+        the earlier tokens of its own segment only.
         Returns (logits, new cache)."""
         B, T = tokens.shape
         S = cache.k.shape[2]
@@ -913,6 +918,11 @@ class Llama(nnx.Module):
         # Causal in slot order; a query always sees its own slot, so a padding row is never empty.
         mask = (k_slot[None, :] <= q_slot[:, None])[None] & (
             k_valid[:, None, :] | (k_slot[None, :] == q_slot[:, None])[None])
+        if segment_ids is not None:
+            k_seg = jax.lax.dynamic_update_slice(jnp.zeros((B, S), segment_ids.dtype),
+                                                 segment_ids, (0, index))
+            mask = mask & ((k_slot < index)[None, None, :]
+                           | (k_seg[:, None, :] == segment_ids[:, :, None]))
         mask = mask[:, None]                                            # [B, 1, T, S]
         cos, sin, which = self._rope(positions)
         windows = self._windows()
@@ -937,4 +947,4 @@ class Llama(nnx.Module):
         if last is not None:
             hidden = jnp.take_along_axis(hidden, last[:, None, None].astype(jnp.int32), axis=1)[:, 0]
         new_cache = Cache(k=k_cache, v=v_cache, positions=k_pos, valid=k_valid, index=index + T)
-        return self.logits(hidden), new_cache
+        return (self.head_logits(hidden) if head else self.logits(hidden)), new_cache

@@ -97,7 +97,8 @@ def setup(plan: Plan, run_dir: Path) -> Session:
     mesh = make_mesh(plan.runtime.mesh)
     graphdef, lora, frozen = build.training_model(plan, mesh)
     batcher, val_batcher = build.batches(plan)
-    optimizer, lr_fn = build.optimizer(plan.schedule, head_lr=plan.adapter.head_lr)
+    optimizer, lr_fn = build.optimizer(plan.schedule, head_lr=plan.adapter.head_lr,
+                                       head_probe=plan.adapter.head_probe_steps)
     opt_state, shardings = build.place_optimizer(mesh, optimizer, lora)
     session = Session(
         plan=plan, run_dir=run_dir, mesh=mesh, graphdef=graphdef, lora=lora, opt_state=opt_state,

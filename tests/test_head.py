@@ -35,7 +35,8 @@ def tiny_rows(n, seed=0):
     return rows
 
 
-def head_config(model_dir, data, *, pack=True, head="classifier", head_lr=None, **schedule):
+def head_config(model_dir, data, *, pack=True, head="classifier", head_lr=None, head_probe=0.0,
+                **schedule):
     from compiler import schema
 
     cfg = schema.defaults()
@@ -43,7 +44,8 @@ def head_config(model_dir, data, *, pack=True, head="classifier", head_lr=None, 
     cfg["data"].update(path=str(data), val_fraction=0.1, max_length=32, dedupe=False,
                        task="classification")
     cfg["template"].update(prompt="{text}", response="{label}", chat=False)
-    cfg["adapter"].update(rank=4, alpha=8.0, dropout=0.0, head=head, head_lr=head_lr)
+    cfg["adapter"].update(rank=4, alpha=8.0, dropout=0.0, head=head, head_lr=head_lr,
+                          head_probe=head_probe)
     cfg["schedule"].update(dict(lr=3e-3, batch_size=4, grad_accum=2, max_steps=6, warmup=0),
                            **schedule)
     cfg["runtime"].update(pack=pack, dtype="float32", matmul_dtype="float32", log_every=1,
@@ -117,14 +119,19 @@ def test_plan_shows_the_head(tune_cli, clf_data, tmp_path):
     assert "lr 0.001" in text and f"3 labels: {', '.join(labels)}" in text
     assert "the tuned model answers by the classification head, the base model is decoded " \
            "within the label set" in text
+    steps = plan["schedule"]["total_steps"]                # the default: the head alone first
+    assert a["head_probe_steps"] == round(0.2 * steps) > 0
+    assert f"alone for the first {a['head_probe_steps']} steps (adapter.head_probe)" in text
 
 
 def test_adapter_lr_too_high_for_a_new_head_warned(tiny_chat_dir, tiny_data):
     def said(plan):
         return [w for w in plan.warnings if "new classification head" in w]
 
-    high = said(head_plan(tiny_chat_dir, tiny_data))                  # lr 3e-3
+    high = said(head_plan(tiny_chat_dir, tiny_data))                  # lr 3e-3, no probe
     assert len(high) == 1 and "schedule.lr=0.003" in high[0] and "adapter.head_lr=2e-3" in high[0]
+    assert "adapter.head_probe=0.2" in high[0]
+    assert not said(head_plan(tiny_chat_dir, tiny_data, head_probe=0.2))   # the head goes first
     assert not said(head_plan(tiny_chat_dir, tiny_data, lr=2e-4))
     assert not said(head_plan(tiny_chat_dir, tiny_data, head="none"))
 
@@ -138,6 +145,39 @@ def test_head_evaluation_estimate_is_the_prefill_alone():
     assert head == pytest.approx(4000 * 1e-3)
     assert evaluation_time(models=1, mode="constrained", **kw) > head
     assert evaluation_time(models=2, mode="head", **kw) == pytest.approx(2 * head)
+
+
+def test_head_evaluation_counts_packed_rows_after_the_shared_start(tiny_chat_dir, tmp_path,
+                                                                   monkeypatch):
+    """The estimate counts what runtime/head.predict computes: each prompt's own tokens after the
+    start they all share (a chat template's system turn), packed in rows of the longest one's
+    bucket, a batch of rows at a time."""
+    from compiler import estimates
+    from compiler.compile import _shared_start
+    from core.prompting import SHARED_MIN
+    from core.token_cache import load_examples
+
+    assert estimates.head_tokens([10] * 64, 64, 16) == 3 * 16 * 16      # 40 rows of 16, 3 calls
+    assert estimates.head_tokens([10] * 64, 64, 16) < estimates.prefill_tokens([10] * 64, 64, 16)
+    assert estimates.head_tokens([10, 30], 0, 16) == 0
+    data = write_jsonl(tmp_path / "train.jsonl", tiny_rows(48))
+    test = write_jsonl(tmp_path / "test.jsonl", tiny_rows(20, seed=5))
+    chat = head_config(tiny_chat_dir, data)
+    chat["data"]["test_path"] = str(test)
+    chat["template"].update(chat=True, system="w1 w2 w3 w4 w5 w6 w7 w8 w9 w10")
+    from compiler.compile import compile_plan
+
+    plan = compile_plan(chat, recipe_info=None, command="train")
+    ids, lens = load_examples(plan.data.cache).split("test")
+    shared = _shared_start(ids, lens)
+    assert shared >= max(10, SHARED_MIN)
+    assert all(list(ids[i][:shared]) == list(ids[0][:shared]) for i in range(len(lens)))
+    import core.prompting
+
+    monkeypatch.setattr(core.prompting, "SHARED_MIN", 1 << 30)     # no start computed once
+    whole = compile_plan(chat, recipe_info=None, command="train")
+    assert _shared_start(ids, lens) == 0
+    assert plan.estimates.eval_time_s < whole.estimates.eval_time_s
 
 
 def test_plans_without_a_head_hash_as_before(tiny_chat_dir, tiny_data):
@@ -245,6 +285,85 @@ def test_train_step_loss_is_the_heads_cross_entropy_and_falls(tiny_chat_dir, tin
     assert seen[-1] < seen[0] - 0.05, seen
 
 
+def test_head_probe_trains_the_head_alone_then_starts_the_adapter_afresh(tiny_chat_dir,
+                                                                          tiny_data):
+    """adapter.head_probe=2: in steps 0 and 1 only the head moves; at step 2 the adapter takes
+    its first AdamW step (lr·sign(g), at the first warmup step of the schedule over the steps
+    left) while the head's AdamW runs on."""
+    from runtime import build
+    from runtime.mesh import make_mesh, put_batch
+
+    plan = head_plan(tiny_chat_dir, tiny_data, head_probe=2, head_lr=1e-2, warmup=2,
+                     max_grad_norm=0)
+    s, a = plan.schedule, plan.adapter
+    assert a.head_probe_steps == 2 and s.total_steps == 6 and s.warmup_steps == 2
+    opt, lr_fn = build.optimizer(s, head_lr=a.head_lr, head_probe=a.head_probe_steps)
+    assert [float(lr_fn(k)) for k in range(4)] == pytest.approx(
+        [0, 0, s.lr / 2, s.lr])                         # the adapter's lr: held, then warming up
+    mesh = make_mesh(plan.runtime.mesh)
+    graphdef, trained, frozen = build.training_model(plan, mesh)
+    opt_state, shardings = build.place_optimizer(mesh, opt, trained)
+    step = build.train_step(plan, graphdef, opt, lr_fn, mesh, shardings)
+    packed, _ = build.batches(plan)
+
+    def leaves(tree):
+        return {jax.tree_util.keystr(k): np.asarray(v)
+                for k, v in jax.tree_util.tree_leaves_with_path(tree)}
+
+    batch = put_batch(packed.batch(0, 0), mesh)
+    seen = [leaves(trained)]
+    for k in range(3):
+        trained, opt_state, m = step(trained, opt_state, frozen, batch, jax.random.key(0),
+                                     jnp.int32(k))
+        seen.append(leaves(trained))
+        assert float(m["lr"]) == pytest.approx(float(lr_fn(k)))
+    head = [n for n in seen[0] if "score" in n]
+    rest = [n for n in seen[0] if "score" not in n]
+    assert len(head) == 1 and rest
+    for k in (1, 2):                                    # the probe: the head moves, nothing else
+        assert not np.array_equal(seen[k][head[0]], seen[k - 1][head[0]])
+        for n in rest:
+            np.testing.assert_array_equal(seen[k][n], seen[0][n])
+    # step 2: each adapter factor that has a gradient moves by AdamW's first step, lr·sign(g)
+    # (bias-corrected moments), at lr = s.lr / 2 (the first of 2 warmup steps, started afresh)
+    moved = [n for n in rest if not np.array_equal(seen[3][n], seen[2][n])]
+    assert moved
+    # (a little less where |g| is near AdamW's eps, and float32 rounding of the sum)
+    for n in moved:
+        d = np.abs(seen[3][n] - seen[2][n])
+        d = d[d > 0]
+        assert np.median(d) == pytest.approx(s.lr / 2, rel=1e-3)
+        assert d.max() <= s.lr / 2 * (1 + 1e-3)
+    # the head's AdamW was not restarted: its step 2 is not a first step's lr·sign(g)
+    d = np.abs(seen[3][head[0]] - seen[2][head[0]])
+    assert not np.allclose(d[d > 0], a.head_lr * float(lr_fn(2)) / s.lr, rtol=1e-3)
+
+
+def test_head_probe_resolved_warned_and_refused(tiny_chat_dir, tiny_data):
+    from core.errors import PlanError
+
+    assert head_plan(tiny_chat_dir, tiny_data, head_probe=0.5).adapter.head_probe_steps == 3
+    assert head_plan(tiny_chat_dir, tiny_data).adapter.head_probe_steps == 0
+    plan = head_plan(tiny_chat_dir, tiny_data, head="none", head_probe=0.3)
+    assert plan.adapter.head_probe_steps == 0
+    assert any("adapter.head_probe=0.3 is set, but adapter.head=none" in w for w in plan.warnings)
+    from compiler import schema
+
+    cfg = head_config(tiny_chat_dir, tiny_data, head="none")        # the default: nothing said
+    cfg["adapter"]["head_probe"] = schema.BY_PATH["adapter.head_probe"].default
+    from compiler.compile import compile_plan
+
+    assert not any("head_probe" in w for w in compile_plan(cfg, recipe_info=None,
+                                                           command="train").warnings)
+    for probe in (6, 0.99):                                 # no step left for the adapter
+        with pytest.raises(PlanError) as e:
+            head_plan(tiny_chat_dir, tiny_data, head_probe=probe)
+        assert e.value.key == "adapter.head_probe" and "never train" in e.value.message
+    with pytest.raises(PlanError) as e:
+        head_plan(tiny_chat_dir, tiny_data, head_probe=2.5)
+    assert e.value.key == "adapter.head_probe" and "whole number of steps" in e.value.message
+
+
 def test_head_loss_weights_each_example_by_its_label():
     from runtime.loss import head_cross_entropy
 
@@ -342,6 +461,68 @@ def test_peft_sequence_classification_reproduces_the_head(hf_tiny, tmp_path):
     again = load_peft_adapter(load_pretrained(path, lora=back), out)
     np.testing.assert_array_equal(np.asarray(again.score[...]), np.asarray(model.score[...]))
     np.testing.assert_allclose(predict(again, prompts, batch_size=1, pad_id=0), ours, atol=1e-6)
+    # prompts that start alike (a system prompt): their shared tokens are computed once, and each
+    # row's logits are still the sequence-classification model's of its whole prompt
+    rng = np.random.default_rng(2)
+    start = list(rng.integers(1, 128, 10))
+    alike = [start + list(rng.integers(1, 128, n)) for n in (1, 6, 3)]
+    from runtime.head import SHARED_MIN, shared_prefix
+
+    assert shared_prefix(alike) >= max(10, SHARED_MIN)
+    with torch.no_grad():
+        theirs = np.concatenate([peft(torch.as_tensor([p])).logits.numpy() for p in alike])
+    np.testing.assert_allclose(predict(model, alike, batch_size=2, pad_id=0), theirs, atol=1e-5,
+                               rtol=0)
+
+
+@pytest.mark.parametrize("kind", ["mistral-window", "gemma3", "qwen3"])
+def test_packed_rows_after_a_shared_prefix_give_each_prompts_own_logits(hf_tiny, kind,
+                                                                        monkeypatch):
+    """Windowed attention (the prefix partly out of a window), two RoPE bases, q/k norms: the head
+    over prompts packed in rows after a once-computed prefix — and over a prompt a row without
+    one — equals the model's forward pass over each prompt alone."""
+    from runtime import head
+    from runtime.model import LoraConfig, LoRAParam
+    from runtime.weights import load_pretrained
+
+    _, path = hf_tiny(kind)
+    model = load_pretrained(path, lora=LoraConfig(rank=4, alpha=8.0, dropout=0.0,
+                                                  targets=("q_proj", "v_proj"), head=3))
+    state = nnx.state(model, LoRAParam)
+    leaves, treedef = jax.tree.flatten(state)
+    keys = jax.random.split(jax.random.key(3), len(leaves))
+    nnx.update(model, jax.tree.unflatten(treedef, [0.3 * jax.random.normal(k, x.shape)
+                                                   for k, x in zip(keys, leaves)]))
+    rng = np.random.default_rng(4)
+    start = list(rng.integers(1, 128, 9))
+    prompts = [start + list(rng.integers(1, 128, n)) for n in (2, 8, 1, 5)]
+    assert head.shared_prefix(prompts) >= 9
+    calls = []
+    packed_rows = head._head_rows
+
+    def counted(graphdef, state, prefix, tokens, positions, segment_ids):
+        calls.append((tokens.shape, sum(len(set(r[r > 0].tolist()))
+                                        for r in np.asarray(segment_ids))))
+        return packed_rows(graphdef, state, prefix, tokens, positions, segment_ids)
+
+    monkeypatch.setattr(head, "_head_rows", counted)
+    alone = np.stack([np.asarray(model.head_logits(model(jnp.asarray([p]))[0, -1]))
+                      for p in prompts])
+    shared = head.predict(model, prompts, batch_size=3, pad_id=0)
+    np.testing.assert_allclose(shared, alone, atol=1e-5, rtol=0)
+    # the 4 prompts' own 16 tokens fill one row of 16 (the shortest length bucket)
+    assert calls == [((1, 16), 4)]
+    calls.clear()
+    alike = prompts + [start + list(rng.integers(1, 128, 12))]          # 28 own tokens: 2 rows
+    alone = np.concatenate([alone, np.asarray(model.head_logits(
+        model(jnp.asarray([alike[-1]]))[0, -1]))[None]])
+    shared = head.predict(model, alike, batch_size=1, pad_id=0)        # a row a call, one shape
+    np.testing.assert_allclose(shared, alone, atol=1e-5, rtol=0)
+    assert [c[0] for c in calls] == [(1, 16), (1, 16)] and sum(c[1] for c in calls) == 5
+    monkeypatch.setattr(head, "SHARED_MIN", 1 << 30)                   # a prompt a row instead
+    whole = head.predict(model, alike, batch_size=3, pad_id=0)
+    np.testing.assert_allclose(whole, alone, atol=1e-5, rtol=0)
+    assert head.shared_prefix(prompts[:1]) == 0 and head.shared_prefix([[1, 2], [1, 2, 3]]) == 1
 
 
 # ------------------------------------------------------------------------------ a head run
@@ -375,13 +556,14 @@ def test_head_run_evaluates_generates_and_exports(tune_cli, tiny_chat_dir, tmp_p
     assert len(tuned) == 10 and {r["prediction"] for r in tuned} <= set(TINY_LABELS)
     assert (run / "adapter" / "labels.json").is_file()
 
-    # tune eval run=DIR: one forward pass per row, batched, no decoding
+    # tune eval run=DIR: one forward pass per row, batched, no decoding (these prompts share no
+    # start: a prompt a row)
     calls = []
     forward = head._head_batch
 
-    def counted(graphdef, state, tokens, last):
+    def counted(graphdef, state, tokens):
         calls.append(tokens.shape)
-        return forward(graphdef, state, tokens, last)
+        return forward(graphdef, state, tokens)
 
     def no_decoding(*a, **k):
         raise AssertionError("a head run's tuned model is not decoded")
