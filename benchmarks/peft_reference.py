@@ -404,16 +404,21 @@ def label_prefix_fn(labels: list[list[int]], width: int):
 
 
 def generate(model, prompts, *, max_new_tokens: int, eos: list[int], pad_id: int, device: str,
-             batch_size: int = 16, labels: list[list[int]] | None = None) -> list[list[int]]:
+             batch_size: int = 16, labels: list[list[int]] | None = None,
+             autocast: bool = True) -> list[list[int]]:
     """Greedy continuations (token ids, cut before the first end token) of each prompt. Batches of
     prompts of similar length, left-padded. With `labels` (token id lists), decoding stays within
-    that label set, as tune's eval.mode=constrained does."""
+    that label set, as tune's eval.mode=constrained does. autocast=False leaves the caller's
+    autocast (or none) in force; True: bfloat16 on a GPU, float32 on the CPU."""
+    import contextlib
+
     import torch
 
     model.eval()
     order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
     out: list = [None] * len(prompts)
-    autocast = (torch.autocast("cuda", dtype=torch.bfloat16) if device.startswith("cuda")
+    autocast = (contextlib.nullcontext() if not autocast
+                else torch.autocast("cuda", dtype=torch.bfloat16) if device.startswith("cuda")
                 else torch.autocast("cpu", enabled=False))
     for s in range(0, len(order), batch_size):
         idx = order[s:s + batch_size]
