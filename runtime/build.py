@@ -243,10 +243,11 @@ def objective(plan: Plan):
     return Objective.of(plan.objective) if plan.objective.preference else None
 
 
-def train_step(plan: Plan, graphdef, optimizer, lr_fn, mesh, shardings):
+def train_step(plan: Plan, graphdef, optimizer, lr_fn, mesh, shardings, *, probe: bool = False):
     """step(trained, opt_state, fixed, batch, rng, step) → (trained, opt_state, metrics), jitted;
     `fixed` as fixed_inputs gives it. Cross-entropy (runtime/train.py), or the plan's preference
-    loss (runtime/preference.py)."""
+    loss (runtime/preference.py). probe: the step of adapter.head_probe's first steps (the head
+    alone, no backward pass through the model)."""
     from runtime.mesh import replicated
     from runtime.preference import make_preference_step
     from runtime.train import make_train_step
@@ -261,7 +262,7 @@ def train_step(plan: Plan, graphdef, optimizer, lr_fn, mesh, shardings):
                            dropout=plan.adapter.dropout > 0, loss_tokens=rt.loss_tokens,
                            packed=rt.pack, state_sharding=sharding,
                            head=plan.adapter.head != "none",
-                           router_aux=plan.objective.router_aux_coef)
+                           router_aux=plan.objective.router_aux_coef, probe=probe)
 
 
 def eval_loss(plan: Plan, graphdef, mesh):

@@ -56,6 +56,7 @@ class Session:
     batcher: Batcher
     val_batcher: Batcher | None
     step_fn: object
+    probe_fn: object                # adapter.head_probe's step (the head alone), or None
     eval_fn: object
     started: float                  # perf_counter at setup
     step: int = 0                   # steps done
@@ -106,6 +107,8 @@ def setup(plan: Plan, run_dir: Path) -> Session:
         rng=jax.random.PRNGKey(plan.schedule.seed), batcher=batcher,
         val_batcher=val_batcher,
         step_fn=build.train_step(plan, graphdef, optimizer, lr_fn, mesh, shardings),
+        probe_fn=build.train_step(plan, graphdef, optimizer, lr_fn, mesh, shardings, probe=True)
+        if plan.adapter.head_probe_steps else None,
         eval_fn=build.eval_loss(plan, graphdef, mesh), started=started, shardings=shardings)
     _resume(session)
     return session
@@ -139,17 +142,20 @@ def loop(s: Session, *, on_step=None) -> None:
     log(f"training {total} steps ({sched.steps_per_epoch} per epoch), batch {shape.grad_accum}×"
         f"{shape.batch_size}×{shape.seq_len}, mesh {dict(s.mesh.shape)}, {jax.device_count()} "
         f"{jax.default_backend()} device(s)")
-    compiled, interrupted = {}, False       # by batch shape: unpacked batches are trimmed
+    compiled, interrupted = {}, False       # by batch shape (unpacked batches are trimmed), probe
     try:
         with _Interrupt() as stop, Progress(total, start=s.step, every=rt.progress_every) as bar, \
                 Prefetcher(s.batcher, s.position, total - s.step, s.place) as batches:
             t_prev = time.perf_counter()
             for e, i, batch in batches:
-                shape_now = batch["tokens"].shape
-                if shape_now not in compiled:
-                    compiled[shape_now] = _compile(s, batch, metrics)
+                # the head alone (adapter.head_probe): a step with no backward pass through the model
+                probe = s.probe_fn is not None and s.step < s.plan.adapter.head_probe_steps
+                key = (batch["tokens"].shape, probe)
+                if key not in compiled:
+                    step_fn = s.probe_fn if probe else s.step_fn
+                    compiled[key] = _compile(s, step_fn, batch, metrics)
                     t_prev = time.perf_counter()
-                m = _step(s, compiled[shape_now], batch, (e, i))
+                m = _step(s, compiled[key], batch, (e, i))
                 if not (math.isfinite(m["loss"]) and math.isfinite(m["grad_norm"])):
                     metrics.write({"step": s.step, "epoch": e, "loss": None, "lr": m["lr"],
                                    "grad_norm": None, "diverged": True})
@@ -186,14 +192,14 @@ def loop(s: Session, *, on_step=None) -> None:
         raise SystemExit(INTERRUPTED_EXIT)
 
 
-def _compile(s: Session, batch, metrics) -> object:
-    """The step compiled ahead of time for this batch shape (so its time is known and logged)."""
+def _compile(s: Session, step_fn, batch, metrics) -> object:
+    """step_fn compiled ahead of time for this batch shape (so its time is known and logged)."""
     t0 = time.perf_counter()
     try:
-        compiled = s.step_fn.lower(s.lora, s.opt_state, s.fixed, batch, s.rng,
-                                   jnp.asarray(s.step, dtype=jnp.int32)).compile()
+        compiled = step_fn.lower(s.lora, s.opt_state, s.fixed, batch, s.rng,
+                                 jnp.asarray(s.step, dtype=jnp.int32)).compile()
     except Exception:             # noqa: BLE001 — AOT is only for timing; jit works
-        compiled = s.step_fn
+        compiled = step_fn
     s.compile_s = time.perf_counter() - t0
     metrics.write({"step": s.step + 1, "compile_s": s.compile_s})
     return compiled

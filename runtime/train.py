@@ -62,9 +62,12 @@ def decay_mask(params):
 
 
 def _micro_loss(graphdef, lora, frozen, mb, key, *, ce_chunk: int, loss_tokens: int | None,
-                dropout: bool, packed: bool, head: bool = False, router: bool = False):
+                dropout: bool, packed: bool, head: bool = False, router: bool = False,
+                probe: bool = False):
     """(Σ CE, Σ weight) of a micro-batch; router=True (a mixture of experts): (Σ CE, Σ weight,
-    the routers' load-balancing loss over its real tokens)."""
+    the routers' load-balancing loss over its real tokens). probe: the head's loss on the hidden
+    states as constants (adapter.head_probe's steps train the head alone: no gradient flows into
+    the model, so no backward pass through it is computed)."""
     model = nnx.merge(graphdef, frozen, lora)
     # Unpacked rows hold one example each (padding after it): plain causal attention is exact for
     # every real token and needs no [T, T] mask, which lets a fused attention kernel run.
@@ -74,6 +77,8 @@ def _micro_loss(graphdef, lora, frozen, mb, key, *, ce_chunk: int, loss_tokens: 
                    router_loss=router, token_mask=mb["segment_ids"] > 0)
     if router:
         hidden, aux = hidden
+    if probe:
+        hidden = jax.lax.stop_gradient(hidden)
     B, T = mb["tokens"].shape
     if head:        # the head's cross-entropy replaces the answer tokens' (their loss is not used)
         out = head_cross_entropy(hidden, model.head_weight(), mb["head_label"],
@@ -90,7 +95,7 @@ def _micro_loss(graphdef, lora, frozen, mb, key, *, ce_chunk: int, loss_tokens: 
 
 def accumulate(graphdef, lora, frozen, batch, key, *, ce_chunk: int, dropout: bool,
                loss_tokens: int | None, packed: bool, head: bool = False,
-               router_aux: float | None = None):
+               router_aux: float | None = None, probe: bool = False):
     """Scan the micro-batches of an [accum, B, T] batch: (Σ token CE, Σ supervised tokens, gradients of
     Σ CE w.r.t. the LoRA parameters, accumulated in float32). Micro-batch i draws dropout from
     fold_in(key, i). head: the classification head's loss instead (Σ w·CE, Σ w over the
@@ -104,7 +109,7 @@ def accumulate(graphdef, lora, frozen, batch, key, *, ce_chunk: int, dropout: bo
     def objective(p, mb, sub):
         out = _micro_loss(graphdef, p, frozen, mb, sub, ce_chunk=ce_chunk,
                           loss_tokens=loss_tokens, dropout=dropout, packed=packed, head=head,
-                          router=router)
+                          router=router, probe=probe)
         if not router:
             return out[0], (out[0], out[1], jnp.float32(0))
         l, c, aux = out
@@ -130,7 +135,7 @@ def accumulate(graphdef, lora, frozen, batch, key, *, ce_chunk: int, dropout: bo
 def make_train_step(graphdef, optimizer: optax.GradientTransformation, lr_fn: Callable, *,
                     ce_chunk: int, dropout: bool, loss_tokens: int | None, packed: bool,
                     donate: bool = True, state_sharding=None, head: bool = False,
-                    router_aux: float | None = None):
+                    router_aux: float | None = None, probe: bool = False):
     """step(lora, opt_state, frozen, batch, rng, step) -> (lora, opt_state, metrics), jitted, with the
     LoRA and optimizer states donated. batch: dict of int32 [accum, B, T]; rng: a PRNG key; step: the
     0-based global step, folded into rng for dropout (so a resumed run draws the same masks).
@@ -139,13 +144,14 @@ def make_train_step(graphdef, optimizer: optax.GradientTransformation, lr_fn: Ca
     per micro-batch at most (the plan's runtime.loss_tokens): the output head runs on those only;
     None runs it on every position. head: the loss is the classification head's cross-entropy
     (the batch's `head_label`) instead of the answer tokens'. router_aux: a mixture of experts'
-    load-balancing weight (accumulate); its loss is reported as `router_aux`."""
+    load-balancing weight (accumulate); its loss is reported as `router_aux`. probe: a step of
+    adapter.head_probe's (the head alone: the model's gradients are zeros, not computed)."""
 
     def step_fn(lora, opt_state, frozen, batch, rng, step):
         key = jax.random.fold_in(rng, step)
         out = accumulate(graphdef, lora, frozen, batch, key, ce_chunk=ce_chunk,
                          loss_tokens=loss_tokens, dropout=dropout, packed=packed, head=head,
-                         router_aux=router_aux)
+                         router_aux=router_aux, probe=probe)
         loss_sum, n, grads = out[:3]
         denom = jnp.maximum(n, 1.0)
         grads = jax.tree.map(lambda g, p: (g / denom).astype(p.dtype), grads, lora)

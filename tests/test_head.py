@@ -338,6 +338,23 @@ def test_head_probe_trains_the_head_alone_then_starts_the_adapter_afresh(tiny_ch
     d = np.abs(seen[3][head[0]] - seen[2][head[0]])
     assert not np.allclose(d[d > 0], a.head_lr * float(lr_fn(2)) / s.lr, rtol=1e-3)
 
+    # the probe's own step (what the run takes for steps 0 and 1): the head's loss on the hidden
+    # states as constants, no backward pass through the model — the same loss and head update,
+    # the adapter's gradient zero
+    graphdef, trained, frozen = build.training_model(plan, mesh)
+    probe = build.train_step(plan, graphdef, opt, lr_fn, mesh, shardings, probe=True)
+    for fn in (step, probe):
+        o, _ = build.place_optimizer(mesh, opt, trained)
+        out = fn(jax.tree.map(jnp.copy, trained), o, frozen, batch, jax.random.key(0),
+                 jnp.int32(0))
+        got = leaves(out[0])
+        assert all(np.array_equal(got[n], seen[0][n]) for n in rest)
+        if fn is step:
+            want, loss = got[head[0]], float(out[2]["loss"])
+    np.testing.assert_allclose(got[head[0]], want, rtol=1e-5, atol=1e-7)
+    assert float(out[2]["loss"]) == pytest.approx(loss, rel=1e-6)
+    assert float(out[2]["grad_norm"]) > 0
+
 
 def test_head_probe_resolved_warned_and_refused(tiny_chat_dir, tiny_data):
     from core.errors import PlanError
@@ -544,6 +561,7 @@ def test_head_run_evaluates_generates_and_exports(tune_cli, tiny_chat_dir, tmp_p
               "data.task=classification", "runtime.dtype=float32", "runtime.matmul_dtype=float32"]
     rc, out, err = tune_cli(f"data.path={train}", f"data.test_path={test}", *common,
                             "adapter.head=classifier", "schedule.max_steps=2",
+                            "adapter.head_probe=1",
                             "schedule.batch_size=4", "eval.batch_size=4", f"hydra.run.dir={run}")
     assert rc == 0, err
     ev = json.loads((run / "eval.json").read_text())
@@ -555,6 +573,11 @@ def test_head_run_evaluates_generates_and_exports(tune_cli, tiny_chat_dir, tmp_p
     tuned = [r for r in rows if r["model"] == "tuned"]
     assert len(tuned) == 10 and {r["prediction"] for r in tuned} <= set(TINY_LABELS)
     assert (run / "adapter" / "labels.json").is_file()
+    # adapter.head_probe=1: the first step trains the head alone (the adapter's lr 0), the second
+    # both
+    lrs = {r["step"]: r["lr"] for r in map(json.loads, (run / "metrics.jsonl").read_text()
+                                           .splitlines()) if "lr" in r}
+    assert lrs[1] == 0 and lrs[2] > 0
 
     # tune eval run=DIR: one forward pass per row, batched, no decoding (these prompts share no
     # start: a prompt a row)
