@@ -63,20 +63,22 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
 
     from runtime.evaluate import _predict
-    from runtime.head import shared_prefix
+    from core.prompting import packs_after, shared_prefix
+    from runtime.decode import bucket
 
     rows = {}
     plan, tok, model, test = _load(args.head, args.limit)
     head_s = _timed(lambda: _predict(plan, model, tok, test, None, head=True), args.passes)
     rows["head"] = {"rows": len(test), "seconds": head_s,
                     "prompt_tokens": int(sum(len(p) for p in test.prompts)),
-                    "shared_prefix": shared_prefix(test.prompts)}
+                    "shared_prefix": shared_prefix(test.prompts)
+                    if packs_after(test.prompts, shared_prefix(test.prompts), bucket) else 0}
     if args.no_shared_prefix:
-        from runtime import head
+        import core.prompting
 
-        kept, head.SHARED_MIN = head.SHARED_MIN, 1 << 30
+        kept, core.prompting.SHARED_MIN = core.prompting.SHARED_MIN, 1 << 30
         whole_s = _timed(lambda: _predict(plan, model, tok, test, None, head=True), args.passes)
-        head.SHARED_MIN = kept
+        core.prompting.SHARED_MIN = kept
         rows["head, no shared prefix"] = {**rows["head"], "seconds": whole_s, "shared_prefix": 0}
     del model
 

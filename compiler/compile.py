@@ -1448,11 +1448,12 @@ def _times(step: float | None, forward: float | None, schedule: ScheduleSection,
 
 def _shared_start(ids, prompt_lens) -> int:
     """The tokens every one of these prompts starts with, when the classification head computes
-    them once (core/prompting.shared_prefix, at least SHARED_MIN), else 0."""
-    from core.prompting import SHARED_MIN, shared_prefix
+    them once and packs the rest (core/prompting.packs_after), else 0."""
+    from core.prompting import packs_after, shared_prefix
 
-    shared = shared_prefix([row[:int(n)] for row, n in zip(ids, prompt_lens)])
-    return shared if shared >= SHARED_MIN else 0
+    prompts = [row[:int(n)] for row, n in zip(ids, prompt_lens)]
+    shared = shared_prefix(prompts)
+    return shared if packs_after(prompts, shared, estimates.prompt_bucket) else 0
 
 
 def _time(s: float) -> str:

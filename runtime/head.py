@@ -31,7 +31,7 @@ from flax import nnx
 from core.errors import PlanError
 from core.files import write_atomic
 from core.packing import PALLAS_BLOCK, pack_rows
-from core.prompting import SHARED_MIN, shared_prefix
+from core.prompting import packs_after, shared_prefix
 
 LABELS_FILE = "labels.json"
 
@@ -89,8 +89,9 @@ def predict(model, prompts: Sequence[Sequence[int]], *, batch_size: int, pad_id:
     least SHARED_MIN: a recipe's system prompt and its template's opening), they are computed
     once and the rest of each prompt is packed with others into rows as long as the longest one's
     length bucket (best fit), each prompt attending to the shared tokens and to its own (one
-    compiled program). Otherwise each prompt is a row, sorted by length and right-padded to a
-    length bucket (a few compiled programs). A prompt's logits are read at its last token.
+    compiled program) — when that bucket is at most PACK_MAX (packs_after). Otherwise each prompt
+    is a row, sorted by length and right-padded to a length bucket (a few compiled programs). A
+    prompt's logits are read at its last token.
     progress(n_done) after each call, counting prompts."""
     if model.score is None:
         raise ValueError("the model has no classification head (adapter.head=classifier)")
@@ -99,9 +100,11 @@ def predict(model, prompts: Sequence[Sequence[int]], *, batch_size: int, pad_id:
         return out
     if min(len(p) for p in prompts) == 0:
         raise ValueError("an empty prompt: the head reads each prompt's last token")
+    from runtime.decode import bucket
+
     graphdef, state = nnx.split(model)
     shared = shared_prefix(prompts)
-    if shared >= SHARED_MIN:
+    if packs_after(prompts, shared, bucket):
         calls = _packed_after(graphdef, state, prompts, shared, batch_size, pad_id)
     else:
         calls = _padded(model, graphdef, state, prompts, batch_size, pad_id)

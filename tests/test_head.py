@@ -483,7 +483,7 @@ def test_peft_sequence_classification_reproduces_the_head(hf_tiny, tmp_path):
     rng = np.random.default_rng(2)
     start = list(rng.integers(1, 128, 10))
     alike = [start + list(rng.integers(1, 128, n)) for n in (1, 6, 3)]
-    from runtime.head import SHARED_MIN, shared_prefix
+    from core.prompting import SHARED_MIN, shared_prefix
 
     assert shared_prefix(alike) >= max(10, SHARED_MIN)
     with torch.no_grad():
@@ -536,9 +536,18 @@ def test_packed_rows_after_a_shared_prefix_give_each_prompts_own_logits(hf_tiny,
     shared = head.predict(model, alike, batch_size=1, pad_id=0)        # a row a call, one shape
     np.testing.assert_allclose(shared, alone, atol=1e-5, rtol=0)
     assert [c[0] for c in calls] == [(1, 16), (1, 16)] and sum(c[1] for c in calls) == 5
-    monkeypatch.setattr(head, "SHARED_MIN", 1 << 30)                   # a prompt a row instead
+    import core.prompting
+
+    calls.clear()
+    monkeypatch.setattr(core.prompting, "PACK_MAX", 8)                  # rows past it: a prompt a row
     whole = head.predict(model, alike, batch_size=3, pad_id=0)
     np.testing.assert_allclose(whole, alone, atol=1e-5, rtol=0)
+    assert not calls
+    monkeypatch.setattr(core.prompting, "PACK_MAX", 256)
+    monkeypatch.setattr(core.prompting, "SHARED_MIN", 1 << 30)         # no start long enough
+    whole = head.predict(model, alike, batch_size=3, pad_id=0)
+    np.testing.assert_allclose(whole, alone, atol=1e-5, rtol=0)
+    assert not calls
     assert head.shared_prefix(prompts[:1]) == 0 and head.shared_prefix([[1, 2], [1, 2, 3]]) == 1
 
 
