@@ -1391,14 +1391,14 @@ def _times(step: float | None, forward: float | None, schedule: ScheduleSection,
     n_test = int(data.sizes.get("test") or 0)
     rows = min(n_test, ev.limit) if ev.limit else n_test
     models = (2 if need_train else 1) * (2 if retrieval and not objective.preference else 1)
-    prompts, unit, own = [], 0.0, []
+    prompts, unit, starts = [], 0.0, []
     if rows and examples is not None:
         splits = [s for s in ("test", "test_plain")                         # plain: no passages
                   if len(examples.arrays.get(f"{s}_prompt_lens", ()))]
         prompts = [examples.split(s)[1] for s in splits]
         unit = float(np.mean(examples.unit_lengths("test")))
         if head:        # the head computes the tokens every prompt starts with once, packs the rest
-            own = [_shared_start(*examples.split(s)) for s in splits]
+            starts = [_shared_start(*examples.split(s)) for s in splits]
 
     label_tokens = [len(x.ids) for x in data.labels]
 
@@ -1406,9 +1406,9 @@ def _times(step: float | None, forward: float | None, schedule: ScheduleSection,
         def prefill(mode: str) -> float:
             if not prompts:
                 return 0.0
-            if mode == "head" and all(own):         # runtime/head.predict: packed after them
+            if mode == "head" and all(starts):      # runtime/head.predict: packed after them
                 return float(np.mean([estimates.head_tokens(lens - shared, n, ev.batch_size)
-                                      for lens, shared in zip(prompts, own)]))
+                                      for lens, shared in zip(prompts, starts)]))
             return float(np.mean([estimates.prefill_tokens(lens, n, ev.batch_size)
                                   for lens in prompts]))
 

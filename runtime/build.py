@@ -258,8 +258,11 @@ def train_step(plan: Plan, graphdef, optimizer, lr_fn, mesh, shardings, *, probe
         return make_preference_step(objective(plan), graphdef, optimizer, lr_fn,
                                     ce_chunk=rt.ce_chunk, loss_tokens=rt.loss_tokens,
                                     state_sharding=sharding)
+    # a probe step reads the model as it is: LoRA's B is still zero, so dropout would change
+    # nothing but cost its masks
     return make_train_step(graphdef, optimizer, lr_fn, ce_chunk=rt.ce_chunk,
-                           dropout=plan.adapter.dropout > 0, loss_tokens=rt.loss_tokens,
+                           dropout=plan.adapter.dropout > 0 and not probe,
+                           loss_tokens=rt.loss_tokens,
                            packed=rt.pack, state_sharding=sharding,
                            head=plan.adapter.head != "none",
                            router_aux=plan.objective.router_aux_coef, probe=probe)

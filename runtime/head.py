@@ -60,8 +60,8 @@ def _prefix_cache(graphdef, state, prefix):
 def _head_rows(graphdef, state, prefix, tokens, positions, segment_ids):
     """The head's logits [B, T, n] at every position of rows packed with prompts (segment_ids
     [B, T]: 1, 2, ... per prompt, 0 for padding; positions: each token's, counting the shared
-    prefix) that all continue the prefix in `prefix` (its cache, _prefix_cache; no slots when
-    there is none): a token attends to the prefix and to its own prompt's earlier tokens."""
+    prefix) that all continue the prefix in `prefix` (its cache, _prefix_cache): a token attends
+    to the prefix and to its own prompt's earlier tokens."""
     from runtime.model import Cache
 
     model = nnx.merge(graphdef, state)
