@@ -5,6 +5,9 @@ PYTHON ?= python3
 VENV   ?= .venv
 BIN    := $(VENV)/bin
 RUN    ?= outputs/demo
+# Test processes (pytest-xdist): auto = one per CPU core, at most 4 (each holds a model and its
+# compiled programs). TEST_WORKERS=0 runs the suite in this process, one test after another.
+TEST_WORKERS ?= auto
 
 .PHONY: setup setup-test gemma demo plan test test-fast bench gpu-check clean
 
@@ -42,10 +45,10 @@ plan: setup
 	$(BIN)/tune plan +recipe=legal hydra.run.dir=$(RUN)
 
 test: setup-test
-	$(BIN)/python -m pytest -q -ra
+	$(BIN)/python -m pytest -q -ra -n $(TEST_WORKERS) --maxprocesses 4
 
 test-fast: setup-test
-	$(BIN)/python -m pytest -q -ra -m "not slow"
+	$(BIN)/python -m pytest -q -ra -n $(TEST_WORKERS) --maxprocesses 4 -m "not slow"
 
 bench: setup-test
 	$(BIN)/python benchmarks/throughput.py
