@@ -1,9 +1,29 @@
 """Shared fixtures."""
 from __future__ import annotations
 
+import os
+import shutil
+import tempfile
 from pathlib import Path
 
 import pytest
+
+# One XLA compilation cache for the whole test run: every pytest worker (pytest-xdist's workers
+# inherit this process's environment) and every `tune` subprocess a test starts. A program many
+# tests compile (the same shapes of the same model) then compiles once. Set before jax is imported;
+# a JAX_COMPILATION_CACHE_DIR of the caller's own is left alone. The size limit makes jax lock the
+# directory around each read and write, which the concurrent workers need.
+_XLA_CACHE = None
+if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
+    _XLA_CACHE = tempfile.mkdtemp(prefix="tune-tests-xla-")
+    os.environ["JAX_COMPILATION_CACHE_DIR"] = _XLA_CACHE
+    os.environ.setdefault("JAX_COMPILATION_CACHE_MAX_SIZE", str(8 << 30))
+    os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0.3")
+
+
+def pytest_sessionfinish(session):
+    if _XLA_CACHE is not None and not hasattr(session.config, "workerinput"):
+        shutil.rmtree(_XLA_CACHE, ignore_errors=True)      # the process that made it removes it
 
 
 @pytest.fixture(scope="session")
