@@ -239,6 +239,32 @@ def test_imbalance_warning_once_and_only_for_accuracy(skewed, tmp_path):
     assert len(found) == 1 and "data.balance" not in found[0] and "macro_f1" in found[0]
 
 
+@pytest.mark.slow
+def test_strong_weights_at_a_high_lr_warned(skewed, tmp_path):
+    """data.balance=weighted with weights far apart warns above WEIGHTED_LR, naming both keys; a
+    low lr, a gentle spread (balance_max_factor) or no weighting does not."""
+    from compiler import schema
+    from compiler.compile import WEIGHTED_LR, compile_plan
+
+    def plan(lr, **data):
+        cfg = schema.defaults()
+        cfg["data"].update(path=str(skewed), **data)
+        cfg["schedule"]["lr"] = lr
+        return compile_plan(cfg, recipe_info=None, command="plan", cwd=tmp_path)
+
+    def warned(p):
+        return [w for w in p.warnings if "data.balance=weighted weighs" in w]
+
+    high = plan(2e-3, balance="weighted")             # Gamma's weight is capped at 10× Alpha's
+    w = high.data.class_weights
+    found = warned(high)
+    assert len(found) == 1 and f"{max(w) / min(w):.3g}× the largest class's" in found[0]
+    assert "schedule.lr=0.002" in found[0] and "data.balance_max_factor" in found[0]
+    assert not warned(plan(WEIGHTED_LR, balance="weighted"))
+    assert not warned(plan(2e-3, balance="weighted", balance_max_factor=2))   # spread 2 < 4
+    assert not warned(plan(2e-3)) and not warned(plan(2e-3, balance="oversample"))
+
+
 # ------------------------------------------------------------------------------ refusals
 
 @pytest.mark.parametrize("override, needle", [
