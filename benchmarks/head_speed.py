@@ -69,10 +69,10 @@ def main(argv=None) -> int:
     rows = {}
     plan, tok, model, test = _load(args.head, args.limit)
     head_s = _timed(lambda: _predict(plan, model, tok, test, None, head=True), args.passes)
+    shared = shared_prefix(test.prompts)
     rows["head"] = {"rows": len(test), "seconds": head_s,
                     "prompt_tokens": int(sum(len(p) for p in test.prompts)),
-                    "shared_prefix": shared_prefix(test.prompts)
-                    if packs_after(test.prompts, shared_prefix(test.prompts), bucket) else 0}
+                    "shared_prefix": shared if packs_after(test.prompts, shared, bucket) else 0}
     if args.no_shared_prefix:
         import core.prompting
 

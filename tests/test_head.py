@@ -539,11 +539,12 @@ def test_packed_rows_after_a_shared_prefix_give_each_prompts_own_logits(hf_tiny,
     import core.prompting
 
     calls.clear()
+    pack_max = core.prompting.PACK_MAX
     monkeypatch.setattr(core.prompting, "PACK_MAX", 8)                  # rows past it: a prompt a row
     whole = head.predict(model, alike, batch_size=3, pad_id=0)
     np.testing.assert_allclose(whole, alone, atol=1e-5, rtol=0)
     assert not calls
-    monkeypatch.setattr(core.prompting, "PACK_MAX", 256)
+    monkeypatch.setattr(core.prompting, "PACK_MAX", pack_max)
     monkeypatch.setattr(core.prompting, "SHARED_MIN", 1 << 30)         # no start long enough
     whole = head.predict(model, alike, batch_size=3, pad_id=0)
     np.testing.assert_allclose(whole, alone, atol=1e-5, rtol=0)
